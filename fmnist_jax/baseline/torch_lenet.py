@@ -1,0 +1,339 @@
+"""Seed 002's recipe in PyTorch: LeNet-5, CrossEntropyLoss, Adam, batch 64, Normalize 0.5/0.5.
+
+It reads the same uint8 numpy arrays as the JAX side (`data.Split`), through one of two input
+pipelines, so a benchmark can tell the framework apart from the pipeline:
+
+- seed-style, as the seeds do it: a per-sample `Dataset` that makes each (28, 28, 1) uint8
+  image a normalized float (1, 28, 28) tensor (what ToTensor + Normalize do), batched by a
+  shuffling `DataLoader` (seeded generator, num_workers=0) that keeps the last partial batch;
+- tuned: the whole split as one uint8 tensor on the device, each batch gathered by index and
+  normalized there, the last partial batch dropped as on the JAX side; optionally with the
+  model under `torch.compile`.
+
+Both can train on an explicit (steps, batch) index order, e.g. `order.jax_epoch_batch_order`'s,
+so torch and JAX can be compared from the same init on the same batches.
+
+Torch on CUDA runs convolutions in TF32 by default (torch.backends.cudnn.allow_tf32), and the
+equality checks of the tests run on CPU only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable
+from typing import NamedTuple
+
+import numpy as np
+
+from fmnist_jax.errors import FmnistError
+from fmnist_jax.steps import Normalization
+
+try:
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+    from torch.utils.data import DataLoader, Dataset
+except ImportError as e:  # the JAX side never needs torch; only the baseline does
+    raise FmnistError("the PyTorch baseline needs torch: pip install 'fmnist_jax[torch]' "
+                      "(on a CPU-only machine install torch==2.13.0 first)") from e
+
+from fmnist_jax.baseline.exchange import flax_to_torch_state_dict
+
+
+class TorchLeNet5(nn.Module):
+    """LeNet-5 as seed 002's layer table, 61,706 parameters, same layer names as the Flax
+    `models.LeNet5` so the weight exchange maps conv1 to conv1 and so on.
+
+    Inputs are normalized float images (B, 1, 28, 28), NCHW; outputs are logits (B, 10).
+    Its feature map is flattened in C, H, W order (torch's), not Flax's H, W, C: the
+    exchange permutes fc1's inputs to match.
+    """
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 6, kernel_size=5, padding=2)
+        self.conv2 = nn.Conv2d(6, 16, kernel_size=5)
+        self.fc1 = nn.Linear(16 * 5 * 5, 120)
+        self.fc2 = nn.Linear(120, 84)
+        self.fc3 = nn.Linear(84, num_classes)
+
+    def forward(self, x_Bx1xHxW: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.conv1(x_Bx1xHxW)), 2)  # (B, 6, 14, 14)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)  # (B, 16, 5, 5)
+        x = torch.flatten(x, 1)  # (B, 400), C, H, W order
+        x = F.relu(self.fc1(x))
+        x = F.relu(self.fc2(x))
+        return self.fc3(x)
+
+
+def count_torch_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """'cpu' or 'cuda' (or 'cuda:N') as a torch.device; FmnistError if it cannot be used."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise FmnistError(f"unknown torch device {device!r}: use 'cpu' or 'cuda'") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise FmnistError(f"torch device {device!r} asked for, but this torch "
+                          f"({torch.__version__}) sees no CUDA GPU: use 'cpu'")
+    if dev.type not in ("cpu", "cuda"):
+        raise FmnistError(f"torch device {device!r} is not supported here: use 'cpu' or 'cuda'")
+    return dev
+
+
+class TorchSums(NamedTuple):
+    """Sums over examples, as the JAX side's `steps.Sums`: divide once on the host."""
+
+    loss: float  # sum of per-example cross-entropy
+    correct: int  # number of correct top-1 predictions
+    count: int  # number of examples
+
+
+@dataclasses.dataclass
+class TorchSetup:
+    """A model, its Adam, the device, and the callable that runs the model (the model
+    itself, or its torch.compile wrapper: same parameters either way)."""
+
+    model: TorchLeNet5
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+    forward: Callable[[torch.Tensor], torch.Tensor]
+    compiled: bool = False
+
+
+def make_setup(*, learning_rate: float = 1e-3, device: str = "cpu", seed: int = 0,
+               params=None, compile: bool = False) -> TorchSetup:
+    """TorchLeNet5 + Adam(learning_rate) on `device`.
+
+    The weights are torch's default init drawn from `seed` (the global torch RNG is left as it
+    was), or, when `params` (Flax LeNet5 params) is given, exactly those: the way to start
+    torch from the JAX side's init. `compile=True` wraps the model in torch.compile; its
+    first batch then compiles (tens of seconds on CPU, and it needs a C++ compiler there).
+    """
+    dev = resolve_device(device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = TorchLeNet5()
+    if params is not None:
+        model.load_state_dict(flax_to_torch_state_dict(params))
+    model = model.to(dev)
+    optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
+    forward: Callable = model
+    if compile:
+        if not hasattr(torch, "compile"):
+            raise FmnistError(f"torch {torch.__version__} has no torch.compile: drop --compile")
+        forward = torch.compile(model)
+    return TorchSetup(model=model, optimizer=optimizer, device=dev, forward=forward,
+                      compiled=compile)
+
+
+# ---------------------------------------------------------------- seed-style pipeline
+
+
+def normalize_uint8(images_uint8: torch.Tensor, norm: Normalization) -> torch.Tensor:
+    """uint8 pixels -> (x / 255 - mean) / std in float32: ToTensor then Normalize."""
+    return (images_uint8.to(torch.float32) / 255.0 - norm.mean) / norm.std
+
+
+class SeedStyleDataset(Dataset):
+    """One example at a time, as torchvision's FashionMNIST + ToTensor + Normalize give it:
+    a normalized float32 (1, 28, 28) image tensor and an int label."""
+
+    def __init__(self, images_NxHxWx1: np.ndarray, labels_N: np.ndarray,
+                 norm: Normalization = Normalization()):
+        _check_arrays(images_NxHxWx1, labels_N)
+        self.images_NxHxWx1 = images_NxHxWx1
+        self.labels_N = labels_N
+        self.norm = norm
+
+    def __len__(self) -> int:
+        return len(self.labels_N)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        image_1xHxW = torch.tensor(self.images_NxHxWx1[i].reshape(1, 28, 28))  # a copy, as ToTensor
+        return normalize_uint8(image_1xHxW, self.norm), int(self.labels_N[i])
+
+
+def seed_style_loader(dataset: SeedStyleDataset, *, batch_size: int = 64, seed: int = 0,
+                      shuffle: bool = True,
+                      batches_SxB: np.ndarray | None = None) -> DataLoader:
+    """The seeds' DataLoader: `batch_size`, shuffled by a torch.Generator seeded with `seed`
+    (a new order each pass), num_workers=0, last partial batch kept.
+
+    With `batches_SxB` (a (steps, batch) index array, e.g. the JAX side's order) it yields
+    exactly those batches instead, still through the per-sample Dataset.
+    """
+    if batches_SxB is not None:
+        return DataLoader(dataset, batch_sampler=_check_order(batches_SxB, len(dataset)).tolist(),
+                          num_workers=0)
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
+                      num_workers=0, drop_last=False)
+
+
+def train_epoch_seed_style(setup: TorchSetup, loader: Iterable) -> TorchSums:
+    """One pass over `loader`'s (float images, labels) batches, one Adam step each."""
+    setup.model.train()
+    sums = _DeviceSums(setup.device)
+    for images_Bx1xHxW, labels_B in loader:
+        x = images_Bx1xHxW.to(setup.device, non_blocking=True)
+        y = labels_B.to(setup.device, non_blocking=True)
+        sums.add(*_optimizer_step(setup, x, y))
+    return sums.result()
+
+
+# ---------------------------------------------------------------- tuned pipeline
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceSplit:
+    """A whole split on the device: uint8 images (N, 1, 28, 28), int64 labels (N,)."""
+
+    images_Nx1xHxW: torch.Tensor
+    labels_N: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.labels_N.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.labels_N.device
+
+
+def to_device_split(images_NxHxWx1: np.ndarray, labels_N: np.ndarray,
+                    device: str = "cpu") -> DeviceSplit:
+    """Copy a host split (data.Split's arrays) to `device` once, still as compact uint8."""
+    _check_arrays(images_NxHxWx1, labels_N)
+    dev = resolve_device(device)
+    # With C = 1, NHWC -> NCHW is a reshape; it gives plain NCHW strides, where a transpose
+    # would give channels-last ones and send the convolutions down another kernel path.
+    # A copy (torch.tensor), not from_numpy: the host array may be read-only or reused.
+    images = torch.tensor(images_NxHxWx1.reshape(len(images_NxHxWx1), 1, 28, 28))
+    labels = torch.from_numpy(labels_N.astype(np.int64))
+    return DeviceSplit(images.to(dev), labels.to(dev))
+
+
+def torch_batch_order(n: int, batch_size: int, generator: torch.Generator) -> np.ndarray:
+    """A fresh shuffle as (n // batch_size, batch_size) indices; the rest is dropped."""
+    if batch_size < 1 or n < batch_size:
+        raise FmnistError(f"batch size {batch_size} does not fit {n} examples: "
+                          f"need 1 <= batch size <= n")
+    steps = n // batch_size
+    order_N = torch.randperm(n, generator=generator)
+    return order_N[: steps * batch_size].reshape(steps, batch_size).numpy()
+
+
+def train_epoch_tuned(setup: TorchSetup, data: DeviceSplit, batches_SxB: np.ndarray, *,
+                      norm: Normalization = Normalization()) -> TorchSums:
+    """One Adam step per row of `batches_SxB` (indices into `data`): the batch is gathered
+    and normalized on the device. Get the order from `torch_batch_order` or, to match the JAX
+    side, `order.jax_epoch_batch_order`."""
+    if data.device != setup.device:
+        raise FmnistError(f"the data is on {data.device} but the model on {setup.device}: "
+                          f"build both with the same device")
+    order_SxB = torch.from_numpy(_check_order(batches_SxB, len(data))).to(setup.device)
+    setup.model.train()
+    sums = _DeviceSums(setup.device)
+    for step, idx_B in enumerate(order_SxB):
+        x = normalize_uint8(data.images_Nx1xHxW[idx_B], norm)
+        y = data.labels_N[idx_B]
+        if step == 0 and setup.compiled:
+            sums.add(*_first_compiled_step(setup, x, y))
+        else:
+            sums.add(*_optimizer_step(setup, x, y))
+    return sums.result()
+
+
+@torch.no_grad()
+def evaluate(setup: TorchSetup, data: DeviceSplit, *, batch_size: int = 1000,
+             norm: Normalization = Normalization()) -> TorchSums:
+    """Summed loss and correct count over every example of `data` (the last batch is
+    simply shorter; nothing dropped). Runs the plain model: no recompiles for its shape."""
+    setup.model.eval()
+    sums = _DeviceSums(data.device)
+    for start in range(0, len(data), batch_size):
+        x = normalize_uint8(data.images_Nx1xHxW[start:start + batch_size], norm)
+        y = data.labels_N[start:start + batch_size]
+        logits_BxC = setup.model(x)
+        loss_sum = F.cross_entropy(logits_BxC, y, reduction="sum")
+        sums.add(loss_sum, (logits_BxC.argmax(dim=1) == y).sum(), y.shape[0])
+    return sums.result()
+
+
+# ---------------------------------------------------------------- shared pieces
+
+
+class _DeviceSums:
+    """Accumulates on the device, so the loop never waits for the GPU; one sync at the end."""
+
+    def __init__(self, device: torch.device):
+        self.loss = torch.zeros((), dtype=torch.float64, device=device)
+        self.correct = torch.zeros((), dtype=torch.int64, device=device)
+        self.count = 0
+
+    def add(self, loss_sum: torch.Tensor, correct: torch.Tensor, count: int) -> None:
+        self.loss += loss_sum.detach().to(torch.float64)
+        self.correct += correct
+        self.count += count
+
+    def result(self) -> TorchSums:
+        return TorchSums(loss=float(self.loss.item()), correct=int(self.correct.item()),
+                         count=self.count)
+
+
+def _optimizer_step(setup: TorchSetup, x_Bx1xHxW: torch.Tensor,
+                    labels_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """One Adam step on the batch's mean cross-entropy (nn.CrossEntropyLoss's default);
+    returns (loss sum, correct count, batch size) without syncing the device."""
+    logits_BxC = setup.forward(x_Bx1xHxW)
+    loss = F.cross_entropy(logits_BxC, labels_B)
+    setup.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    setup.optimizer.step()
+    correct = (logits_BxC.detach().argmax(dim=1) == labels_B).sum()
+    batch = labels_B.shape[0]
+    return loss.detach() * batch, correct, batch
+
+
+def _first_compiled_step(setup: TorchSetup, x: torch.Tensor, y: torch.Tensor):
+    """The first step of a compiled model, where torch.compile actually compiles: its
+    failures (no C++ compiler, no Python headers, an unsupported backend) become one line."""
+    try:
+        return _optimizer_step(setup, x, y)
+    except Exception as e:  # dynamo/inductor raise many types; all mean "compile failed"
+        if not _is_compile_error(e):
+            raise
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FmnistError(f"torch.compile failed on {setup.device} ({type(e).__name__}: "
+                          f"{first_line[:300]}): run without --compile") from e
+
+
+def _is_compile_error(e: BaseException) -> bool:
+    module = type(e).__module__ or ""
+    return module.startswith(("torch._dynamo", "torch._inductor")) or \
+        isinstance(e, (OSError, ImportError))
+
+
+def _check_arrays(images_NxHxWx1: np.ndarray, labels_N: np.ndarray) -> None:
+    if not (isinstance(images_NxHxWx1, np.ndarray) and images_NxHxWx1.dtype == np.uint8
+            and images_NxHxWx1.ndim == 4 and images_NxHxWx1.shape[1:] == (28, 28, 1)):
+        raise FmnistError(f"expected uint8 images of shape (N, 28, 28, 1), got "
+                          f"{getattr(images_NxHxWx1, 'dtype', type(images_NxHxWx1).__name__)} "
+                          f"{getattr(images_NxHxWx1, 'shape', '')}")
+    if np.shape(labels_N) != (images_NxHxWx1.shape[0],):
+        raise FmnistError(f"expected {images_NxHxWx1.shape[0]} labels, got shape "
+                          f"{np.shape(labels_N)}")
+
+
+def _check_order(batches_SxB: np.ndarray, n: int) -> np.ndarray:
+    order = np.asarray(batches_SxB)
+    if order.ndim != 2 or order.size == 0 or not np.issubdtype(order.dtype, np.integer):
+        raise FmnistError(f"a batch order must be a non-empty (steps, batch) integer array, "
+                          f"got {order.dtype} {order.shape}")
+    if order.min() < 0 or order.max() >= n:
+        raise FmnistError(f"batch order indices run {order.min()}..{order.max()}, outside the "
+                          f"{n} examples")
+    return order.astype(np.int64)

@@ -1,0 +1,104 @@
+"""Flax linen models, picked by name with `get_model`.
+
+Inputs are normalized float images (B, 28, 28, 1), NHWC; outputs are logits (B, 10).
+Layer names (conv1, fc1, ...) are stable: checkpoints and the PyTorch weight exchange use them.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from fmnist_jax.errors import FmnistError
+
+NUM_CLASSES = 10
+
+
+def max_pool_2x2(x_BxHxWxC: jax.Array) -> jax.Array:
+    """2x2 max-pool, stride 2 (H and W even), as a reshape and a max.
+
+    Same values as `nn.max_pool(x, (2, 2), strides=(2, 2))`, but its gradient is an
+    elementwise mask instead of XLA's select-and-scatter, which is slow on CPU.
+    """
+    b, h, w, c = x_BxHxWxC.shape
+    return x_BxHxWxC.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
+class Conv2D(nn.Module):
+    """Stride-1 2D convolution as im2col: kh*kw shifted slices, concatenated, then one matmul.
+
+    Same parameters as `nn.Conv` (`kernel` (kh, kw, Cin, Cout) lecun-normal, `bias` zeros) and
+    the same outputs; on CPU it trains LeNet-5 about 3.5x faster, because XLA's CPU convolution
+    is slow for these tiny channel counts while its matmul is fast.
+    """
+
+    features: int
+    kernel_size: tuple[int, int]
+    padding: int = 0  # zeros on each side of H and W
+
+    @nn.compact
+    def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
+        kh, kw = self.kernel_size
+        c_in = x_BxHxWxC.shape[-1]
+        kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                            (kh, kw, c_in, self.features))
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+        p = self.padding
+        x = jnp.pad(x_BxHxWxC, ((0, 0), (p, p), (p, p), (0, 0))) if p else x_BxHxWxC
+        h_out, w_out = x.shape[1] - kh + 1, x.shape[2] - kw + 1
+        patches_BxHxWxK = jnp.concatenate(
+            [x[:, i:i + h_out, j:j + w_out, :] for i in range(kh) for j in range(kw)], axis=-1)
+        out_BxHxWxF = patches_BxHxWxK @ kernel.reshape(kh * kw * c_in, self.features)
+        return out_BxHxWxF + bias.reshape(1, 1, 1, -1)
+
+
+class LeNet5(nn.Module):
+    """LeNet-5 as seed 002's layer table: 61,706 parameters.
+
+    conv 6@5x5 pad 2, ReLU, pool 2 -> conv 16@5x5 valid, ReLU, pool 2 -> flatten 400
+    -> dense 120, ReLU -> dense 84, ReLU -> dense 10.
+    """
+
+    num_classes: int = NUM_CLASSES
+
+    @nn.compact
+    def __call__(self, x_BxHxWx1: jax.Array, *, train: bool = False) -> jax.Array:
+        del train  # no dropout or batch norm: the same function in training and evaluation
+        x = nn.relu(Conv2D(6, (5, 5), padding=2, name="conv1")(x_BxHxWx1))
+        x = max_pool_2x2(x)  # (B, 14, 14, 6)
+        x = nn.relu(Conv2D(16, (5, 5), name="conv2")(x))
+        x = max_pool_2x2(x)  # (B, 5, 5, 16)
+        x = x.reshape(x.shape[0], -1)  # (B, 400), flattened in H, W, C order
+        x = nn.relu(nn.Dense(120, name="fc1")(x))
+        x = nn.relu(nn.Dense(84, name="fc2")(x))
+        return nn.Dense(self.num_classes, name="fc3")(x)
+
+
+class TutorialCNN(nn.Module):
+    """Seed 001's CNN: conv 16 and 32 (3x3, pad 1), each ReLU + pool 2, dense 1568 -> 128, ReLU -> 10."""
+
+    num_classes: int = NUM_CLASSES
+
+    @nn.compact
+    def __call__(self, x_BxHxWx1: jax.Array, *, train: bool = False) -> jax.Array:
+        del train
+        x = max_pool_2x2(nn.relu(Conv2D(16, (3, 3), padding=1, name="conv1")(x_BxHxWx1)))
+        x = max_pool_2x2(nn.relu(Conv2D(32, (3, 3), padding=1, name="conv2")(x)))
+        x = x.reshape(x.shape[0], -1)  # (B, 1568)
+        x = nn.relu(nn.Dense(128, name="fc1")(x))
+        return nn.Dense(self.num_classes, name="fc2")(x)
+
+
+MODELS: dict[str, type[nn.Module]] = {"lenet5": LeNet5, "cnn": TutorialCNN}
+
+
+def get_model(name: str) -> nn.Module:
+    """The model registered under `name` (see MODELS)."""
+    if name not in MODELS:
+        raise FmnistError(f"unknown model {name!r}: choose one of {', '.join(MODELS)}")
+    return MODELS[name]()
+
+
+def count_params(params) -> int:
+    return sum(int(jnp.size(leaf)) for leaf in jax.tree_util.tree_leaves(params))

@@ -1,0 +1,6 @@
+"""Train a Fashion-MNIST classifier: `python scripts/train.py --manual-dir ../shared/datasets/fashion_mnist`."""
+
+from fmnist_jax.cli import train_main
+
+if __name__ == "__main__":
+    train_main()

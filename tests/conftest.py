@@ -1,0 +1,49 @@
+"""Shared fixtures: tiny synthetic splits for fast tests, the real dataset for slow ones."""
+
+import os
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from fmnist_jax.data import Split
+
+# Catch (B,) vs (B, 1) slips: implicit rank promotion raises in every test.
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_MANUAL_DIR = REPO.parent / "shared" / "datasets" / "fashion_mnist"
+
+
+def make_split(n: int, seed: int = 0) -> Split:
+    """n learnable images: class c has a bright horizontal bar at row 2c+4, plus noise."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, n).astype(np.int32)
+    images = rng.integers(0, 60, (n, 28, 28, 1)).astype(np.uint8)
+    for i, c in enumerate(labels):
+        images[i, 2 * c + 4: 2 * c + 6, 4:24, 0] = 250
+    return Split(images_NxHxWx1=images, labels_N=labels)
+
+
+@pytest.fixture
+def tiny_splits():
+    return make_split(512, seed=0), make_split(300, seed=1)
+
+
+@pytest.fixture(scope="session")
+def manual_dir() -> Path:
+    """The official .gz files: $FMNIST_MANUAL_DIR or ../shared/datasets/fashion_mnist."""
+    path = Path(os.environ.get("FMNIST_MANUAL_DIR", SHARED_MANUAL_DIR))
+    if not (path / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip(f"no Fashion-MNIST files in {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist(manual_dir, tmp_path_factory):
+    """The real (train, test) splits, prepared once in $FMNIST_DATA_DIR (or a temp dir)."""
+    from fmnist_jax.data import load_fashion_mnist
+
+    data_dir = os.environ.get("FMNIST_DATA_DIR") or tmp_path_factory.mktemp("tfds")
+    return load_fashion_mnist(data_dir=data_dir, manual_dir=manual_dir)

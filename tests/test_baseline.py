@@ -1,0 +1,241 @@
+"""The PyTorch baseline: the same LeNet-5, exact weight exchange, the JAX batch order, and
+torch and JAX taking the same Adam steps from the same init on the same batches.
+
+All on CPU and small random data: the equalities are what make a head-to-head comparison
+"same model, same init, same batches, different framework".
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from fmnist_jax.baseline import exchange, order  # noqa: E402
+from fmnist_jax.baseline import torch_lenet as tl  # noqa: E402
+from fmnist_jax.errors import FmnistError  # noqa: E402
+from fmnist_jax.models import LeNet5, TutorialCNN  # noqa: E402
+from fmnist_jax.steps import (Normalization, create_train_state, evaluate,  # noqa: E402
+                              normalize, train_epoch, train_step_jit)
+
+NORM = Normalization()
+
+
+def random_images(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    images_NxHxWx1 = rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8)
+    labels_N = rng.integers(0, 10, n).astype(np.int32)
+    return images_NxHxWx1, labels_N
+
+
+def random_flax_params(seed: int = 0) -> dict:
+    """LeNet5 params with every leaf random, biases too (their init is zeros, which would
+    hide a misplaced bias)."""
+    params = LeNet5().init(jax.random.key(seed), jnp.zeros((1, 28, 28, 1)))["params"]
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+    return jax.tree_util.tree_unflatten(
+        treedef, [0.1 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+
+
+def flax_logits(params, images_NxHxWx1: np.ndarray) -> np.ndarray:
+    return np.asarray(LeNet5().apply({"params": params}, normalize(jnp.asarray(images_NxHxWx1), NORM)))
+
+
+def torch_logits(model, images_NxHxWx1: np.ndarray) -> np.ndarray:
+    data = tl.to_device_split(images_NxHxWx1, np.zeros(len(images_NxHxWx1), np.int32))
+    with torch.no_grad():
+        return model(tl.normalize_uint8(data.images_Nx1xHxW, NORM)).numpy()
+
+
+def assert_trees_equal(a, b) -> None:
+    assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        assert np.asarray(x).dtype == np.asarray(y).dtype
+        assert np.array_equal(np.asarray(x), np.asarray(y))
+
+
+def max_tree_diff(a, b) -> float:
+    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+               for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+
+
+# ---------------------------------------------------------------- model and exchange
+
+
+def test_torch_lenet5_has_seed_002_param_count():
+    model = tl.TorchLeNet5()
+    assert tl.count_torch_params(model) == 61_706
+    assert list(model.state_dict()) == list(exchange.TORCH_SHAPES)
+
+
+def test_flax_weights_in_torch_give_the_same_logits():
+    params = random_flax_params(0)
+    images, _ = random_images(16)
+    model = tl.TorchLeNet5()
+    model.load_state_dict(exchange.flax_to_torch_state_dict(params))
+    np.testing.assert_allclose(torch_logits(model, images), flax_logits(params, images),
+                               atol=1e-4, rtol=0)
+
+
+def test_torch_weights_in_flax_give_the_same_logits():
+    model = tl.make_setup(seed=3).model  # torch's own init: nonzero biases
+    params = exchange.torch_state_dict_to_flax(model.state_dict())
+    images, _ = random_images(16, seed=1)
+    np.testing.assert_allclose(flax_logits(params, images), torch_logits(model, images),
+                               atol=1e-4, rtol=0)
+
+
+def test_round_trips_are_bitwise_exact():
+    params = random_flax_params(5)
+    assert_trees_equal(exchange.torch_state_dict_to_flax(exchange.flax_to_torch_state_dict(params)),
+                       params)
+    state_dict = tl.make_setup(seed=7).model.state_dict()
+    again = exchange.flax_to_torch_state_dict(exchange.torch_state_dict_to_flax(state_dict))
+    assert list(again) == list(state_dict)
+    for name, tensor in state_dict.items():
+        assert torch.equal(again[name], tensor) and again[name].dtype == tensor.dtype
+
+
+def test_fc1_permutation_maps_flax_hwc_to_torch_chw():
+    # Flax row h*80 + w*16 + c must become torch column c*25 + h*5 + w.
+    kernel_400x1 = np.arange(400, dtype=np.float32)[:, None]
+    weight_1x400 = exchange.fc1_flax_rows_to_torch_columns(kernel_400x1)
+    for h, w, c in [(0, 0, 1), (1, 2, 3), (4, 4, 15)]:
+        assert weight_1x400[0, c * 25 + h * 5 + w] == h * 80 + w * 16 + c
+
+
+def test_exchange_rejects_other_models_clearly():
+    cnn_params = TutorialCNN().init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
+    with pytest.raises(FmnistError, match="not LeNet-5 params.*only the lenet5 model"):
+        exchange.flax_to_torch_state_dict(cnn_params)
+    lenet_variables = LeNet5().init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+    with pytest.raises(FmnistError, match=r"pass variables\['params'\]"):
+        exchange.flax_to_torch_state_dict(lenet_variables)
+    wrong = jax.tree_util.tree_map(lambda x: x, dict(lenet_variables["params"]))
+    wrong["fc3"] = {"kernel": jnp.zeros((84, 7)), "bias": jnp.zeros((7,))}
+    with pytest.raises(FmnistError, match=r"fc3.kernel has shape \(84, 7\)"):
+        exchange.flax_to_torch_state_dict(wrong)
+    with pytest.raises(FmnistError, match="not a LeNet-5 state_dict"):
+        exchange.torch_state_dict_to_flax(torch.nn.Linear(3, 2).state_dict())
+
+
+def test_compiled_model_state_dict_is_accepted():
+    model = tl.TorchLeNet5()
+    prefixed = {f"_orig_mod.{k}": v for k, v in model.state_dict().items()}
+    assert_trees_equal(exchange.torch_state_dict_to_flax(prefixed),
+                       exchange.torch_state_dict_to_flax(model.state_dict()))
+
+
+# ---------------------------------------------------------------- the JAX batch order
+
+
+def test_batch_order_helper_reproduces_train_epoch():
+    images, labels = random_images(70, seed=2)  # 4 batches of 16, 6 examples left over
+    key = jax.random.key(11)
+    init = create_train_state(LeNet5(), optax.adam(1e-3), jax.random.key(0))
+    batches_SxB = order.jax_epoch_batch_order(key, 70, 16)
+    assert batches_SxB.shape == (4, 16) and len(np.unique(batches_SxB)) == 64
+
+    def manual(state, batches):
+        for idx_B in batches:
+            state, _ = train_step_jit(state, jnp.asarray(images[idx_B]), jnp.asarray(labels[idx_B]),
+                                      jax.random.key(0))
+        return state.params
+
+    fresh = lambda: jax.tree_util.tree_map(jnp.array, init)  # train_epoch donates its state
+    scanned, _ = train_epoch(fresh(), jnp.asarray(images), jnp.asarray(labels), key, batch_size=16)
+    assert max_tree_diff(manual(fresh(), batches_SxB), scanned.params) < 1e-6
+    other = order.jax_epoch_batch_order(jax.random.key(12), 70, 16)  # the check can fail
+    assert max_tree_diff(manual(fresh(), other), scanned.params) > 1e-4
+
+
+def test_train_py_helpers_match_its_key_derivation():
+    init_key, shuffle_key = jax.random.split(jax.random.key(4))
+    expected = create_train_state(LeNet5(), optax.adam(1e-3), init_key).params
+    assert_trees_equal(order.jax_init_params(4), expected)
+    np.testing.assert_array_equal(
+        order.train_py_epoch_order(4, 2, 200, 64),
+        order.jax_epoch_batch_order(jax.random.fold_in(shuffle_key, 2), 200, 64))
+
+
+# ---------------------------------------------------------------- same steps in both frameworks
+
+
+def test_torch_and_jax_take_the_same_adam_steps():
+    images, labels = random_images(5 * 64 + 30, seed=3)  # 5 steps of 64; 30 dropped
+    key = jax.random.key(21)
+    init_params = random_flax_params(8)
+    copy = jax.tree_util.tree_map(jnp.array, init_params)  # train_epoch donates its state
+    state = create_train_state(LeNet5(), optax.adam(1e-3), jax.random.key(0)).replace(
+        params=copy, opt_state=optax.adam(1e-3).init(copy))
+    jax_state, jax_sums = train_epoch(state, jnp.asarray(images), jnp.asarray(labels), key,
+                                      batch_size=64)
+    batches_SxB = order.jax_epoch_batch_order(key, len(labels), 64)
+
+    tuned = tl.make_setup(params=init_params)
+    tuned_sums = tl.train_epoch_tuned(tuned, tl.to_device_split(images, labels), batches_SxB)
+    tuned_params = exchange.torch_state_dict_to_flax(tuned.model.state_dict())
+    assert max_tree_diff(tuned_params, jax_state.params) < 1e-4
+    assert max_tree_diff(tuned_params, init_params) > 1e-3  # the steps did move the weights
+    assert tuned_sums.count == int(jax_sums.count) == 320
+    assert tuned_sums.loss == pytest.approx(float(jax_sums.loss), rel=1e-5)
+    assert tuned_sums.correct == int(jax_sums.correct)
+
+    seed_style = tl.make_setup(params=init_params)
+    loader = tl.seed_style_loader(tl.SeedStyleDataset(images, labels), batches_SxB=batches_SxB)
+    seed_sums = tl.train_epoch_seed_style(seed_style, loader)
+    seed_params = exchange.torch_state_dict_to_flax(seed_style.model.state_dict())
+    assert max_tree_diff(seed_params, tuned_params) < 1e-6
+    assert seed_sums.count == 320
+
+
+def test_evaluate_counts_every_example_like_jax():
+    images, labels = random_images(1050, seed=4)  # batches of 1000 and 50
+    params = random_flax_params(9)
+    setup = tl.make_setup(params=params)
+    sums = tl.evaluate(setup, tl.to_device_split(images, labels, "cpu"), batch_size=1000)
+    state = create_train_state(LeNet5(), optax.adam(1e-3), jax.random.key(0)).replace(params=params)
+    jax_sums = evaluate(state, jnp.asarray(images), jnp.asarray(labels), batch_size=1000)
+    assert sums.count == 1050
+    assert sums.loss == pytest.approx(float(jax_sums.loss), rel=1e-5)
+    assert sums.correct == int(jax_sums.correct)
+
+
+# ---------------------------------------------------------------- input pipelines
+
+
+def test_seed_style_dataset_is_to_tensor_plus_normalize():
+    images, labels = random_images(150, seed=5)
+    dataset = tl.SeedStyleDataset(images, labels)
+    image, label = dataset[7]
+    assert image.shape == (1, 28, 28) and image.dtype == torch.float32
+    assert label == int(labels[7])
+    expected = (images[7, :, :, 0].astype(np.float32) / 255.0 - 0.5) / 0.5
+    np.testing.assert_allclose(image[0].numpy(), expected, atol=1e-7)
+    assert image.min() >= -1.0 and image.max() <= 1.0
+
+    batches = list(tl.seed_style_loader(dataset, batch_size=64, seed=0))
+    assert [len(y) for _, y in batches] == [64, 64, 22]  # the last partial batch is kept
+    assert batches[0][0].shape == (64, 1, 28, 28) and batches[0][1].dtype == torch.int64
+    again = list(tl.seed_style_loader(dataset, batch_size=64, seed=0))
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(batches, again))  # seeded shuffle
+    assert not torch.equal(batches[0][1], torch.from_numpy(labels[:64].astype(np.int64)))
+
+
+def test_tuned_order_drops_the_partial_batch_and_checks_input():
+    batches_SxB = tl.torch_batch_order(150, 64, torch.Generator().manual_seed(0))
+    assert batches_SxB.shape == (2, 64) and len(np.unique(batches_SxB)) == 128
+    setup = tl.make_setup()
+    data = tl.to_device_split(*random_images(150))
+    with pytest.raises(FmnistError, match="outside the 150 examples"):
+        tl.train_epoch_tuned(setup, data, np.array([[0, 150]]))
+    with pytest.raises(FmnistError, match=r"uint8 images of shape \(N, 28, 28, 1\)"):
+        tl.to_device_split(np.zeros((4, 28, 28), np.uint8), np.zeros(4, np.int32))
+    with pytest.raises(FmnistError, match="use 'cpu' or 'cuda'"):
+        tl.resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(FmnistError, match="sees no CUDA GPU"):
+            tl.make_setup(device="cuda")

@@ -1,0 +1,55 @@
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fmnist_jax import FmnistError
+from fmnist_jax.models import Conv2D, count_params, get_model, max_pool_2x2
+
+LENET5_PARAMS = 61_706  # seed 002's layer table: 156 + 2,416 + 48,120 + 10,164 + 850
+CNN_PARAMS = 206_922  # seed 001: 160 + 4,640 + 200,832 + 1,290
+
+
+@pytest.mark.parametrize("name,expected", [("lenet5", LENET5_PARAMS), ("cnn", CNN_PARAMS)])
+def test_param_count_and_output_shape(name, expected):
+    model = get_model(name)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
+    assert count_params(params) == expected
+    logits = model.apply({"params": params}, jnp.zeros((3, 28, 28, 1)))
+    assert logits.shape == (3, 10)
+
+
+def test_lenet5_layer_shapes():
+    params = get_model("lenet5").init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
+    shapes = jax.tree_util.tree_map(lambda x: x.shape, params)
+    assert shapes == {
+        "conv1": {"kernel": (5, 5, 1, 6), "bias": (6,)},
+        "conv2": {"kernel": (5, 5, 6, 16), "bias": (16,)},
+        "fc1": {"kernel": (400, 120), "bias": (120,)},
+        "fc2": {"kernel": (120, 84), "bias": (84,)},
+        "fc3": {"kernel": (84, 10), "bias": (10,)},
+    }
+
+
+@pytest.mark.parametrize("c_in,padding,kernel", [(1, 2, 5), (6, 0, 5), (16, 1, 3)])
+def test_conv2d_equals_flax_conv(c_in, padding, kernel):
+    x = jax.random.normal(jax.random.key(1), (2, 14, 14, c_in))
+    ours = Conv2D(8, (kernel, kernel), padding=padding)
+    params = ours.init(jax.random.key(2), x)
+    reference = nn.Conv(8, (kernel, kernel), padding=padding)
+    # Same parameter names, shapes and initializer: the same key gives the same weights.
+    ref_params = reference.init(jax.random.key(2), x)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, params, ref_params)
+    np.testing.assert_allclose(ours.apply(params, x), reference.apply(params, x),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_max_pool_equals_flax_max_pool():
+    x = jax.random.normal(jax.random.key(0), (2, 10, 10, 3))
+    np.testing.assert_array_equal(max_pool_2x2(x), nn.max_pool(x, (2, 2), strides=(2, 2)))
+
+
+def test_unknown_model_is_a_user_error():
+    with pytest.raises(FmnistError, match="unknown model 'resnet'"):
+        get_model("resnet")
