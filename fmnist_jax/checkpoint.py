@@ -17,16 +17,38 @@ import orbax.checkpoint as ocp
 from fmnist_jax.config import TrainConfig
 from fmnist_jax.errors import FmnistError
 from fmnist_jax.models import get_model
+from fmnist_jax.steps import Normalization
 
 CONFIG_FILE = "config.json"
 HISTORY_FILE = "history.jsonl"
 TIMING_FILE = "timing.jsonl"
 PARAMS_DIR = "params"
+NORMALIZATION_FILE = "normalization.json"  # the mean/std the model was trained with
+CALIBRATION_FILE = "calibration.json"  # the temperature fit on the validation split
 
 
 def save_params(run_dir: Path, params) -> None:
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(Path(run_dir).absolute() / PARAMS_DIR, params)
+
+
+def save_json(path: Path, obj) -> None:
+    Path(path).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def load_normalization(run_dir: str | Path) -> Normalization:
+    path = Path(run_dir) / NORMALIZATION_FILE
+    if not path.is_file():
+        raise FmnistError(f"{run_dir} has no {NORMALIZATION_FILE}: the training did not "
+                          f"finish; train again")
+    fields = json.loads(path.read_text())
+    return Normalization(float(fields["mean"]), float(fields["std"]))
+
+
+def load_temperature(run_dir: str | Path) -> float | None:
+    """The calibrated temperature, or None when the run was not calibrated."""
+    path = Path(run_dir) / CALIBRATION_FILE
+    return float(json.loads(path.read_text())["temperature"]) if path.is_file() else None
 
 
 def load_config(run_dir: str | Path) -> TrainConfig:

@@ -62,6 +62,8 @@ def train_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--workdir", help="run folder (default runs/PRESET-seedN-TIMESTAMP)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-report", action="store_true",
+                        help="skip the evaluation report at the end (scripts/evaluate.py)")
     _add_data_flags(parser)
     return parser
 
@@ -76,9 +78,108 @@ def train_main(argv: list[str] | None = None) -> int:
     from fmnist_jax.config import get_config  # light; the heavy imports follow validation
 
     cfg = get_config(args.preset, **{name: getattr(args, name) for name in _OVERRIDES})
+    from fmnist_jax import data
+    from fmnist_jax.report import evaluate_run
     from fmnist_jax.train import train_and_evaluate
 
     workdir = args.workdir or f"runs/{args.preset}-seed{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
-    train_and_evaluate(cfg, workdir, data_dir=args.data_dir, manual_dir=args.manual_dir,
-                       progress=not args.no_progress)
+    train, test = data.load_fashion_mnist(data_dir=args.data_dir, manual_dir=args.manual_dir)
+    train_and_evaluate(cfg, workdir, train=train, test=test, progress=not args.no_progress)
+    if not args.no_report:
+        evaluate_run(workdir, train=train, test=test)
     return 0
+
+
+def evaluate_parser() -> argparse.ArgumentParser:
+    parser = _Parser(description="Evaluate a run folder: classification report, confidence "
+                     "intervals, calibration before and after temperature scaling, PNGs.")
+    parser.add_argument("run_dir", help="a folder written by scripts/train.py")
+    parser.add_argument("--resamples", type=int, default=1000,
+                        help="bootstrap resamples for the 95%% intervals (default 1000)")
+    _add_data_flags(parser)
+    return parser
+
+
+@user_errors_exit_1
+def evaluate_main(argv: list[str] | None = None) -> int:
+    args = evaluate_parser().parse_args(argv)
+    if args.resamples < 1:
+        raise FmnistError(f"--resamples must be at least 1, got {args.resamples}")
+    from fmnist_jax.report import evaluate_run
+
+    evaluate_run(args.run_dir, data_dir=args.data_dir, manual_dir=args.manual_dir,
+                 n_resamples=args.resamples)
+    return 0
+
+
+def bench_parser() -> argparse.ArgumentParser:
+    parser = _Parser(description="JAX against the PyTorch baseline on the seed-002 recipe, "
+                     "same init, alternating epochs, in one run on this machine.")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--pipelines", default="jax,torch-tuned,torch-seed-style",
+                        help="comma-separated: jax, torch-tuned, torch-seed-style")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                        help="auto: CUDA when JAX and torch both see a GPU, else CPU")
+    parser.add_argument("--torch-compile", action="store_true",
+                        help="torch.compile the tuned pipeline's model")
+    parser.add_argument("--train-images", type=int, help="use only the first N training images")
+    parser.add_argument("--quick", action="store_true",
+                        help="1 epoch, 1 seed, 2,048 training images: a smoke test for CI")
+    parser.add_argument("--out", default="bench.json", help="JSON results (default bench.json)")
+    _add_data_flags(parser)
+    return parser
+
+
+@user_errors_exit_1
+def bench_main(argv: list[str] | None = None) -> int:
+    import os
+
+    args = bench_parser().parse_args(argv)
+    if args.quick:
+        args.epochs, args.seeds, args.train_images = 1, 1, args.train_images or 2048
+    pipelines = tuple(p.strip() for p in args.pipelines.split(",") if p.strip())
+    from fmnist_jax.bench import PIPELINES
+
+    unknown = [p for p in pipelines if p not in PIPELINES]
+    if unknown or not pipelines:
+        raise FmnistError(f"unknown pipelines {unknown}: choose from {', '.join(PIPELINES)}")
+    if args.epochs < 1 or args.seeds < 1:
+        raise FmnistError("--epochs and --seeds must be at least 1")
+    if args.train_images is not None and args.train_images < 64:
+        raise FmnistError(f"--train-images must be at least 64, got {args.train_images}")
+    if args.device == "cpu":
+        os.environ["JAX_PLATFORMS"] = "cpu"
+    # JAX and torch share the GPU in this process: JAX must not grab 75% of it at start.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    import jax
+
+    from fmnist_jax import bench, data
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if jax.default_backend() == "gpu" and _torch_has_cuda() else "cpu"
+    if device == "cuda" and jax.default_backend() != "gpu":
+        raise FmnistError("--device cuda, but JAX sees no GPU: install jax with CUDA or use cpu")
+    settings = bench.BenchSettings(epochs=args.epochs, seeds=args.seeds, pipelines=pipelines,
+                                   torch_device=device, torch_compile=args.torch_compile)
+    train, test = data.load_fashion_mnist(data_dir=args.data_dir, manual_dir=args.manual_dir)
+    if args.train_images:
+        train = data.Split(train.images_NxHxWx1[: args.train_images],
+                           train.labels_N[: args.train_images])
+    print(f"bench: {settings}", flush=True)
+    result = bench.run_bench(train, test, settings)
+    result["command"] = "python scripts/bench.py " + " ".join(argv if argv is not None
+                                                              else sys.argv[1:])
+    bench.save(result, args.out)
+    print(bench.markdown_table(result))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _torch_has_cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()

@@ -163,6 +163,25 @@ def load_fashion_mnist(*, data_dir=None, manual_dir=None) -> tuple[Split, Split]
     return read_split("train", prepared), read_split("test", prepared)
 
 
+def stratified_split(split: Split, fraction: float, key) -> tuple[Split, Split]:
+    """(rest, held_out): `fraction` of each class held out, chosen by the jax.random `key`.
+
+    Per class, round(fraction * class count) images go to `held_out`; both parts keep the
+    original order of the images, so the split depends on nothing but the key.
+    """
+    import jax
+
+    held_out = []
+    for c, class_key in zip(np.unique(split.labels_N), jax.random.split(key, 10)):
+        idx = np.flatnonzero(split.labels_N == c)
+        shuffled = np.asarray(jax.random.permutation(class_key, idx))
+        held_out.append(shuffled[: int(round(fraction * len(idx)))])
+    mask = np.zeros(len(split), bool)
+    mask[np.concatenate(held_out)] = True
+    return (Split(split.images_NxHxWx1[~mask], split.labels_N[~mask]),
+            Split(split.images_NxHxWx1[mask], split.labels_N[mask]))
+
+
 def dataset_mean_std(images_NxHxWx1: np.ndarray) -> tuple[float, float]:
     """Pixel mean and std of uint8 images, on the [0, 1] scale (float64 accumulation)."""
     pixels = images_NxHxWx1.astype(np.float64) / 255.0

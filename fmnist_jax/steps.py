@@ -57,6 +57,11 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
     return TrainState.create(apply_fn=model.apply, params=params, tx=tx)
 
 
+def inference_state(model: nn.Module, params) -> TrainState:
+    """A state to evaluate or predict with given parameters (its optimizer does nothing)."""
+    return TrainState.create(apply_fn=model.apply, params=params, tx=optax.identity())
+
+
 def _loss_and_sums(params, apply_fn, images_BxHxWx1, labels_B, key, norm, train):
     logits_BxC = apply_fn({"params": params}, normalize(images_BxHxWx1, norm), train=train,
                           rngs={"dropout": key})

@@ -32,6 +32,21 @@ def normalization_for(cfg: TrainConfig, train_images_NxHxWx1: np.ndarray) -> Nor
     return Normalization(0.5, 0.5)
 
 
+# Independent random streams of a run, all from cfg.seed.
+INIT_STREAM, SHUFFLE_STREAM, VAL_SPLIT_STREAM, BOOTSTRAP_STREAM = 0, 1, 2, 3
+
+
+def stream_key(seed: int, stream: int) -> jax.Array:
+    return jax.random.fold_in(jax.random.key(seed), stream)
+
+
+def split_train_val(cfg: TrainConfig, train: data.Split) -> tuple[data.Split, data.Split | None]:
+    """The run's training images and its held-out validation split (None if val_fraction 0)."""
+    if cfg.val_fraction == 0:
+        return train, None
+    return data.stratified_split(train, cfg.val_fraction, stream_key(cfg.seed, VAL_SPLIT_STREAM))
+
+
 def _rates(sums: Sums) -> tuple[float, float]:
     """(mean loss, accuracy) from device sums: the one host sync of an epoch."""
     loss, correct, count = (float(x) for x in jax.device_get(sums))
@@ -60,6 +75,7 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | Path, *,
     run_dir = prepare_run_dir(workdir)
     if train is None or test is None:
         train, test = data.load_fashion_mnist(data_dir=data_dir, manual_dir=manual_dir)
+    train, val = split_train_val(cfg, train)
     if cfg.batch_size > len(train):
         raise FmnistError(f"batch size {cfg.batch_size} is larger than the {len(train)} training "
                           f"images: lower --batch-size")
@@ -69,19 +85,24 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | Path, *,
     log_fn(f"config: {json.dumps(json.loads(cfg.to_json()))}")
 
     norm = normalization_for(cfg, train.images_NxHxWx1)
+    checkpoint.save_json(run_dir / checkpoint.NORMALIZATION_FILE, norm._asdict())
     steps_per_epoch = len(train) // cfg.batch_size
-    key = jax.random.key(cfg.seed)
-    init_key, shuffle_key = jax.random.split(key)
+    shuffle_key = stream_key(cfg.seed, SHUFFLE_STREAM)
     state = create_train_state(get_model(cfg.model), make_optimizer(cfg, steps_per_epoch),
-                               init_key)
+                               stream_key(cfg.seed, INIT_STREAM))
     train_x, train_y, test_x, test_y = jax.device_put(
         (train.images_NxHxWx1, train.labels_N, test.images_NxHxWx1, test.labels_N))
+    eval_sets = {"test": (test_x, test_y)}
+    if val is not None:
+        eval_sets = {"val": jax.device_put((val.images_NxHxWx1, val.labels_N)), **eval_sets}
+    log_fn(f"images: {len(train)} train, {len(val) if val else 0} validation (held out), "
+           f"{len(test)} test")
 
     t0 = time.perf_counter()
     epoch_fn = train_epoch.lower(state, train_x, train_y, shuffle_key,
                                  batch_size=cfg.batch_size, norm=norm).compile()
-    eval_fn = evaluate.lower(state, test_x, test_y, batch_size=cfg.eval_batch_size,
-                             norm=norm).compile()
+    eval_fns = {name: evaluate.lower(state, x, y, batch_size=cfg.eval_batch_size,
+                                     norm=norm).compile() for name, (x, y) in eval_sets.items()}
     compile_s = time.perf_counter() - t0
     log_fn(f"compiled train epoch and eval in {compile_s:.2f} s "
            f"({steps_per_epoch} steps of {cfg.batch_size} per epoch)")
@@ -102,19 +123,21 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | Path, *,
                 raise FmnistError(f"training diverged at epoch {epoch} (loss {train_loss}): "
                                   f"lower --lr or set clip_norm")
             t0 = time.perf_counter()
-            test_loss, test_acc = _rates(eval_fn(state, test_x, test_y, norm=norm))
+            row = {"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_acc}
+            for name, (x, y) in eval_sets.items():
+                row[f"{name}_loss"], row[f"{name}_accuracy"] = _rates(
+                    eval_fns[name](state, x, y, norm=norm))
             eval_s = time.perf_counter() - t0
-            row = {"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_acc,
-                   "test_loss": test_loss, "test_accuracy": test_acc}
             history.append(row)
             history_file.write(json.dumps(row) + "\n")
             history_file.flush()
             timing_file.write(json.dumps({"epoch": epoch, "train_seconds": train_s,
                                           "eval_seconds": eval_s}) + "\n")
-            bar.set_postfix(loss=f"{train_loss:.4f}", test_acc=f"{test_acc:.4f}")
+            bar.set_postfix(loss=f"{train_loss:.4f}", test_acc=f"{row['test_accuracy']:.4f}")
+            evals = "  ".join(f"{name} loss {row[f'{name}_loss']:.4f} acc "
+                              f"{row[f'{name}_accuracy']:.4f}" for name in eval_sets)
             log_fn(f"epoch {epoch:3d}  train loss {train_loss:.4f} acc {train_acc:.4f}  "
-                   f"test loss {test_loss:.4f} acc {test_acc:.4f}  "
-                   f"{train_s:.2f} s (+{eval_s:.2f} s eval)")
+                   f"{evals}  {train_s:.2f} s (+{eval_s:.2f} s eval)")
         bar.close()
     checkpoint.save_params(run_dir, state.params)
     log_fn(f"final test accuracy: {history[-1]['test_accuracy']:.4f} "

@@ -33,15 +33,20 @@ def random_images(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 def random_flax_params(seed: int = 0) -> dict:
     """LeNet5 params with every leaf random, biases too (their init is zeros, which would
     hide a misplaced bias)."""
-    params = LeNet5().init(jax.random.key(seed), jnp.zeros((1, 28, 28, 1)))["params"]
-    leaves, treedef = jax.tree_util.tree_flatten(params)
+    shapes = jax.eval_shape(LeNet5().init, jax.random.key(seed), jnp.zeros((1, 28, 28, 1)))
+    leaves, treedef = jax.tree_util.tree_flatten(shapes["params"])
     keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
     return jax.tree_util.tree_unflatten(
         treedef, [0.1 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
 
 
+@jax.jit
+def _flax_logits(params, images_NxHxWx1):
+    return LeNet5().apply({"params": params}, normalize(images_NxHxWx1, NORM))
+
+
 def flax_logits(params, images_NxHxWx1: np.ndarray) -> np.ndarray:
-    return np.asarray(LeNet5().apply({"params": params}, normalize(jnp.asarray(images_NxHxWx1), NORM)))
+    return np.asarray(_flax_logits(params, jnp.asarray(images_NxHxWx1)))
 
 
 def torch_logits(model, images_NxHxWx1: np.ndarray) -> np.ndarray:
@@ -108,14 +113,17 @@ def test_fc1_permutation_maps_flax_hwc_to_torch_chw():
 
 
 def test_exchange_rejects_other_models_clearly():
-    cnn_params = TutorialCNN().init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
+    # Shapes are all the exchange checks, so abstract trees (no init computation) will do.
+    cnn_params = jax.eval_shape(TutorialCNN().init, jax.random.key(0),
+                                jnp.zeros((1, 28, 28, 1)))["params"]
     with pytest.raises(FmnistError, match="not LeNet-5 params.*only the lenet5 model"):
         exchange.flax_to_torch_state_dict(cnn_params)
-    lenet_variables = LeNet5().init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+    lenet_variables = jax.eval_shape(LeNet5().init, jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
     with pytest.raises(FmnistError, match=r"pass variables\['params'\]"):
         exchange.flax_to_torch_state_dict(lenet_variables)
     wrong = jax.tree_util.tree_map(lambda x: x, dict(lenet_variables["params"]))
-    wrong["fc3"] = {"kernel": jnp.zeros((84, 7)), "bias": jnp.zeros((7,))}
+    wrong["fc3"] = {"kernel": jax.ShapeDtypeStruct((84, 7), jnp.float32),
+                    "bias": jax.ShapeDtypeStruct((7,), jnp.float32)}
     with pytest.raises(FmnistError, match=r"fc3.kernel has shape \(84, 7\)"):
         exchange.flax_to_torch_state_dict(wrong)
     with pytest.raises(FmnistError, match="not a LeNet-5 state_dict"):
@@ -230,6 +238,8 @@ def test_tuned_order_drops_the_partial_batch_and_checks_input():
     assert batches_SxB.shape == (2, 64) and len(np.unique(batches_SxB)) == 128
     setup = tl.make_setup()
     data = tl.to_device_split(*random_images(150))
+    assert data.images_Nx1xHxW.dtype == torch.uint8
+    assert data.images_Nx1xHxW.stride() == (784, 784, 28, 1)  # plain NCHW, not channels-last
     with pytest.raises(FmnistError, match="outside the 150 examples"):
         tl.train_epoch_tuned(setup, data, np.array([[0, 150]]))
     with pytest.raises(FmnistError, match=r"uint8 images of shape \(N, 28, 28, 1\)"):

@@ -2,8 +2,8 @@
 
 `steps.train_epoch` shuffles with `perm_key, step_key = jax.random.split(key)` and takes
 `jax.random.permutation(perm_key, n)[: steps * batch].reshape(steps, batch)`; `train.py` derives
-its keys as `init_key, shuffle_key = jax.random.split(jax.random.key(seed))` and gives epoch e
-(1-based) the key `jax.random.fold_in(shuffle_key, e)`. The helpers below repeat exactly that,
+its keys as `train.stream_key(seed, INIT_STREAM)` and `stream_key(seed, SHUFFLE_STREAM)` and
+gives epoch e (1-based) the key `jax.random.fold_in(shuffle_key, e)`. The helpers below repeat exactly that,
 so a head-to-head run can start torch from the JAX init and feed it the JAX batches.
 Only jax is needed here: no torch.
 """
@@ -16,6 +16,7 @@ import numpy as np
 
 from fmnist_jax.errors import FmnistError
 from fmnist_jax.models import get_model
+from fmnist_jax.train import INIT_STREAM, SHUFFLE_STREAM, stream_key
 
 
 def jax_epoch_batch_order(key: jax.Array, n: int, batch_size: int) -> np.ndarray:
@@ -33,8 +34,7 @@ def jax_epoch_batch_order(key: jax.Array, n: int, batch_size: int) -> np.ndarray
 
 def train_py_keys(seed: int) -> tuple[jax.Array, jax.Array]:
     """(init_key, shuffle_key) as `fmnist_jax.train` derives them from `cfg.seed`."""
-    init_key, shuffle_key = jax.random.split(jax.random.key(seed))
-    return init_key, shuffle_key
+    return stream_key(seed, INIT_STREAM), stream_key(seed, SHUFFLE_STREAM)
 
 
 def train_py_epoch_order(seed: int, epoch: int, n: int, batch_size: int) -> np.ndarray:

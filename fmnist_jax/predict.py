@@ -1,0 +1,290 @@
+"""Predict the clothing class of image files with a trained run folder (FR4).
+
+    predictor = load_predictor("runs/seed-002-seed0-...")
+    images_NxHxWx1 = load_images("shirt.jpg", dark_on_light=True)  # a photo on white
+    probs_NxC = predict_probs(predictor, images_NxHxWx1)
+    top_k(probs_NxC, 3)  # [[("Shirt", 0.81), ("T-shirt/top", 0.11), ("Pullover", 0.05)]]
+
+The model only ever saw Fashion-MNIST: a 28x28 grey garment, light on a black background,
+filling the frame. `load_images` brings any picture to that form (grey, padded to a square
+so the garment keeps its aspect ratio, resized to 28x28); `dark_on_light=True` inverts
+ordinary photos and product shots, whose garment is darker than their white background.
+The model still sees nothing like a photo in training, so expect lower confidence there.
+
+Probabilities are softmax(logits / T) with the run's calibrated temperature T (from
+calibration.json); without one, T = 1 and the probabilities are the raw softmax, which
+is usually overconfident. Dividing by T never changes the ranking of the classes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from fmnist_jax import checkpoint
+from fmnist_jax.config import TrainConfig
+from fmnist_jax.data import CLASS_NAMES
+from fmnist_jax.errors import FmnistError
+from fmnist_jax.models import get_model
+from fmnist_jax.steps import Normalization, TrainState, predict_logits
+
+IMAGE_SIZE = 28
+NPY_MAGIC = b"\x93NUMPY"  # the first bytes of every .npy file, whatever its name
+NPY_ACCEPTED = ("uint8 (or integers in 0..255) or floats in [0, 1], of shape (28, 28), "
+                "(28, 28, 1), (N, 28, 28) or (N, 28, 28, 1)")
+
+
+# ---------------------------------------------------------------------------------------
+# Images in
+
+
+def load_image(path: str | Path, *, dark_on_light: bool = False) -> np.ndarray:
+    """One image file as uint8 (28, 28, 1), light on dark like Fashion-MNIST.
+
+    See `load_images`; a file holding several images (an .npy batch) is refused here.
+    """
+    images_NxHxWx1 = load_images(path, dark_on_light=dark_on_light)
+    if len(images_NxHxWx1) != 1:
+        raise FmnistError(f"{path}: holds {len(images_NxHxWx1)} images, not one: use "
+                          f"load_images for a batch")
+    return images_NxHxWx1[0]
+
+
+def load_images(path: str | Path, *, dark_on_light: bool = False) -> np.ndarray:
+    """The images of one file as uint8 (N, 28, 28, 1), in Fashion-MNIST's convention.
+
+    Any picture PIL reads (PNG, JPEG, BMP, ...; any size; colour, grey or with alpha) gives
+    N = 1. A NumPy `.npy` file (recognised by its header, not its name) gives its N images;
+    see NPY_ACCEPTED. `dark_on_light=True` inverts every image (255 - x), .npy included:
+    pass it for photos of garments on a light background. Every problem with the file is an
+    FmnistError that starts with the path and says what to do.
+    """
+    path = Path(path)
+    head = _read_head(path)
+    if head.startswith(NPY_MAGIC):
+        images_NxHxWx1 = _npy_images(path)
+        return 255 - images_NxHxWx1 if dark_on_light else images_NxHxWx1
+    if path.suffix.lower() == ".npy":
+        raise FmnistError(f"{path}: not a NumPy .npy file (no .npy header): save the array "
+                          f"with numpy.save")
+    return _picture(path, dark_on_light)[None]
+
+
+def _read_head(path: Path) -> bytes:
+    """The file's first bytes; the user errors a path can have, before any decoder sees it."""
+    if not path.exists():
+        raise FmnistError(f"{path}: no such file: check the path")
+    if path.is_dir():
+        raise FmnistError(f"{path}: is a folder, not an image file: pass the files inside it")
+    try:
+        with path.open("rb") as f:
+            head = f.read(len(NPY_MAGIC))
+    except OSError as e:
+        raise FmnistError(f"{path}: cannot be read ({e.strerror}): check its permissions") from e
+    if not head:
+        raise FmnistError(f"{path}: the file is empty (0 bytes): export or copy it again")
+    return head
+
+
+def _picture(path: Path, dark_on_light: bool) -> np.ndarray:
+    """A picture file -> uint8 (28, 28, 1): grey, square-padded, resized, light on dark."""
+    try:
+        with Image.open(path) as img:
+            img.load()  # decode now: a truncated or damaged file fails here, not later
+            img = ImageOps.exif_transpose(img)  # phone photos store their rotation in EXIF
+            grey_HxW = _grey(img, background=255 if dark_on_light else 0)
+    except UnidentifiedImageError as e:
+        raise FmnistError(f"{path}: not an image file PIL can read: pass a PNG, JPEG, BMP "
+                          f"(or other picture) or a .npy array") from e
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise FmnistError(f"{path}: the image is damaged or unsupported ({type(e).__name__}: "
+                          f"{e}): open it in an image viewer and save it again as PNG") from e
+    square_SxS = _pad_to_square(grey_HxW)
+    small = Image.fromarray(square_SxS).resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.LANCZOS,
+                                               reducing_gap=3.0)
+    image_HxW = np.asarray(small, dtype=np.uint8)
+    if dark_on_light:
+        image_HxW = 255 - image_HxW
+    return image_HxW[:, :, None]
+
+
+def _grey(img: Image.Image, background: int) -> np.ndarray:
+    """uint8 (H, W) luma. Transparent parts are composited on `background`: the colour that
+    ends up black after the optional inversion, as Fashion-MNIST's background is."""
+    if img.mode.startswith("I"):
+        # 16- or 32-bit grey (16-bit PNGs, TIFFs): PIL's convert("L") would clip at 255, so
+        # scale instead; a 32-bit image with values up to 255 is taken as 8-bit already.
+        values = np.asarray(img, dtype=np.float64)
+        is_8_bit = img.mode == "I" and values.max(initial=0) <= 255
+        scale = 1.0 if is_8_bit else 255.0 / 65535.0
+        return np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
+    if img.mode == "F":
+        values = np.nan_to_num(np.asarray(img, dtype=np.float64))
+        scale = 255.0 if values.max(initial=0) <= 1.0 else 1.0  # float pictures are often 0..1
+        return np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
+    if "A" in img.mode or "a" in img.mode or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        flat = Image.new("RGBA", rgba.size, (background, background, background, 255))
+        img = Image.alpha_composite(flat, rgba)
+    return np.asarray(img.convert("RGB").convert("L"), dtype=np.uint8)
+
+
+def _pad_to_square(grey_HxW: np.ndarray) -> np.ndarray:
+    """Pad the short side with the median colour of the border, centred, so that resizing to
+    28x28 keeps the garment's aspect ratio and the padding blends with the background."""
+    h, w = grey_HxW.shape
+    if h == w:
+        return grey_HxW
+    border = np.concatenate([grey_HxW[0], grey_HxW[-1], grey_HxW[:, 0], grey_HxW[:, -1]])
+    fill = int(np.rint(np.median(border)))
+    side = max(h, w)
+    top, left = (side - h) // 2, (side - w) // 2
+    square_SxS = np.full((side, side), fill, np.uint8)
+    square_SxS[top:top + h, left:left + w] = grey_HxW
+    return square_SxS
+
+
+def _npy_images(path: Path) -> np.ndarray:
+    """An .npy array -> uint8 (N, 28, 28, 1); anything else is refused, not guessed."""
+    try:
+        array = np.load(path, allow_pickle=False)  # never unpickle: a .npy may come from anyone
+    except (ValueError, OSError, EOFError) as e:
+        raise FmnistError(f"{path}: the .npy file is damaged or holds Python objects "
+                          f"({e}): save a plain numeric array with numpy.save") from e
+
+    def refuse(why: str) -> FmnistError:
+        return FmnistError(f"{path}: array of shape {array.shape} and dtype {array.dtype} "
+                           f"{why}: save {NPY_ACCEPTED}")
+
+    s = IMAGE_SIZE
+    if array.shape in ((s, s), (s, s, 1)):
+        array_NxHxW = array.reshape(1, s, s)
+    elif array.ndim == 3 and array.shape[1:] == (s, s):
+        array_NxHxW = array
+    elif array.ndim == 4 and array.shape[1:] == (s, s, 1):
+        array_NxHxW = array[..., 0]
+    else:
+        raise refuse("is not a 28x28 image or a batch of them")
+    if array_NxHxW.shape[0] == 0:
+        raise refuse("holds no images")
+    if array.dtype == np.uint8:
+        images_NxHxW = array_NxHxW
+    elif np.issubdtype(array.dtype, np.integer):
+        if array_NxHxW.min() < 0 or array_NxHxW.max() > 255:
+            raise refuse(f"has values {array_NxHxW.min()}..{array_NxHxW.max()}, outside 0..255")
+        images_NxHxW = array_NxHxW.astype(np.uint8)
+    elif np.issubdtype(array.dtype, np.floating):
+        if not np.all(np.isfinite(array_NxHxW)):
+            raise refuse("has NaN or infinite values")
+        lo, hi = float(array_NxHxW.min()), float(array_NxHxW.max())
+        if lo < 0.0 or hi > 1.0:
+            raise refuse(f"has float values {lo:g}..{hi:g}, outside [0, 1] (divide by 255?)")
+        images_NxHxW = np.rint(array_NxHxW.astype(np.float64) * 255.0).astype(np.uint8)
+    else:
+        raise refuse("is neither integer nor float")
+    return np.ascontiguousarray(images_NxHxW[..., None])
+
+
+# ---------------------------------------------------------------------------------------
+# The model
+
+
+@dataclasses.dataclass(frozen=True)
+class Predictor:
+    """Everything a prediction needs from a run folder, loaded once."""
+
+    config: TrainConfig
+    params: Any  # the model's parameter pytree
+    normalization: Normalization  # the mean/std the model was trained with
+    temperature: float  # divides the logits; 1.0 when the run was not calibrated
+    calibrated: bool  # whether `temperature` came from the run's calibration.json
+
+
+def load_predictor(run_dir: str | Path) -> Predictor:
+    """The model of a run folder written by scripts/train.py; FmnistError if it is not one,
+    has no parameters, or its parameters belong to another model than its config.json says."""
+    cfg = checkpoint.load_config(run_dir)
+    params = checkpoint.load_params(run_dir, cfg)
+    norm = _read_run_json(run_dir, checkpoint.NORMALIZATION_FILE, checkpoint.load_normalization)
+    temperature = _read_run_json(run_dir, checkpoint.CALIBRATION_FILE, checkpoint.load_temperature)
+    if temperature is not None and not (math.isfinite(temperature) and temperature > 0):
+        raise FmnistError(f"{run_dir}: {checkpoint.CALIBRATION_FILE} has temperature "
+                          f"{temperature}, not a positive number: calibrate again or delete it")
+    return Predictor(config=cfg, params=params, normalization=norm,
+                     temperature=1.0 if temperature is None else temperature,
+                     calibrated=temperature is not None)
+
+
+def _read_run_json(run_dir, filename: str, loader):
+    """`loader(run_dir)`, with a hand-edited or truncated JSON file as an FmnistError."""
+    try:
+        return loader(run_dir)
+    except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
+        raise FmnistError(f"{Path(run_dir) / filename} is malformed ({type(e).__name__}: {e}): "
+                          f"restore it from the run") from e
+
+
+@jax.jit
+def _softmax_with_temperature(logits_NxC: jax.Array, temperature: jax.Array) -> jax.Array:
+    return jax.nn.softmax(logits_NxC / temperature, axis=-1)
+
+
+# TrainState's apply_fn and tx are static to jit, which caches on their identity: a fresh
+# `get_model(...).apply` or `optax.identity()` per call would compile `predict_logits` again.
+_NO_OPTIMIZER = optax.identity()  # predict_logits wants a TrainState; nothing is trained
+
+
+@functools.cache
+def _apply_fn(model_name: str):
+    return get_model(model_name).apply
+
+
+def _next_power_of_two(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def predict_probs(predictor: Predictor, images_NxHxWx1: np.ndarray) -> np.ndarray:
+    """Class probabilities float32 (N, 10): softmax(logits / T), batch by batch.
+
+    N is padded to a power of two (up to the run's eval batch size, then to whole batches),
+    so that calls with different numbers of images reuse a handful of compilations.
+    """
+    images_NxHxWx1 = np.asarray(images_NxHxWx1)
+    if images_NxHxWx1.ndim != 4 or images_NxHxWx1.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 1):
+        raise FmnistError(f"images have shape {images_NxHxWx1.shape}, not (N, 28, 28, 1): "
+                          f"load them with load_images")
+    if images_NxHxWx1.dtype != np.uint8:  # a float image in [0, 1] would be silently black
+        raise FmnistError(f"images have dtype {images_NxHxWx1.dtype}, not uint8 (0..255): "
+                          f"load them with load_images")
+    n = len(images_NxHxWx1)
+    if n == 0:
+        return np.zeros((0, len(CLASS_NAMES)), np.float32)
+    batch_size = min(predictor.config.eval_batch_size, _next_power_of_two(n))
+    padded = -n % batch_size
+    images_PxHxWx1 = np.pad(images_NxHxWx1, ((0, padded), (0, 0), (0, 0), (0, 0)))
+    state = TrainState.create(apply_fn=_apply_fn(predictor.config.model),
+                              params=predictor.params, tx=_NO_OPTIMIZER)
+    logits_PxC = predict_logits(state, images_PxHxWx1, batch_size=batch_size,
+                                norm=predictor.normalization)
+    probs_PxC = _softmax_with_temperature(logits_PxC, jnp.float32(predictor.temperature))
+    return np.asarray(probs_PxC)[:n]
+
+
+def top_k(probs_NxC: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
+    """For each image, its k most probable (class name, probability), most probable first;
+    equal probabilities keep the class order of CLASS_NAMES."""
+    probs_NxC = np.asarray(probs_NxC)
+    if not 1 <= k <= len(CLASS_NAMES):
+        raise FmnistError(f"top-k must be between 1 and {len(CLASS_NAMES)}, got {k}")
+    order_NxK = np.argsort(-probs_NxC, axis=-1, kind="stable")[:, :k]
+    return [[(CLASS_NAMES[c], float(row[c])) for c in order] for row, order in
+            zip(probs_NxC, order_NxK)]

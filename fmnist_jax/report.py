@@ -1,0 +1,161 @@
+"""Evaluate a run folder: metrics with confidence intervals, temperature scaling, PNGs.
+
+`evaluate_run(run_dir)` computes the logits once per split, fits the temperature on the run's
+validation split (never the test set), and writes into the run folder:
+report.txt (sklearn-style classification report and the summary), report.json,
+calibration.json (T), confusion_matrix.png, reliability.png, curves.png.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fmnist_jax import checkpoint, data, metrics, plots
+from fmnist_jax.calibration import apply_temperature, fit_temperature
+from fmnist_jax.models import get_model
+from fmnist_jax.steps import inference_state, predict_logits
+from fmnist_jax.train import BOOTSTRAP_STREAM, split_train_val, stream_key
+
+REPORT_TEXT, REPORT_JSON = "report.txt", "report.json"
+
+
+def _macro_f1(probs_NxC, labels_N):
+    return metrics.precision_recall_f1(jnp.argmax(probs_NxC, -1), labels_N, average="macro").f1
+
+
+def _ece(probs_NxC, labels_N):
+    return metrics.expected_calibration_error(probs_NxC, labels_N)
+
+
+def _calibration_metrics(logits_NxC, labels_N, key, n_resamples) -> dict[str, Any]:
+    probs_NxC = jax.nn.softmax(logits_NxC)
+    ece = metrics.bootstrap_ci(_ece, key, probs_NxC, labels_N, n_resamples=n_resamples)
+    return {
+        "nll": float(metrics.nll(logits_NxC, labels_N)),
+        "brier": float(metrics.brier_score(probs_NxC, labels_N)),
+        "ece": float(ece.point), "ece_ci95": [float(ece.low), float(ece.high)],
+        "mce": float(metrics.max_calibration_error(probs_NxC, labels_N)),
+    }
+
+
+def compute_report(logits_NxC, labels_N, val_logits=None, val_labels=None, *, key,
+                   n_resamples: int = 1000) -> dict[str, Any]:
+    """Every number of the report, from test logits and (for T) validation logits."""
+    logits_NxC, labels_N = jnp.asarray(logits_NxC), jnp.asarray(labels_N)
+    temperature = 1.0 if val_logits is None else fit_temperature(val_logits, val_labels)
+    probs_before = jax.nn.softmax(logits_NxC)
+    scaled_NxC = apply_temperature(logits_NxC, temperature)
+    preds_N = jnp.argmax(logits_NxC, -1)
+    acc_key, f1_key, cal_key = jax.random.split(key, 3)
+    acc = metrics.bootstrap_ci(metrics.accuracy, acc_key, logits_NxC, labels_N,
+                               n_resamples=n_resamples)
+    f1 = metrics.bootstrap_ci(_macro_f1, f1_key, probs_before, labels_N, n_resamples=n_resamples)
+    auc_C = metrics.roc_auc_ovr(probs_before, labels_N)
+    return {
+        "n_test": int(labels_N.shape[0]),
+        "n_validation": 0 if val_labels is None else int(len(val_labels)),
+        "accuracy": float(acc.point), "accuracy_ci95": [float(acc.low), float(acc.high)],
+        "macro_f1": float(f1.point), "macro_f1_ci95": [float(f1.low), float(f1.high)],
+        "auc_macro": float(jnp.mean(auc_C)),
+        "auc_per_class": [float(a) for a in auc_C],
+        "classification_report": metrics.classification_report_dict(
+            preds_N, labels_N, data.CLASS_NAMES),
+        "confusion_matrix": np.asarray(metrics.confusion_matrix(preds_N, labels_N)).tolist(),
+        "temperature": temperature,
+        "before_temperature": _calibration_metrics(logits_NxC, labels_N, cal_key, n_resamples),
+        "after_temperature": _calibration_metrics(scaled_NxC, labels_N, cal_key, n_resamples),
+        "bootstrap_resamples": n_resamples,
+    }
+
+
+def format_report(report: dict[str, Any], preds_N, labels_N, run_dir) -> str:
+    def pct(x):
+        return f"{100 * x:.2f}%"
+
+    def ci(name):
+        low, high = report[name + "_ci95"]
+        return f"[{pct(low)}, {pct(high)}]"
+
+    b, a = report["before_temperature"], report["after_temperature"]
+    t_note = (f"T = {report['temperature']:.4f}, fit on {report['n_validation']} validation images"
+              if report["n_validation"] else "no validation split (val_fraction 0): T = 1")
+    lines = [
+        f"run: {run_dir}   test images: {report['n_test']}",
+        "",
+        metrics.classification_report_text(preds_N, labels_N, data.CLASS_NAMES, digits=4),
+        f"accuracy       {pct(report['accuracy'])}   95% CI {ci('accuracy')}",
+        f"macro F1       {pct(report['macro_f1'])}   95% CI {ci('macro_f1')}",
+        f"AUC-ROC (OvR)  {report['auc_macro']:.4f} (macro)",
+        f"(bootstrap percentile intervals, {report['bootstrap_resamples']} resamples of the test set)",
+        "",
+        f"calibration    before T    after T   ({t_note})",
+        f"NLL            {b['nll']:8.4f}   {a['nll']:8.4f}",
+        f"Brier          {b['brier']:8.4f}   {a['brier']:8.4f}",
+        f"ECE (15 bins)  {pct(b['ece']):>8}   {pct(a['ece']):>8}",
+        f"  95% CI       {ci_pair(b['ece_ci95'])}   {ci_pair(a['ece_ci95'])}",
+        f"MCE            {pct(b['mce']):>8}   {pct(a['mce']):>8}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def ci_pair(bounds) -> str:
+    return f"[{100 * bounds[0]:.2f}, {100 * bounds[1]:.2f}]%"
+
+
+def evaluate_run(run_dir: str | Path, *, train: data.Split | None = None,
+                 test: data.Split | None = None, data_dir=None, manual_dir=None,
+                 n_resamples: int = 1000, log_fn: Callable[[str], Any] = print) -> dict:
+    """Evaluate the run in `run_dir` and write the report files there; return the report."""
+    run_dir = Path(run_dir)
+    cfg = checkpoint.load_config(run_dir)
+    params = checkpoint.load_params(run_dir, cfg)
+    norm = checkpoint.load_normalization(run_dir)
+    if train is None or test is None:
+        train, test = data.load_fashion_mnist(data_dir=data_dir, manual_dir=manual_dir)
+    _, val = split_train_val(cfg, train)  # the very images the run held out
+    state = inference_state(get_model(cfg.model), params)
+
+    def logits_of(split):
+        return predict_logits(state, jnp.asarray(split.images_NxHxWx1),
+                              batch_size=cfg.eval_batch_size, norm=norm)
+
+    test_logits = logits_of(test)
+    key = stream_key(cfg.seed, BOOTSTRAP_STREAM)
+    report = compute_report(test_logits, test.labels_N,
+                            None if val is None else logits_of(val),
+                            None if val is None else val.labels_N,
+                            key=key, n_resamples=n_resamples)
+    preds_N = np.asarray(jnp.argmax(test_logits, -1))
+    text = format_report(report, preds_N, test.labels_N, run_dir)
+    (run_dir / REPORT_TEXT).write_text(text)
+    checkpoint.save_json(run_dir / REPORT_JSON, report)
+    if val is not None:
+        checkpoint.save_json(run_dir / checkpoint.CALIBRATION_FILE, {
+            "temperature": report["temperature"], "fit_on": "validation",
+            "n_validation": report["n_validation"]})
+    _write_plots(run_dir, report, test_logits, test.labels_N)
+    log_fn(text.rstrip())
+    log_fn(f"wrote {REPORT_TEXT}, {REPORT_JSON}, confusion_matrix.png, reliability.png, "
+           f"curves.png to {run_dir}")
+    return report
+
+
+def _write_plots(run_dir: Path, report, logits_NxC, labels_N) -> None:
+    plots.plot_confusion_matrix(np.array(report["confusion_matrix"]), data.CLASS_NAMES,
+                                run_dir / "confusion_matrix.png")
+    t = report["temperature"]
+    before = metrics.reliability_diagram(jax.nn.softmax(logits_NxC), labels_N)
+    after = metrics.reliability_diagram(jax.nn.softmax(apply_temperature(logits_NxC, t)),
+                                        labels_N)
+    plots.plot_reliability(before, after, report["before_temperature"]["ece"],
+                           report["after_temperature"]["ece"], t, run_dir / "reliability.png")
+    history_path = run_dir / checkpoint.HISTORY_FILE
+    history = [json.loads(line) for line in history_path.read_text().splitlines() if line]
+    if history:
+        plots.plot_training_curves(history, run_dir / "curves.png")

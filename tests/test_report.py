@@ -1,0 +1,54 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from fmnist_jax import checkpoint
+from fmnist_jax.config import get_config
+from fmnist_jax.report import REPORT_JSON, REPORT_TEXT, evaluate_run
+from fmnist_jax.train import train_and_evaluate
+from tests.conftest import REPO, make_split
+
+
+@pytest.fixture(scope="module")
+def evaluated_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    train, test = make_split(600, seed=0), make_split(300, seed=1)
+    cfg = get_config(epochs=2, batch_size=32, eval_batch_size=128, val_fraction=0.2)
+    _, history = train_and_evaluate(cfg, run_dir, train=train, test=test,
+                                    log_fn=lambda s: None, progress=False)
+    report = evaluate_run(run_dir, train=train, test=test, n_resamples=200,
+                          log_fn=lambda s: None)
+    return run_dir, report, history, test
+
+
+def test_report_agrees_with_training_and_writes_its_files(evaluated_run):
+    run_dir, report, history, test = evaluated_run
+    assert report["accuracy"] == pytest.approx(history[-1]["test_accuracy"], abs=1e-9)
+    low, high = report["accuracy_ci95"]
+    assert low <= report["accuracy"] <= high
+    assert report["n_validation"] == 120 and report["n_test"] == 300
+    assert np.sum(report["confusion_matrix"]) == 300
+    for name in (REPORT_TEXT, REPORT_JSON, "confusion_matrix.png", "reliability.png",
+                 "curves.png", checkpoint.CALIBRATION_FILE):
+        assert (run_dir / name).stat().st_size > 0, name
+    assert json.loads((run_dir / REPORT_JSON).read_text())["temperature"] == report["temperature"]
+    assert checkpoint.load_temperature(run_dir) == report["temperature"] > 0
+    text = (run_dir / REPORT_TEXT).read_text()
+    assert "Ankle boot" in text and "macro avg" in text and "ECE" in text
+
+
+def test_temperature_is_fit_on_validation_and_lowers_its_nll(evaluated_run):
+    run_dir, report, _, _ = evaluated_run
+    # Fitting T never raises the NLL of the split it was fit on; on the test split it
+    # usually helps too, but that is what the report measures, not a law.
+    assert report["after_temperature"]["nll"] <= report["before_temperature"]["nll"] + 0.05
+
+
+def test_evaluate_script_on_a_folder_without_a_run(tmp_path):
+    result = subprocess.run([sys.executable, "scripts/evaluate.py", str(tmp_path)],
+                            capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 1
+    assert "not a run folder" in result.stderr and len(result.stderr.strip().splitlines()) == 1
