@@ -6,6 +6,8 @@ Layer names (conv1, fc1, ...) are stable: checkpoints and the PyTorch weight exc
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -93,8 +95,13 @@ class TutorialCNN(nn.Module):
 MODELS: dict[str, type[nn.Module]] = {"lenet5": LeNet5, "cnn": TutorialCNN}
 
 
+@functools.cache
 def get_model(name: str) -> nn.Module:
-    """The model registered under `name` (see MODELS)."""
+    """The model registered under `name` (see MODELS).
+
+    One instance per name: modules are immutable, and jit caches on `model.apply`'s identity
+    (a TrainState keeps it as static data), so the same model never compiles twice.
+    """
     if name not in MODELS:
         raise FmnistError(f"unknown model {name!r}: choose one of {', '.join(MODELS)}")
     return MODELS[name]()

@@ -19,7 +19,6 @@ is usually overconfident. Dividing by T never changes the ranking of the classes
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from fmnist_jax import checkpoint
@@ -35,7 +33,7 @@ from fmnist_jax.config import TrainConfig
 from fmnist_jax.data import CLASS_NAMES
 from fmnist_jax.errors import FmnistError
 from fmnist_jax.models import get_model
-from fmnist_jax.steps import Normalization, TrainState, predict_logits
+from fmnist_jax.steps import Normalization, inference_state, predict_logits
 
 IMAGE_SIZE = 28
 NPY_MAGIC = b"\x93NUMPY"  # the first bytes of every .npy file, whatever its name
@@ -238,16 +236,6 @@ def _softmax_with_temperature(logits_NxC: jax.Array, temperature: jax.Array) -> 
     return jax.nn.softmax(logits_NxC / temperature, axis=-1)
 
 
-# TrainState's apply_fn and tx are static to jit, which caches on their identity: a fresh
-# `get_model(...).apply` or `optax.identity()` per call would compile `predict_logits` again.
-_NO_OPTIMIZER = optax.identity()  # predict_logits wants a TrainState; nothing is trained
-
-
-@functools.cache
-def _apply_fn(model_name: str):
-    return get_model(model_name).apply
-
-
 def _next_power_of_two(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
@@ -271,8 +259,7 @@ def predict_probs(predictor: Predictor, images_NxHxWx1: np.ndarray) -> np.ndarra
     batch_size = min(predictor.config.eval_batch_size, _next_power_of_two(n))
     padded = -n % batch_size
     images_PxHxWx1 = np.pad(images_NxHxWx1, ((0, padded), (0, 0), (0, 0), (0, 0)))
-    state = TrainState.create(apply_fn=_apply_fn(predictor.config.model),
-                              params=predictor.params, tx=_NO_OPTIMIZER)
+    state = inference_state(get_model(predictor.config.model), predictor.params)
     logits_PxC = predict_logits(state, images_PxHxWx1, batch_size=batch_size,
                                 norm=predictor.normalization)
     probs_PxC = _softmax_with_temperature(logits_PxC, jnp.float32(predictor.temperature))

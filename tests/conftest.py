@@ -31,6 +31,26 @@ def tiny_splits():
     return make_split(512, seed=0), make_split(300, seed=1)
 
 
+def tiny_config():
+    """The config of the shared tiny run. Tests that train again use it too, so that XLA
+    compiles the epoch once (no validation split: the run is uncalibrated)."""
+    from fmnist_jax.config import get_config
+
+    return get_config(epochs=2, batch_size=32, eval_batch_size=100, val_fraction=0.0, seed=4)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """(run_dir, final state, history): two epochs of LeNet-5 on `tiny_splits` data."""
+    from fmnist_jax.train import train_and_evaluate
+
+    run_dir = tmp_path_factory.mktemp("tiny_run")
+    state, history = train_and_evaluate(tiny_config(), run_dir, train=make_split(512, seed=0),
+                                        test=make_split(300, seed=1), log_fn=lambda s: None,
+                                        progress=False)
+    return run_dir, state, history
+
+
 @pytest.fixture(scope="session")
 def manual_dir() -> Path:
     """The official .gz files: $FMNIST_MANUAL_DIR or ../shared/datasets/fashion_mnist."""

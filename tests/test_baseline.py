@@ -18,7 +18,7 @@ from fmnist_jax.baseline import torch_lenet as tl  # noqa: E402
 from fmnist_jax.errors import FmnistError  # noqa: E402
 from fmnist_jax.models import LeNet5, TutorialCNN  # noqa: E402
 from fmnist_jax.steps import (Normalization, create_train_state, evaluate,  # noqa: E402
-                              normalize, train_epoch, train_step_jit)
+                              normalize, train_epoch)
 
 NORM = Normalization()
 
@@ -137,36 +137,8 @@ def test_compiled_model_state_dict_is_accepted():
                        exchange.torch_state_dict_to_flax(model.state_dict()))
 
 
-# ---------------------------------------------------------------- the JAX batch order
-
-
-def test_batch_order_helper_reproduces_train_epoch():
-    images, labels = random_images(70, seed=2)  # 4 batches of 16, 6 examples left over
-    key = jax.random.key(11)
-    init = create_train_state(LeNet5(), optax.adam(1e-3), jax.random.key(0))
-    batches_SxB = order.jax_epoch_batch_order(key, 70, 16)
-    assert batches_SxB.shape == (4, 16) and len(np.unique(batches_SxB)) == 64
-
-    def manual(state, batches):
-        for idx_B in batches:
-            state, _ = train_step_jit(state, jnp.asarray(images[idx_B]), jnp.asarray(labels[idx_B]),
-                                      jax.random.key(0))
-        return state.params
-
-    fresh = lambda: jax.tree_util.tree_map(jnp.array, init)  # train_epoch donates its state
-    scanned, _ = train_epoch(fresh(), jnp.asarray(images), jnp.asarray(labels), key, batch_size=16)
-    assert max_tree_diff(manual(fresh(), batches_SxB), scanned.params) < 1e-6
-    other = order.jax_epoch_batch_order(jax.random.key(12), 70, 16)  # the check can fail
-    assert max_tree_diff(manual(fresh(), other), scanned.params) > 1e-4
-
-
-def test_train_py_helpers_match_its_key_derivation():
-    init_key, shuffle_key = jax.random.split(jax.random.key(4))
-    expected = create_train_state(LeNet5(), optax.adam(1e-3), init_key).params
-    assert_trees_equal(order.jax_init_params(4), expected)
-    np.testing.assert_array_equal(
-        order.train_py_epoch_order(4, 2, 200, 64),
-        order.jax_epoch_batch_order(jax.random.fold_in(shuffle_key, 2), 200, 64))
+# The batch-order helpers (order.py) are checked end to end against a train.py run in
+# tests/test_bench.py::test_order_helpers_reproduce_a_train_py_run.
 
 
 # ---------------------------------------------------------------- same steps in both frameworks

@@ -3,11 +3,9 @@ import numpy as np
 import optax
 import pytest
 
-from fmnist_jax.config import get_config
 from fmnist_jax.steps import TrainState, train_step_jit
 from fmnist_jax.models import get_model
-from fmnist_jax.train import train_and_evaluate
-from tests.conftest import make_split
+from tests.conftest import make_split, tiny_config
 
 torch = pytest.importorskip("torch")
 
@@ -15,22 +13,21 @@ from fmnist_jax import bench  # noqa: E402
 from fmnist_jax.baseline.order import jax_init_params, train_py_epoch_order  # noqa: E402
 
 
-def test_order_helpers_reproduce_a_train_py_run(tmp_path):
+def test_order_helpers_reproduce_a_train_py_run(tiny_run):
     """Init and batch order of `train_and_evaluate` are what the bench feeds torch."""
-    train, test = make_split(320, seed=0), make_split(50, seed=1)
-    cfg = get_config(epochs=2, batch_size=64, val_fraction=0.0, seed=3, eval_batch_size=50)
-    state, _ = train_and_evaluate(cfg, tmp_path, train=train, test=test,
-                                  log_fn=lambda s: None, progress=False)
-    manual = TrainState.create(apply_fn=get_model("lenet5").apply, params=jax_init_params(3),
-                               tx=optax.adam(1e-3))
-    for epoch in (1, 2):
-        for idx in train_py_epoch_order(3, epoch, 320, 64):
+    _, state, _ = tiny_run
+    cfg, train = tiny_config(), make_split(512, seed=0)
+    manual = TrainState.create(apply_fn=get_model("lenet5").apply,
+                               params=jax_init_params(cfg.seed), tx=optax.adam(1e-3))
+    for epoch in range(1, cfg.epochs + 1):
+        for idx in train_py_epoch_order(cfg.seed, epoch, len(train), cfg.batch_size):
             manual, _ = train_step_jit(manual, train.images_NxHxWx1[idx], train.labels_N[idx],
                                        jax.random.key(0))
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
                            state.params, manual.params)
 
 
+@pytest.mark.slow
 def test_bench_runs_all_pipelines_from_the_same_start():
     train, test = make_split(512, seed=0), make_split(200, seed=1)
     settings = bench.BenchSettings(epochs=2, seeds=1)

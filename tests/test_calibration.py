@@ -11,15 +11,6 @@ from fmnist_jax.errors import FmnistError
 C = 10
 
 
-@pytest.fixture(autouse=True)
-def strict_ranks():
-    """Implicit rank promotion is an error here, so a shape slip cannot broadcast silently."""
-    old = jax.config.jax_numpy_rank_promotion
-    jax.config.update("jax_numpy_rank_promotion", "raise")
-    yield
-    jax.config.update("jax_numpy_rank_promotion", old)
-
-
 def make_logits(seed, scale, n=2000):
     """Logits whose softmax is over- (scale > 1) or under-confident (scale < 1).
 

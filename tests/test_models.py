@@ -14,14 +14,15 @@ CNN_PARAMS = 206_922  # seed 001: 160 + 4,640 + 200,832 + 1,290
 @pytest.mark.parametrize("name,expected", [("lenet5", LENET5_PARAMS), ("cnn", CNN_PARAMS)])
 def test_param_count_and_output_shape(name, expected):
     model = get_model(name)
-    params = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
+    params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
     assert count_params(params) == expected
-    logits = model.apply({"params": params}, jnp.zeros((3, 28, 28, 1)))
+    logits = jax.eval_shape(model.apply, {"params": params}, jnp.zeros((3, 28, 28, 1)))
     assert logits.shape == (3, 10)
 
 
 def test_lenet5_layer_shapes():
-    params = get_model("lenet5").init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
+    params = jax.eval_shape(get_model("lenet5").init, jax.random.key(0),
+                            jnp.zeros((1, 28, 28, 1)))["params"]
     shapes = jax.tree_util.tree_map(lambda x: x.shape, params)
     assert shapes == {
         "conv1": {"kernel": (5, 5, 1, 6), "bias": (6,)},
@@ -41,8 +42,8 @@ def test_conv2d_equals_flax_conv(c_in, padding, kernel):
     # Same parameter names, shapes and initializer: the same key gives the same weights.
     ref_params = reference.init(jax.random.key(2), x)
     jax.tree_util.tree_map(np.testing.assert_array_equal, params, ref_params)
-    np.testing.assert_allclose(ours.apply(params, x), reference.apply(params, x),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(jax.jit(ours.apply)(params, x),
+                               jax.jit(reference.apply)(params, x), rtol=1e-5, atol=1e-5)
 
 
 def test_max_pool_equals_flax_max_pool():

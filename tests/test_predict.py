@@ -13,26 +13,20 @@ import pytest
 from PIL import Image
 
 from fmnist_jax import FmnistError, checkpoint
-from fmnist_jax.config import get_config
 from fmnist_jax.data import CLASS_NAMES
 from fmnist_jax.models import get_model
 from fmnist_jax.predict import (load_image, load_images, load_predictor, predict_probs,
                                 top_k)
 from fmnist_jax.predict_cli import predict_main
 from fmnist_jax.steps import TrainState, predict_logits
-from fmnist_jax.train import train_and_evaluate
 from tests.conftest import REPO, make_split
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    """A real run folder: one epoch of LeNet-5 on synthetic data. No validation split, so
-    there is no calibration.json and the run is uncalibrated whatever train.py learns."""
-    path = tmp_path_factory.mktemp("run")
-    cfg = get_config(epochs=1, eval_batch_size=100, val_fraction=0.0)
-    train_and_evaluate(cfg, path, train=make_split(512, 0), test=make_split(100, 1),
-                       log_fn=lambda s: None, progress=False)
-    return path
+def run_dir(tiny_run):
+    """A real run folder (conftest's tiny run). No validation split, so there is no
+    calibration.json and the run is uncalibrated whatever train.py learns."""
+    return tiny_run[0]
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,9 @@ from fmnist_jax.train import train_and_evaluate
 from tests.conftest import REPO, make_split
 
 
+pytestmark = pytest.mark.slow  # trains, then compiles a dozen metrics: about 20 s
+
+
 @pytest.fixture(scope="module")
 def evaluated_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
@@ -30,6 +33,7 @@ def test_report_agrees_with_training_and_writes_its_files(evaluated_run):
     low, high = report["accuracy_ci95"]
     assert low <= report["accuracy"] <= high
     assert report["n_validation"] == 120 and report["n_test"] == 300
+    assert {"val_loss", "val_accuracy"} <= set(history[0])  # evaluated every epoch
     assert np.sum(report["confusion_matrix"]) == 300
     for name in (REPORT_TEXT, REPORT_JSON, "confusion_matrix.png", "reliability.png",
                  "curves.png", checkpoint.CALIBRATION_FILE):

@@ -8,9 +8,9 @@ import pytest
 
 from fmnist_jax import FmnistError, checkpoint
 from fmnist_jax.config import get_config
-from fmnist_jax.steps import Normalization, create_train_state, predict_logits
-from fmnist_jax.train import train_and_evaluate
-from tests.conftest import REPO
+from fmnist_jax.steps import Normalization, predict_logits
+from fmnist_jax.train import split_train_val, train_and_evaluate
+from tests.conftest import REPO, make_split, tiny_config
 
 
 def _run(cfg, workdir, splits):
@@ -19,38 +19,55 @@ def _run(cfg, workdir, splits):
                               progress=False)
 
 
-def test_run_folder_learns_and_is_reproducible(tmp_path, tiny_splits):
-    cfg = get_config(epochs=3, batch_size=32, eval_batch_size=128, seed=4)
-    state, history = _run(cfg, tmp_path / "a", tiny_splits)
-    _run(cfg, tmp_path / "b", tiny_splits)
-    assert [row["epoch"] for row in history] == [1, 2, 3]
+def test_run_folder_learns_and_is_reproducible(tmp_path, tiny_splits, tiny_run):
+    run_dir, state, history = tiny_run
+    cfg = tiny_config()
+    assert [row["epoch"] for row in history] == [1, 2]
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert history[-1]["test_accuracy"] > 0.5  # 10 classes: chance is 0.1
     # Same seed, same bytes; timings live apart in timing.jsonl.
-    a, b = (tmp_path / d / checkpoint.HISTORY_FILE for d in "ab")
-    assert a.read_bytes() == b.read_bytes()
-    assert checkpoint.load_config(tmp_path / "a") == cfg
-    params = checkpoint.load_params(tmp_path / "a", cfg)
-    jax.tree_util.tree_map(np.testing.assert_array_equal, params, state.params)
-    timing = [json.loads(line) for line in (tmp_path / "a" / checkpoint.TIMING_FILE).open()]
-    assert "compile_seconds" in timing[0] and len(timing) == 4
-
-
-def test_an_existing_run_is_not_overwritten(tmp_path, tiny_splits):
-    cfg = get_config(epochs=1, batch_size=64, eval_batch_size=100)
     _run(cfg, tmp_path, tiny_splits)
-    before = (tmp_path / checkpoint.HISTORY_FILE).read_bytes()
+    assert (tmp_path / checkpoint.HISTORY_FILE).read_bytes() == (
+        run_dir / checkpoint.HISTORY_FILE).read_bytes()
+    assert checkpoint.load_config(run_dir) == cfg
+    params = checkpoint.load_params(run_dir, cfg)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, params, state.params)
+    timing = [json.loads(line) for line in (run_dir / checkpoint.TIMING_FILE).open()]
+    assert "compile_seconds" in timing[0] and len(timing) == 3
+
+
+def test_validation_split_is_stratified_disjoint_and_seeded():
+    train = make_split(400, seed=2)
+    cfg = get_config(val_fraction=0.25)
+    rest, val = split_train_val(cfg, train)
+    assert len(rest) + len(val) == 400 and len(val) == sum(
+        round(0.25 * n) for n in np.bincount(train.labels_N))
+    # Stratified: each class keeps its share; disjoint: no image in both parts.
+    np.testing.assert_allclose(np.bincount(val.labels_N, minlength=10),
+                               np.round(0.25 * np.bincount(train.labels_N, minlength=10)))
+    rows = {r.tobytes() for r in rest.images_NxHxWx1}
+    assert not any(v.tobytes() in rows for v in val.images_NxHxWx1)
+    _, val_again = split_train_val(cfg, train)
+    np.testing.assert_array_equal(val.images_NxHxWx1, val_again.images_NxHxWx1)
+    _, val_other = split_train_val(get_config(val_fraction=0.25, seed=1), train)
+    assert not np.array_equal(val.images_NxHxWx1, val_other.images_NxHxWx1)
+    assert split_train_val(get_config(val_fraction=0.0), train) == (train, None)
+
+
+def test_an_existing_run_is_not_overwritten(tiny_splits, tiny_run):
+    run_dir = tiny_run[0]
+    before = (run_dir / checkpoint.HISTORY_FILE).read_bytes()
     with pytest.raises(FmnistError, match="already holds a run"):
-        _run(cfg, tmp_path, tiny_splits)
-    assert (tmp_path / checkpoint.HISTORY_FILE).read_bytes() == before
+        _run(tiny_config(), run_dir, tiny_splits)
+    assert (run_dir / checkpoint.HISTORY_FILE).read_bytes() == before
 
 
-def test_checkpoint_of_another_model_is_refused(tmp_path, tiny_splits):
-    _run(get_config(epochs=1, eval_batch_size=100), tmp_path, tiny_splits)
+def test_checkpoint_of_another_model_is_refused(tmp_path, tiny_run):
+    run_dir = tiny_run[0]
     with pytest.raises(FmnistError, match="another model than 'cnn'"):
-        checkpoint.load_params(tmp_path, get_config(model="cnn"))
+        checkpoint.load_params(run_dir, get_config(model="cnn"))
     with pytest.raises(FmnistError, match="not a run folder"):
-        checkpoint.load_config(tmp_path / "params")
+        checkpoint.load_config(run_dir / "params")
     with pytest.raises(FmnistError, match="has no model"):
         checkpoint.load_params(tmp_path / "elsewhere", get_config())
 

@@ -11,11 +11,11 @@ Only jax is needed here: no torch.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from fmnist_jax.errors import FmnistError
 from fmnist_jax.models import get_model
+from fmnist_jax.steps import init_params
 from fmnist_jax.train import INIT_STREAM, SHUFFLE_STREAM, stream_key
 
 
@@ -47,5 +47,4 @@ def jax_init_params(seed: int, model: str = "lenet5") -> dict:
     """The initial params of a `train.py` run with this seed, as a plain nested dict;
     give them to `exchange.flax_to_torch_state_dict` to start torch from the same init."""
     init_key, _ = train_py_keys(seed)
-    variables = get_model(model).init(init_key, jnp.zeros((1, 28, 28, 1), jnp.float32))
-    return variables["params"]
+    return init_params(get_model(model), init_key)
