@@ -59,6 +59,8 @@ def train_parser() -> argparse.ArgumentParser:
     parser.add_argument("--decay", help="constant or cosine")
     parser.add_argument("--clip-norm", type=float)
     parser.add_argument("--normalization", help="half ((x-0.5)/0.5) or dataset (mean/std)")
+    parser.add_argument("--val-fraction", type=float, help="share of each class held out "
+                        "for validation and temperature scaling (default 0.1; 0 = none)")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--workdir", help="run folder (default runs/PRESET-seedN-TIMESTAMP)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -69,7 +71,7 @@ def train_parser() -> argparse.ArgumentParser:
 
 
 _OVERRIDES = ("model", "epochs", "batch_size", "learning_rate", "optimizer", "weight_decay",
-              "warmup_epochs", "decay", "clip_norm", "normalization", "seed")
+              "warmup_epochs", "decay", "clip_norm", "normalization", "val_fraction", "seed")
 
 
 @user_errors_exit_1

@@ -44,7 +44,12 @@ def split_train_val(cfg: TrainConfig, train: data.Split) -> tuple[data.Split, da
     """The run's training images and its held-out validation split (None if val_fraction 0)."""
     if cfg.val_fraction == 0:
         return train, None
-    return data.stratified_split(train, cfg.val_fraction, stream_key(cfg.seed, VAL_SPLIT_STREAM))
+    rest, val = data.stratified_split(train, cfg.val_fraction,
+                                      stream_key(cfg.seed, VAL_SPLIT_STREAM))
+    if len(val) == 0:
+        raise FmnistError(f"val fraction {cfg.val_fraction} holds out no image: pass 0 for no "
+                          f"validation split, or a larger fraction")
+    return rest, val
 
 
 def _rates(sums: Sums) -> tuple[float, float]:
