@@ -62,7 +62,11 @@ def prepare_run_dir(workdir: str | Path) -> Path:
     run_dir = Path(workdir)
     if (run_dir / checkpoint.HISTORY_FILE).exists():
         raise FmnistError(f"{run_dir} already holds a run: pass another --workdir or delete it")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FmnistError(f"cannot make the run folder {run_dir} ({e.strerror}): pass another "
+                          f"--workdir") from e
     return run_dir
 
 

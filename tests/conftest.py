@@ -61,9 +61,17 @@ def manual_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def fashion_mnist(manual_dir, tmp_path_factory):
-    """The real (train, test) splits, prepared once in $FMNIST_DATA_DIR (or a temp dir)."""
+def prepared_data_dir(manual_dir, tmp_path_factory) -> Path:
+    """A tfds data dir holding the prepared dataset: $FMNIST_DATA_DIR (or a temp dir)."""
+    from fmnist_jax.data import prepare
+
+    return prepare(os.environ.get("FMNIST_DATA_DIR") or tmp_path_factory.mktemp("tfds"),
+                   manual_dir)
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist(prepared_data_dir):
+    """The real (train, test) splits."""
     from fmnist_jax.data import load_fashion_mnist
 
-    data_dir = os.environ.get("FMNIST_DATA_DIR") or tmp_path_factory.mktemp("tfds")
-    return load_fashion_mnist(data_dir=data_dir, manual_dir=manual_dir)
+    return load_fashion_mnist(data_dir=prepared_data_dir)

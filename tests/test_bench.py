@@ -1,3 +1,7 @@
+import json
+import subprocess
+import sys
+
 import jax
 import numpy as np
 import optax
@@ -5,7 +9,7 @@ import pytest
 
 from fmnist_jax.steps import TrainState, train_step_jit
 from fmnist_jax.models import get_model
-from tests.conftest import make_split, tiny_config
+from tests.conftest import REPO, make_split, tiny_config
 
 torch = pytest.importorskip("torch")
 
@@ -25,6 +29,27 @@ def test_order_helpers_reproduce_a_train_py_run(tiny_run):
                                        jax.random.key(0))
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
                            state.params, manual.params)
+
+
+@pytest.mark.slow
+def test_quick_bench_script_writes_its_table_and_json(tmp_path, prepared_data_dir):
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, "scripts/bench.py", "--quick", "--device", "cpu", "--data-dir",
+         str(prepared_data_dir), "--out", str(out)], capture_output=True, text=True, cwd=REPO,
+        timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "| jax |" in result.stdout and "| torch-seed-style |" in result.stdout
+    saved = json.loads(out.read_text())
+    assert saved["n_train"] == 2048 and saved["settings"]["epochs"] == 1
+    assert saved["command"].startswith("python scripts/bench.py --quick")
+
+
+def test_bench_flags_are_checked_before_any_work():
+    result = subprocess.run([sys.executable, "scripts/bench.py", "--pipelines", "jax,tf"],
+                            capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 1 and "unknown pipelines ['tf']" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.slow
