@@ -35,9 +35,6 @@ class Sums(NamedTuple):
     correct: jax.Array  # number of correct top-1 predictions
     count: jax.Array  # number of examples
 
-    def __add__(self, other: "Sums") -> "Sums":  # type: ignore[override]
-        return Sums(*(a + b for a, b in zip(self, other)))
-
 
 class Normalization(NamedTuple):
     """x -> (x / 255 - mean) / std, on the [0, 1] scale."""
