@@ -31,8 +31,8 @@ class Conv2D(nn.Module):
     """Stride-1 2D convolution as im2col: kh*kw shifted slices, concatenated, then one matmul.
 
     Same parameters as `nn.Conv` (`kernel` (kh, kw, Cin, Cout) lecun-normal, `bias` zeros) and
-    the same outputs; on CPU it trains LeNet-5 about 3.5x faster, because XLA's CPU convolution
-    is slow for these tiny channel counts while its matmul is fast.
+    the same outputs; on CPU it trains LeNet-5 several times faster, because XLA's CPU
+    convolution is slow for these tiny channel counts while its matmul is fast.
     """
 
     features: int

@@ -52,7 +52,7 @@ def init_params(model: nn.Module, key: jax.Array):
     """`model`'s initial parameters from `key` (traced on a dummy (1, 28, 28, 1) batch).
 
     Jitted, once per model (modules are hashable): run eagerly, init compiles every small
-    op on its own (4 s on a 2-core CPU).
+    op on its own, which takes seconds on CPU.
     """
     return model.init(key, jnp.zeros((1, 28, 28, 1), jnp.float32))["params"]
 

@@ -333,7 +333,7 @@ def test_bootstrap_1000_resamples_of_10000_is_fast(big_case):
     jax.block_until_ready(metrics.bootstrap_ci(metrics.accuracy, key, logits_NxC, labels_N))
     start = time.perf_counter()
     jax.block_until_ready(metrics.bootstrap_ci(metrics.accuracy, key, logits_NxC, labels_N))
-    assert time.perf_counter() - start < 2.0  # measured 0.1-0.2 s on a 2-core CPU
+    assert time.perf_counter() - start < 2.0  # "well under a second" is the aim; 2 s is slack
 
 
 def _number_or_word(word):
