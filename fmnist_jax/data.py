@@ -142,8 +142,16 @@ def prepare(data_dir: str | os.PathLike | None = None,
 
 def read_split(split: str, data_dir: Path) -> Split:
     """Read a whole prepared split without TensorFlow (tfds.data_source over array_record)."""
-    source = _tfds(data_dir).data_source("fashion_mnist", split=split, data_dir=str(data_dir), download=False)
-    records = source.__getitems__(range(len(source)))
+    from absl import logging as absl_logging
+
+    source = _tfds(data_dir).data_source("fashion_mnist", split=split, data_dir=str(data_dir),
+                                         download=False)
+    verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)  # not "OpenCV is not installed" every run
+    try:
+        records = source.__getitems__(range(len(source)))
+    finally:
+        absl_logging.set_verbosity(verbosity)
     images = np.stack([r["image"] for r in records]).astype(np.uint8)
     labels = np.array([r["label"] for r in records], dtype=np.int32)
     return Split(images_NxHxWx1=images, labels_N=labels)

@@ -9,7 +9,7 @@ import pytest
 from fmnist_jax import FmnistError, checkpoint
 from fmnist_jax.config import get_config
 from fmnist_jax.steps import Normalization, predict_logits
-from fmnist_jax.train import split_train_val, train_and_evaluate
+from fmnist_jax.train import normalization_for, split_train_val, train_and_evaluate
 from tests.conftest import REPO, make_split, tiny_config
 
 
@@ -104,3 +104,17 @@ def test_seed_recipe_end_to_end_on_real_data(tmp_path, fashion_mnist):
                                        norm=Normalization()))
     correct = int(np.sum(logits.argmax(-1) == test.labels_N))
     assert history[-1]["test_accuracy"] == correct / 10_000
+
+
+def test_dataset_normalization_uses_the_training_pixels():
+    images = np.zeros((2, 28, 28, 1), np.uint8)
+    images[0] = 255  # half the pixels 1.0, half 0.0: mean 0.5, std 0.5
+    assert normalization_for(get_config(normalization="dataset"), images) == (0.5, 0.5)
+    images[1] = 51  # 0.2: mean 0.6, std 0.4
+    mean, std = normalization_for(get_config(normalization="dataset"), images)
+    assert (mean, std) == pytest.approx((0.6, 0.4))
+    assert normalization_for(get_config(), images) == Normalization(0.5, 0.5)
+
+
+def test_run_folder_records_the_normalization(tiny_run):
+    assert checkpoint.load_normalization(tiny_run[0]) == Normalization(0.5, 0.5)
