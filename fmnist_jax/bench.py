@@ -29,7 +29,8 @@ import numpy as np
 import optax
 
 from fmnist_jax import data
-from fmnist_jax.baseline.order import jax_epoch_batch_order, jax_init_params
+from fmnist_jax.baseline.order import (jax_epoch_batch_order, jax_init_params,
+                                       train_py_epoch_order)
 from fmnist_jax.models import get_model
 from fmnist_jax.steps import create_train_state, evaluate, train_epoch
 from fmnist_jax.train import INIT_STREAM, SHUFFLE_STREAM, stream_key
@@ -125,9 +126,7 @@ class _TorchRun:
 
     def epoch(self, epoch: int) -> float:
         if self.kind == "torch-tuned":  # the JAX side's batches, computed before the clock
-            order = jax_epoch_batch_order(
-                jax.random.fold_in(stream_key(self.seed, SHUFFLE_STREAM), epoch), self.n,
-                self.s.batch_size)
+            order = train_py_epoch_order(self.seed, epoch, self.n, self.s.batch_size)
             t0 = time.perf_counter()
             self.tl.train_epoch_tuned(self.setup, self.train, order)
         else:

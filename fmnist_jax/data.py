@@ -180,7 +180,8 @@ def stratified_split(split: Split, fraction: float, key) -> tuple[Split, Split]:
     import jax
 
     held_out = []
-    for c, class_key in zip(np.unique(split.labels_N), jax.random.split(key, 10)):
+    classes = np.unique(split.labels_N)
+    for c, class_key in zip(classes, jax.random.split(key, len(classes))):
         idx = np.flatnonzero(split.labels_N == c)
         shuffled = np.asarray(jax.random.permutation(class_key, idx))
         held_out.append(shuffled[: int(round(fraction * len(idx)))])

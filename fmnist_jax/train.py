@@ -53,7 +53,7 @@ def split_train_val(cfg: TrainConfig, train: data.Split) -> tuple[data.Split, da
 
 
 def _rates(sums: Sums) -> tuple[float, float]:
-    """(mean loss, accuracy) from device sums: the one host sync of an epoch."""
+    """(mean loss, accuracy) from device sums: the host reads them once per epoch and split."""
     loss, correct, count = (float(x) for x in jax.device_get(sums))
     return loss / count, correct / count
 
