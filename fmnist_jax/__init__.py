@@ -1,4 +1,16 @@
-"""fmnist_jax: a pure-functional JAX/Flax Fashion-MNIST classifier."""
+"""fmnist_jax: a pure-functional JAX/Flax Fashion-MNIST classifier.
+
+Array names end in their shape, one letter an axis, each letter with one meaning:
+
+    N  examples (a split, or the images of a file)      B  examples in one batch
+    P  examples after padding to whole batches          S  steps (batches) of an epoch
+    H, W  image height and width (28); 1 the grey channel
+    F  feature channels of an activation                I, O  input and output channels of a kernel
+    L  patch length (kernel height x width x input channels)
+    C  classes (10)                                      K  the k of top-k
+
+`images_NxHxWx1` is a uint8 (N, 28, 28, 1) array, `logits_BxC` a (B, 10) one.
+"""
 
 from fmnist_jax.errors import FmnistError
 

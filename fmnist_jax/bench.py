@@ -1,13 +1,15 @@
 """Head-to-head: JAX against the PyTorch baseline, same machine, same run, same start.
 
-For each seed, every pipeline starts from the same LeNet-5 weights (the JAX init, exchanged to
-torch) and trains the seed-002 recipe (batch 64, Adam 1e-3, 0.5/0.5) on all 60,000 training
-images. Pipelines take turns epoch by epoch, so a change in machine load hits them alike:
+Every pipeline trains one preset's `TrainConfig` (default: `lenet5`, the LeNet-5 report's
+recipe) on all 60,000 training images, for seeds 0..num_seeds-1. For each seed, every pipeline
+starts from the same weights (the JAX init, exchanged to torch). Pipelines take turns epoch by
+epoch, so a change in machine load hits them alike:
 
-- `jax`: `steps.train_epoch`, one `lax.scan` per epoch, data on the device;
-- `torch-tuned`: data on the device, index batches, in the JAX side's batch order (so its
-  accuracy is a like-for-like check of the JAX numbers);
-- `torch-seed-style`: the seeds' per-sample Dataset and shuffling DataLoader.
+- `jax`: `steps.train_epoch`, one `lax.scan` per epoch, data on the device, compiled and timed
+  by `epochs.CompiledEpochs` exactly as the training loop does;
+- `torch-tensors`: the split as tensors on the device, index batches, in the JAX side's batch
+  order (so its accuracy is a like-for-like check of the JAX numbers);
+- `torch-dataloader`: a per-sample Dataset and a shuffling DataLoader, as PyTorch tutorials do.
 
 Warm-up (XLA compilation; torch's first steps or torch.compile) is timed apart and not
 counted in the epochs; every clock read follows a device sync.
@@ -18,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import os
 import platform
 import resource
 import statistics
@@ -28,26 +31,76 @@ import jax
 import numpy as np
 import optax
 
-from fmnist_jax import data
-from fmnist_jax.baseline.order import (jax_epoch_batch_order, jax_init_params,
-                                       train_py_epoch_order)
+from fmnist_jax import data, streams
+from fmnist_jax.baseline.order import jax_epoch_batch_order, run_epoch_order, run_init_params
+from fmnist_jax.config import TrainConfig, get_config
+from fmnist_jax.epochs import CompiledEpochs
+from fmnist_jax.errors import FmnistError
 from fmnist_jax.models import get_model
-from fmnist_jax.steps import create_train_state, evaluate, train_epoch
-from fmnist_jax.train import INIT_STREAM, SHUFFLE_STREAM, stream_key
+from fmnist_jax.optim import make_optimizer
+from fmnist_jax.steps import create_train_state
 
-PIPELINES = ("jax", "torch-tuned", "torch-seed-style")
+PIPELINES = ("jax", "torch-tensors", "torch-dataloader")
 TORCH_WARMUP_STEPS = 20  # steps on the real model before the clock starts, then reset
 
 
 @dataclasses.dataclass(frozen=True)
 class BenchSettings:
-    epochs: int = 10
-    seeds: int = 3
-    batch_size: int = 64
-    learning_rate: float = 1e-3
+    config: TrainConfig  # the recipe every pipeline trains; its `seed` is replaced per run
+    num_seeds: int = 3  # seeds 0..num_seeds-1
     pipelines: tuple[str, ...] = PIPELINES
     torch_device: str = "cpu"  # "cpu" or "cuda"
-    torch_compile: bool = False  # torch.compile the tuned pipeline's model
+    torch_compile: bool = False  # torch.compile the torch-tensors pipeline's model
+
+
+def bench_config(preset: str, **overrides: Any) -> TrainConfig:
+    """The preset's config for the bench: no validation split, so every pipeline trains on all
+    60,000 images (the baseline has no validation split to hold out)."""
+    return get_config(preset, **{"val_fraction": 0.0, **overrides})
+
+
+def check_settings(s: BenchSettings) -> None:
+    """FmnistError unless the torch pipelines can train `s.config` exactly as JAX does: the
+    baseline is LeNet-5 with constant-rate Adam and pixels normalized to [-1, 1]."""
+    unknown = [p for p in s.pipelines if p not in PIPELINES]
+    if unknown or not s.pipelines:
+        raise FmnistError(f"unknown pipelines {unknown}: choose from {', '.join(PIPELINES)}")
+    if s.num_seeds < 1:
+        raise FmnistError(f"--num-seeds must be at least 1, got {s.num_seeds}")
+    if not any(p.startswith("torch") for p in s.pipelines):
+        return
+    cfg, plain = s.config, TrainConfig()
+    differs = [name for name in ("model", "optimizer", "weight_decay", "warmup_epochs", "decay",
+                                 "clip_norm", "normalization")
+               if getattr(cfg, name) != getattr(plain, name)]
+    if differs:
+        raise FmnistError(f"the PyTorch baseline trains LeNet-5 with constant-rate Adam only, "
+                          f"but this config changes {', '.join(differs)}: pass "
+                          f"--pipelines jax, or the lenet5 preset")
+
+
+def choose_device(requested: str) -> str:
+    """"cpu" or "cuda" for `requested` ("auto", "cpu" or "cuda"), set up for both frameworks.
+
+    Call before JAX touches a device. "auto" picks CUDA when JAX and torch both see a GPU.
+    """
+    if requested == "cpu":
+        jax.config.update("jax_platforms", "cpu")
+    # JAX and torch share the GPU in this process: JAX must not grab 75% of it at start.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    if requested == "auto":
+        return "cuda" if jax.default_backend() == "gpu" and _torch_has_cuda() else "cpu"
+    if requested == "cuda" and jax.default_backend() != "gpu":
+        raise FmnistError("--device cuda, but JAX sees no GPU: install jax with CUDA or use cpu")
+    return requested
+
+
+def _torch_has_cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
 
 
 def _sync_torch(device) -> None:
@@ -58,26 +111,24 @@ def _sync_torch(device) -> None:
 
 
 class _JaxRun:
-    def __init__(self, s: BenchSettings, seed: int, train_xy, test_xy):
-        self.train_xy, self.test_xy, self.seed = train_xy, test_xy, seed
-        self.state = create_train_state(get_model("lenet5"), optax.adam(s.learning_rate),
-                                        stream_key(seed, INIT_STREAM))
-        self.shuffle_key = stream_key(seed, SHUFFLE_STREAM)
-        t0 = time.perf_counter()
-        self.epoch_fn = train_epoch.lower(self.state, *train_xy, self.shuffle_key,
-                                          batch_size=s.batch_size).compile()
-        self.eval_fn = evaluate.lower(self.state, *test_xy, batch_size=1000).compile()
-        self.warmup_s = time.perf_counter() - t0
+    def __init__(self, cfg: TrainConfig, train_xy, test_xy, n_train: int, norm):
+        self.cfg = cfg
+        steps_per_epoch = n_train // cfg.batch_size
+        self.state = create_train_state(get_model(cfg.model), make_optimizer(cfg, steps_per_epoch),
+                                        streams.stream_key(cfg.seed, streams.INIT))
+        self.compiled = CompiledEpochs(self.state, train_xy, {"test": test_xy},
+                                       batch_size=cfg.batch_size,
+                                       eval_batch_size=cfg.eval_batch_size, norm=norm,
+                                       key=streams.epoch_shuffle_key(cfg.seed, 1))
+        self.warmup_s = self.compiled.compile_seconds
 
     def epoch(self, epoch: int) -> float:
-        t0 = time.perf_counter()
-        self.state, sums = self.epoch_fn(self.state, *self.train_xy,
-                                         jax.random.fold_in(self.shuffle_key, epoch))
-        jax.block_until_ready(sums)
-        return time.perf_counter() - t0
+        self.state, _, seconds = self.compiled.train(
+            self.state, streams.epoch_shuffle_key(self.cfg.seed, epoch))
+        return seconds
 
     def test_accuracy(self) -> float:
-        sums = jax.device_get(self.eval_fn(self.state, *self.test_xy))
+        sums = jax.device_get(self.compiled.evaluate(self.state, "test"))
         return float(sums.correct) / float(sums.count)
 
     def peak_bytes(self) -> int | None:
@@ -86,57 +137,58 @@ class _JaxRun:
 
 
 class _TorchRun:
-    def __init__(self, s: BenchSettings, seed: int, kind: str, train: data.Split,
+    def __init__(self, s: BenchSettings, cfg: TrainConfig, kind: str, train: data.Split,
                  test: data.Split):
         import torch
 
         from fmnist_jax.baseline import torch_lenet as tl
         from fmnist_jax.baseline.exchange import flax_to_torch_state_dict
 
-        self.tl, self.kind, self.seed, self.s = tl, kind, seed, s
-        init = jax_init_params(seed)
-        self.setup = tl.make_setup(learning_rate=s.learning_rate, device=s.torch_device,
+        self.tl, self.kind, self.cfg = tl, kind, cfg
+        init = run_init_params(cfg.seed, cfg.model)
+        self.setup = tl.make_setup(learning_rate=cfg.learning_rate, device=s.torch_device,
                                    params=init,
-                                   compile=s.torch_compile and kind == "torch-tuned")
+                                   compile=s.torch_compile and kind == "torch-tensors")
         self.device = self.setup.device
         self.test = tl.to_device_split(test.images_NxHxWx1, test.labels_N, s.torch_device)
         self.n = len(train)
-        if kind == "torch-tuned":
+        if kind == "torch-tensors":
             self.train = tl.to_device_split(train.images_NxHxWx1, train.labels_N, s.torch_device)
         else:
-            self.loader = tl.seed_style_loader(
-                tl.SeedStyleDataset(train.images_NxHxWx1, train.labels_N),
-                batch_size=s.batch_size, seed=seed)
+            self.loader = tl.dataloader(
+                tl.PerSampleDataset(train.images_NxHxWx1, train.labels_N),
+                batch_size=cfg.batch_size, seed=cfg.seed)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         # Warm-up on the real model (kernels, allocator, torch.compile), then back to the init.
         t0 = time.perf_counter()
-        order = jax_epoch_batch_order(jax.random.key(10_000 + seed), self.n, s.batch_size)
+        order = jax_epoch_batch_order(streams.stream_key(cfg.seed, streams.BENCH_WARMUP),
+                                      self.n, cfg.batch_size)
         warm = order[:TORCH_WARMUP_STEPS]
-        if kind == "torch-tuned":
-            tl.train_epoch_tuned(self.setup, self.train, warm)
+        if kind == "torch-tensors":
+            tl.train_epoch_tensors(self.setup, self.train, warm)
         else:
-            tl.train_epoch_seed_style(self.setup, tl.seed_style_loader(
+            tl.train_epoch_dataloader(self.setup, tl.dataloader(
                 self.loader.dataset, batches_SxB=warm))
         _sync_torch(self.device)
         self.warmup_s = time.perf_counter() - t0
         self.setup.model.load_state_dict(flax_to_torch_state_dict(init))  # copies in place
         self.setup.optimizer = torch.optim.Adam(self.setup.model.parameters(),
-                                                lr=s.learning_rate)
+                                                lr=cfg.learning_rate)
 
     def epoch(self, epoch: int) -> float:
-        if self.kind == "torch-tuned":  # the JAX side's batches, computed before the clock
-            order = train_py_epoch_order(self.seed, epoch, self.n, self.s.batch_size)
+        if self.kind == "torch-tensors":  # the JAX side's batches, computed before the clock
+            order = run_epoch_order(self.cfg.seed, epoch, self.n, self.cfg.batch_size)
             t0 = time.perf_counter()
-            self.tl.train_epoch_tuned(self.setup, self.train, order)
+            self.tl.train_epoch_tensors(self.setup, self.train, order)
         else:
             t0 = time.perf_counter()
-            self.tl.train_epoch_seed_style(self.setup, self.loader)
+            self.tl.train_epoch_dataloader(self.setup, self.loader)
         _sync_torch(self.device)
         return time.perf_counter() - t0
 
     def test_accuracy(self) -> float:
-        sums = self.tl.evaluate(self.setup, self.test)
+        sums = self.tl.evaluate(self.setup, self.test, batch_size=self.cfg.eval_batch_size)
         return sums.correct / sums.count
 
     def peak_bytes(self) -> int | None:
@@ -150,27 +202,31 @@ class _TorchRun:
 def run_bench(train: data.Split, test: data.Split, s: BenchSettings,
               log_fn: Callable[[str], Any] = print) -> dict[str, Any]:
     """Train every pipeline of `s` for every seed; return raw numbers and their summary."""
+    check_settings(s)
+    epochs = s.config.epochs
     train_xy = jax.device_put((train.images_NxHxWx1, train.labels_N))
     test_xy = jax.device_put((test.images_NxHxWx1, test.labels_N))
+    norm = data.normalization_for(s.config.normalization, train.images_NxHxWx1)
     raw = {p: {"warmup_s": [], "epoch_s": [], "total_s": [], "test_accuracy": [],
                "peak_bytes": []} for p in s.pipelines}
-    for seed in range(s.seeds):
+    for seed in range(s.num_seeds):
+        cfg = dataclasses.replace(s.config, seed=seed)
         runs = {}
         for p in s.pipelines:
-            runs[p] = (_JaxRun(s, seed, train_xy, test_xy) if p == "jax"
-                       else _TorchRun(s, seed, p, train, test))
-        for epoch in range(1, s.epochs + 1):
+            runs[p] = (_JaxRun(cfg, train_xy, test_xy, len(train), norm) if p == "jax"
+                       else _TorchRun(s, cfg, p, train, test))
+        for epoch in range(1, epochs + 1):
             for p, run in runs.items():  # alternate: the same load for all
                 seconds = run.epoch(epoch)
                 raw[p]["epoch_s"].append(seconds)
                 log_fn(f"seed {seed} epoch {epoch:2d} {p:17s} {seconds:8.3f} s")
         for p, run in runs.items():
             raw[p]["warmup_s"].append(run.warmup_s)
-            raw[p]["total_s"].append(sum(raw[p]["epoch_s"][-s.epochs:]))
+            raw[p]["total_s"].append(sum(raw[p]["epoch_s"][-epochs:]))
             raw[p]["test_accuracy"].append(run.test_accuracy())
             raw[p]["peak_bytes"].append(run.peak_bytes())
             log_fn(f"seed {seed} {p:17s} test accuracy {raw[p]['test_accuracy'][-1]:.4f}")
-    images_per_epoch = (len(train) // s.batch_size) * s.batch_size
+    images_per_epoch = (len(train) // s.config.batch_size) * s.config.batch_size
     return {"settings": dataclasses.asdict(s), "environment": environment(s),
             "n_train": len(train), "n_test": len(test), "raw": raw,
             "summary": summarize(raw, images_per_epoch, len(train))}
@@ -180,7 +236,7 @@ def summarize(raw: dict, images_per_epoch: int, n_train: int) -> dict[str, dict]
     summary = {}
     for p, r in raw.items():
         median = statistics.median(r["epoch_s"])
-        seen = n_train if p == "torch-seed-style" else images_per_epoch  # keeps its last batch
+        seen = n_train if p == "torch-dataloader" else images_per_epoch  # keeps its last batch
         acc = r["test_accuracy"]
         peaks = [b for b in r["peak_bytes"] if b is not None]
         summary[p] = {
@@ -219,9 +275,9 @@ def environment(s: BenchSettings) -> dict[str, Any]:
 
 
 def markdown_table(result: dict[str, Any]) -> str:
-    s, n_seeds = result["settings"], result["settings"]["seeds"]
+    cfg, n_seeds = result["settings"]["config"], result["settings"]["num_seeds"]
     lines = [
-        f"| pipeline | warm-up s | s/epoch median (min-max) | images/s | {s['epochs']} epochs s "
+        f"| pipeline | warm-up s | s/epoch median (min-max) | images/s | {cfg['epochs']} epochs s "
         f"| test acc mean +- std ({n_seeds} seeds) | peak MiB | epoch time / JAX |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for p, r in result["summary"].items():
@@ -237,7 +293,8 @@ def markdown_table(result: dict[str, Any]) -> str:
     lines.append(f"{env['date']}; JAX {env['jax']} on {env['jax_device']}"
                  + (f"; torch {env['torch']} on {env['torch_device']} "
                     f"({env['torch_threads']} threads)" if "torch" in env else "")
-                 + f"; {result['n_train']} training images; process peak RSS "
+                 + f"; {result['n_train']} training images, {cfg['model']}, batch "
+                 f"{cfg['batch_size']}; process peak RSS "
                  f"{env['peak_rss_mib']:.0f} MiB")
     return "\n".join(lines)
 

@@ -1,19 +1,26 @@
-"""Command-line entry points. The scripts in scripts/ call these; each turns a user error
-(FmnistError, or a bad flag) into one line on stderr and exit status 1, never a traceback."""
+"""The four commands: train, evaluate, predict, bench. The scripts in scripts/ call these.
+
+Each turns a user error (FmnistError, or a bad flag) into one `error: ...` line on stderr and
+exit status 1, never a traceback. The training flags are made from `TrainConfig`'s fields,
+so each hyperparameter is declared once, in `config.py`. Cheap checks (flags, config) come
+before the expensive work (loading data, compiling).
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import sys
 import time
-from typing import Callable, NoReturn
+import typing
+from typing import Any, Callable, NoReturn
 
-from fmnist_jax.config import DEFAULT_PRESET, MODEL_NAMES, PRESETS
+from fmnist_jax.config import DEFAULT_PRESET, PRESETS, TrainConfig, get_config
 from fmnist_jax.errors import FmnistError
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
     """argparse that raises FmnistError (exit 1 with one line) instead of exiting 2."""
 
     def error(self, message: str) -> NoReturn:
@@ -38,63 +45,119 @@ def user_errors_exit_1(main_fn: Callable[[list[str] | None], int | None]):
     return wrapped
 
 
-def _add_data_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data-dir", help="tfds data dir holding (or to hold) the prepared "
-                        "dataset; default $FMNIST_DATA_DIR or ~/tensorflow_datasets")
-    parser.add_argument("--manual-dir", help="folder with the four official Fashion-MNIST .gz "
-                        "files, for machines without internet; default $FMNIST_MANUAL_DIR")
+# ---------------------------------------------------------------------------------------
+# Flags shared by several commands
 
 
-def train_parser() -> argparse.ArgumentParser:
-    parser = _Parser(description="Train a Fashion-MNIST classifier with JAX/Flax.")
+def _float_or_none(text: str) -> float | None:
+    return None if text.strip().lower() == "none" else float(text)
+
+
+_float_or_none.__name__ = "float-or-none"  # argparse names the type in its error message
+
+
+def _flag_type(hint: Any) -> Callable[[str], Any]:
+    allowed = typing.get_args(hint) or (hint,)
+    if type(None) in allowed:
+        return _float_or_none
+    return allowed[0]  # int, float or str
+
+
+def add_config_flags(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] = ()) -> None:
+    """One flag per TrainConfig field (`batch_size` -> `--batch-size`), with its help text and
+    the default preset's value. A flag the user does not give is absent from the parsed
+    namespace, so the chosen preset's value stands."""
+    group = parser.add_argument_group(
+        "config", f"override a field of the preset (defaults shown are {DEFAULT_PRESET}'s)")
+    hints = typing.get_type_hints(TrainConfig)
+    default_cfg = PRESETS[DEFAULT_PRESET].config
+    for field in dataclasses.fields(TrainConfig):
+        if field.name in skip:
+            continue
+        flag_type = _flag_type(hints[field.name])
+        choices = field.metadata["choices"]
+        metavar = ("{" + ",".join(choices) + "}" if choices else
+                   {int: "N", float: "X", _float_or_none: "X|none"}.get(flag_type, "TEXT"))
+        default = getattr(default_cfg, field.name)
+        group.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name, type=flag_type,
+                           default=argparse.SUPPRESS, metavar=metavar,
+                           help=f"{field.metadata['help']} (default "
+                                f"{'none' if default is None else default})".replace("%", "%%"))
+
+
+def config_from_args(args: argparse.Namespace, **fixed: Any) -> TrainConfig:
+    """The preset of `args.preset` with every config flag the user gave, and `fixed`."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+             if hasattr(args, f.name)}
+    return get_config(args.preset, **{**given, **fixed})
+
+
+def _add_preset_flag(parser: argparse.ArgumentParser) -> None:
+    presets = "; ".join(f"{name}: {preset.about}" for name, preset in PRESETS.items())
     parser.add_argument("--preset", default=DEFAULT_PRESET,
-                        help=f"named recipe: {', '.join(PRESETS)} (default {DEFAULT_PRESET})")
-    parser.add_argument("--model", help=f"override the preset's model: {', '.join(MODEL_NAMES)}")
-    parser.add_argument("--epochs", type=int)
-    parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--lr", type=float, dest="learning_rate", help="peak learning rate")
-    parser.add_argument("--optimizer", help="adam or adamw")
-    parser.add_argument("--weight-decay", type=float)
-    parser.add_argument("--warmup-epochs", type=float)
-    parser.add_argument("--decay", help="constant or cosine")
-    parser.add_argument("--clip-norm", type=float)
-    parser.add_argument("--normalization", help="half ((x-0.5)/0.5) or dataset (mean/std)")
-    parser.add_argument("--val-fraction", type=float, help="share of each class held out "
-                        "for validation and temperature scaling (default 0.1; 0 = none)")
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--workdir", help="run folder (default runs/PRESET-seedN-TIMESTAMP)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--no-report", action="store_true",
-                        help="skip the evaluation report at the end (scripts/evaluate.py)")
+                        help=f"named recipe (default {DEFAULT_PRESET}). {presets}"
+                        .replace("%", "%%"))
+
+
+def _add_data_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument("--data-dir", help="tfds data dir holding (or to hold) the prepared "
+                       "dataset; default $FMNIST_DATA_DIR or ~/tensorflow_datasets")
+    group.add_argument("--manual-dir", help="folder with the four official Fashion-MNIST .gz "
+                       "files (train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
+                       "t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz), for machines "
+                       "without internet; default $FMNIST_MANUAL_DIR")
+
+
+def _load_data(args: argparse.Namespace):
+    from fmnist_jax import data
+
+    return data.load_fashion_mnist(data_dir=args.data_dir, manual_dir=args.manual_dir)
+
+
+# ---------------------------------------------------------------------------------------
+# train
+
+
+def train_parser() -> Parser:
+    parser = Parser(prog="train.py",
+                    description="Train a Fashion-MNIST classifier with JAX/Flax, then write "
+                                "its evaluation report.")
+    _add_preset_flag(parser)
+    add_config_flags(parser)
+    run = parser.add_argument_group("run")
+    run.add_argument("--workdir", help="run folder (default runs/PRESET-seedN-TIMESTAMP)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--no-report", action="store_true",
+                     help="skip the evaluation report at the end (scripts/evaluate.py)")
     _add_data_flags(parser)
     return parser
-
-
-_OVERRIDES = ("model", "epochs", "batch_size", "learning_rate", "optimizer", "weight_decay",
-              "warmup_epochs", "decay", "clip_norm", "normalization", "val_fraction", "seed")
 
 
 @user_errors_exit_1
 def train_main(argv: list[str] | None = None) -> int:
     args = train_parser().parse_args(argv)
-    from fmnist_jax.config import get_config  # light; the heavy imports follow validation
-
-    cfg = get_config(args.preset, **{name: getattr(args, name) for name in _OVERRIDES})
-    from fmnist_jax import data
+    cfg = config_from_args(args)
     from fmnist_jax.report import evaluate_run
     from fmnist_jax.train import train_and_evaluate
 
     workdir = args.workdir or f"runs/{args.preset}-seed{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
-    train, test = data.load_fashion_mnist(data_dir=args.data_dir, manual_dir=args.manual_dir)
+    train, test = _load_data(args)
     train_and_evaluate(cfg, workdir, train=train, test=test, progress=not args.no_progress)
     if not args.no_report:
         evaluate_run(workdir, train=train, test=test)
     return 0
 
 
-def evaluate_parser() -> argparse.ArgumentParser:
-    parser = _Parser(description="Evaluate a run folder: classification report, confidence "
-                     "intervals, calibration before and after temperature scaling, PNGs.")
+# ---------------------------------------------------------------------------------------
+# evaluate
+
+
+def evaluate_parser() -> Parser:
+    parser = Parser(prog="evaluate.py",
+                    description="Evaluate a run folder: classification report, confidence "
+                                "intervals, calibration before and after temperature scaling, "
+                                "PNGs.")
     parser.add_argument("run_dir", help="a folder written by scripts/train.py")
     parser.add_argument("--resamples", type=int, default=1000,
                         help="bootstrap resamples for the 95%% intervals (default 1000)")
@@ -107,68 +170,137 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     args = evaluate_parser().parse_args(argv)
     if args.resamples < 1:
         raise FmnistError(f"--resamples must be at least 1, got {args.resamples}")
+    from fmnist_jax import runs
     from fmnist_jax.report import evaluate_run
 
-    evaluate_run(args.run_dir, data_dir=args.data_dir, manual_dir=args.manual_dir,
-                 n_resamples=args.resamples)
+    runs.load_config(args.run_dir)  # a folder that is no run fails before the data loads
+    train, test = _load_data(args)
+    evaluate_run(args.run_dir, train=train, test=test, n_resamples=args.resamples)
     return 0
 
 
-def bench_parser() -> argparse.ArgumentParser:
-    parser = _Parser(description="JAX against the PyTorch baseline on the seed-002 recipe, "
-                     "same init, alternating epochs, in one run on this machine.")
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--pipelines", default="jax,torch-tuned,torch-seed-style",
-                        help="comma-separated: jax, torch-tuned, torch-seed-style")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                        help="auto: CUDA when JAX and torch both see a GPU, else CPU")
-    parser.add_argument("--torch-compile", action="store_true",
-                        help="torch.compile the tuned pipeline's model")
-    parser.add_argument("--train-images", type=int, help="use only the first N training images")
-    parser.add_argument("--quick", action="store_true",
-                        help="1 epoch, 1 seed, 2,048 training images: a smoke test for CI")
-    parser.add_argument("--out", default="bench.json", help="JSON results (default bench.json)")
+# ---------------------------------------------------------------------------------------
+# predict
+
+NUM_CLASSES = 10  # as models.NUM_CLASSES
+
+
+def predict_parser() -> Parser:
+    parser = Parser(
+        prog="predict.py",
+        description="Predict the Fashion-MNIST class of images with a trained run folder.",
+        epilog="Images: PNG, JPEG, BMP or any picture PIL reads (any size, colour or grey), "
+               "or .npy arrays of shape (28, 28), (28, 28, 1), (N, 28, 28) or (N, 28, 28, 1), "
+               "uint8 or floats in [0, 1]. Fashion-MNIST garments are light on black: pass "
+               "--dark-on-light for photos on a white background.")
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="run folder written by scripts/train.py")
+    parser.add_argument("files", metavar="FILE", nargs="+", help="image or .npy files")
+    parser.add_argument("--top-k", type=int, default=3, metavar="K",
+                        help=f"how many classes to show per image, 1..{NUM_CLASSES} (default 3)")
+    parser.add_argument("--dark-on-light", action="store_true",
+                        help="invert the images (255 - x): for garments darker than their "
+                             "background, as in ordinary photos and product shots")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON document instead of text")
+    return parser
+
+
+@user_errors_exit_1
+def predict_main(argv: list[str] | None = None) -> int:
+    """A bad run folder or flag stops everything with one line. A bad input file is one
+    `error: FILE: ...` line and does not stop the others: every readable file is still
+    predicted, and the exit status is 1 at the end, so a script sees that one failed."""
+    args = predict_parser().parse_args(argv)
+    if not 1 <= args.top_k <= NUM_CLASSES:
+        raise FmnistError(f"--top-k must be between 1 and {NUM_CLASSES}, got {args.top_k}")
+    import numpy as np
+
+    from fmnist_jax import predict
+
+    predictor = predict.load_predictor(args.run_dir)
+    loaded: list[tuple[str, np.ndarray]] = []  # (file as given, its images (N, 28, 28, 1))
+    errors: list[dict[str, str]] = []
+    for file in args.files:
+        try:
+            loaded.append((file, predict.load_images(file, dark_on_light=args.dark_on_light)))
+        except FmnistError as e:  # the message starts with the file's name
+            print(f"error: {e}", file=sys.stderr)
+            errors.append({"file": file, "error": str(e)})
+
+    results = []
+    if loaded:
+        probs_NxC = predict.predict_probs(predictor,
+                                          np.concatenate([images for _, images in loaded]))
+        ranked = iter(predict.top_k(probs_NxC, args.top_k))
+        for file, images in loaded:
+            for index in range(len(images)):
+                results.append({"file": file, "index": index, "images_in_file": len(images),
+                                "predictions": next(ranked)})
+    if args.json:
+        print(predict.format_json(args.run_dir, predictor, results, errors, args.dark_on_light))
+    else:
+        print(predict.format_text(args.run_dir, predictor, results))
+    return 1 if errors else 0
+
+
+# ---------------------------------------------------------------------------------------
+# bench
+
+QUICK_TRAIN_IMAGES = 2048
+
+
+def bench_parser() -> Parser:
+    parser = Parser(prog="bench.py",
+                    description="JAX against the PyTorch baseline on one preset's recipe: same "
+                                "init, alternating epochs, one run on this machine. Trains on "
+                                "all 60,000 training images (no validation split).")
+    _add_preset_flag(parser)
+    add_config_flags(parser, skip=("seed", "val_fraction"))
+    bench = parser.add_argument_group("bench")
+    bench.add_argument("--num-seeds", type=int, default=3,
+                       help="train each pipeline with seeds 0..N-1 (default 3)")
+    bench.add_argument("--pipelines", default="jax,torch-tensors,torch-dataloader",
+                       help="comma-separated: jax; torch-tensors (the split as tensors on the "
+                            "device, index batches); torch-dataloader (per-sample Dataset and "
+                            "DataLoader)")
+    bench.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                       help="auto: CUDA when JAX and torch both see a GPU, else CPU")
+    bench.add_argument("--torch-compile", action="store_true",
+                       help="torch.compile the torch-tensors pipeline's model")
+    bench.add_argument("--train-images", type=int, help="use only the first N training images")
+    bench.add_argument("--quick", action="store_true",
+                       help=f"1 epoch, 1 seed, {QUICK_TRAIN_IMAGES:,} training images: a smoke "
+                            f"test")
+    bench.add_argument("--out", default="bench.json", help="JSON results (default bench.json)")
     _add_data_flags(parser)
     return parser
 
 
 @user_errors_exit_1
 def bench_main(argv: list[str] | None = None) -> int:
-    import os
-
     args = bench_parser().parse_args(argv)
     if args.quick:
-        args.epochs, args.seeds, args.train_images = 1, 1, args.train_images or 2048
+        args.epochs, args.num_seeds = 1, 1
+        args.train_images = args.train_images or QUICK_TRAIN_IMAGES
+    from fmnist_jax import bench
+
     pipelines = tuple(p.strip() for p in args.pipelines.split(",") if p.strip())
-    from fmnist_jax.bench import PIPELINES
-
-    unknown = [p for p in pipelines if p not in PIPELINES]
-    if unknown or not pipelines:
-        raise FmnistError(f"unknown pipelines {unknown}: choose from {', '.join(PIPELINES)}")
-    if args.epochs < 1 or args.seeds < 1:
-        raise FmnistError("--epochs and --seeds must be at least 1")
-    if args.train_images is not None and args.train_images < 64:
-        raise FmnistError(f"--train-images must be at least 64, got {args.train_images}")
-    if args.device == "cpu":
-        os.environ["JAX_PLATFORMS"] = "cpu"
-    # JAX and torch share the GPU in this process: JAX must not grab 75% of it at start.
-    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    import jax
-
-    from fmnist_jax import bench, data
-
-    device = args.device
-    if device == "auto":
-        device = "cuda" if jax.default_backend() == "gpu" and _torch_has_cuda() else "cpu"
-    if device == "cuda" and jax.default_backend() != "gpu":
-        raise FmnistError("--device cuda, but JAX sees no GPU: install jax with CUDA or use cpu")
-    settings = bench.BenchSettings(epochs=args.epochs, seeds=args.seeds, pipelines=pipelines,
-                                   torch_device=device, torch_compile=args.torch_compile)
-    train, test = data.load_fashion_mnist(data_dir=args.data_dir, manual_dir=args.manual_dir)
+    settings = bench.BenchSettings(
+        config=bench.bench_config(args.preset, **{
+            f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+            if hasattr(args, f.name)}),
+        num_seeds=args.num_seeds, pipelines=pipelines, torch_compile=args.torch_compile)
+    bench.check_settings(settings)
+    if args.train_images is not None and args.train_images < settings.config.batch_size:
+        raise FmnistError(f"--train-images must be at least the batch size "
+                          f"({settings.config.batch_size}), got {args.train_images}")
+    settings = dataclasses.replace(settings, torch_device=bench.choose_device(args.device))
+    train, test = _load_data(args)
     if args.train_images:
-        train = data.Split(train.images_NxHxWx1[: args.train_images],
-                           train.labels_N[: args.train_images])
+        from fmnist_jax.data import Split
+
+        train = Split(train.images_NxHxWx1[: args.train_images],
+                      train.labels_N[: args.train_images])
     print(f"bench: {settings}", flush=True)
     result = bench.run_bench(train, test, settings)
     result["command"] = "python scripts/bench.py " + " ".join(argv if argv is not None
@@ -177,11 +309,3 @@ def bench_main(argv: list[str] | None = None) -> int:
     print(bench.markdown_table(result))
     print(f"wrote {args.out}")
     return 0
-
-
-def _torch_has_cuda() -> bool:
-    try:
-        import torch
-    except ImportError:
-        return False
-    return torch.cuda.is_available()

@@ -1,64 +1,82 @@
 """One frozen config object holding every hyperparameter, and the named presets.
 
-Presets are named after where their recipe comes from: `seed-002` is the LeNet-5 project
-report (../shared/seeds/002_*.txt), `seed-001` the annotated tutorial's CNN.
+Each `TrainConfig` field carries its help text and its check once, in its dataclass metadata:
+`validate()`, the command-line flags (`cli.add_config_flags`), `--help` and `config.json`
+are all made from them, so adding a hyperparameter is adding one field here.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any
+import math
+import typing
+from typing import Any, Callable
 
+from fmnist_jax.data import NORMALIZATIONS
 from fmnist_jax.errors import FmnistError
+from fmnist_jax.models import MODELS
+from fmnist_jax.optim import DECAYS, OPTIMIZERS
 
-MODEL_NAMES = ("lenet5", "cnn")
-OPTIMIZERS = ("adam", "adamw")
-DECAYS = ("constant", "cosine")
-NORMALIZATIONS = ("half", "dataset")
+MAX_SEED = 2**32  # jax.random.key takes a 32-bit seed without surprises
+
+
+def _field(default: Any, help: str, *, choices: tuple[str, ...] | None = None,
+           check: tuple[Callable[[Any], bool], str] | None = None) -> Any:
+    """A config field: its default, its --help text, and either its allowed names (`choices`)
+    or a (predicate, "must be ...") range check."""
+    return dataclasses.field(default=default,
+                             metadata={"help": help, "choices": choices, "check": check})
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Every hyperparameter of a run. Build one with `get_config(preset, **overrides)`."""
 
-    model: str = "lenet5"  # a name in MODEL_NAMES
-    epochs: int = 10
-    batch_size: int = 64  # images per optimizer step; the last partial batch of an epoch is
-    # dropped, and which images fall in it changes every epoch with the shuffle
-    eval_batch_size: int = 1000  # evaluation pads the last batch and masks it: every image counts
-    optimizer: str = "adam"  # "adam" or "adamw"
-    learning_rate: float = 1e-3  # peak learning rate
-    weight_decay: float = 0.0  # decoupled weight decay, AdamW only
-    warmup_epochs: float = 0.0  # linear warmup from 0 to learning_rate over this many epochs
-    decay: str = "constant"  # after warmup: "constant" or "cosine" (to 0 at the last step)
-    clip_norm: float | None = None  # clip gradients by this global L2 norm; None = no clipping
-    normalization: str = "half"  # "half": (x/255 - 0.5)/0.5 as the seeds; "dataset": the
-    # training split's own pixel mean and std
-    val_fraction: float = 0.1  # of each class, held out of the training split (seeded) for
-    # temperature scaling and model selection: 6,000 images, 600 a class. 0 trains on all 60,000
-    seed: int = 0  # the one source of randomness: init, shuffling, dropout
+    model: str = _field("lenet5", "the network", choices=tuple(MODELS))
+    epochs: int = _field(10, "passes over the training images", check=(
+        lambda v: v >= 1, "at least 1"))
+    batch_size: int = _field(64, "images per optimizer step; each epoch drops the last partial "
+                             "batch (other images each epoch, with the shuffle)",
+                             check=(lambda v: v >= 1, "at least 1"))
+    eval_batch_size: int = _field(1000, "images per evaluation batch (the last is padded and "
+                                  "masked: every image counts)",
+                                  check=(lambda v: v >= 1, "at least 1"))
+    optimizer: str = _field("adam", "adam; or adamw, Adam with decoupled weight decay",
+                            choices=tuple(OPTIMIZERS))
+    learning_rate: float = _field(1e-3, "peak learning rate", check=(
+        lambda v: v > 0, "positive"))
+    weight_decay: float = _field(0.0, "decoupled weight decay (adamw only)", check=(
+        lambda v: v >= 0, ">= 0"))
+    warmup_epochs: float = _field(0.0, "linear warmup from 0 to the learning rate over this "
+                                  "many epochs", check=(lambda v: v >= 0, ">= 0"))
+    decay: str = _field("constant", "after warmup: constant, or cosine (to 0 at the last step)",
+                        choices=tuple(DECAYS))
+    clip_norm: float | None = _field(None, "clip gradients to this global L2 norm (none: no "
+                                     "clipping)", check=(lambda v: v is None or v > 0,
+                                                         "positive, or none"))
+    normalization: str = _field("half", "half: (x/255 - 0.5)/0.5, pixels to [-1, 1]; dataset: "
+                                "the training images' own pixel mean and std",
+                                choices=NORMALIZATIONS)
+    val_fraction: float = _field(0.1, "share of each class held out of the training images "
+                                 "(seeded) for validation and temperature scaling; 0: none, "
+                                 "train on all 60,000",
+                                 check=(lambda v: 0 <= v < 1, "in [0, 1)"))
+    seed: int = _field(0, "the random seed: initialization, validation split, shuffling",
+                       check=(lambda v: 0 <= v < MAX_SEED, f"in [0, {MAX_SEED})"))
 
     def validate(self) -> TrainConfig:
         """Raise FmnistError naming the first bad field; return self when all are good."""
-        checks = [
-            (self.model in MODEL_NAMES, f"unknown model {self.model!r}: choose one of {', '.join(MODEL_NAMES)}"),
-            (self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}"),
-            (self.decay in DECAYS, f"unknown decay {self.decay!r}: choose one of {', '.join(DECAYS)}"),
-            (self.normalization in NORMALIZATIONS,
-             f"unknown normalization {self.normalization!r}: choose one of {', '.join(NORMALIZATIONS)}"),
-            (self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}"),
-            (self.batch_size >= 1, f"batch size must be at least 1, got {self.batch_size}"),
-            (self.eval_batch_size >= 1, f"eval batch size must be at least 1, got {self.eval_batch_size}"),
-            (self.learning_rate > 0, f"learning rate must be positive, got {self.learning_rate}"),
-            (self.weight_decay >= 0, f"weight decay must be >= 0, got {self.weight_decay}"),
-            (self.warmup_epochs >= 0, f"warmup epochs must be >= 0, got {self.warmup_epochs}"),
-            (0 <= self.val_fraction < 1, f"val fraction must be in [0, 1), got {self.val_fraction}"),
-            (self.clip_norm is None or self.clip_norm > 0, f"clip norm must be positive, got {self.clip_norm}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise FmnistError(message)
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            _check_type(f.name, value, hints[f.name])
+            choices, check = f.metadata["choices"], f.metadata["check"]
+            if choices is not None and value not in choices:
+                raise FmnistError(f"unknown {flag_words(f.name)} {value!r}: choose one of "
+                                  f"{', '.join(choices)}")
+            if check is not None and not check[0](value):
+                raise FmnistError(f"{flag_words(f.name)} must be {check[1]}, got {value}")
         return self
 
     def to_json(self) -> str:
@@ -66,26 +84,72 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, fields: dict[str, Any]) -> TrainConfig:
+        """A config read back from JSON: unknown fields and wrong types are FmnistErrors."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(fields) - known)
         if unknown:
-            raise FmnistError(f"config has unknown fields {unknown}: it was written by another version")
+            raise FmnistError(f"config has unknown fields {unknown}: it was written by another "
+                              f"version")
         return cls(**fields).validate()
 
 
-PRESETS: dict[str, TrainConfig] = {
-    # The LeNet-5 report (seed 002): 61,706 params, batch 64, Adam 1e-3, 10 epochs, 0.5/0.5.
-    # Its PyTorch run reached 88.52% test accuracy at epoch 10 (89.68% at 20).
-    "seed-002": TrainConfig(),
-    # The tutorial CNN (seed 001): conv 16/32 3x3, dense 1568-128-10, batch 32, Adam 1e-3.
-    "seed-001": TrainConfig(model="cnn", batch_size=32),
+def flag_words(name: str) -> str:
+    """A field name as a user reads it in messages: batch_size -> "batch size"."""
+    return name.replace("_", " ")
+
+
+def _check_type(name: str, value: Any, hint: Any) -> None:
+    """Raise FmnistError unless `value` is of the field's type (a finite number for floats)."""
+    allowed = typing.get_args(hint) or (hint,)  # float | None -> (float, NoneType)
+    if value is None and type(None) in allowed:
+        return
+    if float in allowed and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise FmnistError(f"{flag_words(name)} must be a finite number, got {value}")
+        return
+    if int in allowed and isinstance(value, int) and not isinstance(value, bool):
+        return
+    if str in allowed and isinstance(value, str):
+        return
+    kind = " or ".join("none" if t is type(None) else t.__name__ for t in allowed)
+    raise FmnistError(f"{flag_words(name)} must be {kind}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """A recipe: its config, what it trains, the command that runs it and what it reached."""
+
+    config: TrainConfig
+    about: str
+    command: str
+    result: str  # measured with `command`, with the machine and the date
+
+
+PRESETS: dict[str, Preset] = {
+    "lenet5": Preset(
+        config=TrainConfig(),
+        about="LeNet-5 (61,706 parameters) with the LeNet-5 report's recipe: batch 64, Adam "
+              "1e-3, 10 epochs, pixels to [-1, 1]; its PyTorch run reached 88.52% test "
+              "accuracy at epoch 10 (89.68% at 20)",
+        command="python scripts/train.py --preset lenet5 --seed S",
+        result="test accuracy at epoch 10: 90.21% (seed 0), 89.31% (1), 89.61% (2); "
+               "2-core CPU, 2026-11-22"),
+    "cnn": Preset(
+        config=TrainConfig(model="cnn", batch_size=32),
+        about="the tutorial CNN (conv 16 and 32, 3x3; dense 1568-128-10; 206,922 parameters) "
+              "with the tutorial's recipe: batch 32, Adam 1e-3, 10 epochs, pixels to [-1, 1]",
+        command="python scripts/train.py --preset cnn --seed 0",
+        result="not measured yet"),
 }
-DEFAULT_PRESET = "seed-002"
+DEFAULT_PRESET = "lenet5"
 
 
 def get_config(preset: str = DEFAULT_PRESET, **overrides: Any) -> TrainConfig:
-    """The named preset with `overrides` replaced (None values are ignored), validated."""
+    """The named preset's config with `overrides` replaced, validated."""
     if preset not in PRESETS:
         raise FmnistError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    return dataclasses.replace(PRESETS[preset], **overrides).validate()
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise FmnistError(f"unknown config fields {unknown}: choose from {', '.join(sorted(known))}")
+    return dataclasses.replace(PRESETS[preset].config, **overrides).validate()

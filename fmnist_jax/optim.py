@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import optax
 
-from fmnist_jax.config import TrainConfig
+if TYPE_CHECKING:  # config imports the names below; the type is only for annotations
+    from fmnist_jax.config import TrainConfig
+
+OPTIMIZERS = ("adam", "adamw")
+DECAYS = ("constant", "cosine")
 
 
 def make_lr_schedule(cfg: TrainConfig, steps_per_epoch: int) -> optax.Schedule:

@@ -1,6 +1,6 @@
-"""Predict the clothing class of image files with a trained run folder (FR4).
+"""Predict the clothing class of image files with a trained run folder.
 
-    predictor = load_predictor("runs/seed-002-seed0-...")
+    predictor = load_predictor("runs/lenet5-seed0-...")
     images_NxHxWx1 = load_images("shirt.jpg", dark_on_light=True)  # a photo on white
     probs_NxC = predict_probs(predictor, images_NxHxWx1)
     top_k(probs_NxC, 3)  # [[("Shirt", 0.81), ("T-shirt/top", 0.11), ("Pullover", 0.05)]]
@@ -11,15 +11,15 @@ so the garment keeps its aspect ratio, resized to 28x28); `dark_on_light=True` i
 ordinary photos and product shots, whose garment is darker than their white background.
 The model still sees nothing like a photo in training, so expect lower confidence there.
 
-Probabilities are softmax(logits / T) with the run's calibrated temperature T (from
-calibration.json); without one, T = 1 and the probabilities are the raw softmax, which
+Probabilities are softmax(logits / T) with the run's calibrated temperature T (fit on its
+validation split by the evaluation); without one, T = 1 and the probabilities are the raw softmax, which
 is usually overconfident. Dividing by T never changes the ranking of the classes.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
+import json
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +28,12 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from fmnist_jax import checkpoint
+from fmnist_jax import runs
 from fmnist_jax.config import TrainConfig
-from fmnist_jax.data import CLASS_NAMES
+from fmnist_jax.data import CLASS_NAMES, Normalization
 from fmnist_jax.errors import FmnistError
 from fmnist_jax.models import get_model
-from fmnist_jax.steps import Normalization, inference_state, predict_logits
+from fmnist_jax.steps import inference_state, predict_logits
 
 IMAGE_SIZE = 28
 NPY_MAGIC = b"\x93NUMPY"  # the first bytes of every .npy file, whatever its name
@@ -106,8 +106,8 @@ def _picture(path: Path, dark_on_light: bool) -> np.ndarray:
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise FmnistError(f"{path}: the image is damaged or unsupported ({type(e).__name__}: "
                           f"{e}): open it in an image viewer and save it again as PNG") from e
-    square_SxS = _pad_to_square(grey_HxW)
-    small = Image.fromarray(square_SxS).resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.LANCZOS,
+    square_HxW = _pad_to_square(grey_HxW)
+    small = Image.fromarray(square_HxW).resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.LANCZOS,
                                                reducing_gap=3.0)
     image_HxW = np.asarray(small, dtype=np.uint8)
     if dark_on_light:
@@ -146,9 +146,9 @@ def _pad_to_square(grey_HxW: np.ndarray) -> np.ndarray:
     fill = int(np.rint(np.median(border)))
     side = max(h, w)
     top, left = (side - h) // 2, (side - w) // 2
-    square_SxS = np.full((side, side), fill, np.uint8)
-    square_SxS[top:top + h, left:left + w] = grey_HxW
-    return square_SxS
+    square_HxW = np.full((side, side), fill, np.uint8)
+    square_HxW[top:top + h, left:left + w] = grey_HxW
+    return square_HxW
 
 
 def _npy_images(path: Path) -> np.ndarray:
@@ -210,25 +210,13 @@ class Predictor:
 def load_predictor(run_dir: str | Path) -> Predictor:
     """The model of a run folder written by scripts/train.py; FmnistError if it is not one,
     has no parameters, or its parameters belong to another model than its config.json says."""
-    cfg = checkpoint.load_config(run_dir)
-    params = checkpoint.load_params(run_dir, cfg)
-    norm = _read_run_json(run_dir, checkpoint.NORMALIZATION_FILE, checkpoint.load_normalization)
-    temperature = _read_run_json(run_dir, checkpoint.CALIBRATION_FILE, checkpoint.load_temperature)
-    if temperature is not None and not (math.isfinite(temperature) and temperature > 0):
-        raise FmnistError(f"{run_dir}: {checkpoint.CALIBRATION_FILE} has temperature "
-                          f"{temperature}, not a positive number: calibrate again or delete it")
+    cfg = runs.load_config(run_dir)
+    params = runs.load_params(run_dir, cfg)
+    norm = runs.load_normalization(run_dir)
+    temperature = runs.load_temperature(run_dir)
     return Predictor(config=cfg, params=params, normalization=norm,
                      temperature=1.0 if temperature is None else temperature,
                      calibrated=temperature is not None)
-
-
-def _read_run_json(run_dir, filename: str, loader):
-    """`loader(run_dir)`, with a hand-edited or truncated JSON file as an FmnistError."""
-    try:
-        return loader(run_dir)
-    except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
-        raise FmnistError(f"{Path(run_dir) / filename} is malformed ({type(e).__name__}: {e}): "
-                          f"restore it from the run") from e
 
 
 @jax.jit
@@ -275,3 +263,44 @@ def top_k(probs_NxC: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
     order_NxK = np.argsort(-probs_NxC, axis=-1, kind="stable")[:, :k]
     return [[(CLASS_NAMES[c], float(row[c])) for c in order] for row, order in
             zip(probs_NxC, order_NxK)]
+
+
+# ---------------------------------------------------------------------------------------
+# Results out
+
+
+def calibration_words(predictor: Predictor) -> str:
+    if predictor.calibrated:
+        return f"calibrated (T={predictor.temperature:.4g})"
+    return "uncalibrated (T=1: raw softmax, often overconfident)"
+
+
+def format_text(run_dir, predictor: Predictor, results: list[dict[str, Any]]) -> str:
+    """The predictions as text: a header line, then each image's name and its top classes.
+
+    Each result: {"file", "index", "images_in_file", "predictions": [(class, prob), ...]}.
+    """
+    lines = [f"model {predictor.config.model} from {run_dir}, {calibration_words(predictor)}"]
+    width = max(len(name) for name in CLASS_NAMES)
+    for result in results:
+        many = result["images_in_file"] > 1
+        lines.append(result["file"] + (f" [{result['index']}]" if many else ""))
+        lines += [f"  {name:<{width}}  {prob:.4f}" for name, prob in result["predictions"]]
+    return "\n".join(lines)
+
+
+def format_json(run_dir, predictor: Predictor, results: list[dict[str, Any]],
+                errors: list[dict[str, str]], dark_on_light: bool) -> str:
+    """The predictions and the files that failed as one JSON document."""
+    document = {
+        "run_dir": str(run_dir),
+        "model": predictor.config.model,
+        "temperature": predictor.temperature,
+        "calibrated": predictor.calibrated,
+        "dark_on_light": dark_on_light,
+        "results": [{"file": r["file"], "index": r["index"],
+                     "predictions": [{"class": name, "probability": prob}
+                                     for name, prob in r["predictions"]]} for r in results],
+        "errors": errors,
+    }
+    return json.dumps(document, indent=2)

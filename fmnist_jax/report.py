@@ -1,14 +1,13 @@
 """Evaluate a run folder: metrics with confidence intervals, temperature scaling, PNGs.
 
-`evaluate_run(run_dir)` computes the logits once per split, fits the temperature on the run's
-validation split (never the test set), and writes into the run folder:
-report.txt (sklearn-style classification report and the summary), report.json,
-calibration.json (T), confusion_matrix.png, reliability.png, curves.png.
+`evaluate_run(run_dir, ...)` computes the logits once per split, fits the temperature on the
+run's validation split (never the test set), and writes into the run folder (through `runs`)
+the report as text (sklearn-style classification report and the summary) and as JSON, the
+temperature, and three plots: confusion matrix, reliability diagram, training curves.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Callable
 
@@ -16,13 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fmnist_jax import checkpoint, data, metrics, plots
+from fmnist_jax import data, metrics, plots, runs, streams
 from fmnist_jax.calibration import apply_temperature, fit_temperature
 from fmnist_jax.models import get_model
 from fmnist_jax.steps import inference_state, predict_logits
-from fmnist_jax.train import BOOTSTRAP_STREAM, split_train_val, stream_key
-
-REPORT_TEXT, REPORT_JSON = "report.txt", "report.json"
 
 
 def _macro_f1(probs_NxC, labels_N):
@@ -108,17 +104,15 @@ def ci_pair(bounds) -> str:
     return f"[{100 * bounds[0]:.2f}, {100 * bounds[1]:.2f}]%"
 
 
-def evaluate_run(run_dir: str | Path, *, train: data.Split | None = None,
-                 test: data.Split | None = None, data_dir=None, manual_dir=None,
+def evaluate_run(run_dir: str | Path, *, train: data.Split, test: data.Split,
                  n_resamples: int = 1000, log_fn: Callable[[str], Any] = print) -> dict:
-    """Evaluate the run in `run_dir` and write the report files there; return the report."""
+    """Evaluate the run in `run_dir` on `test` (and its validation split, held out of `train`
+    as the run did), write the report files there and return the report."""
     run_dir = Path(run_dir)
-    cfg = checkpoint.load_config(run_dir)
-    params = checkpoint.load_params(run_dir, cfg)
-    norm = checkpoint.load_normalization(run_dir)
-    if train is None or test is None:
-        train, test = data.load_fashion_mnist(data_dir=data_dir, manual_dir=manual_dir)
-    _, val = split_train_val(cfg, train)  # the very images the run held out
+    cfg = runs.load_config(run_dir)
+    params = runs.load_params(run_dir, cfg)
+    norm = runs.load_normalization(run_dir)
+    _, val = data.split_train_val(train, cfg.val_fraction, cfg.seed)  # the run's own held-out
     state = inference_state(get_model(cfg.model), params)
 
     def logits_of(split):
@@ -126,36 +120,32 @@ def evaluate_run(run_dir: str | Path, *, train: data.Split | None = None,
                               batch_size=cfg.eval_batch_size, norm=norm)
 
     test_logits = logits_of(test)
-    key = stream_key(cfg.seed, BOOTSTRAP_STREAM)
+    key = streams.stream_key(cfg.seed, streams.BOOTSTRAP)
     report = compute_report(test_logits, test.labels_N,
                             None if val is None else logits_of(val),
                             None if val is None else val.labels_N,
                             key=key, n_resamples=n_resamples)
     preds_N = np.asarray(jnp.argmax(test_logits, -1))
     text = format_report(report, preds_N, test.labels_N, run_dir)
-    (run_dir / REPORT_TEXT).write_text(text)
-    checkpoint.save_json(run_dir / REPORT_JSON, report)
+    runs.save_report(run_dir, text, report)
     if val is not None:
-        checkpoint.save_json(run_dir / checkpoint.CALIBRATION_FILE, {
-            "temperature": report["temperature"], "fit_on": "validation",
-            "n_validation": report["n_validation"]})
+        runs.save_calibration(run_dir, report["temperature"], report["n_validation"])
     _write_plots(run_dir, report, test_logits, test.labels_N)
     log_fn(text.rstrip())
-    log_fn(f"wrote {REPORT_TEXT}, {REPORT_JSON}, confusion_matrix.png, reliability.png, "
-           f"curves.png to {run_dir}")
+    log_fn(f"wrote {runs.REPORT_TEXT_FILE}, {runs.REPORT_JSON_FILE}, "
+           f"{', '.join(runs.PLOT_FILES.values())} to {run_dir}")
     return report
 
 
 def _write_plots(run_dir: Path, report, logits_NxC, labels_N) -> None:
     plots.plot_confusion_matrix(np.array(report["confusion_matrix"]), data.CLASS_NAMES,
-                                run_dir / "confusion_matrix.png")
+                                runs.plot_path(run_dir, "confusion_matrix"))
     t = report["temperature"]
     before = metrics.reliability_diagram(jax.nn.softmax(logits_NxC), labels_N)
     after = metrics.reliability_diagram(jax.nn.softmax(apply_temperature(logits_NxC, t)),
                                         labels_N)
     plots.plot_reliability(before, after, report["before_temperature"]["ece"],
-                           report["after_temperature"]["ece"], t, run_dir / "reliability.png")
-    history_path = run_dir / checkpoint.HISTORY_FILE
-    history = [json.loads(line) for line in history_path.read_text().splitlines() if line]
+                           report["after_temperature"]["ece"], t, runs.plot_path(run_dir, "reliability"))
+    history = runs.load_history(run_dir)
     if history:
-        plots.plot_training_curves(history, run_dir / "curves.png")
+        plots.plot_training_curves(history, runs.plot_path(run_dir, "curves"))

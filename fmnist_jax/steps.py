@@ -7,7 +7,9 @@ normalized inside the jitted code, so the data can live on the device as compact
 Use them in your own loop:
 
     state = create_train_state(get_model("lenet5"), optax.adam(1e-3), key)
-    state, metrics = train_step(state, images_BxHxWx1, labels_B, key)
+    state, sums = train_step(state, images_BxHxWx1, labels_B, key, data.HALF)
+
+Array names end in their shape (`images_BxHxWx1`); the letters are listed in `fmnist_jax`.
 """
 
 from __future__ import annotations
@@ -19,13 +21,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-from flax.training import train_state
+from flax.training.train_state import TrainState  # step, apply_fn, params, tx, opt_state
 
+from fmnist_jax.data import Normalization
 from fmnist_jax.models import NUM_CLASSES
-
-
-class TrainState(train_state.TrainState):
-    """Flax's TrainState (step, apply_fn, params, tx, opt_state)."""
 
 
 class Sums(NamedTuple):
@@ -34,13 +33,6 @@ class Sums(NamedTuple):
     loss: jax.Array  # sum of per-example cross-entropy
     correct: jax.Array  # number of correct top-1 predictions
     count: jax.Array  # number of examples
-
-
-class Normalization(NamedTuple):
-    """x -> (x / 255 - mean) / std, on the [0, 1] scale."""
-
-    mean: float = 0.5
-    std: float = 0.5
 
 
 def normalize(images_BxHxWx1: jax.Array, norm: Normalization) -> jax.Array:
@@ -81,7 +73,7 @@ def _loss_and_sums(params, apply_fn, images_BxHxWx1, labels_B, key, norm, train)
 
 
 def train_step(state: TrainState, images_BxHxWx1: jax.Array, labels_B: jax.Array,
-               key: jax.Array, norm: Normalization = Normalization()) -> tuple[TrainState, Sums]:
+               key: jax.Array, norm: Normalization) -> tuple[TrainState, Sums]:
     """One optimizer step on the mean cross-entropy of the batch. Pure; jit it yourself or
     use `train_step_jit`. `key` feeds dropout in models that have it."""
     grad_fn = jax.value_and_grad(_loss_and_sums, has_aux=True)
@@ -91,7 +83,7 @@ def train_step(state: TrainState, images_BxHxWx1: jax.Array, labels_B: jax.Array
 
 
 def eval_step(state: TrainState, images_BxHxWx1: jax.Array, labels_B: jax.Array,
-              mask_B: jax.Array, norm: Normalization = Normalization()) -> Sums:
+              mask_B: jax.Array, norm: Normalization) -> Sums:
     """Loss and correct counts summed over the examples where `mask_B` is True."""
     logits_BxC = predict_logits_step(state, images_BxHxWx1, norm)
     losses_B = optax.softmax_cross_entropy_with_integer_labels(logits_BxC, labels_B)
@@ -101,7 +93,7 @@ def eval_step(state: TrainState, images_BxHxWx1: jax.Array, labels_B: jax.Array,
 
 
 def predict_logits_step(state: TrainState, images_BxHxWx1: jax.Array,
-                        norm: Normalization = Normalization()) -> jax.Array:
+                        norm: Normalization) -> jax.Array:
     """Logits (B, 10) in evaluation mode."""
     return state.apply_fn({"params": state.params}, normalize(images_BxHxWx1, norm), train=False)
 
@@ -113,7 +105,7 @@ eval_step_jit = jax.jit(eval_step)
 @functools.partial(jax.jit, static_argnames="batch_size", donate_argnums=0)
 def train_epoch(state: TrainState, images_NxHxWx1: jax.Array, labels_N: jax.Array,
                 key: jax.Array, *, batch_size: int,
-                norm: Normalization = Normalization()) -> tuple[TrainState, Sums]:
+                norm: Normalization) -> tuple[TrainState, Sums]:
     """One epoch: shuffle with `key`, then every full batch as one `lax.scan` of `train_step`.
 
     The N % batch_size examples left over by the shuffle are skipped this epoch (fixed
@@ -132,17 +124,17 @@ def train_epoch(state: TrainState, images_NxHxWx1: jax.Array, labels_N: jax.Arra
     return state, jax.tree_util.tree_map(jnp.sum, sums_S)
 
 
-def _padded_batches(x_NxD: jax.Array, batch_size: int) -> jax.Array:
-    """(N, ...) -> (ceil(N / batch_size), batch_size, ...), zero-padded at the end."""
-    n = x_NxD.shape[0]
+def _padded_batches(array: jax.Array, batch_size: int) -> jax.Array:
+    """(N, ...) -> (S, B, ...) with S = ceil(N / B) and B = batch_size, zero-padded at the end."""
+    n = array.shape[0]
     pad = -n % batch_size
-    x = jnp.pad(x_NxD, [(0, pad)] + [(0, 0)] * (x_NxD.ndim - 1))
-    return x.reshape((n + pad) // batch_size, batch_size, *x_NxD.shape[1:])
+    padded = jnp.pad(array, [(0, pad)] + [(0, 0)] * (array.ndim - 1))
+    return padded.reshape((n + pad) // batch_size, batch_size, *array.shape[1:])
 
 
 @functools.partial(jax.jit, static_argnames="batch_size")
 def evaluate(state: TrainState, images_NxHxWx1: jax.Array, labels_N: jax.Array, *,
-             batch_size: int, norm: Normalization = Normalization()) -> Sums:
+             batch_size: int, norm: Normalization) -> Sums:
     """Summed loss and correct count over all N examples: the last batch is padded and masked."""
     mask_N = jnp.ones(labels_N.shape, bool)
     xs = tuple(_padded_batches(a, batch_size) for a in (images_NxHxWx1, labels_N, mask_N))
@@ -152,7 +144,7 @@ def evaluate(state: TrainState, images_NxHxWx1: jax.Array, labels_N: jax.Array, 
 
 @functools.partial(jax.jit, static_argnames="batch_size")
 def predict_logits(state: TrainState, images_NxHxWx1: jax.Array, *, batch_size: int,
-                   norm: Normalization = Normalization()) -> jax.Array:
+                   norm: Normalization) -> jax.Array:
     """Logits (N, 10) for all N images, computed batch by batch."""
     n = images_NxHxWx1.shape[0]
     batches = _padded_batches(images_NxHxWx1, batch_size)

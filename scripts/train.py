@@ -1,4 +1,4 @@
-"""Train a Fashion-MNIST classifier: `python scripts/train.py --manual-dir ../shared/datasets/fashion_mnist`."""
+"""Train a Fashion-MNIST classifier: `python scripts/train.py --manual-dir DIR` (DIR: the four official .gz files)."""
 
 from fmnist_jax.cli import train_main
 

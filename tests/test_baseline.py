@@ -17,10 +17,10 @@ from fmnist_jax.baseline import exchange, order  # noqa: E402
 from fmnist_jax.baseline import torch_lenet as tl  # noqa: E402
 from fmnist_jax.errors import FmnistError  # noqa: E402
 from fmnist_jax.models import LeNet5, TutorialCNN  # noqa: E402
-from fmnist_jax.steps import (Normalization, create_train_state, evaluate,  # noqa: E402
-                              normalize, train_epoch)
+from fmnist_jax.data import HALF  # noqa: E402
+from fmnist_jax.steps import create_train_state, evaluate, normalize, train_epoch  # noqa: E402
 
-NORM = Normalization()
+NORM = HALF
 
 
 def random_images(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -70,7 +70,7 @@ def max_tree_diff(a, b) -> float:
 # ---------------------------------------------------------------- model and exchange
 
 
-def test_torch_lenet5_has_seed_002_param_count():
+def test_torch_lenet5_has_the_report_param_count():
     model = tl.TorchLeNet5()
     assert tl.count_torch_params(model) == 61_706
     assert list(model.state_dict()) == list(exchange.TORCH_SHAPES)
@@ -138,7 +138,7 @@ def test_compiled_model_state_dict_is_accepted():
 
 
 # The batch-order helpers (order.py) are checked end to end against a train.py run in
-# tests/test_bench.py::test_order_helpers_reproduce_a_train_py_run.
+# tests/test_order.py::test_order_helpers_reproduce_a_training_run.
 
 
 # ---------------------------------------------------------------- same steps in both frameworks
@@ -152,24 +152,24 @@ def test_torch_and_jax_take_the_same_adam_steps():
     state = create_train_state(LeNet5(), optax.adam(1e-3), jax.random.key(0)).replace(
         params=copy, opt_state=optax.adam(1e-3).init(copy))
     jax_state, jax_sums = train_epoch(state, jnp.asarray(images), jnp.asarray(labels), key,
-                                      batch_size=64)
+                                      batch_size=64, norm=HALF)
     batches_SxB = order.jax_epoch_batch_order(key, len(labels), 64)
 
-    tuned = tl.make_setup(params=init_params)
-    tuned_sums = tl.train_epoch_tuned(tuned, tl.to_device_split(images, labels), batches_SxB)
-    tuned_params = exchange.torch_state_dict_to_flax(tuned.model.state_dict())
-    assert max_tree_diff(tuned_params, jax_state.params) < 1e-4
-    assert max_tree_diff(tuned_params, init_params) > 1e-3  # the steps did move the weights
-    assert tuned_sums.count == int(jax_sums.count) == 320
-    assert tuned_sums.loss == pytest.approx(float(jax_sums.loss), rel=1e-5)
-    assert tuned_sums.correct == int(jax_sums.correct)
+    tensors = tl.make_setup(params=init_params)
+    tensors_sums = tl.train_epoch_tensors(tensors, tl.to_device_split(images, labels), batches_SxB)
+    tensors_params = exchange.torch_state_dict_to_flax(tensors.model.state_dict())
+    assert max_tree_diff(tensors_params, jax_state.params) < 1e-4
+    assert max_tree_diff(tensors_params, init_params) > 1e-3  # the steps did move the weights
+    assert tensors_sums.count == int(jax_sums.count) == 320
+    assert tensors_sums.loss == pytest.approx(float(jax_sums.loss), rel=1e-5)
+    assert tensors_sums.correct == int(jax_sums.correct)
 
-    seed_style = tl.make_setup(params=init_params)
-    loader = tl.seed_style_loader(tl.SeedStyleDataset(images, labels), batches_SxB=batches_SxB)
-    seed_sums = tl.train_epoch_seed_style(seed_style, loader)
-    seed_params = exchange.torch_state_dict_to_flax(seed_style.model.state_dict())
-    assert max_tree_diff(seed_params, tuned_params) < 1e-6
-    assert seed_sums.count == 320
+    loader_run = tl.make_setup(params=init_params)
+    loader = tl.dataloader(tl.PerSampleDataset(images, labels), batches_SxB=batches_SxB)
+    loader_sums = tl.train_epoch_dataloader(loader_run, loader)
+    loader_params = exchange.torch_state_dict_to_flax(loader_run.model.state_dict())
+    assert max_tree_diff(loader_params, tensors_params) < 1e-6
+    assert loader_sums.count == 320
 
 
 def test_evaluate_counts_every_example_like_jax():
@@ -178,7 +178,8 @@ def test_evaluate_counts_every_example_like_jax():
     setup = tl.make_setup(params=params)
     sums = tl.evaluate(setup, tl.to_device_split(images, labels, "cpu"), batch_size=1000)
     state = create_train_state(LeNet5(), optax.adam(1e-3), jax.random.key(0)).replace(params=params)
-    jax_sums = evaluate(state, jnp.asarray(images), jnp.asarray(labels), batch_size=1000)
+    jax_sums = evaluate(state, jnp.asarray(images), jnp.asarray(labels), batch_size=1000,
+                        norm=HALF)
     assert sums.count == 1050
     assert sums.loss == pytest.approx(float(jax_sums.loss), rel=1e-5)
     assert sums.correct == int(jax_sums.correct)
@@ -187,9 +188,9 @@ def test_evaluate_counts_every_example_like_jax():
 # ---------------------------------------------------------------- input pipelines
 
 
-def test_seed_style_dataset_is_to_tensor_plus_normalize():
+def test_per_sample_dataset_is_to_tensor_plus_normalize():
     images, labels = random_images(150, seed=5)
-    dataset = tl.SeedStyleDataset(images, labels)
+    dataset = tl.PerSampleDataset(images, labels)
     image, label = dataset[7]
     assert image.shape == (1, 28, 28) and image.dtype == torch.float32
     assert label == int(labels[7])
@@ -197,15 +198,15 @@ def test_seed_style_dataset_is_to_tensor_plus_normalize():
     np.testing.assert_allclose(image[0].numpy(), expected, atol=1e-7)
     assert image.min() >= -1.0 and image.max() <= 1.0
 
-    batches = list(tl.seed_style_loader(dataset, batch_size=64, seed=0))
+    batches = list(tl.dataloader(dataset, batch_size=64, seed=0))
     assert [len(y) for _, y in batches] == [64, 64, 22]  # the last partial batch is kept
     assert batches[0][0].shape == (64, 1, 28, 28) and batches[0][1].dtype == torch.int64
-    again = list(tl.seed_style_loader(dataset, batch_size=64, seed=0))
+    again = list(tl.dataloader(dataset, batch_size=64, seed=0))
     assert all(torch.equal(a[1], b[1]) for a, b in zip(batches, again))  # seeded shuffle
     assert not torch.equal(batches[0][1], torch.from_numpy(labels[:64].astype(np.int64)))
 
 
-def test_tuned_order_drops_the_partial_batch_and_checks_input():
+def test_tensors_order_drops_the_partial_batch_and_checks_input():
     batches_SxB = tl.torch_batch_order(150, 64, torch.Generator().manual_seed(0))
     assert batches_SxB.shape == (2, 64) and len(np.unique(batches_SxB)) == 128
     setup = tl.make_setup()
@@ -213,7 +214,7 @@ def test_tuned_order_drops_the_partial_batch_and_checks_input():
     assert data.images_Nx1xHxW.dtype == torch.uint8
     assert data.images_Nx1xHxW.stride() == (784, 784, 28, 1)  # plain NCHW, not channels-last
     with pytest.raises(FmnistError, match="outside the 150 examples"):
-        tl.train_epoch_tuned(setup, data, np.array([[0, 150]]))
+        tl.train_epoch_tensors(setup, data, np.array([[0, 150]]))
     with pytest.raises(FmnistError, match=r"uint8 images of shape \(N, 28, 28, 1\)"):
         tl.to_device_split(np.zeros((4, 28, 28), np.uint8), np.zeros(4, np.int32))
     with pytest.raises(FmnistError, match="use 'cpu' or 'cuda'"):

@@ -327,6 +327,7 @@ def test_bootstrap_ci_narrows_with_more_data_and_ignores_batching(big_case):
     assert tuple(map(float, rebatched)) == tuple(map(float, small))
 
 
+@pytest.mark.slow  # a wall-clock bound: outside the fast set
 def test_bootstrap_1000_resamples_of_10000_is_fast(big_case):
     logits_NxC, labels_N, _ = big_case
     key = jax.random.key(3)

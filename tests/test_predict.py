@@ -12,14 +12,14 @@ import optax
 import pytest
 from PIL import Image
 
-from fmnist_jax import FmnistError, checkpoint
+from fmnist_jax import FmnistError, runs
 from fmnist_jax.data import CLASS_NAMES
 from fmnist_jax.models import get_model
 from fmnist_jax.predict import (load_image, load_images, load_predictor, predict_probs,
                                 top_k)
-from fmnist_jax.predict_cli import predict_main
+from fmnist_jax.cli import predict_main
 from fmnist_jax.steps import TrainState, predict_logits
-from tests.conftest import REPO, make_split
+from tests.helpers import REPO, make_split
 
 
 @pytest.fixture(scope="module")
@@ -42,11 +42,11 @@ def _save(path, array, mode=None, **kwargs):
 @pytest.fixture(scope="module")
 def logits_3xC(run_dir, images_3xHxWx1):
     """The logits through steps.predict_logits directly, as an independent reference."""
-    cfg = checkpoint.load_config(run_dir)
+    cfg = runs.load_config(run_dir)
     state = TrainState.create(apply_fn=get_model(cfg.model).apply,
-                              params=checkpoint.load_params(run_dir, cfg), tx=optax.identity())
+                              params=runs.load_params(run_dir, cfg), tx=optax.identity())
     return np.asarray(predict_logits(state, images_3xHxWx1, batch_size=3,
-                                     norm=checkpoint.load_normalization(run_dir)))
+                                     norm=runs.load_normalization(run_dir)))
 
 
 # --- loading pictures -------------------------------------------------------------------
@@ -192,7 +192,7 @@ def test_top_k_must_be_1_to_10():
 def test_temperature_softens_the_probabilities_but_keeps_the_ranking(tmp_path, run_dir,
                                                                      images_3xHxWx1, logits_3xC):
     calibrated_dir = shutil.copytree(run_dir, tmp_path / "calibrated")
-    checkpoint.save_json(calibrated_dir / checkpoint.CALIBRATION_FILE, {"temperature": 2.0})
+    runs.save_calibration(calibrated_dir, 2.0, n_validation=100)
     plain, calibrated = load_predictor(run_dir), load_predictor(calibrated_dir)
     assert calibrated.calibrated and calibrated.temperature == 2.0
     probs_1 = predict_probs(plain, images_3xHxWx1)
@@ -207,10 +207,10 @@ def test_temperature_softens_the_probabilities_but_keeps_the_ranking(tmp_path, r
 
 def test_a_bad_temperature_is_refused(tmp_path, run_dir):
     bad_dir = shutil.copytree(run_dir, tmp_path / "bad")
-    (bad_dir / checkpoint.CALIBRATION_FILE).write_text('{"temperature": -1}')
+    (bad_dir / runs.CALIBRATION_FILE).write_text('{"temperature": -1}')
     with pytest.raises(FmnistError, match="not a positive number"):
         load_predictor(bad_dir)
-    (bad_dir / checkpoint.CALIBRATION_FILE).write_text('{"temp')
+    (bad_dir / runs.CALIBRATION_FILE).write_text('{"temp')
     with pytest.raises(FmnistError, match="calibration.json is malformed"):
         load_predictor(bad_dir)
 
@@ -275,7 +275,7 @@ def _one_error_line(capsys, argv) -> str:
 
 def test_cli_run_folder_without_a_model_is_one_line(tmp_path, run_dir, capsys):
     broken = shutil.copytree(run_dir, tmp_path / "broken")
-    shutil.rmtree(broken / checkpoint.PARAMS_DIR)
+    shutil.rmtree(broken / runs.PARAMS_DIR)
     png = _save(tmp_path / "x.png", np.zeros((28, 28), np.uint8))
     assert "has no model" in _one_error_line(capsys, [str(broken), str(png)])
     assert "not a run folder" in _one_error_line(capsys, [str(tmp_path / "nowhere"), str(png)])
@@ -283,8 +283,8 @@ def test_cli_run_folder_without_a_model_is_one_line(tmp_path, run_dir, capsys):
 
 def test_cli_checkpoint_of_another_model_is_one_line(tmp_path, run_dir):
     other = shutil.copytree(run_dir, tmp_path / "other")
-    config = json.loads((other / checkpoint.CONFIG_FILE).read_text())
-    (other / checkpoint.CONFIG_FILE).write_text(json.dumps({**config, "model": "cnn"}))
+    config = json.loads((other / runs.CONFIG_FILE).read_text())
+    (other / runs.CONFIG_FILE).write_text(json.dumps({**config, "model": "cnn"}))
     png = _save(tmp_path / "x.png", np.zeros((28, 28), np.uint8))
     result = subprocess.run([sys.executable, "scripts/predict.py", str(other), str(png)],
                             capture_output=True, text=True, cwd=REPO, timeout=120)

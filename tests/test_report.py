@@ -5,11 +5,11 @@ import sys
 import numpy as np
 import pytest
 
-from fmnist_jax import checkpoint
+from fmnist_jax import runs
 from fmnist_jax.config import get_config
-from fmnist_jax.report import REPORT_JSON, REPORT_TEXT, evaluate_run
+from fmnist_jax.report import evaluate_run
 from fmnist_jax.train import train_and_evaluate
-from tests.conftest import REPO, make_split
+from tests.helpers import REPO, make_split
 
 
 pytestmark = pytest.mark.slow  # trains, then compiles a dozen metrics: about 20 s
@@ -35,12 +35,12 @@ def test_report_agrees_with_training_and_writes_its_files(evaluated_run):
     assert report["n_validation"] == 120 and report["n_test"] == 300
     assert {"val_loss", "val_accuracy"} <= set(history[0])  # evaluated every epoch
     assert np.sum(report["confusion_matrix"]) == 300
-    for name in (REPORT_TEXT, REPORT_JSON, "confusion_matrix.png", "reliability.png",
-                 "curves.png", checkpoint.CALIBRATION_FILE):
+    for name in (runs.REPORT_TEXT_FILE, runs.REPORT_JSON_FILE, *runs.PLOT_FILES.values(),
+                 runs.CALIBRATION_FILE):
         assert (run_dir / name).stat().st_size > 0, name
-    assert json.loads((run_dir / REPORT_JSON).read_text())["temperature"] == report["temperature"]
-    assert checkpoint.load_temperature(run_dir) == report["temperature"] > 0
-    text = (run_dir / REPORT_TEXT).read_text()
+    assert json.loads((run_dir / runs.REPORT_JSON_FILE).read_text())["temperature"] == report["temperature"]
+    assert runs.load_temperature(run_dir) == report["temperature"] > 0
+    text = (run_dir / runs.REPORT_TEXT_FILE).read_text()
     assert "Ankle boot" in text and "macro avg" in text and "ECE" in text
 
 

@@ -5,9 +5,10 @@ import numpy as np
 import optax
 
 from fmnist_jax.models import get_model
-from fmnist_jax.steps import (Normalization, create_train_state, eval_step_jit, evaluate,
+from fmnist_jax.data import HALF
+from fmnist_jax.steps import (create_train_state, eval_step_jit, evaluate,
                               predict_logits, train_epoch, train_step, train_step_jit)
-from tests.conftest import make_split
+from tests.helpers import make_split
 
 
 _ADAM = {lr: optax.adam(lr) for lr in (1e-3, 1e-2)}  # one tx object each: jit caches on it
@@ -25,17 +26,17 @@ def _batch(n=16, seed=0):
 def test_normalization_maps_pixels_to_minus_one_one():
     from fmnist_jax.steps import normalize
     x = jnp.array([0, 255, 51], jnp.uint8)
-    np.testing.assert_allclose(normalize(x, Normalization()), [-1.0, 1.0, -0.6], atol=1e-6)
+    np.testing.assert_allclose(normalize(x, HALF), [-1.0, 1.0, -0.6], atol=1e-6)
 
 
 def test_train_step_is_pure_and_jit_agrees():
     images, labels = _batch(4)
     key = jax.random.key(3)
     state = _state()
-    s1, m1 = train_step(state, images, labels, key)
-    s2, m2 = train_step(state, images, labels, key)
+    s1, m1 = train_step(state, images, labels, key, HALF)
+    s2, m2 = train_step(state, images, labels, key, HALF)
     chex.assert_trees_all_equal((s1.params, s1.opt_state, m1), (s2.params, s2.opt_state, m2))
-    s3, m3 = jax.jit(train_step)(_state(), images, labels, key)
+    s3, m3 = jax.jit(train_step)(_state(), images, labels, key, HALF)
     chex.assert_trees_all_close((s1.params, m1), (s3.params, m3), rtol=1e-5, atol=1e-5)
     assert int(s1.step) == 1
 
@@ -46,7 +47,7 @@ def test_train_step_does_not_retrace_across_steps():
     step_fn = jax.jit(traced, donate_argnums=0)
     state = _state()
     for i in range(4):
-        state, _ = step_fn(state, images, labels, jax.random.key(i))
+        state, _ = step_fn(state, images, labels, jax.random.key(i), HALF)
     assert int(state.step) == 4
 
 
@@ -55,7 +56,7 @@ def test_loss_falls_when_overfitting_one_batch():
     state = _state()
     losses = []
     for i in range(60):
-        state, sums = train_step_jit(state, images, labels, jax.random.key(i))
+        state, sums = train_step_jit(state, images, labels, jax.random.key(i), HALF)
         losses.append(float(sums.loss / sums.count))
     assert losses[-1] < 0.1 * losses[0], losses[::10]
 
@@ -65,12 +66,12 @@ def test_train_epoch_equals_a_loop_of_train_steps():
     split = make_split(200)
     images, labels = jnp.asarray(split.images_NxHxWx1), jnp.asarray(split.labels_N)
     key = jax.random.key(7)
-    scanned, sums = train_epoch(_state(), images, labels, key, batch_size=64)
+    scanned, sums = train_epoch(_state(), images, labels, key, batch_size=64, norm=HALF)
     perm_key, step_key = jax.random.split(key)
     order = np.asarray(jax.random.permutation(perm_key, 200))[:192].reshape(3, 64)
     state, step_keys = _state(), jax.random.split(step_key, 3)
     for idx, k in zip(order, step_keys):
-        state, _ = train_step_jit(state, images[idx], labels[idx], k)
+        state, _ = train_step_jit(state, images[idx], labels[idx], k, HALF)
     chex.assert_trees_all_close(scanned.params, state.params, rtol=1e-5, atol=1e-6)
     assert int(sums.count) == 192 and int(scanned.step) == 3
 
@@ -80,9 +81,9 @@ def test_evaluate_counts_every_example_with_a_partial_batch():
     images, labels = jnp.asarray(split.images_NxHxWx1), jnp.asarray(split.labels_N)
     state = _state(lr=1e-2)
     for i in range(5):
-        state, _ = train_step_jit(state, images[:64], labels[:64], jax.random.key(i))
-    sums = evaluate(state, images, labels, batch_size=100)  # 10 full batches + 3
-    logits = np.asarray(predict_logits(state, images, batch_size=100))
+        state, _ = train_step_jit(state, images[:64], labels[:64], jax.random.key(i), HALF)
+    sums = evaluate(state, images, labels, batch_size=100, norm=HALF)  # 10 full batches + 3
+    logits = np.asarray(predict_logits(state, images, batch_size=100, norm=HALF))
     assert logits.shape == (1003, 10)
     assert int(sums.count) == 1003
     assert int(sums.correct) == int(np.sum(logits.argmax(-1) == split.labels_N))
@@ -93,16 +94,16 @@ def test_evaluate_counts_every_example_with_a_partial_batch():
 def test_eval_step_ignores_masked_examples():
     images, labels = _batch(8)
     mask = jnp.arange(8) < 5
-    full = eval_step_jit(_state(), images[:5], labels[:5], jnp.ones(5, bool))
-    masked = eval_step_jit(_state(), images, labels, mask)
+    full = eval_step_jit(_state(), images[:5], labels[:5], jnp.ones(5, bool), HALF)
+    masked = eval_step_jit(_state(), images, labels, mask, HALF)
     chex.assert_trees_all_close(full, masked, rtol=1e-6)
 
 
 def test_same_seed_same_epoch():
     split = make_split(256)
     images, labels = jnp.asarray(split.images_NxHxWx1), jnp.asarray(split.labels_N)
-    a, _ = train_epoch(_state(), images, labels, jax.random.key(1), batch_size=32)
-    b, _ = train_epoch(_state(), images, labels, jax.random.key(1), batch_size=32)
+    a, _ = train_epoch(_state(), images, labels, jax.random.key(1), batch_size=32, norm=HALF)
+    b, _ = train_epoch(_state(), images, labels, jax.random.key(1), batch_size=32, norm=HALF)
     chex.assert_trees_all_equal(a.params, b.params)
-    c, _ = train_epoch(_state(), images, labels, jax.random.key(2), batch_size=32)
+    c, _ = train_epoch(_state(), images, labels, jax.random.key(2), batch_size=32, norm=HALF)
     assert not np.allclose(a.params["fc3"]["bias"], c.params["fc3"]["bias"])

@@ -6,17 +6,12 @@ import jax
 import numpy as np
 import pytest
 
-from fmnist_jax import FmnistError, checkpoint
+from fmnist_jax import FmnistError, data, runs
 from fmnist_jax.config import get_config
-from fmnist_jax.steps import Normalization, predict_logits
-from fmnist_jax.train import normalization_for, split_train_val, train_and_evaluate
-from tests.conftest import REPO, make_split, tiny_config
-
-
-def _run(cfg, workdir, splits):
-    train, test = splits
-    return train_and_evaluate(cfg, workdir, train=train, test=test, log_fn=lambda s: None,
-                              progress=False)
+from fmnist_jax.data import HALF, normalization_for, split_train_val
+from fmnist_jax.steps import predict_logits
+from tests.helpers import REPO, make_split, tiny_config
+from tests.helpers import train_quietly as _run
 
 
 def test_run_folder_learns_and_is_reproducible(tmp_path, tiny_splits, tiny_run):
@@ -27,19 +22,18 @@ def test_run_folder_learns_and_is_reproducible(tmp_path, tiny_splits, tiny_run):
     assert history[-1]["test_accuracy"] > 0.5  # 10 classes: chance is 0.1
     # Same seed, same bytes; timings live apart in timing.jsonl.
     _run(cfg, tmp_path, tiny_splits)
-    assert (tmp_path / checkpoint.HISTORY_FILE).read_bytes() == (
-        run_dir / checkpoint.HISTORY_FILE).read_bytes()
-    assert checkpoint.load_config(run_dir) == cfg
-    params = checkpoint.load_params(run_dir, cfg)
+    assert (tmp_path / runs.HISTORY_FILE).read_bytes() == (
+        run_dir / runs.HISTORY_FILE).read_bytes()
+    assert runs.load_config(run_dir) == cfg
+    params = runs.load_params(run_dir, cfg)
     jax.tree_util.tree_map(np.testing.assert_array_equal, params, state.params)
-    timing = [json.loads(line) for line in (run_dir / checkpoint.TIMING_FILE).open()]
+    timing = [json.loads(line) for line in (run_dir / runs.TIMING_FILE).open()]
     assert "compile_seconds" in timing[0] and len(timing) == 3
 
 
 def test_validation_split_is_stratified_disjoint_and_seeded():
     train = make_split(400, seed=2)
-    cfg = get_config(val_fraction=0.25)
-    rest, val = split_train_val(cfg, train)
+    rest, val = split_train_val(train, 0.25, seed=0)
     assert len(rest) + len(val) == 400 and len(val) == sum(
         round(0.25 * n) for n in np.bincount(train.labels_N))
     # Stratified: each class keeps its share; disjoint: no image in both parts.
@@ -47,29 +41,29 @@ def test_validation_split_is_stratified_disjoint_and_seeded():
                                np.round(0.25 * np.bincount(train.labels_N, minlength=10)))
     rows = {r.tobytes() for r in rest.images_NxHxWx1}
     assert not any(v.tobytes() in rows for v in val.images_NxHxWx1)
-    _, val_again = split_train_val(cfg, train)
+    _, val_again = split_train_val(train, 0.25, seed=0)
     np.testing.assert_array_equal(val.images_NxHxWx1, val_again.images_NxHxWx1)
-    _, val_other = split_train_val(get_config(val_fraction=0.25, seed=1), train)
+    _, val_other = split_train_val(train, 0.25, seed=1)
     assert not np.array_equal(val.images_NxHxWx1, val_other.images_NxHxWx1)
-    assert split_train_val(get_config(val_fraction=0.0), train) == (train, None)
+    assert split_train_val(train, 0.0, seed=0) == (train, None)
 
 
 def test_an_existing_run_is_not_overwritten(tiny_splits, tiny_run):
     run_dir = tiny_run[0]
-    before = (run_dir / checkpoint.HISTORY_FILE).read_bytes()
+    before = (run_dir / runs.HISTORY_FILE).read_bytes()
     with pytest.raises(FmnistError, match="already holds a run"):
         _run(tiny_config(), run_dir, tiny_splits)
-    assert (run_dir / checkpoint.HISTORY_FILE).read_bytes() == before
+    assert (run_dir / runs.HISTORY_FILE).read_bytes() == before
 
 
 def test_checkpoint_of_another_model_is_refused(tmp_path, tiny_run):
     run_dir = tiny_run[0]
     with pytest.raises(FmnistError, match="another model than 'cnn'"):
-        checkpoint.load_params(run_dir, get_config(model="cnn"))
+        runs.load_params(run_dir, get_config(model="cnn"))
     with pytest.raises(FmnistError, match="not a run folder"):
-        checkpoint.load_config(run_dir / "params")
+        runs.load_config(run_dir / "params")
     with pytest.raises(FmnistError, match="has no model"):
-        checkpoint.load_params(tmp_path / "elsewhere", get_config())
+        runs.load_params(tmp_path / "elsewhere", get_config())
 
 
 def test_batch_larger_than_the_data_is_a_user_error(tmp_path, tiny_splits):
@@ -81,7 +75,12 @@ def test_batch_larger_than_the_data_is_a_user_error(tmp_path, tiny_splits):
     (["--model", "foo"], "unknown model 'foo'"),
     (["--preset", "bar"], "unknown preset 'bar'"),
     (["--batch-size", "0"], "batch size must be at least 1"),
-    (["--lr", "-0.1"], "learning rate must be positive"),
+    (["--learning-rate", "-0.1"], "learning rate must be positive"),
+    (["--learning-rate", "nan"], "learning rate must be a finite number"),
+    (["--warmup-epochs", "inf"], "warmup epochs must be a finite number"),
+    (["--seed", str(2**63)], "seed must be in [0, 4294967296)"),
+    (["--clip-norm", "big"], "invalid float-or-none value"),
+    (["--colour", "red"], "unrecognized arguments: --colour"),
     (["--epochs", "two"], "invalid int value"),
 ])
 def test_bad_flags_get_one_line_and_exit_1(flags, message):
@@ -94,14 +93,15 @@ def test_bad_flags_get_one_line_and_exit_1(flags, message):
 
 @pytest.mark.slow
 def test_seed_recipe_end_to_end_on_real_data(tmp_path, fashion_mnist):
-    """Two epochs of seed-002 on the real data; the eval count equals an independent count."""
+    """Two epochs of the lenet5 preset on the real data; the eval count equals an independent
+    count."""
     cfg = get_config(epochs=2)
     state, history = _run(cfg, tmp_path, fashion_mnist)
     assert history[-1]["test_accuracy"] > 0.85
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     test = fashion_mnist[1]
     logits = np.asarray(predict_logits(state, test.images_NxHxWx1, batch_size=1000,
-                                       norm=Normalization()))
+                                       norm=HALF))
     correct = int(np.sum(logits.argmax(-1) == test.labels_N))
     assert history[-1]["test_accuracy"] == correct / 10_000
 
@@ -109,12 +109,12 @@ def test_seed_recipe_end_to_end_on_real_data(tmp_path, fashion_mnist):
 def test_dataset_normalization_uses_the_training_pixels():
     images = np.zeros((2, 28, 28, 1), np.uint8)
     images[0] = 255  # half the pixels 1.0, half 0.0: mean 0.5, std 0.5
-    assert normalization_for(get_config(normalization="dataset"), images) == (0.5, 0.5)
+    assert normalization_for("dataset", images) == (0.5, 0.5)
     images[1] = 51  # 0.2: mean 0.6, std 0.4
-    mean, std = normalization_for(get_config(normalization="dataset"), images)
+    mean, std = normalization_for("dataset", images)
     assert (mean, std) == pytest.approx((0.6, 0.4))
-    assert normalization_for(get_config(), images) == Normalization(0.5, 0.5)
+    assert normalization_for("half", images) == HALF
 
 
 def test_run_folder_records_the_normalization(tiny_run):
-    assert checkpoint.load_normalization(tiny_run[0]) == Normalization(0.5, 0.5)
+    assert runs.load_normalization(tiny_run[0]) == HALF

@@ -1,7 +1,8 @@
-"""The PyTorch baseline: seed 002's LeNet-5 recipe in PyTorch, to compare the JAX side against.
+"""The PyTorch baseline: the LeNet-5 report's recipe in PyTorch, to compare the JAX side against.
 
-- `torch_lenet`: the model, the seed-style (per-sample Dataset + DataLoader) and the tuned
-  (whole split on the device, index batches) input pipelines, training and evaluation;
+- `torch_lenet`: the model, the torch-dataloader (per-sample Dataset + DataLoader) and the
+  torch-tensors (whole split on the device, index batches) input pipelines, training and
+  evaluation;
 - `exchange`: Flax params <-> torch state_dict for LeNet-5, exact both ways;
 - `order`: the JAX side's batch order and init from its keys, so torch can be fed the same
   batches from the same init (needs only jax, not torch).

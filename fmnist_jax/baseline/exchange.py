@@ -90,15 +90,15 @@ def fc1_flax_rows_to_torch_columns(kernel_400xO: np.ndarray) -> np.ndarray:
     """fc1's Flax kernel (400, out), rows in H, W, C order -> torch weight (out, 400),
     columns in C, H, W order."""
     h, w, c = FC1_FEATURE_HWC
-    kernel_HxWxCxO = kernel_400xO.reshape(h, w, c, -1)
-    return kernel_HxWxCxO.transpose(3, 2, 0, 1).reshape(-1, h * w * c)
+    kernel_HxWxIxO = kernel_400xO.reshape(h, w, c, -1)
+    return kernel_HxWxIxO.transpose(3, 2, 0, 1).reshape(-1, h * w * c)
 
 
 def fc1_torch_columns_to_flax_rows(weight_Ox400: np.ndarray) -> np.ndarray:
     """The inverse of `fc1_flax_rows_to_torch_columns`."""
     h, w, c = FC1_FEATURE_HWC
-    weight_OxCxHxW = weight_Ox400.reshape(-1, c, h, w)
-    return weight_OxCxHxW.transpose(2, 3, 1, 0).reshape(h * w * c, -1)
+    weight_OxIxHxW = weight_Ox400.reshape(-1, c, h, w)
+    return weight_OxIxHxW.transpose(2, 3, 1, 0).reshape(h * w * c, -1)
 
 
 def _to_torch(x: np.ndarray) -> torch.Tensor:

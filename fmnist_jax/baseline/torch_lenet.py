@@ -1,12 +1,14 @@
-"""Seed 002's recipe in PyTorch: LeNet-5, CrossEntropyLoss, Adam, batch 64, Normalize 0.5/0.5.
+"""The LeNet-5 report's recipe in PyTorch: LeNet-5, CrossEntropyLoss, Adam, batch 64, pixels
+normalized with mean 0.5 and std 0.5 (ToTensor + Normalize((0.5,), (0.5,))).
 
 It reads the same uint8 numpy arrays as the JAX side (`data.Split`), through one of two input
 pipelines, so a benchmark can tell the framework apart from the pipeline:
 
-- seed-style, as the seeds do it: a per-sample `Dataset` that makes each (28, 28, 1) uint8
-  image a normalized float (1, 28, 28) tensor (what ToTensor + Normalize do), batched by a
-  shuffling `DataLoader` (seeded generator, num_workers=0) that keeps the last partial batch;
-- tuned: the whole split as one uint8 tensor on the device, each batch gathered by index and
+- torch-dataloader, as PyTorch tutorials do it: a per-sample `Dataset` that makes each
+  (28, 28, 1) uint8 image a normalized float (1, 28, 28) tensor (what ToTensor + Normalize
+  do), batched by a shuffling `DataLoader` (seeded generator, num_workers=0) that keeps the
+  last partial batch;
+- torch-tensors: the whole split as one uint8 tensor on the device, each batch gathered by index and
   normalized there, the last partial batch dropped as on the JAX side; optionally with the
   model under `torch.compile`.
 
@@ -26,7 +28,7 @@ from typing import NamedTuple
 import numpy as np
 
 from fmnist_jax.errors import FmnistError
-from fmnist_jax.steps import Normalization
+from fmnist_jax.data import HALF, Normalization
 
 try:
     import torch
@@ -41,7 +43,7 @@ from fmnist_jax.baseline.exchange import flax_to_torch_state_dict
 
 
 class TorchLeNet5(nn.Module):
-    """LeNet-5 as seed 002's layer table, 61,706 parameters, same layer names as the Flax
+    """LeNet-5 as the report's layer table, 61,706 parameters, same layer names as the Flax
     `models.LeNet5` so the weight exchange maps conv1 to conv1 and so on.
 
     Inputs are normalized float images (B, 1, 28, 28), NCHW; outputs are logits (B, 10).
@@ -130,7 +132,7 @@ def make_setup(*, learning_rate: float = 1e-3, device: str = "cpu", seed: int = 
                       compiled=compile)
 
 
-# ---------------------------------------------------------------- seed-style pipeline
+# ---------------------------------------------------------------- torch-dataloader pipeline
 
 
 def normalize_uint8(images_uint8: torch.Tensor, norm: Normalization) -> torch.Tensor:
@@ -138,12 +140,12 @@ def normalize_uint8(images_uint8: torch.Tensor, norm: Normalization) -> torch.Te
     return (images_uint8.to(torch.float32) / 255.0 - norm.mean) / norm.std
 
 
-class SeedStyleDataset(Dataset):
+class PerSampleDataset(Dataset):
     """One example at a time, as torchvision's FashionMNIST + ToTensor + Normalize give it:
     a normalized float32 (1, 28, 28) image tensor and an int label."""
 
     def __init__(self, images_NxHxWx1: np.ndarray, labels_N: np.ndarray,
-                 norm: Normalization = Normalization()):
+                 norm: Normalization = HALF):
         _check_arrays(images_NxHxWx1, labels_N)
         self.images_NxHxWx1 = images_NxHxWx1
         self.labels_N = labels_N
@@ -157,10 +159,10 @@ class SeedStyleDataset(Dataset):
         return normalize_uint8(image_1xHxW, self.norm), int(self.labels_N[i])
 
 
-def seed_style_loader(dataset: SeedStyleDataset, *, batch_size: int = 64, seed: int = 0,
+def dataloader(dataset: PerSampleDataset, *, batch_size: int = 64, seed: int = 0,
                       shuffle: bool = True,
                       batches_SxB: np.ndarray | None = None) -> DataLoader:
-    """The seeds' DataLoader: `batch_size`, shuffled by a torch.Generator seeded with `seed`
+    """The tutorials' DataLoader: `batch_size`, shuffled by a torch.Generator seeded with `seed`
     (a new order each pass), num_workers=0, last partial batch kept.
 
     With `batches_SxB` (a (steps, batch) index array, e.g. the JAX side's order) it yields
@@ -174,7 +176,7 @@ def seed_style_loader(dataset: SeedStyleDataset, *, batch_size: int = 64, seed: 
                       num_workers=0, drop_last=False)
 
 
-def train_epoch_seed_style(setup: TorchSetup, loader: Iterable) -> TorchSums:
+def train_epoch_dataloader(setup: TorchSetup, loader: Iterable) -> TorchSums:
     """One pass over `loader`'s (float images, labels) batches, one Adam step each."""
     setup.model.train()
     sums = _DeviceSums(setup.device)
@@ -188,7 +190,7 @@ def train_epoch_seed_style(setup: TorchSetup, loader: Iterable) -> TorchSums:
     return sums.result()
 
 
-# ---------------------------------------------------------------- tuned pipeline
+# ---------------------------------------------------------------- torch-tensors pipeline
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,8 +231,8 @@ def torch_batch_order(n: int, batch_size: int, generator: torch.Generator) -> np
     return order_N[: steps * batch_size].reshape(steps, batch_size).numpy()
 
 
-def train_epoch_tuned(setup: TorchSetup, data: DeviceSplit, batches_SxB: np.ndarray, *,
-                      norm: Normalization = Normalization()) -> TorchSums:
+def train_epoch_tensors(setup: TorchSetup, data: DeviceSplit, batches_SxB: np.ndarray, *,
+                      norm: Normalization = HALF) -> TorchSums:
     """One Adam step per row of `batches_SxB` (indices into `data`): the batch is gathered
     and normalized on the device. Get the order from `torch_batch_order` or, to match the JAX
     side, `order.jax_epoch_batch_order`."""
@@ -252,7 +254,7 @@ def train_epoch_tuned(setup: TorchSetup, data: DeviceSplit, batches_SxB: np.ndar
 
 @torch.no_grad()
 def evaluate(setup: TorchSetup, data: DeviceSplit, *, batch_size: int = 1000,
-             norm: Normalization = Normalization()) -> TorchSums:
+             norm: Normalization = HALF) -> TorchSums:
     """Summed loss and correct count over every example of `data` (the last batch is
     simply shorter; nothing dropped). Runs the plain model: no recompiles for its shape."""
     setup.model.eval()

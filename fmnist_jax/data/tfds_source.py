@@ -12,7 +12,6 @@ or foreign file) becomes one FmnistError line that names the file and the fix.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 import socket
@@ -20,13 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
+from fmnist_jax.data.splits import Split
 from fmnist_jax.errors import FmnistError
 
-CLASS_NAMES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-)
-SPLITS = ("train", "test")
 MANUAL_FILES = (
     "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
     "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz",
@@ -34,19 +29,8 @@ MANUAL_FILES = (
 DATA_DIR_ENV = "FMNIST_DATA_DIR"
 MANUAL_DIR_ENV = "FMNIST_MANUAL_DIR"
 DOWNLOAD_HOST = "fashion-mnist.s3-website.eu-central-1.amazonaws.com"  # tfds's source URL host
-_MANUAL_HINT = (f"pass --manual-dir DIR (or set {MANUAL_DIR_ENV}=DIR) with the four official .gz "
-                f"files, e.g. ../shared/datasets/fashion_mnist")
-
-
-@dataclasses.dataclass(frozen=True)
-class Split:
-    """One whole split on the host: images uint8 (N, 28, 28, 1), labels int32 (N,)."""
-
-    images_NxHxWx1: np.ndarray
-    labels_N: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.labels_N)
+_MANUAL_HINT = (f"pass --manual-dir DIR (or set {MANUAL_DIR_ENV}=DIR), a folder holding the four "
+                f"official .gz files of the Fashion-MNIST release ({', '.join(MANUAL_FILES)})")
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
@@ -157,41 +141,7 @@ def read_split(split: str, data_dir: Path) -> Split:
     return Split(images_NxHxWx1=images, labels_N=labels)
 
 
-def load_split(split: str, *, data_dir: str | os.PathLike | None = None,
-               manual_dir: str | os.PathLike | None = None) -> Split:
-    """One whole split ("train" or "test"), building the prepared folder first if needed."""
-    if split not in SPLITS:
-        raise FmnistError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
-    return read_split(split, prepare(data_dir, manual_dir))
-
-
 def load_fashion_mnist(*, data_dir=None, manual_dir=None) -> tuple[Split, Split]:
     """(train, test) as whole host arrays."""
     prepared = prepare(data_dir, manual_dir)
     return read_split("train", prepared), read_split("test", prepared)
-
-
-def stratified_split(split: Split, fraction: float, key) -> tuple[Split, Split]:
-    """(rest, held_out): `fraction` of each class held out, chosen by the jax.random `key`.
-
-    Per class, round(fraction * class count) images go to `held_out`; both parts keep the
-    original order of the images, so the split depends on nothing but the key.
-    """
-    import jax
-
-    held_out = []
-    classes = np.unique(split.labels_N)
-    for c, class_key in zip(classes, jax.random.split(key, len(classes))):
-        idx = np.flatnonzero(split.labels_N == c)
-        shuffled = np.asarray(jax.random.permutation(class_key, idx))
-        held_out.append(shuffled[: int(round(fraction * len(idx)))])
-    mask = np.zeros(len(split), bool)
-    mask[np.concatenate(held_out)] = True
-    return (Split(split.images_NxHxWx1[~mask], split.labels_N[~mask]),
-            Split(split.images_NxHxWx1[mask], split.labels_N[mask]))
-
-
-def dataset_mean_std(images_NxHxWx1: np.ndarray) -> tuple[float, float]:
-    """Pixel mean and std of uint8 images, on the [0, 1] scale (float64 accumulation)."""
-    pixels = images_NxHxWx1.astype(np.float64) / 255.0
-    return float(pixels.mean()), float(pixels.std())

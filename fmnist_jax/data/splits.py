@@ -1,0 +1,85 @@
+"""The dataset as host arrays: `Split`, the seeded validation split, the pixel normalization."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import numpy as np
+
+from fmnist_jax import streams
+from fmnist_jax.errors import FmnistError
+
+CLASS_NAMES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """One whole split on the host: images uint8 (N, 28, 28, 1), labels int32 (N,)."""
+
+    images_NxHxWx1: np.ndarray
+    labels_N: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels_N)
+
+
+def stratified_split(split: Split, fraction: float, key) -> tuple[Split, Split]:
+    """(rest, held_out): `fraction` of each class held out, chosen by the jax.random `key`.
+
+    Per class, round(fraction * class count) images go to `held_out`; both parts keep the
+    original order of the images, so the split depends on nothing but the key.
+    """
+    import jax
+
+    held_out = []
+    classes = np.unique(split.labels_N)
+    for c, class_key in zip(classes, jax.random.split(key, len(classes))):
+        idx = np.flatnonzero(split.labels_N == c)
+        shuffled = np.asarray(jax.random.permutation(class_key, idx))
+        held_out.append(shuffled[: int(round(fraction * len(idx)))])
+    mask = np.zeros(len(split), bool)
+    mask[np.concatenate(held_out)] = True
+    return (Split(split.images_NxHxWx1[~mask], split.labels_N[~mask]),
+            Split(split.images_NxHxWx1[mask], split.labels_N[mask]))
+
+
+def split_train_val(train: Split, val_fraction: float, seed: int) -> tuple[Split, Split | None]:
+    """A run's training images and its held-out validation split (None if `val_fraction` is 0).
+
+    The same seed always holds out the same images, so the evaluation can find them again.
+    """
+    if val_fraction == 0:
+        return train, None
+    rest, val = stratified_split(train, val_fraction, streams.stream_key(seed, streams.VAL_SPLIT))
+    if len(val) == 0:
+        raise FmnistError(f"val fraction {val_fraction} holds out no image: pass 0 for no "
+                          f"validation split, or a larger fraction")
+    return rest, val
+
+
+class Normalization(NamedTuple):
+    """The model sees (x / 255 - mean) / std: pixels on the [0, 1] scale, then standardized."""
+
+    mean: float
+    std: float
+
+
+HALF = Normalization(0.5, 0.5)  # ToTensor + Normalize((0.5,), (0.5,)): pixels to [-1, 1]
+NORMALIZATIONS = ("half", "dataset")
+
+
+def dataset_mean_std(images_NxHxWx1: np.ndarray) -> tuple[float, float]:
+    """Pixel mean and std of uint8 images, on the [0, 1] scale (float64 accumulation)."""
+    pixels = images_NxHxWx1.astype(np.float64) / 255.0
+    return float(pixels.mean()), float(pixels.std())
+
+
+def normalization_for(kind: str, train_images_NxHxWx1: np.ndarray) -> Normalization:
+    """`kind` "half": HALF; "dataset": the training images' own pixel mean and std."""
+    if kind == "dataset":
+        return Normalization(*dataset_mean_std(train_images_NxHxWx1))
+    return HALF

@@ -1,0 +1,37 @@
+"""Helpers shared by the tests: tiny learnable data, the tiny run's config, paths."""
+
+from pathlib import Path
+
+import numpy as np
+
+from fmnist_jax.data import Split
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_MANUAL_DIR = REPO.parent / "shared" / "datasets" / "fashion_mnist"
+
+
+def make_split(n: int, seed: int = 0) -> Split:
+    """n learnable images: class c has a bright horizontal bar at row 2c+4, plus noise."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, n).astype(np.int32)
+    images = rng.integers(0, 60, (n, 28, 28, 1)).astype(np.uint8)
+    for i, c in enumerate(labels):
+        images[i, 2 * c + 4: 2 * c + 6, 4:24, 0] = 250
+    return Split(images_NxHxWx1=images, labels_N=labels)
+
+
+def tiny_config():
+    """The config of the shared tiny run. Tests that train again use it too, so that XLA
+    compiles the epoch once (no validation split: the run is uncalibrated)."""
+    from fmnist_jax.config import get_config
+
+    return get_config(epochs=2, batch_size=32, eval_batch_size=100, val_fraction=0.0, seed=4)
+
+
+def train_quietly(cfg, workdir, splits):
+    """`train_and_evaluate` on (train, test) `splits`, without logs or a progress bar."""
+    from fmnist_jax.train import train_and_evaluate
+
+    train, test = splits
+    return train_and_evaluate(cfg, workdir, train=train, test=test, log_fn=lambda s: None,
+                              progress=False)
