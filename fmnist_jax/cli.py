@@ -100,19 +100,25 @@ def _add_preset_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_data_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("data")
+    group = parser.add_argument_group(
+        "data", "the official release through tfds (default), or Kaggle's two CSV files")
     group.add_argument("--data-dir", help="tfds data dir holding (or to hold) the prepared "
                        "dataset; default $FMNIST_DATA_DIR or ~/tensorflow_datasets")
     group.add_argument("--manual-dir", help="folder with the four official Fashion-MNIST .gz "
                        "files (train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
                        "t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz), for machines "
                        "without internet; default $FMNIST_MANUAL_DIR")
+    group.add_argument("--train-csv", metavar="FILE", help="Kaggle's fashion-mnist_train.csv "
+                       "(header label,pixel1,...,pixel784): read instead of the tfds folder; "
+                       "needs --test-csv")
+    group.add_argument("--test-csv", metavar="FILE", help="Kaggle's fashion-mnist_test.csv")
 
 
 def _load_data(args: argparse.Namespace):
     from fmnist_jax import data
 
-    return data.load_fashion_mnist(data_dir=args.data_dir, manual_dir=args.manual_dir)
+    return data.load(data_dir=args.data_dir, manual_dir=args.manual_dir,
+                     train_csv=args.train_csv, test_csv=args.test_csv)
 
 
 # ---------------------------------------------------------------------------------------

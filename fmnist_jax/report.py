@@ -112,6 +112,7 @@ def evaluate_run(run_dir: str | Path, *, train: data.Split, test: data.Split,
     cfg = runs.load_config(run_dir)
     params = runs.load_params(run_dir, cfg)
     norm = runs.load_normalization(run_dir)
+    runs.check_data(run_dir, train, test)
     _, val = data.split_train_val(train, cfg.val_fraction, cfg.seed)  # the run's own held-out
     state = inference_state(get_model(cfg.model), params)
 

@@ -6,6 +6,7 @@ A run folder holds:
 | ------------------------------------- | ----------------------- | ------------------------------------- |
 | config.json                           | training, at the start  | the full TrainConfig                  |
 | normalization.json                    | training, at the start  | the pixel mean/std the model saw      |
+| data.json                             | training, at the start  | fingerprints of its train/test data   |
 | history.jsonl                         | training, every epoch   | losses and accuracies (reproducible)  |
 | timing.jsonl                          | training, every epoch   | compile, train and eval seconds       |
 | params/                               | training, at the end    | the parameters (an orbax checkpoint)  |
@@ -28,12 +29,13 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from fmnist_jax.config import TrainConfig
-from fmnist_jax.data import Normalization
+from fmnist_jax.data import Normalization, Split, fingerprint
 from fmnist_jax.errors import FmnistError
 from fmnist_jax.models import get_model
 
 CONFIG_FILE = "config.json"
 NORMALIZATION_FILE = "normalization.json"
+DATA_FILE = "data.json"
 HISTORY_FILE = "history.jsonl"
 TIMING_FILE = "timing.jsonl"
 PARAMS_DIR = "params"
@@ -111,6 +113,26 @@ def load_normalization(run_dir: str | Path) -> Normalization:
         raise FmnistError(f"{path} has mean {norm.mean} and std {norm.std}: std must be a "
                           f"positive number; restore it from the run")
     return norm
+
+
+def save_data_fingerprints(run_dir: Path, train: Split, test: Split) -> None:
+    _write_json(run_dir / DATA_FILE, {"train_sha256": fingerprint(train),
+                                      "test_sha256": fingerprint(test),
+                                      "n_train": len(train), "n_test": len(test)})
+
+
+def check_data(run_dir: str | Path, train: Split, test: Split) -> None:
+    """FmnistError unless `train` and `test` are the images (in the same order) the run was
+    trained on: its validation split is only held out of those. Runs without data.json pass."""
+    path = Path(run_dir) / DATA_FILE
+    if not path.is_file():
+        return
+    stored = _read_json(path)
+    for name, split in (("train", train), ("test", test)):
+        if stored.get(f"{name}_sha256") != fingerprint(split):
+            raise FmnistError(f"the {name} images given are not the ones {run_dir} was trained "
+                              f"on ({len(split)} images here, {stored.get(f'n_{name}')} then): "
+                              f"pass the same data (the same tfds folder, or the same CSV files)")
 
 
 class EpochLog:

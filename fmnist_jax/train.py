@@ -37,6 +37,7 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | Path, *, train: data.Spl
     """
     cfg.validate()
     run_dir = runs.create(workdir)
+    runs.save_data_fingerprints(run_dir, train, test)
     train, val = data.split_train_val(train, cfg.val_fraction, cfg.seed)
     if cfg.batch_size > len(train):
         raise FmnistError(f"batch size {cfg.batch_size} is larger than the {len(train)} training "

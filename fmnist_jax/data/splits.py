@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from typing import NamedTuple
 
 import numpy as np
@@ -25,6 +26,15 @@ class Split:
 
     def __len__(self) -> int:
         return len(self.labels_N)
+
+
+def fingerprint(split: Split) -> str:
+    """SHA-256 of the images and labels, in order: the same data (from tfds or CSV) in the same
+    order gives the same string, so a run can check it is evaluated on what it trained on."""
+    digest = hashlib.sha256()
+    digest.update(np.ascontiguousarray(split.images_NxHxWx1, np.uint8).tobytes())
+    digest.update(np.ascontiguousarray(split.labels_N, np.int32).tobytes())
+    return digest.hexdigest()
 
 
 def stratified_split(split: Split, fraction: float, key) -> tuple[Split, Split]:
