@@ -11,8 +11,19 @@ import time
 
 import jax
 
+from fmnist_jax.augment import Augment
+from fmnist_jax.config import TrainConfig
 from fmnist_jax.data import Normalization
-from fmnist_jax.steps import Sums, TrainState, evaluate, train_epoch
+from fmnist_jax.steps import StepOptions, Sums, TrainState, evaluate, train_epoch
+
+
+def step_options(cfg: TrainConfig) -> StepOptions:
+    """The static options of `cfg`'s training step: label smoothing and augmentation."""
+    return StepOptions(
+        label_smoothing=cfg.label_smoothing,
+        augment=Augment(rotation_degrees=cfg.rotation_degrees, flip_prob=cfg.flip_prob,
+                        translate_fraction=cfg.translate_fraction,
+                        crop_padding=cfg.crop_padding, erasing_prob=cfg.erasing_prob))
 
 
 class CompiledEpochs:
@@ -22,11 +33,12 @@ class CompiledEpochs:
     """
 
     def __init__(self, state: TrainState, train_xy, eval_sets: dict[str, tuple], *,
-                 batch_size: int, eval_batch_size: int, norm: Normalization, key: jax.Array):
+                 batch_size: int, eval_batch_size: int, norm: Normalization, key: jax.Array,
+                 options: StepOptions = StepOptions()):
         self.train_xy, self.eval_sets, self.norm = train_xy, eval_sets, norm
         t0 = time.perf_counter()
         self._epoch_fn = train_epoch.lower(state, *train_xy, key, batch_size=batch_size,
-                                           norm=norm).compile()
+                                           norm=norm, options=options).compile()
         self._eval_fns = {name: evaluate.lower(state, *xy, batch_size=eval_batch_size,
                                                norm=norm).compile()
                           for name, xy in eval_sets.items()}

@@ -56,7 +56,7 @@ class Conv2D(nn.Module):
 
 
 class LeNet5(nn.Module):
-    """LeNet-5 as seed 002's layer table: 61,706 parameters.
+    """LeNet-5 as the LeNet-5 report's layer table: 61,706 parameters.
 
     conv 6@5x5 pad 2, ReLU, pool 2 -> conv 16@5x5 valid, ReLU, pool 2 -> flatten 400
     -> dense 120, ReLU -> dense 84, ReLU -> dense 10.
@@ -78,7 +78,7 @@ class LeNet5(nn.Module):
 
 
 class TutorialCNN(nn.Module):
-    """Seed 001's CNN: conv 16 and 32 (3x3, pad 1), each ReLU + pool 2, dense 1568 -> 128, ReLU -> 10."""
+    """The tutorial's CNN: conv 16 and 32 (3x3, pad 1), each ReLU + pool 2, dense 1568 -> 128, ReLU -> 10."""
 
     num_classes: int = NUM_CLASSES
 
@@ -92,7 +92,50 @@ class TutorialCNN(nn.Module):
         return nn.Dense(self.num_classes, name="fc2")(x)
 
 
-MODELS: dict[str, type[nn.Module]] = {"lenet5": LeNet5, "cnn": TutorialCNN}
+class LeNet5GAP(nn.Module):
+    """The practice article's LeNet-5 variant: the same two convolutions (the first 5x5 with
+    padding), then global average pooling over the 10x10 map in place of the second pool,
+    flatten and the two big dense layers: 16 features -> dense 10. 2,742 parameters."""
+
+    num_classes: int = NUM_CLASSES
+
+    @nn.compact
+    def __call__(self, x_BxHxWx1: jax.Array, *, train: bool = False) -> jax.Array:
+        del train
+        x = max_pool_2x2(nn.relu(Conv2D(6, (5, 5), padding=2, name="conv1")(x_BxHxWx1)))
+        x = nn.relu(Conv2D(16, (5, 5), name="conv2")(x))  # (B, 10, 10, 16)
+        x = jnp.mean(x, axis=(1, 2))  # (B, 16)
+        return nn.Dense(self.num_classes, name="fc")(x)
+
+
+# torch's kaiming_normal_(mode="fan_out", nonlinearity="relu"): N(0, 2 / fan_out), untruncated.
+_KAIMING_FAN_OUT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+class MLP(nn.Module):
+    """The notebook's MLP: 784 -> 512 -> 256 -> 128 -> 10; each hidden layer Dense, BatchNorm,
+    ReLU, Dropout 0.3. Dense kernels Kaiming-normal (fan_out), biases zero, as the notebook
+    initializes them. 569,226 trainable parameters; BatchNorm's running statistics (momentum
+    0.9 here is torch's 0.1, eps 1e-5) live in the "batch_stats" collection."""
+
+    hidden: tuple[int, ...] = (512, 256, 128)
+    dropout_rate: float = 0.3
+    num_classes: int = NUM_CLASSES
+
+    @nn.compact
+    def __call__(self, x_BxHxWx1: jax.Array, *, train: bool = False) -> jax.Array:
+        x = x_BxHxWx1.reshape(x_BxHxWx1.shape[0], -1)  # (B, 784)
+        for i, width in enumerate(self.hidden, start=1):
+            x = nn.Dense(width, kernel_init=_KAIMING_FAN_OUT, name=f"fc{i}")(x)
+            x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                             name=f"bn{i}")(x)
+            x = nn.Dropout(self.dropout_rate, deterministic=not train)(nn.relu(x))
+        return nn.Dense(self.num_classes, kernel_init=_KAIMING_FAN_OUT,
+                        name=f"fc{len(self.hidden) + 1}")(x)
+
+
+MODELS: dict[str, type[nn.Module]] = {"lenet5": LeNet5, "cnn": TutorialCNN,
+                                      "lenet5-gap": LeNet5GAP, "mlp": MLP}
 
 
 @functools.cache

@@ -1,23 +1,28 @@
-"""The optimizer of a config: optax Adam or AdamW, warmup and decay, optional clipping."""
+"""The optimizer of a config: optax Adam, AdamW, SGD with momentum or Nesterov momentum; a
+learning-rate schedule (warmup, then constant, cosine, or reduce-on-plateau); clipping."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import jax
 import optax
 
 if TYPE_CHECKING:  # config imports the names below; the type is only for annotations
     from fmnist_jax.config import TrainConfig
 
-OPTIMIZERS = ("adam", "adamw")
-DECAYS = ("constant", "cosine")
+OPTIMIZERS = ("adam", "adamw", "sgd", "nesterov")
+DECAYS = ("constant", "cosine", "plateau")
+DECAYING_OPTIMIZERS = ("adamw",)  # the ones that use weight_decay
+PLATEAU_RTOL = 1e-4  # an epoch improves when val loss < (1 - rtol) * best: torch's threshold
 
 
 def make_lr_schedule(cfg: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
     """Linear warmup from 0 over `warmup_epochs`, then constant or cosine decay to 0.
 
     The cosine's `decay_steps` counts the warmup too (optax's convention), so the rate
-    reaches 0 exactly at the last step of the last epoch.
+    reaches 0 exactly at the last step of the last epoch. "plateau" is constant here: its
+    reductions are `make_plateau`'s, applied once per epoch on the validation loss.
     """
     total_steps = cfg.epochs * steps_per_epoch
     warmup_steps = int(round(cfg.warmup_epochs * steps_per_epoch))
@@ -32,13 +37,32 @@ def make_lr_schedule(cfg: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
          optax.constant_schedule(cfg.learning_rate)], boundaries=[warmup_steps])
 
 
+def decay_mask(params):
+    """True for the weights that weight decay shrinks: dense and conv kernels (more than one
+    dimension). Biases and BatchNorm's scale and bias (one dimension) are left alone."""
+    return jax.tree_util.tree_map(lambda leaf: leaf.ndim > 1, params)
+
+
 def make_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
     """The config's optimizer, with clipping by global norm first when `clip_norm` is set."""
     lr_fn = make_lr_schedule(cfg, steps_per_epoch)
     if cfg.optimizer == "adamw":
-        tx = optax.adamw(lr_fn, weight_decay=cfg.weight_decay)
+        tx = optax.adamw(lr_fn, weight_decay=cfg.weight_decay, mask=decay_mask)
+    elif cfg.optimizer in ("sgd", "nesterov"):
+        tx = optax.sgd(lr_fn, momentum=cfg.momentum or None,
+                       nesterov=cfg.optimizer == "nesterov")
     else:
         tx = optax.adam(lr_fn)
     if cfg.clip_norm is not None:
         tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), tx)
     return tx
+
+
+def make_plateau(cfg: TrainConfig) -> optax.GradientTransformationExtraArgs | None:
+    """optax's reduce-on-plateau for `decay="plateau"` (else None): the rate is multiplied by
+    `plateau_factor` once `plateau_patience` epochs in a row have not improved the
+    validation loss (optax counts like this; torch's ReduceLROnPlateau waits one epoch more)."""
+    if cfg.decay != "plateau":
+        return None
+    return optax.contrib.reduce_on_plateau(factor=cfg.plateau_factor,
+                                           patience=cfg.plateau_patience, rtol=PLATEAU_RTOL)

@@ -201,7 +201,7 @@ class Predictor:
     """Everything a prediction needs from a run folder, loaded once."""
 
     config: TrainConfig
-    params: Any  # the model's parameter pytree
+    variables: dict  # {"params": ...} and "batch_stats" for BatchNorm models
     normalization: Normalization  # the mean/std the model was trained with
     temperature: float  # divides the logits; 1.0 when the run was not calibrated
     calibrated: bool  # whether `temperature` came from the run's calibration.json
@@ -211,10 +211,10 @@ def load_predictor(run_dir: str | Path) -> Predictor:
     """The model of a run folder written by scripts/train.py; FmnistError if it is not one,
     has no parameters, or its parameters belong to another model than its config.json says."""
     cfg = runs.load_config(run_dir)
-    params = runs.load_params(run_dir, cfg)
+    variables = runs.load_variables(run_dir, cfg)
     norm = runs.load_normalization(run_dir)
     temperature = runs.load_temperature(run_dir)
-    return Predictor(config=cfg, params=params, normalization=norm,
+    return Predictor(config=cfg, variables=variables, normalization=norm,
                      temperature=1.0 if temperature is None else temperature,
                      calibrated=temperature is not None)
 
@@ -247,7 +247,7 @@ def predict_probs(predictor: Predictor, images_NxHxWx1: np.ndarray) -> np.ndarra
     batch_size = min(predictor.config.eval_batch_size, _next_power_of_two(n))
     padded = -n % batch_size
     images_PxHxWx1 = np.pad(images_NxHxWx1, ((0, padded), (0, 0), (0, 0), (0, 0)))
-    state = inference_state(get_model(predictor.config.model), predictor.params)
+    state = inference_state(get_model(predictor.config.model), predictor.variables)
     logits_PxC = predict_logits(state, images_PxHxWx1, batch_size=batch_size,
                                 norm=predictor.normalization)
     probs_PxC = _softmax_with_temperature(logits_PxC, jnp.float32(predictor.temperature))

@@ -110,11 +110,11 @@ def evaluate_run(run_dir: str | Path, *, train: data.Split, test: data.Split,
     as the run did), write the report files there and return the report."""
     run_dir = Path(run_dir)
     cfg = runs.load_config(run_dir)
-    params = runs.load_params(run_dir, cfg)
+    variables = runs.load_variables(run_dir, cfg)
     norm = runs.load_normalization(run_dir)
     runs.check_data(run_dir, train, test)
     _, val = data.split_train_val(train, cfg.val_fraction, cfg.seed)  # the run's own held-out
-    state = inference_state(get_model(cfg.model), params)
+    state = inference_state(get_model(cfg.model), variables)
 
     def logits_of(split):
         return predict_logits(state, jnp.asarray(split.images_NxHxWx1),

@@ -9,7 +9,7 @@ A run folder holds:
 | data.json                             | training, at the start  | fingerprints of its train/test data   |
 | history.jsonl                         | training, every epoch   | losses and accuracies (reproducible)  |
 | timing.jsonl                          | training, every epoch   | compile, train and eval seconds       |
-| params/                               | training, at the end    | the parameters (an orbax checkpoint)  |
+| params/                               | training, at the end    | parameters and BatchNorm statistics   |
 | calibration.json                      | evaluation              | the temperature fit on validation     |
 | report.txt, report.json, *.png        | evaluation              | the report and its plots              |
 
@@ -19,19 +19,20 @@ An existing run is never overwritten. Per-epoch checkpoints will go under `check
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from fmnist_jax.config import TrainConfig
 from fmnist_jax.data import Normalization, Split, fingerprint
 from fmnist_jax.errors import FmnistError
 from fmnist_jax.models import get_model
+from fmnist_jax.steps import init_variables
 
 CONFIG_FILE = "config.json"
 NORMALIZATION_FILE = "normalization.json"
@@ -175,19 +176,21 @@ def load_history(run_dir: str | Path) -> list[dict[str, Any]]:
         raise FmnistError(f"{path} is malformed ({e.msg}): restore it from the run") from e
 
 
-def save_params(run_dir: Path, params) -> None:
+def save_variables(run_dir: Path, variables: dict) -> None:
+    """The model's variables ({"params": ...} and "batch_stats" if it has BatchNorm), orbax."""
     with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(Path(run_dir).absolute() / PARAMS_DIR, params)
+        checkpointer.save(Path(run_dir).absolute() / PARAMS_DIR, variables)
 
 
-def load_params(run_dir: str | Path, cfg: TrainConfig):
-    """The run's parameters, checked against the structure and shapes of `cfg.model`."""
+def load_variables(run_dir: str | Path, cfg: TrainConfig) -> dict:
+    """The run's variables, checked against the structure and shapes of `cfg.model`'s."""
     path = Path(run_dir).absolute() / PARAMS_DIR
     if not path.is_dir():
         raise FmnistError(f"{run_dir} has no model ({PARAMS_DIR}/ is missing): the training did "
                           f"not finish; train again")
-    abstract = jax.eval_shape(get_model(cfg.model).init, jax.random.key(0),
-                              jnp.zeros((1, 28, 28, 1), jnp.float32))["params"]
+    abstract = {name: tree for name, tree in jax.eval_shape(
+        functools.partial(init_variables, get_model(cfg.model)), jax.random.key(0)).items()
+        if tree}
     with ocp.StandardCheckpointer() as checkpointer:
         try:
             stored = checkpointer.metadata(path).item_metadata.tree  # shapes, no data

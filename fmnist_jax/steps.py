@@ -15,16 +15,51 @@ Array names end in their shape (`images_BxHxWx1`); the letters are listed in `fm
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+import inspect
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-from flax.training.train_state import TrainState  # step, apply_fn, params, tx, opt_state
+from flax import struct
+from flax.training import train_state
 
+from fmnist_jax.augment import NONE, Augment, augment_batch
 from fmnist_jax.data import Normalization
 from fmnist_jax.models import NUM_CLASSES
+
+
+class TrainState(train_state.TrainState):
+    """Flax's TrainState (step, apply_fn, params, tx, opt_state) and what else a step needs.
+
+    - `batch_stats`: BatchNorm's running statistics ({} for models without BatchNorm);
+    - `takes_train`: whether the model's `__call__` takes the `train` keyword (see the model
+      contract in `create_train_state`);
+    - `plateau`: the state of a reduce-on-plateau schedule (None without one), whose `scale`
+      multiplies every update; `plateau_update` advances it once per epoch.
+    """
+
+    batch_stats: Any = struct.field(default_factory=dict)
+    takes_train: bool = struct.field(pytree_node=False, default=False)
+    plateau_tx: optax.GradientTransformationExtraArgs | None = struct.field(
+        pytree_node=False, default=None)
+    plateau: Any = None
+
+    def apply_gradients(self, *, grads, **kwargs) -> TrainState:
+        if self.plateau is None:
+            return super().apply_gradients(grads=grads, **kwargs)
+        updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
+        updates = jax.tree_util.tree_map(lambda u: u * self.plateau.scale, updates)
+        return self.replace(step=self.step + 1, params=optax.apply_updates(self.params, updates),
+                            opt_state=opt_state, **kwargs)
+
+
+class StepOptions(NamedTuple):
+    """The static parts of a training step: hashable, so jit compiles once per value."""
+
+    label_smoothing: float = 0.0  # targets (1 - a) one-hot + a / classes
+    augment: Augment = NONE  # on-device augmentation of each training batch
 
 
 class Sums(NamedTuple):
@@ -39,47 +74,101 @@ def normalize(images_BxHxWx1: jax.Array, norm: Normalization) -> jax.Array:
     return (images_BxHxWx1.astype(jnp.float32) / 255.0 - norm.mean) / norm.std
 
 
+def takes_train_flag(model: nn.Module) -> bool:
+    """Whether `model.__call__` has a `train` parameter (the model contract, below)."""
+    return "train" in inspect.signature(model.__call__).parameters
+
+
 @functools.partial(jax.jit, static_argnums=0)
-def init_params(model: nn.Module, key: jax.Array):
-    """`model`'s initial parameters from `key` (traced on a dummy (1, 28, 28, 1) batch).
+def init_variables(model: nn.Module, key: jax.Array) -> dict:
+    """`model`'s initial variables from `key` ("params", and "batch_stats" if it has
+    BatchNorm), traced on a dummy (1, 28, 28, 1) batch in evaluation mode.
 
     Jitted, once per model (modules are hashable): run eagerly, init compiles every small
     op on its own, which takes seconds on CPU.
     """
-    return model.init(key, jnp.zeros((1, 28, 28, 1), jnp.float32))["params"]
+    kwargs = {"train": False} if takes_train_flag(model) else {}
+    return dict(model.init(key, jnp.zeros((1, 28, 28, 1), jnp.float32), **kwargs))
 
 
-def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
-                       key: jax.Array) -> TrainState:
-    """A fresh TrainState: `model`'s parameters initialized from `key`, and `tx`'s state."""
-    return TrainState.create(apply_fn=model.apply, params=init_params(model, key), tx=tx)
+def init_params(model: nn.Module, key: jax.Array):
+    """`model`'s initial parameters from `key` (see `init_variables`)."""
+    return init_variables(model, key)["params"]
+
+
+def create_train_state(model: nn.Module, tx: optax.GradientTransformation, key: jax.Array, *,
+                       plateau_tx: optax.GradientTransformationExtraArgs | None = None
+                       ) -> TrainState:
+    """A fresh TrainState: `model`'s variables initialized from `key`, and `tx`'s state.
+
+    The model contract: any Flax linen module whose `__call__(x)` maps normalized float images
+    (B, 28, 28, 1) to logits (B, classes). Optionally it takes a keyword `train` (True while
+    training: dropout on, BatchNorm updating its statistics; False to evaluate), keeps
+    BatchNorm statistics in the "batch_stats" collection, and draws dropout from the "dropout"
+    rng. `plateau_tx` (optax.contrib.reduce_on_plateau) scales every update by its `scale`.
+    """
+    variables = init_variables(model, key)
+    plateau = None if plateau_tx is None else plateau_tx.init(variables["params"])
+    return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
+                             batch_stats=variables.get("batch_stats", {}),
+                             takes_train=takes_train_flag(model), plateau_tx=plateau_tx,
+                             plateau=plateau)
 
 
 _NO_OPTIMIZER = optax.identity()  # one object: jit caches on the (static) tx's identity
 
 
-def inference_state(model: nn.Module, params) -> TrainState:
-    """A state to evaluate or predict with given parameters (its optimizer does nothing)."""
-    return TrainState.create(apply_fn=model.apply, params=params, tx=_NO_OPTIMIZER)
+def inference_state(model: nn.Module, variables: dict) -> TrainState:
+    """A state to evaluate or predict with `variables` ({"params": ...} and "batch_stats" if
+    the model has BatchNorm); its optimizer does nothing."""
+    return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=_NO_OPTIMIZER,
+                             batch_stats=variables.get("batch_stats", {}),
+                             takes_train=takes_train_flag(model))
 
 
-def _loss_and_sums(params, apply_fn, images_BxHxWx1, labels_B, key, norm, train):
-    logits_BxC = apply_fn({"params": params}, normalize(images_BxHxWx1, norm), train=train,
-                          rngs={"dropout": key})
-    losses_B = optax.softmax_cross_entropy_with_integer_labels(logits_BxC, labels_B)
+def _logits(state: TrainState, params, images_BxHxWx1: jax.Array, norm: Normalization, *,
+            train: bool, key: jax.Array | None = None):
+    """(logits_BxC, batch_stats): the model's forward pass under the model contract. In
+    training, BatchNorm statistics come back updated; otherwise they are returned as they were."""
+    variables = {"params": params}
+    if state.batch_stats:
+        variables["batch_stats"] = state.batch_stats
+    kwargs = {"train": train} if state.takes_train else {}
+    x = normalize(images_BxHxWx1, norm)
+    if train and state.batch_stats:
+        logits_BxC, updated = state.apply_fn(variables, x, rngs={"dropout": key},
+                                             mutable=["batch_stats"], **kwargs)
+        return logits_BxC, updated["batch_stats"]
+    rngs = {"dropout": key} if train else None
+    return state.apply_fn(variables, x, rngs=rngs, **kwargs), state.batch_stats
+
+
+def _loss_and_sums(params, state, images_BxHxWx1, labels_B, key, norm, options: StepOptions):
+    logits_BxC, batch_stats = _logits(state, params, images_BxHxWx1, norm, train=True, key=key)
+    if options.label_smoothing:
+        targets_BxC = optax.smooth_labels(jax.nn.one_hot(labels_B, logits_BxC.shape[-1]),
+                                          options.label_smoothing)
+        losses_B = optax.softmax_cross_entropy(logits_BxC, targets_BxC)
+    else:
+        losses_B = optax.softmax_cross_entropy_with_integer_labels(logits_BxC, labels_B)
     correct = jnp.sum(jnp.argmax(logits_BxC, axis=-1) == labels_B)
     sums = Sums(loss=jnp.sum(losses_B), correct=correct, count=jnp.asarray(labels_B.shape[0]))
-    return jnp.mean(losses_B), sums
+    return jnp.mean(losses_B), (sums, batch_stats)
 
 
 def train_step(state: TrainState, images_BxHxWx1: jax.Array, labels_B: jax.Array,
-               key: jax.Array, norm: Normalization) -> tuple[TrainState, Sums]:
+               key: jax.Array, norm: Normalization,
+               options: StepOptions = StepOptions()) -> tuple[TrainState, Sums]:
     """One optimizer step on the mean cross-entropy of the batch. Pure; jit it yourself or
-    use `train_step_jit`. `key` feeds dropout in models that have it."""
+    use `train_step_jit`. `key` feeds dropout, and augmentation when `options` asks for it
+    (images then go through `augment.augment_batch` first)."""
+    if options.augment.active:
+        key, augment_key = jax.random.split(key)
+        images_BxHxWx1 = augment_batch(images_BxHxWx1, augment_key, options.augment)
     grad_fn = jax.value_and_grad(_loss_and_sums, has_aux=True)
-    (_, sums), grads = grad_fn(state.params, state.apply_fn, images_BxHxWx1, labels_B, key,
-                               norm, True)
-    return state.apply_gradients(grads=grads), sums
+    (_, (sums, batch_stats)), grads = grad_fn(state.params, state, images_BxHxWx1, labels_B,
+                                              key, norm, options)
+    return state.apply_gradients(grads=grads, batch_stats=batch_stats), sums
 
 
 def eval_step(state: TrainState, images_BxHxWx1: jax.Array, labels_B: jax.Array,
@@ -94,18 +183,27 @@ def eval_step(state: TrainState, images_BxHxWx1: jax.Array, labels_B: jax.Array,
 
 def predict_logits_step(state: TrainState, images_BxHxWx1: jax.Array,
                         norm: Normalization) -> jax.Array:
-    """Logits (B, 10) in evaluation mode."""
-    return state.apply_fn({"params": state.params}, normalize(images_BxHxWx1, norm), train=False)
+    """Logits (B, 10) in evaluation mode (dropout off, BatchNorm's running statistics)."""
+    return _logits(state, state.params, images_BxHxWx1, norm, train=False)[0]
 
 
-train_step_jit = jax.jit(train_step, donate_argnums=0)
+@jax.jit
+def plateau_update(state: TrainState, val_loss: jax.Array) -> TrainState:
+    """Advance the reduce-on-plateau schedule by one epoch whose validation loss is
+    `val_loss`: after `patience` epochs without improvement its scale shrinks by `factor`."""
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+    _, plateau = state.plateau_tx.update(zeros, state.plateau, value=val_loss)
+    return state.replace(plateau=plateau)
+
+
+train_step_jit = jax.jit(train_step, donate_argnums=0, static_argnames="options")
 eval_step_jit = jax.jit(eval_step)
 
 
-@functools.partial(jax.jit, static_argnames="batch_size", donate_argnums=0)
+@functools.partial(jax.jit, static_argnames=("batch_size", "options"), donate_argnums=0)
 def train_epoch(state: TrainState, images_NxHxWx1: jax.Array, labels_N: jax.Array,
-                key: jax.Array, *, batch_size: int,
-                norm: Normalization) -> tuple[TrainState, Sums]:
+                key: jax.Array, *, batch_size: int, norm: Normalization,
+                options: StepOptions = StepOptions()) -> tuple[TrainState, Sums]:
     """One epoch: shuffle with `key`, then every full batch as one `lax.scan` of `train_step`.
 
     The N % batch_size examples left over by the shuffle are skipped this epoch (fixed
@@ -118,7 +216,7 @@ def train_epoch(state: TrainState, images_NxHxWx1: jax.Array, labels_N: jax.Arra
 
     def body(state, xs):
         idx_B, key = xs
-        return train_step(state, images_NxHxWx1[idx_B], labels_N[idx_B], key, norm)
+        return train_step(state, images_NxHxWx1[idx_B], labels_N[idx_B], key, norm, options)
 
     state, sums_S = jax.lax.scan(body, state, (batches_SxB, jax.random.split(step_key, steps)))
     return state, jax.tree_util.tree_map(jnp.sum, sums_S)

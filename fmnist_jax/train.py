@@ -20,11 +20,11 @@ from tqdm import tqdm
 
 from fmnist_jax import data, runs, streams
 from fmnist_jax.config import TrainConfig
-from fmnist_jax.epochs import CompiledEpochs, rates
+from fmnist_jax.epochs import CompiledEpochs, rates, step_options
 from fmnist_jax.errors import FmnistError
 from fmnist_jax.models import get_model
-from fmnist_jax.optim import make_optimizer
-from fmnist_jax.steps import TrainState, create_train_state
+from fmnist_jax.optim import make_lr_schedule, make_optimizer, make_plateau
+from fmnist_jax.steps import TrainState, create_train_state, plateau_update
 
 
 def train_and_evaluate(cfg: TrainConfig, workdir: str | Path, *, train: data.Split,
@@ -51,7 +51,9 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | Path, *, train: data.Spl
     runs.save_normalization(run_dir, norm)
     steps_per_epoch = len(train) // cfg.batch_size
     state = create_train_state(get_model(cfg.model), make_optimizer(cfg, steps_per_epoch),
-                               streams.stream_key(cfg.seed, streams.INIT))
+                               streams.stream_key(cfg.seed, streams.INIT),
+                               plateau_tx=make_plateau(cfg))
+    lr_fn = make_lr_schedule(cfg, steps_per_epoch)
     eval_sets = {"test": jax.device_put((test.images_NxHxWx1, test.labels_N))}
     if val is not None:
         eval_sets = {"val": jax.device_put((val.images_NxHxWx1, val.labels_N)), **eval_sets}
@@ -61,7 +63,8 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | Path, *, train: data.Spl
     compiled = CompiledEpochs(state, jax.device_put((train.images_NxHxWx1, train.labels_N)),
                               eval_sets, batch_size=cfg.batch_size,
                               eval_batch_size=cfg.eval_batch_size, norm=norm,
-                              key=streams.epoch_shuffle_key(cfg.seed, 1))
+                              key=streams.epoch_shuffle_key(cfg.seed, 1),
+                              options=step_options(cfg))
     log_fn(f"compiled train epoch and eval in {compiled.compile_seconds:.2f} s "
            f"({steps_per_epoch} steps of {cfg.batch_size} per epoch)")
 
@@ -71,14 +74,18 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | Path, *, train: data.Spl
         bar = tqdm(range(1, cfg.epochs + 1), desc="epochs", unit="epoch", disable=not progress,
                    file=sys.stderr, leave=False)
         for epoch in bar:
+            learning_rate = _learning_rate(state, lr_fn)  # this epoch's (its first step's)
             state, train_sums, train_s = compiled.train(
                 state, streams.epoch_shuffle_key(cfg.seed, epoch))
             train_loss, train_acc = rates(train_sums)
             if not math.isfinite(train_loss):
                 raise FmnistError(f"training diverged at epoch {epoch} (loss {train_loss}): "
                                   f"lower --learning-rate or set --clip-norm")
-            row = {"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_acc}
+            row = {"epoch": epoch, "learning_rate": learning_rate, "train_loss": train_loss,
+                   "train_accuracy": train_acc}
             eval_s = _evaluate_into(row, compiled, state)
+            if state.plateau is not None:
+                state = plateau_update(state, row["val_loss"])
             history.append(row)
             epoch_log.epoch(row, {"train_seconds": train_s, "eval_seconds": eval_s})
             bar.set_postfix(loss=f"{train_loss:.4f}", test_acc=f"{row['test_accuracy']:.4f}")
@@ -87,11 +94,19 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | Path, *, train: data.Spl
             log_fn(f"epoch {epoch:3d}  train loss {train_loss:.4f} acc {train_acc:.4f}  "
                    f"{evals}  {train_s:.2f} s (+{eval_s:.2f} s eval)")
         bar.close()
-    runs.save_params(run_dir, state.params)
+    runs.save_variables(run_dir, {"params": state.params,
+                                  **({"batch_stats": state.batch_stats} if state.batch_stats
+                                     else {})})
     correct = int(round(history[-1]["test_accuracy"] * len(test)))
     log_fn(f"final test accuracy: {history[-1]['test_accuracy']:.4f} ({correct}/{len(test)}); "
            f"run folder: {run_dir}")
     return state, history
+
+
+def _learning_rate(state: TrainState, lr_fn) -> float:
+    """The rate the next step uses: the schedule's, times the plateau schedule's scale."""
+    scale = 1.0 if state.plateau is None else float(state.plateau.scale)
+    return float(lr_fn(int(state.step))) * scale
 
 
 def _evaluate_into(row: dict[str, Any], compiled: CompiledEpochs, state: TrainState) -> float:

@@ -7,16 +7,22 @@ import pytest
 from fmnist_jax import FmnistError
 from fmnist_jax.models import Conv2D, count_params, get_model, max_pool_2x2
 
-LENET5_PARAMS = 61_706  # seed 002's layer table: 156 + 2,416 + 48,120 + 10,164 + 850
-CNN_PARAMS = 206_922  # seed 001: 160 + 4,640 + 200,832 + 1,290
+LENET5_PARAMS = 61_706  # the report's layer table: 156 + 2,416 + 48,120 + 10,164 + 850
+CNN_PARAMS = 206_922  # the tutorial's: 160 + 4,640 + 200,832 + 1,290
+LENET5_GAP_PARAMS = 2_742  # 156 + 2,416 + 16 * 10 + 10
+# The notebook's print: dense 401,920 + 131,328 + 32,896 + 1,290, BatchNorm scale and bias
+# 1,024 + 512 + 256 (running statistics are not parameters).
+MLP_PARAMS = 569_226
 
 
-@pytest.mark.parametrize("name,expected", [("lenet5", LENET5_PARAMS), ("cnn", CNN_PARAMS)])
+@pytest.mark.parametrize("name,expected", [("lenet5", LENET5_PARAMS), ("cnn", CNN_PARAMS),
+                                           ("lenet5-gap", LENET5_GAP_PARAMS),
+                                           ("mlp", MLP_PARAMS)])
 def test_param_count_and_output_shape(name, expected):
     model = get_model(name)
-    params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
-    assert count_params(params) == expected
-    logits = jax.eval_shape(model.apply, {"params": params}, jnp.zeros((3, 28, 28, 1)))
+    variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+    assert count_params(variables["params"]) == expected
+    logits = jax.eval_shape(model.apply, variables, jnp.zeros((3, 28, 28, 1)))
     assert logits.shape == (3, 10)
 
 
@@ -54,3 +60,12 @@ def test_max_pool_equals_flax_max_pool():
 def test_unknown_model_is_a_user_error():
     with pytest.raises(FmnistError, match="unknown model 'resnet'"):
         get_model("resnet")
+
+
+def test_mlp_init_is_kaiming_normal_fan_out_with_zero_biases():
+    params = get_model("mlp").init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
+    kernel = np.asarray(params["fc1"]["kernel"])  # (784, 512): fan_out 512
+    assert kernel.std() == pytest.approx(np.sqrt(2 / 512), rel=0.02)
+    assert np.abs(kernel).max() > 3.5 * np.sqrt(2 / 512)  # untruncated, like torch's normal_
+    np.testing.assert_array_equal(params["fc1"]["bias"], 0.0)
+    np.testing.assert_array_equal(params["bn1"]["scale"], 1.0)

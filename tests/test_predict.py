@@ -8,7 +8,6 @@ import sys
 
 import jax
 import numpy as np
-import optax
 import pytest
 from PIL import Image
 
@@ -18,7 +17,7 @@ from fmnist_jax.models import get_model
 from fmnist_jax.predict import (load_image, load_images, load_predictor, predict_probs,
                                 top_k)
 from fmnist_jax.cli import predict_main
-from fmnist_jax.steps import TrainState, predict_logits
+from fmnist_jax.steps import inference_state, predict_logits
 from tests.helpers import REPO, make_split
 
 
@@ -43,8 +42,7 @@ def _save(path, array, mode=None, **kwargs):
 def logits_3xC(run_dir, images_3xHxWx1):
     """The logits through steps.predict_logits directly, as an independent reference."""
     cfg = runs.load_config(run_dir)
-    state = TrainState.create(apply_fn=get_model(cfg.model).apply,
-                              params=runs.load_params(run_dir, cfg), tx=optax.identity())
+    state = inference_state(get_model(cfg.model), runs.load_variables(run_dir, cfg))
     return np.asarray(predict_logits(state, images_3xHxWx1, batch_size=3,
                                      norm=runs.load_normalization(run_dir)))
 

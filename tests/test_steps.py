@@ -1,13 +1,15 @@
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fmnist_jax.models import get_model
 from fmnist_jax.data import HALF
-from fmnist_jax.steps import (create_train_state, eval_step_jit, evaluate,
-                              predict_logits, train_epoch, train_step, train_step_jit)
+from fmnist_jax.models import get_model
+from fmnist_jax.steps import (StepOptions, create_train_state, eval_step_jit, evaluate,
+                              normalize, predict_logits, train_epoch, train_step,
+                              train_step_jit)
 from tests.helpers import make_split
 
 
@@ -24,7 +26,6 @@ def _batch(n=16, seed=0):
 
 
 def test_normalization_maps_pixels_to_minus_one_one():
-    from fmnist_jax.steps import normalize
     x = jnp.array([0, 255, 51], jnp.uint8)
     np.testing.assert_allclose(normalize(x, HALF), [-1.0, 1.0, -0.6], atol=1e-6)
 
@@ -107,3 +108,83 @@ def test_same_seed_same_epoch():
     chex.assert_trees_all_equal(a.params, b.params)
     c, _ = train_epoch(_state(), images, labels, jax.random.key(2), batch_size=32, norm=HALF)
     assert not np.allclose(a.params["fc3"]["bias"], c.params["fc3"]["bias"])
+
+
+# --- models with BatchNorm and dropout, and models users bring -------------------------
+
+def _mlp_state(seed=0):
+    return create_train_state(get_model("mlp"), _ADAM[1e-3], jax.random.key(seed))
+
+
+def test_batchnorm_statistics_move_in_training_and_not_in_evaluation():
+    images, labels = _batch(32)
+    state = _mlp_state()
+    before = state.batch_stats
+    trained, _ = train_step(state, images, labels, jax.random.key(1), HALF)
+    moved = jax.tree_util.tree_map(lambda a, b: float(jnp.abs(a - b).max()), before,
+                                   trained.batch_stats)
+    assert min(jax.tree_util.tree_leaves(moved)) > 0  # every mean and var moved
+    evaluate(trained, images, labels, batch_size=16, norm=HALF)
+    predict_logits(trained, images, batch_size=16, norm=HALF)
+    chex.assert_trees_all_equal(trained.batch_stats, train_step(
+        state, images, labels, jax.random.key(1), HALF)[0].batch_stats)  # pure: no side effect
+
+
+def test_evaluation_uses_the_running_statistics_not_the_batch():
+    images, labels = _batch(32)
+    state = _mlp_state()
+    one = predict_logits(state, images[:1], batch_size=1, norm=HALF)
+    many = predict_logits(state, images, batch_size=32, norm=HALF)
+    np.testing.assert_allclose(one[0], many[0], rtol=1e-5, atol=1e-5)  # batch-independent
+
+
+def test_dropout_differs_between_keys_and_is_off_in_evaluation():
+    images, labels = _batch(32)
+    state = _mlp_state()
+    a, _ = train_step(state, images, labels, jax.random.key(1), HALF)
+    b, _ = train_step(state, images, labels, jax.random.key(2), HALF)
+    c, _ = train_step(state, images, labels, jax.random.key(1), HALF)
+    assert not np.allclose(a.params["fc1"]["kernel"], b.params["fc1"]["kernel"])
+    chex.assert_trees_all_equal(a.params, c.params)
+    x = normalize(images, HALF)
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    eval_1 = get_model("mlp").apply(variables, x, train=False)
+    eval_2 = get_model("mlp").apply(variables, x, train=False)
+    np.testing.assert_array_equal(eval_1, eval_2)
+    train_1 = get_model("mlp").apply(variables, x, train=True, rngs={"dropout": jax.random.key(1)},
+                                     mutable=["batch_stats"])[0]
+    assert not np.allclose(train_1, eval_1)
+
+
+class PlainClassifier(nn.Module):
+    """A user's own module: no `train` keyword, no BatchNorm, no dropout."""
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(10)(x.reshape(x.shape[0], -1))
+
+
+def test_a_users_plain_module_trains_through_the_steps():
+    split = make_split(256)
+    images, labels = jnp.asarray(split.images_NxHxWx1), jnp.asarray(split.labels_N)
+    state = create_train_state(PlainClassifier(), optax.adam(1e-2), jax.random.key(0))
+    assert not state.takes_train and state.batch_stats == {}
+    first = evaluate(state, images, labels, batch_size=64, norm=HALF)
+    state, _ = train_step(state, images[:32], labels[:32], jax.random.key(1), HALF)
+    for epoch in range(3):
+        state, _ = train_epoch(state, images, labels, jax.random.key(epoch), batch_size=32,
+                               norm=HALF)
+    last = evaluate(state, images, labels, batch_size=64, norm=HALF)
+    assert float(last.loss) < 0.5 * float(first.loss)
+    assert int(state.step) == 1 + 3 * 8
+
+
+def test_label_smoothing_is_optax_smooth_labels():
+    images, labels = _batch(16)
+    state = _state()
+    _, sums = train_step(state, images, labels, jax.random.key(0), HALF,
+                         StepOptions(label_smoothing=0.1))
+    logits = predict_logits(state, images, batch_size=16, norm=HALF)
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, 10), 0.1)
+    expected = optax.softmax_cross_entropy(logits, targets).sum()
+    np.testing.assert_allclose(float(sums.loss), float(expected), rtol=1e-5)

@@ -25,8 +25,9 @@ def test_run_folder_learns_and_is_reproducible(tmp_path, tiny_splits, tiny_run):
     assert (tmp_path / runs.HISTORY_FILE).read_bytes() == (
         run_dir / runs.HISTORY_FILE).read_bytes()
     assert runs.load_config(run_dir) == cfg
-    params = runs.load_params(run_dir, cfg)
-    jax.tree_util.tree_map(np.testing.assert_array_equal, params, state.params)
+    variables = runs.load_variables(run_dir, cfg)
+    assert set(variables) == {"params"}  # LeNet-5 has no BatchNorm statistics
+    jax.tree_util.tree_map(np.testing.assert_array_equal, variables["params"], state.params)
     timing = [json.loads(line) for line in (run_dir / runs.TIMING_FILE).open()]
     assert "compile_seconds" in timing[0] and len(timing) == 3
 
@@ -59,11 +60,11 @@ def test_an_existing_run_is_not_overwritten(tiny_splits, tiny_run):
 def test_checkpoint_of_another_model_is_refused(tmp_path, tiny_run):
     run_dir = tiny_run[0]
     with pytest.raises(FmnistError, match="another model than 'cnn'"):
-        runs.load_params(run_dir, get_config(model="cnn"))
+        runs.load_variables(run_dir, get_config(model="cnn"))
     with pytest.raises(FmnistError, match="not a run folder"):
         runs.load_config(run_dir / "params")
     with pytest.raises(FmnistError, match="has no model"):
-        runs.load_params(tmp_path / "elsewhere", get_config())
+        runs.load_variables(tmp_path / "elsewhere", get_config())
 
 
 def test_batch_larger_than_the_data_is_a_user_error(tmp_path, tiny_splits):

@@ -1,0 +1,114 @@
+"""Data augmentation on the device: pure, batched, each image with its own key.
+
+`augment_batch(images_BxHxWx1, key, aug)` draws for every image (the notebook's order):
+a rotation by an angle uniform in +-`rotation_degrees` about the centre, a horizontal flip with
+probability `flip_prob`, a translation uniform in +-`translate_fraction` of the size per axis,
+plus, for "random crop after zero padding", an integer shift uniform in +-`crop_padding`
+pixels (cropping a 28x28 window out of the image padded by p is exactly that shift); then,
+with probability `erasing_prob`, a rectangle of 2%-33% of the area, aspect ratio 0.3-3.3, set
+to 0 (random erasing). Pixels that come from outside the image are 0 (black), as torchvision
+fills them.
+
+The geometric part is one affine map per image, sampled once with bilinear interpolation by
+`jax.scipy.ndimage.map_coordinates`: it is maintained with JAX itself, runs under jit and vmap
+on any backend, and is what dm-pix's affine_transform calls too, so a new dependency would add
+nothing. (torchvision rotates with nearest-neighbour sampling and rounds translations to whole
+pixels by default; bilinear is smoother and exact at whole-pixel shifts.) With every strength
+0 the output equals the input exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+# Random erasing's ranges: torchvision RandomErasing's defaults.
+ERASE_AREA = (0.02, 0.33)
+ERASE_ASPECT = (0.3, 3.3)
+
+
+class Augment(NamedTuple):
+    """Strengths of each augmentation; all 0 is none. Hashable: jit takes it as static."""
+
+    rotation_degrees: float = 0.0
+    flip_prob: float = 0.0
+    translate_fraction: float = 0.0
+    crop_padding: int = 0
+    erasing_prob: float = 0.0
+
+    @property
+    def active(self) -> bool:
+        return any(v != 0 for v in self)
+
+
+NONE = Augment()
+
+
+def augment_batch(images_BxHxWx1: jax.Array, key: jax.Array, aug: Augment) -> jax.Array:
+    """The augmented images as float32 (B, H, W, 1) on the 0..255 scale."""
+    keys_B = jax.random.split(key, images_BxHxWx1.shape[0])
+    images_BxHxW = images_BxHxWx1[..., 0].astype(jnp.float32)
+    return jax.vmap(_augment_one, in_axes=(0, 0, None))(images_BxHxW, keys_B, aug)[..., None]
+
+
+def _augment_one(image_HxW: jax.Array, key: jax.Array, aug: Augment) -> jax.Array:
+    h, w = image_HxW.shape
+    rot_key, flip_key, shift_key, crop_key, erase_key = jax.random.split(key, 5)
+    max_angle = math.radians(aug.rotation_degrees)
+    angle = jax.random.uniform(rot_key, minval=-max_angle, maxval=max_angle)
+    flip = jax.random.bernoulli(flip_key, aug.flip_prob)
+    shift_2 = jax.random.uniform(shift_key, (2,), minval=-1.0, maxval=1.0) * (
+        aug.translate_fraction * jnp.array([h, w], jnp.float32))
+    shift_2 = shift_2 + jax.random.randint(crop_key, (2,), -aug.crop_padding,
+                                           aug.crop_padding + 1).astype(jnp.float32)
+    image_HxW = affine(image_HxW, angle, flip, shift_2)
+    if aug.erasing_prob > 0:
+        image_HxW = _erase(image_HxW, erase_key, aug.erasing_prob)
+    return image_HxW
+
+
+def affine(image_HxW: jax.Array, angle: jax.Array, flip: jax.Array,
+           shift_2: jax.Array) -> jax.Array:
+    """Rotate by `angle` radians (counter-clockwise as displayed, about the centre), flip left
+    and right if `flip`, then shift by `shift_2` (rows, columns) pixels; zero fill.
+
+    Each output pixel p samples the input at the inverse map of p, bilinearly.
+    """
+    h, w = image_HxW.shape
+    rows_HxW, cols_HxW = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32),
+                                      jnp.arange(w, dtype=jnp.float32), indexing="ij")
+    centre_r, centre_c = (h - 1) / 2.0, (w - 1) / 2.0
+    # Undo the shift, then the flip, then the rotation.
+    r = rows_HxW - shift_2[0]
+    c = cols_HxW - shift_2[1]
+    c = jnp.where(flip, (w - 1) - c, c)
+    dr, dc = r - centre_r, c - centre_c
+    cos, sin = jnp.cos(angle), jnp.sin(angle)
+    # Rows grow downwards, so a counter-clockwise turn on screen maps (dr, dc) to
+    # (cos dr - sin dc, sin dr + cos dc); its inverse is the transpose.
+    src_r = cos * dr + sin * dc + centre_r
+    src_c = -sin * dr + cos * dc + centre_c
+    return jax.scipy.ndimage.map_coordinates(image_HxW, [src_r, src_c], order=1,
+                                             mode="constant", cval=0.0)
+
+
+def _erase(image_HxW: jax.Array, key: jax.Array, prob: float) -> jax.Array:
+    """With probability `prob`, zero a random rectangle (area and aspect as torchvision's)."""
+    h, w = image_HxW.shape
+    on_key, area_key, aspect_key, top_key, left_key = jax.random.split(key, 5)
+    area = jax.random.uniform(area_key, minval=ERASE_AREA[0], maxval=ERASE_AREA[1]) * h * w
+    log_aspect = jax.random.uniform(aspect_key, minval=math.log(ERASE_ASPECT[0]),
+                                    maxval=math.log(ERASE_ASPECT[1]))
+    aspect = jnp.exp(log_aspect)
+    eh = jnp.clip(jnp.round(jnp.sqrt(area * aspect)), 1, h).astype(jnp.int32)
+    ew = jnp.clip(jnp.round(jnp.sqrt(area / aspect)), 1, w).astype(jnp.int32)
+    top = jax.random.randint(top_key, (), 0, h - eh + 1)
+    left = jax.random.randint(left_key, (), 0, w - ew + 1)
+    rows_H, cols_W = jnp.arange(h), jnp.arange(w)
+    inside_HxW = (((rows_H >= top) & (rows_H < top + eh))[:, None]
+                  & ((cols_W >= left) & (cols_W < left + ew))[None, :])
+    erase = jax.random.bernoulli(on_key, prob)
+    return jnp.where(erase & inside_HxW, 0.0, image_HxW)
