@@ -11,48 +11,169 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fmnist_jax.errors import FmnistError
 
 NUM_CLASSES = 10
 
 
+# ------------------------------------------------------------------------ conv and pool
+#
+# Why these formulations (measured on a 2-core CPU, see SPEED_NOTES.md and
+# scripts/profile_step.py): LeNet-5's channel counts are tiny (1 -> 6 -> 16), so XLA's CPU
+# convolution is slow, and an im2col matmul with N = 6 output columns is memory-bound: its
+# patch matrix (25 floats per output pixel) is rewritten and re-read several times per step
+# (concatenate, forward matmul, weight-gradient matmul). The row-Toeplitz form below turns
+# each conv into ONE well-shaped matmul per image row: rows (B*Ho, kh*Wp*Cin) @ T (kh*Wp*Cin,
+# Wo*Cout), where T is the kernel laid out as a banded matrix. It does more flops (mostly
+# zeros of T) but moves far less memory, and the CPU matmul kernels are fast at these shapes.
+# The pool's gradient is a custom VJP: one elementwise select that gives each window's
+# gradient to its first maximum, as nn.max_pool's select-and-scatter does (jnp's max
+# gradient instead counts ties with an extra reduction and splits them).
+# On GPU/TPU none of this applies: `conv_and_pool_impl` picks lax's convolution (nn.Conv's,
+# cuDNN) and reduce_window max pooling (nn.max_pool's) there.
+
+
+@jax.custom_vjp
 def max_pool_2x2(x_BxHxWxC: jax.Array) -> jax.Array:
     """2x2 max-pool, stride 2 (H and W even), as a reshape and a max.
 
-    Same values as `nn.max_pool(x, (2, 2), strides=(2, 2))`, but its gradient is an
-    elementwise mask instead of XLA's select-and-scatter, which is slow on CPU.
+    Same values as `nn.max_pool(x, (2, 2), strides=(2, 2))` and the same gradient (to the
+    first maximum of each window in row-major order, ties included), computed as one
+    elementwise select instead of XLA's select-and-scatter, which is slow on CPU.
     """
     b, h, w, c = x_BxHxWxC.shape
     return x_BxHxWxC.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
-class Conv2D(nn.Module):
-    """Stride-1 2D convolution as im2col: kh*kw shifted slices, concatenated, then one matmul.
+def _max_pool_fwd(x_BxHxWxC):
+    m = max_pool_2x2(x_BxHxWxC)
+    return m, (x_BxHxWxC, m)
 
-    Same parameters as `nn.Conv` (`kernel` (kh, kw, Cin, Cout) lecun-normal, `bias` zeros) and
-    the same outputs; on CPU it trains LeNet-5 several times faster, because XLA's CPU
-    convolution is slow for these tiny channel counts while its matmul is fast.
+
+def _max_pool_bwd(res, g_BxHxWxC):
+    x, m = res
+    b, h, w, c = x.shape
+    v = x.reshape(b, h // 2, 2, w // 2, 2, c)
+    taken = jnp.zeros(m.shape, bool)
+    grads = []
+    for i, j in ((0, 0), (0, 1), (1, 0), (1, 1)):  # window order: the first max wins
+        sel = (v[:, :, i, :, j, :] == m) & ~taken
+        taken = taken | sel
+        grads.append(jnp.where(sel, g_BxHxWxC, 0.0))
+    dx = jnp.stack([jnp.stack(grads[0:2], axis=3), jnp.stack(grads[2:4], axis=3)], axis=2)
+    return (dx.reshape(b, h, w, c),)
+
+
+max_pool_2x2.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
+def max_pool_2x2_lax(x_BxHxWxC: jax.Array) -> jax.Array:
+    """nn.max_pool's own formulation (reduce_window max): the GPU/TPU choice."""
+    return nn.max_pool(x_BxHxWxC, (2, 2), strides=(2, 2))
+
+
+def _pad_hw(x_BxHxWxC: jax.Array, p: int) -> jax.Array:
+    return jnp.pad(x_BxHxWxC, ((0, 0), (p, p), (p, p), (0, 0))) if p else x_BxHxWxC
+
+
+def conv2d_toeplitz(x_BxHxWxC: jax.Array, kernel_KHxKWxCxF: jax.Array, padding: int) -> jax.Array:
+    """Stride-1 conv, no bias, as one matmul per image row against a banded kernel matrix.
+
+    out[b, h, (w, f)] = sum_i xpad[b, h + i, (w', c)] T[i, (w', c), (w, f)], with
+    T[i, (w', c), (w, f)] = kernel[i, w' - w, c, f] where 0 <= w' - w < kw, else 0.
+    """
+    kh, kw, c_in, f = kernel_KHxKWxCxF.shape
+    x = _pad_hw(x_BxHxWxC, padding)
+    b, hp, wp, _ = x.shape
+    ho, wo = hp - kh + 1, wp - kw + 1
+    band_PxWxJ = np.zeros((wp, wo, kw), np.float32)  # band[w', w, j] = (w' == w + j)
+    for w in range(wo):
+        band_PxWxJ[w + np.arange(kw), w, np.arange(kw)] = 1.0
+    t_KxN = jnp.einsum("pwj,ijcf->ipcwf", band_PxWxJ, kernel_KHxKWxCxF,
+                       precision=jax.lax.Precision.HIGHEST).reshape(kh * wp * c_in, wo * f)
+    x_BxHpxWC = x.reshape(b, hp, wp * c_in)
+    rows_BxHoxK = jnp.concatenate([x_BxHpxWC[:, i:i + ho, :] for i in range(kh)], axis=-1)
+    return (rows_BxHoxK @ t_KxN).reshape(b, ho, wo, f)
+
+
+def conv2d_im2col(x_BxHxWxC: jax.Array, kernel_KHxKWxCxF: jax.Array, padding: int) -> jax.Array:
+    """Stride-1 conv, no bias, as im2col: kh*kw shifted slices, concatenated, one matmul."""
+    kh, kw, c_in, f = kernel_KHxKWxCxF.shape
+    x = _pad_hw(x_BxHxWxC, padding)
+    ho, wo = x.shape[1] - kh + 1, x.shape[2] - kw + 1
+    patches_BxHxWxK = jnp.concatenate(
+        [x[:, i:i + ho, j:j + wo, :] for i in range(kh) for j in range(kw)], axis=-1)
+    return patches_BxHxWxK @ kernel_KHxKWxCxF.reshape(kh * kw * c_in, f)
+
+
+def conv2d_lax(x_BxHxWxC: jax.Array, kernel_KHxKWxCxF: jax.Array, padding: int) -> jax.Array:
+    """nn.Conv's own formulation (XLA convolution; cuDNN on GPU)."""
+    p = padding
+    return jax.lax.conv_general_dilated(x_BxHxWxC, kernel_KHxKWxCxF, (1, 1), [(p, p), (p, p)],
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+CONV_IMPLS = {"toeplitz": conv2d_toeplitz, "im2col": conv2d_im2col, "lax": conv2d_lax}
+POOL_IMPLS = {"select": max_pool_2x2, "lax": max_pool_2x2_lax}
+
+
+def conv_and_pool_impl(backend: str | None = None) -> tuple[str, str]:
+    """THE place where the conv and pool formulations are chosen, per backend.
+
+    CPU: row-Toeplitz conv and the select-gradient pool (fastest measured, SPEED_NOTES.md);
+    anything else (GPU, TPU): XLA's convolution and reduce_window pool, i.e. nn.Conv and
+    nn.max_pool, which cuDNN and friends already do well.
+    """
+    backend = backend or jax.default_backend()
+    return ("toeplitz", "select") if backend == "cpu" else ("lax", "lax")
+
+
+class Conv2D(nn.Module):
+    """Stride-1 2D convolution + bias, with the formulation picked by `conv_and_pool_impl`.
+
+    Same parameters as `nn.Conv` (`kernel` (kh, kw, Cin, Cout) lecun-normal, `bias` zeros)
+    and the same outputs. `impl` forces one of CONV_IMPLS (tests compare them).
     """
 
     features: int
     kernel_size: tuple[int, int]
     padding: int = 0  # zeros on each side of H and W
+    impl: str | None = None
 
-    @nn.compact
-    def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
+    def params_of(self, c_in: int) -> tuple[jax.Array, jax.Array]:
         kh, kw = self.kernel_size
-        c_in = x_BxHxWxC.shape[-1]
         kernel = self.param("kernel", nn.initializers.lecun_normal(),
                             (kh, kw, c_in, self.features))
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
-        p = self.padding
-        x = jnp.pad(x_BxHxWxC, ((0, 0), (p, p), (p, p), (0, 0))) if p else x_BxHxWxC
-        h_out, w_out = x.shape[1] - kh + 1, x.shape[2] - kw + 1
-        patches_BxHxWxK = jnp.concatenate(
-            [x[:, i:i + h_out, j:j + w_out, :] for i in range(kh) for j in range(kw)], axis=-1)
-        out_BxHxWxF = patches_BxHxWxK @ kernel.reshape(kh * kw * c_in, self.features)
-        return out_BxHxWxF + bias.reshape(1, 1, 1, -1)
+        return kernel, bias
+
+    def conv(self, x_BxHxWxC: jax.Array, kernel: jax.Array) -> jax.Array:
+        impl = self.impl or conv_and_pool_impl()[0]
+        return CONV_IMPLS[impl](x_BxHxWxC, kernel, self.padding)
+
+    @nn.compact
+    def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
+        kernel, bias = self.params_of(x_BxHxWxC.shape[-1])
+        return self.conv(x_BxHxWxC, kernel) + bias.reshape(1, 1, 1, -1)
+
+
+class ConvReluPool(Conv2D):
+    """max_pool_2x2(relu(conv(x) + bias)), computed as relu(pool(conv(x)) + bias).
+
+    The same values (max commutes with adding a per-channel constant and with relu) and the
+    same gradients, with the bias add and relu on 4x fewer elements. Parameters as Conv2D.
+    `pool_impl` forces one of POOL_IMPLS.
+    """
+
+    pool_impl: str | None = None
+
+    @nn.compact
+    def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
+        kernel, bias = self.params_of(x_BxHxWxC.shape[-1])
+        pool = POOL_IMPLS[self.pool_impl or conv_and_pool_impl()[1]]
+        return nn.relu(pool(self.conv(x_BxHxWxC, kernel)) + bias.reshape(1, 1, 1, -1))
 
 
 class LeNet5(nn.Module):
@@ -67,10 +188,8 @@ class LeNet5(nn.Module):
     @nn.compact
     def __call__(self, x_BxHxWx1: jax.Array, *, train: bool = False) -> jax.Array:
         del train  # no dropout or batch norm: the same function in training and evaluation
-        x = nn.relu(Conv2D(6, (5, 5), padding=2, name="conv1")(x_BxHxWx1))
-        x = max_pool_2x2(x)  # (B, 14, 14, 6)
-        x = nn.relu(Conv2D(16, (5, 5), name="conv2")(x))
-        x = max_pool_2x2(x)  # (B, 5, 5, 16)
+        x = ConvReluPool(6, (5, 5), padding=2, name="conv1")(x_BxHxWx1)  # (B, 14, 14, 6)
+        x = ConvReluPool(16, (5, 5), name="conv2")(x)  # (B, 5, 5, 16)
         x = x.reshape(x.shape[0], -1)  # (B, 400), flattened in H, W, C order
         x = nn.relu(nn.Dense(120, name="fc1")(x))
         x = nn.relu(nn.Dense(84, name="fc2")(x))
@@ -85,8 +204,8 @@ class TutorialCNN(nn.Module):
     @nn.compact
     def __call__(self, x_BxHxWx1: jax.Array, *, train: bool = False) -> jax.Array:
         del train
-        x = max_pool_2x2(nn.relu(Conv2D(16, (3, 3), padding=1, name="conv1")(x_BxHxWx1)))
-        x = max_pool_2x2(nn.relu(Conv2D(32, (3, 3), padding=1, name="conv2")(x)))
+        x = ConvReluPool(16, (3, 3), padding=1, name="conv1")(x_BxHxWx1)  # (B, 14, 14, 16)
+        x = ConvReluPool(32, (3, 3), padding=1, name="conv2")(x)  # (B, 7, 7, 32)
         x = x.reshape(x.shape[0], -1)  # (B, 1568)
         x = nn.relu(nn.Dense(128, name="fc1")(x))
         return nn.Dense(self.num_classes, name="fc2")(x)
@@ -102,7 +221,7 @@ class LeNet5GAP(nn.Module):
     @nn.compact
     def __call__(self, x_BxHxWx1: jax.Array, *, train: bool = False) -> jax.Array:
         del train
-        x = max_pool_2x2(nn.relu(Conv2D(6, (5, 5), padding=2, name="conv1")(x_BxHxWx1)))
+        x = ConvReluPool(6, (5, 5), padding=2, name="conv1")(x_BxHxWx1)  # (B, 14, 14, 6)
         x = nn.relu(Conv2D(16, (5, 5), name="conv2")(x))  # (B, 10, 10, 16)
         x = jnp.mean(x, axis=(1, 2))  # (B, 16)
         return nn.Dense(self.num_classes, name="fc")(x)

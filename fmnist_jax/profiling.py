@@ -1,0 +1,174 @@
+"""Per-image cost of a LeNet-5 training step, JAX against torch-tensors PyTorch, in one process.
+
+Used by `scripts/profile_step.py`. Every number is a wall-clock time read after
+`block_until_ready` (JAX) or after the step loop returns (torch on CPU runs synchronously),
+with compilation and torch's first steps excluded. The machine is shared and noisy, so the
+figures that mean something are RATIOS of runs interleaved in the same process: each round
+runs every pipeline once, and the median over rounds is reported.
+
+- `step_costs`: one `steps.train_epoch` (a `lax.scan` of K train steps, shuffled gather
+  included) against `torch_lenet.train_epoch_tensors` over the same K batches.
+- `op_breakdown`: one JAX step's time split by layer, by timing jitted forward+backward
+  pieces in isolation (see its docstring for what each piece contains).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fmnist_jax.data import HALF
+from fmnist_jax.steps import create_train_state, train_epoch
+
+
+def random_images(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return (rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8),
+            rng.integers(0, 10, n).astype(np.int32))
+
+
+class JaxEpoch:
+    """`steps.train_epoch` of `model` + Adam, compiled once for (n images, batch)."""
+
+    def __init__(self, model: nn.Module, images, labels, batch_size: int):
+        self.xy = jax.device_put((images, labels))
+        self.state = create_train_state(model, optax.adam(1e-3), jax.random.key(0))
+        self.key = jax.random.key(1)
+        self.fn = train_epoch.lower(self.state, *self.xy, self.key,
+                                    batch_size=batch_size, norm=HALF).compile()
+        self.run()  # first run: allocations, thread pools
+
+    def run(self) -> float:
+        t0 = time.perf_counter()
+        self.state, sums = self.fn(self.state, *self.xy, self.key, norm=HALF)
+        jax.block_until_ready((self.state, sums))
+        return time.perf_counter() - t0
+
+
+class TorchEpoch:
+    """`torch_lenet.train_epoch_tensors` over a fixed (steps, batch) order."""
+
+    def __init__(self, images, labels, batch_size: int):
+        from fmnist_jax.baseline import torch_lenet as tl
+
+        self.tl = tl
+        self.setup = tl.make_setup(device="cpu", seed=0)
+        self.data = tl.to_device_split(images, labels, "cpu")
+        n = len(labels)
+        self.order = np.random.default_rng(0).permutation(n)[: n // batch_size * batch_size] \
+            .reshape(-1, batch_size)
+        tl.train_epoch_tensors(self.setup, self.data, self.order[:5])  # warm-up
+
+    def run(self) -> float:
+        t0 = time.perf_counter()
+        self.tl.train_epoch_tensors(self.setup, self.data, self.order)
+        return time.perf_counter() - t0
+
+
+def interleaved(runners: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    for _ in range(rounds):
+        for k, fn in runners.items():
+            times[k].append(fn())
+    return times
+
+
+def step_costs(models: dict[str, nn.Module], batch_sizes: Sequence[int] = (64, 256, 1024), *,
+               images_per_run: int = 8192, rounds: int = 5, torch: bool = True,
+               log: Callable[[str], object] = print) -> dict[int, dict[str, float]]:
+    """Median microseconds per image of a training step, per batch size and pipeline.
+
+    Each run trains on `images_per_run` random images (images_per_run // batch steps).
+    Returns {batch: {name: us_per_image}} plus 'name/torch' ratios when torch runs.
+    """
+    out: dict[int, dict[str, float]] = {}
+    images, labels = random_images(images_per_run)
+    for b in batch_sizes:
+        runners: dict[str, Callable[[], float]] = {}
+        if torch:
+            runners["torch"] = TorchEpoch(images, labels, b).run
+        for name, model in models.items():
+            runners[name] = JaxEpoch(model, images, labels, b).run
+        times = interleaved(runners, rounds)
+        n = images_per_run // b * b
+        us = {k: statistics.median(v) / n * 1e6 for k, v in times.items()}
+        if torch:
+            us.update({f"{k}/torch": us[k] / us["torch"] for k in models})
+        out[b] = us
+        log(f"batch {b:5d}: " + "  ".join(
+            f"{k} {v:.3f}" if "/" in k else f"{k} {v:.1f} us/img" for k, v in us.items()))
+    return out
+
+
+# ----------------------------------------------------------------------- per-op breakdown
+
+
+def op_breakdown(model: nn.Module, batch_size: int = 64, *, steps: int = 20,
+                 trace_dir: str | None = None) -> tuple[float, list[tuple[float, str, str, str]]]:
+    """Where one JAX train step's time goes, per compiled XLA op, from a `jax.profiler` trace.
+
+    Runs `steps.train_epoch` (a scan of `steps` train steps) once untraced, then once under
+    `jax.profiler.trace`; the XLA CPU runtime records one event per executed thunk (fusion,
+    dot, concatenate...), named as in the compiled HLO, whose `op_name` metadata says which
+    layer (and forward `jvp` or backward `transpose`) it came from. Returns (sum over thunks in
+    us per step, [(us per step, thunk name, HLO shape, op_name)] most expensive first).
+    """
+    import glob
+    import gzip
+    import json
+    import re
+    import tempfile
+    from collections import Counter
+
+    images, labels = random_images(batch_size * steps)
+    run = JaxEpoch(model, images, labels, batch_size)
+    meta = {}
+    for line in run.fn.as_text().splitlines():
+        m = re.match(r'\s*(?:ROOT )?%?([\w.\-]+) = (\S+) .*op_name="([^"]+)"', line)
+        if m:
+            meta[m.group(1)] = (m.group(2).split("{")[0], m.group(3).split("closed_call/")[-1])
+    trace_dir = trace_dir or tempfile.mkdtemp(prefix="fmnist_trace_")
+    run.run()
+    jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+    run.run()
+    jax.profiler.stop_trace()
+    path = sorted(glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True))[-1]
+    events = json.load(gzip.open(path))
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    us = Counter()
+    for e in events:
+        if e.get("ph") == "X" and e.get("name") in meta:
+            us[e["name"]] += e["dur"]
+    rows = [(v / steps, k, *meta[k]) for k, v in us.most_common()]
+    return sum(r[0] for r in rows), rows
+
+
+class _LegacyLeNet5(nn.Module):
+    """LeNet-5 as before the speed work: im2col conv, then bias, ReLU, and a reshape-max pool
+    differentiated by jnp (ties counted and split). Same parameters; for comparisons."""
+
+    @nn.compact
+    def __call__(self, x, *, train: bool = False):
+        from fmnist_jax.models import Conv2D
+
+        def pool(x):
+            b, h, w, c = x.shape
+            return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+        x = pool(nn.relu(Conv2D(6, (5, 5), padding=2, impl="im2col", name="conv1")(x)))
+        x = pool(nn.relu(Conv2D(16, (5, 5), impl="im2col", name="conv2")(x)))
+        x = x.reshape(x.shape[0], -1)
+        x = nn.relu(nn.Dense(120, name="fc1")(x))
+        x = nn.relu(nn.Dense(84, name="fc2")(x))
+        return nn.Dense(10, name="fc3")(x)
+
+
+def legacy_lenet5() -> nn.Module:
+    return _LegacyLeNet5()

@@ -1,0 +1,54 @@
+"""Per-image cost of one LeNet-5 training step, JAX vs torch-tensors PyTorch, and where JAX's goes.
+
+    PYTHONPATH=$PWD python scripts/profile_step.py                  # both parts
+    PYTHONPATH=$PWD python scripts/profile_step.py --no-breakdown --rounds 9
+    PYTHONPATH=$PWD python scripts/profile_step.py --impl im2col    # the previous formulation
+
+Part 1 (fmnist_jax.profiling.step_costs): per batch size, a scan of K train steps
+(steps.train_epoch on random uint8 images, compile excluded) and torch_lenet.train_epoch_tensors
+on the same number of images, interleaved round by round in this process; medians of
+microseconds per image and their ratio JAX/torch. On a shared machine only the ratio means
+much. Part 2 (fmnist_jax.profiling.op_breakdown): a jax.profiler trace of one scan, summed
+per XLA thunk, labelled with the layer each came from.
+"""
+
+import argparse
+
+from fmnist_jax import models
+from fmnist_jax.profiling import op_breakdown, step_costs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--batch-sizes", default="64,256,1024")
+    ap.add_argument("--images", type=int, default=8192, help="images per timed run")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--impl", choices=sorted(models.CONV_IMPLS),
+                    help="force this conv formulation (default: the backend's choice)")
+    ap.add_argument("--compare-im2col", action="store_true",
+                    help="also time the previous im2col conv + jnp-max pool")
+    ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--no-breakdown", action="store_true")
+    ap.add_argument("--breakdown-batch", type=int, default=64)
+    ap.add_argument("--top", type=int, default=15)
+    a = ap.parse_args()
+    if a.impl:
+        models.conv_and_pool_impl = lambda backend=None, _i=a.impl: (_i, "select")
+    lenet = models.LeNet5()
+    jax_models = {"jax": lenet}
+    if a.compare_im2col:
+        from fmnist_jax.profiling import legacy_lenet5
+        jax_models["jax-im2col-old"] = legacy_lenet5()
+    step_costs(jax_models, [int(b) for b in a.batch_sizes.split(",")],
+               images_per_run=a.images, rounds=a.rounds, torch=not a.no_torch)
+    if not a.no_breakdown:
+        for label, model in jax_models.items():
+            total, rows = op_breakdown(model, a.breakdown_batch)
+            print(f"\n{label}: per-op breakdown, batch {a.breakdown_batch}: sum of XLA thunks "
+                  f"{total:.0f} us/step = {total / a.breakdown_batch:.1f} us/img")
+            for us, name, shape, op in rows[: a.top]:
+                print(f"  {us:8.0f} us {100 * us / total:5.1f}%  {name:26s} {shape:22s} {op[:64]}")
+
+
+if __name__ == "__main__":
+    main()

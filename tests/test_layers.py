@@ -1,0 +1,152 @@
+"""The CPU conv/pool formulations against flax.linen.Conv / nn.max_pool: outputs AND
+gradients within 1e-5, for every conv and pool shape LeNet5 and TutorialCNN use, plus the
+backend choice and whole-model equality."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from fmnist_jax.models import (CONV_IMPLS, POOL_IMPLS, Conv2D, ConvReluPool, LeNet5,
+                               TutorialCNN, conv_and_pool_impl, max_pool_2x2)
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+# (name, batch input shape H=W, Cin, Cout, kernel, padding): every conv of the two models.
+CONV_SHAPES = [
+    ("lenet5.conv1", 28, 1, 6, 5, 2),
+    ("lenet5.conv2", 14, 6, 16, 5, 0),
+    ("cnn.conv1", 28, 1, 16, 3, 1),
+    ("cnn.conv2", 14, 16, 32, 3, 1),
+]
+# every pool input: (H=W, C)
+POOL_SHAPES = [(28, 6), (10, 16), (28, 16), (14, 32)]
+
+
+def _assert_close_to_scale(x, y):
+    """|x - y| <= 1e-5 * max|y| + 1e-7: within 1e-5 of the array's own scale.
+
+    A gradient entry is a float32 sum of thousands of products; summed in another order (any
+    two conv formulations do) it moves by ~1e-7 of the terms' size, which for entries of
+    size ~50 exceeds a flat 1e-5 even for nn.Conv against itself on another backend.
+    """
+    y = np.asarray(y)
+    np.testing.assert_allclose(x, y, rtol=0, atol=1e-5 * float(np.max(np.abs(y))) + 1e-7)
+
+
+def _assert_trees_close(a, b):
+    jax.tree_util.tree_map(_assert_close_to_scale, a, b)
+
+
+@pytest.mark.parametrize("impl", sorted(CONV_IMPLS))
+@pytest.mark.parametrize("name,hw,c_in,c_out,k,pad", CONV_SHAPES, ids=[s[0] for s in CONV_SHAPES])
+def test_conv_outputs_and_grads_equal_flax_conv(impl, name, hw, c_in, c_out, k, pad):
+    x = jax.random.normal(jax.random.key(1), (3, hw, hw, c_in))
+    ours = Conv2D(c_out, (k, k), padding=pad, impl=impl)
+    reference = nn.Conv(c_out, (k, k), padding=pad)
+    params = ours.init(jax.random.key(2), x)
+    # Same parameter names, shapes and initializer: the same key gives the same weights.
+    jax.tree_util.tree_map(np.testing.assert_array_equal, params,
+                           reference.init(jax.random.key(2), x))
+    cot = jax.random.normal(jax.random.key(3), jax.eval_shape(reference.apply, params, x).shape)
+
+    def loss(module):
+        return jax.jit(jax.value_and_grad(
+            lambda p, x: jnp.sum(module.apply(p, x) * cot), argnums=(0, 1)))
+
+    np.testing.assert_allclose(jax.jit(ours.apply)(params, x),
+                               jax.jit(reference.apply)(params, x), **TOL)
+    (l_ours, g_ours), (l_ref, g_ref) = loss(ours)(params, x), loss(reference)(params, x)
+    np.testing.assert_allclose(l_ours, l_ref, rtol=1e-5)
+    _assert_trees_close(g_ours, g_ref)  # d/dkernel, d/dbias and d/dinput
+
+
+@pytest.mark.parametrize("impl", sorted(POOL_IMPLS))
+@pytest.mark.parametrize("hw,c", POOL_SHAPES)
+def test_pool_outputs_and_grads_equal_flax_max_pool(impl, hw, c):
+    x = jax.random.normal(jax.random.key(0), (3, hw, hw, c))
+    # ReLU'd half: windows of tied zeros, where the gradient must go to the first max only.
+    x = x.at[:, : hw // 2].set(jnp.maximum(x[:, : hw // 2], 0.0))
+    pool = POOL_IMPLS[impl]
+    ref = lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))  # noqa: E731
+    np.testing.assert_array_equal(jax.jit(pool)(x), ref(x))
+    cot = jax.random.normal(jax.random.key(1), ref(x).shape)
+    g_ours = jax.jit(jax.grad(lambda x: jnp.sum(pool(x) * cot)))(x)
+    g_ref = jax.jit(jax.grad(lambda x: jnp.sum(ref(x) * cot)))(x)
+    np.testing.assert_allclose(g_ours, g_ref, **TOL)
+
+
+@pytest.mark.parametrize("name,hw,c_in,c_out,k,pad", CONV_SHAPES, ids=[s[0] for s in CONV_SHAPES])
+def test_conv_relu_pool_equals_flax(name, hw, c_in, c_out, k, pad):
+    """pool(relu(conv + b)) as relu(pool(conv) + b): same values and gradients."""
+    x = jax.random.normal(jax.random.key(1), (3, hw, hw, c_in))
+    ours = ConvReluPool(c_out, (k, k), padding=pad)
+    conv = nn.Conv(c_out, (k, k), padding=pad)
+    params = ours.init(jax.random.key(2), x)
+    params = jax.tree_util.tree_map(lambda p: p + 0.1, params)  # a nonzero bias
+
+    def ref_apply(p, x):
+        return nn.max_pool(nn.relu(conv.apply(p, x)), (2, 2), strides=(2, 2))
+
+    cot = jax.random.normal(jax.random.key(3), jax.eval_shape(ref_apply, params, x).shape)
+    grad = lambda f: jax.jit(jax.grad(lambda p, x: jnp.sum(f(p, x) * cot), argnums=(0, 1)))  # noqa
+    np.testing.assert_allclose(jax.jit(ours.apply)(params, x), jax.jit(ref_apply)(params, x),
+                               **TOL)
+    _assert_trees_close(grad(ours.apply)(params, x), grad(ref_apply)(params, x))
+
+
+class _FlaxLeNet5(nn.Module):
+    """LeNet5 written with nn.Conv and nn.max_pool: the reference for the whole model."""
+
+    @nn.compact
+    def __call__(self, x, *, train=False):
+        pool = lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))  # noqa: E731
+        x = pool(nn.relu(nn.Conv(6, (5, 5), padding=2, name="conv1")(x)))
+        x = pool(nn.relu(nn.Conv(16, (5, 5), padding=0, name="conv2")(x)))
+        x = x.reshape(x.shape[0], -1)
+        x = nn.relu(nn.Dense(120, name="fc1")(x))
+        x = nn.relu(nn.Dense(84, name="fc2")(x))
+        return nn.Dense(10, name="fc3")(x)
+
+
+class _FlaxCNN(nn.Module):
+    @nn.compact
+    def __call__(self, x, *, train=False):
+        pool = lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))  # noqa: E731
+        x = pool(nn.relu(nn.Conv(16, (3, 3), padding=1, name="conv1")(x)))
+        x = pool(nn.relu(nn.Conv(32, (3, 3), padding=1, name="conv2")(x)))
+        x = x.reshape(x.shape[0], -1)
+        x = nn.relu(nn.Dense(128, name="fc1")(x))
+        return nn.Dense(10, name="fc2")(x)
+
+
+@pytest.mark.parametrize("ours,ref", [(LeNet5(), _FlaxLeNet5()), (TutorialCNN(), _FlaxCNN())])
+def test_whole_model_logits_and_grads_equal_flax(ours, ref):
+    x = jax.random.normal(jax.random.key(1), (8, 28, 28, 1))
+    labels = jnp.arange(8) % 10
+    params = ours.init(jax.random.key(0), x)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, params,
+                           ref.init(jax.random.key(0), x))  # same layout and init
+
+    def loss_grad(model):
+        return jax.jit(jax.value_and_grad(lambda p: optax.softmax_cross_entropy_with_integer_labels(
+            model.apply(p, x), labels).mean()))(params)
+
+    np.testing.assert_allclose(jax.jit(ours.apply)(params, x), jax.jit(ref.apply)(params, x),
+                               **TOL)
+    (l_ours, g_ours), (l_ref, g_ref) = loss_grad(ours), loss_grad(ref)
+    np.testing.assert_allclose(l_ours, l_ref, rtol=1e-5)
+    _assert_trees_close(g_ours, g_ref)
+
+
+def test_backend_choice_is_made_in_one_place():
+    assert conv_and_pool_impl("cpu") == ("toeplitz", "select")
+    assert conv_and_pool_impl("gpu") == ("lax", "lax")
+    assert conv_and_pool_impl("tpu") == ("lax", "lax")
+    assert conv_and_pool_impl() == conv_and_pool_impl(jax.default_backend())
+
+
+def test_max_pool_2x2_is_the_select_pool():
+    assert POOL_IMPLS["select"] is max_pool_2x2
