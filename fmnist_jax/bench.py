@@ -24,7 +24,9 @@ import os
 import platform
 import resource
 import statistics
+import tempfile
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import jax
@@ -302,7 +304,37 @@ def markdown_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def save(result: dict[str, Any], path) -> None:
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
+def check_out(path, *, overwrite: bool) -> None:
+    """FmnistError unless the results can be written to `path`: checked before the benchmark
+    runs, by creating (and removing) a file beside it, so an hour of measurements is never
+    lost to a bad --out at the end."""
+    path = Path(path)
+    if path.is_dir():
+        raise FmnistError(f"--out {path} is a folder: pass a file name, e.g. {path / 'bench.json'}")
+    if path.exists() and not overwrite:
+        raise FmnistError(f"--out {path} already exists: pass another --out, delete it, or "
+                          f"pass --overwrite to replace it")
+    folder = path.parent
+    if not folder.is_dir():
+        raise FmnistError(f"--out {path}: the folder {folder} does not exist: create it or "
+                          f"pass another --out")
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{path.name}.", suffix=".probe"):
+            pass
+    except OSError as e:
+        raise FmnistError(f"--out {path} cannot be written ({e.strerror}): pass another --out "
+                          f"in a folder you can write") from e
+
+
+def save(result: dict[str, Any], path, *, overwrite: bool = True) -> None:
+    """The results as JSON; an existing file is replaced only with `overwrite` (a file that
+    appeared while the benchmark ran is then kept, and the error says so)."""
+    try:
+        with open(path, "w" if overwrite else "x") as f:
+            json.dump(result, f, indent=2)
+    except FileExistsError as e:
+        raise FmnistError(f"--out {path} was created while the benchmark ran: pass another "
+                          f"--out, or --overwrite") from e
+    except OSError as e:
+        raise FmnistError(f"cannot write --out {path} ({e.strerror}): pass another --out") from e
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import os
 import sys
-import time
 import typing
 from typing import Any, Callable, NoReturn
 
@@ -38,8 +38,14 @@ def user_errors_exit_1(main_fn: Callable[[list[str] | None], int | None]):
             print(f"error: {e}", file=sys.stderr)
             sys.exit(1)
         except KeyboardInterrupt:
+            # Ctrl-C can land while XLA compiles in its own threads; a normal interpreter
+            # teardown then races those threads and can segfault. Nothing is left to clean
+            # up here (a run folder not yet trained in is given back on the way out), so
+            # flush and leave at once.
             print("interrupted", file=sys.stderr)
-            sys.exit(130)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
         sys.exit(code or 0)
 
     return wrapped
@@ -132,7 +138,8 @@ def train_parser() -> Parser:
     _add_preset_flag(parser)
     add_config_flags(parser)
     run = parser.add_argument_group("run")
-    run.add_argument("--workdir", help="run folder (default runs/PRESET-seedN-TIMESTAMP)")
+    run.add_argument("--workdir", help="run folder: a new or empty folder (default "
+                     "runs/PRESET-seedN-TIMESTAMP-PID)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--no-report", action="store_true",
                      help="skip the evaluation report at the end (scripts/evaluate.py)")
@@ -144,14 +151,20 @@ def train_parser() -> Parser:
 def train_main(argv: list[str] | None = None) -> int:
     args = train_parser().parse_args(argv)
     cfg = config_from_args(args)
+    from fmnist_jax import runs
     from fmnist_jax.report import evaluate_run
     from fmnist_jax.train import train_and_evaluate
 
-    workdir = args.workdir or f"runs/{args.preset}-seed{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
-    train, test = _load_data(args)
-    train_and_evaluate(cfg, workdir, train=train, test=test, progress=not args.no_progress)
+    # Claim the run folder before the data loads: a bad or taken --workdir fails at once.
+    run = runs.claim(args.workdir or runs.default_workdir(args.preset, cfg.seed), cfg)
+    try:
+        train, test = _load_data(args)
+    except BaseException:
+        runs.abandon(run)
+        raise
+    train_and_evaluate(cfg, run, train=train, test=test, progress=not args.no_progress)
     if not args.no_report:
-        evaluate_run(workdir, train=train, test=test)
+        evaluate_run(run.path, train=train, test=test)
     return 0
 
 
@@ -176,12 +189,11 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     args = evaluate_parser().parse_args(argv)
     if args.resamples < 1:
         raise FmnistError(f"--resamples must be at least 1, got {args.resamples}")
-    from fmnist_jax import runs
-    from fmnist_jax.report import evaluate_run
+    from fmnist_jax.report import evaluate_run, load_run
 
-    runs.load_config(args.run_dir)  # a folder that is no run fails before the data loads
+    run = load_run(args.run_dir)  # a damaged or foreign folder fails before the data loads
     train, test = _load_data(args)
-    evaluate_run(args.run_dir, train=train, test=test, n_resamples=args.resamples)
+    evaluate_run(args.run_dir, train=train, test=test, n_resamples=args.resamples, run=run)
     return 0
 
 
@@ -195,7 +207,8 @@ def predict_parser() -> Parser:
     parser = Parser(
         prog="predict.py",
         description="Predict the Fashion-MNIST class of images with a trained run folder.",
-        epilog="Images: PNG, JPEG, BMP or any picture PIL reads (any size, colour or grey), "
+        epilog="Images: PNG, JPEG, BMP, GIF, TIFF, WEBP or PPM/PGM pictures (any size up to "
+               "64 megapixels, colour or grey), "
                "or .npy arrays of shape (28, 28), (28, 28, 1), (N, 28, 28) or (N, 28, 28, 1), "
                "uint8 or floats in [0, 1]. Fashion-MNIST garments are light on black: pass "
                "--dark-on-light for photos on a white background.")
@@ -277,7 +290,11 @@ def bench_parser() -> Parser:
     bench.add_argument("--quick", action="store_true",
                        help=f"1 epoch, 1 seed, {QUICK_TRAIN_IMAGES:,} training images: a smoke "
                             f"test")
-    bench.add_argument("--out", default="bench.json", help="JSON results (default bench.json)")
+    bench.add_argument("--out", default="bench.json",
+                       help="JSON results file (default bench.json); an existing file is "
+                            "refused unless --overwrite is given")
+    bench.add_argument("--overwrite", action="store_true",
+                       help="replace an existing --out file")
     _add_data_flags(parser)
     return parser
 
@@ -300,6 +317,7 @@ def bench_main(argv: list[str] | None = None) -> int:
     if args.train_images is not None and args.train_images < settings.config.batch_size:
         raise FmnistError(f"--train-images must be at least the batch size "
                           f"({settings.config.batch_size}), got {args.train_images}")
+    bench.check_out(args.out, overwrite=args.overwrite)  # before hours of benchmark, not after
     settings = dataclasses.replace(settings, torch_device=bench.choose_device(args.device))
     train, test = _load_data(args)
     if args.train_images:
@@ -311,7 +329,7 @@ def bench_main(argv: list[str] | None = None) -> int:
     result = bench.run_bench(train, test, settings)
     result["command"] = "python scripts/bench.py " + " ".join(argv if argv is not None
                                                               else sys.argv[1:])
-    bench.save(result, args.out)
-    print(bench.markdown_table(result))
+    print(bench.markdown_table(result))  # first: the numbers survive a failing save
+    bench.save(result, args.out, overwrite=args.overwrite)
     print(f"wrote {args.out}")
     return 0

@@ -10,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on training machines
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from fmnist_jax.metrics import Reliability  # noqa: E402
 
@@ -20,7 +21,8 @@ def plot_confusion_matrix(cm_CxC: np.ndarray, class_names: Sequence[str], path: 
     cm_CxC = np.asarray(cm_CxC)
     fig, ax = plt.subplots(figsize=(8, 7))
     image = ax.imshow(cm_CxC, cmap="Blues")
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    colorbar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    colorbar.set_label("test images (count)")
     ticks = np.arange(len(class_names))
     ax.set_xticks(ticks, class_names, rotation=45, ha="right")
     ax.set_yticks(ticks, class_names)
@@ -42,24 +44,35 @@ def plot_reliability(before: Reliability, after: Reliability, ece_before: float,
 
     Bars at each non-empty bin's mean confidence; the diagonal is perfect calibration.
     """
-    fig, axes = plt.subplots(1, 2, figsize=(11, 5), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.5), sharey=True)
     panels = [(before, f"before: T = 1, ECE {100 * ece_before:.2f}%"),
               (after, f"after: T = {temperature:.3f}, ECE {100 * ece_after:.2f}%")]
     for ax, (rel, title) in zip(axes, panels):
         count = np.asarray(rel.count)
+        lower = np.asarray(rel.lower)
         shown = count > 0
         width = 1.0 / max(len(count) - 1, 1)
-        ax.bar(np.asarray(rel.lower)[shown], np.asarray(rel.accuracy)[shown], width=width,
-               align="edge", edgecolor="black", alpha=0.7, label="accuracy in bin")
+        # The last bin holds only confidence exactly 1.0 and starts at 1.0: widen the axis by
+        # one bin so that it is drawn, and mark it as such.
+        bars = ax.bar(lower[shown], np.asarray(rel.accuracy)[shown], width=width,
+                      align="edge", edgecolor="black", alpha=0.7, label="accuracy in bin")
+        if shown[-1]:
+            bars[-1].set_hatch("//")  # the confidence-1.0 bin, apart from the 1/15 bins
+        ax.bar_label(bars, labels=[f"{c:,}" for c in count[shown]], fontsize=7, rotation=90,
+                     padding=2)  # how many images each bar stands on
         ax.plot(np.asarray(rel.confidence)[shown], np.asarray(rel.accuracy)[shown], "o",
                 color="C3", label="(mean confidence, accuracy)")
         ax.plot([0, 1], [0, 1], "k--", label="perfect calibration")
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1)
-        ax.set_xlabel("top-1 confidence")
+        ax.axvline(1.0, color="grey", linewidth=0.8)
+        ax.set_xlim(0, 1 + width)
+        ax.set_ylim(0, 1.2)  # room for the counts above bars that reach 1
+        ax.set_yticks(np.linspace(0, 1, 6))
+        ticks = [0, 0.2, 0.4, 0.6, 0.8, 1 + width / 2]
+        ax.set_xticks(ticks, ["0", "0.2", "0.4", "0.6", "0.8", "=1.0"])
+        ax.set_xlabel("top-1 confidence (bins of 1/15; the last holds confidence exactly 1.0)")
         ax.set_title(title)
-    axes[0].set_ylabel("accuracy")
-    axes[0].legend(loc="upper left")
+    axes[0].set_ylabel("accuracy (numbers above the bars: images in the bin)")
+    axes[0].legend(loc="upper left", fontsize=8)
     fig.suptitle("Reliability diagram (test)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -76,10 +89,14 @@ def plot_training_curves(history: list[dict], path: Path) -> None:
             if key in history[0]:
                 ax.plot(epochs, [row[key] for row in history], "o-", label=split)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         ax.set_ylabel("cross-entropy" if metric == "loss" else "accuracy")
         ax.set_title(metric)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
+    fig.text(0.5, 0.01, "train: mean over the epoch's steps, while the weights change; "
+             "validation and test: measured once, at the end of the epoch",
+             ha="center", fontsize=9, style="italic")
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -20,6 +20,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import stat
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +40,12 @@ from fmnist_jax.steps import inference_state, predict_logits
 
 IMAGE_SIZE = 28
 NPY_MAGIC = b"\x93NUMPY"  # the first bytes of every .npy file, whatever its name
+# The picture formats predict opens (PIL format names; PPM covers PGM and PBM too). Any other
+# format PIL knows is refused before its decoder runs: fewer decoders, fewer surprises.
+PICTURE_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM")
+# A picture larger than this is refused from its header, before decoding: 64 megapixels is
+# more than any camera photo, and a 13000x13000 16-bit PNG would take gigabytes to decode.
+MAX_PICTURE_PIXELS = 64_000_000
 NPY_ACCEPTED = ("uint8 (or integers in 0..255) or floats in [0, 1], of shape (28, 28), "
                 "(28, 28, 1), (N, 28, 28) or (N, 28, 28, 1)")
 
@@ -60,7 +69,8 @@ def load_image(path: str | Path, *, dark_on_light: bool = False) -> np.ndarray:
 def load_images(path: str | Path, *, dark_on_light: bool = False) -> np.ndarray:
     """The images of one file as uint8 (N, 28, 28, 1), in Fashion-MNIST's convention.
 
-    Any picture PIL reads (PNG, JPEG, BMP, ...; any size; colour, grey or with alpha) gives
+    A picture in one of PICTURE_FORMATS (PNG, JPEG, BMP, GIF, TIFF, WEBP, PPM/PGM; up to
+    MAX_PICTURE_PIXELS; colour, grey or with alpha) gives
     N = 1. A NumPy `.npy` file (recognised by its header, not its name) gives its N images;
     see NPY_ACCEPTED. `dark_on_light=True` inverts every image (255 - x), .npy included:
     pass it for photos of garments on a light background. Every problem with the file is an
@@ -79,10 +89,17 @@ def load_images(path: str | Path, *, dark_on_light: bool = False) -> np.ndarray:
 
 def _read_head(path: Path) -> bytes:
     """The file's first bytes; the user errors a path can have, before any decoder sees it."""
-    if not path.exists():
-        raise FmnistError(f"{path}: no such file: check the path")
-    if path.is_dir():
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError as e:
+        raise FmnistError(f"{path}: no such file: check the path") from e
+    except OSError as e:
+        raise FmnistError(f"{path}: cannot be read ({e.strerror}): check the path") from e
+    if stat.S_ISDIR(mode):
         raise FmnistError(f"{path}: is a folder, not an image file: pass the files inside it")
+    if not stat.S_ISREG(mode):  # a FIFO or a device: opening or reading it can block forever
+        raise FmnistError(f"{path}: is not a regular file (a pipe, socket or device): save "
+                          f"the image to a file and pass that")
     try:
         with path.open("rb") as f:
             head = f.read(len(NPY_MAGIC))
@@ -95,15 +112,25 @@ def _read_head(path: Path) -> bytes:
 
 def _picture(path: Path, dark_on_light: bool) -> np.ndarray:
     """A picture file -> uint8 (28, 28, 1): grey, square-padded, resized, light on dark."""
+    too_large = (f"{path}: the picture is larger than {MAX_PICTURE_PIXELS // 1_000_000} "
+                 f"megapixels: resize it first (the model sees 28x28)")
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():  # PIL warns on stderr above its own (higher) limit
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path, formats=PICTURE_FORMATS)
+        with img:
+            width, height = img.size  # from the header: nothing is decoded yet
+            if width * height > MAX_PICTURE_PIXELS:
+                raise FmnistError(f"{too_large} ({width}x{height})")
             img.load()  # decode now: a truncated or damaged file fails here, not later
             img = ImageOps.exif_transpose(img)  # phone photos store their rotation in EXIF
             grey_HxW = _grey(img, background=255 if dark_on_light else 0)
     except UnidentifiedImageError as e:
-        raise FmnistError(f"{path}: not an image file PIL can read: pass a PNG, JPEG, BMP "
-                          f"(or other picture) or a .npy array") from e
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise FmnistError(f"{path}: not an image file in a supported format: pass a PNG, JPEG, BMP, GIF, "
+                          f"TIFF, WEBP or PPM/PGM picture or a .npy array") from e
+    except Image.DecompressionBombError as e:  # PIL's own limit, checked inside open
+        raise FmnistError(too_large) from e
+    except (OSError, SyntaxError, ValueError) as e:
         raise FmnistError(f"{path}: the image is damaged or unsupported ({type(e).__name__}: "
                           f"{e}): open it in an image viewer and save it again as PNG") from e
     square_HxW = _pad_to_square(grey_HxW)
@@ -151,8 +178,38 @@ def _pad_to_square(grey_HxW: np.ndarray) -> np.ndarray:
     return square_HxW
 
 
+def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
+    """The shape and dtype an .npy file's header claims, checked against the file's size
+    before any array is allocated: a 100-byte file claiming a billion images is refused here
+    instead of asking for gigabytes of memory."""
+    try:
+        with path.open("rb") as f:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(f)
+            else:  # 3.0 only differs for structured dtypes, which are refused anyway
+                raise ValueError(f".npy format version {version[0]}.{version[1]} is not supported")
+            data_offset = f.tell()
+    except (ValueError, OSError, EOFError, SyntaxError) as e:
+        raise FmnistError(f"{path}: the .npy header is damaged ({e}): save the array again "
+                          f"with numpy.save") from e
+    if dtype.hasobject:
+        raise FmnistError(f"{path}: the .npy file holds Python objects: save a plain numeric "
+                          f"array with numpy.save")
+    needed = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+    present = os.path.getsize(path) - data_offset
+    if needed > present:
+        raise FmnistError(f"{path}: the .npy header claims shape {shape} of {dtype} "
+                          f"({needed:,} bytes) but the file holds {present:,}: the file is "
+                          f"truncated or damaged; save the array again with numpy.save")
+    return shape, dtype
+
+
 def _npy_images(path: Path) -> np.ndarray:
     """An .npy array -> uint8 (N, 28, 28, 1); anything else is refused, not guessed."""
+    _npy_header(path)
     try:
         array = np.load(path, allow_pickle=False)  # never unpickle: a .npy may come from anyone
     except (ValueError, OSError, EOFError) as e:

@@ -8,6 +8,7 @@ temperature, and three plots: confusion matrix, reliability diagram, training cu
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Callable
 
@@ -17,6 +18,8 @@ import numpy as np
 
 from fmnist_jax import data, metrics, plots, runs, streams
 from fmnist_jax.calibration import apply_temperature, fit_temperature
+from fmnist_jax.config import TrainConfig
+from fmnist_jax.errors import FmnistError
 from fmnist_jax.models import get_model
 from fmnist_jax.steps import inference_state, predict_logits
 
@@ -104,26 +107,54 @@ def ci_pair(bounds) -> str:
     return f"[{100 * bounds[0]:.2f}, {100 * bounds[1]:.2f}]%"
 
 
-def evaluate_run(run_dir: str | Path, *, train: data.Split, test: data.Split,
-                 n_resamples: int = 1000, log_fn: Callable[[str], Any] = print) -> dict:
-    """Evaluate the run in `run_dir` on `test` (and its validation split, held out of `train`
-    as the run did), write the report files there and return the report."""
-    run_dir = Path(run_dir)
+@dataclasses.dataclass(frozen=True)
+class LoadedRun:
+    """Everything the evaluation reads from a run folder, read (and checked) before any data
+    loads and before anything is written."""
+
+    config: TrainConfig
+    variables: dict  # {"params": ...} and "batch_stats" for BatchNorm models
+    normalization: data.Normalization
+    history: list[dict[str, Any]]
+
+
+def load_run(run_dir: str | Path) -> LoadedRun:
+    """The run's config, variables, normalization and history; FmnistError if any is
+    missing or damaged."""
     cfg = runs.load_config(run_dir)
-    variables = runs.load_variables(run_dir, cfg)
-    norm = runs.load_normalization(run_dir)
+    return LoadedRun(config=cfg, normalization=runs.load_normalization(run_dir),
+                     history=runs.load_history(run_dir),
+                     variables=runs.load_variables(run_dir, cfg))
+
+
+def evaluate_run(run_dir: str | Path, *, train: data.Split, test: data.Split,
+                 n_resamples: int = 1000, log_fn: Callable[[str], Any] = print,
+                 run: LoadedRun | None = None) -> dict:
+    """Evaluate the run in `run_dir` on `test` (and its validation split, held out of `train`
+    as the run did), write the report files there and return the report.
+
+    Nothing is written unless every input is sound: a damaged run folder or a model whose
+    logits are not finite leaves the earlier report and calibration as they were."""
+    run_dir = Path(run_dir)
+    run = run or load_run(run_dir)
+    cfg, norm = run.config, run.normalization
     runs.check_data(run_dir, train, test)
     _, val = data.split_train_val(train, cfg.val_fraction, cfg.seed)  # the run's own held-out
-    state = inference_state(get_model(cfg.model), variables)
+    state = inference_state(get_model(cfg.model), run.variables)
 
-    def logits_of(split):
-        return predict_logits(state, jnp.asarray(split.images_NxHxWx1),
-                              batch_size=cfg.eval_batch_size, norm=norm)
+    def logits_of(split, name):
+        logits_NxC = predict_logits(state, jnp.asarray(split.images_NxHxWx1),
+                                    batch_size=cfg.eval_batch_size, norm=norm)
+        if not bool(jnp.all(jnp.isfinite(logits_NxC))):
+            raise FmnistError(f"the model of {run_dir} gives NaN or infinite logits on the "
+                              f"{name} images: its weights are broken; train again (the "
+                              f"earlier report, if any, is kept)")
+        return logits_NxC
 
-    test_logits = logits_of(test)
+    test_logits = logits_of(test, "test")
+    val_logits = None if val is None else logits_of(val, "validation")
     key = streams.stream_key(cfg.seed, streams.BOOTSTRAP)
-    report = compute_report(test_logits, test.labels_N,
-                            None if val is None else logits_of(val),
+    report = compute_report(test_logits, test.labels_N, val_logits,
                             None if val is None else val.labels_N,
                             key=key, n_resamples=n_resamples)
     preds_N = np.asarray(jnp.argmax(test_logits, -1))
@@ -131,14 +162,14 @@ def evaluate_run(run_dir: str | Path, *, train: data.Split, test: data.Split,
     runs.save_report(run_dir, text, report)
     if val is not None:
         runs.save_calibration(run_dir, report["temperature"], report["n_validation"])
-    _write_plots(run_dir, report, test_logits, test.labels_N)
+    _write_plots(run_dir, report, test_logits, test.labels_N, run.history)
     log_fn(text.rstrip())
     log_fn(f"wrote {runs.REPORT_TEXT_FILE}, {runs.REPORT_JSON_FILE}, "
            f"{', '.join(runs.PLOT_FILES.values())} to {run_dir}")
     return report
 
 
-def _write_plots(run_dir: Path, report, logits_NxC, labels_N) -> None:
+def _write_plots(run_dir: Path, report, logits_NxC, labels_N, history) -> None:
     plots.plot_confusion_matrix(np.array(report["confusion_matrix"]), data.CLASS_NAMES,
                                 runs.plot_path(run_dir, "confusion_matrix"))
     t = report["temperature"]
@@ -147,6 +178,5 @@ def _write_plots(run_dir: Path, report, logits_NxC, labels_N) -> None:
                                         labels_N)
     plots.plot_reliability(before, after, report["before_temperature"]["ece"],
                            report["after_temperature"]["ece"], t, runs.plot_path(run_dir, "reliability"))
-    history = runs.load_history(run_dir)
     if history:
         plots.plot_training_curves(history, runs.plot_path(run_dir, "curves"))

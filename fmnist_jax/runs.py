@@ -10,22 +10,34 @@ A run folder holds:
 | history.jsonl                         | training, every epoch   | losses and accuracies (reproducible)  |
 | timing.jsonl                          | training, every epoch   | compile, train and eval seconds       |
 | params/                               | training, at the end    | parameters and BatchNorm statistics   |
+| params.sha256                         | training, at the end    | sha256 of every file under params/    |
 | calibration.json                      | evaluation              | the temperature fit on validation     |
 | report.txt, report.json, *.png        | evaluation              | the report and its plots              |
 
 Timings live apart from the history, so that the same seed writes the same history bytes.
-An existing run is never overwritten. Per-epoch checkpoints will go under `checkpoints/`.
+An existing run is never overwritten: a run claims its folder by creating config.json with
+O_EXCL (`claim`), so of two trainings started on one folder exactly one gets it, and a folder
+holding anything else is refused. Per-epoch checkpoints will go under `checkpoints/`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import errno
 import functools
+import hashlib
 import json
 import math
+import os
+import shutil
+import tempfile
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from fmnist_jax.config import TrainConfig
@@ -40,6 +52,7 @@ DATA_FILE = "data.json"
 HISTORY_FILE = "history.jsonl"
 TIMING_FILE = "timing.jsonl"
 PARAMS_DIR = "params"
+PARAMS_CHECKSUM_FILE = "params.sha256"
 CALIBRATION_FILE = "calibration.json"
 REPORT_TEXT_FILE = "report.txt"
 REPORT_JSON_FILE = "report.json"
@@ -51,21 +64,91 @@ PLOT_FILES = {"confusion_matrix": "confusion_matrix.png", "reliability": "reliab
 # The folder
 
 
-def create(workdir: str | Path) -> Path:
-    """Make the run folder (parents too) for a new run; refuse one that already holds a run."""
+@dataclasses.dataclass(frozen=True)
+class Claim:
+    """A run folder this process owns: it created the folder's config.json exclusively."""
+
+    path: Path
+    config: TrainConfig
+    made_folder: bool  # the folder did not exist before: `abandon` may remove it
+
+
+def default_workdir(preset: str, seed: int) -> Path:
+    """runs/PRESET-seedN-TIMESTAMP-PID: the pid keeps apart two runs started in the same
+    second (the exclusive claim refuses any collision that is left)."""
+    return Path("runs") / f"{preset}-seed{seed}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+
+
+def claim(workdir: str | Path, cfg: TrainConfig) -> Claim:
+    """Claim `workdir` for a new run of `cfg`: make it (parents too) unless it exists, refuse a
+    folder holding anything, then create its config.json with O_EXCL, the atomic step that
+    lets exactly one of two trainings started together have the folder. Cheap: call it
+    before loading any data, so that a bad --workdir fails within a second."""
     run_dir = Path(workdir)
-    if (run_dir / HISTORY_FILE).exists():
-        raise FmnistError(f"{run_dir} already holds a run: pass another --workdir or delete it")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise FmnistError(f"--workdir {run_dir} is a file, not a folder: pass a new folder")
+    made_folder = not run_dir.exists()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
+        entries = sorted(os.listdir(run_dir))
     except OSError as e:
         raise FmnistError(f"cannot make the run folder {run_dir} ({e.strerror}): pass another "
                           f"--workdir") from e
-    return run_dir
+    if CONFIG_FILE in entries or HISTORY_FILE in entries:
+        raise _already_a_run(run_dir)
+    if entries:
+        shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+        raise FmnistError(f"--workdir {run_dir} already holds files that are not a run "
+                          f"({shown}): pass a new or empty folder")
+    try:
+        fd = os.open(run_dir / CONFIG_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError as e:  # another training claimed it since the listing above
+        raise _already_a_run(run_dir) from e
+    except OSError as e:
+        raise FmnistError(f"cannot write in the run folder {run_dir} ({e.strerror}): pass a "
+                          f"writable --workdir") from e
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(cfg.to_json() + "\n")
+    except OSError as e:
+        (run_dir / CONFIG_FILE).unlink(missing_ok=True)
+        raise FmnistError(f"cannot write in the run folder {run_dir} ({e.strerror}): pass a "
+                          f"writable --workdir") from e
+    return Claim(path=run_dir, config=cfg, made_folder=made_folder)
+
+
+def _already_a_run(run_dir: Path) -> FmnistError:
+    return FmnistError(f"{run_dir} already holds a run: pass another --workdir or delete it")
+
+
+def abandon(run: Claim) -> None:
+    """Give back a claim before the first epoch was written (the data failed to load, the
+    setup was refused, Ctrl-C during compilation): remove what `claim` and the setup wrote,
+    so the same --workdir can be used again. Never touches a folder with a history."""
+    if (run.path / HISTORY_FILE).exists():
+        return
+    for name in (NORMALIZATION_FILE, DATA_FILE, CONFIG_FILE):
+        (run.path / name).unlink(missing_ok=True)
+    if run.made_folder:
+        with contextlib.suppress(OSError):  # not empty: someone put files there meanwhile
+            run.path.rmdir()
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write to a temporary file, then rename: a crash or a full disk never leaves a half
+    file in place of a good one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise FmnistError(f"cannot write {path} ({e.strerror}): free some space or check the "
+                          f"folder's permissions, then run again") from e
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    _write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def _read_json(path: Path) -> Any:
@@ -80,10 +163,6 @@ def _read_json(path: Path) -> Any:
 # What training writes
 
 
-def save_config(run_dir: Path, cfg: TrainConfig) -> None:
-    (run_dir / CONFIG_FILE).write_text(cfg.to_json() + "\n")
-
-
 def load_config(run_dir: str | Path) -> TrainConfig:
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
@@ -92,7 +171,10 @@ def load_config(run_dir: str | Path) -> TrainConfig:
     fields = _read_json(path)
     if not isinstance(fields, dict):
         raise FmnistError(f"{path} is malformed (not a JSON object): restore it from the run")
-    return TrainConfig.from_dict(fields)
+    try:
+        return TrainConfig.from_dict(fields)
+    except FmnistError as e:  # name the file: the user did not type these values
+        raise FmnistError(f"{path}: {e}: restore it from the run") from e
 
 
 def save_normalization(run_dir: Path, norm: Normalization) -> None:
@@ -106,6 +188,9 @@ def load_normalization(run_dir: str | Path) -> Normalization:
                           f"finish; train again")
     fields = _read_json(path)
     try:
+        if not isinstance(fields, dict) or not all(
+                type(fields[k]) in (int, float) for k in ("mean", "std")):
+            raise TypeError("mean and std must be JSON numbers")
         norm = Normalization(float(fields["mean"]), float(fields["std"]))
     except (KeyError, TypeError, ValueError) as e:
         raise FmnistError(f"{path} is malformed (needs numbers mean and std): restore it from "
@@ -129,6 +214,8 @@ def check_data(run_dir: str | Path, train: Split, test: Split) -> None:
     if not path.is_file():
         return
     stored = _read_json(path)
+    if not isinstance(stored, dict):
+        raise FmnistError(f"{path} is malformed (not a JSON object): restore it from the run")
     for name, split in (("train", train), ("test", test)):
         if stored.get(f"{name}_sha256") != fingerprint(split):
             raise FmnistError(f"the {name} images given are not the ones {run_dir} was trained "
@@ -170,39 +257,143 @@ def load_history(run_dir: str | Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / HISTORY_FILE
     if not path.is_file():
         return []
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise FmnistError(f"{path} line {number} is malformed ({e.msg}): restore it from "
+                              f"the run or delete the line") from e
+        if not (isinstance(row, dict) and type(row.get("epoch")) is int and all(
+                type(v) in (int, float) for v in row.values())):
+            raise FmnistError(f"{path} line {number} is not an epoch's metrics (an object of "
+                              f"numbers with an integer epoch): restore it from the run or "
+                              f"delete the line")
+        if rows and row.keys() != rows[0].keys():
+            raise FmnistError(f"{path} line {number} has other fields than line 1: restore it "
+                              f"from the run or delete the line")
+        rows.append(row)
+    return rows
+
+
+@contextlib.contextmanager
+def _quiet_orbax() -> Iterator[None]:
+    """Hide orbax's absl log lines (warnings and tracebacks of a damaged or unwritable
+    checkpoint): every failure here becomes one FmnistError line instead."""
+    from absl import logging as absl_logging
+
+    verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.FATAL)
     try:
-        return [json.loads(line) for line in path.read_text().splitlines() if line]
-    except json.JSONDecodeError as e:
-        raise FmnistError(f"{path} is malformed ({e.msg}): restore it from the run") from e
+        yield
+    finally:
+        absl_logging.set_verbosity(verbosity)
 
 
-def save_variables(run_dir: Path, variables: dict) -> None:
-    """The model's variables ({"params": ...} and "batch_stats" if it has BatchNorm), orbax."""
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(Path(run_dir).absolute() / PARAMS_DIR, variables)
+def _file_digests(folder: Path) -> dict[str, str]:
+    """sha256 of every file under `folder`, by path relative to it."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _write_params(run_dir: Path, params) -> None:
+    """The orbax checkpoint, then the checksum of its files (what `load_variables` verifies)."""
+    with _quiet_orbax(), ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(run_dir / PARAMS_DIR, params)
+        checkpointer.wait_until_finished()
+    _write_json(run_dir / PARAMS_CHECKSUM_FILE,
+                {"sha256": _file_digests(run_dir / PARAMS_DIR)})
+
+
+def _remove_params(run_dir: Path) -> None:
+    """Whatever a failed save left: orbax's temporary folder, a partial params/, the sum."""
+    for partial in [run_dir / PARAMS_DIR, *run_dir.glob(f"{PARAMS_DIR}.orbax-checkpoint-tmp*")]:
+        shutil.rmtree(partial, ignore_errors=True)
+    (run_dir / PARAMS_CHECKSUM_FILE).unlink(missing_ok=True)
+
+
+def save_variables(run_dir: Path, params) -> None:
+    """The trained variables ({"params": ...}, and "batch_stats" for BatchNorm models) into
+    the run folder, with their checksum. When that fails (a
+    full disk is the usual cause) the partial files are removed and the parameters are
+    saved to a fresh folder under the system's temporary folder instead, so the trained
+    model survives; the FmnistError says where and what to do."""
+    run_dir = Path(run_dir).absolute()
+    try:
+        _write_params(run_dir, params)
+        return
+    except Exception as e:  # orbax raises ValueError (tensorstore) or OSError
+        _remove_params(run_dir)
+        reason = ("no space left on device" if "No space left" in str(e) or getattr(
+            e, "errno", None) == errno.ENOSPC else f"{type(e).__name__}: {_first_line(e)}")
+        failure = e
+    fallback = Path(tempfile.mkdtemp(prefix="fmnist_jax-params-"))
+    try:
+        _write_params(fallback, params)
+    except Exception:
+        shutil.rmtree(fallback, ignore_errors=True)
+        raise FmnistError(f"saving the parameters to {run_dir / PARAMS_DIR} failed ({reason}) "
+                          f"and so did saving them to {fallback.parent}: free some space and "
+                          f"train again") from failure
+    raise FmnistError(f"saving the parameters to {run_dir / PARAMS_DIR} failed ({reason}); "
+                      f"they were saved to {fallback} instead: free some space, then move "
+                      f"{PARAMS_DIR}/ and {PARAMS_CHECKSUM_FILE} from there into {run_dir}"
+                      ) from failure
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:200]
+
+
+def _verify_params_files(run_dir: Path, path: Path) -> None:
+    """Compare every file under params/ with the checksum written at save time, before orbax
+    reads any of them: a truncated or flipped file is one clear error, never a half-read
+    checkpoint (whose pending reads also print asyncio tracebacks at exit). Runs saved
+    before checksums existed have no checksum file and are read as they are."""
+    sum_path = run_dir / PARAMS_CHECKSUM_FILE
+    if not sum_path.is_file():
+        return
+    stored = _read_json(sum_path)
+    if not (isinstance(stored, dict) and isinstance(stored.get("sha256"), dict)):
+        raise FmnistError(f"{sum_path} is malformed: restore it from the run")
+    found = _file_digests(path)
+    changed = sorted(name for name in stored["sha256"].keys() | found.keys()
+                     if stored["sha256"].get(name) != found.get(name))
+    if changed:
+        raise FmnistError(f"{path} does not match its checksum ({PARAMS_CHECKSUM_FILE}): "
+                          f"{changed[0]} is damaged, missing or extra; the checkpoint cannot "
+                          f"be trusted: restore the run folder from a copy or train again")
 
 
 def load_variables(run_dir: str | Path, cfg: TrainConfig) -> dict:
-    """The run's variables, checked against the structure and shapes of `cfg.model`'s."""
+    """The run's variables, verified against their checksum, checked against the structure
+    and shapes of `cfg.model`'s, and finite."""
     path = Path(run_dir).absolute() / PARAMS_DIR
     if not path.is_dir():
         raise FmnistError(f"{run_dir} has no model ({PARAMS_DIR}/ is missing): the training did "
                           f"not finish; train again")
+    _verify_params_files(Path(run_dir).absolute(), path)
     abstract = {name: tree for name, tree in jax.eval_shape(
         functools.partial(init_variables, get_model(cfg.model)), jax.random.key(0)).items()
         if tree}
-    with ocp.StandardCheckpointer() as checkpointer:
+    with _quiet_orbax(), ocp.StandardCheckpointer() as checkpointer:
         try:
             stored = checkpointer.metadata(path).item_metadata.tree  # shapes, no data
             if _shapes(stored) != _shapes(abstract):
                 raise FmnistError(f"{path} holds parameters of another model than {cfg.model!r} "
                                   f"(config.json): use the run folder the checkpoint came from")
-            return checkpointer.restore(path, abstract)
+            variables = checkpointer.restore(path, abstract)
         except FmnistError:
             raise
         except Exception as e:  # orbax raises many types for a damaged folder
             raise FmnistError(f"{path} could not be read ({type(e).__name__}): the checkpoint "
                               f"is damaged; train again") from e
+    if not all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree_util.tree_leaves(variables)):
+        raise FmnistError(f"{path} holds NaN or infinite weights: the training diverged or the "
+                          f"checkpoint is damaged; train again")
+    return variables
 
 
 def _shapes(tree):
@@ -236,7 +427,7 @@ def load_temperature(run_dir: str | Path) -> float | None:
 
 
 def save_report(run_dir: Path, text: str, report: dict[str, Any]) -> None:
-    (run_dir / REPORT_TEXT_FILE).write_text(text)
+    _write_text(run_dir / REPORT_TEXT_FILE, text)
     _write_json(run_dir / REPORT_JSON_FILE, report)
 
 

@@ -27,46 +27,29 @@ from fmnist_jax.optim import make_lr_schedule, make_optimizer, make_plateau
 from fmnist_jax.steps import TrainState, create_train_state, plateau_update
 
 
-def train_and_evaluate(cfg: TrainConfig, workdir: str | Path, *, train: data.Split,
-                       test: data.Split, log_fn: Callable[[str], Any] = tqdm.write,
+def train_and_evaluate(cfg: TrainConfig, workdir: str | Path | runs.Claim, *,
+                       train: data.Split, test: data.Split,
+                       log_fn: Callable[[str], Any] = tqdm.write,
                        progress: bool = True) -> tuple[TrainState, list[dict[str, Any]]]:
     """Train `cfg` on `train` (less its validation split) and evaluate on the validation
     split and `test` after every epoch; write the run folder `workdir` (see `runs`).
 
+    `workdir` is a folder to claim, or a `runs.Claim` made earlier (the command line claims
+    the folder before loading the data). Until the first epoch is written, any failure
+    (a refused setup, Ctrl-C while compiling) gives the claim back.
+
     Returns (final TrainState, list of per-epoch metric dicts).
     """
     cfg.validate()
-    run_dir = runs.create(workdir)
-    runs.save_data_fingerprints(run_dir, train, test)
-    train, val = data.split_train_val(train, cfg.val_fraction, cfg.seed)
-    if cfg.batch_size > len(train):
-        raise FmnistError(f"batch size {cfg.batch_size} is larger than the {len(train)} training "
-                          f"images: lower --batch-size")
-    runs.save_config(run_dir, cfg)
-    log_fn(f"device: {jax.devices()[0].platform} ({jax.devices()[0].device_kind}), "
-           f"jax {jax.__version__}")
-    log_fn(f"config: {json.dumps(json.loads(cfg.to_json()))}")
-
-    norm = data.normalization_for(cfg.normalization, train.images_NxHxWx1)
-    runs.save_normalization(run_dir, norm)
-    steps_per_epoch = len(train) // cfg.batch_size
-    state = create_train_state(get_model(cfg.model), make_optimizer(cfg, steps_per_epoch),
-                               streams.stream_key(cfg.seed, streams.INIT),
-                               plateau_tx=make_plateau(cfg))
-    lr_fn = make_lr_schedule(cfg, steps_per_epoch)
-    eval_sets = {"test": jax.device_put((test.images_NxHxWx1, test.labels_N))}
-    if val is not None:
-        eval_sets = {"val": jax.device_put((val.images_NxHxWx1, val.labels_N)), **eval_sets}
-    log_fn(f"images: {len(train)} train, {len(val) if val else 0} validation (held out), "
-           f"{len(test)} test")
-
-    compiled = CompiledEpochs(state, jax.device_put((train.images_NxHxWx1, train.labels_N)),
-                              eval_sets, batch_size=cfg.batch_size,
-                              eval_batch_size=cfg.eval_batch_size, norm=norm,
-                              key=streams.epoch_shuffle_key(cfg.seed, 1),
-                              options=step_options(cfg))
-    log_fn(f"compiled train epoch and eval in {compiled.compile_seconds:.2f} s "
-           f"({steps_per_epoch} steps of {cfg.batch_size} per epoch)")
+    run = workdir if isinstance(workdir, runs.Claim) else runs.claim(workdir, cfg)
+    if run.config != cfg:
+        raise ValueError("the run folder was claimed for another config")
+    run_dir = run.path
+    try:
+        state, compiled, eval_sets, lr_fn = _set_up(cfg, run_dir, train, test, log_fn)
+    except BaseException:
+        runs.abandon(run)
+        raise
 
     history: list[dict[str, Any]] = []
     with runs.EpochLog(run_dir) as epoch_log:
@@ -101,6 +84,47 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | Path, *, train: data.Spl
     log_fn(f"final test accuracy: {history[-1]['test_accuracy']:.4f} ({correct}/{len(test)}); "
            f"run folder: {run_dir}")
     return state, history
+
+
+def _set_up(cfg: TrainConfig, run_dir: Path, train: data.Split, test: data.Split,
+            log_fn: Callable[[str], Any]):
+    """Everything before the first epoch: the split, the checks that need the data, the
+    normalization, the initial state, the compilation."""
+    n_given = len(train)
+    runs.save_data_fingerprints(run_dir, train, test)
+    train, val = data.split_train_val(train, cfg.val_fraction, cfg.seed)
+    if cfg.batch_size > len(train):
+        if val is not None and cfg.batch_size <= n_given:  # the split left too few images
+            raise FmnistError(
+                f"val fraction {cfg.val_fraction} holds out {len(val)} of the {n_given} "
+                f"training images and leaves {len(train)}, fewer than one batch of "
+                f"{cfg.batch_size}: lower --val-fraction (or --batch-size)")
+        raise FmnistError(f"batch size {cfg.batch_size} is larger than the {len(train)} training "
+                          f"images: lower --batch-size")
+    log_fn(f"device: {jax.devices()[0].platform} ({jax.devices()[0].device_kind}), "
+           f"jax {jax.__version__}")
+    log_fn(f"config: {json.dumps(json.loads(cfg.to_json()))}")
+
+    norm = data.normalization_for(cfg.normalization, train.images_NxHxWx1)
+    runs.save_normalization(run_dir, norm)
+    steps_per_epoch = len(train) // cfg.batch_size
+    state = create_train_state(get_model(cfg.model), make_optimizer(cfg, steps_per_epoch),
+                               streams.stream_key(cfg.seed, streams.INIT),
+                               plateau_tx=make_plateau(cfg))
+    eval_sets = {"test": jax.device_put((test.images_NxHxWx1, test.labels_N))}
+    if val is not None:
+        eval_sets = {"val": jax.device_put((val.images_NxHxWx1, val.labels_N)), **eval_sets}
+    log_fn(f"images: {len(train)} train, {len(val) if val else 0} validation (held out), "
+           f"{len(test)} test")
+
+    compiled = CompiledEpochs(state, jax.device_put((train.images_NxHxWx1, train.labels_N)),
+                              eval_sets, batch_size=cfg.batch_size,
+                              eval_batch_size=cfg.eval_batch_size, norm=norm,
+                              key=streams.epoch_shuffle_key(cfg.seed, 1),
+                              options=step_options(cfg))
+    log_fn(f"compiled train epoch and eval in {compiled.compile_seconds:.2f} s "
+           f"({steps_per_epoch} steps of {cfg.batch_size} per epoch)")
+    return state, compiled, eval_sets, make_lr_schedule(cfg, steps_per_epoch)
 
 
 def _learning_rate(state: TrainState, lr_fn) -> float:

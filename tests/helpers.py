@@ -35,3 +35,25 @@ def train_quietly(cfg, workdir, splits):
     train, test = splits
     return train_and_evaluate(cfg, workdir, train=train, test=test, log_fn=lambda s: None,
                               progress=False)
+
+
+def run_script(script: str, *args, timeout: float = 120, **kwargs):
+    """`python scripts/SCRIPT args` from the repository root, with this checkout first on the
+    import path (so a test runs this tree, not an installed copy); output captured as text."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), **kwargs.pop("env", {})}
+    return subprocess.run([sys.executable, f"scripts/{script}", *map(str, args)],
+                          capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout,
+                          **kwargs)
+
+
+def one_error_line(result) -> str:
+    """The single `error: ...` line of a failed command, after checking it failed with exit 1
+    and printed nothing else on stderr (no traceback, no log line)."""
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-3000:]
+    return lines[0]

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from tests.helpers import REPO, make_split
+from tests.helpers import REPO, make_split, one_error_line, run_script
 
 torch = pytest.importorskip("torch")
 
@@ -65,3 +65,20 @@ def test_bench_runs_all_pipelines_from_the_same_start():
     table = bench.markdown_table(result)
     assert table.count("\n| ") == 4  # separator and three pipelines
     assert "torch-dataloader" in table
+
+
+def test_a_bad_out_is_refused_before_the_benchmark(tmp_path):
+    existing = tmp_path / "old.json"
+    existing.write_text("earlier results")
+    for out, message in [(tmp_path, "is a folder"),
+                         ("/proc/self/bench.json", "cannot be written"),
+                         (tmp_path / "no" / "bench.json", "does not exist"),
+                         (existing, "already exists: pass another --out, delete it, or pass "
+                                    "--overwrite")]:
+        # The data dir does not exist: a data error would mean --out was checked too late.
+        result = run_script("bench.py", "--quick", "--pipelines", "jax", "--out", out,
+                            "--data-dir", "/nonexistent")
+        assert message in one_error_line(result)
+    assert existing.read_text() == "earlier results"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.json"]  # no probe left behind
+    bench.check_out(existing, overwrite=True)  # --overwrite lets it through

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fmnist_jax import FmnistError, data
-from tests.helpers import REPO
+from tests.helpers import REPO, one_error_line, run_script
 
 
 @pytest.fixture
@@ -77,3 +77,66 @@ def test_class_names_match_tfds(fashion_mnist):
     if builder.info.features is None:
         pytest.skip("prepared folder not in FMNIST_DATA_DIR")
     assert tuple(builder.info.features["label"].names) == data.CLASS_NAMES
+
+
+def test_a_data_dir_that_cannot_be_written_is_named(tmp_path):
+    # /proc/self cannot take a folder, even for root; the manual dir is never looked at.
+    with pytest.raises(FmnistError, match="cannot write the data dir /proc/self/tfds"):
+        data.prepare("/proc/self/tfds", tmp_path / "nowhere")
+
+
+@pytest.fixture
+def damaged_copy(prepared_data_dir, tmp_path):
+    """A copy of the prepared data dir (the original is never touched) and its version
+    folder, to damage."""
+    copy = shutil.copytree(prepared_data_dir / "fashion_mnist", tmp_path / "tfds" / "fashion_mnist")
+    (version_dir,) = [p for p in copy.iterdir() if p.is_dir()]
+    return copy.parent, version_dir
+
+
+def _damage(version_dir, how):
+    train_file = version_dir / "fashion_mnist-train.array_record-00000-of-00001"
+    if how == "truncated":
+        train_file.write_bytes(train_file.read_bytes()[:1_000_000])
+    elif how == "split file deleted":
+        (version_dir / "fashion_mnist-test.array_record-00000-of-00001").unlink()
+    else:
+        (version_dir / "dataset_info.json").unlink()
+
+
+@pytest.mark.parametrize("how", ["truncated", "split file deleted", "dataset_info.json deleted"])
+def test_a_damaged_prepared_folder_gets_one_line_saying_how_to_rebuild(damaged_copy, how,
+                                                                      tmp_path):
+    data_dir, version_dir = damaged_copy
+    _damage(version_dir, how)
+    # Through the command: the claimed run folder is given back when the data fails.
+    result = run_script("train.py", "--data-dir", data_dir, "--workdir", tmp_path / "run",
+                        "--epochs", "1", env={data.MANUAL_DIR_ENV: ""}, timeout=300)
+    line = one_error_line(result)
+    assert f"{version_dir} is damaged" in line
+    assert "delete that folder and run again with --manual-dir" in line
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_a_damaged_prepared_folder_is_rebuilt_from_the_manual_dir(damaged_copy, manual_dir,
+                                                                  fashion_mnist, capfd):
+    data_dir, version_dir = damaged_copy
+    _damage(version_dir, "truncated")
+    train, test = data.load_fashion_mnist(data_dir=data_dir, manual_dir=manual_dir)
+    assert "rebuilding it from" in capfd.readouterr().err
+    np.testing.assert_array_equal(train.images_NxHxWx1, fashion_mnist[0].images_NxHxWx1)
+    np.testing.assert_array_equal(test.labels_N, fashion_mnist[1].labels_N)
+
+
+@pytest.mark.slow
+def test_a_folder_prepared_as_tfrecord_is_read(manual_dir, fashion_mnist, tmp_path):
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder("fashion_mnist", data_dir=str(tmp_path), file_format="tfrecord")
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        manual_dir=str(manual_dir), try_download_gcs=False))
+    train, test = data.load_fashion_mnist(data_dir=tmp_path)
+    for got, want in zip((train, test), fashion_mnist):  # tfds writes both in one order
+        np.testing.assert_array_equal(got.images_NxHxWx1, want.images_NxHxWx1)
+        np.testing.assert_array_equal(got.labels_N, want.labels_N)

@@ -2,9 +2,12 @@
 
 import io
 import json
+import os
 import shutil
+import struct
 import subprocess
 import sys
+import zlib
 
 import jax
 import numpy as np
@@ -57,6 +60,11 @@ def logits_3xC(run_dir, images_3xHxWx1):
     ("grey.jpg", "L", (17, 50)),
     ("rgb.bmp", "RGB", (64, 64, 3)),
     ("grey.bmp", "L", (5, 120)),
+    ("rgb.gif", "RGB", (30, 40, 3)),
+    ("grey.tiff", "L", (33, 28)),
+    ("rgb.webp", "RGB", (40, 40, 3)),
+    ("rgb.ppm", "RGB", (28, 50, 3)),
+    ("grey.pgm", "L", (28, 28)),
 ])
 def test_any_picture_loads_to_one_28x28_grey_uint8_image(tmp_path, name, mode, shape):
     array = np.random.default_rng(0).integers(0, 256, shape).astype(np.uint8)
@@ -150,6 +158,51 @@ def test_bad_files_are_refused_naming_the_file(tmp_path):
         with pytest.raises(FmnistError, match=message) as error:
             load_images(tmp_path / name)
         assert str(error.value).startswith(str(tmp_path / name)), name
+
+
+def _huge_png_header(width: int, height: int) -> bytes:
+    """The first bytes of a 16-bit grey PNG of width x height: enough for PIL to read its
+    size, far too little to decode (a real one would take gigabytes)."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (struct.pack(">I", len(body)) + kind + body
+                + struct.pack(">I", zlib.crc32(kind + body)))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, 0,
+                                                                0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 1000)))
+
+
+def test_hostile_files_are_refused_before_any_decoding(tmp_path):
+    # A header claiming a billion images in a file of a few bytes.
+    with open(tmp_path / "claims_1e9.npy", "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False,
+                                                 "shape": (10**9, 28, 28)})
+        f.write(b"\0" * 100)
+    (tmp_path / "huge.png").write_bytes(_huge_png_header(13000, 13000))
+    os.mkfifo(tmp_path / "pipe.png")  # opening it would block until a writer comes
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(tmp_path / "old.pcx")
+    for name, message in [("claims_1e9.npy", r"claims shape \(1000000000, 28, 28\)"),
+                          ("huge.png", "larger than 64 megapixels"),
+                          ("pipe.png", "not a regular file"),
+                          ("old.pcx", "not an image file in a supported format")]:
+        with pytest.raises(FmnistError, match=message) as error:
+            load_images(tmp_path / name)
+        assert str(error.value).startswith(str(tmp_path / name)), name
+
+
+def test_cli_refuses_a_hostile_npy_and_still_predicts_the_others(tmp_path, run_dir, capsys,
+                                                                 images_3xHxWx1):
+    with open(tmp_path / "claims_1e9.npy", "wb") as f:
+        np.lib.format.write_array_header_2_0(f, {"descr": "<f4", "fortran_order": False,
+                                                 "shape": (10**9, 28, 28)})
+    np.save(tmp_path / "three.npy", images_3xHxWx1)
+    with pytest.raises(SystemExit) as exit_:
+        predict_main([str(run_dir), str(tmp_path / "claims_1e9.npy"), str(tmp_path / "three.npy")])
+    assert exit_.value.code == 1
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"error: {tmp_path / 'claims_1e9.npy'}: ")
+    assert len(captured.err.splitlines()) == 1
+    assert captured.out.count(str(tmp_path / "three.npy")) == 3
 
 
 def test_load_image_refuses_a_batch(tmp_path, images_3xHxWx1):

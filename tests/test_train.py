@@ -1,6 +1,9 @@
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -119,3 +122,51 @@ def test_dataset_normalization_uses_the_training_pixels():
 
 def test_run_folder_records_the_normalization(tiny_run):
     assert runs.load_normalization(tiny_run[0]) == HALF
+
+
+def test_a_val_fraction_that_leaves_no_batch_says_so(tmp_path, tiny_splits):
+    with pytest.raises(FmnistError, match=r"val fraction 0.99999 holds out 512 of the 512 "
+                                          r"training images and leaves 0, fewer than one batch "
+                                          r"of 32: lower --val-fraction"):
+        _run(get_config(epochs=1, batch_size=32, val_fraction=0.99999), tmp_path / "run",
+             tiny_splits)
+    assert not (tmp_path / "run").exists()  # the claim was given back
+
+
+@pytest.mark.slow
+def test_two_trainings_on_one_workdir_one_gets_it(tmp_path, prepared_data_dir):
+    workdir = tmp_path / "run"
+    args = ["--workdir", workdir, "--data-dir", prepared_data_dir, "--epochs", "1",
+            "--no-report", "--no-progress"]
+    procs = [subprocess.Popen([sys.executable, "scripts/train.py", *map(str, args)],
+                              cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    results = [(p.wait(timeout=600), *p.communicate()) for p in procs]
+    codes = sorted(code for code, _, _ in results)
+    assert codes == [0, 1], results
+    loser_err = next(err for code, _, err in results if code == 1)
+    assert loser_err.strip().splitlines() == [f"error: {workdir} already holds a run: pass "
+                                              f"another --workdir or delete it"]
+    assert runs.load_variables(workdir, runs.load_config(workdir)) is not None
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_compiling_exits_130_quietly(tmp_path, prepared_data_dir):
+    proc = subprocess.Popen(
+        [sys.executable, "scripts/train.py", "--workdir", str(tmp_path / "run"), "--data-dir",
+         str(prepared_data_dir), "--epochs", "1", "--no-progress", "--model", "cnn"],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # a shell without job control starts background jobs with SIGINT ignored: undo that
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    for line in proc.stdout:  # "images:" is printed just before the compilation starts
+        if line.startswith("images:"):
+            break
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert err.strip().splitlines()[-1] == "interrupted"
+    assert "Traceback" not in err and "Segmentation" not in err
+    assert not (tmp_path / "run").exists()  # nothing was trained: the claim was given back

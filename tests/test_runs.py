@@ -1,0 +1,208 @@
+"""The run folder (runs.py): claiming it, saving and verifying the parameters, and a folder
+edited or damaged by hand, through the commands a user runs."""
+
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from fmnist_jax import FmnistError, runs
+from fmnist_jax.report import LoadedRun, evaluate_run
+from tests.helpers import REPO, make_split, one_error_line, run_script, tiny_config
+
+
+@pytest.fixture
+def run_copy(tiny_run, tmp_path):
+    """A copy of the tiny run, with a report and calibration to protect."""
+    copy = shutil.copytree(tiny_run[0], tmp_path / "run")
+    (copy / runs.REPORT_TEXT_FILE).write_text("the good report\n")
+    (copy / runs.CALIBRATION_FILE).write_text('{"temperature": 1.5}\n')
+    return copy
+
+
+def _untouched(run_dir):
+    assert (run_dir / runs.REPORT_TEXT_FILE).read_text() == "the good report\n"
+    assert (run_dir / runs.CALIBRATION_FILE).read_text() == '{"temperature": 1.5}\n'
+
+
+def _largest_params_file(run_dir):
+    return max((p for p in (run_dir / runs.PARAMS_DIR).rglob("*") if p.is_file()),
+               key=lambda p: p.stat().st_size)
+
+
+# --- claiming the folder -------------------------------------------------------------------
+
+def test_a_folder_with_files_of_its_own_is_refused_and_kept(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(FmnistError, match="already holds files that are not a run"):
+        runs.claim(tmp_path, tiny_config())
+    assert os.listdir(tmp_path) == ["notes.txt"] and (tmp_path / "notes.txt").read_text() == "mine"
+    with pytest.raises(FmnistError, match="is a file, not a folder"):
+        runs.claim(tmp_path / "notes.txt", tiny_config())
+    with pytest.raises(FmnistError, match="cannot make the run folder"):
+        runs.claim("/proc/self/run", tiny_config())  # unwritable, even for root
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_empty_folder_is_refused(tmp_path):
+    tmp_path.chmod(0o555)
+    try:
+        with pytest.raises(FmnistError, match="cannot write in the run folder"):
+            runs.claim(tmp_path, tiny_config())
+    finally:
+        tmp_path.chmod(0o755)
+
+
+@pytest.mark.parametrize("workdir,message", [
+    (".", "already holds files that are not a run"),  # the repository itself
+    ("/proc/self", "already holds files that are not a run"),
+    ("/proc/self/run", "cannot make the run folder"),
+])
+def test_train_refuses_a_bad_workdir_before_loading_data(workdir, message):
+    # The data dir does not exist: a data error would mean the workdir was checked too late.
+    result = run_script("train.py", "--workdir", workdir, "--data-dir", "/nonexistent",
+                        "--epochs", "1")
+    assert message in one_error_line(result)
+
+
+def test_of_many_claims_on_one_folder_exactly_one_wins(tmp_path):
+    workdir, barrier, outcomes = tmp_path / "run", threading.Barrier(8), []
+
+    def attempt():
+        barrier.wait()
+        try:
+            outcomes.append(runs.claim(workdir, tiny_config()))
+        except FmnistError as e:
+            outcomes.append(str(e))
+
+    threads = [threading.Thread(target=attempt) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    won = [o for o in outcomes if isinstance(o, runs.Claim)]
+    assert len(won) == 1 and all("already holds a run" in o for o in outcomes if o not in won)
+    assert runs.load_config(workdir) == tiny_config()
+    runs.abandon(won[0])  # given back before training: the folder can be used again
+    assert not workdir.exists() or os.listdir(workdir) == []
+    assert runs.claim(workdir, tiny_config()).path == workdir
+
+
+def test_default_run_names_differ_between_processes():
+    here = runs.default_workdir("lenet5", 0)
+    there = subprocess.run(
+        [sys.executable, "-c", "from fmnist_jax import runs; "
+         "print(runs.default_workdir('lenet5', 0))"], capture_output=True, text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)}, check=True, timeout=60).stdout.strip()
+    assert str(here) != there and str(here).startswith("runs/lenet5-seed0-")
+
+
+# --- saving the parameters -----------------------------------------------------------------
+
+def test_a_full_disk_while_saving_keeps_the_model_elsewhere(tmp_path, tiny_run, monkeypatch):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    variables = {"params": tiny_run[1].params}
+    real_save = ocp.StandardCheckpointer.save
+
+    def save_on_a_full_disk(self, directory, *args, **kwargs):
+        if str(directory).startswith(str(run_dir)):  # orbax's temporary folder, then no space
+            (run_dir / f"{runs.PARAMS_DIR}.orbax-checkpoint-tmp").mkdir()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(self, directory, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.StandardCheckpointer, "save", save_on_a_full_disk)
+    with pytest.raises(FmnistError, match="no space left on device") as error:
+        runs.save_variables(run_dir, variables)
+    assert os.listdir(run_dir) == []  # no temporary folder, no partial checkpoint
+    message = str(error.value)
+    fallback = message.split("they were saved to ")[1].split(" instead")[0]
+    try:
+        for name in (runs.PARAMS_DIR, runs.PARAMS_CHECKSUM_FILE):  # what the message says
+            shutil.move(os.path.join(fallback, name), run_dir / name)
+        restored = runs.load_variables(run_dir, tiny_config())
+        jax.tree_util.tree_map(np.testing.assert_array_equal, restored, variables)
+    finally:
+        shutil.rmtree(fallback, ignore_errors=True)
+
+
+# --- a damaged or edited run folder --------------------------------------------------------
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_a_damaged_parameter_file_is_detected(run_copy, damage):
+    path = _largest_params_file(run_copy)
+    data = bytearray(path.read_bytes())
+    if damage == "flip":
+        data[len(data) // 2: len(data) // 2 + 4] = bytes(b ^ 0xFF for b in
+                                                         data[len(data) // 2: len(data) // 2 + 4])
+    else:
+        del data[len(data) // 2:]
+    path.write_bytes(bytes(data))
+    with pytest.raises(FmnistError, match="does not match its checksum"):
+        runs.load_variables(run_copy, tiny_config())
+
+
+def test_predict_on_a_truncated_parameter_file_prints_one_line(run_copy, tmp_path):
+    path = _largest_params_file(run_copy)
+    path.write_bytes(path.read_bytes()[:1000])
+    np.save(tmp_path / "x.npy", make_split(1).images_NxHxWx1)
+    result = run_script("predict.py", run_copy, tmp_path / "x.npy")
+    assert "does not match its checksum" in one_error_line(result)  # no asyncio noise at exit
+    assert result.stdout == ""
+
+
+def test_non_finite_weights_are_refused(tmp_path, tiny_run):
+    params = jax.tree_util.tree_map(lambda w: w.at[(0,) * w.ndim].set(np.nan), tiny_run[1].params)
+    runs.save_variables(tmp_path, {"params": params})
+    with pytest.raises(FmnistError, match="NaN or infinite weights"):
+        runs.load_variables(tmp_path, tiny_config())
+
+
+def test_non_finite_logits_never_replace_a_good_report(run_copy):
+    run = LoadedRun(config=tiny_config(), normalization=runs.load_normalization(run_copy),
+                    history=runs.load_history(run_copy),
+                    variables=jax.tree_util.tree_map(lambda w: w * 1e30,
+                                                     runs.load_variables(run_copy, tiny_config())))
+    with pytest.raises(FmnistError, match="NaN or infinite logits"):
+        evaluate_run(run_copy, train=make_split(512), test=make_split(300, seed=1), run=run,
+                     log_fn=lambda s: None)  # the tiny run's own data
+    _untouched(run_copy)
+
+
+def _edit(run_dir, name, text):
+    (run_dir / name).write_text(text)
+
+
+@pytest.mark.parametrize("name,text,message", [
+    (runs.CONFIG_FILE, '{"epochs": "two"}', "epochs must be int"),
+    (runs.CONFIG_FILE, '{"clip_norm": [1]}', "clip norm must be float or none"),
+    (runs.CONFIG_FILE, '[1, 2]', "not a JSON object"),
+    (runs.NORMALIZATION_FILE, '{"mean": "0.5", "std": 0.5}', "needs numbers mean and std"),
+    (runs.NORMALIZATION_FILE, '[0.5, 0.5]', "needs numbers mean and std"),
+    (runs.NORMALIZATION_FILE, '{"mean": 0.5, "std": 0', "malformed"),
+    (runs.HISTORY_FILE, '{"epoch": 1, "train_loss": 0.5}\n{"epoch": 2, "train_lo', "line 2 is malformed"),
+    (runs.HISTORY_FILE, '{"epoch": 1, "train_loss": "low"}\n', "line 1 is not an epoch"),
+])
+def test_evaluate_on_an_edited_run_folder_prints_one_line_and_writes_nothing(
+        run_copy, name, text, message):
+    _edit(run_copy, name, text)
+    # No data dir: the run folder must be checked before any data loads.
+    result = run_script("evaluate.py", run_copy, "--data-dir", "/nonexistent")
+    assert message in one_error_line(result)
+    _untouched(run_copy)
+
+
+def test_predict_on_a_config_with_wrong_types_prints_one_line(run_copy, tmp_path):
+    _edit(run_copy, runs.CONFIG_FILE, json.dumps({**json.loads(
+        (run_copy / runs.CONFIG_FILE).read_text()), "batch_size": 32.5}))
+    np.save(tmp_path / "x.npy", make_split(1).images_NxHxWx1)
+    assert "batch size must be int" in one_error_line(
+        run_script("predict.py", run_copy, tmp_path / "x.npy"))
