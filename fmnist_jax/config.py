@@ -185,8 +185,9 @@ PRESETS: dict[str, Preset] = {
               "gradients clipped to norm 1, the rate halved after 3 epochs without a lower "
               "validation loss, 15% of each class held out, rotation +-10 degrees, flip 10%, "
               "shifts +-10%, 5 epochs; the notebook reached 82.55% test accuracy",
-        command="python scripts/train.py --preset mlp --seed 0",
-        result="MEASURE"),
+        command="python scripts/train.py --preset mlp --seed S",
+        result="test accuracy at epoch 5: 82.30% (seed 0), 82.18% (1), 82.56% (2), mean "
+               "82.35%; at epoch 20 (--epochs 20): 86.21% (seed 0); 2-core CPU, 2026-11-25"),
     "lenet5-gap": Preset(
         config=TrainConfig(model="lenet5-gap", epochs=20, optimizer="adamw", learning_rate=3e-3,
                            weight_decay=1e-4, warmup_epochs=2.0, decay="cosine",
@@ -196,7 +197,7 @@ PRESETS: dict[str, Preset] = {
               "3e-3, weight decay 1e-4, 2 warmup epochs then cosine to 0, label smoothing "
               "0.1, gradients clipped to norm 1, 20 epochs",
         command="python scripts/train.py --preset lenet5-gap --seed 0",
-        result="MEASURE"),
+        result="test accuracy at epoch 20: 85.32% (seed 0); 2-core CPU, 2026-11-25"),
 }
 DEFAULT_PRESET = "lenet5"
 
