@@ -20,7 +20,7 @@ NUM_CLASSES = 10
 
 # ------------------------------------------------------------------------ conv and pool
 #
-# Why these formulations (measured on a 2-core CPU, see SPEED_NOTES.md and
+# Why these formulations (measured on a 2-core CPU, see BENCHMARKS.md and
 # scripts/profile_step.py): LeNet-5's channel counts are tiny (1 -> 6 -> 16), so XLA's CPU
 # convolution is slow, and an im2col matmul with N = 6 output columns is memory-bound: its
 # patch matrix (25 floats per output pixel) is rewritten and re-read several times per step
@@ -119,15 +119,23 @@ CONV_IMPLS = {"toeplitz": conv2d_toeplitz, "im2col": conv2d_im2col, "lax": conv2
 POOL_IMPLS = {"select": max_pool_2x2, "lax": max_pool_2x2_lax}
 
 
-def conv_and_pool_impl(backend: str | None = None) -> tuple[str, str]:
-    """THE place where the conv and pool formulations are chosen, per backend.
+def conv_and_pool_impl(backend: str | None = None,
+                       kernel_shape: tuple[int, ...] = (5, 5, 1, 6)) -> tuple[str, str]:
+    """THE place where the conv and pool formulations are chosen, per backend and layer.
 
-    CPU: row-Toeplitz conv and the select-gradient pool (fastest measured, SPEED_NOTES.md);
-    anything else (GPU, TPU): XLA's convolution and reduce_window pool, i.e. nn.Conv and
-    nn.max_pool, which cuDNN and friends already do well.
+    CPU: the select-gradient pool; the row-Toeplitz conv for LeNet-5's layers (5x5 kernels,
+    at most 96 input x output channels), whose banded matrix stays small, and im2col for the
+    rest: on the tutorial CNN's 3x3 layers (16 and 32 channels) the Toeplitz form's 5-10x
+    redundant arithmetic made a training step 1.5x (Toeplitz first layer) to 3x (both) slower
+    than im2col (BENCHMARKS.md). Anything else (GPU, TPU): XLA's convolution and reduce_window
+    pool, i.e. nn.Conv and nn.max_pool, which cuDNN and friends already do well.
     """
     backend = backend or jax.default_backend()
-    return ("toeplitz", "select") if backend == "cpu" else ("lax", "lax")
+    if backend != "cpu":
+        return "lax", "lax"
+    kh, kw, c_in, c_out = kernel_shape
+    toeplitz = kh * kw * c_in >= 25 and c_in * c_out <= 96
+    return ("toeplitz" if toeplitz else "im2col"), "select"
 
 
 class Conv2D(nn.Module):
@@ -150,7 +158,7 @@ class Conv2D(nn.Module):
         return kernel, bias
 
     def conv(self, x_BxHxWxC: jax.Array, kernel: jax.Array) -> jax.Array:
-        impl = self.impl or conv_and_pool_impl()[0]
+        impl = self.impl or conv_and_pool_impl(kernel_shape=kernel.shape)[0]
         return CONV_IMPLS[impl](x_BxHxWxC, kernel, self.padding)
 
     @nn.compact

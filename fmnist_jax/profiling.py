@@ -172,3 +172,37 @@ class _LegacyLeNet5(nn.Module):
 
 def legacy_lenet5() -> nn.Module:
     return _LegacyLeNet5()
+
+
+class _TutorialCNNWith(nn.Module):
+    """The tutorial CNN with each conv's formulation forced (same parameters as the model)."""
+
+    conv1_impl: str
+    conv2_impl: str
+
+    @nn.compact
+    def __call__(self, x, *, train: bool = False):
+        from fmnist_jax.models import ConvReluPool
+
+        x = ConvReluPool(16, (3, 3), padding=1, impl=self.conv1_impl, name="conv1")(x)
+        x = ConvReluPool(32, (3, 3), padding=1, impl=self.conv2_impl, name="conv2")(x)
+        x = x.reshape(x.shape[0], -1)
+        x = nn.relu(nn.Dense(128, name="fc1")(x))
+        return nn.Dense(10, name="fc2")(x)
+
+
+def cnn_formulations(batch_size: int = 32, *, images_per_run: int = 2048, rounds: int = 3,
+                     log: Callable[[str], object] = print) -> dict[str, float]:
+    """Median microseconds per image of a tutorial-CNN training step for each per-layer choice
+    of conv formulation (conv1+conv2), interleaved in this process."""
+    images, labels = random_images(images_per_run)
+    pairs = [("im2col", "im2col"), ("toeplitz", "im2col"), ("toeplitz", "toeplitz"),
+             ("lax", "lax")]
+    runners = {f"{a}+{b}": JaxEpoch(_TutorialCNNWith(a, b), images, labels, batch_size).run
+               for a, b in pairs}
+    times = interleaved(runners, rounds)
+    n = images_per_run // batch_size * batch_size
+    us = {k: statistics.median(v) / n * 1e6 for k, v in times.items()}
+    for k, v in us.items():
+        log(f"tutorial CNN, batch {batch_size}, conv1+conv2 {k}: {v:.1f} us/img")
+    return us

@@ -1,8 +1,9 @@
 """Per-image cost of one LeNet-5 training step, JAX vs torch-tensors PyTorch, and where JAX's goes.
 
-    PYTHONPATH=$PWD python scripts/profile_step.py                  # both parts
-    PYTHONPATH=$PWD python scripts/profile_step.py --no-breakdown --rounds 9
-    PYTHONPATH=$PWD python scripts/profile_step.py --impl im2col    # the previous formulation
+    python scripts/profile_step.py                  # both parts
+    python scripts/profile_step.py --no-breakdown --rounds 9
+    python scripts/profile_step.py --impl im2col    # the previous formulation
+    python scripts/profile_step.py --cnn-formulations  # the tutorial CNN's choice
 
 Part 1 (fmnist_jax.profiling.step_costs): per batch size, a scan of K train steps
 (steps.train_epoch on random uint8 images, compile excluded) and torch_lenet.train_epoch_tensors
@@ -15,7 +16,7 @@ per XLA thunk, labelled with the layer each came from.
 import argparse
 
 from fmnist_jax import models
-from fmnist_jax.profiling import op_breakdown, step_costs
+from fmnist_jax.profiling import cnn_formulations, op_breakdown, step_costs
 
 
 def main() -> None:
@@ -31,9 +32,15 @@ def main() -> None:
     ap.add_argument("--no-breakdown", action="store_true")
     ap.add_argument("--breakdown-batch", type=int, default=64)
     ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--cnn-formulations", action="store_true",
+                    help="only time the tutorial CNN with each per-layer conv formulation")
     a = ap.parse_args()
+    if a.cnn_formulations:
+        cnn_formulations(rounds=a.rounds)
+        return
     if a.impl:
-        models.conv_and_pool_impl = lambda backend=None, _i=a.impl: (_i, "select")
+        models.conv_and_pool_impl = lambda backend=None, kernel_shape=None, _i=a.impl: (
+            _i, "select")
     lenet = models.LeNet5()
     jax_models = {"jax": lenet}
     if a.compare_im2col:

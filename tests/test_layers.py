@@ -142,7 +142,10 @@ def test_whole_model_logits_and_grads_equal_flax(ours, ref):
 
 
 def test_backend_choice_is_made_in_one_place():
-    assert conv_and_pool_impl("cpu") == ("toeplitz", "select")
+    assert conv_and_pool_impl("cpu") == ("toeplitz", "select")  # LeNet-5's first layer
+    assert conv_and_pool_impl("cpu", (5, 5, 6, 16)) == ("toeplitz", "select")
+    assert conv_and_pool_impl("cpu", (3, 3, 1, 16)) == ("im2col", "select")  # the tutorial CNN
+    assert conv_and_pool_impl("cpu", (3, 3, 16, 32)) == ("im2col", "select")
     assert conv_and_pool_impl("gpu") == ("lax", "lax")
     assert conv_and_pool_impl("tpu") == ("lax", "lax")
     assert conv_and_pool_impl() == conv_and_pool_impl(jax.default_backend())
