@@ -8,7 +8,7 @@ A run folder holds:
 | normalization.json                    | training, at the start  | the pixel mean/std the model saw      |
 | data.json                             | training, at the start  | fingerprints of its train/test data   |
 | history.jsonl                         | training, every epoch   | losses and accuracies (reproducible)  |
-| timing.jsonl                          | training, every epoch   | compile, train and eval seconds       |
+| timing.jsonl                          | training, every epoch   | compile, start-up, train, eval seconds|
 | params/                               | training, at the end    | parameters and BatchNorm statistics   |
 | params.sha256                         | training, at the end    | sha256 of every file under params/    |
 | calibration.json                      | evaluation              | the temperature fit on validation     |
@@ -233,8 +233,12 @@ class EpochLog:
         self._history = open(run_dir / HISTORY_FILE, "w")
         self._timing = open(run_dir / TIMING_FILE, "w")
 
-    def compile_seconds(self, seconds: float) -> None:
-        self._timing.write(json.dumps({"compile_seconds": seconds}) + "\n")
+    def compile_seconds(self, seconds: float, *, startup_seconds: float | None = None) -> None:
+        """The first line: compile seconds, and the command's seconds to its first epoch."""
+        row = {"compile_seconds": seconds}
+        if startup_seconds is not None:
+            row["startup_seconds"] = startup_seconds
+        self._timing.write(json.dumps(row) + "\n")
         self._timing.flush()
 
     def epoch(self, row: dict[str, Any], timing: dict[str, float]) -> None:
