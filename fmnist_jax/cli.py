@@ -3,21 +3,33 @@
 Each turns a user error (FmnistError, or a bad flag) into one `error: ...` line on stderr and
 exit status 1, never a traceback. The training flags are made from `TrainConfig`'s fields,
 so each hyperparameter is declared once, in `config.py`. Cheap checks (flags, config) come
-before the expensive work (loading data, compiling).
+before the expensive work (loading data, compiling). XLA's persistent compilation cache is
+switched on here, before anything compiles (`--compile-cache`).
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import functools
-import os
-import sys
-import typing
-from typing import Any, Callable, NoReturn
+import time
 
-from fmnist_jax.config import DEFAULT_PRESET, PRESETS, TrainConfig, get_config
-from fmnist_jax.errors import FmnistError
+# When the command started (near enough: the interpreter's own start-up, ~50 ms, is before
+# this line): a run logs how long it took to reach its first epoch from here.
+STARTED = time.perf_counter()
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import functools  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+import typing  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, Callable, NoReturn  # noqa: E402
+
+from fmnist_jax.config import DEFAULT_PRESET, PRESETS, TrainConfig, get_config  # noqa: E402
+from fmnist_jax.errors import FmnistError  # noqa: E402
+
+COMPILE_CACHE_ENV = "FMNIST_COMPILE_CACHE"
+DEFAULT_COMPILE_CACHE = "~/.cache/fmnist_jax/xla"
+COMPILE_CACHE_MAX_BYTES = 1 << 30  # a run's entries take under 1 MB
 
 
 class Parser(argparse.ArgumentParser):
@@ -120,6 +132,49 @@ def _add_data_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--test-csv", metavar="FILE", help="Kaggle's fashion-mnist_test.csv")
 
 
+def _add_compile_cache_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--compile-cache", metavar="DIR|none",
+                        help=f"folder of XLA's persistent compilation cache: a later run with "
+                             f"the same shapes loads its compiled epoch from there instead of "
+                             f"compiling again (delete the folder any time); none: no cache. "
+                             f"Default ${COMPILE_CACHE_ENV} or {DEFAULT_COMPILE_CACHE}")
+
+
+def use_compile_cache(choice: str | None) -> Path | None:
+    """Point XLA's persistent compilation cache at `choice` (else $FMNIST_COMPILE_CACHE, else
+    ~/.cache/fmnist_jax/xla; "none": off) and return the folder. Must run before anything
+    compiles: jax reads the setting when it first compiles."""
+    chosen = choice or os.environ.get(COMPILE_CACHE_ENV) or DEFAULT_COMPILE_CACHE
+    if chosen.strip().lower() == "none":
+        return None
+    path = Path(chosen).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".probe-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        # jax would only warn on every write; say it once, before the data loads.
+        raise FmnistError(f"cannot write the compile cache {path} ({e.strerror or e}): pass "
+                          f"--compile-cache another folder, or none") from e
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    # Cache every program: jax's default skips those compiled in under a second, and on a
+    # quiet machine each of ours is (but several together, on a busy one, take many).
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    try:
+        import filelock  # noqa: F401
+    except ImportError:
+        return path
+    # A size limit makes jax hold a file lock around each read and write (without one, two
+    # runs started together can read an entry half written; jax then warns and compiles)
+    # and evict the least recently used entries, so the folder cannot grow without end.
+    jax.config.update("jax_compilation_cache_max_size", COMPILE_CACHE_MAX_BYTES)
+    return path
+
+
 def _load_data(args: argparse.Namespace):
     from fmnist_jax import data
 
@@ -143,6 +198,7 @@ def train_parser() -> Parser:
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--no-report", action="store_true",
                      help="skip the evaluation report at the end (scripts/evaluate.py)")
+    _add_compile_cache_flag(run)
     _add_data_flags(parser)
     return parser
 
@@ -151,8 +207,8 @@ def train_parser() -> Parser:
 def train_main(argv: list[str] | None = None) -> int:
     args = train_parser().parse_args(argv)
     cfg = config_from_args(args)
+    use_compile_cache(args.compile_cache)
     from fmnist_jax import runs
-    from fmnist_jax.report import evaluate_run
     from fmnist_jax.train import train_and_evaluate
 
     # Claim the run folder before the data loads: a bad or taken --workdir fails at once.
@@ -162,8 +218,11 @@ def train_main(argv: list[str] | None = None) -> int:
     except BaseException:
         runs.abandon(run)
         raise
-    train_and_evaluate(cfg, run, train=train, test=test, progress=not args.no_progress)
+    train_and_evaluate(cfg, run, train=train, test=test, progress=not args.no_progress,
+                       started=STARTED)
     if not args.no_report:
+        from fmnist_jax.report import evaluate_run  # matplotlib: ~1 s to import, so only here
+
         evaluate_run(run.path, train=train, test=test)
     return 0
 
@@ -180,6 +239,7 @@ def evaluate_parser() -> Parser:
     parser.add_argument("run_dir", help="a folder written by scripts/train.py")
     parser.add_argument("--resamples", type=int, default=1000,
                         help="bootstrap resamples for the 95%% intervals (default 1000)")
+    _add_compile_cache_flag(parser)
     _add_data_flags(parser)
     return parser
 
@@ -189,6 +249,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     args = evaluate_parser().parse_args(argv)
     if args.resamples < 1:
         raise FmnistError(f"--resamples must be at least 1, got {args.resamples}")
+    use_compile_cache(args.compile_cache)
     from fmnist_jax.report import evaluate_run, load_run
 
     run = load_run(args.run_dir)  # a damaged or foreign folder fails before the data loads
@@ -295,6 +356,7 @@ def bench_parser() -> Parser:
                             "refused unless --overwrite is given")
     bench.add_argument("--overwrite", action="store_true",
                        help="replace an existing --out file")
+    _add_compile_cache_flag(bench)
     _add_data_flags(parser)
     return parser
 
@@ -318,6 +380,7 @@ def bench_main(argv: list[str] | None = None) -> int:
         raise FmnistError(f"--train-images must be at least the batch size "
                           f"({settings.config.batch_size}), got {args.train_images}")
     bench.check_out(args.out, overwrite=args.overwrite)  # before hours of benchmark, not after
+    use_compile_cache(args.compile_cache)
     settings = dataclasses.replace(settings, torch_device=bench.choose_device(args.device))
     train, test = _load_data(args)
     if args.train_images:

@@ -30,13 +30,17 @@ from fmnist_jax.steps import TrainState, create_train_state, plateau_update
 def train_and_evaluate(cfg: TrainConfig, workdir: str | Path | runs.Claim, *,
                        train: data.Split, test: data.Split,
                        log_fn: Callable[[str], Any] = tqdm.write,
-                       progress: bool = True) -> tuple[TrainState, list[dict[str, Any]]]:
+                       progress: bool = True,
+                       started: float | None = None) -> tuple[TrainState, list[dict[str, Any]]]:
     """Train `cfg` on `train` (less its validation split) and evaluate on the validation
     split and `test` after every epoch; write the run folder `workdir` (see `runs`).
 
     `workdir` is a folder to claim, or a `runs.Claim` made earlier (the command line claims
     the folder before loading the data). Until the first epoch is written, any failure
     (a refused setup, Ctrl-C while compiling) gives the claim back.
+
+    `started`, a `time.perf_counter()` reading taken when the command started: timing.jsonl
+    then records `startup_seconds`, the time from it to the first epoch.
 
     Returns (final TrainState, list of per-epoch metric dicts).
     """
@@ -53,7 +57,10 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | Path | runs.Claim, *,
 
     history: list[dict[str, Any]] = []
     with runs.EpochLog(run_dir) as epoch_log:
-        epoch_log.compile_seconds(compiled.compile_seconds)
+        startup_s = None if started is None else time.perf_counter() - started
+        epoch_log.compile_seconds(compiled.compile_seconds, startup_seconds=startup_s)
+        if startup_s is not None:
+            log_fn(f"first epoch starts {startup_s:.2f} s after the command started")
         bar = tqdm(range(1, cfg.epochs + 1), desc="epochs", unit="epoch", disable=not progress,
                    file=sys.stderr, leave=False)
         for epoch in bar:

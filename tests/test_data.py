@@ -1,3 +1,4 @@
+import re
 import shutil
 import subprocess
 import sys
@@ -140,3 +141,141 @@ def test_a_folder_prepared_as_tfrecord_is_read(manual_dir, fashion_mnist, tmp_pa
     for got, want in zip((train, test), fashion_mnist):  # tfds writes both in one order
         np.testing.assert_array_equal(got.images_NxHxWx1, want.images_NxHxWx1)
         np.testing.assert_array_equal(got.labels_N, want.labels_N)
+
+
+# ---------------------------------------------------------------------------------------
+# The decoded-arrays cache and the data dir's lock
+
+
+def _fake_prepared_dir(data_dir, info=b'{"splits": []}'):
+    """A data dir that passes the prepared-folder checks without tfds: a dataset_info.json
+    listing one (empty) shard per split. Its arrays can only come from the cache."""
+    import json
+
+    version_dir = data_dir / "fashion_mnist" / "3.0.1"
+    version_dir.mkdir(parents=True)
+    splits = [{"name": s, "shardLengths": ["1"]} for s in ("train", "test")]
+    (version_dir / "dataset_info.json").write_text(json.dumps(
+        {"fileFormat": "array_record", "splits": splits, "note": info.decode()}))
+    for split in ("train", "test"):
+        (version_dir / f"fashion_mnist-{split}.array_record-00000-of-00001").write_bytes(b"")
+    return version_dir
+
+
+def _cached_fake(tmp_path):
+    from fmnist_jax.data import tfds_source
+    from tests.helpers import make_split
+
+    data_dir = tmp_path / "tfds"
+    version_dir = _fake_prepared_dir(data_dir)
+    train, test = make_split(64, seed=0), make_split(32, seed=1)
+    tfds_source._write_cache(data_dir, tfds_source._cache_key(version_dir), train, test)
+    return data_dir, version_dir, train, test
+
+
+def test_the_cache_gives_back_the_arrays_it_was_given(tmp_path):
+    data_dir, _, train, test = _cached_fake(tmp_path)
+    got_train, got_test = data.load_fashion_mnist(data_dir=data_dir)  # never reaches tfds
+    for got, want in ((got_train, train), (got_test, test)):
+        np.testing.assert_array_equal(got.images_NxHxWx1, want.images_NxHxWx1)
+        np.testing.assert_array_equal(got.labels_N, want.labels_N)
+        assert got.images_NxHxWx1.dtype == np.uint8 and got.labels_N.dtype == np.int32
+    assert sorted(p.name for p in (data_dir / data.ARRAYS_DIR).iterdir()) == [
+        "manifest.json", "test_images.npy", "test_labels.npy", "train_images.npy",
+        "train_labels.npy"]  # no temporary file left behind
+
+
+@pytest.mark.parametrize("change", ["byte flipped", "truncated", "manifest deleted",
+                                    "dataset_info.json changed", "split file deleted"])
+def test_a_stale_or_damaged_cache_is_not_used(tmp_path, change):
+    from fmnist_jax.data import tfds_source
+
+    data_dir, version_dir, _, _ = _cached_fake(tmp_path)
+    cache_dir = data_dir / data.ARRAYS_DIR
+    images = cache_dir / "train_images.npy"
+    if change == "byte flipped":
+        raw = bytearray(images.read_bytes())
+        raw[5000] ^= 1
+        images.write_bytes(bytes(raw))
+    elif change == "truncated":
+        images.write_bytes(images.read_bytes()[:-10])
+    elif change == "manifest deleted":
+        (cache_dir / "manifest.json").unlink()
+    elif change == "dataset_info.json changed":  # tfds rebuilt or upgraded the folder
+        info = version_dir / "dataset_info.json"
+        info.write_text(info.read_text() + "\n")
+    else:
+        (version_dir / "fashion_mnist-test.array_record-00000-of-00001").unlink()
+    assert tfds_source._cached(data_dir) is None
+
+
+def test_the_lock_makes_a_second_process_wait(tmp_path):
+    """While one process holds the data dir's lock, another one's `prepare` waits: it says
+    so on stdout and returns only after the lock is given back."""
+    from fmnist_jax.data import tfds_source
+
+    data_dir = tmp_path / "tfds"
+    _fake_prepared_dir(data_dir)
+    code = ("from fmnist_jax.data import prepare; import sys; "
+            f"prepare({str(data_dir)!r}); print('prepared', flush=True)")
+    with tfds_source._data_dir_lock(data_dir):
+        proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, text=True,
+                                env={**__import__("os").environ, "PYTHONPATH": str(REPO)},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        first = proc.stdout.readline()  # blocks until the child prints: it found the lock held
+        assert first.startswith(f"waiting for another process preparing {data_dir}"), first
+        assert proc.poll() is None
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert out.strip() == "prepared"
+
+
+@pytest.mark.slow
+def test_cached_arrays_are_the_tfds_arrays(prepared_data_dir, tmp_path, capfd):
+    """A copy of the prepared folder: the first load decodes it and writes the cache (one line
+    says so), the second reads the cache; both give exactly tfds's arrays."""
+    from fmnist_jax.data import tfds_source
+
+    data_dir = tmp_path / "tfds"
+    shutil.copytree(prepared_data_dir / "fashion_mnist", data_dir / "fashion_mnist")
+    want = tfds_source._read_split("train", data_dir), tfds_source._read_split("test", data_dir)
+    capfd.readouterr()
+    first = data.load_fashion_mnist(data_dir=data_dir)
+    assert capfd.readouterr().out.startswith(f"decoding Fashion-MNIST once into "
+                                             f"{data_dir / data.ARRAYS_DIR}... done in ")
+    second = data.load_fashion_mnist(data_dir=data_dir)
+    assert capfd.readouterr().out == ""  # from the cache: nothing decoded
+    for got in (first, second):
+        for split, want_split in zip(got, want):
+            np.testing.assert_array_equal(split.images_NxHxWx1, want_split.images_NxHxWx1)
+            np.testing.assert_array_equal(split.labels_N, want_split.labels_N)
+            assert split.images_NxHxWx1.dtype == np.uint8 and split.labels_N.dtype == np.int32
+
+
+@pytest.mark.slow
+def test_two_first_runs_on_a_fresh_data_dir_both_succeed(manual_dir, fashion_mnist, tmp_path):
+    """Two commands started together on an empty data dir: one prepares under the lock, the
+    other waits and then reads the same arrays. The preparation says what it does in one line
+    of its own, without tfds's progress bars."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    data_dir = tmp_path / "tfds"
+    # bench --quick: loads all the data, then trains only briefly.
+    args = [["--quick", "--pipelines", "jax", "--data-dir", data_dir, "--manual-dir",
+             manual_dir, "--out", tmp_path / f"bench{i}.json"] for i in range(2)]
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda a: run_script("bench.py", *a, timeout=600), args))
+    for result in results:
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "Generating splits" not in result.stdout + result.stderr
+        assert "Dl Completed" not in result.stdout + result.stderr
+        assert "Traceback" not in result.stderr
+    outs = [r.stdout for r in results]
+    assert sum("preparing Fashion-MNIST in" in out for out in outs) == 1, outs
+    preparing = next(line for out in outs for line in out.splitlines()
+                     if line.startswith("preparing"))
+    assert re.fullmatch(r"preparing Fashion-MNIST in \S+ \(once, about \d+ s\)\.\.\. done in "
+                        r"[\d.]+ s", preparing), preparing
+    train, test = data.load_fashion_mnist(data_dir=data_dir)
+    np.testing.assert_array_equal(train.images_NxHxWx1, fashion_mnist[0].images_NxHxWx1)
+    np.testing.assert_array_equal(test.labels_N, fashion_mnist[1].labels_N)

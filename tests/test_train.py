@@ -13,7 +13,7 @@ from fmnist_jax import FmnistError, data, runs
 from fmnist_jax.config import get_config
 from fmnist_jax.data import HALF, normalization_for, split_train_val
 from fmnist_jax.steps import predict_logits
-from tests.helpers import REPO, make_split, tiny_config
+from tests.helpers import REPO, make_split, one_error_line, run_script, tiny_config
 from tests.helpers import train_quietly as _run
 
 
@@ -155,7 +155,8 @@ def test_two_trainings_on_one_workdir_one_gets_it(tmp_path, prepared_data_dir):
 def test_ctrl_c_while_compiling_exits_130_quietly(tmp_path, prepared_data_dir):
     proc = subprocess.Popen(
         [sys.executable, "scripts/train.py", "--workdir", str(tmp_path / "run"), "--data-dir",
-         str(prepared_data_dir), "--epochs", "1", "--no-progress", "--model", "cnn"],
+         str(prepared_data_dir), "--epochs", "1", "--no-progress", "--model", "cnn",
+         "--compile-cache", "none"],  # a warm cache could finish compiling before the signal
         cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"},
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         # a shell without job control starts background jobs with SIGINT ignored: undo that
@@ -170,3 +171,32 @@ def test_ctrl_c_while_compiling_exits_130_quietly(tmp_path, prepared_data_dir):
     assert err.strip().splitlines()[-1] == "interrupted"
     assert "Traceback" not in err and "Segmentation" not in err
     assert not (tmp_path / "run").exists()  # nothing was trained: the claim was given back
+
+
+def test_a_compile_cache_that_cannot_be_written_is_one_line():
+    result = run_script("train.py", "--compile-cache", "/proc/self/xla", "--epochs", "1")
+    assert "cannot write the compile cache /proc/self/xla" in one_error_line(result)
+
+
+@pytest.mark.slow
+def test_a_second_run_loads_its_programs_from_the_compile_cache(tmp_path):
+    """Two tiny runs (CSV data) on one fresh compile cache: the first fills it, the second
+    finds every program there and adds nothing."""
+    for name, seed, n in (("train", 0, 256), ("test", 1, 100)):
+        data.write_csv_split(make_split(n, seed=seed), tmp_path / f"{name}.csv")
+    cache = tmp_path / "xla"
+
+    def train(run):
+        result = run_script("train.py", "--train-csv", tmp_path / "train.csv", "--test-csv",
+                            tmp_path / "test.csv", "--epochs", "1", "--batch-size", "32",
+                            "--eval-batch-size", "50", "--no-report", "--no-progress",
+                            "--workdir", tmp_path / run, "--compile-cache", cache,
+                            timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        timing = json.loads((tmp_path / run / runs.TIMING_FILE).open().readline())
+        assert timing["startup_seconds"] >= timing["compile_seconds"] > 0
+        return {p.name: p.stat().st_mtime_ns for p in cache.iterdir() if p.name.endswith("-cache")}
+
+    first = train("run1")
+    assert len(first) >= 2  # at least the epoch and the evaluation
+    assert train("run2") == first  # every entry read, none written again

@@ -15,7 +15,7 @@ from fmnist_jax.data.csv_source import read_csv_split, write_csv_split
 from fmnist_jax.data.splits import (CLASS_NAMES, HALF, NORMALIZATIONS, Normalization, Split,
                                     dataset_mean_std, fingerprint, normalization_for,
                                     split_train_val, stratified_split)
-from fmnist_jax.data.tfds_source import (DATA_DIR_ENV, DOWNLOAD_HOST, MANUAL_DIR_ENV,
+from fmnist_jax.data.tfds_source import (ARRAYS_DIR, DATA_DIR_ENV, LOCK_FILE, DOWNLOAD_HOST, MANUAL_DIR_ENV,
                                          MANUAL_FILES, check_manual_dir, is_prepared,
                                          load_fashion_mnist, prepare, read_split,
                                          resolve_data_dir, resolve_manual_dir)
@@ -36,7 +36,7 @@ def load(*, data_dir=None, manual_dir=None, train_csv=None, test_csv=None) -> tu
 
 
 __all__ = [
-    "CLASS_NAMES", "DATA_DIR_ENV", "DOWNLOAD_HOST", "HALF", "MANUAL_DIR_ENV", "MANUAL_FILES",
+    "ARRAYS_DIR", "CLASS_NAMES", "DATA_DIR_ENV", "LOCK_FILE", "DOWNLOAD_HOST", "HALF", "MANUAL_DIR_ENV", "MANUAL_FILES",
     "NORMALIZATIONS", "Normalization", "Split", "check_manual_dir", "dataset_mean_std",
     "fingerprint", "is_prepared", "load", "load_fashion_mnist", "read_csv_split", "write_csv_split", "normalization_for", "prepare", "read_split",
     "resolve_data_dir", "resolve_manual_dir", "split_train_val", "stratified_split",

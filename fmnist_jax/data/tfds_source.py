@@ -12,10 +12,21 @@ the file and the fix. A prepared folder found damaged (a split file truncated or
 dataset_info.json gone) is rebuilt from the manual dir when there is one, else refused with
 one line saying how to rebuild it. A folder prepared earlier in tfrecord format is read with
 TensorFlow (`builder.as_dataset`), the only reader tfds has for it.
+
+Decoding the 70,000 PNGs tfds stores takes seconds, so the first read also writes the arrays,
+once, to `DATA_DIR/fashion_mnist_arrays/` (plain .npy files and a manifest of their sha256 and
+size, keyed by a hash of the tfds folder's dataset_info.json); later runs read those in well
+under a second. The tfds folder stays the source of truth: a cache whose key or checksums do
+not match is rebuilt from it. Preparing and caching hold an flock on `DATA_DIR/.fmnist_jax.lock`,
+so runs started together on a fresh data dir wait for one another instead of racing tfds.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
+import io
 import json
 import os
 import re
@@ -23,6 +34,7 @@ import shutil
 import socket
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +49,10 @@ MANUAL_FILES = (
 DATA_DIR_ENV = "FMNIST_DATA_DIR"
 MANUAL_DIR_ENV = "FMNIST_MANUAL_DIR"
 DOWNLOAD_HOST = "fashion-mnist.s3-website.eu-central-1.amazonaws.com"  # tfds's source URL host
+ARRAYS_DIR = "fashion_mnist_arrays"  # the decoded-arrays cache, beside tfds's fashion_mnist/
+LOCK_FILE = ".fmnist_jax.lock"
+_MANIFEST = "manifest.json"
+_CACHE_FORMAT = 1  # bump when the cache's layout changes: older caches are then rebuilt
 _MANUAL_HINT = (f"pass --manual-dir DIR (or set {MANUAL_DIR_ENV}=DIR), a folder holding the four "
                 f"official .gz files of the Fashion-MNIST release ({', '.join(MANUAL_FILES)})")
 
@@ -130,7 +146,7 @@ def _rebuild_or_refuse(damaged: _Damaged, data_dir: Path, manual_dir: Path | Non
     except OSError as e:
         raise FmnistError(f"the prepared dataset in {version_dir} is damaged ({what}) and cannot "
                           f"be deleted ({e.strerror}): delete it yourself and run again") from e
-    return prepare(data_dir, manual_dir)
+    return _prepare(data_dir, manual_dir)
 
 
 def _check_writable(data_dir: Path) -> None:
@@ -165,10 +181,42 @@ def _host_reachable(host: str, timeout_s: float = 5.0) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def _data_dir_lock(data_dir: Path):
+    """Hold an exclusive flock on DATA_DIR/.fmnist_jax.lock: a second process preparing the
+    same data dir waits here, then finds it prepared (tfds alone would fail renaming its
+    `incomplete` folder). A data dir where the lock cannot be made (read-only, or not
+    creatable) is used without it: nothing can be written there, so nothing can race; the
+    checks further on name the problem."""
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(data_dir / LOCK_FILE, "a")
+    except OSError:
+        yield
+        return
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another process preparing {data_dir}...", flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def prepare(data_dir: str | os.PathLike | None = None,
             manual_dir: str | os.PathLike | None = None) -> Path:
-    """Build the array_record folder under `data_dir` unless it is there; return `data_dir`."""
+    """Build the array_record folder under `data_dir` unless it is there; return `data_dir`.
+    Holds the data dir's lock while it looks and builds."""
     data_dir, manual_dir = resolve_data_dir(data_dir), resolve_manual_dir(manual_dir)
+    with _data_dir_lock(data_dir):
+        return _prepare(data_dir, manual_dir)
+
+
+def _prepare(data_dir: Path, manual_dir: Path | None) -> Path:
+    """`prepare`, for a caller that holds the data dir's lock."""
     for version_dir in _version_dirs(data_dir):
         try:
             _file_format(version_dir)
@@ -183,7 +231,44 @@ def prepare(data_dir: str | os.PathLike | None = None,
         # tfds would retry for minutes and end in a long ConnectionError traceback.
         raise FmnistError(f"Fashion-MNIST is not prepared in {data_dir} and {DOWNLOAD_HOST} "
                           f"cannot be reached: {_MANUAL_HINT}")
+    # One line of our own instead of tfds's ~170 lines of progress bars and notices.
+    print(f"preparing Fashion-MNIST in {data_dir} (once, about 30 s)... ", end="", flush=True)
+    t0 = time.perf_counter()
+    try:
+        _download_and_prepare(data_dir, manual_dir)
+    except BaseException:
+        print("failed", flush=True)  # end our line: the error follows on stderr
+        raise
+    print(f"done in {time.perf_counter() - t0:.1f} s", flush=True)
+    return data_dir
+
+
+@contextlib.contextmanager
+def _quiet_tfds():
+    """Silence tfds while it builds: its tqdm bars, its absl logs, the notices it prints on
+    stdout, TensorFlow's C++ start-up logs. Errors still come through as exceptions."""
+    from absl import logging as absl_logging
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # read when TensorFlow loads
+    tfds = sys.modules["tensorflow_datasets"]
+    verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    tfds.display_progress_bar(False)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        tfds.display_progress_bar(True)
+        absl_logging.set_verbosity(verbosity)
+
+
+def _download_and_prepare(data_dir: Path, manual_dir: Path | None) -> None:
     tfds = _tfds(data_dir)
+    with _quiet_tfds():
+        _build(tfds, data_dir, manual_dir)
+
+
+def _build(tfds, data_dir: Path, manual_dir: Path | None) -> None:
     _hide_gpus_from_tensorflow()
     builder = tfds.builder("fashion_mnist", data_dir=str(data_dir), file_format="array_record")
     download_config = tfds.download.DownloadConfig(
@@ -208,7 +293,6 @@ def prepare(data_dir: str | os.PathLike | None = None,
         # a corrupt .gz that somehow passed the checksum
         raise FmnistError(f"reading the Fashion-MNIST files failed ({e}): replace the files in "
                           f"{manual_dir or 'the download folder'} with the official ones") from e
-    return data_dir
 
 
 def _is_under(filename, folder: Path) -> bool:
@@ -273,15 +357,138 @@ def _read_tfrecord(tfds, split: str, data_dir: Path, version_dir: Path):
     return batch["image"], batch["label"]
 
 
+# ---------------------------------------------------------------------------------------
+# The decoded-arrays cache: DATA_DIR/fashion_mnist_arrays/
+
+
+def _cache_key(version_dir: Path) -> str:
+    """What the cache was decoded from: the version folder's name and the hash of its
+    dataset_info.json (which changes whenever tfds rebuilds or upgrades the folder)."""
+    info = (version_dir / "dataset_info.json").read_bytes()
+    return f"{_CACHE_FORMAT}:{version_dir.name}:{hashlib.sha256(info).hexdigest()}"
+
+
+def _cache_files(split: str) -> tuple[str, str]:
+    return f"{split}_images.npy", f"{split}_labels.npy"
+
+
+def _read_cache(data_dir: Path, key: str) -> tuple[Split, Split] | None:
+    """(train, test) from the cache when its manifest matches `key` and every file its
+    sha256 and size; else None (no cache, an old one, or a damaged one: the caller rebuilds)."""
+    cache_dir = data_dir / ARRAYS_DIR
+    try:
+        manifest = json.loads((cache_dir / _MANIFEST).read_text())
+        if manifest.get("key") != key:
+            return None
+        arrays = {}
+        for split in ("train", "test"):
+            for name in _cache_files(split):
+                raw = (cache_dir / name).read_bytes()
+                want = manifest["files"][name]
+                if len(raw) != want["size"] or hashlib.sha256(raw).hexdigest() != want["sha256"]:
+                    return None
+                arrays[name] = np.load(io.BytesIO(raw), allow_pickle=False)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    splits = []
+    for split in ("train", "test"):
+        images_name, labels_name = _cache_files(split)
+        images, labels = arrays[images_name], arrays[labels_name]
+        if (images.dtype != np.uint8 or images.shape[1:] != (28, 28, 1)
+                or labels.dtype != np.int32 or labels.shape != images.shape[:1]):
+            return None  # a manifest written by hand over other arrays
+        splits.append(Split(images_NxHxWx1=images, labels_N=labels))
+    return splits[0], splits[1]
+
+
+def _write_cache(data_dir: Path, key: str, train: Split, test: Split) -> None:
+    """Write the cache: each file to a temporary name, then renamed into place, the manifest
+    last. A reader never sees a half-written file as valid: until the new manifest is in
+    place, the old one's checksums fail on the new files and the reader rebuilds. A cache
+    that cannot be written (read-only or full data dir) leaves a note, and runs go on
+    decoding the PNGs."""
+    cache_dir = data_dir / ARRAYS_DIR
+    files = {}
+    try:
+        cache_dir.mkdir(exist_ok=True)
+        for split, arrays in (("train", train), ("test", test)):
+            for name, array in zip(_cache_files(split), (arrays.images_NxHxWx1, arrays.labels_N)):
+                buffer = io.BytesIO()
+                np.save(buffer, array, allow_pickle=False)
+                raw = buffer.getvalue()
+                files[name] = {"sha256": hashlib.sha256(raw).hexdigest(), "size": len(raw)}
+                _write_atomically(cache_dir / name, raw)
+        _write_atomically(cache_dir / _MANIFEST,
+                          json.dumps({"key": key, "files": files}, indent=1).encode())
+    except OSError as e:
+        print(f"note: cannot cache the decoded arrays in {cache_dir} ({e.strerror or e}): "
+              f"every run decodes the dataset again (seconds)", file=sys.stderr, flush=True)
+
+
+def _write_atomically(path: Path, raw: bytes) -> None:
+    # A per-process temporary name (writers hold the lock) opened with the umask, so the
+    # cache is as readable as the tfds files beside it.
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(raw)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _cached(data_dir: Path) -> tuple[Split, Split] | None:
+    """The cache of a sound prepared folder, or None. Looks, as `_prepare` does, for every
+    split file dataset_info.json lists, so a deleted one is still found and rebuilt."""
+    try:
+        version_dirs = _version_dirs(data_dir)
+        if not version_dirs:
+            return None
+        for version_dir in version_dirs:
+            _file_format(version_dir)
+        return _read_cache(data_dir, _cache_key(version_dirs[-1]))
+    except (_Damaged, OSError):
+        return None
+
+
+def _read_and_cache(data_dir: Path) -> tuple[Split, Split]:
+    """Decode both splits from the tfds folder and write the cache (once per folder)."""
+    version_dir = _version_dirs(data_dir)[-1]
+    print(f"decoding Fashion-MNIST once into {data_dir / ARRAYS_DIR}... ", end="", flush=True)
+    t0 = time.perf_counter()
+    try:
+        train, test = _read_split("train", data_dir), _read_split("test", data_dir)
+    except BaseException:
+        print("failed", flush=True)
+        raise
+    _write_cache(data_dir, _cache_key(version_dir), train, test)
+    print(f"done in {time.perf_counter() - t0:.1f} s", flush=True)
+    return train, test
+
+
 def load_fashion_mnist(*, data_dir=None, manual_dir=None) -> tuple[Split, Split]:
-    """(train, test) as whole host arrays. A prepared folder found damaged while reading is
-    rebuilt once from the manual dir when there is one."""
-    prepared = prepare(data_dir, manual_dir)
-    try:
-        return _read_split("train", prepared), _read_split("test", prepared)
-    except _Damaged as damaged:
-        rebuilt = _rebuild_or_refuse(damaged, prepared, resolve_manual_dir(manual_dir))
-    try:
-        return _read_split("train", rebuilt), _read_split("test", rebuilt)
-    except _Damaged as damaged:  # damaged again right after a rebuild: do not loop
-        raise _damaged_error(*damaged.args) from damaged
+    """(train, test) as whole host arrays: from the decoded-arrays cache when it matches the
+    prepared folder (no lock needed to read: it is checksummed), else under the data dir's
+    lock: prepared if needed, decoded from the tfds folder and cached. A prepared folder
+    found damaged while reading is rebuilt once from the manual dir when there is one."""
+    data_dir, manual_dir = resolve_data_dir(data_dir), resolve_manual_dir(manual_dir)
+    cached = _cached(data_dir)
+    if cached is not None:
+        return cached
+    with _data_dir_lock(data_dir):
+        prepared = _prepare(data_dir, manual_dir)
+        cached = _cached(prepared)  # another process may have cached it while we waited
+        if cached is not None:
+            return cached
+        try:
+            return _read_and_cache(prepared)
+        except _Damaged as damaged:
+            rebuilt = _rebuild_or_refuse(damaged, prepared, manual_dir)
+        try:
+            return _read_and_cache(rebuilt)
+        except _Damaged as damaged:  # damaged again right after a rebuild: do not loop
+            raise _damaged_error(*damaged.args) from damaged
