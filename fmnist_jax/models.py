@@ -126,8 +126,8 @@ def conv_and_pool_impl(backend: str | None = None,
     CPU: the select-gradient pool; the row-Toeplitz conv for LeNet-5's layers (5x5 kernels,
     at most 96 input x output channels), whose banded matrix stays small, and im2col for the
     rest: on the tutorial CNN's 3x3 layers (16 and 32 channels) the Toeplitz form's 5-10x
-    redundant arithmetic made a training step 1.5x (Toeplitz first layer) to 3x (both) slower
-    than im2col (BENCHMARKS.md). Anything else (GPU, TPU): XLA's convolution and reduce_window
+    redundant arithmetic made a training step 1.2x (Toeplitz first layer) to 1.9x (both)
+    slower than im2col (`scripts/profile_step.py --cnn-formulations`, BENCHMARKS.md). Anything else (GPU, TPU): XLA's convolution and reduce_window
     pool, i.e. nn.Conv and nn.max_pool, which cuDNN and friends already do well.
     """
     backend = backend or jax.default_backend()
