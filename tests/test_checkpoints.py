@@ -46,6 +46,8 @@ def test_the_latest_and_the_best_checkpoint_both_survive(tmp_path):
     restored = checkpoints.restore(2, _fake_state(0))
     np.testing.assert_array_equal(restored["params"]["w"], np.full((3, 2), 2, np.float32))
     assert int(restored["step"]) == 2
+    # Restored onto this machine's first device, wherever it was written (explicit targets).
+    assert restored["params"]["w"].sharding.device_set == {jax.local_devices()[0]}
     checkpoints.close()
 
 
