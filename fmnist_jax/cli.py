@@ -107,12 +107,12 @@ def config_from_args(args: argparse.Namespace, **fixed: Any) -> TrainConfig:
     """The preset of `args.preset` with every config flag the user gave, and `fixed`."""
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
              if hasattr(args, f.name)}
-    return get_config(args.preset, **{**given, **fixed})
+    return get_config(args.preset or DEFAULT_PRESET, **{**given, **fixed})
 
 
 def _add_preset_flag(parser: argparse.ArgumentParser) -> None:
     presets = "; ".join(f"{name}: {preset.about}" for name, preset in PRESETS.items())
-    parser.add_argument("--preset", default=DEFAULT_PRESET,
+    parser.add_argument("--preset", default=None,
                         help=f"named recipe (default {DEFAULT_PRESET}). {presets}"
                         .replace("%", "%%"))
 
@@ -195,6 +195,10 @@ def train_parser() -> Parser:
     run = parser.add_argument_group("run")
     run.add_argument("--workdir", help="run folder: a new or empty folder (default "
                      "runs/PRESET-seedN-TIMESTAMP-PID)")
+    run.add_argument("--resume", metavar="RUN_DIR",
+                     help="continue the interrupted run in RUN_DIR from its latest checkpoint, "
+                          "with its stored config (config flags may only repeat its values); "
+                          "a finished run is left as it is (exit 0)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--no-report", action="store_true",
                      help="skip the evaluation report at the end (scripts/evaluate.py)")
@@ -206,13 +210,20 @@ def train_parser() -> Parser:
 @user_errors_exit_1
 def train_main(argv: list[str] | None = None) -> int:
     args = train_parser().parse_args(argv)
-    cfg = config_from_args(args)
     use_compile_cache(args.compile_cache)
     from fmnist_jax import runs
     from fmnist_jax.train import train_and_evaluate
 
-    # Claim the run folder before the data loads: a bad or taken --workdir fails at once.
-    run = runs.claim(args.workdir or runs.default_workdir(args.preset, cfg.seed), cfg)
+    if args.resume:
+        run = _reopen(args)
+        if run is None:
+            return 0
+        cfg = run.config
+    else:
+        cfg = config_from_args(args)
+        # Claim the run folder before the data loads: a bad or taken --workdir fails at once.
+        run = runs.claim(args.workdir or runs.default_workdir(args.preset or DEFAULT_PRESET,
+                                                              cfg.seed), cfg)
     try:
         train, test = _load_data(args)
     except BaseException:
@@ -225,6 +236,30 @@ def train_main(argv: list[str] | None = None) -> int:
 
         evaluate_run(run.path, train=train, test=test)
     return 0
+
+
+def _reopen(args: argparse.Namespace):
+    """The claim of the run --resume names, after checking the flags given with it agree with
+    its stored config; None (and one line) when that run has already finished."""
+    from fmnist_jax import runs
+
+    if args.workdir:
+        raise FmnistError("--workdir and --resume both name a run folder: pass only --resume")
+    if args.preset:
+        raise FmnistError("--preset cannot change a resumed run (it uses its stored config): "
+                          "drop --preset")
+    stored = runs.load_config(args.resume)
+    for field in dataclasses.fields(TrainConfig):
+        if hasattr(args, field.name) and getattr(args, field.name) != getattr(stored,
+                                                                              field.name):
+            flag = "--" + field.name.replace("_", "-")
+            raise FmnistError(f"{flag} {getattr(args, field.name)} contradicts the run's "
+                              f"config ({getattr(stored, field.name)}): a resumed run keeps its "
+                              f"config; drop {flag}, or start a new run")
+    if runs.finished(args.resume):
+        print(f"{args.resume} has already finished training: nothing to resume")
+        return None
+    return runs.reopen(args.resume)
 
 
 # ---------------------------------------------------------------------------------------
@@ -335,7 +370,7 @@ def bench_parser() -> Parser:
                                 "init, alternating epochs, one run on this machine. Trains on "
                                 "all 60,000 training images (no validation split).")
     _add_preset_flag(parser)
-    add_config_flags(parser, skip=("seed", "val_fraction"))
+    add_config_flags(parser, skip=("seed", "val_fraction", "checkpoint_every", "patience"))
     bench = parser.add_argument_group("bench")
     bench.add_argument("--num-seeds", type=int, default=3,
                        help="train each pipeline with seeds 0..N-1 (default 3)")
@@ -371,7 +406,7 @@ def bench_main(argv: list[str] | None = None) -> int:
 
     pipelines = tuple(p.strip() for p in args.pipelines.split(",") if p.strip())
     settings = bench.BenchSettings(
-        config=bench.bench_config(args.preset, **{
+        config=bench.bench_config(args.preset or DEFAULT_PRESET, **{
             f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
             if hasattr(args, f.name)}),
         num_seeds=args.num_seeds, pipelines=pipelines, torch_compile=args.torch_compile)

@@ -89,6 +89,13 @@ class TrainConfig:
                                  check=(lambda v: 0 <= v < 1, "in [0, 1)"))
     seed: int = _field(0, "the random seed: initialization, validation split, shuffling",
                        check=(lambda v: 0 <= v < MAX_SEED, f"in [0, {MAX_SEED})"))
+    checkpoint_every: int = _field(1, "save the whole training state to RUN_DIR/checkpoints/ "
+                                   "every this many epochs (and at the best and the last "
+                                   "epoch), so --resume can continue; 0: no checkpoints",
+                                   check=(lambda v: v >= 0, ">= 0"))
+    patience: int = _field(0, "early stopping: stop after this many epochs without a higher "
+                           "validation accuracy (the model kept is the best epoch's); 0: off",
+                           check=(lambda v: v >= 0, ">= 0"))
 
     def validate(self) -> TrainConfig:
         """Raise FmnistError naming the first bad field; return self when all are good."""
@@ -112,6 +119,9 @@ class TrainConfig:
         if self.decay == "plateau" and self.val_fraction == 0:
             raise FmnistError("decay plateau needs a validation split to watch: pass "
                               "--val-fraction > 0")
+        if self.patience and self.val_fraction == 0:
+            raise FmnistError("patience needs a validation split to watch: pass "
+                              "--val-fraction > 0, or --patience 0")
         return self
 
     def to_json(self) -> str:

@@ -262,6 +262,7 @@ class Predictor:
     normalization: Normalization  # the mean/std the model was trained with
     temperature: float  # divides the logits; 1.0 when the run was not calibrated
     calibrated: bool  # whether `temperature` came from the run's calibration.json
+    epoch: int | None = None  # the epoch whose parameters these are (None: an older run)
 
 
 def load_predictor(run_dir: str | Path) -> Predictor:
@@ -271,9 +272,11 @@ def load_predictor(run_dir: str | Path) -> Predictor:
     variables = runs.load_variables(run_dir, cfg)
     norm = runs.load_normalization(run_dir)
     temperature = runs.load_temperature(run_dir)
+    best = runs.load_best(run_dir)
     return Predictor(config=cfg, variables=variables, normalization=norm,
                      temperature=1.0 if temperature is None else temperature,
-                     calibrated=temperature is not None)
+                     calibrated=temperature is not None,
+                     epoch=None if best is None else best["epoch"])
 
 
 @jax.jit
@@ -337,7 +340,9 @@ def format_text(run_dir, predictor: Predictor, results: list[dict[str, Any]]) ->
 
     Each result: {"file", "index", "images_in_file", "predictions": [(class, prob), ...]}.
     """
-    lines = [f"model {predictor.config.model} from {run_dir}, {calibration_words(predictor)}"]
+    epoch = "" if predictor.epoch is None else f" (epoch {predictor.epoch})"
+    lines = [f"model {predictor.config.model}{epoch} from {run_dir}, "
+             f"{calibration_words(predictor)}"]
     width = max(len(name) for name in CLASS_NAMES)
     for result in results:
         many = result["images_in_file"] > 1
@@ -352,6 +357,7 @@ def format_json(run_dir, predictor: Predictor, results: list[dict[str, Any]],
     document = {
         "run_dir": str(run_dir),
         "model": predictor.config.model,
+        "epoch": predictor.epoch,
         "temperature": predictor.temperature,
         "calibrated": predictor.calibrated,
         "dark_on_light": dark_on_light,

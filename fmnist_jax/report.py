@@ -73,7 +73,20 @@ def compute_report(logits_NxC, labels_N, val_logits=None, val_labels=None, *, ke
     }
 
 
-def format_report(report: dict[str, Any], preds_N, labels_N, run_dir) -> str:
+def _model_words(best: dict[str, Any] | None) -> str:
+    """Which epoch's parameters the report is about."""
+    if best is None:
+        return "parameters of the last epoch"
+    trained = f"{best['epochs_trained']} trained" + (", stopped early" if best.get(
+        "stopped_early") else "")
+    if best.get("chosen_by") == "val_accuracy":
+        return (f"parameters of epoch {best['epoch']}, the best validation accuracy "
+                f"({100 * best['val_accuracy']:.2f}%; {trained})")
+    return f"parameters of epoch {best['epoch']}, the last ({trained})"
+
+
+def format_report(report: dict[str, Any], preds_N, labels_N, run_dir,
+                  best: dict[str, Any] | None = None) -> str:
     def pct(x):
         return f"{100 * x:.2f}%"
 
@@ -86,6 +99,7 @@ def format_report(report: dict[str, Any], preds_N, labels_N, run_dir) -> str:
               if report["n_validation"] else "no validation split (val_fraction 0): T = 1")
     lines = [
         f"run: {run_dir}   test images: {report['n_test']}",
+        _model_words(best),
         "",
         metrics.classification_report_text(preds_N, labels_N, data.CLASS_NAMES, digits=4),
         f"accuracy       {pct(report['accuracy'])}   95% CI {ci('accuracy')}",
@@ -116,6 +130,7 @@ class LoadedRun:
     variables: dict  # {"params": ...} and "batch_stats" for BatchNorm models
     normalization: data.Normalization
     history: list[dict[str, Any]]
+    best: dict[str, Any] | None = None  # which epoch's parameters (runs.load_best); None: older run
 
 
 def load_run(run_dir: str | Path) -> LoadedRun:
@@ -123,7 +138,7 @@ def load_run(run_dir: str | Path) -> LoadedRun:
     missing or damaged."""
     cfg = runs.load_config(run_dir)
     return LoadedRun(config=cfg, normalization=runs.load_normalization(run_dir),
-                     history=runs.load_history(run_dir),
+                     history=runs.load_history(run_dir), best=runs.load_best(run_dir),
                      variables=runs.load_variables(run_dir, cfg))
 
 
@@ -158,7 +173,10 @@ def evaluate_run(run_dir: str | Path, *, train: data.Split, test: data.Split,
                             None if val is None else val.labels_N,
                             key=key, n_resamples=n_resamples)
     preds_N = np.asarray(jnp.argmax(test_logits, -1))
-    text = format_report(report, preds_N, test.labels_N, run_dir)
+    if run.best is not None:
+        report["epoch"] = run.best["epoch"]
+        report["epochs_trained"] = run.best["epochs_trained"]
+    text = format_report(report, preds_N, test.labels_N, run_dir, run.best)
     runs.save_report(run_dir, text, report)
     if val is not None:
         runs.save_calibration(run_dir, report["temperature"], report["n_validation"])

@@ -9,6 +9,8 @@ A run folder holds:
 | data.json                             | training, at the start  | fingerprints of its train/test data   |
 | history.jsonl                         | training, every epoch   | losses and accuracies (reproducible)  |
 | timing.jsonl                          | training, every epoch   | compile, start-up, train, eval seconds|
+| checkpoints/EPOCH/                    | training, every epoch   | the whole training state (orbax)      |
+| best.json                             | training, at the end    | which epoch's parameters params/ holds|
 | params/                               | training, at the end    | parameters and BatchNorm statistics   |
 | params.sha256                         | training, at the end    | sha256 of every file under params/    |
 | calibration.json                      | evaluation              | the temperature fit on validation     |
@@ -17,7 +19,12 @@ A run folder holds:
 Timings live apart from the history, so that the same seed writes the same history bytes.
 An existing run is never overwritten: a run claims its folder by creating config.json with
 O_EXCL (`claim`), so of two trainings started on one folder exactly one gets it, and a folder
-holding anything else is refused. Per-epoch checkpoints will go under `checkpoints/`.
+holding anything else is refused. `reopen` takes an interrupted run back for --resume.
+
+A run is finished once params.sha256 exists: it is written last. checkpoints/ keeps the
+latest epoch's state and, with a validation split, the best epoch's (by validation accuracy);
+params/ holds the best epoch's variables (the last epoch's without a validation split), and
+best.json says which epoch that is.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import fcntl
 import functools
 import hashlib
 import json
@@ -38,6 +46,8 @@ from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp  # checkpoints every epoch need it from the start anyway
 
 from fmnist_jax.config import TrainConfig
 from fmnist_jax.data import Normalization, Split, fingerprint
@@ -52,6 +62,8 @@ HISTORY_FILE = "history.jsonl"
 TIMING_FILE = "timing.jsonl"
 PARAMS_DIR = "params"
 PARAMS_CHECKSUM_FILE = "params.sha256"
+CHECKPOINTS_DIR = "checkpoints"
+BEST_FILE = "best.json"
 CALIBRATION_FILE = "calibration.json"
 REPORT_TEXT_FILE = "report.txt"
 REPORT_JSON_FILE = "report.json"
@@ -70,6 +82,11 @@ class Claim:
     path: Path
     config: TrainConfig
     made_folder: bool  # the folder did not exist before: `abandon` may remove it
+    resumed: bool = False  # taken back by `reopen`: continue it, never give it back
+    # An open file of the folder, flock-ed for as long as this process lives: a second
+    # --resume of the same folder is refused while this one runs (a killed process's lock
+    # goes with it). None for claims made in other ways.
+    lock: Any = dataclasses.field(default=None, compare=False, repr=False)
 
 
 def default_workdir(preset: str, seed: int) -> Path:
@@ -113,7 +130,42 @@ def claim(workdir: str | Path, cfg: TrainConfig) -> Claim:
         (run_dir / CONFIG_FILE).unlink(missing_ok=True)
         raise FmnistError(f"cannot write in the run folder {run_dir} ({e.strerror}): pass a "
                           f"writable --workdir") from e
-    return Claim(path=run_dir, config=cfg, made_folder=made_folder)
+    return Claim(path=run_dir, config=cfg, made_folder=made_folder,
+                 lock=_lock(run_dir, wait=True))
+
+
+def _lock(run_dir: Path, *, wait: bool):
+    """Hold an exclusive flock on the folder's config.json (no new file needed); None when
+    another process holds it and `wait` is False."""
+    handle = open(run_dir / CONFIG_FILE)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        handle.close()
+        return None
+    return handle
+
+
+def finished(run_dir: str | Path) -> bool:
+    """Whether the run's training finished: its parameters and their checksum were written."""
+    return (Path(run_dir) / PARAMS_CHECKSUM_FILE).is_file()
+
+
+def reopen(run_dir: str | Path) -> Claim:
+    """Take back an interrupted run (it holds config.json, maybe a history and checkpoints)
+    to continue it with its stored config. FmnistError when it is no run, when it finished
+    (see `finished`: check that first to say so kindly) or when another process trains in it."""
+    run_dir = Path(run_dir)
+    cfg = load_config(run_dir)
+    if finished(run_dir):
+        raise FmnistError(f"{run_dir} has finished training: nothing to resume")
+    lock = _lock(run_dir, wait=False)
+    if lock is None:
+        raise FmnistError(f"{run_dir} is being trained by another process: wait for it, or "
+                          f"stop it first")
+    # Whatever a kill during the final save left of params/ is redone from the checkpoints.
+    _remove_params(run_dir.absolute())
+    return Claim(path=run_dir, config=cfg, made_folder=False, resumed=True, lock=lock)
 
 
 def _already_a_run(run_dir: Path) -> FmnistError:
@@ -123,8 +175,9 @@ def _already_a_run(run_dir: Path) -> FmnistError:
 def abandon(run: Claim) -> None:
     """Give back a claim before the first epoch was written (the data failed to load, the
     setup was refused, Ctrl-C during compilation): remove what `claim` and the setup wrote,
-    so the same --workdir can be used again. Never touches a folder with a history."""
-    if (run.path / HISTORY_FILE).exists():
+    so the same --workdir can be used again. Never touches a folder with a history, nor
+    a resumed one."""
+    if run.resumed or (run.path / HISTORY_FILE).exists():
         return
     for name in (NORMALIZATION_FILE, DATA_FILE, CONFIG_FILE):
         (run.path / name).unlink(missing_ok=True)
@@ -226,11 +279,21 @@ class EpochLog:
     """history.jsonl and timing.jsonl, appended to and flushed once per epoch.
 
     Use as a context manager: `with runs.EpochLog(run_dir) as log: log.epoch(row, seconds)`.
+    `resume_after=k` continues a run from its checkpoint of epoch k: the first k history
+    lines are kept byte for byte, and whatever was written after them (epochs past the
+    checkpoint, a line cut by a kill) is dropped, to be written again the same way.
     """
 
-    def __init__(self, run_dir: Path):
-        self._history = open(run_dir / HISTORY_FILE, "w")
-        self._timing = open(run_dir / TIMING_FILE, "w")
+    def __init__(self, run_dir: Path, *, resume_after: int | None = None):
+        if resume_after is None:
+            self._history = open(run_dir / HISTORY_FILE, "w")
+            self._timing = open(run_dir / TIMING_FILE, "w")
+            return
+        _truncate_history(run_dir, resume_after)
+        self._history = open(run_dir / HISTORY_FILE, "a")
+        self._timing = open(run_dir / TIMING_FILE, "a")
+        self._timing.write(json.dumps({"resumed_after_epoch": resume_after}) + "\n")
+        self._timing.flush()
 
     def compile_seconds(self, seconds: float, *, startup_seconds: float | None = None) -> None:
         """The first line: compile seconds, and the command's seconds to its first epoch."""
@@ -238,6 +301,11 @@ class EpochLog:
         if startup_seconds is not None:
             row["startup_seconds"] = startup_seconds
         self._timing.write(json.dumps(row) + "\n")
+        self._timing.flush()
+
+    def checkpoint_seconds(self, epoch: int, seconds: float) -> None:
+        """How long the checkpoint after `epoch` took (to return, when asynchronous)."""
+        self._timing.write(json.dumps({"epoch": epoch, "checkpoint_seconds": seconds}) + "\n")
         self._timing.flush()
 
     def epoch(self, row: dict[str, Any], timing: dict[str, float]) -> None:
@@ -253,6 +321,22 @@ class EpochLog:
     def __exit__(self, *exc) -> None:
         self._history.close()
         self._timing.close()
+
+
+def _truncate_history(run_dir: Path, epochs: int) -> None:
+    """Keep the first `epochs` lines of history.jsonl (they must be epochs 1..epochs)."""
+    path = run_dir / HISTORY_FILE
+    lines = path.read_bytes().split(b"\n") if path.is_file() else []
+    kept = lines[:epochs]
+    try:
+        ok = len(kept) == epochs and all(json.loads(line)["epoch"] == number
+                                         for number, line in enumerate(kept, start=1))
+    except (ValueError, KeyError, TypeError):
+        ok = False
+    if not ok:
+        raise FmnistError(f"{path} does not hold epochs 1 to {epochs}, the ones its checkpoint "
+                          f"has: it was edited or damaged; train again in a new folder")
+    _write_text(path, b"".join(line + b"\n" for line in kept).decode())
 
 
 def load_history(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -409,6 +493,113 @@ def load_variables(run_dir: str | Path, cfg: TrainConfig) -> dict:
 
 def _shapes(tree):
     return jax.tree_util.tree_map(lambda leaf: tuple(leaf.shape), tree)
+
+
+# ---------------------------------------------------------------------------------------
+# Checkpoints
+
+
+class Checkpoints:
+    """checkpoints/: the whole training state of some epochs, through orbax's
+    CheckpointManager (one folder per epoch, written to a temporary folder and renamed, so a
+    kill mid-save leaves the earlier checkpoints intact and no half one that counts).
+
+    It keeps the latest epoch and, when `val_accuracy` is given to `save`, the epoch with the
+    best one: orbax's best-only keeping would delete the latest, so the preservation policy
+    keeps whatever either rule keeps. The state is stored as
+    `flax.serialization.to_state_dict(state)` (step, params, opt_state with the plateau
+    schedule, batch_stats), with the epoch; `restore` puts it back into a state of the same
+    structure, on this process's first local device (a checkpoint written elsewhere, on a
+    GPU say, restores here on whatever device this machine has).
+    """
+
+    def __init__(self, run_dir: Path, *, keep_best: bool, async_save: bool = False):
+        from orbax.checkpoint.checkpoint_managers import preservation_policy as keep
+
+        policies = [keep.LatestN(n=1)]
+        if keep_best:
+            policies.append(keep.BestN(get_metric_fn=lambda m: m["val_accuracy"], n=1,
+                                       keep_checkpoints_without_metrics=False))
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=keep.AnyPreservationPolicy(policies),
+            enable_async_checkpointing=async_save, cleanup_tmp_directories=True, create=True)
+        self.path = Path(run_dir).absolute() / CHECKPOINTS_DIR
+        with _quiet_orbax():
+            self._manager = ocp.CheckpointManager(self.path, options=options)
+
+    def epochs(self) -> list[int]:
+        """The epochs with a finished checkpoint, oldest first."""
+        return sorted(self._manager.all_steps())
+
+    def latest_epoch(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(self, epoch: int, state, new_best_val_accuracy: float | None = None) -> None:
+        """Save `state` as `epoch`'s checkpoint. Pass `new_best_val_accuracy` only when this
+        epoch raised the best validation accuracy: only such checkpoints carry the metric,
+        so the best kept is the earliest epoch of the best accuracy (orbax would break a tie
+        its own way) and the one the training reports."""
+        from flax import serialization
+
+        tree = {"epoch": np.int32(epoch), "state": serialization.to_state_dict(state)}
+        metrics = (None if new_best_val_accuracy is None
+                   else {"val_accuracy": new_best_val_accuracy})
+        try:
+            with _quiet_orbax():
+                self._manager.save(epoch, args=ocp.args.StandardSave(tree), metrics=metrics,
+                                   force=True)
+        except Exception as e:  # orbax raises ValueError (tensorstore) or OSError
+            raise FmnistError(f"saving the checkpoint of epoch {epoch} to {self.path} failed "
+                              f"({type(e).__name__}: {_first_line(e)}): free some space, then "
+                              f"continue with --resume") from e
+
+    def restore(self, epoch: int, like):
+        """The state saved at `epoch`, in the structure (and dtypes) of the state `like`."""
+        from flax import serialization
+
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree_util.tree_map(
+            lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x), sharding=device),
+            {"epoch": np.int32(0), "state": serialization.to_state_dict(like)})
+        try:
+            with _quiet_orbax():
+                self.wait()
+                tree = self._manager.restore(epoch, args=ocp.args.StandardRestore(target))
+        except Exception as e:
+            raise FmnistError(f"the checkpoint of epoch {epoch} in {self.path} could not be "
+                              f"read ({type(e).__name__}): delete that epoch's folder to resume "
+                              f"from an earlier one") from e
+        if int(tree["epoch"]) != epoch:
+            raise FmnistError(f"{self.path}/{epoch} holds epoch {int(tree['epoch'])}: it was "
+                              f"moved by hand; put it back")
+        return serialization.from_state_dict(like, tree["state"])
+
+    def wait(self) -> None:
+        """Block until an asynchronous save is on disk."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        with _quiet_orbax():
+            self._manager.close()
+
+
+def save_best(run_dir: Path, record: dict[str, Any]) -> None:
+    """Which epoch's variables params/ holds and why (see `load_best`)."""
+    _write_json(run_dir / BEST_FILE, record)
+
+
+def load_best(run_dir: str | Path) -> dict[str, Any] | None:
+    """{"epoch", "chosen_by", "val_accuracy", "epochs_trained", "stopped_early"}, or None for
+    a run trained before best.json existed (its params/ are the last epoch's)."""
+    path = Path(run_dir) / BEST_FILE
+    if not path.is_file():
+        return None
+    record = _read_json(path)
+    if not (isinstance(record, dict) and type(record.get("epoch")) is int
+            and type(record.get("epochs_trained")) is int):
+        raise FmnistError(f"{path} is malformed (needs integers epoch and epochs_trained): "
+                          f"restore it from the run")
+    return record
 
 
 # ---------------------------------------------------------------------------------------

@@ -57,3 +57,16 @@ def one_error_line(result) -> str:
     assert result.returncode == 1, result.stderr[-3000:]
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-3000:]
     return lines[0]
+
+
+def start_script(script: str, *args, **kwargs):
+    """`run_script`'s command started in the background (a subprocess.Popen with this
+    checkout first on the import path, stdout as text lines), for tests that kill it."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), **kwargs.pop("env", {})}
+    return subprocess.Popen([sys.executable, f"scripts/{script}", *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            cwd=REPO, env=env, **kwargs)

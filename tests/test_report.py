@@ -29,7 +29,10 @@ def evaluated_run(tmp_path_factory):
 
 def test_report_agrees_with_training_and_writes_its_files(evaluated_run):
     run_dir, report, history, test = evaluated_run
-    assert report["accuracy"] == pytest.approx(history[-1]["test_accuracy"], abs=1e-9)
+    # The report is about the best epoch's parameters (by validation accuracy): best.json.
+    assert report["epoch"] == runs.load_best(run_dir)["epoch"]
+    assert report["accuracy"] == pytest.approx(history[report["epoch"] - 1]["test_accuracy"],
+                                               abs=1e-9)
     low, high = report["accuracy_ci95"]
     assert low <= report["accuracy"] <= high
     assert report["n_validation"] == 120 and report["n_test"] == 300

@@ -1,0 +1,282 @@
+"""Checkpoints (latest and best kept), early stopping, and --resume giving the same bytes."""
+
+import json
+import os
+import shutil
+import signal
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from fmnist_jax import runs
+from fmnist_jax.config import get_config
+from fmnist_jax.errors import FmnistError
+from fmnist_jax.models import get_model
+from fmnist_jax.optim import make_optimizer, make_plateau
+from fmnist_jax.steps import create_train_state
+from tests.helpers import (make_split, one_error_line, run_script, start_script, tiny_config,
+                           train_quietly)
+
+
+def _val_config(**overrides):
+    """The tiny run with a validation split (so a best epoch exists) and a plateau schedule
+    (so the checkpoint must carry its state too)."""
+    return get_config(**{"epochs": 4, "batch_size": 32, "eval_batch_size": 100,
+                         "val_fraction": 0.2, "seed": 4, "decay": "plateau",
+                         "plateau_patience": 1, **overrides})
+
+
+def _splits():
+    return make_split(512, seed=0), make_split(300, seed=1)
+
+
+def _fake_state(value: float):
+    return {"params": {"w": np.full((3, 2), value, np.float32)}, "step": np.int32(value)}
+
+
+def test_the_latest_and_the_best_checkpoint_both_survive(tmp_path):
+    checkpoints = runs.Checkpoints(tmp_path, keep_best=True)
+    # Epochs 1 and 2 raise the best validation accuracy; 3 and 4 do not.
+    for epoch, new_best in [(1, 0.5), (2, 0.9), (3, None), (4, None)]:
+        checkpoints.save(epoch, _fake_state(epoch), new_best)
+    assert checkpoints.epochs() == [2, 4]
+    assert checkpoints.latest_epoch() == 4
+    restored = checkpoints.restore(2, _fake_state(0))
+    np.testing.assert_array_equal(restored["params"]["w"], np.full((3, 2), 2, np.float32))
+    assert int(restored["step"]) == 2
+    # Restored onto this machine's first device, wherever it was written (explicit targets).
+    assert restored["params"]["w"].sharding.device_set == {jax.local_devices()[0]}
+    checkpoints.close()
+
+
+def test_without_a_validation_split_only_the_latest_is_kept(tmp_path):
+    checkpoints = runs.Checkpoints(tmp_path, keep_best=False)
+    for epoch in (1, 2, 3):
+        checkpoints.save(epoch, _fake_state(epoch))
+    assert checkpoints.epochs() == [3]
+    checkpoints.close()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """(run_dir, state, history) of the 4-epoch validation run, never interrupted."""
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    state, history = train_quietly(_val_config(), run_dir, _splits())
+    return run_dir, state, history
+
+
+def _as_if_killed(source, target, *, keep_checkpoints, history_tail=b""):
+    """A copy of the finished run `source` as a kill would have left it: no final files,
+    only the checkpoints of `keep_checkpoints`, and `history_tail` after the history."""
+    shutil.copytree(source, target)
+    for name in (runs.PARAMS_CHECKSUM_FILE, runs.BEST_FILE):
+        (target / name).unlink()
+    shutil.rmtree(target / runs.PARAMS_DIR)
+    for folder in (target / runs.CHECKPOINTS_DIR).iterdir():
+        if int(folder.name) not in keep_checkpoints:
+            shutil.rmtree(folder)
+    with open(target / runs.HISTORY_FILE, "ab") as f:
+        f.write(history_tail)
+
+
+def _assert_same_run(a, b, cfg):
+    assert (a / runs.HISTORY_FILE).read_bytes() == (b / runs.HISTORY_FILE).read_bytes()
+    assert (a / runs.BEST_FILE).read_bytes() == (b / runs.BEST_FILE).read_bytes()
+    jax.tree_util.tree_map(np.testing.assert_array_equal, runs.load_variables(a, cfg),
+                           runs.load_variables(b, cfg))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("keep, tail", [
+    ((1, 2), b'{"epoch": 3, "learning_ra'),  # killed while writing epoch 3's row
+    ((), b""),  # killed before the first checkpoint: starts over in the same folder
+    ((1, 2, 3, 4), b""),  # killed after the last checkpoint, before params/
+])
+def test_a_resumed_run_ends_as_an_uninterrupted_one(tmp_path, uninterrupted, keep, tail):
+    """In-process kills, simulated: the folder as a kill at that moment leaves it (the
+    finished run keeps the best epoch's checkpoint and the last)."""
+    source, state, history = uninterrupted
+    kept = [e for e in keep if (source / runs.CHECKPOINTS_DIR / str(e)).is_dir()]
+    target = tmp_path / "run"
+    _as_if_killed(source, target, keep_checkpoints=kept, history_tail=tail)
+    run = runs.reopen(target)
+    resumed_state, resumed_history = train_quietly(run.config, run, _splits())
+    assert resumed_history == history
+    _assert_same_run(source, target, _val_config())
+    jax.tree_util.tree_map(np.testing.assert_array_equal, resumed_state.opt_state,
+                           state.opt_state)
+    np.testing.assert_array_equal(resumed_state.plateau.scale, state.plateau.scale)
+
+
+def test_the_run_keeps_the_latest_and_the_best_epoch(uninterrupted):
+    run_dir, _, history = uninterrupted
+    best = runs.load_best(run_dir)
+    best_epoch = max(history, key=lambda row: (row["val_accuracy"], -row["epoch"]))["epoch"]
+    assert best["epoch"] == best_epoch and best["chosen_by"] == "val_accuracy"
+    assert best["epochs_trained"] == 4 and not best["stopped_early"]
+    checkpoints = runs.Checkpoints(run_dir, keep_best=True)
+    assert checkpoints.epochs() == sorted({best_epoch, 4})
+    # params/ holds the best epoch's parameters, which its checkpoint holds too.
+    cfg = _val_config()
+    like = create_train_state(get_model(cfg.model), make_optimizer(cfg, 12),
+                              jax.random.key(0), plateau_tx=make_plateau(cfg))
+    stored = checkpoints.restore(best_epoch, like)
+    checkpoints.close()
+    jax.tree_util.tree_map(np.testing.assert_array_equal, stored.params,
+                           runs.load_variables(run_dir, cfg)["params"])
+
+
+@pytest.mark.slow
+def test_early_stopping_stops_and_keeps_the_best_epoch(tmp_path):
+    cfg = _val_config(epochs=12, patience=1, decay="constant")
+    _, history = train_quietly(cfg, tmp_path / "run", _splits())
+    best = runs.load_best(tmp_path / "run")
+    assert best["stopped_early"] and best["epochs_trained"] == len(history) < 12
+    assert len(history) == best["epoch"] + 1  # one epoch without a rise, with patience 1
+    assert history[-1]["val_accuracy"] <= best["val_accuracy"]
+
+
+def test_patience_needs_a_validation_split():
+    with pytest.raises(FmnistError, match="patience needs a validation split"):
+        get_config(patience=3, val_fraction=0.0)
+
+
+def test_a_finished_run_is_not_reopened(tiny_run):
+    run_dir, _, _ = tiny_run
+    assert runs.finished(run_dir)
+    with pytest.raises(FmnistError, match="has finished training"):
+        runs.reopen(run_dir)
+
+
+def test_a_run_in_training_cannot_be_reopened_twice(tmp_path):
+    run = runs.claim(tmp_path / "run", tiny_config())
+    with pytest.raises(FmnistError, match="being trained by another process"):
+        runs.reopen(tmp_path / "run")
+    run.lock.close()
+    runs.reopen(tmp_path / "run").lock.close()
+
+
+@pytest.mark.slow
+def test_a_damaged_history_is_refused_on_resume(tmp_path, uninterrupted):
+    source, _, _ = uninterrupted
+    _as_if_killed(source, tmp_path / "run", keep_checkpoints=[4])
+    (tmp_path / "run" / runs.HISTORY_FILE).write_text('{"epoch": 1}\n')
+    run = runs.reopen(tmp_path / "run")
+    with pytest.raises(FmnistError, match="does not hold epochs 1 to 4"):
+        train_quietly(run.config, run, _splits())
+
+
+def test_resume_of_a_finished_run_says_so_and_exits_0(tiny_run):
+    result = run_script("train.py", "--resume", tiny_run[0])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "already finished training" in result.stdout
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch-size", "8"], "--batch-size 8 contradicts the run's config (32)"),
+    (["--preset", "mlp"], "--preset cannot change a resumed run"),
+    (["--workdir", "elsewhere"], "--workdir and --resume both name a run folder"),
+])
+def test_resume_with_contradicting_flags_is_one_line(tiny_run, flags, message):
+    assert message in one_error_line(run_script("train.py", "--resume", tiny_run[0], *flags))
+
+
+def test_resume_of_a_folder_that_is_no_run_is_one_line(tmp_path):
+    assert "is not a run folder" in one_error_line(run_script("train.py", "--resume",
+                                                              tmp_path))
+
+
+def test_repeating_the_stored_config_with_resume_is_allowed(tiny_run):
+    result = run_script("train.py", "--resume", tiny_run[0], "--batch-size", "32", "--seed", "4")
+    assert result.returncode == 0 and "already finished" in result.stdout, result.stderr
+
+
+def test_report_and_predict_say_which_epoch(tmp_path, uninterrupted):
+    from fmnist_jax.predict import format_text, load_predictor
+    from fmnist_jax.report import evaluate_run
+
+    run_dir, _, _ = uninterrupted
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    best = runs.load_best(copy)
+    report = evaluate_run(copy, train=_splits()[0], test=_splits()[1], n_resamples=10,
+                          log_fn=lambda s: None)
+    assert report["epoch"] == best["epoch"]
+    assert f"parameters of epoch {best['epoch']}, the best validation accuracy" in (
+        copy / runs.REPORT_TEXT_FILE).read_text()
+    assert json.loads((copy / runs.REPORT_JSON_FILE).read_text())["epochs_trained"] == 4
+    predictor = load_predictor(copy)
+    assert predictor.epoch == best["epoch"]
+    assert f"(epoch {best['epoch']})" in format_text(copy, predictor, [])
+
+
+# ---------------------------------------------------------------------------------------
+# Killed for real: scripts/train.py gets SIGKILL at several moments, then --resume.
+
+KILL_FLAGS = ("--epochs", "3", "--batch-size", "1000", "--val-fraction", "0.1",
+              "--no-report", "--no-progress")
+
+
+def _wait_for_line(process, prefix):
+    for line in process.stdout:
+        if line.startswith(prefix):
+            return
+    raise AssertionError(f"the training ended before printing {prefix!r}")
+
+
+def _kill_when_compiled(process, run_dir):
+    _wait_for_line(process, "compiled train epoch")
+
+
+def _kill_after_epoch_1(process, run_dir):
+    _wait_for_line(process, "epoch   1")
+
+
+def _kill_during_epoch_2(process, run_dir):
+    _wait_for_line(process, "epoch   1")
+    time.sleep(0.5 * json.loads((run_dir / runs.TIMING_FILE).read_text().splitlines()[1])[
+        "train_seconds"])
+
+
+def _kill_during_a_checkpoint_save(process, run_dir):
+    """The moment orbax's temporary folder of a checkpoint after the first appears."""
+    folder = run_dir / runs.CHECKPOINTS_DIR
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        names = os.listdir(folder) if folder.is_dir() else []
+        if any("tmp" in name and not name.startswith("1") for name in names):
+            return
+    raise AssertionError("no checkpoint save was seen")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_script_run(tmp_path_factory, prepared_data_dir):
+    run_dir = tmp_path_factory.mktemp("script") / "run"
+    result = run_script("train.py", *KILL_FLAGS, "--workdir", run_dir, "--data-dir",
+                        prepared_data_dir, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill", [_kill_when_compiled, _kill_after_epoch_1,
+                                  _kill_during_epoch_2, _kill_during_a_checkpoint_save])
+def test_a_killed_training_resumes_to_the_same_bytes(tmp_path, prepared_data_dir,
+                                                     uninterrupted_script_run, kill):
+    run_dir = tmp_path / "run"
+    process = start_script("train.py", *KILL_FLAGS, "--workdir", run_dir, "--data-dir",
+                           prepared_data_dir)
+    try:
+        kill(process, run_dir)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert not runs.finished(run_dir)
+    result = run_script("train.py", "--resume", run_dir, "--no-report", "--no-progress",
+                        "--data-dir", prepared_data_dir, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    _assert_same_run(uninterrupted_script_run, run_dir, runs.load_config(run_dir))
+    print(kill.__name__, result.stdout.splitlines()[:1],
+          [line for line in result.stdout.splitlines() if line.startswith("resumed")])
