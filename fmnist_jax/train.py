@@ -84,9 +84,9 @@ def _train(cfg: TrainConfig, run: runs.Claim, train: data.Split, test: data.Spli
 
 
 # Orbax's asynchronous save: the state is copied off the device, then written while the next
-# epoch trains. Measured for LeNet-5 with Adam on the 2-core CPU (2026-11-25): save() blocks
-# 0.06 s asynchronous against 0.17-0.23 s synchronous, on epochs of 17-19 s: the 1% it would
-# save is not worth a background writer racing the epoch that donates the state's buffers.
+# epoch trains. Off: a synchronous checkpoint is already a small share of a CPU epoch
+# (BENCHMARKS.md has no async measurement yet), and a background writer would race the epoch
+# that donates the state's buffers.
 ASYNC_CHECKPOINTS = False
 
 
