@@ -6,6 +6,7 @@ Array names end in their shape, one letter an axis, each letter with one meaning
     P  examples after padding to whole batches          S  steps (batches) of an epoch
     H, W  image height and width (28); 1 the grey channel
     F  feature channels of an activation                I, O  input and output channels of a kernel
+    Y, X  a kernel's height and width
     L  patch length (kernel height x width x input channels)
     C  classes (10)                                      K  the k of top-k
 

@@ -36,23 +36,23 @@ NUM_CLASSES = 10
 
 
 @jax.custom_vjp
-def max_pool_2x2(x_BxHxWxC: jax.Array) -> jax.Array:
+def max_pool_2x2(x_BxHxWxF: jax.Array) -> jax.Array:
     """2x2 max-pool, stride 2 (H and W even), as a reshape and a max.
 
     Same values as `nn.max_pool(x, (2, 2), strides=(2, 2))` and the same gradient (to the
     first maximum of each window in row-major order, ties included), computed as one
     elementwise select instead of XLA's select-and-scatter, which is slow on CPU.
     """
-    b, h, w, c = x_BxHxWxC.shape
-    return x_BxHxWxC.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+    b, h, w, c = x_BxHxWxF.shape
+    return x_BxHxWxF.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
-def _max_pool_fwd(x_BxHxWxC):
-    m = max_pool_2x2(x_BxHxWxC)
-    return m, (x_BxHxWxC, m)
+def _max_pool_fwd(x_BxHxWxF):
+    m = max_pool_2x2(x_BxHxWxF)
+    return m, (x_BxHxWxF, m)
 
 
-def _max_pool_bwd(res, g_BxHxWxC):
+def _max_pool_bwd(res, g_BxHxWxF):
     x, m = res
     b, h, w, c = x.shape
     v = x.reshape(b, h // 2, 2, w // 2, 2, c)
@@ -61,7 +61,7 @@ def _max_pool_bwd(res, g_BxHxWxC):
     for i, j in ((0, 0), (0, 1), (1, 0), (1, 1)):  # window order: the first max wins
         sel = (v[:, :, i, :, j, :] == m) & ~taken
         taken = taken | sel
-        grads.append(jnp.where(sel, g_BxHxWxC, 0.0))
+        grads.append(jnp.where(sel, g_BxHxWxF, 0.0))
     dx = jnp.stack([jnp.stack(grads[0:2], axis=3), jnp.stack(grads[2:4], axis=3)], axis=2)
     return (dx.reshape(b, h, w, c),)
 
@@ -69,49 +69,51 @@ def _max_pool_bwd(res, g_BxHxWxC):
 max_pool_2x2.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
-def max_pool_2x2_lax(x_BxHxWxC: jax.Array) -> jax.Array:
+def max_pool_2x2_lax(x_BxHxWxF: jax.Array) -> jax.Array:
     """nn.max_pool's own formulation (reduce_window max): the GPU/TPU choice."""
-    return nn.max_pool(x_BxHxWxC, (2, 2), strides=(2, 2))
+    return nn.max_pool(x_BxHxWxF, (2, 2), strides=(2, 2))
 
 
-def _pad_hw(x_BxHxWxC: jax.Array, p: int) -> jax.Array:
-    return jnp.pad(x_BxHxWxC, ((0, 0), (p, p), (p, p), (0, 0))) if p else x_BxHxWxC
+def _pad_hw(x_BxHxWxF: jax.Array, p: int) -> jax.Array:
+    return jnp.pad(x_BxHxWxF, ((0, 0), (p, p), (p, p), (0, 0))) if p else x_BxHxWxF
 
 
-def conv2d_toeplitz(x_BxHxWxC: jax.Array, kernel_KHxKWxCxF: jax.Array, padding: int) -> jax.Array:
+def conv2d_toeplitz(x_BxHxWxF: jax.Array, kernel_YxXxIxO: jax.Array, padding: int) -> jax.Array:
     """Stride-1 conv, no bias, as one matmul per image row against a banded kernel matrix.
 
     out[b, h, (w, f)] = sum_i xpad[b, h + i, (w', c)] T[i, (w', c), (w, f)], with
     T[i, (w', c), (w, f)] = kernel[i, w' - w, c, f] where 0 <= w' - w < kw, else 0.
     """
-    kh, kw, c_in, f = kernel_KHxKWxCxF.shape
-    x = _pad_hw(x_BxHxWxC, padding)
+    kh, kw, c_in, f = kernel_YxXxIxO.shape
+    x = _pad_hw(x_BxHxWxF, padding)
     b, hp, wp, _ = x.shape
     ho, wo = hp - kh + 1, wp - kw + 1
-    band_PxWxJ = np.zeros((wp, wo, kw), np.float32)  # band[w', w, j] = (w' == w + j)
+    # band[w', w, j] = (w' == w + j): (padded width, output width, kernel width)
+    band = np.zeros((wp, wo, kw), np.float32)
     for w in range(wo):
-        band_PxWxJ[w + np.arange(kw), w, np.arange(kw)] = 1.0
-    t_KxN = jnp.einsum("pwj,ijcf->ipcwf", band_PxWxJ, kernel_KHxKWxCxF,
-                       precision=jax.lax.Precision.HIGHEST).reshape(kh * wp * c_in, wo * f)
-    x_BxHpxWC = x.reshape(b, hp, wp * c_in)
-    rows_BxHoxK = jnp.concatenate([x_BxHpxWC[:, i:i + ho, :] for i in range(kh)], axis=-1)
-    return (rows_BxHoxK @ t_KxN).reshape(b, ho, wo, f)
+        band[w + np.arange(kw), w, np.arange(kw)] = 1.0
+    # (patch length L = kh x padded width x I, output width x O)
+    banded_kernel = jnp.einsum("pwj,ijcf->ipcwf", band, kernel_YxXxIxO,
+                                 precision=jax.lax.Precision.HIGHEST).reshape(kh * wp * c_in, wo * f)
+    x_rows = x.reshape(b, hp, wp * c_in)  # each padded row flattened to (W, I)
+    rows_BxHxL = jnp.concatenate([x_rows[:, i:i + ho, :] for i in range(kh)], axis=-1)
+    return (rows_BxHxL @ banded_kernel).reshape(b, ho, wo, f)
 
 
-def conv2d_im2col(x_BxHxWxC: jax.Array, kernel_KHxKWxCxF: jax.Array, padding: int) -> jax.Array:
+def conv2d_im2col(x_BxHxWxF: jax.Array, kernel_YxXxIxO: jax.Array, padding: int) -> jax.Array:
     """Stride-1 conv, no bias, as im2col: kh*kw shifted slices, concatenated, one matmul."""
-    kh, kw, c_in, f = kernel_KHxKWxCxF.shape
-    x = _pad_hw(x_BxHxWxC, padding)
+    kh, kw, c_in, f = kernel_YxXxIxO.shape
+    x = _pad_hw(x_BxHxWxF, padding)
     ho, wo = x.shape[1] - kh + 1, x.shape[2] - kw + 1
-    patches_BxHxWxK = jnp.concatenate(
+    patches_BxHxWxL = jnp.concatenate(
         [x[:, i:i + ho, j:j + wo, :] for i in range(kh) for j in range(kw)], axis=-1)
-    return patches_BxHxWxK @ kernel_KHxKWxCxF.reshape(kh * kw * c_in, f)
+    return patches_BxHxWxL @ kernel_YxXxIxO.reshape(kh * kw * c_in, f)
 
 
-def conv2d_lax(x_BxHxWxC: jax.Array, kernel_KHxKWxCxF: jax.Array, padding: int) -> jax.Array:
+def conv2d_lax(x_BxHxWxF: jax.Array, kernel_YxXxIxO: jax.Array, padding: int) -> jax.Array:
     """nn.Conv's own formulation (XLA convolution; cuDNN on GPU)."""
     p = padding
-    return jax.lax.conv_general_dilated(x_BxHxWxC, kernel_KHxKWxCxF, (1, 1), [(p, p), (p, p)],
+    return jax.lax.conv_general_dilated(x_BxHxWxF, kernel_YxXxIxO, (1, 1), [(p, p), (p, p)],
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
@@ -157,14 +159,14 @@ class Conv2D(nn.Module):
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
         return kernel, bias
 
-    def conv(self, x_BxHxWxC: jax.Array, kernel: jax.Array) -> jax.Array:
+    def conv(self, x_BxHxWxF: jax.Array, kernel: jax.Array) -> jax.Array:
         impl = self.impl or conv_and_pool_impl(kernel_shape=kernel.shape)[0]
-        return CONV_IMPLS[impl](x_BxHxWxC, kernel, self.padding)
+        return CONV_IMPLS[impl](x_BxHxWxF, kernel, self.padding)
 
     @nn.compact
-    def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
-        kernel, bias = self.params_of(x_BxHxWxC.shape[-1])
-        return self.conv(x_BxHxWxC, kernel) + bias.reshape(1, 1, 1, -1)
+    def __call__(self, x_BxHxWxF: jax.Array) -> jax.Array:
+        kernel, bias = self.params_of(x_BxHxWxF.shape[-1])
+        return self.conv(x_BxHxWxF, kernel) + bias.reshape(1, 1, 1, -1)
 
 
 class ConvReluPool(Conv2D):
@@ -178,10 +180,10 @@ class ConvReluPool(Conv2D):
     pool_impl: str | None = None
 
     @nn.compact
-    def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
-        kernel, bias = self.params_of(x_BxHxWxC.shape[-1])
+    def __call__(self, x_BxHxWxF: jax.Array) -> jax.Array:
+        kernel, bias = self.params_of(x_BxHxWxF.shape[-1])
         pool = POOL_IMPLS[self.pool_impl or conv_and_pool_impl()[1]]
-        return nn.relu(pool(self.conv(x_BxHxWxC, kernel)) + bias.reshape(1, 1, 1, -1))
+        return nn.relu(pool(self.conv(x_BxHxWxF, kernel)) + bias.reshape(1, 1, 1, -1))
 
 
 class LeNet5(nn.Module):
