@@ -16,8 +16,8 @@ from fmnist_jax.errors import FmnistError
 from fmnist_jax.models import get_model
 from fmnist_jax.optim import make_optimizer, make_plateau
 from fmnist_jax.steps import create_train_state
-from tests.helpers import (make_split, one_error_line, run_script, start_script, tiny_config,
-                           train_quietly)
+from tests.helpers import (make_split, one_error_line, read_tensorboard_scalars,
+                           run_script, start_script, tiny_config, train_quietly)
 
 
 def _val_config(**overrides):
@@ -84,6 +84,9 @@ def _as_if_killed(source, target, *, keep_checkpoints, history_tail=b""):
 def _assert_same_run(a, b, cfg):
     assert (a / runs.HISTORY_FILE).read_bytes() == (b / runs.HISTORY_FILE).read_bytes()
     assert (a / runs.BEST_FILE).read_bytes() == (b / runs.BEST_FILE).read_bytes()
+    # The events too: the resumed run's hold each epoch once, with the same values.
+    assert read_tensorboard_scalars(a / runs.TENSORBOARD_DIR) == read_tensorboard_scalars(
+        b / runs.TENSORBOARD_DIR)
     jax.tree_util.tree_map(np.testing.assert_array_equal, runs.load_variables(a, cfg),
                            runs.load_variables(b, cfg))
 
