@@ -520,8 +520,8 @@ class Checkpoints:
     keeps whatever either rule keeps. The state is stored as
     `flax.serialization.to_state_dict(state)` (step, params, opt_state with the plateau
     schedule, batch_stats), with the epoch; `restore` puts it back into a state of the same
-    structure, on this process's first local device (a checkpoint written elsewhere, on a
-    GPU say, restores here on whatever device this machine has).
+    structure, each array with the sharding of the state it is given (a checkpoint written
+    elsewhere, on a GPU say, restores here on whatever devices this machine has).
     """
 
     def __init__(self, run_dir: Path, *, keep_best: bool, async_save: bool = False):
@@ -565,13 +565,21 @@ class Checkpoints:
                               f"continue with --resume") from e
 
     def restore(self, epoch: int, like):
-        """The state saved at `epoch`, in the structure (and dtypes) of the state `like`."""
+        """The state saved at `epoch`, in the structure, dtypes and shardings of the state
+        `like` (its host values, numpy arrays and Python numbers, go to this process's first
+        local device)."""
         from flax import serialization
 
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        first_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+        def target_of(x):
+            # Explicit target shardings: orbax would otherwise place each array as the
+            # checkpoint's metadata says, on devices this machine may not have (a GPU's).
+            sharding = x.sharding if isinstance(x, jax.Array) else first_device
+            return jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x), sharding=sharding)
+
         target = jax.tree_util.tree_map(
-            lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x), sharding=device),
-            {"epoch": np.int32(0), "state": serialization.to_state_dict(like)})
+            target_of, {"epoch": np.int32(0), "state": serialization.to_state_dict(like)})
         try:
             with _quiet_orbax():
                 self.wait()
