@@ -26,7 +26,7 @@ METRICS = ("loss", "accuracy")
 LEARNING_RATE = "learning_rate"  # a history column and a tag (of the train folder)
 
 
-def _summary_writer_class():
+def summary_writer_class():
     """tensorboardX's SummaryWriter, imported without importing torch.
 
     tensorboardX's writer module imports torch whenever it is installed (3-5 s on the CPU
@@ -51,7 +51,7 @@ class TensorBoardLog:
         # them, and hold the epochs after the checkpoint that are being trained again.
         shutil.rmtree(folder, ignore_errors=True)
         self.folder = folder
-        self._writer_class = _summary_writer_class()
+        self._writer_class = summary_writer_class()
         self._writers: dict[str, Any] = {}
 
     def _writer(self, split: str):

@@ -80,9 +80,9 @@ def read_tensorboard_scalars(folder) -> dict[str, dict[str, dict[int, float]]]:
     import struct
     from pathlib import Path
 
-    from fmnist_jax.tensorboard_log import _summary_writer_class
+    from fmnist_jax.tensorboard_log import summary_writer_class
 
-    _summary_writer_class()  # imports tensorboardX without torch
+    summary_writer_class()  # imports tensorboardX without torch
     from tensorboardX.proto.event_pb2 import Event
     from tensorboardX.record_writer import masked_crc32c
 
