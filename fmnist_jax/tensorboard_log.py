@@ -29,8 +29,9 @@ LEARNING_RATE = "learning_rate"  # a history column and a tag (of the train fold
 def summary_writer_class():
     """tensorboardX's SummaryWriter, imported without importing torch.
 
-    tensorboardX's writer module imports torch whenever it is installed (3-5 s on the CPU
-    machine) only to accept torch tensors as values; we pass Python floats. So while it is
+    tensorboardX's writer module imports torch whenever it is installed (3.2-3.9 s on the
+    2-core CPU machine, BENCHMARKS.md) only to accept torch tensors as values; we pass
+    Python floats. So while it is
     imported, torch is marked as not importable, unless something already imported it."""
     hide_torch = "torch" not in sys.modules
     if hide_torch:
