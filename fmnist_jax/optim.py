@@ -14,6 +14,7 @@ if TYPE_CHECKING:  # config imports the names below; the type is only for annota
 OPTIMIZERS = ("adam", "adamw", "sgd", "nesterov")
 DECAYS = ("constant", "cosine", "plateau")
 DECAYING_OPTIMIZERS = ("adamw",)  # the ones that use weight_decay
+DECAYED_PARAMS = ("kernels", "all")  # which parameters weight decay shrinks (decay_mask)
 PLATEAU_RTOL = 1e-4  # an epoch improves when val loss < (1 - rtol) * best: torch's threshold
 
 
@@ -47,7 +48,9 @@ def make_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> optax.GradientTran
     """The config's optimizer, with clipping by global norm first when `clip_norm` is set."""
     lr_fn = make_lr_schedule(cfg, steps_per_epoch)
     if cfg.optimizer == "adamw":
-        tx = optax.adamw(lr_fn, weight_decay=cfg.weight_decay, mask=decay_mask)
+        # "all": no mask, every parameter decays, as torch.optim.AdamW(model.parameters()).
+        mask = decay_mask if cfg.weight_decay_params == "kernels" else None
+        tx = optax.adamw(lr_fn, weight_decay=cfg.weight_decay, mask=mask)
     elif cfg.optimizer in ("sgd", "nesterov"):
         tx = optax.sgd(lr_fn, momentum=cfg.momentum or None,
                        nesterov=cfg.optimizer == "nesterov")

@@ -10,6 +10,7 @@ A run folder holds:
 | history.jsonl                         | training, every epoch   | losses and accuracies (reproducible)  |
 | timing.jsonl                          | training, every epoch   | compile, start-up, train, eval seconds|
 | checkpoints/EPOCH/                    | training, every epoch   | the whole training state (orbax)      |
+| tensorboard/{train,val,test}/         | training, every epoch   | the history as TensorBoard events     |
 | best.json                             | training, at the end    | which epoch's parameters params/ holds|
 | params/                               | training, at the end    | parameters and BatchNorm statistics   |
 | params.sha256                         | training, at the end    | sha256 of every file under params/    |
@@ -54,6 +55,7 @@ from fmnist_jax.data import Normalization, Split, fingerprint
 from fmnist_jax.errors import FmnistError
 from fmnist_jax.models import get_model
 from fmnist_jax.steps import init_variables
+from fmnist_jax.tensorboard_log import TensorBoardLog
 
 CONFIG_FILE = "config.json"
 NORMALIZATION_FILE = "normalization.json"
@@ -63,6 +65,7 @@ TIMING_FILE = "timing.jsonl"
 PARAMS_DIR = "params"
 PARAMS_CHECKSUM_FILE = "params.sha256"
 CHECKPOINTS_DIR = "checkpoints"
+TENSORBOARD_DIR = "tensorboard"
 BEST_FILE = "best.json"
 CALIBRATION_FILE = "calibration.json"
 REPORT_TEXT_FILE = "report.txt"
@@ -276,24 +279,29 @@ def check_data(run_dir: str | Path, train: Split, test: Split) -> None:
 
 
 class EpochLog:
-    """history.jsonl and timing.jsonl, appended to and flushed once per epoch.
+    """history.jsonl and timing.jsonl, appended to and flushed once per epoch, and the
+    history's values as TensorBoard events in tensorboard/ (see `tensorboard_log`).
 
     Use as a context manager: `with runs.EpochLog(run_dir) as log: log.epoch(row, seconds)`.
     `resume_after=k` continues a run from its checkpoint of epoch k: the first k history
     lines are kept byte for byte, and whatever was written after them (epochs past the
-    checkpoint, a line cut by a kill) is dropped, to be written again the same way.
+    checkpoint, a line cut by a kill) is dropped, to be written again the same way. The
+    event files are written anew from the k kept lines, so they too hold each epoch once.
     """
 
     def __init__(self, run_dir: Path, *, resume_after: int | None = None):
         if resume_after is None:
             self._history = open(run_dir / HISTORY_FILE, "w")
             self._timing = open(run_dir / TIMING_FILE, "w")
+            self._events = TensorBoardLog(run_dir / TENSORBOARD_DIR)
             return
         _truncate_history(run_dir, resume_after)
         self._history = open(run_dir / HISTORY_FILE, "a")
         self._timing = open(run_dir / TIMING_FILE, "a")
         self._timing.write(json.dumps({"resumed_after_epoch": resume_after}) + "\n")
         self._timing.flush()
+        self._events = TensorBoardLog(run_dir / TENSORBOARD_DIR)
+        self._events.replay(load_history(run_dir))
 
     def compile_seconds(self, seconds: float, *, startup_seconds: float | None = None) -> None:
         """The first line: compile seconds, and the command's seconds to its first epoch."""
@@ -309,9 +317,11 @@ class EpochLog:
         self._timing.flush()
 
     def epoch(self, row: dict[str, Any], timing: dict[str, float]) -> None:
-        """One epoch: its metrics `row` (with "epoch") to the history, `timing` apart."""
+        """One epoch: its metrics `row` (with "epoch") to the history and the events,
+        `timing` apart."""
         self._history.write(json.dumps(row) + "\n")
         self._history.flush()
+        self._events.epoch(row)
         self._timing.write(json.dumps({"epoch": row["epoch"], **timing}) + "\n")
         self._timing.flush()
 
@@ -321,6 +331,7 @@ class EpochLog:
     def __exit__(self, *exc) -> None:
         self._history.close()
         self._timing.close()
+        self._events.close()
 
 
 def _truncate_history(run_dir: Path, epochs: int) -> None:
@@ -509,8 +520,8 @@ class Checkpoints:
     keeps whatever either rule keeps. The state is stored as
     `flax.serialization.to_state_dict(state)` (step, params, opt_state with the plateau
     schedule, batch_stats), with the epoch; `restore` puts it back into a state of the same
-    structure, on this process's first local device (a checkpoint written elsewhere, on a
-    GPU say, restores here on whatever device this machine has).
+    structure, each array with the sharding of the state it is given (a checkpoint written
+    elsewhere, on a GPU say, restores here on whatever devices this machine has).
     """
 
     def __init__(self, run_dir: Path, *, keep_best: bool, async_save: bool = False):
@@ -554,13 +565,21 @@ class Checkpoints:
                               f"continue with --resume") from e
 
     def restore(self, epoch: int, like):
-        """The state saved at `epoch`, in the structure (and dtypes) of the state `like`."""
+        """The state saved at `epoch`, in the structure, dtypes and shardings of the state
+        `like` (its host values, numpy arrays and Python numbers, go to this process's first
+        local device)."""
         from flax import serialization
 
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        first_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+        def target_of(x):
+            # Explicit target shardings: orbax would otherwise place each array as the
+            # checkpoint's metadata says, on devices this machine may not have (a GPU's).
+            sharding = x.sharding if isinstance(x, jax.Array) else first_device
+            return jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x), sharding=sharding)
+
         target = jax.tree_util.tree_map(
-            lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x), sharding=device),
-            {"epoch": np.int32(0), "state": serialization.to_state_dict(like)})
+            target_of, {"epoch": np.int32(0), "state": serialization.to_state_dict(like)})
         try:
             with _quiet_orbax():
                 self.wait()

@@ -70,3 +70,37 @@ def start_script(script: str, *args, **kwargs):
     return subprocess.Popen([sys.executable, f"scripts/{script}", *map(str, args)],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             cwd=REPO, env=env, **kwargs)
+
+
+def read_tensorboard_scalars(folder) -> dict[str, dict[str, dict[int, float]]]:
+    """{split: {tag: {step: value}}} from the event files under `folder`/SPLIT/, read
+    without TensorFlow: each file is TFRecord framing (length, its masked CRC-32C, the
+    record, its masked CRC-32C) around Event protocol buffers. A step written twice
+    fails the read: a run's events must hold every epoch once."""
+    import struct
+    from pathlib import Path
+
+    from fmnist_jax.tensorboard_log import summary_writer_class
+
+    summary_writer_class()  # imports tensorboardX without torch
+    from tensorboardX.proto.event_pb2 import Event
+    from tensorboardX.record_writer import masked_crc32c
+
+    scalars: dict[str, dict[str, dict[int, float]]] = {}
+    for path in sorted(Path(folder).glob("*/events.out.tfevents.*")):
+        split = scalars.setdefault(path.parent.name, {})
+        data, offset = path.read_bytes(), 0
+        while offset < len(data):
+            header = data[offset:offset + 8]
+            (length,) = struct.unpack("<Q", header)
+            assert struct.unpack("<I", data[offset + 8:offset + 12])[0] == masked_crc32c(header)
+            record = data[offset + 12:offset + 12 + length]
+            assert struct.unpack("<I", data[offset + 12 + length:offset + 16 + length])[0] == \
+                masked_crc32c(record), f"{path}: a record's checksum is wrong"
+            offset += 16 + length
+            event = Event.FromString(record)
+            for value in event.summary.value:
+                steps = split.setdefault(value.tag, {})
+                assert event.step not in steps, f"{path}: {value.tag} step {event.step} twice"
+                steps[event.step] = value.simple_value
+    return scalars

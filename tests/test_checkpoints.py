@@ -16,8 +16,8 @@ from fmnist_jax.errors import FmnistError
 from fmnist_jax.models import get_model
 from fmnist_jax.optim import make_optimizer, make_plateau
 from fmnist_jax.steps import create_train_state
-from tests.helpers import (make_split, one_error_line, run_script, start_script, tiny_config,
-                           train_quietly)
+from tests.helpers import (REPO, make_split, one_error_line, read_tensorboard_scalars,
+                           run_script, start_script, tiny_config, train_quietly)
 
 
 def _val_config(**overrides):
@@ -49,6 +49,56 @@ def test_the_latest_and_the_best_checkpoint_both_survive(tmp_path):
     # Restored onto this machine's first device, wherever it was written (explicit targets).
     assert restored["params"]["w"].sharding.device_set == {jax.local_devices()[0]}
     checkpoints.close()
+
+
+# Run with two CPU devices: saves a state placed on device 1, then restores it onto device 0
+# and onto device 1, each time as the state given to `restore` is placed.
+_TWO_DEVICES = """
+import json, sys
+from pathlib import Path
+import jax, numpy as np
+from fmnist_jax import runs
+
+device_0, device_1 = jax.devices()
+def placed(value, device):
+    return {"params": {"w": jax.device_put(np.full((3, 2), value, np.float32), device)},
+            "step": jax.device_put(np.int32(value), device)}
+checkpoints = runs.Checkpoints(Path(sys.argv[1]), keep_best=False)
+checkpoints.save(1, placed(5, device_1))
+restored = {name: checkpoints.restore(1, placed(0, device))
+            for name, device in (("on_0", device_0), ("on_1", device_1))}
+checkpoints.close()
+print(json.dumps({name: {"devices": sorted(d.id for leaf in jax.tree_util.tree_leaves(state)
+                                           for d in leaf.devices()),
+                         "w": state["params"]["w"].tolist(), "step": int(state["step"])}
+                  for name, state in restored.items()}))
+"""
+
+
+def test_a_checkpoint_written_on_another_device_restores_here(tmp_path):
+    """As a checkpoint written on a GPU restores on a CPU-only machine: the saved sharding
+    names a device, and `restore` places each array as the target state says instead."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(REPO),
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run([sys.executable, "-c", _TWO_DEVICES, str(tmp_path)], cwd=REPO,
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    stored = [[5.0, 5.0]] * 3
+    assert json.loads(result.stdout.splitlines()[-1]) == {
+        "on_0": {"devices": [0, 0], "w": stored, "step": 5},
+        "on_1": {"devices": [1, 1], "w": stored, "step": 5}}
+    # What orbax recorded: device 1, which this process (one CPU device) may not have.
+    sharding = json.loads((tmp_path / runs.CHECKPOINTS_DIR / "1" / "default" /
+                           "_sharding").read_text())
+    assert {json.loads(v)["device_str"] for v in sharding.values()} == {"cpu:1"}
+    checkpoints = runs.Checkpoints(tmp_path, keep_best=False)
+    restored = checkpoints.restore(1, _fake_state(0))
+    checkpoints.close()
+    np.testing.assert_array_equal(restored["params"]["w"], np.full((3, 2), 5, np.float32))
+    assert restored["params"]["w"].sharding.device_set == {jax.local_devices()[0]}
 
 
 def test_without_a_validation_split_only_the_latest_is_kept(tmp_path):
@@ -84,6 +134,9 @@ def _as_if_killed(source, target, *, keep_checkpoints, history_tail=b""):
 def _assert_same_run(a, b, cfg):
     assert (a / runs.HISTORY_FILE).read_bytes() == (b / runs.HISTORY_FILE).read_bytes()
     assert (a / runs.BEST_FILE).read_bytes() == (b / runs.BEST_FILE).read_bytes()
+    # The events too: the resumed run's hold each epoch once, with the same values.
+    assert read_tensorboard_scalars(a / runs.TENSORBOARD_DIR) == read_tensorboard_scalars(
+        b / runs.TENSORBOARD_DIR)
     jax.tree_util.tree_map(np.testing.assert_array_equal, runs.load_variables(a, cfg),
                            runs.load_variables(b, cfg))
 

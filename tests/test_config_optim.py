@@ -35,6 +35,8 @@ def test_overrides_and_json_round_trip():
     ({"model": "vgg"}, "unknown model 'vgg'"),
     ({"optimizer": "rmsprop"}, "unknown optimizer"),
     ({"optimizer": "adam", "weight_decay": 1e-4}, "weight decay 0.0001 is ignored by optimizer .adam."),
+    ({"weight_decay_params": "all"}, "weight decay params 'all' changes nothing without weight decay"),
+    ({"optimizer": "adamw", "weight_decay_params": "biases"}, "unknown weight decay params 'biases'"),
     ({"warmup_epochs": 11.0}, "warmup epochs 11.0 is longer than the 10 epochs"),
     ({"decay": "plateau", "val_fraction": 0.0}, "decay plateau needs a validation split"),
     ({"clip_norm": 0.0}, "clip norm must be positive"),
@@ -136,6 +138,19 @@ def test_adamw_decays_kernels_not_biases_and_adam_nothing():
     tx = make_optimizer(get_config(optimizer="adam"), 1)
     upd, _ = tx.update(zero, tx.init(params), params)
     np.testing.assert_array_equal(upd["dense"]["kernel"], 0.0)
+
+
+def test_adamw_with_weight_decay_params_all_decays_every_parameter():
+    params = {"dense": {"kernel": jnp.full((2, 2), 2.0), "bias": jnp.full(2, 3.0)},
+              "bn": {"scale": jnp.full(2, 4.0), "bias": jnp.full(2, 5.0)}}
+    zero = jax.tree_util.tree_map(jnp.zeros_like, params)
+    tx = make_optimizer(get_config(optimizer="adamw", weight_decay=0.1, learning_rate=0.01,
+                                   weight_decay_params="all"), 1)
+    upd, _ = tx.update(zero, tx.init(params), params)
+    # Zero gradients leave only the decay, -lr * wd * w, on biases and BatchNorm too (torch's
+    # AdamW over model.parameters() does the same).
+    jax.tree_util.tree_map(lambda u, w: np.testing.assert_allclose(u, -0.01 * 0.1 * w,
+                                                                   rtol=1e-6), upd, params)
 
 
 def test_nesterov_is_optax_sgd_with_nesterov_momentum():

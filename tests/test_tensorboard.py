@@ -1,0 +1,68 @@
+"""TensorBoard event files: they hold the history, each epoch once, also after a resume."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from fmnist_jax import runs
+from tests.helpers import REPO, read_tensorboard_scalars
+
+
+def _as_events(history):
+    """What the event files should hold for `history`: {split: {tag: {epoch: float32}}}."""
+    expected: dict = {}
+    for row in history:
+        for key, value in row.items():
+            if key == "epoch":
+                continue
+            split, tag = ("train", key) if key == "learning_rate" else key.split("_", 1)
+            expected.setdefault(split, {}).setdefault(tag, {})[row["epoch"]] = float(
+                np.float32(value))  # TensorBoard scalars are float32
+    return expected
+
+
+def test_a_run_writes_its_history_as_events(tiny_run):
+    run_dir, _, history = tiny_run
+    events = read_tensorboard_scalars(run_dir / runs.TENSORBOARD_DIR)
+    assert events == _as_events(history)
+    assert set(events) == {"train", "test"}  # no validation split in the tiny run
+    assert set(events["train"]) == {"loss", "accuracy", "learning_rate"}
+
+
+def _row(epoch: int, shift: float = 0.0):
+    return {"epoch": epoch, "learning_rate": 1e-3 / epoch, "train_loss": 1.0 / epoch + shift,
+            "train_accuracy": 0.5, "val_loss": 2.0 / epoch, "val_accuracy": 0.4 + shift,
+            "test_loss": 3.0 / epoch, "test_accuracy": 0.3}
+
+
+def test_a_resumed_log_holds_each_epoch_once(tmp_path):
+    with runs.EpochLog(tmp_path) as log:  # killed after epoch 3, its checkpoint of epoch 1
+        for epoch in (1, 2, 3):
+            log.epoch(_row(epoch), {})
+    # As if written seconds before the resume (tensorboardX names files by the second).
+    for path in (tmp_path / runs.TENSORBOARD_DIR).glob("*/events.out.tfevents.*"):
+        path.rename(path.with_name("events.out.tfevents.1000000000.killed"))
+    with runs.EpochLog(tmp_path, resume_after=1) as log:
+        log.epoch(_row(2, shift=0.01), {})  # epoch 2 again (other numbers, to tell them apart)
+    history = runs.load_history(tmp_path)
+    assert history == [_row(1), _row(2, shift=0.01)]
+    assert read_tensorboard_scalars(tmp_path / runs.TENSORBOARD_DIR) == _as_events(history)
+
+
+def test_writing_events_imports_neither_tensorflow_nor_torch(tmp_path):
+    code = ("import json, sys; from pathlib import Path\n"
+            "from fmnist_jax.tensorboard_log import TensorBoardLog\n"
+            f"log = TensorBoardLog(Path({str(tmp_path)!r}))\n"
+            "log.epoch({'epoch': 1, 'train_loss': 0.5})\n"
+            "log.close()\n"
+            "print(json.dumps(sorted(m for m in ('tensorflow', 'torch') if m in sys.modules)))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO,
+                            capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout) == []
+    assert read_tensorboard_scalars(tmp_path) == {
+        "train": {"loss": {1: 0.5}}}
