@@ -169,7 +169,7 @@ def test_a_damaged_history_is_refused_on_resume(tmp_path, uninterrupted):
 
 
 def test_resume_of_a_finished_run_says_so_and_exits_0(tiny_run):
-    result = run_script("train.py", "--resume", tiny_run[0])
+    result = run_script("train.py", "--resume", tiny_run[0])  # a real process: its exit 0
     assert result.returncode == 0, result.stderr[-2000:]
     assert "already finished training" in result.stdout
 
@@ -179,17 +179,17 @@ def test_resume_of_a_finished_run_says_so_and_exits_0(tiny_run):
     (["--preset", "mlp"], "--preset cannot change a resumed run"),
     (["--workdir", "elsewhere"], "--workdir and --resume both name a run folder"),
 ])
-def test_resume_with_contradicting_flags_is_one_line(tiny_run, flags, message):
-    assert message in one_error_line(run_script("train.py", "--resume", tiny_run[0], *flags))
+def test_resume_with_contradicting_flags_is_one_line(tiny_run, flags, message, run_main):
+    assert message in one_error_line(run_main("train.py", "--resume", tiny_run[0], *flags))
 
 
-def test_resume_of_a_folder_that_is_no_run_is_one_line(tmp_path):
-    assert "is not a run folder" in one_error_line(run_script("train.py", "--resume",
-                                                              tmp_path))
+def test_resume_of_a_folder_that_is_no_run_is_one_line(tmp_path, run_main):
+    assert "is not a run folder" in one_error_line(run_main("train.py", "--resume",
+                                                            tmp_path))
 
 
-def test_repeating_the_stored_config_with_resume_is_allowed(tiny_run):
-    result = run_script("train.py", "--resume", tiny_run[0], "--batch-size", "32", "--seed", "4")
+def test_repeating_the_stored_config_with_resume_is_allowed(tiny_run, run_main):
+    result = run_main("train.py", "--resume", tiny_run[0], "--batch-size", "32", "--seed", "4")
     assert result.returncode == 0 and "already finished" in result.stdout, result.stderr
 
 
