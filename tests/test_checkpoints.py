@@ -110,6 +110,7 @@ def test_a_resumed_run_ends_as_an_uninterrupted_one(tmp_path, uninterrupted, kee
     np.testing.assert_array_equal(resumed_state.plateau.scale, state.plateau.scale)
 
 
+@pytest.mark.slow  # `uninterrupted` trains 4 epochs of another shape: shared with the slow tests
 def test_the_run_keeps_the_latest_and_the_best_epoch(uninterrupted):
     run_dir, _, history = uninterrupted
     best = runs.load_best(run_dir)
@@ -193,6 +194,7 @@ def test_repeating_the_stored_config_with_resume_is_allowed(tiny_run, run_main):
     assert result.returncode == 0 and "already finished" in result.stdout, result.stderr
 
 
+@pytest.mark.slow  # evaluate_run compiles a dozen metrics (test_report.py is slow for that too)
 def test_report_and_predict_say_which_epoch(tmp_path, uninterrupted):
     from fmnist_jax.predict import format_text, load_predictor
     from fmnist_jax.report import evaluate_run
