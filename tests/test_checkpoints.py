@@ -215,7 +215,11 @@ def test_report_and_predict_say_which_epoch(tmp_path, uninterrupted):
 
 
 # ---------------------------------------------------------------------------------------
-# Killed for real: scripts/train.py gets SIGKILL at several moments, then --resume.
+# Killed for real: scripts/train.py gets SIGKILL at several moments, then --resume. One
+# moment per state a kill can leave on disk: nothing trained yet (compiled), a complete
+# checkpoint and its history row with the next epoch under way (during epoch 2: the epoch
+# line is printed after the synchronous save, so right after it is the same state), and a
+# checkpoint half written (a save after the first; three epochs give two chances to see one).
 
 KILL_FLAGS = ("--epochs", "3", "--batch-size", "1000", "--val-fraction", "0.1",
               "--no-report", "--no-progress")
@@ -230,10 +234,6 @@ def _wait_for_line(process, prefix):
 
 def _kill_when_compiled(process, run_dir):
     _wait_for_line(process, "compiled train epoch")
-
-
-def _kill_after_epoch_1(process, run_dir):
-    _wait_for_line(process, "epoch   1")
 
 
 def _kill_during_epoch_2(process, run_dir):
@@ -263,8 +263,8 @@ def uninterrupted_script_run(tmp_path_factory, prepared_data_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kill", [_kill_when_compiled, _kill_after_epoch_1,
-                                  _kill_during_epoch_2, _kill_during_a_checkpoint_save])
+@pytest.mark.parametrize("kill", [_kill_when_compiled, _kill_during_epoch_2,
+                                  _kill_during_a_checkpoint_save])
 def test_a_killed_training_resumes_to_the_same_bytes(tmp_path, prepared_data_dir,
                                                      uninterrupted_script_run, kill):
     run_dir = tmp_path / "run"
