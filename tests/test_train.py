@@ -145,7 +145,7 @@ def test_a_val_fraction_that_leaves_no_batch_says_so(tmp_path, tiny_splits):
 def test_two_trainings_on_one_workdir_one_gets_it(tmp_path, prepared_data_dir):
     workdir = tmp_path / "run"
     args = ["--workdir", workdir, "--data-dir", prepared_data_dir, "--epochs", "1",
-            "--no-report", "--no-progress"]
+            "--batch-size", "1000", "--no-report", "--no-progress"]  # the winner's epoch: short
     procs = [subprocess.Popen([sys.executable, "scripts/train.py", *map(str, args)],
                               cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
