@@ -2,12 +2,13 @@
 Helpers that tests import live in tests/helpers.py."""
 
 import os
+import subprocess
 from pathlib import Path
 
 import jax
 import pytest
 
-from tests.helpers import SHARED_MANUAL_DIR, make_split, tiny_config, train_quietly
+from tests.helpers import REPO, SHARED_MANUAL_DIR, make_split, tiny_config, train_quietly
 
 # Catch (B,) vs (B, 1) slips: implicit rank promotion raises in every test.
 jax.config.update("jax_numpy_rank_promotion", "raise")
@@ -51,3 +52,32 @@ def fashion_mnist(prepared_data_dir):
     from fmnist_jax.data import load_fashion_mnist
 
     return load_fashion_mnist(data_dir=prepared_data_dir)
+
+
+@pytest.fixture
+def run_main(capsys, monkeypatch):
+    """`run_script` in this process: `run_main("train.py", *args)` calls the script's main
+    (fmnist_jax.cli) with capsys, from the repository root, and returns a CompletedProcess
+    (returncode, stdout, stderr), so `one_error_line` reads it as it reads a subprocess's.
+    Saves a Python and JAX start-up per call; what only a real process shows (the exit code
+    the shell sees, noise at interpreter exit) stays with the `run_script` tests. The compile
+    cache is off ($FMNIST_COMPILE_CACHE=none): a main must not point this process's XLA at
+    a persistent cache."""
+    from fmnist_jax import cli
+
+    mains = {"train.py": cli.train_main, "evaluate.py": cli.evaluate_main,
+             "predict.py": cli.predict_main, "bench.py": cli.bench_main}
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv(cli.COMPILE_CACHE_ENV, "none")
+
+    def run(script, *args, env=None):
+        for name, value in (env or {}).items():
+            monkeypatch.setenv(name, value)
+        argv = [str(a) for a in args]
+        capsys.readouterr()  # only this call's output
+        with pytest.raises(SystemExit) as exit_:
+            mains[script](argv)
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess([script, *argv], exit_.value.code or 0, out, err)
+
+    return run

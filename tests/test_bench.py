@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from tests.helpers import REPO, make_split, one_error_line, run_script
+from tests.helpers import REPO, make_split, one_error_line
 
 torch = pytest.importorskip("torch")
 
@@ -17,7 +17,7 @@ def test_quick_bench_script_writes_its_table_and_json(tmp_path, prepared_data_di
     result = subprocess.run(
         [sys.executable, "scripts/bench.py", "--quick", "--device", "cpu", "--data-dir",
          str(prepared_data_dir), "--out", str(out)], capture_output=True, text=True, cwd=REPO,
-        timeout=300)
+        timeout=600)  # a hang guard: 300 s ran out on the shared machine at load 13
     assert result.returncode == 0, result.stderr[-2000:]
     assert "| jax |" in result.stdout and "| torch-dataloader |" in result.stdout
     saved = json.loads(out.read_text())
@@ -33,12 +33,9 @@ def test_quick_bench_script_writes_its_table_and_json(tmp_path, prepared_data_di
     (["--train-images", "10"], "--train-images must be at least the batch size (64)"),
     (["--seed", "1"], "unrecognized arguments: --seed"),
 ])
-def test_bench_flags_are_checked_before_any_work(flags, message):
-    result = subprocess.run([sys.executable, "scripts/bench.py", *flags, "--data-dir",
-                             "/nonexistent"], capture_output=True, text=True, cwd=REPO,
-                            timeout=120)
-    assert result.returncode == 1 and message in result.stderr, result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+def test_bench_flags_are_checked_before_any_work(flags, message, run_main):
+    assert message in one_error_line(run_main("bench.py", *flags, "--data-dir",
+                                              "/nonexistent"))
 
 
 def test_bench_builds_its_runs_from_a_preset():
@@ -67,7 +64,7 @@ def test_bench_runs_all_pipelines_from_the_same_start():
     assert "torch-dataloader" in table
 
 
-def test_a_bad_out_is_refused_before_the_benchmark(tmp_path):
+def test_a_bad_out_is_refused_before_the_benchmark(tmp_path, run_main):
     existing = tmp_path / "old.json"
     existing.write_text("earlier results")
     for out, message in [(tmp_path, "is a folder"),
@@ -76,8 +73,8 @@ def test_a_bad_out_is_refused_before_the_benchmark(tmp_path):
                          (existing, "already exists: pass another --out, delete it, or pass "
                                     "--overwrite")]:
         # The data dir does not exist: a data error would mean --out was checked too late.
-        result = run_script("bench.py", "--quick", "--pipelines", "jax", "--out", out,
-                            "--data-dir", "/nonexistent")
+        result = run_main("bench.py", "--quick", "--pipelines", "jax", "--out", out,
+                          "--data-dir", "/nonexistent")
         assert message in one_error_line(result)
     assert existing.read_text() == "earlier results"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old.json"]  # no probe left behind

@@ -353,18 +353,12 @@ def write_csv_split_for_test(tmp_path) -> Path:
     return path
 
 
-def test_train_script_reports_a_bad_csv_cell_in_one_line(tmp_path):
-    import subprocess
-
-    from tests.helpers import REPO
-
+def test_train_script_reports_a_bad_csv_cell_in_one_line(tmp_path, run_main):
     rows = _rows(3)
     rows[1][214] = "x"
     bad = _write_rows(tmp_path / "train.csv", rows)
-    result = subprocess.run(
-        [sys.executable, "scripts/train.py", "--train-csv", str(bad), "--test-csv", str(bad),
-         "--workdir", str(tmp_path / "run")], capture_output=True, text=True, cwd=REPO,
-        timeout=120)
+    result = run_main("train.py", "--train-csv", bad, "--test-csv", bad,
+                      "--workdir", tmp_path / "run")
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [
         f"error: {bad}: line 3 (data row 2), column pixel214: 'x' is not an integer; pixels are "

@@ -107,12 +107,12 @@ def _damage(version_dir, how):
 
 @pytest.mark.parametrize("how", ["truncated", "split file deleted", "dataset_info.json deleted"])
 def test_a_damaged_prepared_folder_gets_one_line_saying_how_to_rebuild(damaged_copy, how,
-                                                                      tmp_path):
+                                                                      tmp_path, run_main):
     data_dir, version_dir = damaged_copy
     _damage(version_dir, how)
     # Through the command: the claimed run folder is given back when the data fails.
-    result = run_script("train.py", "--data-dir", data_dir, "--workdir", tmp_path / "run",
-                        "--epochs", "1", env={data.MANUAL_DIR_ENV: ""}, timeout=300)
+    result = run_main("train.py", "--data-dir", data_dir, "--workdir", tmp_path / "run",
+                      "--epochs", "1", env={data.MANUAL_DIR_ENV: ""})
     line = one_error_line(result)
     assert f"{version_dir} is damaged" in line
     assert "delete that folder and run again with --manual-dir" in line

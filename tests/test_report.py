@@ -1,6 +1,4 @@
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -9,7 +7,7 @@ from fmnist_jax import runs
 from fmnist_jax.config import get_config
 from fmnist_jax.report import evaluate_run
 from fmnist_jax.train import train_and_evaluate
-from tests.helpers import REPO, make_split
+from tests.helpers import make_split, one_error_line
 
 
 pytestmark = pytest.mark.slow  # trains, then compiles a dozen metrics: about 20 s
@@ -54,8 +52,5 @@ def test_temperature_is_fit_on_validation_and_lowers_its_nll(evaluated_run):
     assert report["after_temperature"]["nll"] <= report["before_temperature"]["nll"] + 0.05
 
 
-def test_evaluate_script_on_a_folder_without_a_run(tmp_path):
-    result = subprocess.run([sys.executable, "scripts/evaluate.py", str(tmp_path)],
-                            capture_output=True, text=True, cwd=REPO, timeout=120)
-    assert result.returncode == 1
-    assert "not a run folder" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+def test_evaluate_script_on_a_folder_without_a_run(tmp_path, run_main):
+    assert "not a run folder" in one_error_line(run_main("evaluate.py", tmp_path))

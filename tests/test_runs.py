@@ -66,9 +66,9 @@ def test_a_read_only_empty_folder_is_refused(tmp_path):
     ("/proc/self", "already holds files that are not a run"),
     ("/proc/self/run", "cannot make the run folder"),
 ])
-def test_train_refuses_a_bad_workdir_before_loading_data(workdir, message):
+def test_train_refuses_a_bad_workdir_before_loading_data(workdir, message, run_main):
     # The data dir does not exist: a data error would mean the workdir was checked too late.
-    result = run_script("train.py", "--workdir", workdir, "--data-dir", "/nonexistent",
+    result = run_main("train.py", "--workdir", workdir, "--data-dir", "/nonexistent",
                         "--epochs", "1")
     assert message in one_error_line(result)
 
@@ -192,17 +192,17 @@ def _edit(run_dir, name, text):
     (runs.HISTORY_FILE, '{"epoch": 1, "train_loss": "low"}\n', "line 1 is not an epoch"),
 ])
 def test_evaluate_on_an_edited_run_folder_prints_one_line_and_writes_nothing(
-        run_copy, name, text, message):
+        run_copy, name, text, message, run_main):
     _edit(run_copy, name, text)
     # No data dir: the run folder must be checked before any data loads.
-    result = run_script("evaluate.py", run_copy, "--data-dir", "/nonexistent")
+    result = run_main("evaluate.py", run_copy, "--data-dir", "/nonexistent")
     assert message in one_error_line(result)
     _untouched(run_copy)
 
 
-def test_predict_on_a_config_with_wrong_types_prints_one_line(run_copy, tmp_path):
+def test_predict_on_a_config_with_wrong_types_prints_one_line(run_copy, tmp_path, run_main):
     _edit(run_copy, runs.CONFIG_FILE, json.dumps({**json.loads(
         (run_copy / runs.CONFIG_FILE).read_text()), "batch_size": 32.5}))
     np.save(tmp_path / "x.npy", make_split(1).images_NxHxWx1)
     assert "batch size must be int" in one_error_line(
-        run_script("predict.py", run_copy, tmp_path / "x.npy"))
+        run_main("predict.py", run_copy, tmp_path / "x.npy"))
