@@ -67,3 +67,123 @@ def test_a_member_of_the_vmapped_epoch_is_its_own_single_epoch():
     jax.tree_util.tree_map(np.testing.assert_array_equal,
                            jax.tree_util.tree_map(lambda leaf: leaf[1], state_M.params), init_1)
     assert int(state_M.step[1]) == 0
+
+
+def _splits():
+    return make_split(512, seed=0), make_split(300, seed=1)
+
+
+def _check_members_equal_single_runs(tmp_path, cfg, *, rtol, atol):
+    """Train `cfg` (seeds > 1), then each member's config alone; compare every history
+    value, best.json and the kept parameters. Returns (the seeds run's final state, its
+    histories, the largest parameter difference)."""
+    state_M, histories = train_quietly(cfg, tmp_path / "seeds", _splits())
+    assert (tmp_path / "seeds" / runs.SUMMARY_FILE).is_file()
+    largest = 0.0
+    for m, member in enumerate(cfg.members()):
+        member_dir = runs.member_dir(tmp_path / "seeds", member.seed)
+        single_dir = tmp_path / f"single-{member.seed}"
+        _, single_history = train_quietly(member, single_dir, _splits())
+        assert runs.load_config(member_dir) == member
+        assert [row["epoch"] for row in histories[m]] == [row["epoch"] for row in single_history]
+        assert runs.load_history(member_dir) == histories[m]
+        for row, single_row in zip(histories[m], single_history):
+            assert row.keys() == single_row.keys()
+            np.testing.assert_allclose(list(row.values()), list(single_row.values()),
+                                       rtol=rtol, atol=atol)
+        assert runs.load_best(member_dir) == runs.load_best(single_dir)
+        kept, single_kept = (runs.load_variables(d, member) for d in (member_dir, single_dir))
+        chex.assert_trees_all_close(kept, single_kept, rtol=rtol, atol=atol)
+        largest = max(largest, _largest_difference(kept, single_kept))
+    print(f"largest difference of the kept variables: {largest:.3g}")
+    return state_M, histories, largest
+
+
+@pytest.mark.slow
+def test_members_equal_single_runs_and_stop_early_on_their_own(tmp_path):
+    """LeNet-5 with a plateau schedule and early stopping: each seed stops at its own epoch;
+    a stopped member's state stays as it was at its last epoch while the others train on."""
+    cfg = get_config(epochs=4, batch_size=32, eval_batch_size=100, val_fraction=0.2, seed=4,
+                     seeds=3, decay="plateau", plateau_patience=1, patience=1)
+    state_M, histories, _ = _check_members_equal_single_runs(tmp_path, cfg, rtol=1e-5,
+                                                             atol=1e-6)
+    epochs_M = [len(history) for history in histories]
+    assert len(set(epochs_M)) > 1, epochs_M  # the seeds stopped at different epochs
+    steps_per_epoch = int(state_M.step[0]) // epochs_M[0]
+    assert [int(step) for step in state_M.step] == [e * steps_per_epoch for e in epochs_M]
+    for m, member in enumerate(cfg.members()):  # each final state is its last checkpoint's
+        checkpoints = runs.Checkpoints(runs.member_dir(tmp_path / "seeds", member.seed),
+                                       keep_best=True)
+        member_state = jax.tree_util.tree_map(lambda leaf, m=m: leaf[m], state_M)
+        stored = checkpoints.restore(epochs_M[m], member_state)
+        checkpoints.close()
+        jax.tree_util.tree_map(np.testing.assert_array_equal, stored.params, member_state.params)
+
+
+@pytest.mark.slow
+def test_batchnorm_dropout_augmentation_members_equal_single_runs(tmp_path):
+    """The MLP (BatchNorm statistics, dropout) with augmentation, label smoothing and each
+    seed's own dataset normalization. SGD, not the preset's AdamW: the dense biases before
+    BatchNorm have a zero gradient, which Adam turns into full-size steps of float noise, so
+    under any change of summation order they wander by up to lr per step (seen: 7e-3 after
+    12 steps) though the model's outputs do not depend on them."""
+    cfg = get_config("mlp", epochs=2, batch_size=32, eval_batch_size=100, val_fraction=0.2,
+                     seed=4, seeds=2, optimizer="sgd", weight_decay=0.0, learning_rate=0.05,
+                     label_smoothing=0.1, normalization="dataset")
+    _check_members_equal_single_runs(tmp_path, cfg, rtol=1e-4, atol=1e-5)
+
+
+def test_mean_std_and_student_t_interval():
+    values = [0.9021, 0.8931, 0.8961, 0.9007]
+    summary = mean_and_interval(values)
+    assert summary["mean"] == pytest.approx(np.mean(values))
+    assert summary["std"] == pytest.approx(np.std(values, ddof=1))
+    low, high = stats.t.interval(0.95, 3, loc=np.mean(values),
+                                 scale=stats.sem(values))  # sem uses ddof=1
+    assert summary["interval"] == pytest.approx([low, high])
+    with pytest.raises(ValueError):
+        mean_and_interval([0.9])
+
+
+def test_a_seeds_folder_claims_one_run_folder_per_seed_and_gives_them_back(tmp_path):
+    cfg = get_config(seed=7, seeds=3)
+    claim = runs.claim(tmp_path / "run", cfg)
+    assert [member.path.name for member in claim.members] == ["seed-7", "seed-8", "seed-9"]
+    assert [runs.load_config(member.path) for member in claim.members] == cfg.members()
+    assert all(member.seeds == 1 for member in cfg.members())
+    stored = json.loads((tmp_path / "run" / runs.SEEDS_FILE).read_text())
+    assert stored["runs"] == ["seed-7", "seed-8", "seed-9"] and stored["config"]["seeds"] == 3
+    with pytest.raises(FmnistError, match="already holds a run"):
+        runs.claim(tmp_path / "run", cfg)
+    with pytest.raises(FmnistError, match="holds the runs of several seeds.*seed-7"):
+        runs.load_config(tmp_path / "run")
+    for member in claim.members:
+        member.lock.close()
+    runs.abandon(claim)
+    assert not (tmp_path / "run").exists()
+
+
+def test_seeds_past_the_largest_seed_are_refused():
+    with pytest.raises(FmnistError, match="lower --seed or --seeds"):
+        get_config(seed=2**32 - 2, seeds=3)
+
+
+@pytest.fixture
+def seeds_folder(tmp_path):
+    claim = runs.claim(tmp_path / "run", get_config(seeds=2))
+    for member in claim.members:
+        member.lock.close()
+    return tmp_path / "run"
+
+
+@pytest.mark.parametrize("script,args,message", [
+    ("train.py", ["--seeds", "0"], "error: seeds must be at least 1, got 0"),
+    ("train.py", ["--seeds", "2", "--resume", "{run}/seed-0"],
+     "error: --seeds cannot be given with --resume"),
+    ("train.py", ["--resume", "{run}"], "holds the runs of several seeds, one folder each"),
+    ("evaluate.py", ["{run}"], "holds the runs of several seeds, one folder each"),
+    ("bench.py", ["--seeds", "2"], "unrecognized arguments: --seeds"),
+])
+def test_bad_seeds_input_is_one_line(seeds_folder, script, args, message):
+    result = run_script(script, *[arg.format(run=seeds_folder) for arg in args])
+    assert message in one_error_line(result)
