@@ -199,3 +199,27 @@ def seeds_folder(tmp_path):
 def test_bad_seeds_input_is_one_line(seeds_folder, script, args, message):
     result = run_script(script, *[arg.format(run=seeds_folder) for arg in args])
     assert message in one_error_line(result)
+
+
+@pytest.mark.slow
+def test_train_script_prints_the_seed_table_and_reports_each_seed(tmp_path):
+    from fmnist_jax.data import write_csv_split
+
+    train, test = _splits()
+    write_csv_split(train, tmp_path / "train.csv")
+    write_csv_split(test, tmp_path / "test.csv")
+    result = run_script("train.py", "--seeds", "3", "--seed", "4", "--epochs", "2",
+                        "--batch-size", "32", "--eval-batch-size", "100", "--val-fraction",
+                        "0.2", "--no-progress", "--workdir", tmp_path / "run", "--train-csv",
+                        tmp_path / "train.csv", "--test-csv", tmp_path / "test.csv",
+                        "--compile-cache", "none", timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = runs.load_summary(tmp_path / "run")
+    assert [row["seed"] for row in summary["seeds"]] == [4, 5, 6]
+    lines = result.stdout.splitlines()
+    assert "seed  epochs  kept epoch  val acc  test acc" in lines
+    assert any(line.startswith(f"test accuracy over 3 seeds: mean {summary['mean']:.4f}, std ")
+               and "95% CI" in line for line in lines)
+    for seed in (4, 5, 6):  # each seed's folder is a complete run, with its report
+        member_dir = runs.member_dir(tmp_path / "run", seed)
+        assert runs.finished(member_dir) and (member_dir / runs.REPORT_JSON_FILE).is_file()
