@@ -91,8 +91,9 @@ class TrainConfig:
                        check=(lambda v: 0 <= v < MAX_SEED, f"in [0, {MAX_SEED})"))
     seeds: int = _field(1, "train this many models at once, with seeds seed, seed+1, ...: one "
                         "compiled program (jax.vmap over the models), each model its own run "
-                        "folder WORKDIR/seed-S, the same as a run with --seed S; then each "
-                        "seed's test accuracy and their mean with a 95% confidence interval",
+                        "folder WORKDIR/seed-S, trained as a run with --seed S is (the same "
+                        "keys and batches; another float summation order); then each seed's "
+                        "test accuracy and their mean with a 95% confidence interval",
                         check=(lambda v: v >= 1, "at least 1"))
     checkpoint_every: int = _field(1, "save the whole training state to RUN_DIR/checkpoints/ "
                                    "every this many epochs (and at the best and the last "
