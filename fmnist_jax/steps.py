@@ -244,7 +244,9 @@ def train_epoch_seeds(state_M: TrainState, images_NxHxWx1: jax.Array, labels_N: 
     over the members' states (every leaf of `state_M` has a leading M axis), their training
     examples `idx_MxQ` (indices into the shared images), their keys `key_M` and
     normalizations `norm_M` (fields of shape (M,)). Member m computes what
-    `train_epoch(state_m, images_NxHxWx1[idx_MxQ[m]], labels_N[idx_MxQ[m]], key_M[m])` does.
+    `train_epoch(state_m, images_NxHxWx1[idx_MxQ[m]], labels_N[idx_MxQ[m]], key_M[m])` does,
+    with the same batches and keys; the batched matrix products and reductions sum in
+    another order, so the results agree to the last bits, not bit for bit.
 
     A member whose `active_M` is False (stopped early) keeps its state: it is still
     computed (vmap runs every member), then discarded. Returns sums with shape (M,).

@@ -54,9 +54,11 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | Path | runs.Claim, *,
 
     With `cfg.seeds` = M > 1, M models (seeds cfg.seed, cfg.seed + 1, ...) train as one
     program under `jax.vmap`, each in its own run folder `workdir/seed-S/` with everything
-    above, each the same (within float tolerance) as a run of `cfg.members()[m]`; one that
-    stops early keeps its state while the others go on. summary.json in `workdir` then gets
-    each seed's test accuracy and their mean with a 95% interval.
+    above, each trained as a run of `cfg.members()[m]` is (the same keys and batches; vmap
+    changes the float summation order, so the numbers agree to the last bits at first and
+    drift apart over many steps, as on another machine); one that stops early keeps its
+    state while the others go on. summary.json in `workdir` then gets each seed's test
+    accuracy and their mean with a 95% interval.
 
     `started`, a `time.perf_counter()` reading taken when the command started: timing.jsonl
     then records `startup_seconds`, the time from it to the first epoch.
