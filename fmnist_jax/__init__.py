@@ -9,6 +9,8 @@ Array names end in their shape, one letter an axis, each letter with one meaning
     Y, X  a kernel's height and width
     L  patch length (kernel height x width x input channels)
     C  classes (10)                                      K  the k of top-k
+    M  members of a `--seeds` run (one model per seed)   Q  one member's examples, as
+                                                            indices into a shared N
 
 `images_NxHxWx1` is a uint8 (N, 28, 28, 1) array, `logits_BxC` a (B, 10) one.
 """

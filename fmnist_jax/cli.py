@@ -194,7 +194,8 @@ def train_parser() -> Parser:
     add_config_flags(parser)
     run = parser.add_argument_group("run")
     run.add_argument("--workdir", help="run folder: a new or empty folder (default "
-                     "runs/PRESET-seedN-TIMESTAMP-PID)")
+                     "runs/PRESET-seedN-TIMESTAMP-PID; with --seeds K > 1, "
+                     "runs/PRESET-seedsN-M-TIMESTAMP-PID, holding a run folder seed-S per seed)")
     run.add_argument("--resume", metavar="RUN_DIR",
                      help="continue the interrupted run in RUN_DIR from its latest checkpoint, "
                           "with its stored config (config flags may only repeat its values); "
@@ -223,7 +224,7 @@ def train_main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(args)
         # Claim the run folder before the data loads: a bad or taken --workdir fails at once.
         run = runs.claim(args.workdir or runs.default_workdir(args.preset or DEFAULT_PRESET,
-                                                              cfg.seed), cfg)
+                                                              cfg.seed, cfg.seeds), cfg)
     try:
         train, test = _load_data(args)
     except BaseException:
@@ -234,7 +235,8 @@ def train_main(argv: list[str] | None = None) -> int:
     if not args.no_report:
         from fmnist_jax.report import evaluate_run  # matplotlib: ~1 s to import, so only here
 
-        evaluate_run(run.path, train=train, test=test)
+        for member in run.members or (run,):
+            evaluate_run(member.path, train=train, test=test)
     return 0
 
 
@@ -245,6 +247,9 @@ def _reopen(args: argparse.Namespace):
 
     if args.workdir:
         raise FmnistError("--workdir and --resume both name a run folder: pass only --resume")
+    if getattr(args, "seeds", 1) != 1:
+        raise FmnistError("--seeds cannot be given with --resume: a run of several seeds is "
+                          "resumed one seed at a time (--resume WORKDIR/seed-S); drop --seeds")
     if args.preset:
         raise FmnistError("--preset cannot change a resumed run (it uses its stored config): "
                           "drop --preset")
@@ -370,7 +375,8 @@ def bench_parser() -> Parser:
                                 "init, alternating epochs, one run on this machine. Trains on "
                                 "all 60,000 training images (no validation split).")
     _add_preset_flag(parser)
-    add_config_flags(parser, skip=("seed", "val_fraction", "checkpoint_every", "patience"))
+    add_config_flags(parser, skip=("seed", "seeds", "val_fraction", "checkpoint_every",
+                                   "patience"))
     bench = parser.add_argument_group("bench")
     bench.add_argument("--num-seeds", type=int, default=3,
                        help="train each pipeline with seeds 0..N-1 (default 3)")

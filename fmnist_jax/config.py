@@ -94,6 +94,12 @@ class TrainConfig:
                                  check=(lambda v: 0 <= v < 1, "in [0, 1)"))
     seed: int = _field(0, "the random seed: initialization, validation split, shuffling",
                        check=(lambda v: 0 <= v < MAX_SEED, f"in [0, {MAX_SEED})"))
+    seeds: int = _field(1, "train this many models at once, with seeds seed, seed+1, ...: one "
+                        "compiled program (jax.vmap over the models), each model its own run "
+                        "folder WORKDIR/seed-S, trained as a run with --seed S is (the same "
+                        "keys and batches; another float summation order); then each seed's "
+                        "test accuracy and their mean with a 95% confidence interval",
+                        check=(lambda v: v >= 1, "at least 1"))
     checkpoint_every: int = _field(1, "save the whole training state to RUN_DIR/checkpoints/ "
                                    "every this many epochs (and at the best and the last "
                                    "epoch), so --resume can continue; 0: no checkpoints",
@@ -122,6 +128,9 @@ class TrainConfig:
             raise FmnistError(f"weight decay params {self.weight_decay_params!r} changes "
                               f"nothing without weight decay: pass --weight-decay (with "
                               f"--optimizer adamw), or drop --weight-decay-params")
+        if self.seed + self.seeds > MAX_SEED:
+            raise FmnistError(f"seeds {self.seed}..{self.seed + self.seeds - 1} go past the "
+                              f"largest seed {MAX_SEED - 1}: lower --seed or --seeds")
         if self.warmup_epochs > self.epochs:
             raise FmnistError(f"warmup epochs {self.warmup_epochs} is longer than the "
                               f"{self.epochs} epochs of training: lower --warmup-epochs")
@@ -132,6 +141,12 @@ class TrainConfig:
             raise FmnistError("patience needs a validation split to watch: pass "
                               "--val-fraction > 0, or --patience 0")
         return self
+
+    def members(self) -> list[TrainConfig]:
+        """The config of each seed's run of `--seeds`: seed, seed+1, ..., each with seeds 1,
+        so each equals the config of a single run with that --seed."""
+        return [dataclasses.replace(self, seed=self.seed + k, seeds=1)
+                for k in range(self.seeds)]
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)

@@ -14,7 +14,8 @@ import jax
 from fmnist_jax.augment import Augment
 from fmnist_jax.config import TrainConfig
 from fmnist_jax.data import Normalization
-from fmnist_jax.steps import StepOptions, Sums, TrainState, evaluate, train_epoch
+from fmnist_jax.steps import (StepOptions, Sums, TrainState, evaluate, evaluate_seeds,
+                              train_epoch, train_epoch_seeds)
 
 
 def step_options(cfg: TrainConfig) -> StepOptions:
@@ -57,6 +58,46 @@ class CompiledEpochs:
     def evaluate(self, state: TrainState, name: str) -> Sums:
         """Summed loss and correct count over every image of the eval set `name` (on device)."""
         return self._eval_fns[name](state, *self.eval_sets[name], norm=self.norm)
+
+
+class CompiledSeedEpochs:
+    """`CompiledEpochs` for M models at once (`--seeds`): `train_epoch_seeds` and
+    `evaluate_seeds`, one program each under `jax.vmap`, the images on the device once.
+
+    `train_xy` is the shared (images_NxHxWx1, labels_N); `train_idx_MxQ` each member's
+    training examples in it. Each of `eval_sets` is (images, labels, idx_MxQ or None: every
+    member evaluates every image). `norm_M` has one mean and std per member.
+    """
+
+    def __init__(self, state_M: TrainState, train_xy, train_idx_MxQ: jax.Array,
+                 eval_sets: dict[str, tuple], *, batch_size: int, eval_batch_size: int,
+                 norm_M: Normalization, key_M: jax.Array, active_M: jax.Array,
+                 options: StepOptions = StepOptions()):
+        self.train_xy, self.train_idx_MxQ = train_xy, train_idx_MxQ
+        self.eval_sets, self.norm_M = eval_sets, norm_M
+        t0 = time.perf_counter()
+        self._epoch_fn = train_epoch_seeds.lower(
+            state_M, *train_xy, train_idx_MxQ, key_M, active_M, batch_size=batch_size,
+            norm_M=norm_M, options=options).compile()
+        self._eval_fns = {name: evaluate_seeds.lower(state_M, *data, batch_size=eval_batch_size,
+                                                     norm_M=norm_M).compile()
+                          for name, data in eval_sets.items()}
+        self.compile_seconds = time.perf_counter() - t0
+
+    def train(self, state_M: TrainState, key_M: jax.Array,
+              active_M: jax.Array) -> tuple[TrainState, Sums, float]:
+        """One epoch of every member (member m shuffled by `key_M[m]`; those False in
+        `active_M` keep their state): (new states, sums of shape (M,), seconds). `state_M`
+        is donated."""
+        t0 = time.perf_counter()
+        state_M, sums = self._epoch_fn(state_M, *self.train_xy, self.train_idx_MxQ, key_M,
+                                       active_M, norm_M=self.norm_M)
+        jax.block_until_ready(sums)
+        return state_M, sums, time.perf_counter() - t0
+
+    def evaluate(self, state_M: TrainState, name: str) -> Sums:
+        """Each member's summed loss and correct count on the eval set `name` (shape (M,))."""
+        return self._eval_fns[name](state_M, *self.eval_sets[name], norm_M=self.norm_M)
 
 
 def rates(sums: Sums) -> tuple[float, float]:

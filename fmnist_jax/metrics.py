@@ -22,6 +22,7 @@ helpers (`classification_report_*`) return Python values. Internals trust their 
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -309,3 +310,20 @@ def classification_report_text(preds_N: Any, labels_N: Any, class_names: Sequenc
     text += line("accuracy", ["", "", f"{report['accuracy']:.{digits}f}", str(total)])
     return text + line("macro avg", numbers(report["macro avg"])) + line(
         "weighted avg", numbers(report["weighted avg"]))
+
+
+def mean_and_interval(values: Sequence[float], confidence: float = 0.95) -> dict[str, Any]:
+    """Mean, sample std (ddof=1) and the Student-t `confidence` interval of the mean of
+    independent measurements (for example one test accuracy per seed): mean +- t * std /
+    sqrt(n), with t the (1 + confidence) / 2 quantile of Student's t with n - 1 degrees of
+    freedom. Host-side; needs n >= 2."""
+    from scipy import stats  # scipy ships with jax; imported only here
+
+    values_N = np.asarray(values, np.float64)
+    n = len(values_N)
+    if n < 2:
+        raise ValueError(f"an interval needs at least 2 values, got {n}")
+    mean, std = float(values_N.mean()), float(values_N.std(ddof=1))
+    half = float(stats.t.ppf((1 + confidence) / 2, n - 1)) * std / math.sqrt(n)
+    return {"n": n, "mean": mean, "std": std, "confidence": confidence,
+            "interval": [mean - half, mean + half]}

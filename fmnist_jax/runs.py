@@ -17,6 +17,15 @@ A run folder holds:
 | calibration.json                      | evaluation              | the temperature fit on validation     |
 | report.txt, report.json, *.png        | evaluation              | the report and its plots              |
 
+A run of several seeds (`--seeds K`, K > 1) is a folder of ordinary run folders, one per seed
+(`seed-S/`, each exactly as above, its config.json with that seed and `seeds` 1), and:
+
+| file                                  | written by              | what                                  |
+| ------------------------------------- | ----------------------- | ------------------------------------- |
+| seeds.json                            | training, at the start  | the config (with `seeds`), the folders|
+| summary.json                          | training, at the end    | each seed's test accuracy, mean, std, |
+|                                       |                         | 95% confidence interval               |
+
 Timings live apart from the history, so that the same seed writes the same history bytes.
 An existing run is never overwritten: a run claims its folder by creating config.json with
 O_EXCL (`claim`), so of two trainings started on one folder exactly one gets it, and a folder
@@ -70,6 +79,8 @@ BEST_FILE = "best.json"
 CALIBRATION_FILE = "calibration.json"
 REPORT_TEXT_FILE = "report.txt"
 REPORT_JSON_FILE = "report.json"
+SEEDS_FILE = "seeds.json"
+SUMMARY_FILE = "summary.json"
 PLOT_FILES = {"confusion_matrix": "confusion_matrix.png", "reliability": "reliability.png",
               "curves": "curves.png"}
 
@@ -90,20 +101,56 @@ class Claim:
     # --resume of the same folder is refused while this one runs (a killed process's lock
     # goes with it). None for claims made in other ways.
     lock: Any = dataclasses.field(default=None, compare=False, repr=False)
+    # A run of several seeds: the claim of each seed's run folder, in seed order (`path` is
+    # then the folder holding them, and `config` the config with `seeds`).
+    members: tuple[Claim, ...] = ()
 
 
-def default_workdir(preset: str, seed: int) -> Path:
-    """runs/PRESET-seedN-TIMESTAMP-PID: the pid keeps apart two runs started in the same
-    second (the exclusive claim refuses any collision that is left)."""
-    return Path("runs") / f"{preset}-seed{seed}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+def default_workdir(preset: str, seed: int, seeds: int = 1) -> Path:
+    """runs/PRESET-seedN-TIMESTAMP-PID (runs/PRESET-seedsN-M-... for seeds N..M): the pid
+    keeps apart two runs started in the same second (the exclusive claim refuses any
+    collision that is left)."""
+    name = f"seed{seed}" if seeds == 1 else f"seeds{seed}-{seed + seeds - 1}"
+    return Path("runs") / f"{preset}-{name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+
+
+def member_dir(run_dir: str | Path, seed: int) -> Path:
+    """The run folder of `seed` inside the folder of a run of several seeds."""
+    return Path(run_dir) / f"seed-{seed}"
 
 
 def claim(workdir: str | Path, cfg: TrainConfig) -> Claim:
     """Claim `workdir` for a new run of `cfg`: make it (parents too) unless it exists, refuse a
     folder holding anything, then create its config.json with O_EXCL, the atomic step that
     lets exactly one of two trainings started together have the folder. Cheap: call it
-    before loading any data, so that a bad --workdir fails within a second."""
+    before loading any data, so that a bad --workdir fails within a second.
+
+    With `cfg.seeds` > 1 the file created exclusively is seeds.json, and then each seed's
+    run folder `seed-S/` inside is claimed for its own config (`TrainConfig.members`)."""
     run_dir = Path(workdir)
+    made_folder = _empty_folder(run_dir)
+    if cfg.seeds > 1:
+        members = cfg.members()
+        _create_exclusively(run_dir, SEEDS_FILE, json.dumps(
+            {"config": json.loads(cfg.to_json()),
+             "runs": [member_dir(".", m.seed).name for m in members]}, indent=2) + "\n")
+        claimed: list[Claim] = []
+        try:
+            for member in members:
+                claimed.append(claim(member_dir(run_dir, member.seed), member))
+        except BaseException:
+            abandon(Claim(path=run_dir, config=cfg, made_folder=made_folder,
+                          members=tuple(claimed)))
+            raise
+        return Claim(path=run_dir, config=cfg, made_folder=made_folder, members=tuple(claimed))
+    _create_exclusively(run_dir, CONFIG_FILE, cfg.to_json() + "\n")
+    return Claim(path=run_dir, config=cfg, made_folder=made_folder,
+                 lock=_lock(run_dir, wait=True))
+
+
+def _empty_folder(run_dir: Path) -> bool:
+    """Make `run_dir` unless it exists; FmnistError unless it is an empty folder. Returns
+    whether it was made."""
     if run_dir.exists() and not run_dir.is_dir():
         raise FmnistError(f"--workdir {run_dir} is a file, not a folder: pass a new folder")
     made_folder = not run_dir.exists()
@@ -113,14 +160,19 @@ def claim(workdir: str | Path, cfg: TrainConfig) -> Claim:
     except OSError as e:
         raise FmnistError(f"cannot make the run folder {run_dir} ({e.strerror}): pass another "
                           f"--workdir") from e
-    if CONFIG_FILE in entries or HISTORY_FILE in entries:
+    if CONFIG_FILE in entries or HISTORY_FILE in entries or SEEDS_FILE in entries:
         raise _already_a_run(run_dir)
     if entries:
         shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
         raise FmnistError(f"--workdir {run_dir} already holds files that are not a run "
                           f"({shown}): pass a new or empty folder")
+    return made_folder
+
+
+def _create_exclusively(run_dir: Path, name: str, text: str) -> None:
+    """Create run_dir/name holding `text`, failing if it exists (O_EXCL): the claim."""
     try:
-        fd = os.open(run_dir / CONFIG_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = os.open(run_dir / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     except FileExistsError as e:  # another training claimed it since the listing above
         raise _already_a_run(run_dir) from e
     except OSError as e:
@@ -128,13 +180,11 @@ def claim(workdir: str | Path, cfg: TrainConfig) -> Claim:
                           f"writable --workdir") from e
     try:
         with os.fdopen(fd, "w") as f:
-            f.write(cfg.to_json() + "\n")
+            f.write(text)
     except OSError as e:
-        (run_dir / CONFIG_FILE).unlink(missing_ok=True)
+        (run_dir / name).unlink(missing_ok=True)
         raise FmnistError(f"cannot write in the run folder {run_dir} ({e.strerror}): pass a "
                           f"writable --workdir") from e
-    return Claim(path=run_dir, config=cfg, made_folder=made_folder,
-                 lock=_lock(run_dir, wait=True))
 
 
 def _lock(run_dir: Path, *, wait: bool):
@@ -180,9 +230,14 @@ def abandon(run: Claim) -> None:
     setup was refused, Ctrl-C during compilation): remove what `claim` and the setup wrote,
     so the same --workdir can be used again. Never touches a folder with a history, nor
     a resumed one."""
+    if run.members:
+        for member in run.members:
+            abandon(member)
+        if any((member.path / HISTORY_FILE).exists() for member in run.members):
+            return
     if run.resumed or (run.path / HISTORY_FILE).exists():
         return
-    for name in (NORMALIZATION_FILE, DATA_FILE, CONFIG_FILE):
+    for name in (NORMALIZATION_FILE, DATA_FILE, CONFIG_FILE, SEEDS_FILE):
         (run.path / name).unlink(missing_ok=True)
     if run.made_folder:
         with contextlib.suppress(OSError):  # not empty: someone put files there meanwhile
@@ -220,6 +275,11 @@ def _read_json(path: Path) -> Any:
 
 def load_config(run_dir: str | Path) -> TrainConfig:
     path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file() and (Path(run_dir) / SEEDS_FILE).is_file():
+        first = member_dir(run_dir, _read_json(Path(run_dir) / SEEDS_FILE)["config"]["seed"])
+        raise FmnistError(f"{run_dir} holds the runs of several seeds, one folder each: pass "
+                          f"one of them, e.g. {first} (--resume continues one seed's run at a "
+                          f"time)")
     if not path.is_file():
         raise FmnistError(f"{run_dir} is not a run folder (no {CONFIG_FILE}): pass the folder "
                           f"that scripts/train.py wrote")
@@ -256,10 +316,12 @@ def load_normalization(run_dir: str | Path) -> Normalization:
     return norm
 
 
-def save_data_fingerprints(run_dir: Path, train: Split, test: Split) -> None:
-    _write_json(run_dir / DATA_FILE, {"train_sha256": fingerprint(train),
-                                      "test_sha256": fingerprint(test),
-                                      "n_train": len(train), "n_test": len(test)})
+def save_data_fingerprints(run_dir: Path | list[Path], train: Split, test: Split) -> None:
+    """data.json of the run (or of each of a list of runs: the sums are computed once)."""
+    record = {"train_sha256": fingerprint(train), "test_sha256": fingerprint(test),
+              "n_train": len(train), "n_test": len(test)}
+    for path in [run_dir] if isinstance(run_dir, Path) else run_dir:
+        _write_json(path / DATA_FILE, record)
 
 
 def check_data(run_dir: str | Path, train: Split, test: Split) -> None:
@@ -619,6 +681,20 @@ def load_best(run_dir: str | Path) -> dict[str, Any] | None:
         raise FmnistError(f"{path} is malformed (needs integers epoch and epochs_trained): "
                           f"restore it from the run")
     return record
+
+
+def save_summary(run_dir: Path, summary: dict[str, Any]) -> None:
+    """The results of a run of several seeds (see `train`): written last, once every seed's
+    run folder is complete."""
+    _write_json(Path(run_dir) / SUMMARY_FILE, summary)
+
+
+def load_summary(run_dir: str | Path) -> dict[str, Any]:
+    path = Path(run_dir) / SUMMARY_FILE
+    if not path.is_file():
+        raise FmnistError(f"{run_dir} has no {SUMMARY_FILE}: it is no finished run of several "
+                          f"seeds")
+    return _read_json(path)
 
 
 # ---------------------------------------------------------------------------------------

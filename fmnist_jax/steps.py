@@ -209,10 +209,18 @@ def train_epoch(state: TrainState, images_NxHxWx1: jax.Array, labels_N: jax.Arra
     The N % batch_size examples left over by the shuffle are skipped this epoch (fixed
     shapes, no retracing); a new shuffle picks others next epoch. Returns summed metrics.
     """
-    n = labels_N.shape[0]
+    return _epoch(state, images_NxHxWx1, labels_N, None, key, batch_size, norm, options)
+
+
+def _epoch(state, images_NxHxWx1, labels_N, idx_Q, key, batch_size, norm, options):
+    """`train_epoch` on all N examples (`idx_Q` None), or on the Q examples `idx_Q` of them:
+    then the batches, keys and steps are those of `train_epoch` on `images_NxHxWx1[idx_Q]`
+    (the shuffle permutes positions in `idx_Q`), without copying those images."""
+    n = labels_N.shape[0] if idx_Q is None else idx_Q.shape[0]
     steps = n // batch_size
     perm_key, step_key = jax.random.split(key)
-    batches_SxB = jax.random.permutation(perm_key, n)[: steps * batch_size].reshape(steps, batch_size)
+    order = jax.random.permutation(perm_key, n)[: steps * batch_size]
+    batches_SxB = (order if idx_Q is None else idx_Q[order]).reshape(steps, batch_size)
 
     def body(state, xs):
         idx_B, key = xs
@@ -220,6 +228,46 @@ def train_epoch(state: TrainState, images_NxHxWx1: jax.Array, labels_N: jax.Arra
 
     state, sums_S = jax.lax.scan(body, state, (batches_SxB, jax.random.split(step_key, steps)))
     return state, jax.tree_util.tree_map(jnp.sum, sums_S)
+
+
+def _keep_where(active: jax.Array, new_tree, old_tree):
+    """`new_tree` where `active` (a scalar bool) is True, else `old_tree`, leaf by leaf."""
+    return jax.tree_util.tree_map(lambda new, old: jnp.where(active, new, old), new_tree, old_tree)
+
+
+@functools.partial(jax.jit, static_argnames=("batch_size", "options"), donate_argnums=0)
+def train_epoch_seeds(state_M: TrainState, images_NxHxWx1: jax.Array, labels_N: jax.Array,
+                      idx_MxQ: jax.Array, key_M: jax.Array, active_M: jax.Array, *,
+                      batch_size: int, norm_M: Normalization,
+                      options: StepOptions = StepOptions()) -> tuple[TrainState, Sums]:
+    """One epoch of M independent models (`--seeds`) as one program: `jax.vmap` of the epoch
+    over the members' states (every leaf of `state_M` has a leading M axis), their training
+    examples `idx_MxQ` (indices into the shared images), their keys `key_M` and
+    normalizations `norm_M` (fields of shape (M,)). Member m computes what
+    `train_epoch(state_m, images_NxHxWx1[idx_MxQ[m]], labels_N[idx_MxQ[m]], key_M[m])` does,
+    with the same batches and keys; the batched matrix products and reductions sum in
+    another order, so the results agree to the last bits, not bit for bit.
+
+    A member whose `active_M` is False (stopped early) keeps its state: it is still
+    computed (vmap runs every member), then discarded. Returns sums with shape (M,).
+    """
+    def member_fn(state, idx_Q, key, active, norm):
+        new_state, sums = _epoch(state, images_NxHxWx1, labels_N, idx_Q, key, batch_size,
+                                 norm, options)
+        return _keep_where(active, new_state, state), sums
+
+    return jax.vmap(member_fn)(state_M, idx_MxQ, key_M, active_M, norm_M)
+
+
+@jax.jit
+def plateau_update_seeds(state_M: TrainState, val_loss_M: jax.Array,
+                         active_M: jax.Array) -> TrainState:
+    """`plateau_update` of each member with its own validation loss; stopped members (False
+    in `active_M`) keep their schedule's state."""
+    def member_fn(state, val_loss, active):
+        return _keep_where(active, plateau_update(state, val_loss), state)
+
+    return jax.vmap(member_fn)(state_M, val_loss_M, active_M)
 
 
 def _padded_batches(array: jax.Array, batch_size: int) -> jax.Array:
@@ -238,6 +286,29 @@ def evaluate(state: TrainState, images_NxHxWx1: jax.Array, labels_N: jax.Array, 
     xs = tuple(_padded_batches(a, batch_size) for a in (images_NxHxWx1, labels_N, mask_N))
     _, sums_S = jax.lax.scan(lambda c, b: (c, eval_step(state, *b, norm)), None, xs)
     return jax.tree_util.tree_map(jnp.sum, sums_S)
+
+
+@functools.partial(jax.jit, static_argnames="batch_size")
+def evaluate_seeds(state_M: TrainState, images_NxHxWx1: jax.Array, labels_N: jax.Array,
+                   idx_MxQ: jax.Array | None, *, batch_size: int,
+                   norm_M: Normalization) -> Sums:
+    """`evaluate` of M members (leading M axis on `state_M`'s leaves and `norm_M`'s fields)
+    under `jax.vmap`, the images shared: on all N images (`idx_MxQ` None), or member m on the
+    examples `idx_MxQ[m]` (its own validation split), batched and padded as `evaluate` would
+    batch `images_NxHxWx1[idx_MxQ[m]]`. Returns sums with shape (M,)."""
+    if idx_MxQ is None:
+        return jax.vmap(lambda state, norm: evaluate(
+            state, images_NxHxWx1, labels_N, batch_size=batch_size, norm=norm))(state_M, norm_M)
+
+    def member_fn(state, idx_Q, norm):
+        mask_Q = jnp.ones(idx_Q.shape, bool)
+        xs = (_padded_batches(idx_Q, batch_size), _padded_batches(mask_Q, batch_size))
+        # The padding indices (0) name a real image; the mask drops it from every sum.
+        _, sums_S = jax.lax.scan(lambda c, b: (c, eval_step(
+            state, images_NxHxWx1[b[0]], labels_N[b[0]], b[1], norm)), None, xs)
+        return jax.tree_util.tree_map(jnp.sum, sums_S)
+
+    return jax.vmap(member_fn)(state_M, idx_MxQ, norm_M)
 
 
 @functools.partial(jax.jit, static_argnames="batch_size")

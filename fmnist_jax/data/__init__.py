@@ -14,7 +14,8 @@ Nothing else in the package reads a dataset file.
 from fmnist_jax.data.csv_source import read_csv_split, write_csv_split
 from fmnist_jax.data.splits import (CLASS_NAMES, HALF, NORMALIZATIONS, Normalization, Split,
                                     dataset_mean_std, fingerprint, normalization_for,
-                                    split_train_val, stratified_split)
+                                    split_train_val, stratified_split,
+                                    train_val_indices)
 from fmnist_jax.data.tfds_source import (ARRAYS_DIR, DATA_DIR_ENV, LOCK_FILE, DOWNLOAD_HOST, MANUAL_DIR_ENV,
                                          MANUAL_FILES, check_manual_dir, is_prepared,
                                          load_fashion_mnist, prepare, read_split,

@@ -43,18 +43,26 @@ def stratified_split(split: Split, fraction: float, key) -> tuple[Split, Split]:
     Per class, round(fraction * class count) images go to `held_out`; both parts keep the
     original order of the images, so the split depends on nothing but the key.
     """
+    rest_idx, held_idx = stratified_indices(split.labels_N, fraction, key)
+    return (Split(split.images_NxHxWx1[rest_idx], split.labels_N[rest_idx]),
+            Split(split.images_NxHxWx1[held_idx], split.labels_N[held_idx]))
+
+
+def stratified_indices(labels_N: np.ndarray, fraction: float, key) -> tuple[np.ndarray,
+                                                                            np.ndarray]:
+    """The indices (ascending) of `stratified_split`'s two parts: (rest, held_out). Their
+    lengths depend only on the class counts, not on the key."""
     import jax
 
     held_out = []
-    classes = np.unique(split.labels_N)
+    classes = np.unique(labels_N)
     for c, class_key in zip(classes, jax.random.split(key, len(classes))):
-        idx = np.flatnonzero(split.labels_N == c)
+        idx = np.flatnonzero(labels_N == c)
         shuffled = np.asarray(jax.random.permutation(class_key, idx))
         held_out.append(shuffled[: int(round(fraction * len(idx)))])
-    mask = np.zeros(len(split), bool)
+    mask = np.zeros(len(labels_N), bool)
     mask[np.concatenate(held_out)] = True
-    return (Split(split.images_NxHxWx1[~mask], split.labels_N[~mask]),
-            Split(split.images_NxHxWx1[mask], split.labels_N[mask]))
+    return np.flatnonzero(~mask), np.flatnonzero(mask)
 
 
 def split_train_val(train: Split, val_fraction: float, seed: int) -> tuple[Split, Split | None]:
@@ -62,9 +70,22 @@ def split_train_val(train: Split, val_fraction: float, seed: int) -> tuple[Split
 
     The same seed always holds out the same images, so the evaluation can find them again.
     """
-    if val_fraction == 0:
+    train_idx, val_idx = train_val_indices(train.labels_N, val_fraction, seed)
+    if val_idx is None:
         return train, None
-    rest, val = stratified_split(train, val_fraction, streams.stream_key(seed, streams.VAL_SPLIT))
+    return (Split(train.images_NxHxWx1[train_idx], train.labels_N[train_idx]),
+            Split(train.images_NxHxWx1[val_idx], train.labels_N[val_idx]))
+
+
+def train_val_indices(labels_N: np.ndarray, val_fraction: float,
+                      seed: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """`split_train_val` as indices into the given training images: (train, val), each
+    ascending; val is None if `val_fraction` is 0. Several seeds' runs can then share one
+    copy of the images on the device (`--seeds`), each with its own split."""
+    if val_fraction == 0:
+        return np.arange(len(labels_N)), None
+    rest, val = stratified_indices(labels_N, val_fraction,
+                                   streams.stream_key(seed, streams.VAL_SPLIT))
     if len(val) == 0:
         raise FmnistError(f"val fraction {val_fraction} holds out no image: pass 0 for no "
                           f"validation split, or a larger fraction")

@@ -1,0 +1,225 @@
+"""--seeds: M models under jax.vmap, each equal to the single run of its seed."""
+
+import json
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+from fmnist_jax import runs, streams
+from fmnist_jax.config import get_config
+from fmnist_jax.data import HALF, Normalization, train_val_indices
+from fmnist_jax.errors import FmnistError
+from fmnist_jax.metrics import mean_and_interval
+from fmnist_jax.models import get_model
+from fmnist_jax.optim import make_optimizer
+from fmnist_jax.steps import (create_train_state, evaluate, evaluate_seeds, train_epoch,
+                              train_epoch_seeds)
+from tests.helpers import make_split, one_error_line, run_script, train_quietly
+
+
+def _largest_difference(tree_a, tree_b) -> float:
+    return max(float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+               for a, b in zip(jax.tree_util.tree_leaves(tree_a),
+                               jax.tree_util.tree_leaves(tree_b)))
+
+
+def test_a_member_of_the_vmapped_epoch_is_its_own_single_epoch():
+    """Two LeNet-5 members, each on its own split of one shared image set: the active one
+    trains as `train_epoch` on its images would, the stopped one keeps its state exactly, and
+    `evaluate_seeds` on each member's validation indices is `evaluate` on those images."""
+    train = make_split(256, seed=0)
+    seeds = [4, 5]
+    splits = [train_val_indices(train.labels_N, 0.25, seed) for seed in seeds]
+    model, tx = get_model("lenet5"), make_optimizer(get_config(), 6)
+    states = [create_train_state(model, tx, streams.stream_key(seed, streams.INIT))
+              for seed in seeds]
+    state_M = jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *states)
+    init_1 = jax.device_get(states[1].params)
+    norm_M = Normalization(np.full(2, 0.5, np.float32), np.full(2, 0.5, np.float32))
+    key_M = jnp.stack([streams.epoch_shuffle_key(seed, 1) for seed in seeds])
+    state_M, sums_M = train_epoch_seeds(
+        state_M, train.images_NxHxWx1, train.labels_N,
+        np.stack([t for t, _ in splits]).astype(np.int32), key_M, np.array([True, False]),
+        batch_size=32, norm_M=norm_M)
+    val_sums_M = evaluate_seeds(state_M, train.images_NxHxWx1, train.labels_N,
+                                np.stack([v for _, v in splits]).astype(np.int32),
+                                batch_size=50, norm_M=norm_M)
+
+    train_idx, val_idx = splits[0]
+    single, sums = train_epoch(states[0], train.images_NxHxWx1[train_idx],
+                               train.labels_N[train_idx], streams.epoch_shuffle_key(4, 1),
+                               batch_size=32, norm=HALF)
+    member_0 = jax.tree_util.tree_map(lambda leaf: leaf[0], state_M)
+    print(f"largest parameter difference: {_largest_difference(member_0.params, single.params)}")
+    chex.assert_trees_all_close(member_0.params, single.params, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(member_0.opt_state, single.opt_state, rtol=1e-5, atol=1e-6)
+    assert int(member_0.step) == int(single.step) == len(train_idx) // 32
+    assert int(sums_M.correct[0]) == int(sums.correct)
+    np.testing.assert_allclose(float(sums_M.loss[0]), float(sums.loss), rtol=1e-5)
+    val = evaluate(single, train.images_NxHxWx1[val_idx], train.labels_N[val_idx],
+                   batch_size=50, norm=HALF)
+    assert int(val_sums_M.count[0]) == int(val.count) == len(val_idx)
+    np.testing.assert_allclose(float(val_sums_M.loss[0]), float(val.loss), rtol=1e-5)
+    # The stopped member: not one bit changed, step included.
+    jax.tree_util.tree_map(np.testing.assert_array_equal,
+                           jax.tree_util.tree_map(lambda leaf: leaf[1], state_M.params), init_1)
+    assert int(state_M.step[1]) == 0
+
+
+def _splits():
+    return make_split(512, seed=0), make_split(300, seed=1)
+
+
+def _check_members_equal_single_runs(tmp_path, cfg, *, rtol, atol):
+    """Train `cfg` (seeds > 1), then each member's config alone; compare every history
+    value, best.json and the kept parameters. Returns (the seeds run's final state, its
+    histories, the largest parameter difference)."""
+    state_M, histories = train_quietly(cfg, tmp_path / "seeds", _splits())
+    assert (tmp_path / "seeds" / runs.SUMMARY_FILE).is_file()
+    largest = largest_in_history = 0.0
+    for m, member in enumerate(cfg.members()):
+        member_dir = runs.member_dir(tmp_path / "seeds", member.seed)
+        single_dir = tmp_path / f"single-{member.seed}"
+        _, single_history = train_quietly(member, single_dir, _splits())
+        assert runs.load_config(member_dir) == member
+        assert [row["epoch"] for row in histories[m]] == [row["epoch"] for row in single_history]
+        assert runs.load_history(member_dir) == histories[m]
+        for row, single_row in zip(histories[m], single_history):
+            assert row.keys() == single_row.keys()
+            np.testing.assert_allclose(list(row.values()), list(single_row.values()),
+                                       rtol=rtol, atol=atol)
+            largest_in_history = max(largest_in_history, *(
+                abs(row[key] - single_row[key]) for key in row))
+        assert runs.load_best(member_dir) == runs.load_best(single_dir)
+        kept, single_kept = (runs.load_variables(d, member) for d in (member_dir, single_dir))
+        chex.assert_trees_all_close(kept, single_kept, rtol=rtol, atol=atol)
+        largest = max(largest, _largest_difference(kept, single_kept))
+    print(f"largest difference of the kept variables: {largest:.3g}; of a history value: "
+          f"{largest_in_history:.3g}")
+    return state_M, histories, largest
+
+
+@pytest.mark.slow
+def test_members_equal_single_runs_and_stop_early_on_their_own(tmp_path):
+    """LeNet-5 with a plateau schedule and early stopping: each seed stops at its own epoch;
+    a stopped member's state stays as it was at its last epoch while the others train on."""
+    cfg = get_config(epochs=4, batch_size=32, eval_batch_size=100, val_fraction=0.2, seed=4,
+                     seeds=3, decay="plateau", plateau_patience=1, patience=1)
+    state_M, histories, _ = _check_members_equal_single_runs(tmp_path, cfg, rtol=1e-5,
+                                                             atol=1e-6)
+    epochs_M = [len(history) for history in histories]
+    assert len(set(epochs_M)) > 1, epochs_M  # the seeds stopped at different epochs
+    steps_per_epoch = int(state_M.step[0]) // epochs_M[0]
+    assert [int(step) for step in state_M.step] == [e * steps_per_epoch for e in epochs_M]
+    for m, member in enumerate(cfg.members()):  # each final state is its last checkpoint's
+        checkpoints = runs.Checkpoints(runs.member_dir(tmp_path / "seeds", member.seed),
+                                       keep_best=True)
+        member_state = jax.tree_util.tree_map(lambda leaf, m=m: leaf[m], state_M)
+        stored = checkpoints.restore(epochs_M[m], member_state)
+        checkpoints.close()
+        jax.tree_util.tree_map(np.testing.assert_array_equal, stored.params, member_state.params)
+    # A member folder is an ordinary run: one killed before its parameters were saved is
+    # resumed alone from the checkpoints the vmapped run wrote, and ends the same.
+    member_dir = runs.member_dir(tmp_path / "seeds", 5)
+    kept = runs.load_variables(member_dir, cfg.members()[1])
+    (member_dir / runs.PARAMS_CHECKSUM_FILE).unlink()
+    train_quietly(cfg.members()[1], runs.reopen(member_dir), _splits())
+    jax.tree_util.tree_map(np.testing.assert_array_equal,
+                           runs.load_variables(member_dir, cfg.members()[1]), kept)
+
+
+@pytest.mark.slow
+def test_batchnorm_dropout_augmentation_members_equal_single_runs(tmp_path):
+    """The MLP (BatchNorm statistics, dropout) with augmentation, label smoothing and each
+    seed's own dataset normalization. SGD, not the preset's AdamW: the dense biases before
+    BatchNorm have a zero gradient, which Adam turns into full-size steps of float noise, so
+    under any change of summation order they wander by up to lr per step (seen: 7e-3 after
+    12 steps) though the model's outputs do not depend on them."""
+    cfg = get_config("mlp", epochs=2, batch_size=32, eval_batch_size=100, val_fraction=0.2,
+                     seed=4, seeds=2, optimizer="sgd", weight_decay=0.0, learning_rate=0.05,
+                     label_smoothing=0.1, normalization="dataset")
+    _check_members_equal_single_runs(tmp_path, cfg, rtol=1e-4, atol=1e-5)
+
+
+def test_mean_std_and_student_t_interval():
+    values = [0.9021, 0.8931, 0.8961, 0.9007]
+    summary = mean_and_interval(values)
+    assert summary["mean"] == pytest.approx(np.mean(values))
+    assert summary["std"] == pytest.approx(np.std(values, ddof=1))
+    low, high = stats.t.interval(0.95, 3, loc=np.mean(values),
+                                 scale=stats.sem(values))  # sem uses ddof=1
+    assert summary["interval"] == pytest.approx([low, high])
+    with pytest.raises(ValueError):
+        mean_and_interval([0.9])
+
+
+def test_a_seeds_folder_claims_one_run_folder_per_seed_and_gives_them_back(tmp_path):
+    cfg = get_config(seed=7, seeds=3)
+    claim = runs.claim(tmp_path / "run", cfg)
+    assert [member.path.name for member in claim.members] == ["seed-7", "seed-8", "seed-9"]
+    assert [runs.load_config(member.path) for member in claim.members] == cfg.members()
+    assert all(member.seeds == 1 for member in cfg.members())
+    stored = json.loads((tmp_path / "run" / runs.SEEDS_FILE).read_text())
+    assert stored["runs"] == ["seed-7", "seed-8", "seed-9"] and stored["config"]["seeds"] == 3
+    with pytest.raises(FmnistError, match="already holds a run"):
+        runs.claim(tmp_path / "run", cfg)
+    with pytest.raises(FmnistError, match="holds the runs of several seeds.*seed-7"):
+        runs.load_config(tmp_path / "run")
+    for member in claim.members:
+        member.lock.close()
+    runs.abandon(claim)
+    assert not (tmp_path / "run").exists()
+
+
+def test_seeds_past_the_largest_seed_are_refused():
+    with pytest.raises(FmnistError, match="lower --seed or --seeds"):
+        get_config(seed=2**32 - 2, seeds=3)
+
+
+@pytest.fixture
+def seeds_folder(tmp_path):
+    claim = runs.claim(tmp_path / "run", get_config(seeds=2))
+    for member in claim.members:
+        member.lock.close()
+    return tmp_path / "run"
+
+
+@pytest.mark.parametrize("script,args,message", [
+    ("train.py", ["--seeds", "0"], "error: seeds must be at least 1, got 0"),
+    ("train.py", ["--seeds", "2", "--resume", "{run}/seed-0"],
+     "error: --seeds cannot be given with --resume"),
+    ("train.py", ["--resume", "{run}"], "holds the runs of several seeds, one folder each"),
+    ("evaluate.py", ["{run}"], "holds the runs of several seeds, one folder each"),
+    ("bench.py", ["--seeds", "2"], "unrecognized arguments: --seeds"),
+])
+def test_bad_seeds_input_is_one_line(seeds_folder, script, args, message):
+    result = run_script(script, *[arg.format(run=seeds_folder) for arg in args])
+    assert message in one_error_line(result)
+
+
+@pytest.mark.slow
+def test_train_script_prints_the_seed_table_and_reports_each_seed(tmp_path):
+    from fmnist_jax.data import write_csv_split
+
+    train, test = _splits()
+    write_csv_split(train, tmp_path / "train.csv")
+    write_csv_split(test, tmp_path / "test.csv")
+    result = run_script("train.py", "--seeds", "3", "--seed", "4", "--epochs", "2",
+                        "--batch-size", "32", "--eval-batch-size", "100", "--val-fraction",
+                        "0.2", "--no-progress", "--workdir", tmp_path / "run", "--train-csv",
+                        tmp_path / "train.csv", "--test-csv", tmp_path / "test.csv",
+                        "--compile-cache", "none", timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = runs.load_summary(tmp_path / "run")
+    assert [row["seed"] for row in summary["seeds"]] == [4, 5, 6]
+    lines = result.stdout.splitlines()
+    assert "seed  epochs  kept epoch  val acc  test acc" in lines
+    assert any(line.startswith(f"test accuracy over 3 seeds: mean {summary['mean']:.4f}, std ")
+               and "95% CI" in line for line in lines)
+    for seed in (4, 5, 6):  # each seed's folder is a complete run, with its report
+        member_dir = runs.member_dir(tmp_path / "run", seed)
+        assert runs.finished(member_dir) and (member_dir / runs.REPORT_JSON_FILE).is_file()
