@@ -21,6 +21,10 @@ An existing run is never overwritten: a run claims its folder by creating config
 O_EXCL (`claim`), so of two trainings started on one folder exactly one gets it, and a folder
 holding anything else is refused. `reopen` takes an interrupted run back for --resume.
 
+With several processes (`parallel`), process 0 alone claims the folder and writes its files;
+the others only take part in orbax's collective saves of checkpoints/ and params/ (orbax lets
+one process write each replicated array and waits for all).
+
 A run is finished once params.sha256 exists: it is written last. checkpoints/ keeps the
 latest epoch's state and, with a validation split, the best epoch's (by validation accuracy);
 params/ holds the best epoch's variables (the last epoch's without a validation split), and
@@ -53,6 +57,7 @@ from fmnist_jax.config import TrainConfig
 from fmnist_jax.data import Normalization, Split, fingerprint
 from fmnist_jax.errors import FmnistError
 from fmnist_jax.models import get_model
+from fmnist_jax.parallel import is_writer
 from fmnist_jax.steps import init_variables
 
 CONFIG_FILE = "config.json"
@@ -99,8 +104,11 @@ def claim(workdir: str | Path, cfg: TrainConfig) -> Claim:
     """Claim `workdir` for a new run of `cfg`: make it (parents too) unless it exists, refuse a
     folder holding anything, then create its config.json with O_EXCL, the atomic step that
     lets exactly one of two trainings started together have the folder. Cheap: call it
-    before loading any data, so that a bad --workdir fails within a second."""
+    before loading any data, so that a bad --workdir fails within a second. Processes other
+    than process 0 of a run with several get a claim that touches nothing."""
     run_dir = Path(workdir)
+    if not is_writer():
+        return Claim(path=run_dir, config=cfg, made_folder=False)
     if run_dir.exists() and not run_dir.is_dir():
         raise FmnistError(f"--workdir {run_dir} is a file, not a folder: pass a new folder")
     made_folder = not run_dir.exists()
@@ -177,7 +185,7 @@ def abandon(run: Claim) -> None:
     setup was refused, Ctrl-C during compilation): remove what `claim` and the setup wrote,
     so the same --workdir can be used again. Never touches a folder with a history, nor
     a resumed one."""
-    if run.resumed or (run.path / HISTORY_FILE).exists():
+    if run.resumed or not is_writer() or (run.path / HISTORY_FILE).exists():
         return
     for name in (NORMALIZATION_FILE, DATA_FILE, CONFIG_FILE):
         (run.path / name).unlink(missing_ok=True)
@@ -188,7 +196,9 @@ def abandon(run: Claim) -> None:
 
 def _write_text(path: Path, text: str) -> None:
     """Write to a temporary file, then rename: a crash or a full disk never leaves a half
-    file in place of a good one."""
+    file in place of a good one. Only process 0 writes (see the module's docstring)."""
+    if not is_writer():
+        return
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         tmp.write_text(text)
@@ -285,6 +295,9 @@ class EpochLog:
     """
 
     def __init__(self, run_dir: Path, *, resume_after: int | None = None):
+        if not is_writer():  # the other processes of a run log nowhere
+            self._history, self._timing = open(os.devnull, "w"), open(os.devnull, "w")
+            return
         if resume_after is None:
             self._history = open(run_dir / HISTORY_FILE, "w")
             self._timing = open(run_dir / TIMING_FILE, "w")
@@ -397,9 +410,10 @@ def _write_params(run_dir: Path, params) -> None:
     """The orbax checkpoint, then the checksum of its files (what `load_variables` verifies)."""
     with _quiet_orbax(), _checkpointer() as checkpointer:
         checkpointer.save(run_dir / PARAMS_DIR, params)
-        checkpointer.wait_until_finished()
-    _write_json(run_dir / PARAMS_CHECKSUM_FILE,
-                {"sha256": _file_digests(run_dir / PARAMS_DIR)})
+        checkpointer.wait_until_finished()  # on every process: all files are written
+    if is_writer():
+        _write_json(run_dir / PARAMS_CHECKSUM_FILE,
+                    {"sha256": _file_digests(run_dir / PARAMS_DIR)})
 
 
 def _remove_params(run_dir: Path) -> None:
