@@ -264,6 +264,11 @@ def train_main(argv: list[str] | None = None) -> int:
     from fmnist_jax import runs
     from fmnist_jax.train import train_and_evaluate
 
+    if not parallel.is_writer():
+        # Process 0 speaks for the run (the data's notes included); the others print only
+        # their errors, on stderr.
+        sys.stdout = open(os.devnull, "w")
+
     if args.resume:
         run = _reopen(args)
         if run is None:

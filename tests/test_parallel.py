@@ -224,3 +224,33 @@ def test_replicate_keeps_values_and_keys():
     np.testing.assert_array_equal(placed["x"], tree["x"])
     np.testing.assert_array_equal(jax.random.key_data(placed["key"]), jax.random.key_data(key))
     assert dp.replicate(placed)["x"] is placed["x"]  # already there: kept, not copied
+
+
+@pytest.mark.slow
+def test_train_py_with_two_processes_logs_and_writes_once(tmp_path, prepared_data_dir):
+    """The command line end to end: 2 processes of 2 CPU devices on the real data (a short
+    epoch); process 0 alone logs, the run folder is finished and its parameters load."""
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "FMNIST_DATA_DIR": str(prepared_data_dir)}
+    workers = [subprocess.Popen(
+        [sys.executable, "scripts/train.py", "--epochs", "1", "--val-fraction", "0.9",
+         "--batch-size", "256", "--cpu-devices", "2", "--num-processes", "2", "--process-id",
+         str(i), "--coordinator-address", f"127.0.0.1:{port}", "--workdir", tmp_path / "run",
+         "--no-progress"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True) for i in range(2)]
+    try:
+        outputs = [w.communicate(timeout=400) for w in workers]
+    finally:
+        for w in workers:
+            w.kill()
+    assert [w.returncode for w in workers] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+
+    def ours(text):  # gloo prints its own "[Gloo] Rank ..." lines
+        return [line for line in text.splitlines() if not line.startswith("[Gloo]")]
+
+    assert "device: 4 x cpu (cpu), data parallel over 2 processes" in outputs[0][0]
+    assert "for the evaluation report, run: python scripts/evaluate.py" in outputs[0][0]
+    assert ours(outputs[1][0]) == [] and ours(outputs[1][1]) == []
+    assert runs.finished(tmp_path / "run")
+    assert len(runs.load_history(tmp_path / "run")) == 1
+    runs.load_variables(tmp_path / "run", runs.load_config(tmp_path / "run"))
