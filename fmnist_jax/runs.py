@@ -22,8 +22,8 @@ O_EXCL (`claim`), so of two trainings started on one folder exactly one gets it,
 holding anything else is refused. `reopen` takes an interrupted run back for --resume.
 
 With several processes (`parallel`), process 0 alone claims the folder and writes its files;
-the others only take part in orbax's collective saves of checkpoints/ and params/ (orbax lets
-one process write each replicated array and waits for all).
+the others only take part in orbax's collective saves of checkpoints/ and params/ (orbax
+writes each array once, from the replicas it picks, and syncs the processes).
 
 A run is finished once params.sha256 exists: it is written last. checkpoints/ keeps the
 latest epoch's state and, with a validation split, the best epoch's (by validation accuracy);
