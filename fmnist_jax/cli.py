@@ -278,8 +278,16 @@ def train_main(argv: list[str] | None = None) -> int:
     else:
         parallel.check_batch_sizes(cfg.batch_size, cfg.eval_batch_size, jax.device_count())
         # Claim the run folder before the data loads: a bad or taken --workdir fails at once.
-        run = runs.claim(args.workdir or runs.default_workdir(args.preset or DEFAULT_PRESET,
-                                                              cfg.seed), cfg)
+        # (With several processes only process 0 claims it; the others learn its verdict.)
+        refused = None
+        try:
+            run = runs.claim(args.workdir or runs.default_workdir(args.preset or DEFAULT_PRESET,
+                                                                  cfg.seed), cfg)
+        except FmnistError as e:
+            refused = e
+        if not parallel.process_0_agrees(refused is None):
+            raise refused or FmnistError(f"process 0 refused the run folder {args.workdir}: "
+                                         f"see its error")
     try:
         train, test = _load_data(args)
     except BaseException:

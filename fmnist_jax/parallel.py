@@ -104,6 +104,18 @@ def is_writer() -> bool:
     return jax.process_index() == 0
 
 
+def process_0_agrees(ok: bool) -> bool:
+    """Process 0's `ok`, on every process (a collective: all processes must call it). Lets
+    the others stop with one line when process 0 refused something only it checks (its run
+    folder), instead of waiting for it in the first collective until jax's heartbeat
+    timeout ends them."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(ok)))
+
+
 def describe_devices() -> str:
     """One line naming the devices, e.g. "cpu (cpu)" or "4 x gpu (NVIDIA H100) over 2
     processes"."""

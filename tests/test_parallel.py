@@ -254,3 +254,24 @@ def test_train_py_with_two_processes_logs_and_writes_once(tmp_path, prepared_dat
     assert runs.finished(tmp_path / "run")
     assert len(runs.load_history(tmp_path / "run")) == 1
     runs.load_variables(tmp_path / "run", runs.load_config(tmp_path / "run"))
+
+
+@pytest.mark.slow
+def test_a_run_folder_process_0_refuses_stops_every_process_with_one_line(tmp_path, tiny_run):
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "FMNIST_DATA_DIR": str(tmp_path / "none")}
+    workers = [subprocess.Popen(
+        [sys.executable, "scripts/train.py", "--cpu-devices", "2", "--num-processes", "2",
+         "--process-id", str(i), "--coordinator-address", f"127.0.0.1:{port}", "--workdir",
+         tiny_run[0]], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        text=True) for i in range(2)]
+    try:
+        errors = [w.communicate(timeout=120)[1] for w in workers]
+    finally:
+        for w in workers:
+            w.kill()
+    lines = [[line for line in e.splitlines() if not line.startswith("[Gloo]")] for e in errors]
+    assert [w.returncode for w in workers] == [1, 1], errors
+    assert lines[0] == [f"error: {tiny_run[0]} already holds a run: pass another --workdir or "
+                        f"delete it"]
+    assert lines[1] == [f"error: process 0 refused the run folder {tiny_run[0]}: see its error"]
