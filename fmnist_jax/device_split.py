@@ -32,7 +32,8 @@ def time_device_split(cfg: TrainConfig, train: data.Split, *, batch_sizes: list[
     """Train epochs of `cfg` (its batch size replaced by each of `batch_sizes`) on all of
     `train`, split over each of `device_counts` devices, `rounds` epochs each, interleaved.
     One row per (batch size, device count): compile seconds, every epoch's seconds, their
-    median, and that median over the one-device median of the same batch size."""
+    median, that median over the first device count's median at the same batch size, and
+    the ratio of each round's epoch to the first device count's in the same round."""
     norm = data.normalization_for(cfg.normalization, train.images_NxHxWx1)
     runs = {}
     for batch_size in batch_sizes:
@@ -60,19 +61,24 @@ def time_device_split(cfg: TrainConfig, train: data.Split, *, batch_sizes: list[
     rows = []
     for (batch_size, count), run in runs.items():
         median = statistics.median(run["epoch_s"])
-        one = statistics.median(runs[batch_size, device_counts[0]]["epoch_s"])
+        first_s = runs[batch_size, device_counts[0]]["epoch_s"]
+        # Each round's ratio pairs epochs run back to back, under nearly the same load.
+        round_ratios = [s / f for s, f in zip(run["epoch_s"], first_s)]
         rows.append({"batch_size": batch_size, "devices": count,
                      "compile_s": run["compiled"].compile_seconds, "epoch_s": run["epoch_s"],
-                     "median_s": median, "vs_first": median / one})
+                     "median_s": median, "vs_first": median / statistics.median(first_s),
+                     "round_ratios": round_ratios,
+                     "median_round_ratio": statistics.median(round_ratios)})
     return rows
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     first = rows[0]["devices"]
-    lines = [f"| batch | devices | compile s | s/epoch median (min-max) | epoch time / "
-             f"{first} device(s) |", "| --- | --- | --- | --- | --- |"]
+    lines = [f"| batch | devices | compile s | s/epoch median (min-max) | median / {first} "
+             f"device(s) | per-round ratios (median) |", "| --- | --- | --- | --- | --- | --- |"]
     for r in rows:
+        ratios = ", ".join(f"{x:.2f}" for x in r["round_ratios"])
         lines.append(f"| {r['batch_size']} | {r['devices']} | {r['compile_s']:.2f} | "
                      f"{r['median_s']:.3f} ({min(r['epoch_s']):.3f}-{max(r['epoch_s']):.3f}) | "
-                     f"{r['vs_first']:.2f}x |")
+                     f"{r['vs_first']:.2f}x | {ratios} ({r['median_round_ratio']:.2f}x) |")
     return "\n".join(lines)
