@@ -40,6 +40,11 @@ def main(argv=None) -> int:
         raise FmnistError(f"--devices {args.devices} asks for {max(device_counts)} devices and "
                           f"this process has {jax.device_count()}: pass --cpu-devices "
                           f"{max(device_counts)}")
+    from fmnist_jax.parallel import check_batch_sizes
+
+    for batch_size in batch_sizes:  # before the data loads
+        for count in device_counts:
+            check_batch_sizes(batch_size, batch_size, count)
     cfg = get_config(args.preset)
     train, _ = data.load(data_dir=args.data_dir, manual_dir=args.manual_dir)
     train, _ = data.split_train_val(train, cfg.val_fraction, cfg.seed)
