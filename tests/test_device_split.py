@@ -6,14 +6,14 @@ from tests.helpers import make_split, one_error_line, run_script
 
 
 def test_time_device_split_times_every_config_each_round():
-    cfg = get_config(batch_size=32, val_fraction=0.0)
-    rows = time_device_split(cfg, make_split(128), batch_sizes=[32, 64], device_counts=[1],
+    cfg = get_config(model="mlp", batch_size=32, val_fraction=0.0)  # compiles fastest
+    rows = time_device_split(cfg, make_split(64), batch_sizes=[32], device_counts=[1],
                              rounds=2, log_fn=lambda line: None)
-    assert [(r["batch_size"], r["devices"]) for r in rows] == [(32, 1), (64, 1)]
+    assert [(r["batch_size"], r["devices"]) for r in rows] == [(32, 1)]
     for row in rows:
         assert len(row["epoch_s"]) == 2 and all(s > 0 for s in row["epoch_s"])
         assert row["vs_first"] == 1.0 and row["round_ratios"] == [1.0, 1.0]
-    assert markdown_table(rows).count("\n") == 3  # header, rule, two rows
+    assert markdown_table(rows).count("\n") == 2  # header, rule, one row
 
 
 @pytest.mark.parametrize("flags,message", [
