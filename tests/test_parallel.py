@@ -90,10 +90,10 @@ def test_four_devices_train_as_one(four_device_run, tiny_run):
 
 # One epoch of the MLP model (BatchNorm, dropout; argv[1] "mlp"), or of a tiny model of the
 # same layers ("tiny"), with augmentation and clipping on tiny data, on the first device
-# alone and on all 4, in one process; prints the largest differences. SGD, not the recipe's AdamW: Adam turns a gradient that is 0 in exact
-# arithmetic (fc1's bias, which BatchNorm cancels) into +-learning-rate steps of whatever
-# sign the rounding gives, so its parameters differ by about the learning rate on any change
-# of summation order, split or not.
+# alone and on all 4, in one process; prints the largest differences. SGD, not the recipe's
+# AdamW: Adam turns a gradient that is 0 in exact arithmetic (fc1's bias, which BatchNorm
+# cancels) into +-learning-rate steps of whatever sign the rounding gives, so its parameters
+# differ by about the learning rate on any change of summation order, split or not.
 _MESHES = """
 import json
 from fmnist_jax import parallel
