@@ -275,3 +275,32 @@ def test_a_run_folder_process_0_refuses_stops_every_process_with_one_line(tmp_pa
     assert lines[0] == [f"error: {tiny_run[0]} already holds a run: pass another --workdir or "
                         f"delete it"]
     assert lines[1] == [f"error: process 0 refused the run folder {tiny_run[0]}: see its error"]
+
+
+# On 4 CPU devices: the tiny run's first epoch alone, then its folder made into that of the
+# 2-epoch tiny run killed after epoch 1 (config.json says 2 epochs; no final files), resumed.
+_RESUME = """
+import dataclasses, shutil, sys
+from pathlib import Path
+from fmnist_jax import parallel
+parallel.use_cpu_devices(4)
+from fmnist_jax import runs
+from tests.helpers import make_split, tiny_config, train_quietly
+run_dir, splits = Path(sys.argv[1]), (make_split(512, seed=0), make_split(300, seed=1))
+train_quietly(dataclasses.replace(tiny_config(), epochs=1), run_dir, splits)
+(run_dir / runs.CONFIG_FILE).write_text(tiny_config().to_json() + "\\n")
+for name in (runs.PARAMS_CHECKSUM_FILE, runs.BEST_FILE):
+    (run_dir / name).unlink()
+shutil.rmtree(run_dir / runs.PARAMS_DIR)
+train_quietly(tiny_config(), runs.reopen(run_dir), splits)
+"""
+
+
+@pytest.mark.slow
+def test_a_run_resumed_on_four_devices_ends_as_the_one_device_run(tmp_path, tiny_run):
+    result = subprocess.run([sys.executable, "-c", _RESUME, str(tmp_path / "run")], cwd=REPO,
+                            capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert '{"resumed_after_epoch": 1}' in (tmp_path / "run" / runs.TIMING_FILE).read_text()
+    _assert_same_run(tmp_path / "run", tiny_run[0])
