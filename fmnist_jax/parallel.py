@@ -5,9 +5,9 @@ devices with one axis, "data". The training state and the datasets are replicate
 device (Fashion-MNIST's 70,000 images are 55 MB as uint8: every device can hold them);
 inside the jitted epoch each gathered batch is constrained to `batch_sharding` (split along
 the batch axis), so XLA's SPMD partitioner gives every device its slice of the batch, and
-inserts the all-reduce of the gradients and of BatchNorm's batch statistics: the step computes what one
-device computes, on the global batch, within float rounding. With one device the mesh is
-trivial and every constraint a no-op.
+inserts the all-reduce of the gradients and of BatchNorm's batch statistics: the step
+computes what one device computes, on the global batch, within float rounding. With one
+device the mesh is trivial and every constraint a no-op.
 
 Several hosts (or several processes on one host): `initialize_distributed` starts
 `jax.distributed` before anything touches a device; then `jax.devices()` lists the devices
