@@ -37,6 +37,7 @@ from fmnist_jax import data, streams
 from fmnist_jax.baseline.order import jax_epoch_batch_order, run_epoch_order, run_init_params
 from fmnist_jax.config import TrainConfig, get_config
 from fmnist_jax.epochs import CompiledEpochs, step_options
+from fmnist_jax.parallel import describe_devices
 from fmnist_jax.errors import FmnistError
 from fmnist_jax.models import get_model
 from fmnist_jax.optim import make_optimizer
@@ -266,7 +267,7 @@ def environment(s: BenchSettings) -> dict[str, Any]:
 
     env = {"date": datetime.date.today().isoformat(), "python": platform.python_version(),
            "jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
-           "jax_device": f"{jax.devices()[0].platform} ({jax.devices()[0].device_kind})",
+           "jax_device": describe_devices(),  # "cpu (cpu)", or "2 x cpu (cpu), data parallel"
            "cpu": platform.processor() or platform.machine(),
            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if any(p.startswith("torch") for p in s.pipelines):

@@ -140,6 +140,41 @@ def _add_compile_cache_flag(parser: argparse.ArgumentParser) -> None:
                              f"Default ${COMPILE_CACHE_ENV} or {DEFAULT_COMPILE_CACHE}")
 
 
+def _add_device_flags(parser: argparse.ArgumentParser, *, distributed: bool) -> None:
+    group = parser.add_argument_group(
+        "devices", "every batch is split over all devices (data parallel); the batch sizes "
+                   "must be multiples of the device count")
+    group.add_argument("--cpu-devices", type=int, metavar="N",
+                       help="split the CPU into N XLA devices (no effect where a GPU is the "
+                            "device); default $FMNIST_CPU_DEVICES, else 1")
+    if not distributed:
+        return
+    group.add_argument("--num-processes", type=int, metavar="N",
+                       help="train with N processes together (one per host, say), each "
+                            "started with the same flags and its own --process-id; default "
+                            "$FMNIST_NUM_PROCESSES, else 1")
+    group.add_argument("--process-id", type=int, metavar="I",
+                       help="this process's number, 0..N-1 (process 0 logs and writes the "
+                            "run folder); default $FMNIST_PROCESS_ID")
+    group.add_argument("--coordinator-address", metavar="HOST:PORT",
+                       help="where process 0 listens for the others (a free port on its "
+                            "host); default $FMNIST_COORDINATOR_ADDRESS")
+
+
+def start_devices(args: argparse.Namespace):
+    """Set up the devices the flags ask for, before jax starts its backend: the CPU device
+    count, then (with several processes) join the others through jax.distributed. Returns
+    the distributed settings."""
+    from fmnist_jax import parallel
+
+    settings = parallel.distributed_settings(getattr(args, "coordinator_address", None),
+                                             getattr(args, "num_processes", None),
+                                             getattr(args, "process_id", None))
+    parallel.use_cpu_devices(args.cpu_devices)
+    parallel.initialize_distributed(settings)
+    return settings
+
+
 def use_compile_cache(choice: str | None) -> Path | None:
     """Point XLA's persistent compilation cache at `choice` (else $FMNIST_COMPILE_CACHE, else
     ~/.cache/fmnist_jax/xla; "none": off) and return the folder. Must run before anything
@@ -204,6 +239,7 @@ def train_parser() -> Parser:
     run.add_argument("--no-report", action="store_true",
                      help="skip the evaluation report at the end (scripts/evaluate.py)")
     _add_compile_cache_flag(run)
+    _add_device_flags(parser, distributed=True)
     _add_data_flags(parser)
     return parser
 
@@ -211,20 +247,48 @@ def train_parser() -> Parser:
 @user_errors_exit_1
 def train_main(argv: list[str] | None = None) -> int:
     args = train_parser().parse_args(argv)
+    from fmnist_jax import parallel
+
+    several = parallel.distributed_settings(args.coordinator_address, args.num_processes,
+                                            args.process_id).num_processes > 1
+    if several and args.resume:
+        raise FmnistError("--resume with several processes is not supported: resume the run "
+                          "with one process (it gives the same numbers within float rounding)")
+    if several and not args.workdir:
+        raise FmnistError("several processes need --workdir: the same run folder for all, on "
+                          "a filesystem they share")
+    cfg = None if args.resume else config_from_args(args)  # bad flags fail before joining
     use_compile_cache(args.compile_cache)
+    start_devices(args)
+    import jax
+
     from fmnist_jax import runs
     from fmnist_jax.train import train_and_evaluate
+
+    if not parallel.is_writer():
+        # Process 0 speaks for the run (the data's notes included); the others print only
+        # their errors, on stderr.
+        sys.stdout = open(os.devnull, "w")
 
     if args.resume:
         run = _reopen(args)
         if run is None:
             return 0
         cfg = run.config
+        parallel.check_batch_sizes(cfg.batch_size, cfg.eval_batch_size, jax.device_count())
     else:
-        cfg = config_from_args(args)
+        parallel.check_batch_sizes(cfg.batch_size, cfg.eval_batch_size, jax.device_count())
         # Claim the run folder before the data loads: a bad or taken --workdir fails at once.
-        run = runs.claim(args.workdir or runs.default_workdir(args.preset or DEFAULT_PRESET,
-                                                              cfg.seed, cfg.seeds), cfg)
+        # (With several processes only process 0 claims it; the others learn its verdict.)
+        refused = None
+        try:
+            run = runs.claim(args.workdir or runs.default_workdir(args.preset or DEFAULT_PRESET,
+                                                                  cfg.seed, cfg.seeds), cfg)
+        except FmnistError as e:
+            refused = e
+        if not parallel.process_0_agrees(refused is None):
+            raise refused or FmnistError(f"process 0 refused the run folder {args.workdir}: "
+                                         f"see its error")
     try:
         train, test = _load_data(args)
     except BaseException:
@@ -232,6 +296,10 @@ def train_main(argv: list[str] | None = None) -> int:
         raise
     train_and_evaluate(cfg, run, train=train, test=test, progress=not args.no_progress,
                        started=STARTED)
+    if several:  # the report is one process's work; it reads what the run saved
+        if parallel.is_writer() and not args.no_report:
+            print(f"for the evaluation report, run: python scripts/evaluate.py {run.path}")
+        return 0
     if not args.no_report:
         from fmnist_jax.report import evaluate_run  # matplotlib: ~1 s to import, so only here
 
@@ -398,6 +466,7 @@ def bench_parser() -> Parser:
     bench.add_argument("--overwrite", action="store_true",
                        help="replace an existing --out file")
     _add_compile_cache_flag(bench)
+    _add_device_flags(parser, distributed=False)
     _add_data_flags(parser)
     return parser
 
@@ -422,6 +491,13 @@ def bench_main(argv: list[str] | None = None) -> int:
                           f"({settings.config.batch_size}), got {args.train_images}")
     bench.check_out(args.out, overwrite=args.overwrite)  # before hours of benchmark, not after
     use_compile_cache(args.compile_cache)
+    start_devices(args)
+    import jax
+
+    from fmnist_jax.parallel import check_batch_sizes
+
+    check_batch_sizes(settings.config.batch_size, settings.config.eval_batch_size,
+                      jax.device_count())
     settings = dataclasses.replace(settings, torch_device=bench.choose_device(args.device))
     train, test = _load_data(args)
     if args.train_images:

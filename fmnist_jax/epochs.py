@@ -14,6 +14,7 @@ import jax
 from fmnist_jax.augment import Augment
 from fmnist_jax.config import TrainConfig
 from fmnist_jax.data import Normalization
+from fmnist_jax.parallel import DataParallel, check_batch_sizes, data_parallel
 from fmnist_jax.steps import (StepOptions, Sums, TrainState, evaluate, evaluate_seeds,
                               train_epoch, train_epoch_seeds)
 
@@ -30,19 +31,31 @@ def step_options(cfg: TrainConfig) -> StepOptions:
 class CompiledEpochs:
     """`train_epoch` on one training set and `evaluate` on named eval sets, all on the device.
 
-    `train_xy` and each of `eval_sets` are (images_NxHxWx1, labels_N) device arrays.
+    `train_xy` and each of `eval_sets` are (images_NxHxWx1, labels_N) arrays, on the host or
+    on a device: they are replicated over `parallel`'s mesh (default: every device, see
+    `parallel`), and each batch is split over its devices. The batch sizes must be multiples
+    of the device count (`parallel.check_batch_sizes`). States passed in are replicated
+    there too, so a state restored from a checkpoint can be given as it is.
     """
 
     def __init__(self, state: TrainState, train_xy, eval_sets: dict[str, tuple], *,
                  batch_size: int, eval_batch_size: int, norm: Normalization, key: jax.Array,
-                 options: StepOptions = StepOptions()):
-        self.train_xy, self.eval_sets, self.norm = train_xy, eval_sets, norm
+                 options: StepOptions = StepOptions(),
+                 parallel: DataParallel | None = None):
+        self.parallel = parallel or data_parallel()
+        check_batch_sizes(batch_size, eval_batch_size, self.parallel.num_devices)
+        place = self.parallel.replicate
+        self.train_xy, self.norm = place(train_xy), norm
+        self.eval_sets = {name: place(xy) for name, xy in eval_sets.items()}
+        state, key = place((state, key))
+        sharding = self.parallel.batch_sharding
         t0 = time.perf_counter()
-        self._epoch_fn = train_epoch.lower(state, *train_xy, key, batch_size=batch_size,
-                                           norm=norm, options=options).compile()
+        self._epoch_fn = train_epoch.lower(state, *self.train_xy, key, batch_size=batch_size,
+                                           norm=norm, options=options,
+                                           batch_sharding=sharding).compile()
         self._eval_fns = {name: evaluate.lower(state, *xy, batch_size=eval_batch_size,
-                                               norm=norm).compile()
-                          for name, xy in eval_sets.items()}
+                                               norm=norm, batch_sharding=sharding).compile()
+                          for name, xy in self.eval_sets.items()}
         self.compile_seconds = time.perf_counter() - t0
 
     def train(self, state: TrainState, key: jax.Array) -> tuple[TrainState, Sums, float]:
@@ -50,6 +63,7 @@ class CompiledEpochs:
 
         `state` is donated: use only the returned one afterwards.
         """
+        state, key = self.parallel.replicate((state, key))  # a no-op once it is
         t0 = time.perf_counter()
         state, sums = self._epoch_fn(state, *self.train_xy, key, norm=self.norm)
         jax.block_until_ready(sums)
@@ -57,7 +71,8 @@ class CompiledEpochs:
 
     def evaluate(self, state: TrainState, name: str) -> Sums:
         """Summed loss and correct count over every image of the eval set `name` (on device)."""
-        return self._eval_fns[name](state, *self.eval_sets[name], norm=self.norm)
+        return self._eval_fns[name](self.parallel.replicate(state), *self.eval_sets[name],
+                                    norm=self.norm)
 
 
 class CompiledSeedEpochs:

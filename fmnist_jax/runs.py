@@ -31,6 +31,10 @@ An existing run is never overwritten: a run claims its folder by creating config
 O_EXCL (`claim`), so of two trainings started on one folder exactly one gets it, and a folder
 holding anything else is refused. `reopen` takes an interrupted run back for --resume.
 
+With several processes (`parallel`), process 0 alone claims the folder and writes its files;
+the others only take part in orbax's collective saves of checkpoints/ and params/ (orbax
+writes each array once, from the replicas it picks, and syncs the processes).
+
 A run is finished once params.sha256 exists: it is written last. checkpoints/ keeps the
 latest epoch's state and, with a validation split, the best epoch's (by validation accuracy);
 params/ holds the best epoch's variables (the last epoch's without a validation split), and
@@ -63,6 +67,7 @@ from fmnist_jax.config import TrainConfig
 from fmnist_jax.data import Normalization, Split, fingerprint
 from fmnist_jax.errors import FmnistError
 from fmnist_jax.models import get_model
+from fmnist_jax.parallel import is_writer
 from fmnist_jax.steps import init_variables
 from fmnist_jax.tensorboard_log import TensorBoardLog
 
@@ -123,11 +128,14 @@ def claim(workdir: str | Path, cfg: TrainConfig) -> Claim:
     """Claim `workdir` for a new run of `cfg`: make it (parents too) unless it exists, refuse a
     folder holding anything, then create its config.json with O_EXCL, the atomic step that
     lets exactly one of two trainings started together have the folder. Cheap: call it
-    before loading any data, so that a bad --workdir fails within a second.
+    before loading any data, so that a bad --workdir fails within a second. Processes other
+    than process 0 of a run with several get a claim that touches nothing.
 
     With `cfg.seeds` > 1 the file created exclusively is seeds.json, and then each seed's
     run folder `seed-S/` inside is claimed for its own config (`TrainConfig.members`)."""
     run_dir = Path(workdir)
+    if not is_writer():
+        return Claim(path=run_dir, config=cfg, made_folder=False)
     made_folder = _empty_folder(run_dir)
     if cfg.seeds > 1:
         members = cfg.members()
@@ -235,7 +243,7 @@ def abandon(run: Claim) -> None:
             abandon(member)
         if any((member.path / HISTORY_FILE).exists() for member in run.members):
             return
-    if run.resumed or (run.path / HISTORY_FILE).exists():
+    if run.resumed or not is_writer() or (run.path / HISTORY_FILE).exists():
         return
     for name in (NORMALIZATION_FILE, DATA_FILE, CONFIG_FILE, SEEDS_FILE):
         (run.path / name).unlink(missing_ok=True)
@@ -246,7 +254,9 @@ def abandon(run: Claim) -> None:
 
 def _write_text(path: Path, text: str) -> None:
     """Write to a temporary file, then rename: a crash or a full disk never leaves a half
-    file in place of a good one."""
+    file in place of a good one. Only process 0 writes (see the module's docstring)."""
+    if not is_writer():
+        return
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         tmp.write_text(text)
@@ -352,6 +362,9 @@ class EpochLog:
     """
 
     def __init__(self, run_dir: Path, *, resume_after: int | None = None):
+        if not is_writer():  # the other processes of a run log nowhere
+            self._history, self._timing = open(os.devnull, "w"), open(os.devnull, "w")
+            return
         if resume_after is None:
             self._history = open(run_dir / HISTORY_FILE, "w")
             self._timing = open(run_dir / TIMING_FILE, "w")
@@ -470,9 +483,10 @@ def _write_params(run_dir: Path, params) -> None:
     """The orbax checkpoint, then the checksum of its files (what `load_variables` verifies)."""
     with _quiet_orbax(), _checkpointer() as checkpointer:
         checkpointer.save(run_dir / PARAMS_DIR, params)
-        checkpointer.wait_until_finished()
-    _write_json(run_dir / PARAMS_CHECKSUM_FILE,
-                {"sha256": _file_digests(run_dir / PARAMS_DIR)})
+        checkpointer.wait_until_finished()  # on every process: all files are written
+    if is_writer():
+        _write_json(run_dir / PARAMS_CHECKSUM_FILE,
+                    {"sha256": _file_digests(run_dir / PARAMS_DIR)})
 
 
 def _remove_params(run_dir: Path) -> None:

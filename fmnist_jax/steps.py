@@ -200,19 +200,34 @@ train_step_jit = jax.jit(train_step, donate_argnums=0, static_argnames="options"
 eval_step_jit = jax.jit(eval_step)
 
 
-@functools.partial(jax.jit, static_argnames=("batch_size", "options"), donate_argnums=0)
+def _split_over_devices(batch, batch_sharding: jax.sharding.Sharding | None):
+    """`batch` (arrays with a leading batch axis) constrained to `batch_sharding`: under a
+    mesh (see `parallel`), each device computes its slice of the step and XLA adds the
+    all-reduces. None (one device): unchanged."""
+    if batch_sharding is None:
+        return batch
+    return jax.lax.with_sharding_constraint(batch, batch_sharding)
+
+
+@functools.partial(jax.jit, static_argnames=("batch_size", "options", "batch_sharding"),
+                   donate_argnums=0)
 def train_epoch(state: TrainState, images_NxHxWx1: jax.Array, labels_N: jax.Array,
                 key: jax.Array, *, batch_size: int, norm: Normalization,
-                options: StepOptions = StepOptions()) -> tuple[TrainState, Sums]:
+                options: StepOptions = StepOptions(),
+                batch_sharding: jax.sharding.Sharding | None = None) -> tuple[TrainState, Sums]:
     """One epoch: shuffle with `key`, then every full batch as one `lax.scan` of `train_step`.
 
     The N % batch_size examples left over by the shuffle are skipped this epoch (fixed
     shapes, no retracing); a new shuffle picks others next epoch. Returns summed metrics.
+    `batch_sharding` splits each batch over devices (`parallel.DataParallel`): the same
+    numbers within float rounding.
     """
-    return _epoch(state, images_NxHxWx1, labels_N, None, key, batch_size, norm, options)
+    return _epoch(state, images_NxHxWx1, labels_N, None, key, batch_size, norm, options,
+                  batch_sharding)
 
 
-def _epoch(state, images_NxHxWx1, labels_N, idx_Q, key, batch_size, norm, options):
+def _epoch(state, images_NxHxWx1, labels_N, idx_Q, key, batch_size, norm, options,
+           batch_sharding=None):
     """`train_epoch` on all N examples (`idx_Q` None), or on the Q examples `idx_Q` of them:
     then the batches, keys and steps are those of `train_epoch` on `images_NxHxWx1[idx_Q]`
     (the shuffle permutes positions in `idx_Q`), without copying those images."""
@@ -224,7 +239,9 @@ def _epoch(state, images_NxHxWx1, labels_N, idx_Q, key, batch_size, norm, option
 
     def body(state, xs):
         idx_B, key = xs
-        return train_step(state, images_NxHxWx1[idx_B], labels_N[idx_B], key, norm, options)
+        images_BxHxWx1, labels_B = _split_over_devices(
+            (images_NxHxWx1[idx_B], labels_N[idx_B]), batch_sharding)
+        return train_step(state, images_BxHxWx1, labels_B, key, norm, options)
 
     state, sums_S = jax.lax.scan(body, state, (batches_SxB, jax.random.split(step_key, steps)))
     return state, jax.tree_util.tree_map(jnp.sum, sums_S)
@@ -278,13 +295,17 @@ def _padded_batches(array: jax.Array, batch_size: int) -> jax.Array:
     return padded.reshape((n + pad) // batch_size, batch_size, *array.shape[1:])
 
 
-@functools.partial(jax.jit, static_argnames="batch_size")
+@functools.partial(jax.jit, static_argnames=("batch_size", "batch_sharding"))
 def evaluate(state: TrainState, images_NxHxWx1: jax.Array, labels_N: jax.Array, *,
-             batch_size: int, norm: Normalization) -> Sums:
-    """Summed loss and correct count over all N examples: the last batch is padded and masked."""
+             batch_size: int, norm: Normalization,
+             batch_sharding: jax.sharding.Sharding | None = None) -> Sums:
+    """Summed loss and correct count over all N examples: the last batch is padded and masked.
+    `batch_sharding` splits each batch over devices, as in `train_epoch`."""
     mask_N = jnp.ones(labels_N.shape, bool)
     xs = tuple(_padded_batches(a, batch_size) for a in (images_NxHxWx1, labels_N, mask_N))
-    _, sums_S = jax.lax.scan(lambda c, b: (c, eval_step(state, *b, norm)), None, xs)
+    _, sums_S = jax.lax.scan(
+        lambda c, b: (c, eval_step(state, *_split_over_devices(b, batch_sharding), norm)),
+        None, xs)
     return jax.tree_util.tree_map(jnp.sum, sums_S)
 
 

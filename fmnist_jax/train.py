@@ -28,6 +28,7 @@ from fmnist_jax.epochs import CompiledEpochs, CompiledSeedEpochs, rates, step_op
 from fmnist_jax.errors import FmnistError
 from fmnist_jax.models import get_model
 from fmnist_jax.optim import make_lr_schedule, make_optimizer, make_plateau
+from fmnist_jax.parallel import check_batch_sizes, describe_devices, is_writer
 from fmnist_jax.steps import (TrainState, create_train_state, plateau_update,
                               plateau_update_seeds)
 
@@ -63,10 +64,17 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | Path | runs.Claim, *,
     `started`, a `time.perf_counter()` reading taken when the command started: timing.jsonl
     then records `startup_seconds`, the time from it to the first epoch.
 
+    The batches are split over every device (`parallel`; the batch sizes must be multiples
+    of the device count). With several processes (`parallel.initialize_distributed`) every
+    process calls this with the same arguments; process 0 alone logs and writes the files.
+
     Returns (final TrainState, list of per-epoch metric dicts); with M > 1 seeds, the state's
     leaves have a leading axis M and the list holds each seed's history.
     """
     cfg.validate()
+    check_batch_sizes(cfg.batch_size, cfg.eval_batch_size, jax.device_count())
+    if not is_writer():
+        log_fn, progress = (lambda line: None), False
     run = workdir if isinstance(workdir, runs.Claim) else runs.claim(workdir, cfg)
     if run.config != cfg:
         raise ValueError("the run folder was claimed for another config")
@@ -382,13 +390,14 @@ def _set_up(cfg: TrainConfig, run_dir: Path, train: data.Split, test: data.Split
     state = create_train_state(get_model(cfg.model), make_optimizer(cfg, steps_per_epoch),
                                streams.stream_key(cfg.seed, streams.INIT),
                                plateau_tx=make_plateau(cfg))
-    eval_sets = {"test": jax.device_put((test.images_NxHxWx1, test.labels_N))}
+    # Host arrays: CompiledEpochs puts them on every device.
+    eval_sets = {"test": (test.images_NxHxWx1, test.labels_N)}
     if val is not None:
-        eval_sets = {"val": jax.device_put((val.images_NxHxWx1, val.labels_N)), **eval_sets}
+        eval_sets = {"val": (val.images_NxHxWx1, val.labels_N), **eval_sets}
     log_fn(f"images: {len(train)} train, {len(val) if val else 0} validation (held out), "
            f"{len(test)} test")
 
-    compiled = CompiledEpochs(state, jax.device_put((train.images_NxHxWx1, train.labels_N)),
+    compiled = CompiledEpochs(state, (train.images_NxHxWx1, train.labels_N),
                               eval_sets, batch_size=cfg.batch_size,
                               eval_batch_size=cfg.eval_batch_size, norm=norm,
                               key=streams.epoch_shuffle_key(cfg.seed, 1),
@@ -410,8 +419,7 @@ def _check_one_batch_fits(cfg: TrainConfig, n_given: int, n_train: int, n_val: i
 
 
 def _log_device_and_config(cfg: TrainConfig, log_fn: Callable[[str], Any]) -> None:
-    log_fn(f"device: {jax.devices()[0].platform} ({jax.devices()[0].device_kind}), "
-           f"jax {jax.__version__}")
+    log_fn(f"device: {describe_devices()}, jax {jax.__version__}")
     log_fn(f"config: {json.dumps(json.loads(cfg.to_json()))}")
 
 

@@ -1,0 +1,306 @@
+"""Data parallel training: the same numbers on 1 device, 4 devices, and 2 processes x 2 devices.
+
+The device count is fixed once jax starts, so runs with forced CPU devices happen in
+subprocesses (`parallel.use_cpu_devices`, i.e. `jax_num_cpu_devices`); this process has one.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from fmnist_jax import FmnistError, parallel, runs
+from tests.helpers import REPO, make_split, one_error_line, run_script, tiny_config
+
+# A split of the batch changes the order of float sums (each device sums its slice, then the
+# all-reduce adds the partial sums): equal within this, not bit for bit.
+ATOL = 2e-5
+
+# Trains the shared tiny run (tests/helpers.py) into argv[1], with argv[2] CPU devices in
+# this process and, given argv[3:5] = (process count, process id) and $COORDINATOR, several
+# processes; then reports its devices.
+_WORKER = """
+import json, os, sys
+from fmnist_jax import parallel
+parallel.use_cpu_devices(int(sys.argv[2]))
+n, i = (int(sys.argv[3]), int(sys.argv[4])) if len(sys.argv) > 3 else (1, 0)
+parallel.initialize_distributed(parallel.distributed_settings(
+    os.environ.get("COORDINATOR"), n, i))
+import jax
+from tests.helpers import make_split, tiny_config, train_quietly
+train_quietly(tiny_config(), sys.argv[1], (make_split(512, seed=0), make_split(300, seed=1)))
+print(json.dumps({"devices": jax.device_count(), "local": jax.local_device_count(),
+                  "processes": jax.process_count()}))
+"""
+
+
+def _worker(run_dir, cpu_devices, *distributed, env=None):
+    return subprocess.Popen([sys.executable, "-c", _WORKER, str(run_dir), str(cpu_devices),
+                             *map(str, distributed)],
+                            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(process, timeout=300) -> dict:
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        out, err = process.communicate()
+    assert process.returncode == 0, err[-3000:]
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _assert_same_run(run_dir, reference_dir):
+    """Same history (within float rounding) and the same final parameters."""
+    history, reference = runs.load_history(run_dir), runs.load_history(reference_dir)
+    assert [row["epoch"] for row in history] == [row["epoch"] for row in reference]
+    for row, ref in zip(history, reference):
+        assert row.keys() == ref.keys()
+        for name in row:
+            assert row[name] == pytest.approx(ref[name], abs=ATOL), name
+    cfg = tiny_config()
+    chex.assert_trees_all_close(runs.load_variables(run_dir, cfg),
+                                runs.load_variables(reference_dir, cfg), atol=ATOL)
+
+
+@pytest.fixture(scope="module")
+def four_device_run(tmp_path_factory):
+    """The shared tiny run trained on 4 CPU devices of one process."""
+    run_dir = tmp_path_factory.mktemp("four_devices")
+    assert _finish(_worker(run_dir, 4)) == {"devices": 4, "local": 4, "processes": 1}
+    return run_dir
+
+
+@pytest.mark.slow
+def test_four_devices_train_as_one(four_device_run, tiny_run):
+    _assert_same_run(four_device_run, tiny_run[0])
+    # Not trivially equal: the two runs did the sums in another order somewhere.
+    four = runs.load_variables(four_device_run, tiny_config())
+    one = runs.load_variables(tiny_run[0], tiny_config())
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(four),
+                                                        jax.tree_util.tree_leaves(one)))
+
+
+# One epoch of the MLP model (BatchNorm, dropout; argv[1] "mlp"), or of a tiny model of the
+# same layers ("tiny"), with augmentation and clipping on tiny data, on the first device
+# alone and on all 4, in one process; prints the largest differences. SGD, not the recipe's
+# AdamW: Adam turns a gradient that is 0 in exact arithmetic (fc1's bias, which BatchNorm
+# cancels) into +-learning-rate steps of whatever sign the rounding gives, so its parameters
+# differ by about the learning rate on any change of summation order, split or not.
+_MESHES = """
+import json
+from fmnist_jax import parallel
+parallel.use_cpu_devices(4)
+import jax, numpy as np
+from fmnist_jax import streams
+from fmnist_jax.config import get_config
+from fmnist_jax.data import HALF
+from fmnist_jax.epochs import CompiledEpochs, step_options
+from fmnist_jax.models import get_model
+from fmnist_jax.optim import make_optimizer
+from fmnist_jax.steps import create_train_state
+from tests.helpers import make_split
+import sys
+import flax.linen as nn
+class Tiny(nn.Module):  # the MLP's layers in small: Dense, BatchNorm, ReLU, Dropout
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.Dense(16)(x[:, ::4, ::4].reshape(x.shape[0], -1))
+        x = nn.BatchNorm(use_running_average=not train)(x)
+        x = nn.Dropout(0.3, deterministic=not train)(nn.relu(x))
+        return nn.Dense(10)(x)
+model = Tiny() if sys.argv[1] == "tiny" else get_model("mlp")
+cfg = get_config("mlp", batch_size=32, eval_batch_size=100, decay="constant", optimizer="sgd",
+                 weight_decay=0.0, learning_rate=0.05)
+train, test = make_split(128, seed=0), make_split(200, seed=1)
+results = []
+for devices in (jax.devices()[:1], jax.devices()):
+    state = create_train_state(model, make_optimizer(cfg, 4),
+                               streams.stream_key(0, streams.INIT))
+    compiled = CompiledEpochs(state, (train.images_NxHxWx1, train.labels_N),
+                              {"test": (test.images_NxHxWx1, test.labels_N)},
+                              batch_size=32, eval_batch_size=100, norm=HALF,
+                              key=jax.random.key(0), options=step_options(cfg),
+                              parallel=parallel.data_parallel(devices))
+    state, train_sums, _ = compiled.train(state, jax.random.key(1))
+    sums = [train_sums, compiled.evaluate(state, "test")]
+    results.append(jax.device_get(((state.params, state.batch_stats), sums)))
+(one, one_sums), (four, four_sums) = results
+leaves = list(zip(jax.tree_util.tree_leaves(one), jax.tree_util.tree_leaves(four)))
+pairs = list(zip(one_sums, four_sums))
+print(json.dumps({
+    "variables": max(float(np.max(np.abs(a - b))) for a, b in leaves),
+    "loss_relative": max(float(abs(a.loss - b.loss) / a.loss) for a, b in pairs),
+    "counts_equal": all(int(a.correct) == int(b.correct) and int(a.count) == int(b.count)
+                        for a, b in pairs),
+    "bitwise_equal": all(np.array_equal(a, b) for a, b in leaves + pairs)}))
+"""
+
+
+@pytest.mark.parametrize("model", ["tiny", pytest.param("mlp", marks=pytest.mark.slow)])
+def test_batchnorm_dropout_and_augmentation_split_over_four_devices_as_on_one(model):
+    result = subprocess.run([sys.executable, "-c", _MESHES, model], cwd=REPO, capture_output=True,
+                            text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    # BatchNorm's statistics are the global batch's; dropout and augmentation draw the same
+    # bits whatever the split (jax's partitionable threefry).
+    assert report["variables"] <= 1e-5 and report["loss_relative"] <= 1e-5, report
+    assert report["counts_equal"], report
+    assert not report["bitwise_equal"]  # the 4 devices really split the sums
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_of_two_devices_train_as_one_of_four(tmp_path, four_device_run):
+    env = {"COORDINATOR": f"127.0.0.1:{_free_port()}"}
+    workers = [_worker(tmp_path, 2, 2, i, env=env) for i in range(2)]
+    try:
+        reports = [_finish(w) for w in workers]
+    finally:
+        for w in workers:
+            w.kill()
+    assert reports == [{"devices": 4, "local": 2, "processes": 2}] * 2
+    _assert_same_run(tmp_path, four_device_run)
+    # Process 0 alone wrote the files: one line per epoch, a checkpoint per epoch.
+    assert len((tmp_path / runs.HISTORY_FILE).read_text().splitlines()) == 2
+    assert sorted(p.name for p in (tmp_path / runs.CHECKPOINTS_DIR).iterdir()) == ["2"]
+
+
+def test_batch_sizes_must_split_over_the_devices():
+    parallel.check_batch_sizes(64, 1000, 4)
+    with pytest.raises(FmnistError, match="--batch-size 30 does not split over the 4 devices"):
+        parallel.check_batch_sizes(30, 1000, 4)
+    with pytest.raises(FmnistError, match="--eval-batch-size 999 .* multiple of 2"):
+        parallel.check_batch_sizes(64, 999, 2)
+
+
+def test_an_uneven_batch_is_one_line_before_the_data_loads(tmp_path):
+    # No data flags and an empty data dir: the batch check must come first.
+    result = run_script("train.py", "--cpu-devices", 4, "--batch-size", 30, "--workdir",
+                        tmp_path / "run", env={"FMNIST_DATA_DIR": str(tmp_path / "none"),
+                                               "FMNIST_MANUAL_DIR": str(tmp_path / "none")})
+    assert "--batch-size 30 does not split over the 4 devices" in one_error_line(result)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flags,env,message", [
+    (["--num-processes", "2"], {}, "needs --coordinator-address"),
+    (["--num-processes", "2", "--coordinator-address", "h:1"], {}, "--process-id must be in"),
+    ([], {"FMNIST_NUM_PROCESSES": "2", "FMNIST_COORDINATOR_ADDRESS": "h:1",
+          "FMNIST_PROCESS_ID": "0"}, "several processes need --workdir"),
+    (["--process-id", "1"], {}, "without --num-processes"),
+])
+def test_bad_distributed_settings_are_refused_before_joining(flags, env, message, monkeypatch,
+                                                             capsys):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    from fmnist_jax.cli import train_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        train_main(flags)
+    assert exit_info.value.code == 1
+    assert message in capsys.readouterr().err
+
+
+def test_replicate_keeps_values_and_keys():
+    dp = parallel.data_parallel()
+    key = jax.random.key(7)
+    tree = {"x": np.arange(6, dtype=np.int32), "key": key, "step": 0}
+    placed = dp.replicate(tree)
+    assert all(leaf.sharding == dp.replicated for leaf in jax.tree_util.tree_leaves(placed))
+    np.testing.assert_array_equal(placed["x"], tree["x"])
+    np.testing.assert_array_equal(jax.random.key_data(placed["key"]), jax.random.key_data(key))
+    assert dp.replicate(placed)["x"] is placed["x"]  # already there: kept, not copied
+
+
+@pytest.mark.slow
+def test_train_py_with_two_processes_logs_and_writes_once(tmp_path, prepared_data_dir):
+    """The command line end to end: 2 processes of 2 CPU devices on the real data (a short
+    epoch); process 0 alone logs, the run folder is finished and its parameters load."""
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "FMNIST_DATA_DIR": str(prepared_data_dir)}
+    workers = [subprocess.Popen(
+        [sys.executable, "scripts/train.py", "--epochs", "1", "--val-fraction", "0.9",
+         "--batch-size", "256", "--cpu-devices", "2", "--num-processes", "2", "--process-id",
+         str(i), "--coordinator-address", f"127.0.0.1:{port}", "--workdir", tmp_path / "run",
+         "--no-progress"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True) for i in range(2)]
+    try:
+        outputs = [w.communicate(timeout=400) for w in workers]
+    finally:
+        for w in workers:
+            w.kill()
+    assert [w.returncode for w in workers] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+
+    def ours(text):  # gloo prints its own "[Gloo] Rank ..." lines
+        return [line for line in text.splitlines() if not line.startswith("[Gloo]")]
+
+    assert "device: 4 x cpu (cpu), data parallel over 2 processes" in outputs[0][0]
+    assert "for the evaluation report, run: python scripts/evaluate.py" in outputs[0][0]
+    assert ours(outputs[1][0]) == [] and ours(outputs[1][1]) == []
+    assert runs.finished(tmp_path / "run")
+    assert len(runs.load_history(tmp_path / "run")) == 1
+    runs.load_variables(tmp_path / "run", runs.load_config(tmp_path / "run"))
+
+
+@pytest.mark.slow
+def test_a_run_folder_process_0_refuses_stops_every_process_with_one_line(tmp_path, tiny_run):
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "FMNIST_DATA_DIR": str(tmp_path / "none")}
+    workers = [subprocess.Popen(
+        [sys.executable, "scripts/train.py", "--cpu-devices", "2", "--num-processes", "2",
+         "--process-id", str(i), "--coordinator-address", f"127.0.0.1:{port}", "--workdir",
+         tiny_run[0]], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        text=True) for i in range(2)]
+    try:
+        errors = [w.communicate(timeout=120)[1] for w in workers]
+    finally:
+        for w in workers:
+            w.kill()
+    lines = [[line for line in e.splitlines() if not line.startswith("[Gloo]")] for e in errors]
+    assert [w.returncode for w in workers] == [1, 1], errors
+    assert lines[0] == [f"error: {tiny_run[0]} already holds a run: pass another --workdir or "
+                        f"delete it"]
+    assert lines[1] == [f"error: process 0 refused the run folder {tiny_run[0]}: see its error"]
+
+
+# On 4 CPU devices: the tiny run's first epoch alone, then its folder made into that of the
+# 2-epoch tiny run killed after epoch 1 (config.json says 2 epochs; no final files), resumed.
+_RESUME = """
+import dataclasses, shutil, sys
+from pathlib import Path
+from fmnist_jax import parallel
+parallel.use_cpu_devices(4)
+from fmnist_jax import runs
+from tests.helpers import make_split, tiny_config, train_quietly
+run_dir, splits = Path(sys.argv[1]), (make_split(512, seed=0), make_split(300, seed=1))
+train_quietly(dataclasses.replace(tiny_config(), epochs=1), run_dir, splits)
+(run_dir / runs.CONFIG_FILE).write_text(tiny_config().to_json() + "\\n")
+for name in (runs.PARAMS_CHECKSUM_FILE, runs.BEST_FILE):
+    (run_dir / name).unlink()
+shutil.rmtree(run_dir / runs.PARAMS_DIR)
+train_quietly(tiny_config(), runs.reopen(run_dir), splits)
+"""
+
+
+@pytest.mark.slow
+def test_a_run_resumed_on_four_devices_ends_as_the_one_device_run(tmp_path, tiny_run):
+    result = subprocess.run([sys.executable, "-c", _RESUME, str(tmp_path / "run")], cwd=REPO,
+                            capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert '{"resumed_after_epoch": 1}' in (tmp_path / "run" / runs.TIMING_FILE).read_text()
+    _assert_same_run(tmp_path / "run", tiny_run[0])
