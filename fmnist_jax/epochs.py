@@ -81,22 +81,32 @@ class CompiledSeedEpochs:
 
     `train_xy` is the shared (images_NxHxWx1, labels_N); `train_idx_MxQ` each member's
     training examples in it. Each of `eval_sets` is (images, labels, idx_MxQ or None: every
-    member evaluates every image). `norm_M` has one mean and std per member.
+    member evaluates every image). `norm_M` has one mean and std per member. As in
+    `CompiledEpochs`, everything is replicated over `parallel`'s mesh and each member's
+    batches are split over its devices.
     """
 
     def __init__(self, state_M: TrainState, train_xy, train_idx_MxQ: jax.Array,
                  eval_sets: dict[str, tuple], *, batch_size: int, eval_batch_size: int,
                  norm_M: Normalization, key_M: jax.Array, active_M: jax.Array,
-                 options: StepOptions = StepOptions()):
-        self.train_xy, self.train_idx_MxQ = train_xy, train_idx_MxQ
-        self.eval_sets, self.norm_M = eval_sets, norm_M
+                 options: StepOptions = StepOptions(),
+                 parallel: DataParallel | None = None):
+        self.parallel = parallel or data_parallel()
+        check_batch_sizes(batch_size, eval_batch_size, self.parallel.num_devices)
+        place = self.parallel.replicate
+        self.train_xy, self.train_idx_MxQ = place(train_xy), place(train_idx_MxQ)
+        self.eval_sets, self.norm_M = place(eval_sets), place(norm_M)
+        state_M, key_M, active_M = place((state_M, key_M, active_M))
+        sharding = self.parallel.batch_sharding
         t0 = time.perf_counter()
         self._epoch_fn = train_epoch_seeds.lower(
-            state_M, *train_xy, train_idx_MxQ, key_M, active_M, batch_size=batch_size,
-            norm_M=norm_M, options=options).compile()
+            state_M, *self.train_xy, self.train_idx_MxQ, key_M, active_M,
+            batch_size=batch_size, norm_M=self.norm_M, options=options,
+            batch_sharding=sharding).compile()
         self._eval_fns = {name: evaluate_seeds.lower(state_M, *data, batch_size=eval_batch_size,
-                                                     norm_M=norm_M).compile()
-                          for name, data in eval_sets.items()}
+                                                     norm_M=self.norm_M,
+                                                     batch_sharding=sharding).compile()
+                          for name, data in self.eval_sets.items()}
         self.compile_seconds = time.perf_counter() - t0
 
     def train(self, state_M: TrainState, key_M: jax.Array,
@@ -104,6 +114,7 @@ class CompiledSeedEpochs:
         """One epoch of every member (member m shuffled by `key_M[m]`; those False in
         `active_M` keep their state): (new states, sums of shape (M,), seconds). `state_M`
         is donated."""
+        state_M, key_M, active_M = self.parallel.replicate((state_M, key_M, active_M))
         t0 = time.perf_counter()
         state_M, sums = self._epoch_fn(state_M, *self.train_xy, self.train_idx_MxQ, key_M,
                                        active_M, norm_M=self.norm_M)
@@ -112,7 +123,8 @@ class CompiledSeedEpochs:
 
     def evaluate(self, state_M: TrainState, name: str) -> Sums:
         """Each member's summed loss and correct count on the eval set `name` (shape (M,))."""
-        return self._eval_fns[name](state_M, *self.eval_sets[name], norm_M=self.norm_M)
+        return self._eval_fns[name](self.parallel.replicate(state_M), *self.eval_sets[name],
+                                    norm_M=self.norm_M)
 
 
 def rates(sums: Sums) -> tuple[float, float]:

@@ -252,11 +252,14 @@ def _keep_where(active: jax.Array, new_tree, old_tree):
     return jax.tree_util.tree_map(lambda new, old: jnp.where(active, new, old), new_tree, old_tree)
 
 
-@functools.partial(jax.jit, static_argnames=("batch_size", "options"), donate_argnums=0)
+@functools.partial(jax.jit, static_argnames=("batch_size", "options", "batch_sharding"),
+                   donate_argnums=0)
 def train_epoch_seeds(state_M: TrainState, images_NxHxWx1: jax.Array, labels_N: jax.Array,
                       idx_MxQ: jax.Array, key_M: jax.Array, active_M: jax.Array, *,
                       batch_size: int, norm_M: Normalization,
-                      options: StepOptions = StepOptions()) -> tuple[TrainState, Sums]:
+                      options: StepOptions = StepOptions(),
+                      batch_sharding: jax.sharding.Sharding | None = None
+                      ) -> tuple[TrainState, Sums]:
     """One epoch of M independent models (`--seeds`) as one program: `jax.vmap` of the epoch
     over the members' states (every leaf of `state_M` has a leading M axis), their training
     examples `idx_MxQ` (indices into the shared images), their keys `key_M` and
@@ -267,10 +270,12 @@ def train_epoch_seeds(state_M: TrainState, images_NxHxWx1: jax.Array, labels_N: 
 
     A member whose `active_M` is False (stopped early) keeps its state: it is still
     computed (vmap runs every member), then discarded. Returns sums with shape (M,).
+    `batch_sharding` splits each member's batches over devices, as in `train_epoch` (vmap
+    leaves the member axis whole).
     """
     def member_fn(state, idx_Q, key, active, norm):
         new_state, sums = _epoch(state, images_NxHxWx1, labels_N, idx_Q, key, batch_size,
-                                 norm, options)
+                                 norm, options, batch_sharding)
         return _keep_where(active, new_state, state), sums
 
     return jax.vmap(member_fn)(state_M, idx_MxQ, key_M, active_M, norm_M)
@@ -309,24 +314,26 @@ def evaluate(state: TrainState, images_NxHxWx1: jax.Array, labels_N: jax.Array, 
     return jax.tree_util.tree_map(jnp.sum, sums_S)
 
 
-@functools.partial(jax.jit, static_argnames="batch_size")
+@functools.partial(jax.jit, static_argnames=("batch_size", "batch_sharding"))
 def evaluate_seeds(state_M: TrainState, images_NxHxWx1: jax.Array, labels_N: jax.Array,
-                   idx_MxQ: jax.Array | None, *, batch_size: int,
-                   norm_M: Normalization) -> Sums:
+                   idx_MxQ: jax.Array | None, *, batch_size: int, norm_M: Normalization,
+                   batch_sharding: jax.sharding.Sharding | None = None) -> Sums:
     """`evaluate` of M members (leading M axis on `state_M`'s leaves and `norm_M`'s fields)
     under `jax.vmap`, the images shared: on all N images (`idx_MxQ` None), or member m on the
     examples `idx_MxQ[m]` (its own validation split), batched and padded as `evaluate` would
     batch `images_NxHxWx1[idx_MxQ[m]]`. Returns sums with shape (M,)."""
     if idx_MxQ is None:
         return jax.vmap(lambda state, norm: evaluate(
-            state, images_NxHxWx1, labels_N, batch_size=batch_size, norm=norm))(state_M, norm_M)
+            state, images_NxHxWx1, labels_N, batch_size=batch_size, norm=norm,
+            batch_sharding=batch_sharding))(state_M, norm_M)
 
     def member_fn(state, idx_Q, norm):
         mask_Q = jnp.ones(idx_Q.shape, bool)
         xs = (_padded_batches(idx_Q, batch_size), _padded_batches(mask_Q, batch_size))
         # The padding indices (0) name a real image; the mask drops it from every sum.
         _, sums_S = jax.lax.scan(lambda c, b: (c, eval_step(
-            state, images_NxHxWx1[b[0]], labels_N[b[0]], b[1], norm)), None, xs)
+            state, *_split_over_devices((images_NxHxWx1[b[0]], labels_N[b[0]], b[1]),
+                                        batch_sharding), norm)), None, xs)
         return jax.tree_util.tree_map(jnp.sum, sums_S)
 
     return jax.vmap(member_fn)(state_M, idx_MxQ, norm_M)

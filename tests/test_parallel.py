@@ -4,6 +4,7 @@ The device count is fixed once jax starts, so runs with forced CPU devices happe
 subprocesses (`parallel.use_cpu_devices`, i.e. `jax_num_cpu_devices`); this process has one.
 """
 
+import dataclasses
 import json
 import os
 import socket
@@ -16,7 +17,8 @@ import numpy as np
 import pytest
 
 from fmnist_jax import FmnistError, parallel, runs
-from tests.helpers import REPO, make_split, one_error_line, run_script, tiny_config
+from tests.helpers import (REPO, make_split, one_error_line, run_script, tiny_config,
+                           train_quietly)
 
 # A split of the batch changes the order of float sums (each device sums its slice, then the
 # all-reduce adds the partial sums): equal within this, not bit for bit.
@@ -95,6 +97,7 @@ def test_four_devices_train_as_one(four_device_run, tiny_run):
 # cancels) into +-learning-rate steps of whatever sign the rounding gives, so its parameters
 # differ by about the learning rate on any change of summation order, split or not.
 _MESHES = """
+import dataclasses
 import json
 from fmnist_jax import parallel
 parallel.use_cpu_devices(4)
@@ -304,3 +307,31 @@ def test_a_run_resumed_on_four_devices_ends_as_the_one_device_run(tmp_path, tiny
     assert result.returncode == 0, result.stderr[-3000:]
     assert '{"resumed_after_epoch": 1}' in (tmp_path / "run" / runs.TIMING_FILE).read_text()
     _assert_same_run(tmp_path / "run", tiny_run[0])
+
+
+# The shared tiny run as `--seeds 2` (seeds 4 and 5) in argv[1], on argv[2] CPU devices.
+_SEEDS_WORKER = """
+import dataclasses, sys
+from fmnist_jax import parallel
+parallel.use_cpu_devices(int(sys.argv[2]))
+import jax
+from tests.helpers import make_split, tiny_config, train_quietly
+train_quietly(dataclasses.replace(tiny_config(), seeds=2), sys.argv[1],
+              (make_split(512, seed=0), make_split(300, seed=1)))
+print(jax.device_count())
+"""
+
+
+@pytest.mark.slow
+def test_seeds_with_batches_split_over_four_devices_train_as_on_one(tmp_path):
+    """The pieces combine: --seeds (vmap over the models) with each batch over 4 devices."""
+    one = tmp_path / "one"
+    train_quietly(dataclasses.replace(tiny_config(), seeds=2), one,
+                  (make_split(512, seed=0), make_split(300, seed=1)))
+    result = subprocess.run([sys.executable, "-c", _SEEDS_WORKER, str(tmp_path / "four"), "4"],
+                            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split()[-1] == "4"
+    for seed in (4, 5):
+        _assert_same_run(runs.member_dir(tmp_path / "four", seed), runs.member_dir(one, seed))
