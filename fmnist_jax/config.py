@@ -64,6 +64,11 @@ class TrainConfig:
     clip_norm: float | None = _field(None, "clip gradients to this global L2 norm (none: no "
                                      "clipping)", check=(lambda v: v is None or v > 0,
                                                          "positive, or none"))
+    ema_decay: float = _field(0.0, "keep an exponential moving average of the weights, "
+                              "after every step: ema = decay ema + (1 - decay) weights; when "
+                              "on, the validation and test metrics, the best epoch, params/ "
+                              "and the report all use the average; 0: off",
+                              check=(lambda v: 0 <= v < 1, "in [0, 1)"))
     label_smoothing: float = _field(0.0, "train on targets (1 - a) one-hot + a / 10 "
                                     "(reported train loss is the smoothed one)",
                                     check=(lambda v: 0 <= v < 1, "in [0, 1)"))

@@ -14,7 +14,8 @@ import jax
 from fmnist_jax.augment import Augment
 from fmnist_jax.config import TrainConfig
 from fmnist_jax.data import Normalization
-from fmnist_jax.steps import StepOptions, Sums, TrainState, evaluate, train_epoch
+from fmnist_jax.steps import (StepOptions, Sums, TrainState, evaluate, evaluation_state,
+                              train_epoch)
 
 
 def step_options(cfg: TrainConfig) -> StepOptions:
@@ -55,8 +56,9 @@ class CompiledEpochs:
         return state, sums, time.perf_counter() - t0
 
     def evaluate(self, state: TrainState, name: str) -> Sums:
-        """Summed loss and correct count over every image of the eval set `name` (on device)."""
-        return self._eval_fns[name](state, *self.eval_sets[name], norm=self.norm)
+        """Summed loss and correct count over every image of the eval set `name` (on device),
+        with the weights' moving average when `state` keeps one."""
+        return self._eval_fns[name](evaluation_state(state), *self.eval_sets[name], norm=self.norm)
 
 
 def rates(sums: Sums) -> tuple[float, float]:

@@ -24,7 +24,7 @@ from fmnist_jax.epochs import CompiledEpochs, rates, step_options
 from fmnist_jax.errors import FmnistError
 from fmnist_jax.models import get_model
 from fmnist_jax.optim import make_lr_schedule, make_optimizer, make_plateau
-from fmnist_jax.steps import TrainState, create_train_state, plateau_update
+from fmnist_jax.steps import TrainState, create_train_state, evaluation_state, plateau_update
 
 
 def train_and_evaluate(cfg: TrainConfig, workdir: str | Path | runs.Claim, *,
@@ -107,7 +107,9 @@ class _Best:
 
 
 def _variables(state: TrainState) -> dict:
-    """{"params": ...} and "batch_stats" for BatchNorm models, copied to the host."""
+    """{"params": ...} and "batch_stats" for BatchNorm models, copied to the host; the
+    moving average's params when the run keeps one."""
+    state = evaluation_state(state)
     return jax.device_get({"params": state.params,
                            **({"batch_stats": state.batch_stats} if state.batch_stats else {})})
 
@@ -221,7 +223,7 @@ def _set_up(cfg: TrainConfig, run_dir: Path, train: data.Split, test: data.Split
     steps_per_epoch = len(train) // cfg.batch_size
     state = create_train_state(get_model(cfg.model), make_optimizer(cfg, steps_per_epoch),
                                streams.stream_key(cfg.seed, streams.INIT),
-                               plateau_tx=make_plateau(cfg))
+                               plateau_tx=make_plateau(cfg), ema_decay=cfg.ema_decay)
     eval_sets = {"test": jax.device_put((test.images_NxHxWx1, test.labels_N))}
     if val is not None:
         eval_sets = {"val": jax.device_put((val.images_NxHxWx1, val.labels_N)), **eval_sets}
