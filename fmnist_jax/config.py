@@ -225,7 +225,12 @@ PRESETS: dict[str, Preset] = {
               "warmup epochs then cosine to 0, label smoothing 0.1, evaluated and kept as an "
               "EMA of the weights (0.999), 60 epochs",
         command="python scripts/train.py --preset lenet5-best --seed S",
-        result="not measured yet"),
+        result="test accuracy of the kept model (best validation epoch), seeds 0-4: 92.05%, "
+               "92.05%, 92.22%, 92.05%, 92.07%; mean 92.09%, std 0.07, 95% CI [92.00%, "
+               "92.18%] (Student t), below the 92.5% aimed at; test ECE 7.46-7.87% before "
+               "temperature scaling (T 0.67-0.71: label smoothing makes it underconfident), "
+               "1.54-1.82% after, above the 1.0% aimed at; 262-522 s a run (training and report); 2-core CPU "
+               "shared with other jobs, 2026-11-30"),
 }
 DEFAULT_PRESET = "lenet5"
 
