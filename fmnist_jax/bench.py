@@ -120,7 +120,8 @@ class _JaxRun:
         self.cfg = cfg
         steps_per_epoch = n_train // cfg.batch_size
         self.state = create_train_state(get_model(cfg.model), make_optimizer(cfg, steps_per_epoch),
-                                        streams.stream_key(cfg.seed, streams.INIT))
+                                        streams.stream_key(cfg.seed, streams.INIT),
+                                        ema_decay=cfg.ema_decay)
         self.compiled = CompiledEpochs(self.state, train_xy, {"test": test_xy},
                                        batch_size=cfg.batch_size,
                                        eval_batch_size=cfg.eval_batch_size, norm=norm,

@@ -16,7 +16,7 @@ from fmnist_jax.config import TrainConfig
 from fmnist_jax.data import Normalization
 from fmnist_jax.parallel import DataParallel, check_batch_sizes, data_parallel
 from fmnist_jax.steps import (StepOptions, Sums, TrainState, evaluate, evaluate_seeds,
-                              train_epoch, train_epoch_seeds)
+                              evaluation_state, train_epoch, train_epoch_seeds)
 
 
 def step_options(cfg: TrainConfig) -> StepOptions:
@@ -70,9 +70,10 @@ class CompiledEpochs:
         return state, sums, time.perf_counter() - t0
 
     def evaluate(self, state: TrainState, name: str) -> Sums:
-        """Summed loss and correct count over every image of the eval set `name` (on device)."""
-        return self._eval_fns[name](self.parallel.replicate(state), *self.eval_sets[name],
-                                    norm=self.norm)
+        """Summed loss and correct count over every image of the eval set `name` (on device),
+        with the weights' moving average when `state` keeps one."""
+        return self._eval_fns[name](self.parallel.replicate(evaluation_state(state)),
+                                    *self.eval_sets[name], norm=self.norm)
 
 
 class CompiledSeedEpochs:
@@ -95,7 +96,10 @@ class CompiledSeedEpochs:
         check_batch_sizes(batch_size, eval_batch_size, self.parallel.num_devices)
         place = self.parallel.replicate
         self.train_xy, self.train_idx_MxQ = place(train_xy), place(train_idx_MxQ)
-        self.eval_sets, self.norm_M = place(eval_sets), place(norm_M)
+        # Name by name: a tree_map over the dict would sort its names, and the history's
+        # columns follow this order.
+        self.eval_sets = {name: place(data) for name, data in eval_sets.items()}
+        self.norm_M = place(norm_M)
         state_M, key_M, active_M = place((state_M, key_M, active_M))
         sharding = self.parallel.batch_sharding
         t0 = time.perf_counter()
@@ -122,9 +126,10 @@ class CompiledSeedEpochs:
         return state_M, sums, time.perf_counter() - t0
 
     def evaluate(self, state_M: TrainState, name: str) -> Sums:
-        """Each member's summed loss and correct count on the eval set `name` (shape (M,))."""
-        return self._eval_fns[name](self.parallel.replicate(state_M), *self.eval_sets[name],
-                                    norm_M=self.norm_M)
+        """Each member's summed loss and correct count on the eval set `name` (shape (M,)),
+        with the weights' moving averages when the states keep them."""
+        return self._eval_fns[name](self.parallel.replicate(evaluation_state(state_M)),
+                                    *self.eval_sets[name], norm_M=self.norm_M)
 
 
 def rates(sums: Sums) -> tuple[float, float]:

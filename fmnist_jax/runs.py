@@ -595,9 +595,10 @@ class Checkpoints:
     best one: orbax's best-only keeping would delete the latest, so the preservation policy
     keeps whatever either rule keeps. The state is stored as
     `flax.serialization.to_state_dict(state)` (step, params, opt_state with the plateau
-    schedule, batch_stats), with the epoch; `restore` puts it back into a state of the same
-    structure, each array with the sharding of the state it is given (a checkpoint written
-    elsewhere, on a GPU say, restores here on whatever devices this machine has).
+    schedule, batch_stats, the weights' moving average), with the epoch; `restore` puts it
+    back into a state of the same structure, each array with the sharding of the state it is
+    given (a checkpoint written elsewhere, on a GPU say, restores here on whatever devices
+    this machine has).
     """
 
     def __init__(self, run_dir: Path, *, keep_best: bool, async_save: bool = False):

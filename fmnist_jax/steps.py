@@ -37,7 +37,10 @@ class TrainState(train_state.TrainState):
     - `takes_train`: whether the model's `__call__` takes the `train` keyword (see the model
       contract in `create_train_state`);
     - `plateau`: the state of a reduce-on-plateau schedule (None without one), whose `scale`
-      multiplies every update; `plateau_update` advances it once per epoch.
+      multiplies every update; `plateau_update` advances it once per epoch;
+    - `ema_params`: an exponential moving average of `params` (None when off), moved by
+      `ema_decay` towards the new params after every step: ema <- decay ema + (1 - decay)
+      params. It starts at the initial params. `evaluation_state` swaps it in for evaluating.
     """
 
     batch_stats: Any = struct.field(default_factory=dict)
@@ -45,14 +48,22 @@ class TrainState(train_state.TrainState):
     plateau_tx: optax.GradientTransformationExtraArgs | None = struct.field(
         pytree_node=False, default=None)
     plateau: Any = None
+    ema_decay: float = struct.field(pytree_node=False, default=0.0)
+    ema_params: Any = None
 
     def apply_gradients(self, *, grads, **kwargs) -> TrainState:
         if self.plateau is None:
-            return super().apply_gradients(grads=grads, **kwargs)
-        updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
-        updates = jax.tree_util.tree_map(lambda u: u * self.plateau.scale, updates)
-        return self.replace(step=self.step + 1, params=optax.apply_updates(self.params, updates),
-                            opt_state=opt_state, **kwargs)
+            new = super().apply_gradients(grads=grads, **kwargs)
+        else:
+            updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
+            updates = jax.tree_util.tree_map(lambda u: u * self.plateau.scale, updates)
+            new = self.replace(step=self.step + 1,
+                               params=optax.apply_updates(self.params, updates),
+                               opt_state=opt_state, **kwargs)
+        if self.ema_params is None:
+            return new
+        return new.replace(ema_params=optax.incremental_update(
+            new.params, self.ema_params, step_size=1.0 - self.ema_decay))
 
 
 class StepOptions(NamedTuple):
@@ -97,8 +108,8 @@ def init_params(model: nn.Module, key: jax.Array):
 
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation, key: jax.Array, *,
-                       plateau_tx: optax.GradientTransformationExtraArgs | None = None
-                       ) -> TrainState:
+                       plateau_tx: optax.GradientTransformationExtraArgs | None = None,
+                       ema_decay: float = 0.0) -> TrainState:
     """A fresh TrainState: `model`'s variables initialized from `key`, and `tx`'s state.
 
     The model contract: any Flax linen module whose `__call__(x)` maps normalized float images
@@ -106,13 +117,24 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, key: 
     training: dropout on, BatchNorm updating its statistics; False to evaluate), keeps
     BatchNorm statistics in the "batch_stats" collection, and draws dropout from the "dropout"
     rng. `plateau_tx` (optax.contrib.reduce_on_plateau) scales every update by its `scale`.
+    `ema_decay` > 0 keeps an exponential moving average of the params (`ema_params`).
     """
     variables = init_variables(model, key)
     plateau = None if plateau_tx is None else plateau_tx.init(variables["params"])
+    # A copy, not the same buffers: the epoch donates the state, and one buffer cannot be
+    # donated twice.
+    ema_params = (jax.tree_util.tree_map(jnp.copy, variables["params"]) if ema_decay else None)
     return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
                              batch_stats=variables.get("batch_stats", {}),
                              takes_train=takes_train_flag(model), plateau_tx=plateau_tx,
-                             plateau=plateau)
+                             plateau=plateau, ema_decay=ema_decay, ema_params=ema_params)
+
+
+def evaluation_state(state: TrainState) -> TrainState:
+    """The state whose params are the ones to evaluate, choose the best epoch by and keep:
+    the moving average when the state has one, else the params themselves. (BatchNorm's
+    statistics stay the live ones: the average covers the params only.)"""
+    return state if state.ema_params is None else state.replace(params=state.ema_params)
 
 
 _NO_OPTIMIZER = optax.identity()  # one object: jit caches on the (static) tx's identity

@@ -29,8 +29,8 @@ from fmnist_jax.errors import FmnistError
 from fmnist_jax.models import get_model
 from fmnist_jax.optim import make_lr_schedule, make_optimizer, make_plateau
 from fmnist_jax.parallel import check_batch_sizes, describe_devices, is_writer
-from fmnist_jax.steps import (TrainState, create_train_state, plateau_update,
-                              plateau_update_seeds)
+from fmnist_jax.steps import (TrainState, create_train_state, evaluation_state,
+                              plateau_update, plateau_update_seeds)
 
 
 def train_and_evaluate(cfg: TrainConfig, workdir: str | Path | runs.Claim, *,
@@ -134,7 +134,9 @@ class _Best:
 
 
 def _variables(state: TrainState) -> dict:
-    """{"params": ...} and "batch_stats" for BatchNorm models, copied to the host."""
+    """{"params": ...} and "batch_stats" for BatchNorm models, copied to the host; the
+    moving average's params when the run keeps one."""
+    state = evaluation_state(state)
     return jax.device_get({"params": state.params,
                            **({"batch_stats": state.batch_stats} if state.batch_stats else {})})
 
@@ -389,7 +391,7 @@ def _set_up(cfg: TrainConfig, run_dir: Path, train: data.Split, test: data.Split
     steps_per_epoch = len(train) // cfg.batch_size
     state = create_train_state(get_model(cfg.model), make_optimizer(cfg, steps_per_epoch),
                                streams.stream_key(cfg.seed, streams.INIT),
-                               plateau_tx=make_plateau(cfg))
+                               plateau_tx=make_plateau(cfg), ema_decay=cfg.ema_decay)
     # Host arrays: CompiledEpochs puts them on every device.
     eval_sets = {"test": (test.images_NxHxWx1, test.labels_N)}
     if val is not None:
@@ -446,7 +448,8 @@ def _set_up_seeds(cfg: TrainConfig, run: runs.Claim, train: data.Split, test: da
     plateau_tx = make_plateau(cfg)
     state_M = jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *[
         create_train_state(model, tx, streams.stream_key(member.seed, streams.INIT),
-                           plateau_tx=plateau_tx) for member in member_cfgs])
+                           plateau_tx=plateau_tx, ema_decay=cfg.ema_decay)
+        for member in member_cfgs])
     norm_M = data.Normalization(*(np.asarray(values, np.float32) for values in zip(*norms)))
     train_xy = jax.device_put((train.images_NxHxWx1, train.labels_N))
     eval_sets = {"test": (*jax.device_put((test.images_NxHxWx1, test.labels_N)), None)}
