@@ -364,6 +364,7 @@ class EpochLog:
     def __init__(self, run_dir: Path, *, resume_after: int | None = None):
         if not is_writer():  # the other processes of a run log nowhere
             self._history, self._timing = open(os.devnull, "w"), open(os.devnull, "w")
+            self._events = None
             return
         if resume_after is None:
             self._history = open(run_dir / HISTORY_FILE, "w")
@@ -396,7 +397,8 @@ class EpochLog:
         `timing` apart."""
         self._history.write(json.dumps(row) + "\n")
         self._history.flush()
-        self._events.epoch(row)
+        if self._events is not None:
+            self._events.epoch(row)
         self._timing.write(json.dumps({"epoch": row["epoch"], **timing}) + "\n")
         self._timing.flush()
 
@@ -406,7 +408,8 @@ class EpochLog:
     def __exit__(self, *exc) -> None:
         self._history.close()
         self._timing.close()
-        self._events.close()
+        if self._events is not None:
+            self._events.close()
 
 
 def _truncate_history(run_dir: Path, epochs: int) -> None:
