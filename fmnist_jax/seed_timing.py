@@ -17,9 +17,7 @@ import numpy as np
 from fmnist_jax import data, streams
 from fmnist_jax.config import TrainConfig
 from fmnist_jax.epochs import CompiledEpochs, CompiledSeedEpochs, step_options
-from fmnist_jax.models import get_model
-from fmnist_jax.optim import make_optimizer, make_plateau
-from fmnist_jax.steps import create_train_state
+from fmnist_jax.train import seed_members
 
 
 def time_seeds(cfg: TrainConfig, train: data.Split, seeds_list: list[int],
@@ -51,15 +49,10 @@ class _Program:
 
     def __init__(self, k, cfg, train, train_xy):
         self.k, self.seeds = k, list(range(max(k, 1)))
-        splits = [data.train_val_indices(train.labels_N, cfg.val_fraction, seed)
-                  for seed in self.seeds]
+        splits, state_M, _ = seed_members(cfg, train.labels_N, self.seeds)
         self.n_train = len(splits[0][0])
-        steps_per_epoch = self.n_train // cfg.batch_size
-        model, tx = get_model(cfg.model), make_optimizer(cfg, steps_per_epoch)
-        states = [create_train_state(model, tx, streams.stream_key(seed, streams.INIT),
-                                     plateau_tx=make_plateau(cfg)) for seed in self.seeds]
         if k == 0:
-            self.state = states[0]
+            self.state = jax.tree_util.tree_map(lambda leaf_M: leaf_M[0], state_M)
             member_xy = jax.device_put((train.images_NxHxWx1[splits[0][0]],
                                         train.labels_N[splits[0][0]]))
             self.compiled = CompiledEpochs(self.state, member_xy, {}, batch_size=cfg.batch_size,
@@ -67,7 +60,7 @@ class _Program:
                                            key=streams.epoch_shuffle_key(0, 1),
                                            options=step_options(cfg))
         else:
-            self.state = jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *states)
+            self.state = state_M
             half_M = np.full(k, 0.5, np.float32)
             self.active_M = jnp.ones(k, bool)
             self.compiled = CompiledSeedEpochs(

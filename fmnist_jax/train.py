@@ -425,15 +425,31 @@ def _log_device_and_config(cfg: TrainConfig, log_fn: Callable[[str], Any]) -> No
     log_fn(f"config: {json.dumps(json.loads(cfg.to_json()))}")
 
 
+def seed_members(cfg: TrainConfig, labels_N: np.ndarray, seeds: list[int]):
+    """The M members of a run of several seeds before training (`train.py --seeds` and
+    `seed_timing` share it): each member's (train, validation) indices into the training
+    images, drawn from its seed (stratified per class, so every member's split has the same
+    sizes); their initial states stacked, a leading axis M on every leaf; the steps per epoch."""
+    splits = [data.train_val_indices(labels_N, cfg.val_fraction, seed) for seed in seeds]
+    steps_per_epoch = len(splits[0][0]) // cfg.batch_size
+    # One model and optimizer object for all: the stacked states' static fields must match.
+    model, tx = get_model(cfg.model), make_optimizer(cfg, steps_per_epoch)
+    plateau_tx = make_plateau(cfg)
+    state_M = jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *[
+        create_train_state(model, tx, streams.stream_key(seed, streams.INIT),
+                           plateau_tx=plateau_tx, ema_decay=cfg.ema_decay)
+        for seed in seeds])
+    return splits, state_M, steps_per_epoch
+
+
 def _set_up_seeds(cfg: TrainConfig, run: runs.Claim, train: data.Split, test: data.Split,
                   log_fn: Callable[[str], Any]):
     """`_set_up` for the M members of a run of several seeds: each its own validation split
     (indices into the one copy of the training images on the device), normalization and
     initial state (stacked: a leading axis M on every leaf), all compiled as one program."""
     member_cfgs = [member.config for member in run.members]
-    splits = [data.train_val_indices(train.labels_N, cfg.val_fraction, member.seed)
-              for member in member_cfgs]
-    # Stratified per class, so every seed's split has the same sizes.
+    splits, state_M, steps_per_epoch = seed_members(cfg, train.labels_N,
+                                                    [member.seed for member in member_cfgs])
     n_train, n_val = len(splits[0][0]), 0 if splits[0][1] is None else len(splits[0][1])
     _check_one_batch_fits(cfg, len(train), n_train, n_val)
     _log_device_and_config(cfg, log_fn)
@@ -442,14 +458,6 @@ def _set_up_seeds(cfg: TrainConfig, run: runs.Claim, train: data.Split, test: da
              for train_idx, _ in splits]
     for member, norm in zip(run.members, norms):
         runs.save_normalization(member.path, norm)
-    steps_per_epoch = n_train // cfg.batch_size
-    # One model and optimizer object for all: the stacked states' static fields must match.
-    model, tx = get_model(cfg.model), make_optimizer(cfg, steps_per_epoch)
-    plateau_tx = make_plateau(cfg)
-    state_M = jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *[
-        create_train_state(model, tx, streams.stream_key(member.seed, streams.INIT),
-                           plateau_tx=plateau_tx, ema_decay=cfg.ema_decay)
-        for member in member_cfgs])
     norm_M = data.Normalization(*(np.asarray(values, np.float32) for values in zip(*norms)))
     train_xy = jax.device_put((train.images_NxHxWx1, train.labels_N))
     eval_sets = {"test": (*jax.device_put((test.images_NxHxWx1, test.labels_N)), None)}

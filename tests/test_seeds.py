@@ -223,3 +223,35 @@ def test_train_script_prints_the_seed_table_and_reports_each_seed(tmp_path):
     for seed in (4, 5, 6):  # each seed's folder is a complete run, with its report
         member_dir = runs.member_dir(tmp_path / "run", seed)
         assert runs.finished(member_dir) and (member_dir / runs.REPORT_JSON_FILE).is_file()
+
+
+def test_seed_members_stacks_each_seeds_own_split_and_initial_state():
+    """The set-up `train.py --seeds` and `seed_timing` share: member k is seed k's split and
+    the state `create_train_state` gives seed k alone."""
+    from fmnist_jax.train import seed_members
+
+    train = make_split(200, seed=1)
+    cfg = get_config(batch_size=30, val_fraction=0.2)
+    splits, state_M, steps_per_epoch = seed_members(cfg, train.labels_N, [3, 7])
+    assert steps_per_epoch == 160 // 30
+    for member, seed in enumerate([3, 7]):
+        expected_train, expected_val = train_val_indices(train.labels_N, 0.2, seed)
+        np.testing.assert_array_equal(splits[member][0], expected_train)
+        np.testing.assert_array_equal(splits[member][1], expected_val)
+        alone = create_train_state(get_model(cfg.model), make_optimizer(cfg, steps_per_epoch),
+                                   streams.stream_key(seed, streams.INIT))
+        chex.assert_trees_all_equal(
+            jax.tree_util.tree_map(lambda leaf, m=member: leaf[m], state_M.params), alone.params)
+    assert not np.array_equal(splits[0][1], splits[1][1])
+
+
+def test_time_seeds_prints_one_row_per_k_against_the_one_model_epoch():
+    from fmnist_jax.seed_timing import time_seeds
+
+    train = make_split(160, seed=2)
+    table = time_seeds(get_config(batch_size=32), train, [2], epochs=1)
+    rows = table.splitlines()[2:]
+    assert [row.split(" | ")[0] for row in rows] == ["| 1 (one model, no vmap)", "| 2"]
+    assert " 1.00x | 1.00x |" in rows[0]  # the baseline against itself
+    n_train = len(train_val_indices(train.labels_N, 0.1, 0)[0])  # the preset's 10% held out
+    assert all(row.split(" | ")[1] == str(n_train) for row in rows)
