@@ -59,13 +59,14 @@ class TrainConfig:
     warmup_epochs: float = _field(0.0, "linear warmup from 0 to the learning rate over this "
                                   "many epochs", check=(lambda v: v >= 0, ">= 0"))
     decay: str = _field("constant", "after warmup: constant; cosine (to 0 at the last step); "
-                        "plateau (multiply by plateau_factor after plateau_patience epochs "
+                        "plateau (multiply by plateau_factor after plateau_patience + 1 epochs "
                         "without a lower validation loss)", choices=tuple(DECAYS))
     plateau_factor: float = _field(0.5, "the plateau schedule's factor", check=(
         lambda v: 0 < v < 1, "in (0, 1)"))
-    plateau_patience: int = _field(3, "epochs without improvement before the plateau "
-                                   "schedule lowers the rate", check=(lambda v: v >= 1,
-                                                                      "at least 1"))
+    plateau_patience: int = _field(3, "epochs in a row without a lower validation loss that "
+                                   "the plateau schedule tolerates: it lowers the rate at the "
+                                   "end of the next such epoch (torch's ReduceLROnPlateau "
+                                   "patience)", check=(lambda v: v >= 0, ">= 0"))
     clip_norm: float | None = _field(None, "clip gradients to this global L2 norm (none: no "
                                      "clipping)", check=(lambda v: v is None or v > 0,
                                                          "positive, or none"))
@@ -216,9 +217,9 @@ PRESETS: dict[str, Preset] = {
         result="not measured yet"),
     "mlp": Preset(
         config=TrainConfig(model="mlp", epochs=5, optimizer="adamw", learning_rate=1e-3,
-                           weight_decay=1e-4, clip_norm=1.0, decay="plateau",
-                           val_fraction=0.15, rotation_degrees=10.0, flip_prob=0.1,
-                           translate_fraction=0.1),
+                           weight_decay=1e-4, weight_decay_params="all", clip_norm=1.0,
+                           decay="plateau", val_fraction=0.15, rotation_degrees=10.0,
+                           flip_prob=0.1, translate_fraction=0.1, patience=5),
         about="the notebook's MLP (784-512-256-128-10, BatchNorm and dropout 0.3; 569,226 "
               "parameters) with its recipe: AdamW 1e-3, weight decay 1e-4, batch 64, "
               "gradients clipped to norm 1, the rate halved after 3 epochs without a lower "
