@@ -133,7 +133,8 @@ class TrainConfig:
         if self.weight_decay_params != "kernels" and not self.weight_decay:
             raise FmnistError(f"weight decay params {self.weight_decay_params!r} changes "
                               f"nothing without weight decay: pass --weight-decay (with "
-                              f"--optimizer adamw), or drop --weight-decay-params")
+                              f"--optimizer adamw), or drop --weight-decay-params (pass "
+                              f"--weight-decay-params kernels where a preset sets it)")
         if self.seed + self.seeds > MAX_SEED:
             raise FmnistError(f"seeds {self.seed}..{self.seed + self.seeds - 1} go past the "
                               f"largest seed {MAX_SEED - 1}: lower --seed or --seeds")
