@@ -4,17 +4,19 @@
 a rotation by an angle uniform in +-`rotation_degrees` about the centre, a horizontal flip with
 probability `flip_prob`, a translation uniform in +-`translate_fraction` of the size per axis,
 plus, for "random crop after zero padding", an integer shift uniform in +-`crop_padding`
-pixels (cropping a 28x28 window out of the image padded by p is exactly that shift); then,
-with probability `erasing_prob`, a rectangle of 2%-33% of the area, aspect ratio 0.3-3.3, set
-to 0 (random erasing). Pixels that come from outside the image are 0 (black), as torchvision
-fills them.
+pixels (cropping a 28x28 window out of the image padded by p is exactly that shift), applied
+after the translation; then, with probability `erasing_prob`, a rectangle of 2%-33% of the
+area, aspect ratio 0.3-3.3, set to 0 (random erasing). Pixels that come from outside the
+image are 0 (black), as torchvision fills them.
 
 The geometric part is one affine map per image, sampled with nearest-neighbour interpolation
 and translations rounded to whole pixels: torchvision's defaults for RandomRotation and
-RandomAffine, and one gather per pixel. Bilinear sampling (`jax.scipy.ndimage.map_coordinates`
-order 1, which is also what dm-pix's affine_transform uses) was measured first: four gathers
-and their weights cost 5-7x more on CPU, more than the notebook's MLP step itself, for no
-gain the notebook's recipe asks for. With every strength 0 the output equals the input.
+RandomAffine, and one gather per pixel; what any step brings in from outside its 28x28 frame
+is 0, as when torchvision applies the transforms one after the other (`affine`). Bilinear
+sampling (`jax.scipy.ndimage.map_coordinates` order 1, which is also what dm-pix's
+affine_transform uses) was measured first: four gathers and their weights cost 5-7x more on
+CPU, more than the notebook's MLP step itself, for no gain the notebook's recipe asks for.
+With every strength 0 the output equals the input.
 """
 
 from __future__ import annotations
@@ -60,40 +62,55 @@ def _augment_one(image_HxW: jax.Array, key: jax.Array, aug: Augment) -> jax.Arra
     max_angle = math.radians(aug.rotation_degrees)
     angle = jax.random.uniform(rot_key, minval=-max_angle, maxval=max_angle)
     flip = jax.random.bernoulli(flip_key, aug.flip_prob)
-    shift_2 = jnp.round(jax.random.uniform(shift_key, (2,), minval=-1.0, maxval=1.0) * (
+    translate_2 = jnp.round(jax.random.uniform(shift_key, (2,), minval=-1.0, maxval=1.0) * (
         aug.translate_fraction * jnp.array([h, w], jnp.float32)))  # whole pixels, as torchvision
-    shift_2 = shift_2 + jax.random.randint(crop_key, (2,), -aug.crop_padding,
-                                           aug.crop_padding + 1).astype(jnp.float32)
-    image_HxW = affine(image_HxW, angle, flip, shift_2)
+    crop_2 = jax.random.randint(crop_key, (2,), -aug.crop_padding,
+                                aug.crop_padding + 1).astype(jnp.float32)
+    image_HxW = affine(image_HxW, angle, flip, translate_2, crop_2)
     if aug.erasing_prob > 0:
         image_HxW = _erase(image_HxW, erase_key, aug.erasing_prob)
     return image_HxW
 
 
 def affine(image_HxW: jax.Array, angle: jax.Array, flip: jax.Array,
-           shift_2: jax.Array) -> jax.Array:
+           *shifts_2: jax.Array) -> jax.Array:
     """Rotate by `angle` radians (counter-clockwise as displayed, about the centre), flip left
-    and right if `flip`, then shift by `shift_2` (rows, columns) pixels; zero fill.
+    and right if `flip`, then shift by each of `shifts_2` (rows, columns; whole pixels) in
+    turn; zero fill.
 
-    Each output pixel takes the input pixel nearest to the inverse map of its centre.
+    One gather, yet the same pixels as doing the steps one after the other on 28x28 images,
+    as torchvision's transforms do: each output pixel takes the input pixel nearest to the
+    inverse map of its centre, and is 0 if the map leaves the frame at any step. (Checking
+    only the last step, the rotation's, would let a shift reveal rotated-in corners of the
+    original image where torchvision's shift reveals black.)
     """
     h, w = image_HxW.shape
-    rows_HxW, cols_HxW = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32),
-                                      jnp.arange(w, dtype=jnp.float32), indexing="ij")
-    centre_r, centre_c = (h - 1) / 2.0, (w - 1) / 2.0
-    # Undo the shift, then the flip, then the rotation.
-    r = rows_HxW - shift_2[0]
-    c = cols_HxW - shift_2[1]
+    r, c = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32), jnp.arange(w, dtype=jnp.float32),
+                        indexing="ij")
+    inside = jnp.ones((h, w), bool)
+    # Undo the shifts, last first, each from a frame that the previous step filled ...
+    for shift_2 in reversed(shifts_2):
+        r, c = r - shift_2[0], c - shift_2[1]
+        inside &= _in_frame(r, c, h, w)
+    # ... then the flip (the frame onto itself), then the rotation.
     c = jnp.where(flip, (w - 1) - c, c)
+    centre_r, centre_c = (h - 1) / 2.0, (w - 1) / 2.0
     dr, dc = r - centre_r, c - centre_c
     cos, sin = jnp.cos(angle), jnp.sin(angle)
     # Rows grow downwards, so a counter-clockwise turn on screen maps (dr, dc) to
     # (cos dr - sin dc, sin dr + cos dc); its inverse is the transpose.
-    src_r = jnp.round(cos * dr + sin * dc + centre_r).astype(jnp.int32)
-    src_c = jnp.round(-sin * dr + cos * dc + centre_c).astype(jnp.int32)
-    inside = (src_r >= 0) & (src_r < h) & (src_c >= 0) & (src_c < w)
-    flat_index = jnp.clip(src_r, 0, h - 1) * w + jnp.clip(src_c, 0, w - 1)
+    src_r = jnp.round(cos * dr + sin * dc + centre_r)
+    src_c = jnp.round(-sin * dr + cos * dc + centre_c)
+    inside &= _in_frame(src_r, src_c, h, w)
+    flat_index = (jnp.clip(src_r, 0, h - 1).astype(jnp.int32) * w
+                  + jnp.clip(src_c, 0, w - 1).astype(jnp.int32))
     return jnp.where(inside, image_HxW.reshape(-1)[flat_index], 0.0)
+
+
+def _in_frame(r: jax.Array, c: jax.Array, h: int, w: int) -> jax.Array:
+    """Whether the pixel nearest to (r, c) is one of the h x w image's."""
+    r, c = jnp.round(r), jnp.round(c)
+    return (r >= 0) & (r <= h - 1) & (c >= 0) & (c <= w - 1)
 
 
 def _erase(image_HxW: jax.Array, key: jax.Array, prob: float) -> jax.Array:

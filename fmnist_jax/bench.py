@@ -61,8 +61,9 @@ class BenchSettings:
 
 def bench_config(preset: str, **overrides: Any) -> TrainConfig:
     """The preset's config for the bench: no validation split, so every pipeline trains on all
-    60,000 images (the baseline has no validation split to hold out)."""
-    return get_config(preset, **{"val_fraction": 0.0, **overrides})
+    60,000 images (the baseline has no validation split to hold out), and so no early
+    stopping either (the bench times every epoch it is asked for)."""
+    return get_config(preset, **{"val_fraction": 0.0, "patience": 0, **overrides})
 
 
 def check_settings(s: BenchSettings) -> None:

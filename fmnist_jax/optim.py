@@ -62,10 +62,18 @@ def make_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> optax.GradientTran
 
 
 def make_plateau(cfg: TrainConfig) -> optax.GradientTransformationExtraArgs | None:
-    """optax's reduce-on-plateau for `decay="plateau"` (else None): the rate is multiplied by
-    `plateau_factor` once `plateau_patience` epochs in a row have not improved the
-    validation loss (optax counts like this; torch's ReduceLROnPlateau waits one epoch more)."""
+    """optax's reduce-on-plateau for `decay="plateau"` (else None), counting as torch's
+    ReduceLROnPlateau(mode="min", threshold=1e-4 relative, cooldown 0) does: an epoch
+    improves when its validation loss is below (1 - 1e-4) times the best so far; the rate is
+    multiplied by `plateau_factor` at the end of the epoch that makes `plateau_patience` + 1
+    in a row without improvement (torch tolerates `patience` such epochs, and reduces on the
+    next), and the count starts again.
+
+    optax's `patience` is the count at which it reduces (it reduces on the `patience`-th bad
+    epoch), hence the + 1: with optax's patience 3 the notebook's rate would fall one epoch
+    early.
+    """
     if cfg.decay != "plateau":
         return None
     return optax.contrib.reduce_on_plateau(factor=cfg.plateau_factor,
-                                           patience=cfg.plateau_patience, rtol=PLATEAU_RTOL)
+                                           patience=cfg.plateau_patience + 1, rtol=PLATEAU_RTOL)

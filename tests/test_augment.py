@@ -87,3 +87,30 @@ def test_augmented_training_runs_in_the_epoch_scan_and_changes_the_step():
     state, sums = train_epoch(state, images, labels, jax.random.key(2), batch_size=32, norm=HALF,
                               options=StepOptions(augment=EVERYTHING))
     assert int(sums.count) == 128 and np.isfinite(float(sums.loss))
+
+
+@pytest.mark.parametrize("angle_degrees,flip,shift", [(10.0, False, (3.0, -3.0)),
+                                                       (-9.0, True, (-2.0, 3.0)),
+                                                       (7.5, False, (0.0, 2.0))])
+def test_one_warp_equals_the_notebooks_transforms_one_after_the_other(angle_degrees, flip,
+                                                                      shift):
+    # torchvision applies RandomRotation, then the flip, then RandomAffine's shift, each to the
+    # previous one's 28x28 output: what the shift brings in from outside that frame is 0, even
+    # where the rotation's inverse map would land inside the original image (near the corners
+    # of an image that has content up to its border, as many Fashion-MNIST items do).
+    image_HxW = jnp.asarray(np.random.default_rng(0).uniform(1, 255, (28, 28)), jnp.float32)
+    angle = jnp.float32(np.radians(angle_degrees))
+    rotated_then_flipped = affine(image_HxW, angle, flip, jnp.zeros(2))
+    step_by_step = affine(rotated_then_flipped, jnp.float32(0.0), False, jnp.array(shift))
+    np.testing.assert_array_equal(affine(image_HxW, angle, flip, jnp.array(shift)),
+                                  step_by_step)
+
+
+def test_a_crop_after_a_shift_fills_both_revealed_strips_with_zeros():
+    # Shift right by 2, then a crop that moves the frame 2 back: torchvision's zero fill of the
+    # first step stays 0 in the second, so columns 0-1 are black, not the original columns.
+    image_HxW = jnp.full((28, 28), 100.0, jnp.float32)
+    out = np.asarray(affine(image_HxW, jnp.float32(0.0), False, jnp.array([0.0, 2.0]),
+                            jnp.array([0.0, -2.0])))
+    np.testing.assert_array_equal(out[:, 26:], 0.0)  # the crop's strip
+    np.testing.assert_array_equal(out[:, :24], 100.0)

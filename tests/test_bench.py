@@ -45,6 +45,9 @@ def test_bench_builds_its_runs_from_a_preset():
                                              pipelines=("jax",)))  # JAX alone trains any
     with pytest.raises(FmnistError, match="changes model"):
         bench.check_settings(bench.BenchSettings(config=bench.bench_config("cnn")))
+    # The notebook's recipe stops early on its validation split; the bench has none.
+    mlp = bench.bench_config("mlp", decay="constant")
+    assert (mlp.val_fraction, mlp.patience) == (0.0, 0)
 
 
 @pytest.mark.slow

@@ -169,18 +169,43 @@ def test_nesterov_is_optax_sgd_with_nesterov_momentum():
     assert not np.allclose(first["w"], plain["w"])  # Nesterov looks ahead: not plain momentum
 
 
-def test_plateau_halves_the_rate_after_three_flat_epochs():
+def _plateau_scales(val_losses, **overrides):
     from fmnist_jax.optim import make_plateau
     from fmnist_jax.steps import create_train_state, plateau_update
 
-    cfg = get_config(decay="plateau")  # the notebook's factor 0.5 and patience 3
+    cfg = get_config(decay="plateau", **overrides)  # the notebook's factor 0.5, patience 3
     state = create_train_state(get_model("lenet5"), make_optimizer(cfg, 10),
                                jax.random.key(0), plateau_tx=make_plateau(cfg))
     scales = []
-    for val_loss in (1.0, 0.9, 0.9, 0.9, 0.9, 0.95, 0.8):
+    for val_loss in val_losses:
         state = plateau_update(state, jnp.float32(val_loss))
         scales.append(float(state.plateau.scale))
-    assert scales == [1.0, 1.0, 1.0, 1.0, 0.5, 0.5, 0.5]
+    return scales
+
+
+# Two improvements, then flat: torch's patience 3 tolerates 3 flat epochs and halves the rate
+# on the 4th, then counts afresh (4 more flat epochs: halved again); 0.9 * (1 - 1e-4) is the
+# bar an epoch must beat, so 0.89995 does not count as lower and 0.8999 does.
+_LOSSES = (1.0, 0.9, 0.9, 0.9, 0.9, 0.95, 0.9, 0.9, 0.89995, 0.9, 0.8999, 0.95)
+
+
+def test_plateau_halves_the_rate_on_the_fourth_flat_epoch_as_torch():
+    assert _plateau_scales(_LOSSES) == [1.0, 1.0, 1.0, 1.0, 1.0, 0.5, 0.5, 0.5, 0.5, 0.25,
+                                        0.25, 0.25]
+
+
+@pytest.mark.parametrize("patience", [0, 1, 3])
+def test_plateau_matches_torchs_reduce_lr_on_plateau(patience):
+    torch = pytest.importorskip("torch")
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([param], lr=1.0)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=0.5,
+                                                       patience=patience)
+    expected = []
+    for val_loss in _LOSSES:
+        sched.step(val_loss)
+        expected.append(opt.param_groups[0]["lr"])
+    assert _plateau_scales(_LOSSES, plateau_patience=patience) == expected
 
 
 def test_the_plateau_scale_multiplies_every_update():

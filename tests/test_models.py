@@ -62,10 +62,64 @@ def test_unknown_model_is_a_user_error():
         get_model("resnet")
 
 
-def test_mlp_init_is_kaiming_normal_fan_out_with_zero_biases():
+@pytest.mark.parametrize("layer,fan_out", [("fc1", 512), ("fc2", 256), ("fc3", 128),
+                                           ("fc4", 10)])
+def test_mlp_init_is_kaiming_normal_fan_out_with_zero_biases(layer, fan_out):
+    # The notebook: kaiming_normal_(mode="fan_out", nonlinearity="relu") and a zero bias on
+    # every nn.Linear, the output layer's too; BatchNorm's scale 1 and bias 0.
     params = get_model("mlp").init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
-    kernel = np.asarray(params["fc1"]["kernel"])  # (784, 512): fan_out 512
-    assert kernel.std() == pytest.approx(np.sqrt(2 / 512), rel=0.02)
-    assert np.abs(kernel).max() > 3.5 * np.sqrt(2 / 512)  # untruncated, like torch's normal_
-    np.testing.assert_array_equal(params["fc1"]["bias"], 0.0)
-    np.testing.assert_array_equal(params["bn1"]["scale"], 1.0)
+    kernel = np.asarray(params[layer]["kernel"])  # (fan_in, fan_out)
+    assert kernel.shape[1] == fan_out
+    std = np.sqrt(2 / fan_out)
+    assert abs(kernel.mean()) < 0.05 * std
+    assert kernel.std() == pytest.approx(std, rel=0.1 if fan_out == 10 else 0.02)
+    assert np.abs(kernel).max() > 3.2 * std  # untruncated, like torch's normal_
+    np.testing.assert_array_equal(params[layer]["bias"], 0.0)
+    if layer != "fc4":
+        np.testing.assert_array_equal(params[layer.replace("fc", "bn")]["scale"], 1.0)
+        np.testing.assert_array_equal(params[layer.replace("fc", "bn")]["bias"], 0.0)
+
+
+def test_mlp_batchnorm_keeps_torchs_running_statistics():
+    # torch's BatchNorm1d: running = 0.9 running + 0.1 batch (flax would need momentum 0.9,
+    # not its default 0.99), with the batch's unbiased variance (flax's BatchNorm uses the
+    # biased one); the training output is normalized by the biased variance, eps 1e-5.
+    x = jax.random.normal(jax.random.key(1), (64, 28, 28, 1))
+    model = get_model("mlp")
+    variables = model.init(jax.random.key(0), x[:1])
+    np.testing.assert_array_equal(variables["batch_stats"]["bn1"]["mean"], 0.0)
+    np.testing.assert_array_equal(variables["batch_stats"]["bn1"]["var"], 1.0)
+    _, updated = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(2)},
+                             mutable=["batch_stats"])
+    fc1 = variables["params"]["fc1"]
+    h = (np.asarray(x, np.float64).reshape(64, -1) @ np.asarray(fc1["kernel"], np.float64)
+         + np.asarray(fc1["bias"], np.float64))
+    stats = updated["batch_stats"]["bn1"]
+    np.testing.assert_allclose(stats["mean"], 0.1 * h.mean(0), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(stats["var"], 0.9 + 0.1 * h.var(0, ddof=1), rtol=1e-4)
+
+
+def test_batchnorm1d_matches_torch_in_training_and_evaluation():
+    torch = pytest.importorskip("torch")
+    from fmnist_jax.models import BatchNorm1d
+
+    rng = np.random.default_rng(0)
+    batches = [rng.normal(2.0, 3.0, (64, 5)).astype(np.float32) for _ in range(3)]
+    ours = BatchNorm1d()
+    variables = ours.init(jax.random.key(0), jnp.asarray(batches[0]), train=False)
+    theirs = torch.nn.BatchNorm1d(5)
+    theirs.train()
+    for batch in batches:
+        out, updated = ours.apply(variables, jnp.asarray(batch), train=True,
+                                  mutable=["batch_stats"])
+        variables = {**variables, **updated}
+        np.testing.assert_allclose(out, theirs(torch.from_numpy(batch)).detach().numpy(),
+                                   rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(variables["batch_stats"]["mean"], theirs.running_mean.numpy(),
+                               rtol=1e-5)
+    np.testing.assert_allclose(variables["batch_stats"]["var"], theirs.running_var.numpy(),
+                               rtol=1e-5)
+    theirs.eval()
+    np.testing.assert_allclose(ours.apply(variables, jnp.asarray(batches[0]), train=False),
+                               theirs(torch.from_numpy(batches[0])).detach().numpy(),
+                               rtol=1e-4, atol=1e-5)

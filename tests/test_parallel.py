@@ -121,7 +121,7 @@ class Tiny(nn.Module):  # the MLP's layers in small: Dense, BatchNorm, ReLU, Dro
         return nn.Dense(10)(x)
 model = Tiny() if sys.argv[1] == "tiny" else get_model("mlp")
 cfg = get_config("mlp", batch_size=32, eval_batch_size=100, decay="constant", optimizer="sgd",
-                 weight_decay=0.0, learning_rate=0.05)
+                 weight_decay=0.0, weight_decay_params="kernels", learning_rate=0.05)
 train, test = make_split(128, seed=0), make_split(200, seed=1)
 results = []
 for devices in (jax.devices()[:1], jax.devices()):

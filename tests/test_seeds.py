@@ -140,7 +140,8 @@ def test_batchnorm_dropout_augmentation_members_equal_single_runs(tmp_path):
     under any change of summation order they wander by up to lr per step (seen: 7e-3 after
     12 steps) though the model's outputs do not depend on them."""
     cfg = get_config("mlp", epochs=2, batch_size=32, eval_batch_size=100, val_fraction=0.2,
-                     seed=4, seeds=2, optimizer="sgd", weight_decay=0.0, learning_rate=0.05,
+                     seed=4, seeds=2, optimizer="sgd", weight_decay=0.0,
+                     weight_decay_params="kernels", learning_rate=0.05,
                      label_smoothing=0.1, normalization="dataset", ema_decay=0.9)
     _check_members_equal_single_runs(tmp_path, cfg, rtol=1e-4, atol=1e-5)
 
