@@ -6,6 +6,7 @@ import pytest
 
 from fmnist_jax import FmnistError
 from fmnist_jax.models import Conv2D, count_params, get_model, max_pool_2x2
+from fmnist_jax.steps import init_params
 
 LENET5_PARAMS = 61_706  # the report's layer table: 156 + 2,416 + 48,120 + 10,164 + 850
 CNN_PARAMS = 206_922  # the tutorial's: 160 + 4,640 + 200,832 + 1,290
@@ -63,7 +64,9 @@ def test_unknown_model_is_a_user_error():
 
 
 def test_mlp_init_is_kaiming_normal_fan_out_with_zero_biases():
-    params = get_model("mlp").init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
+    # The package's jitted init (what training starts from), compiled once per model: the
+    # MLP tests of test_steps reuse it.
+    params = init_params(get_model("mlp"), jax.random.key(0))
     kernel = np.asarray(params["fc1"]["kernel"])  # (784, 512): fan_out 512
     assert kernel.std() == pytest.approx(np.sqrt(2 / 512), rel=0.02)
     assert np.abs(kernel).max() > 3.5 * np.sqrt(2 / 512)  # untruncated, like torch's normal_
