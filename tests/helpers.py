@@ -3,11 +3,24 @@
 from pathlib import Path
 
 import numpy as np
+import optax
 
 from fmnist_jax.data import Split
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MANUAL_DIR = REPO.parent / "shared" / "datasets" / "fashion_mnist"
+
+# The batch size of the unit tests' single steps and augmentations (test_steps, test_augment,
+# test_config_optim). Run eagerly, JAX compiles every op once per shape (seconds for a whole
+# train step on CPU); with one shape across files, each test after the first reuses the ops
+# the first compiled, and pays only for what it adds (label smoothing, a plateau scale...).
+STEP_BATCH = 32
+
+
+# One Adam(1e-3) object for the unit tests' LeNet-5 states. The optimizer is a static field of
+# the state, so jit caches on its identity: tests in different files that jit a step or an
+# epoch with the same shapes then share one compiled program.
+SHARED_ADAM = optax.adam(1e-3)
 
 
 def make_split(n: int, seed: int = 0) -> Split:
@@ -18,6 +31,14 @@ def make_split(n: int, seed: int = 0) -> Split:
     for i, c in enumerate(labels):
         images[i, 2 * c + 4: 2 * c + 6, 4:24, 0] = 250
     return Split(images_NxHxWx1=images, labels_N=labels)
+
+
+def step_batch(n: int = STEP_BATCH, seed: int = 0):
+    """(images, labels) of `make_split(n, seed)` as device arrays: a unit test's batch."""
+    import jax.numpy as jnp
+
+    split = make_split(n, seed)
+    return jnp.asarray(split.images_NxHxWx1), jnp.asarray(split.labels_N)
 
 
 def tiny_config():

@@ -9,16 +9,19 @@ from fmnist_jax.augment import NONE, Augment, affine, augment_batch
 from fmnist_jax.data import HALF
 from fmnist_jax.models import get_model
 from fmnist_jax.steps import StepOptions, create_train_state, train_epoch, train_step
-from tests.helpers import make_split
+from tests.helpers import STEP_BATCH, make_split
 
 NOTEBOOK = Augment(rotation_degrees=10, flip_prob=0.1, translate_fraction=0.1)
 EVERYTHING = Augment(rotation_degrees=30, flip_prob=0.5, translate_fraction=0.2, crop_padding=4,
                      erasing_prob=0.5)
 
 
+# Every batch here has STEP_BATCH images: augment_batch runs eagerly, and JAX compiles each
+# eager op once per shape, so one shape lets each test reuse what the ones before compiled
+# (the augmented train step below included).
 @pytest.fixture(scope="module")
 def images_BxHxWx1():
-    return jnp.asarray(make_split(64, seed=3).images_NxHxWx1)
+    return jnp.asarray(make_split(STEP_BATCH, seed=3).images_NxHxWx1)
 
 
 @pytest.mark.parametrize("aug", [NOTEBOOK, EVERYTHING])
@@ -32,9 +35,10 @@ def test_shape_dtype_range_and_same_key_same_images(images_BxHxWx1, aug):
 
 
 def test_each_image_gets_its_own_draw():
-    same_BxHxWx1 = jnp.tile(jnp.asarray(make_split(1, seed=5).images_NxHxWx1), (8, 1, 1, 1))
+    same_BxHxWx1 = jnp.tile(jnp.asarray(make_split(1, seed=5).images_NxHxWx1),
+                            (STEP_BATCH, 1, 1, 1))
     out = np.asarray(augment_batch(same_BxHxWx1, jax.random.key(0), EVERYTHING))
-    assert len({out[i].tobytes() for i in range(8)}) == 8
+    assert len({out[i].tobytes() for i in range(STEP_BATCH)}) == STEP_BATCH
 
 
 def test_zero_strength_is_the_identity(images_BxHxWx1):
@@ -64,7 +68,7 @@ def test_a_whole_pixel_shift_moves_pixels_and_fills_zeros():
 
 
 def test_erasing_blacks_out_one_rectangle():
-    ones_BxHxWx1 = jnp.full((32, 28, 28, 1), 255, jnp.uint8)
+    ones_BxHxWx1 = jnp.full((STEP_BATCH, 28, 28, 1), 255, jnp.uint8)
     out = np.asarray(augment_batch(ones_BxHxWx1, jax.random.key(0), Augment(erasing_prob=1.0)))
     for image_HxW in out[..., 0]:
         rows, cols = np.nonzero(image_HxW == 0)
@@ -80,8 +84,9 @@ def test_augmented_training_runs_in_the_epoch_scan_and_changes_the_step():
 
     tx = optax.adam(1e-3)
     state = create_train_state(get_model("lenet5"), tx, jax.random.key(0))
-    plain, _ = train_step(state, images[:32], labels[:32], jax.random.key(1), HALF)
-    augmented, _ = train_step(state, images[:32], labels[:32], jax.random.key(1), HALF,
+    b = STEP_BATCH  # the eager steps of test_steps: same shapes, same compiled ops
+    plain, _ = train_step(state, images[:b], labels[:b], jax.random.key(1), HALF)
+    augmented, _ = train_step(state, images[:b], labels[:b], jax.random.key(1), HALF,
                               StepOptions(augment=NOTEBOOK))
     assert not np.allclose(plain.params["fc3"]["kernel"], augmented.params["fc3"]["kernel"])
     state, sums = train_epoch(state, images, labels, jax.random.key(2), batch_size=32, norm=HALF,

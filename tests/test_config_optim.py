@@ -212,15 +212,16 @@ def test_the_plateau_scale_multiplies_every_update():
     from fmnist_jax.data import HALF
     from fmnist_jax.optim import make_plateau
     from fmnist_jax.steps import create_train_state, train_step
-    from tests.helpers import make_split
+    from tests.helpers import step_batch
 
-    split = make_split(8)
+    # The unit tests' batch shape: this eager step reuses the ops test_steps compiled.
+    images, labels = step_batch()
     cfg = get_config(decay="plateau")
     full = create_train_state(get_model("lenet5"), make_optimizer(cfg, 10),
                               jax.random.key(0), plateau_tx=make_plateau(cfg))
     half = full.replace(plateau=full.plateau._replace(scale=jnp.float32(0.5)))
     moved = [jax.tree_util.tree_map(lambda a, b: b - a, s.params, train_step(
-        s, split.images_NxHxWx1, split.labels_N, jax.random.key(1), HALF)[0].params)
+        s, images, labels, jax.random.key(1), HALF)[0].params)
         for s in (full, half)]
     # (moved weights differ by float rounding of params ~1: atol 1e-7 against steps ~5e-4)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(b, 0.5 * a, rtol=1e-4,

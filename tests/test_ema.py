@@ -16,14 +16,14 @@ from fmnist_jax.data import HALF
 from fmnist_jax.models import get_model
 from fmnist_jax.steps import (create_train_state, evaluate, evaluation_state, train_epoch,
                               train_step_jit)
-from tests.helpers import make_split, tiny_config
+from tests.helpers import SHARED_ADAM, make_split, step_batch, tiny_config
 from tests.helpers import train_quietly as _run
 
 _ADAM = optax.adam(1e-2)  # one tx object: jit caches on it
 
 
-def _state(ema_decay):
-    return create_train_state(get_model("lenet5"), _ADAM, jax.random.key(0), ema_decay=ema_decay)
+def _state(ema_decay, tx=_ADAM):
+    return create_train_state(get_model("lenet5"), tx, jax.random.key(0), ema_decay=ema_decay)
 
 
 def test_ema_equals_the_hand_computed_average_of_the_steps():
@@ -45,12 +45,13 @@ def test_ema_equals_the_hand_computed_average_of_the_steps():
 
 
 def test_ema_off_keeps_none_and_the_training_is_the_same_with_it_on():
-    split = make_split(256)
-    images, labels = jnp.asarray(split.images_NxHxWx1), jnp.asarray(split.labels_N)
-    off, off_sums = train_epoch(_state(0.0), images, labels, jax.random.key(1), batch_size=32,
-                                norm=HALF)
-    on, on_sums = train_epoch(_state(0.9), images, labels, jax.random.key(1), batch_size=32,
-                              norm=HALF)
+    # The epoch without the average is test_steps' (same optimizer object, model and shapes):
+    # it compiles once for both files.
+    images, labels = step_batch(200)
+    off, off_sums = train_epoch(_state(0.0, SHARED_ADAM), images, labels, jax.random.key(1),
+                                batch_size=32, norm=HALF)
+    on, on_sums = train_epoch(_state(0.9, SHARED_ADAM), images, labels, jax.random.key(1),
+                              batch_size=32, norm=HALF)
     assert off.ema_params is None and evaluation_state(off) is off
     # The average only watches: the weights and metrics of the steps are bit for bit the same.
     chex.assert_trees_all_equal((off.params, off.opt_state, off_sums),

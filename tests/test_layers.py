@@ -11,6 +11,7 @@ import pytest
 
 from fmnist_jax.models import (CONV_IMPLS, POOL_IMPLS, Conv2D, ConvReluPool, LeNet5,
                                TutorialCNN, conv_and_pool_impl, max_pool_2x2)
+from fmnist_jax.steps import init_variables
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -40,6 +41,16 @@ def _assert_trees_close(a, b):
     jax.tree_util.tree_map(_assert_close_to_scale, a, b)
 
 
+def _output_loss_and_grads(apply, cot, argnums=(0, 1)):
+    """jit of (params..., x) -> ((sum(apply(...) * cot), apply(...)), grads): the output and
+    the gradients of a fixed projection of it from one compiled program, where a jitted
+    apply and a jitted gradient would compile twice. The values compared are the same."""
+    def loss(*args):
+        out = apply(*args)
+        return jnp.sum(out * cot), out
+    return jax.jit(jax.value_and_grad(loss, argnums=argnums, has_aux=True))
+
+
 @pytest.mark.parametrize("impl", sorted(CONV_IMPLS))
 @pytest.mark.parametrize("name,hw,c_in,c_out,k,pad", CONV_SHAPES, ids=[s[0] for s in CONV_SHAPES])
 def test_conv_outputs_and_grads_equal_flax_conv(impl, name, hw, c_in, c_out, k, pad):
@@ -52,13 +63,9 @@ def test_conv_outputs_and_grads_equal_flax_conv(impl, name, hw, c_in, c_out, k, 
                            reference.init(jax.random.key(2), x))
     cot = jax.random.normal(jax.random.key(3), jax.eval_shape(reference.apply, params, x).shape)
 
-    def loss(module):
-        return jax.jit(jax.value_and_grad(
-            lambda p, x: jnp.sum(module.apply(p, x) * cot), argnums=(0, 1)))
-
-    np.testing.assert_allclose(jax.jit(ours.apply)(params, x),
-                               jax.jit(reference.apply)(params, x), **TOL)
-    (l_ours, g_ours), (l_ref, g_ref) = loss(ours)(params, x), loss(reference)(params, x)
+    (l_ours, y_ours), g_ours = _output_loss_and_grads(ours.apply, cot)(params, x)
+    (l_ref, y_ref), g_ref = _output_loss_and_grads(reference.apply, cot)(params, x)
+    np.testing.assert_allclose(y_ours, y_ref, **TOL)
     np.testing.assert_allclose(l_ours, l_ref, rtol=1e-5)
     _assert_trees_close(g_ours, g_ref)  # d/dkernel, d/dbias and d/dinput
 
@@ -71,10 +78,10 @@ def test_pool_outputs_and_grads_equal_flax_max_pool(impl, hw, c):
     x = x.at[:, : hw // 2].set(jnp.maximum(x[:, : hw // 2], 0.0))
     pool = POOL_IMPLS[impl]
     ref = lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))  # noqa: E731
-    np.testing.assert_array_equal(jax.jit(pool)(x), ref(x))
-    cot = jax.random.normal(jax.random.key(1), ref(x).shape)
-    g_ours = jax.jit(jax.grad(lambda x: jnp.sum(pool(x) * cot)))(x)
-    g_ref = jax.jit(jax.grad(lambda x: jnp.sum(ref(x) * cot)))(x)
+    cot = jax.random.normal(jax.random.key(1), jax.eval_shape(ref, x).shape)
+    (_, y_ours), g_ours = _output_loss_and_grads(pool, cot, argnums=0)(x)
+    (_, y_ref), g_ref = _output_loss_and_grads(ref, cot, argnums=0)(x)
+    np.testing.assert_array_equal(y_ours, y_ref)
     np.testing.assert_allclose(g_ours, g_ref, **TOL)
 
 
@@ -91,10 +98,10 @@ def test_conv_relu_pool_equals_flax(name, hw, c_in, c_out, k, pad):
         return nn.max_pool(nn.relu(conv.apply(p, x)), (2, 2), strides=(2, 2))
 
     cot = jax.random.normal(jax.random.key(3), jax.eval_shape(ref_apply, params, x).shape)
-    grad = lambda f: jax.jit(jax.grad(lambda p, x: jnp.sum(f(p, x) * cot), argnums=(0, 1)))  # noqa
-    np.testing.assert_allclose(jax.jit(ours.apply)(params, x), jax.jit(ref_apply)(params, x),
-                               **TOL)
-    _assert_trees_close(grad(ours.apply)(params, x), grad(ref_apply)(params, x))
+    (_, y_ours), g_ours = _output_loss_and_grads(ours.apply, cot)(params, x)
+    (_, y_ref), g_ref = _output_loss_and_grads(ref_apply, cot)(params, x)
+    np.testing.assert_allclose(y_ours, y_ref, **TOL)
+    _assert_trees_close(g_ours, g_ref)
 
 
 class _FlaxLeNet5(nn.Module):
@@ -126,17 +133,22 @@ class _FlaxCNN(nn.Module):
 def test_whole_model_logits_and_grads_equal_flax(ours, ref):
     x = jax.random.normal(jax.random.key(1), (8, 28, 28, 1))
     labels = jnp.arange(8) % 10
-    params = ours.init(jax.random.key(0), x)
+    # Ours through the package's jitted init (the parameters depend on the input's shape
+    # only): compiled once per model, LeNet-5's shared with every LeNet-5 state of the suite,
+    # where ours.init would run the model's forward pass eagerly, compiling op by op.
+    params = init_variables(ours, jax.random.key(0))
     jax.tree_util.tree_map(np.testing.assert_array_equal, params,
                            ref.init(jax.random.key(0), x))  # same layout and init
 
-    def loss_grad(model):
-        return jax.jit(jax.value_and_grad(lambda p: optax.softmax_cross_entropy_with_integer_labels(
-            model.apply(p, x), labels).mean()))(params)
+    def logits_loss_grad(model):
+        def loss(p):
+            logits = model.apply(p, x)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), logits
+        return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
 
-    np.testing.assert_allclose(jax.jit(ours.apply)(params, x), jax.jit(ref.apply)(params, x),
-                               **TOL)
-    (l_ours, g_ours), (l_ref, g_ref) = loss_grad(ours), loss_grad(ref)
+    ((l_ours, logits_ours), g_ours), ((l_ref, logits_ref), g_ref) = (logits_loss_grad(ours),
+                                                                     logits_loss_grad(ref))
+    np.testing.assert_allclose(logits_ours, logits_ref, **TOL)
     np.testing.assert_allclose(l_ours, l_ref, rtol=1e-5)
     _assert_trees_close(g_ours, g_ref)
 

@@ -6,6 +6,7 @@ import pytest
 
 from fmnist_jax import FmnistError
 from fmnist_jax.models import Conv2D, count_params, get_model, max_pool_2x2
+from fmnist_jax.steps import init_params
 
 LENET5_PARAMS = 61_706  # the report's layer table: 156 + 2,416 + 48,120 + 10,164 + 850
 CNN_PARAMS = 206_922  # the tutorial's: 160 + 4,640 + 200,832 + 1,290
@@ -66,8 +67,10 @@ def test_unknown_model_is_a_user_error():
                                            ("fc4", 10)])
 def test_mlp_init_is_kaiming_normal_fan_out_with_zero_biases(layer, fan_out):
     # The notebook: kaiming_normal_(mode="fan_out", nonlinearity="relu") and a zero bias on
-    # every nn.Linear, the output layer's too; BatchNorm's scale 1 and bias 0.
-    params = get_model("mlp").init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
+    # every nn.Linear, the output layer's too; BatchNorm's scale 1 and bias 0. The package's
+    # jitted init (what training starts from), compiled once for all four cases and shared
+    # with the MLP tests of test_steps.
+    params = init_params(get_model("mlp"), jax.random.key(0))
     kernel = np.asarray(params[layer]["kernel"])  # (fan_in, fan_out)
     assert kernel.shape[1] == fan_out
     std = np.sqrt(2 / fan_out)

@@ -10,19 +10,16 @@ from fmnist_jax.models import get_model
 from fmnist_jax.steps import (StepOptions, create_train_state, eval_step_jit, evaluate,
                               normalize, predict_logits, train_epoch, train_step,
                               train_step_jit)
-from tests.helpers import make_split
+from tests.helpers import SHARED_ADAM, STEP_BATCH, make_split
+from tests.helpers import step_batch as _batch
+
+# One tx object (see helpers.SHARED_ADAM): every LeNet-5 test below that jits a step or an
+# epoch with the same shapes reuses one compiled program, test_ema's too.
+_ADAM = SHARED_ADAM
 
 
-_ADAM = {lr: optax.adam(lr) for lr in (1e-3, 1e-2)}  # one tx object each: jit caches on it
-
-
-def _state(seed=0, lr=1e-3):
-    return create_train_state(get_model("lenet5"), _ADAM[lr], jax.random.key(seed))
-
-
-def _batch(n=16, seed=0):
-    split = make_split(n, seed)
-    return jnp.asarray(split.images_NxHxWx1), jnp.asarray(split.labels_N)
+def _state(seed=0):
+    return create_train_state(get_model("lenet5"), _ADAM, jax.random.key(seed))
 
 
 def test_normalization_maps_pixels_to_minus_one_one():
@@ -31,13 +28,15 @@ def test_normalization_maps_pixels_to_minus_one_one():
 
 
 def test_train_step_is_pure_and_jit_agrees():
-    images, labels = _batch(4)
+    images, labels = _batch()
     key = jax.random.key(3)
     state = _state()
     s1, m1 = train_step(state, images, labels, key, HALF)
     s2, m2 = train_step(state, images, labels, key, HALF)
     chex.assert_trees_all_equal((s1.params, s1.opt_state, m1), (s2.params, s2.opt_state, m2))
-    s3, m3 = jax.jit(train_step)(_state(), images, labels, key, HALF)
+    # The package's jitted step (it donates the state: a fresh one) on the same shapes as
+    # test_loss_falls_when_overfitting_one_batch's, so the two share its compilation.
+    s3, m3 = train_step_jit(_state(), images, labels, key, HALF)
     chex.assert_trees_all_close((s1.params, m1), (s3.params, m3), rtol=1e-5, atol=1e-5)
     assert int(s1.step) == 1
 
@@ -53,7 +52,7 @@ def test_train_step_does_not_retrace_across_steps():
 
 
 def test_loss_falls_when_overfitting_one_batch():
-    images, labels = _batch(32)
+    images, labels = _batch()
     state = _state()
     losses = []
     for i in range(60):
@@ -63,26 +62,29 @@ def test_loss_falls_when_overfitting_one_batch():
 
 
 def test_train_epoch_equals_a_loop_of_train_steps():
-    """The scan runs exactly train_step over the permutation it documents."""
-    split = make_split(200)
-    images, labels = jnp.asarray(split.images_NxHxWx1), jnp.asarray(split.labels_N)
+    """The scan runs exactly train_step over the permutation it documents; the 200 % 32 = 8
+    examples left over are skipped. (200 images in batches of STEP_BATCH, as in
+    test_same_seed_same_epoch: one compiled epoch and one compiled step for both.)"""
+    assert STEP_BATCH == 32
+    images, labels = _batch(200)
     key = jax.random.key(7)
-    scanned, sums = train_epoch(_state(), images, labels, key, batch_size=64, norm=HALF)
+    scanned, sums = train_epoch(_state(), images, labels, key, batch_size=32, norm=HALF)
     perm_key, step_key = jax.random.split(key)
-    order = np.asarray(jax.random.permutation(perm_key, 200))[:192].reshape(3, 64)
-    state, step_keys = _state(), jax.random.split(step_key, 3)
+    order = np.asarray(jax.random.permutation(perm_key, 200))[:192].reshape(6, 32)
+    state, step_keys = _state(), jax.random.split(step_key, 6)
     for idx, k in zip(order, step_keys):
         state, _ = train_step_jit(state, images[idx], labels[idx], k, HALF)
     chex.assert_trees_all_close(scanned.params, state.params, rtol=1e-5, atol=1e-6)
-    assert int(sums.count) == 192 and int(scanned.step) == 3
+    assert int(sums.count) == 192 and int(scanned.step) == 6
 
 
 def test_evaluate_counts_every_example_with_a_partial_batch():
     split = make_split(1003, seed=5)
     images, labels = jnp.asarray(split.images_NxHxWx1), jnp.asarray(split.labels_N)
-    state = _state(lr=1e-2)
+    state = _state()  # a few steps away from the initial weights (the shared compiled step)
     for i in range(5):
-        state, _ = train_step_jit(state, images[:64], labels[:64], jax.random.key(i), HALF)
+        state, _ = train_step_jit(state, images[:STEP_BATCH], labels[:STEP_BATCH],
+                                  jax.random.key(i), HALF)
     sums = evaluate(state, images, labels, batch_size=100, norm=HALF)  # 10 full batches + 3
     logits = np.asarray(predict_logits(state, images, batch_size=100, norm=HALF))
     assert logits.shape == (1003, 10)
@@ -101,8 +103,7 @@ def test_eval_step_ignores_masked_examples():
 
 
 def test_same_seed_same_epoch():
-    split = make_split(256)
-    images, labels = jnp.asarray(split.images_NxHxWx1), jnp.asarray(split.labels_N)
+    images, labels = _batch(200)  # test_train_epoch_equals_a_loop_of_train_steps' shapes
     a, _ = train_epoch(_state(), images, labels, jax.random.key(1), batch_size=32, norm=HALF)
     b, _ = train_epoch(_state(), images, labels, jax.random.key(1), batch_size=32, norm=HALF)
     chex.assert_trees_all_equal(a.params, b.params)
@@ -113,25 +114,25 @@ def test_same_seed_same_epoch():
 # --- models with BatchNorm and dropout, and models users bring -------------------------
 
 def _mlp_state(seed=0):
-    return create_train_state(get_model("mlp"), _ADAM[1e-3], jax.random.key(seed))
+    return create_train_state(get_model("mlp"), _ADAM, jax.random.key(seed))
 
 
 def test_batchnorm_statistics_move_in_training_and_not_in_evaluation():
-    images, labels = _batch(32)
+    images, labels = _batch()
     state = _mlp_state()
     before = state.batch_stats
     trained, _ = train_step(state, images, labels, jax.random.key(1), HALF)
     moved = jax.tree_util.tree_map(lambda a, b: float(jnp.abs(a - b).max()), before,
                                    trained.batch_stats)
     assert min(jax.tree_util.tree_leaves(moved)) > 0  # every mean and var moved
-    evaluate(trained, images, labels, batch_size=16, norm=HALF)
-    predict_logits(trained, images, batch_size=16, norm=HALF)
+    evaluate(trained, images, labels, batch_size=16, norm=HALF)  # two batches
+    predict_logits(trained, images, batch_size=32, norm=HALF)  # compiled for the next test too
     chex.assert_trees_all_equal(trained.batch_stats, train_step(
         state, images, labels, jax.random.key(1), HALF)[0].batch_stats)  # pure: no side effect
 
 
 def test_evaluation_uses_the_running_statistics_not_the_batch():
-    images, labels = _batch(32)
+    images, labels = _batch()
     state = _mlp_state()
     one = predict_logits(state, images[:1], batch_size=1, norm=HALF)
     many = predict_logits(state, images, batch_size=32, norm=HALF)
@@ -139,7 +140,7 @@ def test_evaluation_uses_the_running_statistics_not_the_batch():
 
 
 def test_dropout_differs_between_keys_and_is_off_in_evaluation():
-    images, labels = _batch(32)
+    images, labels = _batch()
     state = _mlp_state()
     a, _ = train_step(state, images, labels, jax.random.key(1), HALF)
     b, _ = train_step(state, images, labels, jax.random.key(2), HALF)
@@ -180,11 +181,11 @@ def test_a_users_plain_module_trains_through_the_steps():
 
 
 def test_label_smoothing_is_optax_smooth_labels():
-    images, labels = _batch(16)
+    images, labels = _batch()
     state = _state()
     _, sums = train_step(state, images, labels, jax.random.key(0), HALF,
                          StepOptions(label_smoothing=0.1))
-    logits = predict_logits(state, images, batch_size=16, norm=HALF)
+    logits = predict_logits(state, images, batch_size=STEP_BATCH, norm=HALF)
     targets = optax.smooth_labels(jax.nn.one_hot(labels, 10), 0.1)
     expected = optax.softmax_cross_entropy(logits, targets).sum()
     np.testing.assert_allclose(float(sums.loss), float(expected), rtol=1e-5)
