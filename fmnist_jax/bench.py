@@ -34,6 +34,7 @@ import numpy as np
 import optax
 
 from fmnist_jax import data, streams
+from fmnist_jax.baseline import TORCH_MODELS
 from fmnist_jax.baseline.order import jax_epoch_batch_order, run_epoch_order, run_init_params
 from fmnist_jax.config import TrainConfig, get_config
 from fmnist_jax.epochs import CompiledEpochs, step_options
@@ -45,8 +46,11 @@ from fmnist_jax.steps import create_train_state
 
 PIPELINES = ("jax", "torch-tensors", "torch-dataloader")
 TORCH_WARMUP_STEPS = 20  # steps on the real model before the clock starts, then reset
-# The config fields the PyTorch baseline follows; any other must keep its lenet5 value.
-TORCH_VARIES = ("epochs", "batch_size", "eval_batch_size", "learning_rate", "seed",
+# The config fields the PyTorch baseline follows; any other must keep its default (the lenet5
+# preset's value), which the baseline's recipe implements: constant-rate Adam, no weight decay,
+# clipping, smoothing, augmentation or EMA, pixels to [-1, 1]. `model` must be one of
+# `baseline.TORCH_MODELS`.
+TORCH_VARIES = ("model", "epochs", "batch_size", "eval_batch_size", "learning_rate", "seed",
                 "val_fraction")
 
 
@@ -68,7 +72,8 @@ def bench_config(preset: str, **overrides: Any) -> TrainConfig:
 
 def check_settings(s: BenchSettings) -> None:
     """FmnistError unless the torch pipelines can train `s.config` exactly as JAX does: the
-    baseline is LeNet-5 with constant-rate Adam and pixels normalized to [-1, 1]."""
+    baseline has LeNet-5 and the tutorial CNN, trained with constant-rate Adam on pixels
+    normalized to [-1, 1]."""
     unknown = [p for p in s.pipelines if p not in PIPELINES]
     if unknown or not s.pipelines:
         raise FmnistError(f"unknown pipelines {unknown}: choose from {', '.join(PIPELINES)}")
@@ -77,12 +82,16 @@ def check_settings(s: BenchSettings) -> None:
     if not any(p.startswith("torch") for p in s.pipelines):
         return
     cfg, plain = s.config, TrainConfig()
+    if cfg.model not in TORCH_MODELS:
+        raise FmnistError(f"the PyTorch baseline has no {cfg.model} model (it has "
+                          f"{', '.join(TORCH_MODELS)}): pass --pipelines jax, or --preset "
+                          f"{' or --preset '.join(TORCH_MODELS)}")
     differs = [f.name for f in dataclasses.fields(TrainConfig)
                if f.name not in TORCH_VARIES and getattr(cfg, f.name) != getattr(plain, f.name)]
     if differs:
-        raise FmnistError(f"the PyTorch baseline trains LeNet-5 with constant-rate Adam only, "
-                          f"but this config changes {', '.join(differs)}: pass "
-                          f"--pipelines jax, or the lenet5 preset")
+        raise FmnistError(f"the PyTorch baseline trains with constant-rate Adam only, but this "
+                          f"config changes {', '.join(differs)}: pass --pipelines jax, or "
+                          f"--preset {' or --preset '.join(TORCH_MODELS)} without those changes")
 
 
 def choose_device(requested: str) -> str:
@@ -149,13 +158,13 @@ class _TorchRun:
                  test: data.Split):
         import torch
 
-        from fmnist_jax.baseline import torch_lenet as tl
+        from fmnist_jax.baseline import torch_train as tl
         from fmnist_jax.baseline.exchange import flax_to_torch_state_dict
 
         self.tl, self.kind, self.cfg = tl, kind, cfg
         init = run_init_params(cfg.seed, cfg.model)
-        self.setup = tl.make_setup(learning_rate=cfg.learning_rate, device=s.torch_device,
-                                   params=init,
+        self.setup = tl.make_setup(model=cfg.model, learning_rate=cfg.learning_rate,
+                                   device=s.torch_device, params=init,
                                    compile=s.torch_compile and kind == "torch-tensors")
         self.device = self.setup.device
         self.test = tl.to_device_split(test.images_NxHxWx1, test.labels_N, s.torch_device)
@@ -180,7 +189,7 @@ class _TorchRun:
                 self.loader.dataset, batches_SxB=warm))
         _sync_torch(self.device)
         self.warmup_s = time.perf_counter() - t0
-        self.setup.model.load_state_dict(flax_to_torch_state_dict(init))  # copies in place
+        self.setup.model.load_state_dict(flax_to_torch_state_dict(init, cfg.model))  # in place
         self.setup.optimizer = torch.optim.Adam(self.setup.model.parameters(),
                                                 lr=cfg.learning_rate)
 

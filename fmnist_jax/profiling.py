@@ -7,7 +7,7 @@ figures that mean something are RATIOS of runs interleaved in the same process: 
 runs every pipeline once, and the median over rounds is reported.
 
 - `step_costs`: one `steps.train_epoch` (a `lax.scan` of K train steps, shuffled gather
-  included) against `torch_lenet.train_epoch_tensors` over the same K batches.
+  included) against `torch_train.train_epoch_tensors` over the same K batches.
 - `op_breakdown`: one JAX step's time split by layer, by timing jitted forward+backward
   pieces in isolation (see its docstring for what each piece contains).
 """
@@ -53,10 +53,10 @@ class JaxEpoch:
 
 
 class TorchEpoch:
-    """`torch_lenet.train_epoch_tensors` over a fixed (steps, batch) order."""
+    """`torch_train.train_epoch_tensors` over a fixed (steps, batch) order."""
 
     def __init__(self, images, labels, batch_size: int):
-        from fmnist_jax.baseline import torch_lenet as tl
+        from fmnist_jax.baseline import torch_train as tl
 
         self.tl = tl
         self.setup = tl.make_setup(device="cpu", seed=0)

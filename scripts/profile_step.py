@@ -6,7 +6,7 @@
     python scripts/profile_step.py --cnn-formulations  # the tutorial CNN's choice
 
 Part 1 (fmnist_jax.profiling.step_costs): per batch size, a scan of K train steps
-(steps.train_epoch on random uint8 images, compile excluded) and torch_lenet.train_epoch_tensors
+(steps.train_epoch on random uint8 images, compile excluded) and torch_train.train_epoch_tensors
 on the same number of images, interleaved round by round in this process; medians of
 microseconds per image and their ratio JAX/torch. On a shared machine only the ratio means
 much. Part 2 (fmnist_jax.profiling.op_breakdown): a jax.profiler trace of one scan, summed

@@ -1,9 +1,12 @@
-"""The PyTorch baseline: the same LeNet-5, exact weight exchange, the JAX batch order, and
-torch and JAX taking the same Adam steps from the same init on the same batches.
+"""The PyTorch baseline: the same models (LeNet-5 and the tutorial CNN), exact weight exchange,
+the JAX batch order, and torch and JAX taking the same Adam steps from the same init on the
+same batches.
 
 All on CPU and small random data: the equalities are what make a head-to-head comparison
 "same model, same init, same batches, different framework".
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -13,14 +16,18 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from fmnist_jax.baseline import exchange, order  # noqa: E402
-from fmnist_jax.baseline import torch_lenet as tl  # noqa: E402
+from fmnist_jax.baseline import TORCH_MODELS, exchange, order  # noqa: E402
+from fmnist_jax.baseline import torch_models as tm  # noqa: E402
+from fmnist_jax.baseline import torch_train as tt  # noqa: E402
 from fmnist_jax.errors import FmnistError  # noqa: E402
-from fmnist_jax.models import LeNet5, TutorialCNN  # noqa: E402
+from fmnist_jax.models import MODELS, LeNet5, count_params, get_model  # noqa: E402
 from fmnist_jax.data import HALF  # noqa: E402
 from fmnist_jax.steps import create_train_state, evaluate, normalize, train_epoch  # noqa: E402
 
 NORM = HALF
+# Each torch model with its Flax model's parameter count (the LeNet-5 report's 61,706 and the
+# tutorial CNN's 206,922).
+PARAM_COUNTS = {"lenet5": 61_706, "cnn": 206_922}
 
 
 def random_images(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -30,29 +37,34 @@ def random_images(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return images_NxHxWx1, labels_N
 
 
-def random_flax_params(seed: int = 0) -> dict:
-    """LeNet5 params with every leaf random, biases too (their init is zeros, which would
+def abstract_params(model: str):
+    """`model`'s Flax params as shapes only (no init computation)."""
+    return jax.eval_shape(get_model(model).init, jax.random.key(0),
+                          jnp.zeros((1, 28, 28, 1)))["params"]
+
+
+def random_flax_params(seed: int = 0, model: str = "lenet5") -> dict:
+    """`model`'s params with every leaf random, biases too (their init is zeros, which would
     hide a misplaced bias)."""
-    shapes = jax.eval_shape(LeNet5().init, jax.random.key(seed), jnp.zeros((1, 28, 28, 1)))
-    leaves, treedef = jax.tree_util.tree_flatten(shapes["params"])
+    leaves, treedef = jax.tree_util.tree_flatten(abstract_params(model))
     keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
     return jax.tree_util.tree_unflatten(
         treedef, [0.1 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
 
 
-@jax.jit
-def _flax_logits(params, images_NxHxWx1):
-    return LeNet5().apply({"params": params}, normalize(images_NxHxWx1, NORM))
+@functools.partial(jax.jit, static_argnames="model")
+def _flax_logits(params, images_NxHxWx1, model):
+    return get_model(model).apply({"params": params}, normalize(images_NxHxWx1, NORM))
 
 
-def flax_logits(params, images_NxHxWx1: np.ndarray) -> np.ndarray:
-    return np.asarray(_flax_logits(params, jnp.asarray(images_NxHxWx1)))
+def flax_logits(params, images_NxHxWx1: np.ndarray, model: str = "lenet5") -> np.ndarray:
+    return np.asarray(_flax_logits(params, jnp.asarray(images_NxHxWx1), model))
 
 
 def torch_logits(model, images_NxHxWx1: np.ndarray) -> np.ndarray:
-    data = tl.to_device_split(images_NxHxWx1, np.zeros(len(images_NxHxWx1), np.int32))
+    data = tt.to_device_split(images_NxHxWx1, np.zeros(len(images_NxHxWx1), np.int32))
     with torch.no_grad():
-        return model(tl.normalize_uint8(data.images_Nx1xHxW, NORM)).numpy()
+        return model(tt.normalize_uint8(data.images_Nx1xHxW, NORM)).numpy()
 
 
 def assert_trees_equal(a, b) -> None:
@@ -70,54 +82,80 @@ def max_tree_diff(a, b) -> float:
 # ---------------------------------------------------------------- model and exchange
 
 
-def test_torch_lenet5_has_the_report_param_count():
-    model = tl.TorchLeNet5()
-    assert tl.count_torch_params(model) == 61_706
-    assert list(model.state_dict()) == list(exchange.TORCH_SHAPES)
+def test_every_torch_model_is_known_to_the_models_and_the_exchange():
+    assert set(TORCH_MODELS) <= set(MODELS)
+    assert tuple(tm._CLASSES) == TORCH_MODELS == tuple(exchange.LAYOUTS)
 
 
-def test_flax_weights_in_torch_give_the_same_logits():
-    params = random_flax_params(0)
+@pytest.mark.parametrize("model", TORCH_MODELS)
+def test_torch_model_has_the_flax_param_count_and_layout(model):
+    torch_model = tm.make_torch_model(model)
+    flax_params = abstract_params(model)
+    assert tm.count_torch_params(torch_model) == count_params(flax_params) == PARAM_COUNTS[model]
+    layout = exchange.layout(model)
+    assert {k: tuple(v.shape) for k, v in torch_model.state_dict().items()} == \
+        layout.torch_shapes()
+    assert list(torch_model.state_dict()) == list(layout.torch_shapes())  # same order too
+    assert jax.tree_util.tree_map(lambda x: x.shape, flax_params) == layout.flax_shapes()
+    (_, (n_in, _)), *_ = layout.denses
+    assert n_in == int(np.prod(layout.flatten_hwc))
+
+
+@pytest.mark.parametrize("model", TORCH_MODELS)
+def test_flax_weights_in_torch_give_the_same_logits(model):
+    params = random_flax_params(0, model)
     images, _ = random_images(16)
-    model = tl.TorchLeNet5()
-    model.load_state_dict(exchange.flax_to_torch_state_dict(params))
-    np.testing.assert_allclose(torch_logits(model, images), flax_logits(params, images),
-                               atol=1e-4, rtol=0)
+    torch_model = tm.make_torch_model(model)
+    torch_model.load_state_dict(exchange.flax_to_torch_state_dict(params, model))
+    np.testing.assert_allclose(torch_logits(torch_model, images),
+                               flax_logits(params, images, model), atol=1e-4, rtol=0)
 
 
-def test_torch_weights_in_flax_give_the_same_logits():
-    model = tl.make_setup(seed=3).model  # torch's own init: nonzero biases
-    params = exchange.torch_state_dict_to_flax(model.state_dict())
+@pytest.mark.parametrize("model", TORCH_MODELS)
+def test_torch_weights_in_flax_give_the_same_logits(model):
+    torch_model = tt.make_setup(model=model, seed=3).model  # torch's own init: nonzero biases
+    params = exchange.torch_state_dict_to_flax(torch_model.state_dict(), model)
     images, _ = random_images(16, seed=1)
-    np.testing.assert_allclose(flax_logits(params, images), torch_logits(model, images),
-                               atol=1e-4, rtol=0)
+    np.testing.assert_allclose(flax_logits(params, images, model),
+                               torch_logits(torch_model, images), atol=1e-4, rtol=0)
 
 
-def test_round_trips_are_bitwise_exact():
-    params = random_flax_params(5)
-    assert_trees_equal(exchange.torch_state_dict_to_flax(exchange.flax_to_torch_state_dict(params)),
-                       params)
-    state_dict = tl.make_setup(seed=7).model.state_dict()
-    again = exchange.flax_to_torch_state_dict(exchange.torch_state_dict_to_flax(state_dict))
+@pytest.mark.parametrize("model", TORCH_MODELS)
+def test_round_trips_are_bitwise_exact(model):
+    params = random_flax_params(5, model)
+    assert_trees_equal(exchange.torch_state_dict_to_flax(
+        exchange.flax_to_torch_state_dict(params, model), model), params)
+    state_dict = tt.make_setup(model=model, seed=7).model.state_dict()
+    again = exchange.flax_to_torch_state_dict(exchange.torch_state_dict_to_flax(state_dict, model),
+                                              model)
     assert list(again) == list(state_dict)
     for name, tensor in state_dict.items():
         assert torch.equal(again[name], tensor) and again[name].dtype == tensor.dtype
 
 
-def test_fc1_permutation_maps_flax_hwc_to_torch_chw():
-    # Flax row h*80 + w*16 + c must become torch column c*25 + h*5 + w.
-    kernel_400x1 = np.arange(400, dtype=np.float32)[:, None]
-    weight_1x400 = exchange.fc1_flax_rows_to_torch_columns(kernel_400x1)
-    for h, w, c in [(0, 0, 1), (1, 2, 3), (4, 4, 15)]:
-        assert weight_1x400[0, c * 25 + h * 5 + w] == h * 80 + w * 16 + c
+@pytest.mark.parametrize("hwc", [(5, 5, 16), (7, 7, 32)])  # LeNet-5's and the CNN's fc1 input
+def test_fc1_permutation_maps_flax_hwc_to_torch_chw(hwc):
+    # Flax row (h * W + w) * C + c must become torch column (c * H + h) * W + w.
+    h_, w_, c_ = hwc
+    kernel_Ix1 = np.arange(h_ * w_ * c_, dtype=np.float32)[:, None]
+    weight_1xI = exchange.fc1_flax_rows_to_torch_columns(kernel_Ix1, hwc)
+    for h, w, c in [(0, 0, 1), (1, 2, 3), (h_ - 1, w_ - 1, c_ - 1)]:
+        assert weight_1xI[0, (c * h_ + h) * w_ + w] == (h * w_ + w) * c_ + c
+    assert np.array_equal(exchange.fc1_torch_columns_to_flax_rows(weight_1xI, hwc), kernel_Ix1)
 
 
 def test_exchange_rejects_other_models_clearly():
     # Shapes are all the exchange checks, so abstract trees (no init computation) will do.
-    cnn_params = jax.eval_shape(TutorialCNN().init, jax.random.key(0),
-                                jnp.zeros((1, 28, 28, 1)))["params"]
-    with pytest.raises(FmnistError, match="not LeNet-5 params.*only the lenet5 model"):
+    cnn_params = abstract_params("cnn")
+    with pytest.raises(FmnistError, match="not LeNet-5 params.*they are the cnn model's: pass "
+                                          "model='cnn'"):
         exchange.flax_to_torch_state_dict(cnn_params)
+    with pytest.raises(FmnistError, match="not tutorial CNN params.*the exchange knows the "
+                                          "models lenet5, cnn"):
+        exchange.flax_to_torch_state_dict(abstract_params("mlp"), "cnn")
+    with pytest.raises(FmnistError, match="PyTorch baseline has no 'mlp' model: use one of "
+                                          "lenet5, cnn"):
+        exchange.flax_to_torch_state_dict(abstract_params("mlp"), "mlp")
     lenet_variables = jax.eval_shape(LeNet5().init, jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
     with pytest.raises(FmnistError, match=r"pass variables\['params'\]"):
         exchange.flax_to_torch_state_dict(lenet_variables)
@@ -128,10 +166,14 @@ def test_exchange_rejects_other_models_clearly():
         exchange.flax_to_torch_state_dict(wrong)
     with pytest.raises(FmnistError, match="not a LeNet-5 state_dict"):
         exchange.torch_state_dict_to_flax(torch.nn.Linear(3, 2).state_dict())
+    with pytest.raises(FmnistError, match="not a LeNet-5 state_dict.*pass model='cnn'"):
+        exchange.torch_state_dict_to_flax(tm.make_torch_model("cnn").state_dict())
+    with pytest.raises(FmnistError, match="PyTorch baseline has no 'mlp' model"):
+        tt.make_setup(model="mlp")
 
 
 def test_compiled_model_state_dict_is_accepted():
-    model = tl.TorchLeNet5()
+    model = tm.TorchLeNet5()
     prefixed = {f"_orig_mod.{k}": v for k, v in model.state_dict().items()}
     assert_trees_equal(exchange.torch_state_dict_to_flax(prefixed),
                        exchange.torch_state_dict_to_flax(model.state_dict()))
@@ -144,39 +186,40 @@ def test_compiled_model_state_dict_is_accepted():
 # ---------------------------------------------------------------- same steps in both frameworks
 
 
-def test_torch_and_jax_take_the_same_adam_steps():
-    images, labels = random_images(5 * 64 + 30, seed=3)  # 5 steps of 64; 30 dropped
+@pytest.mark.parametrize("model,batch", [("lenet5", 64), ("cnn", 32)])  # their presets' batches
+def test_torch_and_jax_take_the_same_adam_steps(model, batch):
+    images, labels = random_images(5 * batch + 30, seed=3)  # 5 steps; 30 dropped
     key = jax.random.key(21)
-    init_params = random_flax_params(8)
+    init_params = random_flax_params(8, model)
     copy = jax.tree_util.tree_map(jnp.array, init_params)  # train_epoch donates its state
-    state = create_train_state(LeNet5(), optax.adam(1e-3), jax.random.key(0)).replace(
+    state = create_train_state(get_model(model), optax.adam(1e-3), jax.random.key(0)).replace(
         params=copy, opt_state=optax.adam(1e-3).init(copy))
     jax_state, jax_sums = train_epoch(state, jnp.asarray(images), jnp.asarray(labels), key,
-                                      batch_size=64, norm=HALF)
-    batches_SxB = order.jax_epoch_batch_order(key, len(labels), 64)
+                                      batch_size=batch, norm=HALF)
+    batches_SxB = order.jax_epoch_batch_order(key, len(labels), batch)
 
-    tensors = tl.make_setup(params=init_params)
-    tensors_sums = tl.train_epoch_tensors(tensors, tl.to_device_split(images, labels), batches_SxB)
-    tensors_params = exchange.torch_state_dict_to_flax(tensors.model.state_dict())
+    tensors = tt.make_setup(model=model, params=init_params)
+    tensors_sums = tt.train_epoch_tensors(tensors, tt.to_device_split(images, labels), batches_SxB)
+    tensors_params = exchange.torch_state_dict_to_flax(tensors.model.state_dict(), model)
     assert max_tree_diff(tensors_params, jax_state.params) < 1e-4
     assert max_tree_diff(tensors_params, init_params) > 1e-3  # the steps did move the weights
-    assert tensors_sums.count == int(jax_sums.count) == 320
+    assert tensors_sums.count == int(jax_sums.count) == 5 * batch
     assert tensors_sums.loss == pytest.approx(float(jax_sums.loss), rel=1e-5)
     assert tensors_sums.correct == int(jax_sums.correct)
 
-    loader_run = tl.make_setup(params=init_params)
-    loader = tl.dataloader(tl.PerSampleDataset(images, labels), batches_SxB=batches_SxB)
-    loader_sums = tl.train_epoch_dataloader(loader_run, loader)
-    loader_params = exchange.torch_state_dict_to_flax(loader_run.model.state_dict())
+    loader_run = tt.make_setup(model=model, params=init_params)
+    loader = tt.dataloader(tt.PerSampleDataset(images, labels), batches_SxB=batches_SxB)
+    loader_sums = tt.train_epoch_dataloader(loader_run, loader)
+    loader_params = exchange.torch_state_dict_to_flax(loader_run.model.state_dict(), model)
     assert max_tree_diff(loader_params, tensors_params) < 1e-6
-    assert loader_sums.count == 320
+    assert loader_sums.count == 5 * batch
 
 
 def test_evaluate_counts_every_example_like_jax():
     images, labels = random_images(1050, seed=4)  # batches of 1000 and 50
     params = random_flax_params(9)
-    setup = tl.make_setup(params=params)
-    sums = tl.evaluate(setup, tl.to_device_split(images, labels, "cpu"), batch_size=1000)
+    setup = tt.make_setup(params=params)
+    sums = tt.evaluate(setup, tt.to_device_split(images, labels, "cpu"), batch_size=1000)
     state = create_train_state(LeNet5(), optax.adam(1e-3), jax.random.key(0)).replace(params=params)
     jax_sums = evaluate(state, jnp.asarray(images), jnp.asarray(labels), batch_size=1000,
                         norm=HALF)
@@ -190,7 +233,7 @@ def test_evaluate_counts_every_example_like_jax():
 
 def test_per_sample_dataset_is_to_tensor_plus_normalize():
     images, labels = random_images(150, seed=5)
-    dataset = tl.PerSampleDataset(images, labels)
+    dataset = tt.PerSampleDataset(images, labels)
     image, label = dataset[7]
     assert image.shape == (1, 28, 28) and image.dtype == torch.float32
     assert label == int(labels[7])
@@ -198,27 +241,27 @@ def test_per_sample_dataset_is_to_tensor_plus_normalize():
     np.testing.assert_allclose(image[0].numpy(), expected, atol=1e-7)
     assert image.min() >= -1.0 and image.max() <= 1.0
 
-    batches = list(tl.dataloader(dataset, batch_size=64, seed=0))
+    batches = list(tt.dataloader(dataset, batch_size=64, seed=0))
     assert [len(y) for _, y in batches] == [64, 64, 22]  # the last partial batch is kept
     assert batches[0][0].shape == (64, 1, 28, 28) and batches[0][1].dtype == torch.int64
-    again = list(tl.dataloader(dataset, batch_size=64, seed=0))
+    again = list(tt.dataloader(dataset, batch_size=64, seed=0))
     assert all(torch.equal(a[1], b[1]) for a, b in zip(batches, again))  # seeded shuffle
     assert not torch.equal(batches[0][1], torch.from_numpy(labels[:64].astype(np.int64)))
 
 
 def test_tensors_order_drops_the_partial_batch_and_checks_input():
-    batches_SxB = tl.torch_batch_order(150, 64, torch.Generator().manual_seed(0))
+    batches_SxB = tt.torch_batch_order(150, 64, torch.Generator().manual_seed(0))
     assert batches_SxB.shape == (2, 64) and len(np.unique(batches_SxB)) == 128
-    setup = tl.make_setup()
-    data = tl.to_device_split(*random_images(150))
+    setup = tt.make_setup()
+    data = tt.to_device_split(*random_images(150))
     assert data.images_Nx1xHxW.dtype == torch.uint8
     assert data.images_Nx1xHxW.stride() == (784, 784, 28, 1)  # plain NCHW, not channels-last
     with pytest.raises(FmnistError, match="outside the 150 examples"):
-        tl.train_epoch_tensors(setup, data, np.array([[0, 150]]))
+        tt.train_epoch_tensors(setup, data, np.array([[0, 150]]))
     with pytest.raises(FmnistError, match=r"uint8 images of shape \(N, 28, 28, 1\)"):
-        tl.to_device_split(np.zeros((4, 28, 28), np.uint8), np.zeros(4, np.int32))
+        tt.to_device_split(np.zeros((4, 28, 28), np.uint8), np.zeros(4, np.int32))
     with pytest.raises(FmnistError, match="use 'cpu' or 'cuda'"):
-        tl.resolve_device("tpu")
+        tt.resolve_device("tpu")
     if not torch.cuda.is_available():
         with pytest.raises(FmnistError, match="sees no CUDA GPU"):
-            tl.make_setup(device="cuda")
+            tt.make_setup(device="cuda")

@@ -39,5 +39,5 @@ def run_epoch_order(seed: int, epoch: int, n: int, batch_size: int) -> np.ndarra
 
 def run_init_params(seed: int, model: str = "lenet5") -> dict:
     """The initial params of a run with this seed, as a plain nested dict; give them to
-    `exchange.flax_to_torch_state_dict` to start torch from the same init."""
+    `exchange.flax_to_torch_state_dict(params, model)` to start torch from the same init."""
     return init_params(get_model(model), streams.stream_key(seed, streams.INIT))

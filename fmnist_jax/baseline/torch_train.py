@@ -1,5 +1,7 @@
-"""The LeNet-5 report's recipe in PyTorch: LeNet-5, CrossEntropyLoss, Adam, batch 64, pixels
-normalized with mean 0.5 and std 0.5 (ToTensor + Normalize((0.5,), (0.5,))).
+"""The PyTorch side of a head-to-head: a torch model (`torch_models`), CrossEntropyLoss and
+constant-rate Adam, pixels normalized with mean 0.5 and std 0.5 (ToTensor + Normalize((0.5,),
+(0.5,))): the recipe of the LeNet-5 report (batch 64) and of the tutorial CNN (batch 32), which
+differ only in the model and the batch size.
 
 It reads the same uint8 numpy arrays as the JAX side (`data.Split`), through one of two input
 pipelines, so a benchmark can tell the framework apart from the pipeline:
@@ -27,49 +29,18 @@ from typing import NamedTuple
 
 import numpy as np
 
-from fmnist_jax.errors import FmnistError
+from fmnist_jax.baseline import require_torch
 from fmnist_jax.data import HALF, Normalization
+from fmnist_jax.errors import FmnistError
 
-try:
-    import torch
-    import torch.nn.functional as F
-    from torch import nn
-    from torch.utils.data import DataLoader, Dataset
-except ImportError as e:  # the JAX side never needs torch; only the baseline does
-    raise FmnistError("the PyTorch baseline needs torch: pip install 'fmnist_jax[torch]' "
-                      "(on a CPU-only machine install torch==2.13.0 first)") from e
+require_torch()  # a one-line FmnistError, not an ImportError traceback, when torch is missing
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
-from fmnist_jax.baseline.exchange import flax_to_torch_state_dict
-
-
-class TorchLeNet5(nn.Module):
-    """LeNet-5 as the report's layer table, 61,706 parameters, same layer names as the Flax
-    `models.LeNet5` so the weight exchange maps conv1 to conv1 and so on.
-
-    Inputs are normalized float images (B, 1, 28, 28), NCHW; outputs are logits (B, 10).
-    Its feature map is flattened in C, H, W order (torch's), not Flax's H, W, C: the
-    exchange permutes fc1's inputs to match.
-    """
-
-    def __init__(self, num_classes: int = 10):
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 6, kernel_size=5, padding=2)
-        self.conv2 = nn.Conv2d(6, 16, kernel_size=5)
-        self.fc1 = nn.Linear(16 * 5 * 5, 120)
-        self.fc2 = nn.Linear(120, 84)
-        self.fc3 = nn.Linear(84, num_classes)
-
-    def forward(self, x_Bx1xHxW: torch.Tensor) -> torch.Tensor:
-        x = F.max_pool2d(F.relu(self.conv1(x_Bx1xHxW)), 2)  # (B, 6, 14, 14)
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)  # (B, 16, 5, 5)
-        x = torch.flatten(x, 1)  # (B, 400), C, H, W order
-        x = F.relu(self.fc1(x))
-        x = F.relu(self.fc2(x))
-        return self.fc3(x)
-
-
-def count_torch_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+from fmnist_jax.baseline.exchange import flax_to_torch_state_dict  # noqa: E402
+from fmnist_jax.baseline.torch_models import make_torch_model  # noqa: E402
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -99,36 +70,37 @@ class TorchSetup:
     """A model, its Adam, the device, and the callable that runs the model (the model
     itself, or its torch.compile wrapper: same parameters either way)."""
 
-    model: TorchLeNet5
+    model: nn.Module
     optimizer: torch.optim.Optimizer
     device: torch.device
     forward: Callable[[torch.Tensor], torch.Tensor]
     compiled: bool = False
 
 
-def make_setup(*, learning_rate: float = 1e-3, device: str = "cpu", seed: int = 0,
-               params=None, compile: bool = False) -> TorchSetup:
-    """TorchLeNet5 + Adam(learning_rate) on `device`.
+def make_setup(*, model: str = "lenet5", learning_rate: float = 1e-3, device: str = "cpu",
+               seed: int = 0, params=None, compile: bool = False) -> TorchSetup:
+    """The torch version of the Flax model named `model` (`torch_models`) + Adam(learning_rate)
+    on `device`.
 
     The weights are torch's default init drawn from `seed` (the global torch RNG is left as it
-    was), or, when `params` (Flax LeNet5 params) is given, exactly those: the way to start
-    torch from the JAX side's init. `compile=True` wraps the model in torch.compile; its
+    was), or, when `params` (that model's Flax params) is given, exactly those: the way to
+    start torch from the JAX side's init. `compile=True` wraps the model in torch.compile; its
     first batch then compiles (tens of seconds on CPU, and it needs a C++ compiler there).
     """
     dev = resolve_device(device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = TorchLeNet5()
+        net = make_torch_model(model)
     if params is not None:
-        model.load_state_dict(flax_to_torch_state_dict(params))
-    model = model.to(dev)
-    optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
-    forward: Callable = model
+        net.load_state_dict(flax_to_torch_state_dict(params, model))
+    net = net.to(dev)
+    optimizer = torch.optim.Adam(net.parameters(), lr=learning_rate)
+    forward: Callable = net
     if compile:
         if not hasattr(torch, "compile"):
             raise FmnistError(f"torch {torch.__version__} has no torch.compile: drop --compile")
-        forward = torch.compile(model)
-    return TorchSetup(model=model, optimizer=optimizer, device=dev, forward=forward,
+        forward = torch.compile(net)
+    return TorchSetup(model=net, optimizer=optimizer, device=dev, forward=forward,
                       compiled=compile)
 
 
