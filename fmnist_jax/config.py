@@ -215,7 +215,10 @@ PRESETS: dict[str, Preset] = {
         about="the tutorial CNN (conv 16 and 32, 3x3; dense 1568-128-10; 206,922 parameters) "
               "with the tutorial's recipe: batch 32, Adam 1e-3, 10 epochs, pixels to [-1, 1]",
         command="python scripts/train.py --preset cnn --seed 0",
-        result="not measured yet"),
+        result="model kept: epoch 7 (best validation accuracy, 91.58%), test accuracy 91.07% "
+               "(epoch 10: 91.32%); test ECE 3.22% before temperature scaling, 0.85% after "
+               "(T 1.43); 3.7 s a training epoch (median), 54.5 s for the whole command; "
+               "2-core CPU, quiet, 2026-11-30"),
     "mlp": Preset(
         config=TrainConfig(model="mlp", epochs=5, optimizer="adamw", learning_rate=1e-3,
                            weight_decay=1e-4, weight_decay_params="all", clip_norm=1.0,
