@@ -24,6 +24,7 @@ import typing  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any, Callable, NoReturn  # noqa: E402
 
+from fmnist_jax import interrupts  # noqa: E402
 from fmnist_jax.config import DEFAULT_PRESET, PRESETS, TrainConfig, get_config  # noqa: E402
 from fmnist_jax.errors import FmnistError  # noqa: E402
 
@@ -45,7 +46,9 @@ def user_errors_exit_1(main_fn: Callable[[list[str] | None], int | None]):
     @functools.wraps(main_fn)
     def wrapped(argv: list[str] | None = None) -> None:
         try:
-            code = main_fn(argv)
+            with interrupts.remembered():
+                code = main_fn(argv)
+                interrupts.raise_if_pending()  # swallowed before the command's last check
         except FmnistError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(1)

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from fmnist_jax import data, metrics, runs, streams
+from fmnist_jax import data, interrupts, metrics, runs, streams
 from fmnist_jax.config import TrainConfig
 from fmnist_jax.epochs import CompiledEpochs, CompiledSeedEpochs, rates, step_options
 from fmnist_jax.errors import FmnistError
@@ -95,6 +95,7 @@ def _train(cfg: TrainConfig, run: runs.Claim, train: data.Split, test: data.Spli
             state, compiled, _, lr_fn = _set_up(cfg, run.path, train, test, log_fn,
                                                 resumed=run.resumed)
             program = _OneModel(compiled)
+        interrupts.raise_if_pending()  # Ctrl-C while compiling, swallowed: give the claim back
     except BaseException:
         runs.abandon(run)
         raise
@@ -243,6 +244,7 @@ def _epochs(cfg, run, state, program, lr_fn, checkpoints, n_test, log_fn, progre
         bar = tqdm(total=cfg.epochs, initial=start, desc="epochs", unit="epoch",
                    disable=not progress, file=sys.stderr, leave=False)
         while epoch < cfg.epochs and any(active):
+            interrupts.raise_if_pending()
             epoch += 1
             trained = [m for m in range(len(members)) if active[m]]
             learning_rates = program.learning_rates(state, lr_fn)  # this epoch's first step's

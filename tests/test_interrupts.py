@@ -1,0 +1,53 @@
+"""Ctrl-C is never lost, even when Python swallows its KeyboardInterrupt in a gc callback."""
+
+import gc
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fmnist_jax import interrupts
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _ctrl_c_swallowed_by_a_gc_callback() -> None:
+    """What happens when SIGINT lands while JAX's gc callback runs: the handler's
+    KeyboardInterrupt is raised inside the callback, and Python only reports it."""
+    def callback(phase, info):
+        if phase == "start":
+            signal.raise_signal(signal.SIGINT)
+
+    gc.callbacks.append(callback)
+    try:
+        gc.collect()
+    finally:
+        gc.callbacks.remove(callback)
+
+
+# Python reports the swallowed KeyboardInterrupt as unraisable: that is the case under test.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_an_interrupt_swallowed_by_gc_is_raised_again():
+    with interrupts.remembered():
+        _ctrl_c_swallowed_by_a_gc_callback()  # returns: the interrupt was swallowed
+        with pytest.raises(KeyboardInterrupt):
+            interrupts.raise_if_pending()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+
+
+def test_nothing_is_pending_without_ctrl_c():
+    with interrupts.remembered():
+        interrupts.raise_if_pending()
+
+
+def test_a_command_whose_ctrl_c_was_swallowed_exits_130():
+    code = ("from fmnist_jax.cli import user_errors_exit_1\n"
+            "from tests.test_interrupts import _ctrl_c_swallowed_by_a_gc_callback\n"
+            "user_errors_exit_1(lambda argv: _ctrl_c_swallowed_by_a_gc_callback())([])\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                            text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert result.returncode == 130, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "interrupted"
