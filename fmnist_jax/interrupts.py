@@ -32,16 +32,17 @@ def remembered() -> Iterator[None]:
     """While inside, Ctrl-C raises KeyboardInterrupt as usual and is also remembered. Only in
     the main thread, and only where Python's own handler is installed (a shell starts
     background jobs with SIGINT ignored: that stays so)."""
+    _pending.clear()
     if (threading.current_thread() is not threading.main_thread()
             or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
         yield
         return
-    _pending.clear()
     signal.signal(signal.SIGINT, _on_sigint)
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        _pending.clear()
 
 
 def raise_if_pending() -> None:

@@ -30,7 +30,16 @@ def _ctrl_c_swallowed_by_a_gc_callback() -> None:
 
 # Python reports the swallowed KeyboardInterrupt as unraisable: that is the case under test.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-def test_an_interrupt_swallowed_by_gc_is_raised_again():
+@pytest.fixture
+def ctrl_c_as_in_a_terminal():
+    # A shell without job control starts background jobs (CI's, perhaps) with SIGINT ignored,
+    # and then Python installs no handler: give the test the handler a terminal would.
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def test_an_interrupt_swallowed_by_gc_is_raised_again(ctrl_c_as_in_a_terminal):
     with interrupts.remembered():
         _ctrl_c_swallowed_by_a_gc_callback()  # returns: the interrupt was swallowed
         with pytest.raises(KeyboardInterrupt):
@@ -38,13 +47,15 @@ def test_an_interrupt_swallowed_by_gc_is_raised_again():
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
 
 
-def test_nothing_is_pending_without_ctrl_c():
+def test_nothing_is_pending_without_ctrl_c(ctrl_c_as_in_a_terminal):
     with interrupts.remembered():
         interrupts.raise_if_pending()
 
 
 def test_a_command_whose_ctrl_c_was_swallowed_exits_130():
-    code = ("from fmnist_jax.cli import user_errors_exit_1\n"
+    code = ("import signal\n"
+            "signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal\n"
+            "from fmnist_jax.cli import user_errors_exit_1\n"
             "from tests.test_interrupts import _ctrl_c_swallowed_by_a_gc_callback\n"
             "user_errors_exit_1(lambda argv: _ctrl_c_swallowed_by_a_gc_callback())([])\n")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
