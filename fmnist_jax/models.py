@@ -35,6 +35,18 @@ NUM_CLASSES = 10
 # cuDNN) and reduce_window max pooling (nn.max_pool's) there.
 
 
+def _first_max_grads(windows: list[jax.Array], m: jax.Array, g: jax.Array) -> list[jax.Array]:
+    """Each window position's share of the pooled gradient `g`: all of it at the first
+    position (in the order given) whose value equals the window's max `m`, zero elsewhere."""
+    taken = jnp.zeros(m.shape, bool)
+    grads = []
+    for v in windows:
+        sel = (v == m) & ~taken
+        taken = taken | sel
+        grads.append(jnp.where(sel, g, 0.0))
+    return grads
+
+
 @jax.custom_vjp
 def max_pool_2x2(x_BxHxWxF: jax.Array) -> jax.Array:
     """2x2 max-pool, stride 2 (H and W even), as a reshape and a max.
@@ -56,17 +68,33 @@ def _max_pool_bwd(res, g_BxHxWxF):
     x, m = res
     b, h, w, c = x.shape
     v = x.reshape(b, h // 2, 2, w // 2, 2, c)
-    taken = jnp.zeros(m.shape, bool)
-    grads = []
-    for i, j in ((0, 0), (0, 1), (1, 0), (1, 1)):  # window order: the first max wins
-        sel = (v[:, :, i, :, j, :] == m) & ~taken
-        taken = taken | sel
-        grads.append(jnp.where(sel, g_BxHxWxF, 0.0))
+    grads = _first_max_grads([v[:, :, i, :, j, :] for i in (0, 1) for j in (0, 1)], m, g_BxHxWxF)
     dx = jnp.stack([jnp.stack(grads[0:2], axis=3), jnp.stack(grads[2:4], axis=3)], axis=2)
     return (dx.reshape(b, h, w, c),)
 
 
 max_pool_2x2.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
+@jax.custom_vjp
+def _max_of_2x2(v_BxHx2x2xN: jax.Array) -> jax.Array:
+    """max over axes 2 and 3 (a pool window's row and column parity), gradient to the first
+    maximum in row-major window order: `max_pool_2x2`'s, for the layout of `conv_pool_toeplitz`."""
+    return v_BxHx2x2xN.max(axis=(2, 3))
+
+
+def _max_of_2x2_fwd(v):
+    m = _max_of_2x2(v)
+    return m, (v, m)
+
+
+def _max_of_2x2_bwd(res, g_BxHxN):
+    v, m = res
+    grads = _first_max_grads([v[:, :, i, j, :] for i in (0, 1) for j in (0, 1)], m, g_BxHxN)
+    return (jnp.stack([jnp.stack(grads[0:2], axis=2), jnp.stack(grads[2:4], axis=2)], axis=2),)
+
+
+_max_of_2x2.defvjp(_max_of_2x2_fwd, _max_of_2x2_bwd)
 
 
 def max_pool_2x2_lax(x_BxHxWxF: jax.Array) -> jax.Array:
@@ -78,26 +106,83 @@ def _pad_hw(x_BxHxWxF: jax.Array, p: int) -> jax.Array:
     return jnp.pad(x_BxHxWxF, ((0, 0), (p, p), (p, p), (0, 0))) if p else x_BxHxWxF
 
 
+@jax.custom_vjp
+def matmul(a_RxL: jax.Array, b_LxN: jax.Array) -> jax.Array:
+    """`a @ b` with the same gradients as JAX's, written out so that XLA:CPU computes b's
+    gradient as a^T @ g reading g as it lies.
+
+    With JAX's own transpose rule, XLA:CPU's layout assignment asked for g transposed and
+    fused that transposed (strided) write into g's producer: for LeNet-5's first layer,
+    the pool's gradient, written transposed, was the most expensive operation of a training
+    step (14% of it at batch 64, 25% at 256; BENCHMARKS.md). Written out, the step ran
+    0.74x (batch 64) to 0.51x (batch 1024) as long.
+    """
+    return a_RxL @ b_LxN
+
+
+def _matmul_fwd(a_RxL, b_LxN):
+    return a_RxL @ b_LxN, (a_RxL, b_LxN)
+
+
+def _matmul_bwd(res, g_RxN):
+    a_RxL, b_LxN = res
+    return g_RxN @ b_LxN.T, a_RxL.T @ g_RxN
+
+
+matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def _banded_kernel(kernel_YxXxIxO: jax.Array, wp: int, out_columns: list[int]) -> jax.Array:
+    """The kernel as the row-Toeplitz matrix (kh x wp x I, len(out_columns) x O): column
+    block k computes output column `out_columns[k]`; T[i, (w', c), (k, f)] =
+    kernel[i, w' - w, c, f] with w = out_columns[k] where 0 <= w' - w < kw, else 0."""
+    kh, kw, c_in, f = kernel_YxXxIxO.shape
+    band = np.zeros((wp, len(out_columns), kw), np.float32)  # band[w', k, j] = (w' == w + j)
+    for k, w in enumerate(out_columns):
+        band[w + np.arange(kw), k, np.arange(kw)] = 1.0
+    return jnp.einsum("pwj,ijcf->ipcwf", band, kernel_YxXxIxO,
+                      precision=jax.lax.Precision.HIGHEST).reshape(kh * wp * c_in, -1)
+
+
+def _toeplitz_rows(x_BxHxWxF: jax.Array, kh: int, padding: int) -> jax.Array:
+    """(B x Ho, kh x padded width x I): output row (b, h) sees padded rows h .. h + kh - 1."""
+    x = _pad_hw(x_BxHxWxF, padding)
+    b, hp, wp, c_in = x.shape
+    ho = hp - kh + 1
+    x_rows = x.reshape(b, hp, wp * c_in)  # each padded row flattened to (W, I)
+    return jnp.concatenate([x_rows[:, i:i + ho, :] for i in range(kh)], axis=-1).reshape(b * ho, -1)
+
+
 def conv2d_toeplitz(x_BxHxWxF: jax.Array, kernel_YxXxIxO: jax.Array, padding: int) -> jax.Array:
     """Stride-1 conv, no bias, as one matmul per image row against a banded kernel matrix.
 
     out[b, h, (w, f)] = sum_i xpad[b, h + i, (w', c)] T[i, (w', c), (w, f)], with
     T[i, (w', c), (w, f)] = kernel[i, w' - w, c, f] where 0 <= w' - w < kw, else 0.
     """
-    kh, kw, c_in, f = kernel_YxXxIxO.shape
-    x = _pad_hw(x_BxHxWxF, padding)
-    b, hp, wp, _ = x.shape
-    ho, wo = hp - kh + 1, wp - kw + 1
-    # band[w', w, j] = (w' == w + j): (padded width, output width, kernel width)
-    band = np.zeros((wp, wo, kw), np.float32)
-    for w in range(wo):
-        band[w + np.arange(kw), w, np.arange(kw)] = 1.0
-    # (patch length L = kh x padded width x I, output width x O)
-    banded_kernel = jnp.einsum("pwj,ijcf->ipcwf", band, kernel_YxXxIxO,
-                                 precision=jax.lax.Precision.HIGHEST).reshape(kh * wp * c_in, wo * f)
-    x_rows = x.reshape(b, hp, wp * c_in)  # each padded row flattened to (W, I)
-    rows_BxHxL = jnp.concatenate([x_rows[:, i:i + ho, :] for i in range(kh)], axis=-1)
-    return (rows_BxHxL @ banded_kernel).reshape(b, ho, wo, f)
+    kh, kw, _, f = kernel_YxXxIxO.shape
+    b, h, w, _ = x_BxHxWxF.shape
+    ho, wo = h + 2 * padding - kh + 1, w + 2 * padding - kw + 1
+    banded = _banded_kernel(kernel_YxXxIxO, w + 2 * padding, list(range(wo)))
+    return matmul(_toeplitz_rows(x_BxHxWxF, kh, padding), banded).reshape(b, ho, wo, f)
+
+
+def conv_pool_toeplitz(x_BxHxWxF: jax.Array, kernel_YxXxIxO: jax.Array,
+                       padding: int) -> jax.Array:
+    """max_pool_2x2(conv2d_toeplitz(x, kernel, padding)) in one layout (Ho, Wo even).
+
+    The banded matrix's columns come even output columns first, then odd ones, so each
+    matmul row is [even w's (w, f) | odd w's (w, f)] and rows alternate even and odd h: a
+    2x2 window's four values are the same element of four contiguous blocks, and the pooled
+    row comes out as (w, f), the layout the next layer's rows want. The max and its gradient
+    (`_max_of_2x2`) are contiguous, where the NHWC pool's are strided by the channel count.
+    """
+    kh, kw, _, f = kernel_YxXxIxO.shape
+    b, h, w, _ = x_BxHxWxF.shape
+    ho, wo = h + 2 * padding - kh + 1, w + 2 * padding - kw + 1
+    parity_order = list(range(0, wo, 2)) + list(range(1, wo, 2))
+    banded = _banded_kernel(kernel_YxXxIxO, w + 2 * padding, parity_order)
+    y = matmul(_toeplitz_rows(x_BxHxWxF, kh, padding), banded)
+    return _max_of_2x2(y.reshape(b, ho // 2, 2, 2, (wo // 2) * f)).reshape(b, ho // 2, wo // 2, f)
 
 
 def conv2d_im2col(x_BxHxWxF: jax.Array, kernel_YxXxIxO: jax.Array, padding: int) -> jax.Array:
@@ -107,7 +192,9 @@ def conv2d_im2col(x_BxHxWxF: jax.Array, kernel_YxXxIxO: jax.Array, padding: int)
     ho, wo = x.shape[1] - kh + 1, x.shape[2] - kw + 1
     patches_BxHxWxL = jnp.concatenate(
         [x[:, i:i + ho, j:j + wo, :] for i in range(kh) for j in range(kw)], axis=-1)
-    return patches_BxHxWxL @ kernel_YxXxIxO.reshape(kh * kw * c_in, f)
+    b = x.shape[0]
+    return matmul(patches_BxHxWxL.reshape(b * ho * wo, kh * kw * c_in),
+                  kernel_YxXxIxO.reshape(kh * kw * c_in, f)).reshape(b, ho, wo, f)
 
 
 def conv2d_lax(x_BxHxWxF: jax.Array, kernel_YxXxIxO: jax.Array, padding: int) -> jax.Array:
@@ -174,7 +261,8 @@ class ConvReluPool(Conv2D):
 
     The same values (max commutes with adding a per-channel constant and with relu) and the
     same gradients, with the bias add and relu on 4x fewer elements. Parameters as Conv2D.
-    `pool_impl` forces one of POOL_IMPLS.
+    `pool_impl` forces one of POOL_IMPLS. The Toeplitz conv with the select pool runs as
+    one layout (`conv_pool_toeplitz`).
     """
 
     pool_impl: str | None = None
@@ -182,8 +270,13 @@ class ConvReluPool(Conv2D):
     @nn.compact
     def __call__(self, x_BxHxWxF: jax.Array) -> jax.Array:
         kernel, bias = self.params_of(x_BxHxWxF.shape[-1])
-        pool = POOL_IMPLS[self.pool_impl or conv_and_pool_impl()[1]]
-        return nn.relu(pool(self.conv(x_BxHxWxF, kernel)) + bias.reshape(1, 1, 1, -1))
+        conv_impl = self.impl or conv_and_pool_impl(kernel_shape=kernel.shape)[0]
+        pool_impl = self.pool_impl or conv_and_pool_impl()[1]
+        if (conv_impl, pool_impl) == ("toeplitz", "select"):
+            pooled = conv_pool_toeplitz(x_BxHxWxF, kernel, self.padding)
+        else:
+            pooled = POOL_IMPLS[pool_impl](CONV_IMPLS[conv_impl](x_BxHxWxF, kernel, self.padding))
+        return nn.relu(pooled + bias.reshape(1, 1, 1, -1))
 
 
 class LeNet5(nn.Module):

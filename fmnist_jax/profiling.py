@@ -174,6 +174,37 @@ def legacy_lenet5() -> nn.Module:
     return _LegacyLeNet5()
 
 
+class _ToeplitzAutodiffLeNet5(nn.Module):
+    """LeNet-5 as from 2026-11-25 to 2026-11-30: the row-Toeplitz conv differentiated by JAX
+    (plain `@`), then the NHWC select-gradient pool, bias and ReLU. Same parameters; for
+    comparisons with `models.conv_pool_toeplitz` and its written-out matmul gradient."""
+
+    @nn.compact
+    def __call__(self, x, *, train: bool = False):
+        from fmnist_jax.models import Conv2D, _banded_kernel, _toeplitz_rows, max_pool_2x2
+
+        class ConvPool(Conv2D):
+            @nn.compact
+            def __call__(self, x):
+                kernel, bias = self.params_of(x.shape[-1])
+                b, h, w, _ = x.shape
+                p, (kh, kw, _, f) = self.padding, kernel.shape
+                ho, wo = h + 2 * p - kh + 1, w + 2 * p - kw + 1
+                y = _toeplitz_rows(x, kh, p) @ _banded_kernel(kernel, w + 2 * p, list(range(wo)))
+                return nn.relu(max_pool_2x2(y.reshape(b, ho, wo, f)) + bias.reshape(1, 1, 1, -1))
+
+        x = ConvPool(6, (5, 5), padding=2, name="conv1")(x)
+        x = ConvPool(16, (5, 5), name="conv2")(x)
+        x = x.reshape(x.shape[0], -1)
+        x = nn.relu(nn.Dense(120, name="fc1")(x))
+        x = nn.relu(nn.Dense(84, name="fc2")(x))
+        return nn.Dense(10, name="fc3")(x)
+
+
+def toeplitz_autodiff_lenet5() -> nn.Module:
+    return _ToeplitzAutodiffLeNet5()
+
+
 class _TutorialCNNWith(nn.Module):
     """The tutorial CNN with each conv's formulation forced (same parameters as the model)."""
 

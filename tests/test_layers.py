@@ -10,7 +10,9 @@ import optax
 import pytest
 
 from fmnist_jax.models import (CONV_IMPLS, POOL_IMPLS, Conv2D, ConvReluPool, LeNet5,
-                               TutorialCNN, conv_and_pool_impl, max_pool_2x2)
+                               TutorialCNN, _max_of_2x2, conv_and_pool_impl, matmul,
+                               max_pool_2x2)
+from fmnist_jax.profiling import toeplitz_autodiff_lenet5
 from fmnist_jax.steps import init_variables
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -85,11 +87,44 @@ def test_pool_outputs_and_grads_equal_flax_max_pool(impl, hw, c):
     np.testing.assert_allclose(g_ours, g_ref, **TOL)
 
 
+def test_parity_layout_pool_equals_flax_max_pool_with_ties():
+    """`_max_of_2x2` on conv_pool_toeplitz's layout (rows (h pair, h parity, w parity,
+    (w / 2, c))): nn.max_pool's values, and its gradient to the first max of a tied window."""
+    b, hw, c = 3, 28, 6
+    x = jax.random.normal(jax.random.key(0), (b, hw, hw, c))
+    x = x.at[:, : hw // 2].set(jnp.maximum(x[:, : hw // 2], 0.0))  # tied zeros
+
+    def ours(x):
+        v = x.reshape(b, hw // 2, 2, hw // 2, 2, c).transpose(0, 1, 2, 4, 3, 5)
+        return _max_of_2x2(v.reshape(b, hw // 2, 2, 2, hw // 2 * c)).reshape(b, hw // 2,
+                                                                              hw // 2, c)
+
+    ref = lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))  # noqa: E731
+    cot = jax.random.normal(jax.random.key(1), (b, hw // 2, hw // 2, c))
+    (_, y_ours), g_ours = _output_loss_and_grads(ours, cot, argnums=0)(x)
+    (_, y_ref), g_ref = _output_loss_and_grads(ref, cot, argnums=0)(x)
+    np.testing.assert_array_equal(y_ours, y_ref)
+    np.testing.assert_array_equal(g_ours, g_ref)  # one select each: no sums to reorder
+
+
+def test_matmul_gradients_equal_jax_matmul():
+    """The written-out VJP of `matmul` against JAX's own for `@`, on a Toeplitz-like shape."""
+    a = jax.random.normal(jax.random.key(0), (96, 40))
+    b = jax.random.normal(jax.random.key(1), (40, 24))
+    cot = jax.random.normal(jax.random.key(2), (96, 24))
+    (_, y_ours), g_ours = _output_loss_and_grads(matmul, cot)(a, b)
+    (_, y_ref), g_ref = _output_loss_and_grads(jnp.matmul, cot)(a, b)
+    np.testing.assert_array_equal(y_ours, y_ref)
+    _assert_trees_close(g_ours, g_ref)
+
+
+@pytest.mark.parametrize("impl", sorted(CONV_IMPLS))
 @pytest.mark.parametrize("name,hw,c_in,c_out,k,pad", CONV_SHAPES, ids=[s[0] for s in CONV_SHAPES])
-def test_conv_relu_pool_equals_flax(name, hw, c_in, c_out, k, pad):
-    """pool(relu(conv + b)) as relu(pool(conv) + b): same values and gradients."""
+def test_conv_relu_pool_equals_flax(impl, name, hw, c_in, c_out, k, pad):
+    """pool(relu(conv + b)) as relu(pool(conv) + b), with each conv formulation (Toeplitz:
+    `conv_pool_toeplitz`'s one layout): same values and gradients."""
     x = jax.random.normal(jax.random.key(1), (3, hw, hw, c_in))
-    ours = ConvReluPool(c_out, (k, k), padding=pad)
+    ours = ConvReluPool(c_out, (k, k), padding=pad, impl=impl, pool_impl="select")
     conv = nn.Conv(c_out, (k, k), padding=pad)
     params = ours.init(jax.random.key(2), x)
     params = jax.tree_util.tree_map(lambda p: p + 0.1, params)  # a nonzero bias
@@ -129,7 +164,9 @@ class _FlaxCNN(nn.Module):
         return nn.Dense(10, name="fc2")(x)
 
 
-@pytest.mark.parametrize("ours,ref", [(LeNet5(), _FlaxLeNet5()), (TutorialCNN(), _FlaxCNN())])
+@pytest.mark.parametrize("ours,ref", [(LeNet5(), _FlaxLeNet5()), (TutorialCNN(), _FlaxCNN()),
+                                      (toeplitz_autodiff_lenet5(), _FlaxLeNet5())],
+                         ids=["lenet5", "cnn", "lenet5-before-2026-11-30"])
 def test_whole_model_logits_and_grads_equal_flax(ours, ref):
     x = jax.random.normal(jax.random.key(1), (8, 28, 28, 1))
     labels = jnp.arange(8) % 10
