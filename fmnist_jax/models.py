@@ -30,7 +30,13 @@ NUM_CLASSES = 10
 # zeros of T) but moves far less memory, and the CPU matmul kernels are fast at these shapes.
 # The pool's gradient is a custom VJP: one elementwise select that gives each window's
 # gradient to its first maximum, as nn.max_pool's select-and-scatter does (jnp's max
-# gradient instead counts ties with an extra reduction and splits them).
+# gradient instead counts ties with an extra reduction and splits them). Every conv matmul
+# is 2-D, (B x Ho [x Wo], L) @ (L, N): with the batch and the image rows as two dimensions of
+# the product, XLA:CPU laid out the output's gradient transposed for the kernel's gradient
+# and fused that strided write into the pool's gradient, the dearest operation of a LeNet-5
+# step (14% at batch 64, 25% at 256; the step took 1.3-1.8x as long). A LeNet-5 conv and
+# its pool run in one layout (`conv_pool_toeplitz`: a window's four values in contiguous
+# blocks).
 # On GPU/TPU none of this applies: `conv_and_pool_impl` picks lax's convolution (nn.Conv's,
 # cuDNN) and reduce_window max pooling (nn.max_pool's) there.
 
@@ -106,32 +112,6 @@ def _pad_hw(x_BxHxWxF: jax.Array, p: int) -> jax.Array:
     return jnp.pad(x_BxHxWxF, ((0, 0), (p, p), (p, p), (0, 0))) if p else x_BxHxWxF
 
 
-@jax.custom_vjp
-def matmul(a_RxL: jax.Array, b_LxN: jax.Array) -> jax.Array:
-    """`a @ b` with the same gradients as JAX's, written out so that XLA:CPU computes b's
-    gradient as a^T @ g reading g as it lies.
-
-    With JAX's own transpose rule, XLA:CPU's layout assignment asked for g transposed and
-    fused that transposed (strided) write into g's producer: for LeNet-5's first layer,
-    the pool's gradient, written transposed, was the most expensive operation of a training
-    step (14% of it at batch 64, 25% at 256; BENCHMARKS.md). Written out, the step ran
-    0.74x (batch 64) to 0.51x (batch 1024) as long.
-    """
-    return a_RxL @ b_LxN
-
-
-def _matmul_fwd(a_RxL, b_LxN):
-    return a_RxL @ b_LxN, (a_RxL, b_LxN)
-
-
-def _matmul_bwd(res, g_RxN):
-    a_RxL, b_LxN = res
-    return g_RxN @ b_LxN.T, a_RxL.T @ g_RxN
-
-
-matmul.defvjp(_matmul_fwd, _matmul_bwd)
-
-
 def _banded_kernel(kernel_YxXxIxO: jax.Array, wp: int, out_columns: list[int]) -> jax.Array:
     """The kernel as the row-Toeplitz matrix (kh x wp x I, len(out_columns) x O): column
     block k computes output column `out_columns[k]`; T[i, (w', c), (k, f)] =
@@ -163,7 +143,7 @@ def conv2d_toeplitz(x_BxHxWxF: jax.Array, kernel_YxXxIxO: jax.Array, padding: in
     b, h, w, _ = x_BxHxWxF.shape
     ho, wo = h + 2 * padding - kh + 1, w + 2 * padding - kw + 1
     banded = _banded_kernel(kernel_YxXxIxO, w + 2 * padding, list(range(wo)))
-    return matmul(_toeplitz_rows(x_BxHxWxF, kh, padding), banded).reshape(b, ho, wo, f)
+    return (_toeplitz_rows(x_BxHxWxF, kh, padding) @ banded).reshape(b, ho, wo, f)
 
 
 def conv_pool_toeplitz(x_BxHxWxF: jax.Array, kernel_YxXxIxO: jax.Array,
@@ -181,7 +161,7 @@ def conv_pool_toeplitz(x_BxHxWxF: jax.Array, kernel_YxXxIxO: jax.Array,
     ho, wo = h + 2 * padding - kh + 1, w + 2 * padding - kw + 1
     parity_order = list(range(0, wo, 2)) + list(range(1, wo, 2))
     banded = _banded_kernel(kernel_YxXxIxO, w + 2 * padding, parity_order)
-    y = matmul(_toeplitz_rows(x_BxHxWxF, kh, padding), banded)
+    y = _toeplitz_rows(x_BxHxWxF, kh, padding) @ banded
     return _max_of_2x2(y.reshape(b, ho // 2, 2, 2, (wo // 2) * f)).reshape(b, ho // 2, wo // 2, f)
 
 
@@ -193,8 +173,8 @@ def conv2d_im2col(x_BxHxWxF: jax.Array, kernel_YxXxIxO: jax.Array, padding: int)
     patches_BxHxWxL = jnp.concatenate(
         [x[:, i:i + ho, j:j + wo, :] for i in range(kh) for j in range(kw)], axis=-1)
     b = x.shape[0]
-    return matmul(patches_BxHxWxL.reshape(b * ho * wo, kh * kw * c_in),
-                  kernel_YxXxIxO.reshape(kh * kw * c_in, f)).reshape(b, ho, wo, f)
+    return (patches_BxHxWxL.reshape(b * ho * wo, kh * kw * c_in)
+            @ kernel_YxXxIxO.reshape(kh * kw * c_in, f)).reshape(b, ho, wo, f)
 
 
 def conv2d_lax(x_BxHxWxF: jax.Array, kernel_YxXxIxO: jax.Array, padding: int) -> jax.Array:

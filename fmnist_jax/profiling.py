@@ -174,10 +174,10 @@ def legacy_lenet5() -> nn.Module:
     return _LegacyLeNet5()
 
 
-class _ToeplitzAutodiffLeNet5(nn.Module):
-    """LeNet-5 as from 2026-11-25 to 2026-11-30: the row-Toeplitz conv differentiated by JAX
-    (plain `@`), then the NHWC select-gradient pool, bias and ReLU. Same parameters; for
-    comparisons with `models.conv_pool_toeplitz` and its written-out matmul gradient."""
+class _Toeplitz3dLeNet5(nn.Module):
+    """LeNet-5 as from 2026-11-25 to 2026-11-30: the row-Toeplitz matmul on 3-D rows
+    (B, Ho, L), then the NHWC select-gradient pool, bias and ReLU. Same parameters; for
+    comparisons with `models.conv_pool_toeplitz` (2-D rows, one layout with the pool)."""
 
     @nn.compact
     def __call__(self, x, *, train: bool = False):
@@ -190,7 +190,8 @@ class _ToeplitzAutodiffLeNet5(nn.Module):
                 b, h, w, _ = x.shape
                 p, (kh, kw, _, f) = self.padding, kernel.shape
                 ho, wo = h + 2 * p - kh + 1, w + 2 * p - kw + 1
-                y = _toeplitz_rows(x, kh, p) @ _banded_kernel(kernel, w + 2 * p, list(range(wo)))
+                rows_BxHxL = _toeplitz_rows(x, kh, p).reshape(b, ho, -1)
+                y = rows_BxHxL @ _banded_kernel(kernel, w + 2 * p, list(range(wo)))
                 return nn.relu(max_pool_2x2(y.reshape(b, ho, wo, f)) + bias.reshape(1, 1, 1, -1))
 
         x = ConvPool(6, (5, 5), padding=2, name="conv1")(x)
@@ -201,8 +202,8 @@ class _ToeplitzAutodiffLeNet5(nn.Module):
         return nn.Dense(10, name="fc3")(x)
 
 
-def toeplitz_autodiff_lenet5() -> nn.Module:
-    return _ToeplitzAutodiffLeNet5()
+def toeplitz_3d_lenet5() -> nn.Module:
+    return _Toeplitz3dLeNet5()
 
 
 class _TutorialCNNWith(nn.Module):

@@ -3,7 +3,7 @@
     python scripts/profile_step.py                  # both parts
     python scripts/profile_step.py --no-breakdown --rounds 9
     python scripts/profile_step.py --impl im2col    # im2col in both layers
-    python scripts/profile_step.py --compare-autodiff  # before/after the written-out gradient
+    python scripts/profile_step.py --compare-3d-rows   # before/after 2-D conv matmuls
     python scripts/profile_step.py --cnn-formulations  # the tutorial CNN's choice
 
 Part 1 (fmnist_jax.profiling.step_costs): per batch size, a scan of K train steps
@@ -29,9 +29,9 @@ def main() -> None:
                     help="force this conv formulation (default: the backend's choice)")
     ap.add_argument("--compare-im2col", action="store_true",
                     help="also time the im2col conv + jnp-max pool of before 2026-11-25")
-    ap.add_argument("--compare-autodiff", action="store_true",
-                    help="also time the Toeplitz conv with JAX's own gradient and the NHWC "
-                         "pool (2026-11-25 to 2026-11-30)")
+    ap.add_argument("--compare-3d-rows", action="store_true",
+                    help="also time the Toeplitz conv on 3-D rows with the NHWC pool "
+                         "(2026-11-25 to 2026-11-30)")
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--no-breakdown", action="store_true")
     ap.add_argument("--breakdown-batch", type=int, default=64)
@@ -50,9 +50,9 @@ def main() -> None:
     if a.compare_im2col:
         from fmnist_jax.profiling import legacy_lenet5
         jax_models["jax-im2col-old"] = legacy_lenet5()
-    if a.compare_autodiff:
-        from fmnist_jax.profiling import toeplitz_autodiff_lenet5
-        jax_models["jax-autodiff-old"] = toeplitz_autodiff_lenet5()
+    if a.compare_3d_rows:
+        from fmnist_jax.profiling import toeplitz_3d_lenet5
+        jax_models["jax-3d-rows-old"] = toeplitz_3d_lenet5()
     step_costs(jax_models, [int(b) for b in a.batch_sizes.split(",")],
                images_per_run=a.images, rounds=a.rounds, torch=not a.no_torch)
     if not a.no_breakdown:

@@ -10,9 +10,8 @@ import optax
 import pytest
 
 from fmnist_jax.models import (CONV_IMPLS, POOL_IMPLS, Conv2D, ConvReluPool, LeNet5,
-                               TutorialCNN, _max_of_2x2, conv_and_pool_impl, matmul,
-                               max_pool_2x2)
-from fmnist_jax.profiling import toeplitz_autodiff_lenet5
+                               TutorialCNN, _max_of_2x2, conv_and_pool_impl, max_pool_2x2)
+from fmnist_jax.profiling import toeplitz_3d_lenet5
 from fmnist_jax.steps import init_variables
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -107,17 +106,6 @@ def test_parity_layout_pool_equals_flax_max_pool_with_ties():
     np.testing.assert_array_equal(g_ours, g_ref)  # one select each: no sums to reorder
 
 
-def test_matmul_gradients_equal_jax_matmul():
-    """The written-out VJP of `matmul` against JAX's own for `@`, on a Toeplitz-like shape."""
-    a = jax.random.normal(jax.random.key(0), (96, 40))
-    b = jax.random.normal(jax.random.key(1), (40, 24))
-    cot = jax.random.normal(jax.random.key(2), (96, 24))
-    (_, y_ours), g_ours = _output_loss_and_grads(matmul, cot)(a, b)
-    (_, y_ref), g_ref = _output_loss_and_grads(jnp.matmul, cot)(a, b)
-    np.testing.assert_array_equal(y_ours, y_ref)
-    _assert_trees_close(g_ours, g_ref)
-
-
 @pytest.mark.parametrize("impl", sorted(CONV_IMPLS))
 @pytest.mark.parametrize("name,hw,c_in,c_out,k,pad", CONV_SHAPES, ids=[s[0] for s in CONV_SHAPES])
 def test_conv_relu_pool_equals_flax(impl, name, hw, c_in, c_out, k, pad):
@@ -165,7 +153,7 @@ class _FlaxCNN(nn.Module):
 
 
 @pytest.mark.parametrize("ours,ref", [(LeNet5(), _FlaxLeNet5()), (TutorialCNN(), _FlaxCNN()),
-                                      (toeplitz_autodiff_lenet5(), _FlaxLeNet5())],
+                                      (toeplitz_3d_lenet5(), _FlaxLeNet5())],
                          ids=["lenet5", "cnn", "lenet5-before-2026-11-30"])
 def test_whole_model_logits_and_grads_equal_flax(ours, ref):
     x = jax.random.normal(jax.random.key(1), (8, 28, 28, 1))
