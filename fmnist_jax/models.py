@@ -34,7 +34,7 @@ NUM_CLASSES = 10
 # is 2-D, (B x Ho [x Wo], L) @ (L, N): with the batch and the image rows as two dimensions of
 # the product, XLA:CPU laid out the output's gradient transposed for the kernel's gradient
 # and fused that strided write into the pool's gradient, the dearest operation of a LeNet-5
-# step (14% at batch 64, 25% at 256; the step took 1.3-1.8x as long). A LeNet-5 conv and
+# step (16% of a batch-64 step, 25% at 256; the step took 1.3-2x as long). A LeNet-5 conv and
 # its pool run in one layout (`conv_pool_toeplitz`: a window's four values in contiguous
 # blocks).
 # On GPU/TPU none of this applies: `conv_and_pool_impl` picks lax's convolution (nn.Conv's,
@@ -195,9 +195,10 @@ def conv_and_pool_impl(backend: str | None = None,
     CPU: the select-gradient pool; the row-Toeplitz conv for LeNet-5's layers (5x5 kernels,
     at most 96 input x output channels), whose banded matrix stays small, and im2col for the
     rest: on the tutorial CNN's 3x3 layers (16 and 32 channels) the Toeplitz form's 5-10x
-    redundant arithmetic made a training step 1.2x (Toeplitz first layer) to 1.9x (both)
-    slower than im2col (`scripts/profile_step.py --cnn-formulations`, BENCHMARKS.md). Anything else (GPU, TPU): XLA's convolution and reduce_window
-    pool, i.e. nn.Conv and nn.max_pool, which cuDNN and friends already do well.
+    redundant arithmetic made a training step as slow (Toeplitz first layer, 1.01x) or
+    slower (both, 2.0x) than im2col (`scripts/profile_step.py --cnn-formulations`,
+    BENCHMARKS.md). Anything else (GPU, TPU): XLA's convolution and reduce_window pool, i.e.
+    nn.Conv and nn.max_pool, which cuDNN and friends already do well.
     """
     backend = backend or jax.default_backend()
     if backend != "cpu":
