@@ -10,7 +10,8 @@ import optax
 import pytest
 
 from fmnist_jax.models import (CONV_IMPLS, POOL_IMPLS, Conv2D, ConvReluPool, LeNet5,
-                               TutorialCNN, _max_of_2x2, conv_and_pool_impl, max_pool_2x2)
+                               TutorialCNN, _max_of_2x2, conv_and_pool_impl,
+                               conv_pool_toeplitz, max_pool_2x2)
 from fmnist_jax.profiling import toeplitz_3d_lenet5
 from fmnist_jax.steps import init_variables
 
@@ -104,6 +105,27 @@ def test_parity_layout_pool_equals_flax_max_pool_with_ties():
     (_, y_ref), g_ref = _output_loss_and_grads(ref, cot, argnums=0)(x)
     np.testing.assert_array_equal(y_ours, y_ref)
     np.testing.assert_array_equal(g_ours, g_ref)  # one select each: no sums to reorder
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+@pytest.mark.parametrize("name,hw,c_in,c_out,k,pad", CONV_SHAPES[:2], ids=["conv1", "conv2"])
+def test_conv_pool_toeplitz_any_column_groups(groups, name, hw, c_in, c_out, k, pad):
+    """The output columns split into 1 or 3 groups (the models use 2, tested below): the
+    same values and gradients as nn.Conv then nn.max_pool."""
+    x = jax.random.normal(jax.random.key(1), (3, hw, hw, c_in))
+    kernel = 0.2 * jax.random.normal(jax.random.key(2), (k, k, c_in, c_out))
+
+    def ref(kernel, x):
+        y = jax.lax.conv_general_dilated(x, kernel, (1, 1), [(pad, pad)] * 2,
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return nn.max_pool(y, (2, 2), strides=(2, 2))
+
+    ours = lambda kernel, x: conv_pool_toeplitz(x, kernel, pad, groups)  # noqa: E731
+    cot = jax.random.normal(jax.random.key(3), jax.eval_shape(ref, kernel, x).shape)
+    (_, y_ours), g_ours = _output_loss_and_grads(ours, cot)(kernel, x)
+    (_, y_ref), g_ref = _output_loss_and_grads(ref, cot)(kernel, x)
+    np.testing.assert_allclose(y_ours, y_ref, **TOL)
+    _assert_trees_close(g_ours, g_ref)
 
 
 @pytest.mark.parametrize("impl", sorted(CONV_IMPLS))
