@@ -1,3 +1,4 @@
+import os
 import re
 import shutil
 import subprocess
@@ -270,6 +271,9 @@ def test_two_first_runs_on_a_fresh_data_dir_both_succeed(manual_dir, fashion_mni
         assert "Generating splits" not in result.stdout + result.stderr
         assert "Dl Completed" not in result.stdout + result.stderr
         assert "Traceback" not in result.stderr
+        # TensorFlow's C++ start-up lines, which ignore TF_CPP_MIN_LOG_LEVEL, held back
+        assert "absl::InitializeLog" not in result.stderr, result.stderr[-3000:]
+        assert "oneDNN custom operations" not in result.stderr, result.stderr[-3000:]
     outs = [r.stdout for r in results]
     assert sum("preparing Fashion-MNIST in" in out for out in outs) == 1, outs
     preparing = next(line for out in outs for line in out.splitlines()
@@ -279,3 +283,24 @@ def test_two_first_runs_on_a_fresh_data_dir_both_succeed(manual_dir, fashion_mni
     train, test = data.load_fashion_mnist(data_dir=data_dir)
     np.testing.assert_array_equal(train.images_NxHxWx1, fashion_mnist[0].images_NxHxWx1)
     np.testing.assert_array_equal(test.labels_N, fashion_mnist[1].labels_N)
+
+
+def test_stderr_held_back_while_preparing_and_replayed_on_unexpected_errors(capfd):
+    """TensorFlow's C++ lines (written to descriptor 2) are hidden while tfds builds; an
+    unexpected failure replays them, our own errors (which name the fix) do not."""
+    from fmnist_jax.data.tfds_source import _stderr_held_back
+    from fmnist_jax.errors import FmnistError
+
+    with _stderr_held_back():
+        os.write(2, b"I0000 port.cc:153] oneDNN custom operations are on\n")
+    assert capfd.readouterr().err == ""
+    with pytest.raises(RuntimeError), _stderr_held_back():
+        os.write(2, b"the cause of a crash\n")
+        raise RuntimeError("boom")
+    assert capfd.readouterr().err == "the cause of a crash\n"
+    with pytest.raises(FmnistError), _stderr_held_back():
+        os.write(2, b"start-up noise\n")
+        raise FmnistError("x.gz has the wrong checksum")
+    assert capfd.readouterr().err == ""
+    os.write(2, b"after\n")  # descriptor 2 is back
+    assert capfd.readouterr().err == "after\n"

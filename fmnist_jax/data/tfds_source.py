@@ -255,11 +255,41 @@ def _quiet_tfds():
     absl_logging.set_verbosity(absl_logging.ERROR)
     tfds.display_progress_bar(False)
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()), _stderr_held_back():
             yield
     finally:
         tfds.display_progress_bar(True)
         absl_logging.set_verbosity(verbosity)
+
+
+@contextlib.contextmanager
+def _stderr_held_back():
+    """File descriptor 2 into a temporary file for the block, replayed if the block fails.
+
+    TensorFlow's C++ start-up lines (absl's "All log messages before absl::InitializeLog()",
+    "oneDNN custom operations are on", CPU-feature notes) go straight to descriptor 2 and
+    ignore TF_CPP_MIN_LOG_LEVEL in the installed TensorFlow, so they would split our one
+    "preparing ..." line. On an unexpected error nothing is lost: the held-back text is
+    written out. Our own errors (FmnistError) already name the problem and the fix.
+    """
+    sys.stderr.flush()
+    saved_fd = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        except FmnistError:
+            raise
+        except BaseException:
+            sys.stderr.flush()
+            os.dup2(saved_fd, 2)
+            held.seek(0)
+            sys.stderr.write(held.read().decode(errors="replace"))
+            raise
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved_fd, 2)
+            os.close(saved_fd)
 
 
 def _download_and_prepare(data_dir: Path, manual_dir: Path | None) -> None:
