@@ -150,6 +150,14 @@ def op_breakdown(model: nn.Module, batch_size: int = 64, *, steps: int = 20,
     return sum(r[0] for r in rows), rows
 
 
+def _lenet5_dense_head(x):
+    """LeNet-5's flatten and dense layers (fc1, fc2, fc3), called inside a compact module."""
+    x = x.reshape(x.shape[0], -1)
+    x = nn.relu(nn.Dense(120, name="fc1")(x))
+    x = nn.relu(nn.Dense(84, name="fc2")(x))
+    return nn.Dense(10, name="fc3")(x)
+
+
 class _LegacyLeNet5(nn.Module):
     """LeNet-5 as before the speed work: im2col conv, then bias, ReLU, and a reshape-max pool
     differentiated by jnp (ties counted and split). Same parameters; for comparisons."""
@@ -164,10 +172,7 @@ class _LegacyLeNet5(nn.Module):
 
         x = pool(nn.relu(Conv2D(6, (5, 5), padding=2, impl="im2col", name="conv1")(x)))
         x = pool(nn.relu(Conv2D(16, (5, 5), impl="im2col", name="conv2")(x)))
-        x = x.reshape(x.shape[0], -1)
-        x = nn.relu(nn.Dense(120, name="fc1")(x))
-        x = nn.relu(nn.Dense(84, name="fc2")(x))
-        return nn.Dense(10, name="fc3")(x)
+        return _lenet5_dense_head(x)
 
 
 def legacy_lenet5() -> nn.Module:
@@ -196,10 +201,7 @@ class _Toeplitz3dLeNet5(nn.Module):
 
         x = ConvPool(6, (5, 5), padding=2, name="conv1")(x)
         x = ConvPool(16, (5, 5), name="conv2")(x)
-        x = x.reshape(x.shape[0], -1)
-        x = nn.relu(nn.Dense(120, name="fc1")(x))
-        x = nn.relu(nn.Dense(84, name="fc2")(x))
-        return nn.Dense(10, name="fc3")(x)
+        return _lenet5_dense_head(x)
 
 
 def toeplitz_3d_lenet5() -> nn.Module:
