@@ -167,8 +167,8 @@ def conv_pool_toeplitz(x_BxHxWxF: jax.Array, kernel_YxXxIxO: jax.Array, padding:
     ho, wo = hp - kh + 1, wp - kw + 1
     x_rows = x.reshape(b, hp, wp * c_in)  # each padded row flattened to (W, I)
     pooled = []
-    for pairs in np.array_split(np.arange(wo // 2), column_groups):  # window columns
-        start, stop = 2 * int(pairs[0]), 2 * int(pairs[-1]) + 2  # output columns
+    for pairs in np.array_split(np.arange(wo // 2), min(column_groups, wo // 2)):
+        start, stop = 2 * int(pairs[0]), 2 * int(pairs[-1]) + 2  # its output columns
         w_in = stop - start + kw - 1  # the input columns they see
         parity_order = list(range(0, stop - start, 2)) + list(range(1, stop - start, 2))
         banded = _banded_kernel(kernel_YxXxIxO, w_in, parity_order)

@@ -108,10 +108,13 @@ def test_parity_layout_pool_equals_flax_max_pool_with_ties():
 
 
 @pytest.mark.parametrize("groups", [1, 3])
-@pytest.mark.parametrize("name,hw,c_in,c_out,k,pad", CONV_SHAPES[:2], ids=["conv1", "conv2"])
+@pytest.mark.parametrize("name,hw,c_in,c_out,k,pad",
+                         CONV_SHAPES[:2] + [("one-window-wide", 6, 1, 3, 5, 0)],
+                         ids=["conv1", "conv2", "one-window-wide"])
 def test_conv_pool_toeplitz_any_column_groups(groups, name, hw, c_in, c_out, k, pad):
-    """The output columns split into 1 or 3 groups (the models use 2, tested below): the
-    same values and gradients as nn.Conv then nn.max_pool."""
+    """The output columns split into 1 or 3 groups (the models use 2, tested below), also
+    where there are fewer pool windows across than groups: the same values and gradients as
+    nn.Conv then nn.max_pool."""
     x = jax.random.normal(jax.random.key(1), (3, hw, hw, c_in))
     kernel = 0.2 * jax.random.normal(jax.random.key(2), (k, k, c_in, c_out))
 
