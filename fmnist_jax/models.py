@@ -34,7 +34,7 @@ NUM_CLASSES = 10
 # is 2-D, (B x Ho [x Wo], L) @ (L, N): with the batch and the image rows as two dimensions of
 # the product, XLA:CPU laid out the output's gradient transposed for the kernel's gradient
 # and fused that strided write into the pool's gradient, the dearest operation of a LeNet-5
-# step (16% of a batch-64 step, 25% at 256; the step took 1.3-2x as long). A LeNet-5 conv and
+# step (15-16% of a batch-64 step, 25% at 256; the step took 1.3-2x as long). A LeNet-5 conv and
 # its pool run in one layout (`conv_pool_toeplitz`: a window's four values in contiguous
 # blocks).
 # On GPU/TPU none of this applies: `conv_and_pool_impl` picks lax's convolution (nn.Conv's,
@@ -161,20 +161,17 @@ def conv_pool_toeplitz(x_BxHxWxF: jax.Array, kernel_YxXxIxO: jax.Array, padding:
     (LeNet-5's layers: 0.56x and 0.66x the arithmetic of one group); with two groups a
     batch-64 training step went from 28.6 to 22.4 us an image (BENCHMARKS.md).
     """
-    kh, kw, c_in, f = kernel_YxXxIxO.shape
+    kh, kw, _, f = kernel_YxXxIxO.shape
     x = _pad_hw(x_BxHxWxF, padding)
     b, hp, wp, _ = x.shape
     ho, wo = hp - kh + 1, wp - kw + 1
-    x_rows = x.reshape(b, hp, wp * c_in)  # each padded row flattened to (W, I)
     pooled = []
     for pairs in np.array_split(np.arange(wo // 2), min(column_groups, wo // 2)):
         start, stop = 2 * int(pairs[0]), 2 * int(pairs[-1]) + 2  # its output columns
         w_in = stop - start + kw - 1  # the input columns they see
         parity_order = list(range(0, stop - start, 2)) + list(range(1, stop - start, 2))
         banded = _banded_kernel(kernel_YxXxIxO, w_in, parity_order)
-        seen = x_rows[:, :, start * c_in:(start + w_in) * c_in]
-        rows = jnp.concatenate([seen[:, i:i + ho, :] for i in range(kh)], axis=-1)
-        y = rows.reshape(b * ho, -1) @ banded
+        y = _toeplitz_rows(x[:, :, start:start + w_in, :], kh, 0) @ banded
         pooled.append(_max_of_2x2(y.reshape(b, ho // 2, 2, 2, (stop - start) // 2 * f)))
     return jnp.concatenate(pooled, axis=-1).reshape(b, ho // 2, wo // 2, f)
 
