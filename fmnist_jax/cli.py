@@ -146,10 +146,15 @@ def _add_compile_cache_flag(parser: argparse.ArgumentParser) -> None:
 def _add_device_flags(parser: argparse.ArgumentParser, *, distributed: bool) -> None:
     group = parser.add_argument_group(
         "devices", "every batch is split over all devices (data parallel); the batch sizes "
-                   "must be multiples of the device count")
+                   "must be multiples of the device count. With --seeds K the devices are "
+                   "first shared out to groups that train K/G seeds each (G: the greatest "
+                   "common divisor of K and the device count), and each batch is split over "
+                   "the devices of its group")
     group.add_argument("--cpu-devices", type=int, metavar="N",
                        help="split the CPU into N XLA devices (no effect where a GPU is the "
-                            "device); default $FMNIST_CPU_DEVICES, else 1")
+                            "device); default $FMNIST_CPU_DEVICES, else 1, or with --seeds K "
+                            "the most devices, up to the cores, that divide K (one group of "
+                            "seeds per core)")
     if not distributed:
         return
     group.add_argument("--num-processes", type=int, metavar="N",
@@ -164,16 +169,18 @@ def _add_device_flags(parser: argparse.ArgumentParser, *, distributed: bool) -> 
                             "host); default $FMNIST_COORDINATOR_ADDRESS")
 
 
-def start_devices(args: argparse.Namespace):
+def start_devices(args: argparse.Namespace, *, members: int = 1):
     """Set up the devices the flags ask for, before jax starts its backend: the CPU device
-    count, then (with several processes) join the others through jax.distributed. Returns
-    the distributed settings."""
+    count (for a run of `members` seeds on one process, one device per core by default:
+    `parallel.cpu_devices_for`), then (with several processes) join the others through
+    jax.distributed. Returns the distributed settings."""
     from fmnist_jax import parallel
 
     settings = parallel.distributed_settings(getattr(args, "coordinator_address", None),
                                              getattr(args, "num_processes", None),
                                              getattr(args, "process_id", None))
-    parallel.use_cpu_devices(args.cpu_devices)
+    parallel.use_cpu_devices(args.cpu_devices, default=(
+        parallel.cpu_devices_for(members) if settings.num_processes == 1 else None))
     parallel.initialize_distributed(settings)
     return settings
 
@@ -262,7 +269,7 @@ def train_main(argv: list[str] | None = None) -> int:
                           "a filesystem they share")
     cfg = None if args.resume else config_from_args(args)  # bad flags fail before joining
     use_compile_cache(args.compile_cache)
-    start_devices(args)
+    start_devices(args, members=cfg.seeds if cfg else 1)
     import jax
 
     from fmnist_jax import runs
@@ -280,7 +287,8 @@ def train_main(argv: list[str] | None = None) -> int:
         cfg = run.config
         parallel.check_batch_sizes(cfg.batch_size, cfg.eval_batch_size, jax.device_count())
     else:
-        parallel.check_batch_sizes(cfg.batch_size, cfg.eval_batch_size, jax.device_count())
+        parallel.check_batch_sizes(cfg.batch_size, cfg.eval_batch_size, jax.device_count(),
+                                   cfg.seeds)
         # Claim the run folder before the data loads: a bad or taken --workdir fails at once.
         # (With several processes only process 0 claims it; the others learn its verdict.)
         refused = None

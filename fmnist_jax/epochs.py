@@ -83,8 +83,10 @@ class CompiledSeedEpochs:
     `train_xy` is the shared (images_NxHxWx1, labels_N); `train_idx_MxQ` each member's
     training examples in it. Each of `eval_sets` is (images, labels, idx_MxQ or None: every
     member evaluates every image). `norm_M` has one mean and std per member. As in
-    `CompiledEpochs`, everything is replicated over `parallel`'s mesh and each member's
-    batches are split over its devices.
+    `CompiledEpochs`, everything is replicated over `parallel`'s mesh (default: every
+    device, in `parallel.seed_groups` groups for M members); inside the programs the members
+    are shared out to the mesh's groups of devices, and each member's batches are split over
+    the devices of its group.
     """
 
     def __init__(self, state_M: TrainState, train_xy, train_idx_MxQ: jax.Array,
@@ -92,8 +94,9 @@ class CompiledSeedEpochs:
                  norm_M: Normalization, key_M: jax.Array, active_M: jax.Array,
                  options: StepOptions = StepOptions(),
                  parallel: DataParallel | None = None):
-        self.parallel = parallel or data_parallel()
-        check_batch_sizes(batch_size, eval_batch_size, self.parallel.num_devices)
+        members = len(active_M)
+        self.parallel = parallel or data_parallel(members=members)
+        check_batch_sizes(batch_size, eval_batch_size, self.parallel.num_devices, members)
         place = self.parallel.replicate
         self.train_xy, self.train_idx_MxQ = place(train_xy), place(train_idx_MxQ)
         # Name by name: a tree_map over the dict would sort its names, and the history's
@@ -101,15 +104,14 @@ class CompiledSeedEpochs:
         self.eval_sets = {name: place(data) for name, data in eval_sets.items()}
         self.norm_M = place(norm_M)
         state_M, key_M, active_M = place((state_M, key_M, active_M))
-        sharding = self.parallel.batch_sharding
+        shardings = {"batch_sharding": self.parallel.batch_sharding,
+                     "member_sharding": self.parallel.member_sharding}
         t0 = time.perf_counter()
         self._epoch_fn = train_epoch_seeds.lower(
             state_M, *self.train_xy, self.train_idx_MxQ, key_M, active_M,
-            batch_size=batch_size, norm_M=self.norm_M, options=options,
-            batch_sharding=sharding).compile()
+            batch_size=batch_size, norm_M=self.norm_M, options=options, **shardings).compile()
         self._eval_fns = {name: evaluate_seeds.lower(state_M, *data, batch_size=eval_batch_size,
-                                                     norm_M=self.norm_M,
-                                                     batch_sharding=sharding).compile()
+                                                     norm_M=self.norm_M, **shardings).compile()
                           for name, data in self.eval_sets.items()}
         self.compile_seconds = time.perf_counter() - t0
 

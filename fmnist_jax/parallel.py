@@ -1,13 +1,21 @@
-"""Devices: data parallel training over every device of the run, on one host or several.
+"""Devices: training over every device of the run, on one host or several.
 
 One code path from one device to many. A `DataParallel` holds a `jax.sharding.Mesh` over the
-devices with one axis, "data". The training state and the datasets are replicated on every
-device (Fashion-MNIST's 70,000 images are 55 MB as uint8: every device can hold them);
-inside the jitted epoch each gathered batch is constrained to `batch_sharding` (split along
-the batch axis), so XLA's SPMD partitioner gives every device its slice of the batch, and
-inserts the all-reduce of the gradients and of BatchNorm's batch statistics: the step
-computes what one device computes, on the global batch, within float rounding. With one
-device the mesh is trivial and every constraint a no-op.
+devices with two axes, "seeds" x "data". The training state and the datasets are replicated
+on every device (Fashion-MNIST's 70,000 images are 55 MB as uint8: every device can hold
+them); inside the jitted epoch each gathered batch is constrained to `batch_sharding` (split
+along the batch axis over "data"), so XLA's SPMD partitioner gives every device its slice of
+the batch, and inserts the all-reduce of the gradients and of BatchNorm's batch statistics:
+the step computes what one device computes, on the global batch, within float rounding.
+With one device the mesh is trivial and every constraint a no-op.
+
+A run of M > 1 seeds (`--seeds`) first splits the devices into groups along "seeds"
+(`seed_groups`): each group trains its share of the members, which need nothing from each
+other, so no step waits for another group (the vmapped epoch is partitioned along its
+member axis, `member_sharding`); each member's batches are split over the devices of its
+group as above. On a CPU split into devices (`--cpu-devices`), one small model leaves part of
+the cores idle, so members on a device per core train in less time than all on one device
+(BENCHMARKS.md, `scripts/time_seeds.py`).
 
 Several hosts (or several processes on one host): `initialize_distributed` starts
 `jax.distributed` before anything touches a device; then `jax.devices()` lists the devices
@@ -22,6 +30,7 @@ The device count is fixed once jax has started its backend: `use_cpu_devices` (t
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 
 import jax
@@ -32,6 +41,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from fmnist_jax.errors import FmnistError
 
 DATA_AXIS = "data"
+SEEDS_AXIS = "seeds"
 
 # The environment variables read when the distributed flags are not given (the flags win).
 COORDINATOR_ENV = "FMNIST_COORDINATOR_ADDRESS"
@@ -42,9 +52,9 @@ CPU_DEVICES_ENV = "FMNIST_CPU_DEVICES"
 
 @dataclasses.dataclass(frozen=True)
 class DataParallel:
-    """The mesh of a run, and the two shardings its arrays take on it.
+    """The mesh of a run ("seeds" x "data"), and the shardings its arrays take on it.
 
-    Hashable (a mesh is), so `batch_sharding` can be a static argument of a jitted function.
+    Hashable (a mesh is), so its shardings can be static arguments of a jitted function.
     """
 
     mesh: Mesh
@@ -54,9 +64,20 @@ class DataParallel:
         return self.mesh.size
 
     @property
+    def seed_groups(self) -> int:
+        """How many groups of devices the members of a run of several seeds are shared out to
+        (1: every member on every device)."""
+        return self.mesh.shape[SEEDS_AXIS]
+
+    @property
     def batch_sharding(self) -> NamedSharding:
-        """Leading (batch) axis split over the devices, the rest whole."""
+        """Leading (batch) axis split over the devices of the "data" axis, the rest whole."""
         return NamedSharding(self.mesh, PartitionSpec(DATA_AXIS))
+
+    @property
+    def member_sharding(self) -> NamedSharding:
+        """Leading (member) axis split over the groups of the "seeds" axis, the rest whole."""
+        return NamedSharding(self.mesh, PartitionSpec(SEEDS_AXIS))
 
     @property
     def replicated(self) -> NamedSharding:
@@ -82,20 +103,46 @@ class DataParallel:
         return jax.make_array_from_process_local_data(self.replicated, np.asarray(leaf))
 
 
-def data_parallel(devices=None) -> DataParallel:
-    """A mesh over `devices` (default: every device of every process, `jax.devices()`)."""
+def seed_groups(members: int, num_devices: int) -> int:
+    """How many groups of devices `members` models trained together are shared out to: the
+    most that take equal shares of the members and of the devices (their greatest common
+    divisor; 1 for one model). Separate groups never wait for each other; the devices within
+    a group split each batch and add up their gradients every step. (Unequal shares would
+    need spare members, computed and thrown away.)"""
+    return math.gcd(max(members, 1), num_devices)
+
+
+def cpu_devices_for(members: int, cores: int | None = None) -> int:
+    """The CPU devices a run of `members` seeds gets when --cpu-devices is not given: the
+    most, up to the cores this process may use, that take equal shares of the members (one
+    for one model, or where no more than one divides them)."""
+    cores = cores or len(os.sched_getaffinity(0))
+    return max(d for d in range(1, min(cores, max(members, 1)) + 1) if members % d == 0)
+
+
+def data_parallel(devices=None, *, members: int = 1) -> DataParallel:
+    """A mesh over `devices` (default: every device of every process, `jax.devices()`), in
+    `seed_groups(members, ...)` groups along "seeds" (each of consecutive devices: one
+    process's, where it can) and the rest along "data"."""
     devices = jax.devices() if devices is None else list(devices)
-    return DataParallel(Mesh(np.array(devices), (DATA_AXIS,)))
+    groups = seed_groups(members, len(devices))
+    return DataParallel(Mesh(np.array(devices).reshape(groups, -1), (SEEDS_AXIS, DATA_AXIS)))
 
 
-def check_batch_sizes(batch_size: int, eval_batch_size: int, num_devices: int) -> None:
-    """FmnistError unless both batch sizes split evenly over `num_devices` devices."""
+def check_batch_sizes(batch_size: int, eval_batch_size: int, num_devices: int,
+                      members: int = 1) -> None:
+    """FmnistError unless both batch sizes split evenly over the devices that share each
+    batch: all `num_devices`, or with `members` > 1 seeds the devices of one group."""
+    per_batch = num_devices // seed_groups(members, num_devices)
+    where = (f"the {per_batch} devices" if per_batch == num_devices else
+             f"the {per_batch} devices of each group of seeds ({num_devices} devices in "
+             f"{num_devices // per_batch} groups)")
     for flag, size in (("--batch-size", batch_size), ("--eval-batch-size", eval_batch_size)):
-        if size % num_devices:
+        if size % per_batch:
             raise FmnistError(
-                f"{flag} {size} does not split over the {num_devices} devices: each device "
-                f"takes an equal share of every batch, so pass a multiple of {num_devices} "
-                f"(e.g. {flag} {max(num_devices, size // num_devices * num_devices)})")
+                f"{flag} {size} does not split over {where}: each device takes an equal "
+                f"share of every batch, so pass a multiple of {per_batch} "
+                f"(e.g. {flag} {max(per_batch, size // per_batch * per_batch)})")
 
 
 def is_writer() -> bool:
@@ -116,13 +163,19 @@ def process_0_agrees(ok: bool) -> bool:
     return bool(multihost_utils.broadcast_one_to_all(np.int32(ok)))
 
 
-def describe_devices() -> str:
-    """One line naming the devices, e.g. "cpu (cpu)" or "4 x gpu (NVIDIA H100) over 2
-    processes"."""
+def describe_devices(members: int = 1) -> str:
+    """One line naming the devices and how a run of `members` models shares them, e.g. "cpu
+    (cpu)", "4 x gpu (NVIDIA H100), data parallel over 2 processes" or "2 x cpu (cpu), the
+    seeds in 2 groups of 1 device"."""
     devices = jax.devices()
     what = f"{devices[0].platform} ({devices[0].device_kind})"
     if len(devices) > 1:
-        what = f"{len(devices)} x {what}, data parallel"
+        groups = seed_groups(members, len(devices))
+        per_group = len(devices) // groups
+        what = f"{len(devices)} x {what}, " + (
+            "data parallel" if groups == 1 else
+            f"the seeds in {groups} groups of {per_group} device{'s' * (per_group > 1)}"
+            + (", data parallel within each" if per_group > 1 else ""))
     if jax.process_count() > 1:
         what += f" over {jax.process_count()} processes"
     return what
@@ -139,15 +192,18 @@ def _int_or_error(text: str, what: str) -> int:
         raise FmnistError(f"{what} must be an integer, got {text!r}") from None
 
 
-def use_cpu_devices(count: int | str | None) -> None:
-    """Split the CPU into `count` XLA devices (default ${FMNIST_CPU_DEVICES}; none: jax's
-    default, one). Only the CPU backend is affected: on a GPU machine the GPUs stay the
-    devices. Must run before jax starts its backend."""
+def use_cpu_devices(count: int | str | None, *, default: int | None = None) -> None:
+    """Split the CPU into `count` XLA devices (default ${FMNIST_CPU_DEVICES}, else `default`;
+    none: jax's default, one). Only the CPU backend is affected: on a GPU machine the GPUs
+    stay the devices. Must run before jax starts its backend."""
     if count is None:
         count = os.environ.get(CPU_DEVICES_ENV)
         if not count:
-            return
-        count = _int_or_error(count, CPU_DEVICES_ENV)
+            if default is None or default == 1:
+                return
+            count = default
+        else:
+            count = _int_or_error(count, CPU_DEVICES_ENV)
     if isinstance(count, str):
         count = _int_or_error(count, "--cpu-devices")
     if count < 1:

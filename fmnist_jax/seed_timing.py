@@ -4,6 +4,12 @@
 validation split, one stacked state) and the ordinary one-model epoch, compiles each ahead of
 time (timed apart), then runs rounds of one epoch of every program in turn, so that a change
 of the machine's load hits them alike. Evaluation and checkpoints are not timed.
+
+With several devices every K runs twice: on the first device alone (vmap alone), and shared
+out to groups of devices as `train.py --seeds K` shares them (`parallel.seed_groups`; only
+where K and the device count have a common divisor). The one-model epoch always runs on the
+first device: what one model takes without splitting its batches (which on this project's
+CPU costs more than it saves, BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fmnist_jax import data, streams
+from fmnist_jax import data, parallel, streams
 from fmnist_jax.config import TrainConfig
 from fmnist_jax.epochs import CompiledEpochs, CompiledSeedEpochs, step_options
 from fmnist_jax.train import seed_members
@@ -22,53 +28,63 @@ from fmnist_jax.train import seed_members
 
 def time_seeds(cfg: TrainConfig, train: data.Split, seeds_list: list[int],
                epochs: int) -> str:
-    """Time `epochs` rounds of every K in `seeds_list` and of the one-model epoch; returns
-    the markdown table, one row per K."""
-    train_xy = jax.device_put((train.images_NxHxWx1, train.labels_N))
-    programs = {k: _Program(k, cfg, train, train_xy)
-                for k in [0] + list(seeds_list)}  # 0: the one-model program
-    seconds = {k: [] for k in programs}
+    """Time `epochs` rounds of every K in `seeds_list` (on one device, and shared out over
+    every device where they divide) and of the one-model epoch; returns the markdown table,
+    one row per program."""
+    devices = jax.devices()
+    configs = [(0, 1)]  # (K, devices); K = 0: the one-model program
+    for k in seeds_list:
+        configs.append((k, 1))
+        if len(devices) > 1 and parallel.seed_groups(k, len(devices)) > 1:
+            configs.append((k, len(devices)))
+    programs = {(k, d): _Program(k, cfg, train, devices[:d]) for k, d in configs}
+    seconds = {key: [] for key in programs}
     for epoch in range(1, epochs + 1):  # round by round: a change of load hits every K
-        for k, program in programs.items():
-            seconds[k].append(program.train(epoch))
-    lines = ["| seeds K | train images per seed | compile s | s/epoch (median) | epoch time / "
-             "one run | per seed / one run |", "| --- | --- | --- | --- | --- | --- |"]
-    baseline = statistics.median(seconds[0])
-    for k, program in programs.items():
-        median = statistics.median(seconds[k])
+        for key, program in programs.items():
+            seconds[key].append(program.train(epoch))
+    lines = ["| seeds K | devices | train images per seed | compile s | s/epoch (median) | "
+             "epoch time / one run | per seed / one run |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    baseline = statistics.median(seconds[0, 1])
+    for (k, d), program in programs.items():
+        median = statistics.median(seconds[k, d])
         label = "1 (one model, no vmap)" if k == 0 else str(k)
-        lines.append(f"| {label} | {program.n_train} | {program.compile_seconds:.2f} | "
-                     f"{median:.2f} ({', '.join(f'{s:.2f}' for s in seconds[k])}) | "
+        groups = parallel.seed_groups(k, d)
+        where = str(d) if d == 1 else f"{d} ({groups} groups of seeds)"
+        lines.append(f"| {label} | {where} | {program.n_train} | "
+                     f"{program.compile_seconds:.2f} | "
+                     f"{median:.2f} ({', '.join(f'{s:.2f}' for s in seconds[k, d])}) | "
                      f"{median / baseline:.2f}x | {median / baseline / max(k, 1):.2f}x |")
     return "\n".join(lines)
 
 
 class _Program:
-    """K members (K = 0: the ordinary one-model program, seed 0), compiled; `train(epoch)`
-    runs one epoch and returns its seconds."""
+    """K members (K = 0: the ordinary one-model program, seed 0) on `devices`, compiled;
+    `train(epoch)` runs one epoch and returns its seconds."""
 
-    def __init__(self, k, cfg, train, train_xy):
+    def __init__(self, k, cfg, train, devices):
         self.k, self.seeds = k, list(range(max(k, 1)))
         splits, state_M, _ = seed_members(cfg, train.labels_N, self.seeds)
         self.n_train = len(splits[0][0])
         if k == 0:
             self.state = jax.tree_util.tree_map(lambda leaf_M: leaf_M[0], state_M)
-            member_xy = jax.device_put((train.images_NxHxWx1[splits[0][0]],
-                                        train.labels_N[splits[0][0]]))
+            member_xy = (train.images_NxHxWx1[splits[0][0]], train.labels_N[splits[0][0]])
             self.compiled = CompiledEpochs(self.state, member_xy, {}, batch_size=cfg.batch_size,
                                            eval_batch_size=cfg.eval_batch_size, norm=data.HALF,
                                            key=streams.epoch_shuffle_key(0, 1),
-                                           options=step_options(cfg))
+                                           options=step_options(cfg),
+                                           parallel=parallel.data_parallel(devices))
         else:
             self.state = state_M
             half_M = np.full(k, 0.5, np.float32)
             self.active_M = jnp.ones(k, bool)
             self.compiled = CompiledSeedEpochs(
-                self.state, train_xy,
-                jax.device_put(np.stack([t for t, _ in splits]).astype(np.int32)), {},
+                self.state, (train.images_NxHxWx1, train.labels_N),
+                np.stack([t for t, _ in splits]).astype(np.int32), {},
                 batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size,
                 norm_M=data.Normalization(half_M, half_M), key_M=self._keys(1),
-                active_M=self.active_M, options=step_options(cfg))
+                active_M=self.active_M, options=step_options(cfg),
+                parallel=parallel.data_parallel(devices, members=k))
         self.compile_seconds = self.compiled.compile_seconds
 
     def _keys(self, epoch):

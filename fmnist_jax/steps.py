@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 from flax.training import train_state
+from jax.sharding import NamedSharding, PartitionSpec
 
 from fmnist_jax.augment import NONE, Augment, augment_batch
 from fmnist_jax.data import Normalization
@@ -274,13 +275,29 @@ def _keep_where(active: jax.Array, new_tree, old_tree):
     return jax.tree_util.tree_map(lambda new, old: jnp.where(active, new, old), new_tree, old_tree)
 
 
-@functools.partial(jax.jit, static_argnames=("batch_size", "options", "batch_sharding"),
-                   donate_argnums=0)
+def _over_members(member_fn, member_sharding: NamedSharding | None, *trees):
+    """`jax.vmap(member_fn)` over the leading (member) axis of every leaf of `trees`. With
+    `member_sharding` (`parallel.DataParallel.member_sharding`), that axis is split over the
+    groups of its mesh's seeds axis: each group computes only its members (vmap's
+    `spmd_axis_name` adds that axis to every sharding constraint inside, so the batches of
+    a group's members are split over its own devices), and the results are gathered whole on
+    every device, where the host reads them."""
+    if member_sharding is None:
+        return jax.vmap(member_fn)(*trees)
+    trees = jax.lax.with_sharding_constraint(trees, member_sharding)
+    out = jax.vmap(member_fn, spmd_axis_name=member_sharding.spec[0])(*trees)
+    return jax.lax.with_sharding_constraint(out, NamedSharding(member_sharding.mesh,
+                                                               PartitionSpec()))
+
+
+@functools.partial(jax.jit, static_argnames=("batch_size", "options", "batch_sharding",
+                                             "member_sharding"), donate_argnums=0)
 def train_epoch_seeds(state_M: TrainState, images_NxHxWx1: jax.Array, labels_N: jax.Array,
                       idx_MxQ: jax.Array, key_M: jax.Array, active_M: jax.Array, *,
                       batch_size: int, norm_M: Normalization,
                       options: StepOptions = StepOptions(),
-                      batch_sharding: jax.sharding.Sharding | None = None
+                      batch_sharding: jax.sharding.Sharding | None = None,
+                      member_sharding: NamedSharding | None = None
                       ) -> tuple[TrainState, Sums]:
     """One epoch of M independent models (`--seeds`) as one program: `jax.vmap` of the epoch
     over the members' states (every leaf of `state_M` has a leading M axis), their training
@@ -292,15 +309,17 @@ def train_epoch_seeds(state_M: TrainState, images_NxHxWx1: jax.Array, labels_N: 
 
     A member whose `active_M` is False (stopped early) keeps its state: it is still
     computed (vmap runs every member), then discarded. Returns sums with shape (M,).
-    `batch_sharding` splits each member's batches over devices, as in `train_epoch` (vmap
-    leaves the member axis whole).
+    `member_sharding` shares the members out to groups of devices, M divided evenly
+    (`parallel.seed_groups`); `batch_sharding` splits each member's batches over the devices
+    of its group, as in `train_epoch`.
     """
     def member_fn(state, idx_Q, key, active, norm):
         new_state, sums = _epoch(state, images_NxHxWx1, labels_N, idx_Q, key, batch_size,
                                  norm, options, batch_sharding)
         return _keep_where(active, new_state, state), sums
 
-    return jax.vmap(member_fn)(state_M, idx_MxQ, key_M, active_M, norm_M)
+    return _over_members(member_fn, member_sharding, state_M, idx_MxQ, key_M, active_M,
+                         norm_M)
 
 
 @jax.jit
@@ -336,18 +355,20 @@ def evaluate(state: TrainState, images_NxHxWx1: jax.Array, labels_N: jax.Array, 
     return jax.tree_util.tree_map(jnp.sum, sums_S)
 
 
-@functools.partial(jax.jit, static_argnames=("batch_size", "batch_sharding"))
+@functools.partial(jax.jit, static_argnames=("batch_size", "batch_sharding", "member_sharding"))
 def evaluate_seeds(state_M: TrainState, images_NxHxWx1: jax.Array, labels_N: jax.Array,
                    idx_MxQ: jax.Array | None, *, batch_size: int, norm_M: Normalization,
-                   batch_sharding: jax.sharding.Sharding | None = None) -> Sums:
+                   batch_sharding: jax.sharding.Sharding | None = None,
+                   member_sharding: NamedSharding | None = None) -> Sums:
     """`evaluate` of M members (leading M axis on `state_M`'s leaves and `norm_M`'s fields)
     under `jax.vmap`, the images shared: on all N images (`idx_MxQ` None), or member m on the
     examples `idx_MxQ[m]` (its own validation split), batched and padded as `evaluate` would
-    batch `images_NxHxWx1[idx_MxQ[m]]`. Returns sums with shape (M,)."""
+    batch `images_NxHxWx1[idx_MxQ[m]]`. Returns sums with shape (M,). The members and the
+    batches are shared out to devices as in `train_epoch_seeds`."""
     if idx_MxQ is None:
-        return jax.vmap(lambda state, norm: evaluate(
+        return _over_members(lambda state, norm: evaluate(
             state, images_NxHxWx1, labels_N, batch_size=batch_size, norm=norm,
-            batch_sharding=batch_sharding))(state_M, norm_M)
+            batch_sharding=batch_sharding), member_sharding, state_M, norm_M)
 
     def member_fn(state, idx_Q, norm):
         mask_Q = jnp.ones(idx_Q.shape, bool)
@@ -358,7 +379,7 @@ def evaluate_seeds(state_M: TrainState, images_NxHxWx1: jax.Array, labels_N: jax
                                         batch_sharding), norm)), None, xs)
         return jax.tree_util.tree_map(jnp.sum, sums_S)
 
-    return jax.vmap(member_fn)(state_M, idx_MxQ, norm_M)
+    return _over_members(member_fn, member_sharding, state_M, idx_MxQ, norm_M)
 
 
 @functools.partial(jax.jit, static_argnames="batch_size")

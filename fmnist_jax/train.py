@@ -65,14 +65,16 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | Path | runs.Claim, *,
     then records `startup_seconds`, the time from it to the first epoch.
 
     The batches are split over every device (`parallel`; the batch sizes must be multiples
-    of the device count). With several processes (`parallel.initialize_distributed`) every
-    process calls this with the same arguments; process 0 alone logs and writes the files.
+    of the device count); with M > 1 seeds the devices are first shared out to groups of
+    seeds (`parallel.seed_groups`), each batch then split over its group. With several
+    processes (`parallel.initialize_distributed`) every process calls this with the same
+    arguments; process 0 alone logs and writes the files.
 
     Returns (final TrainState, list of per-epoch metric dicts); with M > 1 seeds, the state's
     leaves have a leading axis M and the list holds each seed's history.
     """
     cfg.validate()
-    check_batch_sizes(cfg.batch_size, cfg.eval_batch_size, jax.device_count())
+    check_batch_sizes(cfg.batch_size, cfg.eval_batch_size, jax.device_count(), cfg.seeds)
     if not is_writer():
         log_fn, progress = (lambda line: None), False
     run = workdir if isinstance(workdir, runs.Claim) else runs.claim(workdir, cfg)
@@ -423,7 +425,7 @@ def _check_one_batch_fits(cfg: TrainConfig, n_given: int, n_train: int, n_val: i
 
 
 def _log_device_and_config(cfg: TrainConfig, log_fn: Callable[[str], Any]) -> None:
-    log_fn(f"device: {describe_devices()}, jax {jax.__version__}")
+    log_fn(f"device: {describe_devices(cfg.seeds)}, jax {jax.__version__}")
     log_fn(f"config: {json.dumps(json.loads(cfg.to_json()))}")
 
 

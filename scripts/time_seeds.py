@@ -2,6 +2,7 @@
 
     python scripts/time_seeds.py                          # lenet5, K = 1, 3, 8, 32
     python scripts/time_seeds.py --seeds-list 1,3 --epochs 2 --train-images 6400
+    python scripts/time_seeds.py --cpu-devices 1          # vmap alone, no device split
 
 For each K: the preset's K members (seeds 0..K-1, each its own validation split of the
 training images) are set up as `train.py --seeds K` sets them up and compiled ahead of time
@@ -9,12 +10,18 @@ training images) are set up as `train.py --seeds K` sets them up and compiled ah
 the machine's load hits them alike; each epoch's clock stops after block_until_ready on its
 metrics (`epochs.CompiledSeedEpochs.train`). The baseline is the ordinary one-model epoch
 (`epochs.CompiledEpochs`, what `--seeds 1` runs), in the same rounds. Evaluation and
-checkpoints are not timed. Prints one markdown row per K.
+checkpoints are not timed. Prints one markdown row per program.
+
+The CPU is split into one XLA device per core (`--cpu-devices`, default: the cores this
+process may use), and each K also runs shared out over them as `train.py --seeds K` runs it
+(where K and the device count have a common divisor); the one-model epoch and the first row
+of each K run on one device.
 """
 
 import argparse
+import os
 
-from fmnist_jax import data
+from fmnist_jax import data, parallel
 from fmnist_jax.config import get_config
 from fmnist_jax.seed_timing import time_seeds
 
@@ -26,9 +33,12 @@ def main() -> None:
     parser.add_argument("--seeds-list", default="1,3,8,32", help="the K to time")
     parser.add_argument("--epochs", type=int, default=1, help="timed epochs per K (median)")
     parser.add_argument("--train-images", type=int, help="only the first N training images")
+    parser.add_argument("--cpu-devices", type=int, default=len(os.sched_getaffinity(0)),
+                        help="split the CPU into N XLA devices (default: one per core)")
     parser.add_argument("--data-dir")
     parser.add_argument("--manual-dir")
     args = parser.parse_args()
+    parallel.use_cpu_devices(args.cpu_devices)
     cfg = get_config(args.preset)
     train, _ = data.load(data_dir=args.data_dir, manual_dir=args.manual_dir)
     if args.train_images:
@@ -36,7 +46,8 @@ def main() -> None:
                            train.labels_N[: args.train_images])
     import jax
 
-    print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}; preset "
+    print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}, jax "
+          f"{jax.__version__}; preset "
           f"{args.preset}, {len(train)} training images given, {args.epochs} timed epoch(s) "
           f"per K")
     print(time_seeds(cfg, train, [int(k) for k in args.seeds_list.split(",")], args.epochs))

@@ -334,7 +334,8 @@ print(jax.device_count())
 
 @pytest.mark.slow
 def test_seeds_with_batches_split_over_four_devices_train_as_on_one(tmp_path):
-    """The pieces combine: --seeds (vmap over the models) with each batch over 4 devices."""
+    """The pieces combine: --seeds 2 (vmap over the models) on 4 devices takes a 2 x 2 mesh,
+    each seed on a group of 2 devices that split its batches."""
     one = tmp_path / "one"
     train_quietly(dataclasses.replace(tiny_config(), seeds=2), one,
                   (make_split(512, seed=0), make_split(300, seed=1)))
@@ -345,3 +346,123 @@ def test_seeds_with_batches_split_over_four_devices_train_as_on_one(tmp_path):
     assert result.stdout.split()[-1] == "4"
     for seed in (4, 5):
         _assert_same_run(runs.member_dir(tmp_path / "four", seed), runs.member_dir(one, seed))
+
+
+# Four LeNet-5 members (one stopped) trained one epoch and evaluated with CompiledSeedEpochs
+# on 1 CPU device and on argv[1] of them; reports the differences and the 2-device program's
+# collectives and member shapes.
+_SHARED_SEEDS = """
+import json, re, sys
+from fmnist_jax import parallel
+parallel.use_cpu_devices(int(sys.argv[1]))
+import jax, jax.numpy as jnp, numpy as np
+from fmnist_jax import data, streams
+from fmnist_jax.config import get_config
+from fmnist_jax.epochs import CompiledSeedEpochs, step_options
+from fmnist_jax.train import seed_members
+from tests.helpers import make_split
+cfg = get_config("lenet5", batch_size=32)
+train, test = make_split(384, seed=0), make_split(100, seed=1)
+k, results = 4, []
+active_M = jnp.array([True, True, False, True])
+for devices in (jax.devices()[:1], jax.devices()):
+    splits, state_M, _ = seed_members(cfg, train.labels_N, list(range(k)))
+    key_M = jnp.stack([streams.epoch_shuffle_key(seed, 1) for seed in range(k)])
+    half_M = np.full(k, 0.5, np.float32)
+    compiled = CompiledSeedEpochs(
+        state_M, (train.images_NxHxWx1, train.labels_N),
+        np.stack([t for t, _ in splits]).astype(np.int32),
+        {"val": (train.images_NxHxWx1, train.labels_N,
+                 np.stack([v for _, v in splits]).astype(np.int32)),
+         "test": (test.images_NxHxWx1, test.labels_N, None)},
+        batch_size=32, eval_batch_size=50, norm_M=data.Normalization(half_M, half_M),
+        key_M=key_M, active_M=active_M, options=step_options(cfg),
+        parallel=parallel.data_parallel(devices, members=k))
+    initial = jax.device_get(state_M.params)
+    state_M, sums, _ = compiled.train(state_M, key_M, active_M)
+    results.append(jax.device_get((state_M.params, sums, compiled.evaluate(state_M, "val"),
+                                   compiled.evaluate(state_M, "test"))))
+hlo = compiled._epoch_fn.as_text()
+(one, *one_sums), (split, *split_sums) = results
+leaf_pairs = list(zip(jax.tree_util.tree_leaves(one), jax.tree_util.tree_leaves(split)))
+print(json.dumps({
+    "groups": compiled.parallel.seed_groups,
+    "params": max(float(np.max(np.abs(a - b))) for a, b in leaf_pairs),
+    "stopped_kept": all(np.array_equal(a[2], b[2]) for a, b in zip(
+        jax.tree_util.tree_leaves(split), jax.tree_util.tree_leaves(initial))),
+    "loss_relative": max(float(np.max(np.abs(a.loss - b.loss) / a.loss))
+                         for a, b in zip(one_sums, split_sums)),
+    "counts_equal": all(np.array_equal(a.correct, b.correct) and np.array_equal(a.count, b.count)
+                        for a, b in zip(one_sums, split_sums)),
+    "collectives": sorted(set(re.findall(r"all-reduce|all-gather|all-to-all|collective-permute",
+                                         hlo))),
+    "conv1_kernel_members": sorted(set(re.findall(r"f32\\[(\\d+),5,5,1,6\\]", hlo)))}))
+"""
+
+
+@pytest.mark.slow
+def test_seeds_shared_out_to_two_devices_train_as_on_one():
+    """4 seeds on 2 devices: each device trains 2 of them (the program's kernels hold 2
+    members, and no step waits for the other device: no all-reduce, only the gather of the
+    results at the end), with the numbers of all 4 on one device; a stopped member keeps its
+    state exactly."""
+    result = subprocess.run([sys.executable, "-c", _SHARED_SEEDS, "2"], cwd=REPO,
+                            capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    print(report)
+    assert report["groups"] == 2
+    assert "2" in report["conv1_kernel_members"]  # 4 outside, 2 in each device's program
+    assert report["collectives"] == ["all-gather"], report
+    assert report["params"] <= ATOL and report["loss_relative"] <= 1e-5, report
+    assert report["counts_equal"] and report["stopped_kept"], report
+
+
+@pytest.mark.parametrize("members,devices,groups", [
+    (1, 4, 1), (2, 4, 2), (3, 4, 1), (4, 4, 4), (8, 4, 4), (6, 4, 2), (5, 1, 1)])
+def test_seeds_take_the_most_groups_that_share_members_and_devices_evenly(members, devices,
+                                                                           groups):
+    assert parallel.seed_groups(members, devices) == groups
+
+
+@pytest.mark.parametrize("members,cores,devices", [
+    (1, 2, 1), (2, 2, 2), (3, 2, 1), (8, 2, 2), (32, 2, 2), (3, 16, 3), (32, 16, 16),
+    (17, 16, 1)])
+def test_a_seeds_run_gets_a_cpu_device_per_core_where_they_divide_the_seeds(members, cores,
+                                                                          devices):
+    assert parallel.cpu_devices_for(members, cores) == devices
+
+
+def test_batch_sizes_need_only_split_over_a_group_of_seeds():
+    parallel.check_batch_sizes(2, 2, 4, members=2)  # 2 groups of 2 devices
+    with pytest.raises(FmnistError, match=r"--batch-size 3 does not split over the 2 devices "
+                                          r"of each group of seeds \(4 devices in 2 groups\)"):
+        parallel.check_batch_sizes(3, 4, 4, members=2)
+    parallel.check_batch_sizes(3, 5, 4, members=4)  # a device per seed: any batch
+
+
+_START_DEVICES = """
+import sys
+from fmnist_jax import cli
+args = cli.train_parser().parse_args(sys.argv[2:])
+cli.start_devices(args, members=int(sys.argv[1]))
+import jax
+print(jax.device_count())
+"""
+
+
+@pytest.mark.parametrize("members,flags,env,expected", [
+    (4, [], {}, "cores"), (1, [], {}, 1), (4, ["--cpu-devices", "1"], {}, 1),
+    (4, [], {parallel.CPU_DEVICES_ENV: "1"}, 1)])
+def test_train_py_splits_the_cpu_for_seeds_unless_told(members, flags, env, expected):
+    """`train.py --seeds K` on a CPU: a device per core that divides K (here K = 4), unless
+    --cpu-devices or $FMNIST_CPU_DEVICES says otherwise; one model: one device."""
+    environment = {k: v for k, v in os.environ.items() if k != parallel.CPU_DEVICES_ENV}
+    result = subprocess.run([sys.executable, "-c", _START_DEVICES, str(members), *flags],
+                            cwd=REPO, capture_output=True, text=True, timeout=120,
+                            env={**environment, "PYTHONPATH": str(REPO), **env})
+    assert result.returncode == 0, result.stderr[-3000:]
+    if expected == "cores":
+        expected = parallel.cpu_devices_for(members)
+    assert int(result.stdout.split()[-1]) == expected

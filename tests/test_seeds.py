@@ -252,7 +252,40 @@ def test_time_seeds_prints_one_row_per_k_against_the_one_model_epoch():
     train = make_split(160, seed=2)
     table = time_seeds(get_config(batch_size=32), train, [2], epochs=1)
     rows = table.splitlines()[2:]
-    assert [row.split(" | ")[0] for row in rows] == ["| 1 (one model, no vmap)", "| 2"]
+    # This process has one device: each K on it alone (the split over devices is tested by
+    # test_parallel's seeds tests).
+    assert [row.split(" | ")[:2] for row in rows] == [["| 1 (one model, no vmap)", "1"],
+                                                      ["| 2", "1"]]
     assert " 1.00x | 1.00x |" in rows[0]  # the baseline against itself
     n_train = len(train_val_indices(train.labels_N, 0.1, 0)[0])  # the preset's 10% held out
-    assert all(row.split(" | ")[1] == str(n_train) for row in rows)
+    assert all(row.split(" | ")[2] == str(n_train) for row in rows)
+
+
+_TIME_SEEDS_ON_TWO_DEVICES = """
+from fmnist_jax import parallel
+parallel.use_cpu_devices(2)
+from fmnist_jax.config import get_config
+from fmnist_jax.seed_timing import time_seeds
+from tests.helpers import make_split
+print(time_seeds(get_config(batch_size=32), make_split(160, seed=2), [2, 3], epochs=1))
+"""
+
+
+@pytest.mark.slow
+def test_time_seeds_also_times_each_k_shared_out_over_the_devices():
+    """With 2 devices: K = 2 on one device and on both (2 groups); K = 3 on one only (3 seeds
+    do not share out evenly over 2 devices)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    result = subprocess.run([sys.executable, "-c", _TIME_SEEDS_ON_TWO_DEVICES], cwd=REPO,
+                            capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ")][2:]
+    assert [row.split(" | ")[:2] for row in rows] == [
+        ["| 1 (one model, no vmap)", "1"], ["| 2", "1"], ["| 2", "2 (2 groups of seeds)"],
+        ["| 3", "1"]]
