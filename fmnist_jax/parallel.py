@@ -169,15 +169,15 @@ def describe_devices(members: int = 1) -> str:
     seeds in 2 groups of 1 device"."""
     devices = jax.devices()
     what = f"{devices[0].platform} ({devices[0].device_kind})"
+    groups = seed_groups(members, len(devices))
     if len(devices) > 1:
-        groups = seed_groups(members, len(devices))
         per_group = len(devices) // groups
         what = f"{len(devices)} x {what}, " + (
             "data parallel" if groups == 1 else
             f"the seeds in {groups} groups of {per_group} device{'s' * (per_group > 1)}"
             + (", data parallel within each" if per_group > 1 else ""))
     if jax.process_count() > 1:
-        what += f" over {jax.process_count()} processes"
+        what += f"{',' * (groups > 1)} over {jax.process_count()} processes"
     return what
 
 

@@ -134,8 +134,10 @@ def claim(workdir: str | Path, cfg: TrainConfig) -> Claim:
     With `cfg.seeds` > 1 the file created exclusively is seeds.json, and then each seed's
     run folder `seed-S/` inside is claimed for its own config (`TrainConfig.members`)."""
     run_dir = Path(workdir)
-    if not is_writer():
-        return Claim(path=run_dir, config=cfg, made_folder=False)
+    if not is_writer():  # the same shape of claim as process 0's, so it runs the same loop
+        return Claim(path=run_dir, config=cfg, made_folder=False, members=tuple(
+            Claim(path=member_dir(run_dir, member.seed), config=member, made_folder=False)
+            for member in (cfg.members() if cfg.seeds > 1 else ())))
     made_folder = _empty_folder(run_dir)
     if cfg.seeds > 1:
         members = cfg.members()

@@ -25,11 +25,11 @@ from tests.helpers import (REPO, make_split, one_error_line, run_script, tiny_co
 # all-reduce adds the partial sums): equal within this, not bit for bit.
 ATOL = 2e-5
 
-# Trains the shared tiny run (tests/helpers.py) into argv[1], with argv[2] CPU devices in
-# this process and, given argv[3:5] = (process count, process id) and $COORDINATOR, several
-# processes; then reports its devices.
+# Trains the shared tiny run (tests/helpers.py; as a run of $SEEDS seeds when set) into
+# argv[1], with argv[2] CPU devices in this process and, given argv[3:5] = (process count,
+# process id) and $COORDINATOR, several processes; then reports its devices.
 _WORKER = """
-import json, os, sys
+import dataclasses, json, os, sys
 from fmnist_jax import parallel
 parallel.use_cpu_devices(int(sys.argv[2]))
 n, i = (int(sys.argv[3]), int(sys.argv[4])) if len(sys.argv) > 3 else (1, 0)
@@ -37,7 +37,8 @@ parallel.initialize_distributed(parallel.distributed_settings(
     os.environ.get("COORDINATOR"), n, i))
 import jax
 from tests.helpers import make_split, tiny_config, train_quietly
-train_quietly(tiny_config(), sys.argv[1], (make_split(512, seed=0), make_split(300, seed=1)))
+cfg = dataclasses.replace(tiny_config(), seeds=int(os.environ.get("SEEDS", "1")))
+train_quietly(cfg, sys.argv[1], (make_split(512, seed=0), make_split(300, seed=1)))
 print(json.dumps({"devices": jax.device_count(), "local": jax.local_device_count(),
                   "processes": jax.process_count()}))
 """
@@ -332,20 +333,49 @@ print(jax.device_count())
 """
 
 
+@pytest.fixture(scope="module")
+def two_seeds_on_one_device(tmp_path_factory):
+    """The shared tiny run as `--seeds 2` (seeds 4 and 5), on this process's one device."""
+    run_dir = tmp_path_factory.mktemp("two_seeds")
+    train_quietly(dataclasses.replace(tiny_config(), seeds=2), run_dir,
+                  (make_split(512, seed=0), make_split(300, seed=1)))
+    return run_dir
+
+
 @pytest.mark.slow
-def test_seeds_with_batches_split_over_four_devices_train_as_on_one(tmp_path):
+def test_seeds_with_batches_split_over_four_devices_train_as_on_one(tmp_path,
+                                                                   two_seeds_on_one_device):
     """The pieces combine: --seeds 2 (vmap over the models) on 4 devices takes a 2 x 2 mesh,
     each seed on a group of 2 devices that split its batches."""
-    one = tmp_path / "one"
-    train_quietly(dataclasses.replace(tiny_config(), seeds=2), one,
-                  (make_split(512, seed=0), make_split(300, seed=1)))
     result = subprocess.run([sys.executable, "-c", _SEEDS_WORKER, str(tmp_path / "four"), "4"],
                             cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split()[-1] == "4"
     for seed in (4, 5):
-        _assert_same_run(runs.member_dir(tmp_path / "four", seed), runs.member_dir(one, seed))
+        _assert_same_run(runs.member_dir(tmp_path / "four", seed),
+                         runs.member_dir(two_seeds_on_one_device, seed))
+
+
+@pytest.mark.slow
+def test_seeds_over_two_processes_of_two_devices_train_as_on_one(tmp_path,
+                                                                 two_seeds_on_one_device):
+    """--seeds 2 with 2 processes of 2 devices: process 1 runs the same loop of seeds as
+    process 0 (it hung in its first collective when it took the run for a single one), each
+    seed's folder written once, the numbers those of one device."""
+    env = {"COORDINATOR": f"127.0.0.1:{_free_port()}", "SEEDS": "2"}
+    workers = [_worker(tmp_path, 2, 2, i, env=env) for i in range(2)]
+    try:
+        reports = [_finish(w) for w in workers]
+    finally:
+        for w in workers:
+            w.kill()
+    assert reports == [{"devices": 4, "local": 2, "processes": 2}] * 2
+    for seed in (4, 5):
+        _assert_same_run(runs.member_dir(tmp_path, seed),
+                         runs.member_dir(two_seeds_on_one_device, seed))
+        assert len(runs.load_history(runs.member_dir(tmp_path, seed))) == 2
+    assert runs.load_summary(tmp_path)["n"] == 2
 
 
 # Four LeNet-5 members (one stopped) trained one epoch and evaluated with CompiledSeedEpochs
