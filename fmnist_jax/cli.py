@@ -143,18 +143,19 @@ def _add_compile_cache_flag(parser: argparse.ArgumentParser) -> None:
                              f"Default ${COMPILE_CACHE_ENV} or {DEFAULT_COMPILE_CACHE}")
 
 
-def _add_device_flags(parser: argparse.ArgumentParser, *, distributed: bool) -> None:
+def _add_device_flags(parser: argparse.ArgumentParser, *, distributed: bool,
+                      seeds: bool) -> None:
+    seeds_text = (". With --seeds K the devices are first shared out to groups that train K/G "
+                  "seeds each (G: the greatest common divisor of K and the device count), "
+                  "and each batch is split over the devices of its group") if seeds else ""
     group = parser.add_argument_group(
         "devices", "every batch is split over all devices (data parallel); the batch sizes "
-                   "must be multiples of the device count. With --seeds K the devices are "
-                   "first shared out to groups that train K/G seeds each (G: the greatest "
-                   "common divisor of K and the device count), and each batch is split over "
-                   "the devices of its group")
+                   "must be multiples of the device count" + seeds_text)
     group.add_argument("--cpu-devices", type=int, metavar="N",
                        help="split the CPU into N XLA devices (no effect where a GPU is the "
-                            "device); default $FMNIST_CPU_DEVICES, else 1, or with --seeds K "
-                            "the most devices, up to the cores, that divide K (one group of "
-                            "seeds per core)")
+                            "device); default $FMNIST_CPU_DEVICES, else 1" + (
+                                ", or with --seeds K the most devices, up to the cores, "
+                                "that divide K (one group of seeds per core)" if seeds else ""))
     if not distributed:
         return
     group.add_argument("--num-processes", type=int, metavar="N",
@@ -249,7 +250,7 @@ def train_parser() -> Parser:
     run.add_argument("--no-report", action="store_true",
                      help="skip the evaluation report at the end (scripts/evaluate.py)")
     _add_compile_cache_flag(run)
-    _add_device_flags(parser, distributed=True)
+    _add_device_flags(parser, distributed=True, seeds=True)
     _add_data_flags(parser)
     return parser
 
@@ -477,7 +478,7 @@ def bench_parser() -> Parser:
     bench.add_argument("--overwrite", action="store_true",
                        help="replace an existing --out file")
     _add_compile_cache_flag(bench)
-    _add_device_flags(parser, distributed=False)
+    _add_device_flags(parser, distributed=False, seeds=False)
     _add_data_flags(parser)
     return parser
 
