@@ -201,9 +201,12 @@ def use_cpu_devices(count: int | str | None, *, default: int | None = None) -> N
         if not count:
             if default is None or default == 1:
                 return
-            count = default
-        else:
-            count = _int_or_error(count, CPU_DEVICES_ENV)
+            try:
+                jax.config.update("jax_num_cpu_devices", default)
+            except RuntimeError:  # jax already runs (a caller's own process): keep its devices
+                pass
+            return
+        count = _int_or_error(count, CPU_DEVICES_ENV)
     if isinstance(count, str):
         count = _int_or_error(count, "--cpu-devices")
     if count < 1:

@@ -496,3 +496,15 @@ def test_train_py_splits_the_cpu_for_seeds_unless_told(members, flags, env, expe
     if expected == "cores":
         expected = parallel.cpu_devices_for(members)
     assert int(result.stdout.split()[-1]) == expected
+
+
+def test_the_default_split_for_seeds_keeps_the_devices_of_a_running_jax(monkeypatch):
+    """train_main called in a process whose jax already runs (a notebook, a test) keeps its
+    devices for a run of seeds; a split asked for by flag is refused as too late."""
+    monkeypatch.delenv(parallel.CPU_DEVICES_ENV, raising=False)
+    jax.numpy.zeros(1).block_until_ready()  # jax has started its backend
+    before = jax.device_count()
+    parallel.use_cpu_devices(None, default=before + 1)
+    assert jax.device_count() == before
+    with pytest.raises(FmnistError, match="came too late"):
+        parallel.use_cpu_devices(before + 1)
