@@ -168,16 +168,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_two_processes_of_two_devices_train_as_one_of_four(tmp_path, four_device_run):
-    env = {"COORDINATOR": f"127.0.0.1:{_free_port()}"}
-    workers = [_worker(tmp_path, 2, 2, i, env=env) for i in range(2)]
+def _two_processes_of_two_devices(run_dir, env=None) -> list[dict]:
+    """The worker's run in `run_dir` by 2 processes of 2 CPU devices each; their reports."""
+    env = {"COORDINATOR": f"127.0.0.1:{_free_port()}", **(env or {})}
+    workers = [_worker(run_dir, 2, 2, i, env=env) for i in range(2)]
     try:
-        reports = [_finish(w) for w in workers]
+        return [_finish(w) for w in workers]
     finally:
         for w in workers:
             w.kill()
-    assert reports == [{"devices": 4, "local": 2, "processes": 2}] * 2
+
+
+@pytest.mark.slow
+def test_two_processes_of_two_devices_train_as_one_of_four(tmp_path, four_device_run):
+    assert _two_processes_of_two_devices(tmp_path) == [
+        {"devices": 4, "local": 2, "processes": 2}] * 2
     _assert_same_run(tmp_path, four_device_run)
     # Process 0 alone wrote the files: one line per epoch, a checkpoint per epoch.
     assert len((tmp_path / runs.HISTORY_FILE).read_text().splitlines()) == 2
@@ -363,14 +368,8 @@ def test_seeds_over_two_processes_of_two_devices_train_as_on_one(tmp_path,
     """--seeds 2 with 2 processes of 2 devices: process 1 runs the same loop of seeds as
     process 0 (it hung in its first collective when it took the run for a single one), each
     seed's folder written once, the numbers those of one device."""
-    env = {"COORDINATOR": f"127.0.0.1:{_free_port()}", "SEEDS": "2"}
-    workers = [_worker(tmp_path, 2, 2, i, env=env) for i in range(2)]
-    try:
-        reports = [_finish(w) for w in workers]
-    finally:
-        for w in workers:
-            w.kill()
-    assert reports == [{"devices": 4, "local": 2, "processes": 2}] * 2
+    assert _two_processes_of_two_devices(tmp_path, {"SEEDS": "2"}) == [
+        {"devices": 4, "local": 2, "processes": 2}] * 2
     for seed in (4, 5):
         _assert_same_run(runs.member_dir(tmp_path, seed),
                          runs.member_dir(two_seeds_on_one_device, seed))
