@@ -85,8 +85,9 @@ class CompiledSeedEpochs:
     member evaluates every image). `norm_M` has one mean and std per member. As in
     `CompiledEpochs`, everything is replicated over `parallel`'s mesh (default: every
     device, in `parallel.seed_groups` groups for M members); inside the programs the members
-    are shared out to the mesh's groups of devices, and each member's batches are split over
-    the devices of its group.
+    are shared out to the mesh's groups of devices (run in lockstep or one after another as
+    `parallel.members_at_once` says), and each member's batches are split over the devices
+    of its group.
     """
 
     def __init__(self, state_M: TrainState, train_xy, train_idx_MxQ: jax.Array,
@@ -105,7 +106,8 @@ class CompiledSeedEpochs:
         self.norm_M = place(norm_M)
         state_M, key_M, active_M = place((state_M, key_M, active_M))
         shardings = {"batch_sharding": self.parallel.batch_sharding,
-                     "member_sharding": self.parallel.member_sharding}
+                     "member_sharding": self.parallel.member_sharding,
+                     "members_at_once": self.parallel.members_at_once}
         t0 = time.perf_counter()
         self._epoch_fn = train_epoch_seeds.lower(
             state_M, *self.train_xy, self.train_idx_MxQ, key_M, active_M,

@@ -11,11 +11,12 @@ With one device the mesh is trivial and every constraint a no-op.
 
 A run of M > 1 seeds (`--seeds`) first splits the devices into groups along "seeds"
 (`seed_groups`): each group trains its share of the members, which need nothing from each
-other, so no step waits for another group (the vmapped epoch is partitioned along its
-member axis, `member_sharding`); each member's batches are split over the devices of its
-group as above. On a CPU split into devices (`--cpu-devices`), one small model leaves part of
-the cores idle, so members on a device per core train in less time than all on one device
-(BENCHMARKS.md, `scripts/time_seeds.py`).
+other, so no step waits for another group (the epoch is partitioned along its member axis,
+`member_sharding`); each member's batches are split over the devices of its group as above.
+Within a group the members train in lockstep under `jax.vmap` on a GPU, one after another
+on a CPU (`members_at_once_for`). On a CPU split into devices (`--cpu-devices`), one small
+model leaves part of the cores idle, so members on a device per core train in less time
+than all on one device (BENCHMARKS.md, `scripts/time_seeds.py`).
 
 Several hosts (or several processes on one host): `initialize_distributed` starts
 `jax.distributed` before anything touches a device; then `jax.devices()` lists the devices
@@ -52,12 +53,15 @@ CPU_DEVICES_ENV = "FMNIST_CPU_DEVICES"
 
 @dataclasses.dataclass(frozen=True)
 class DataParallel:
-    """The mesh of a run ("seeds" x "data"), and the shardings its arrays take on it.
+    """The mesh of a run ("seeds" x "data"), the shardings its arrays take on it, and how
+    many of a group's seeds train in lockstep (`members_at_once`, see
+    `members_at_once_for`).
 
-    Hashable (a mesh is), so its shardings can be static arguments of a jitted function.
+    Hashable (a mesh is), so its fields can be static arguments of a jitted function.
     """
 
     mesh: Mesh
+    members_at_once: int | None = None
 
     @property
     def num_devices(self) -> int:
@@ -120,13 +124,30 @@ def cpu_devices_for(members: int, cores: int | None = None) -> int:
     return max(d for d in range(1, min(cores, max(members, 1)) + 1) if members % d == 0)
 
 
-def data_parallel(devices=None, *, members: int = 1) -> DataParallel:
+def members_at_once_for(platform: str) -> int | None:
+    """How many of a group's seeds train in lockstep, under one `jax.vmap`, on `platform`:
+    all (None) where one small model leaves the device idle (a GPU); one on a CPU, where K
+    members in lockstep hold K times one model's activations, which fall out of the caches,
+    and the members one after another (`jax.lax.map`) train faster (BENCHMARKS.md,
+    `scripts/time_seeds.py`)."""
+    return 1 if platform == "cpu" else None
+
+
+AUTO = "auto"
+
+
+def data_parallel(devices=None, *, members: int = 1,
+                  members_at_once: int | None | str = AUTO) -> DataParallel:
     """A mesh over `devices` (default: every device of every process, `jax.devices()`), in
     `seed_groups(members, ...)` groups along "seeds" (each of consecutive devices: one
-    process's, where it can) and the rest along "data"."""
+    process's, where it can) and the rest along "data"; `members_at_once` by default
+    `members_at_once_for` the devices' platform."""
     devices = jax.devices() if devices is None else list(devices)
     groups = seed_groups(members, len(devices))
-    return DataParallel(Mesh(np.array(devices).reshape(groups, -1), (SEEDS_AXIS, DATA_AXIS)))
+    if members_at_once == AUTO:
+        members_at_once = members_at_once_for(devices[0].platform)
+    return DataParallel(Mesh(np.array(devices).reshape(groups, -1), (SEEDS_AXIS, DATA_AXIS)),
+                        members_at_once)
 
 
 def check_batch_sizes(batch_size: int, eval_batch_size: int, num_devices: int,

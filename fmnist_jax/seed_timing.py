@@ -5,11 +5,12 @@ validation split, one stacked state) and the ordinary one-model epoch, compiles 
 time (timed apart), then runs rounds of one epoch of every program in turn, so that a change
 of the machine's load hits them alike. Evaluation and checkpoints are not timed.
 
-With several devices every K runs twice: on the first device alone (vmap alone), and shared
-out to groups of devices as `train.py --seeds K` shares them (`parallel.seed_groups`; only
-where K and the device count have a common divisor). The one-model epoch always runs on the
-first device: what one model takes without splitting its batches (which on this project's
-CPU costs more than it saves, BENCHMARKS.md).
+Every K runs twice: all K in lockstep under one `jax.vmap` on the first device, and as
+`train.py --seeds K` runs it: on a CPU, split into one device per core that divides K
+(`parallel.cpu_devices_for`, the process's devices standing for the cores), the members of
+each group one after another (`parallel.members_at_once_for`); elsewhere every device, in
+lockstep. The one-model epoch runs on the first device: what one model takes without
+splitting its batches (which on this project's CPU costs more than it saves, BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -28,41 +29,48 @@ from fmnist_jax.train import seed_members
 
 def time_seeds(cfg: TrainConfig, train: data.Split, seeds_list: list[int],
                epochs: int) -> str:
-    """Time `epochs` rounds of every K in `seeds_list` (on one device, and shared out over
-    every device where they divide) and of the one-model epoch; returns the markdown table,
-    one row per program."""
+    """Time `epochs` rounds of every K in `seeds_list` (in lockstep on one device, and as
+    `train.py --seeds K` runs it) and of the one-model epoch; returns the markdown table, one
+    row per program."""
     devices = jax.devices()
-    configs = [(0, 1)]  # (K, devices); K = 0: the one-model program
+    configs = [(0, devices[:1], None)]  # (K, devices, members at once); K = 0: one model
     for k in seeds_list:
-        configs.append((k, 1))
-        if len(devices) > 1 and parallel.seed_groups(k, len(devices)) > 1:
-            configs.append((k, len(devices)))
-    programs = {(k, d): _Program(k, cfg, train, devices[:d]) for k, d in configs}
-    seconds = {key: [] for key in programs}
+        configs.append((k, devices[:1], None))
+        as_train_py = (devices[:parallel.cpu_devices_for(k, len(devices))]
+                       if devices[0].platform == "cpu" else devices)
+        at_once = parallel.members_at_once_for(devices[0].platform)
+        if (len(as_train_py), at_once) != (1, None):
+            configs.append((k, as_train_py, at_once))
+    programs = [_Program(k, cfg, train, program_devices, at_once)
+                for k, program_devices, at_once in configs]
+    seconds = [[] for _ in programs]
     for epoch in range(1, epochs + 1):  # round by round: a change of load hits every K
-        for key, program in programs.items():
-            seconds[key].append(program.train(epoch))
-    lines = ["| seeds K | devices | train images per seed | compile s | s/epoch (median) | "
-             "epoch time / one run | per seed / one run |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
-    baseline = statistics.median(seconds[0, 1])
-    for (k, d), program in programs.items():
-        median = statistics.median(seconds[k, d])
+        for i, program in enumerate(programs):
+            seconds[i].append(program.train(epoch))
+    lines = ["| seeds K | devices | members | train images per seed | compile s | s/epoch "
+             "(median) | epoch time / one run | per seed / one run |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    baseline = statistics.median(seconds[0])
+    for (k, program_devices, at_once), program, times in zip(configs, programs, seconds):
+        median = statistics.median(times)
         label = "1 (one model, no vmap)" if k == 0 else str(k)
-        groups = parallel.seed_groups(k, d)
-        where = str(d) if d == 1 else f"{d} ({groups} groups of seeds)"
-        lines.append(f"| {label} | {where} | {program.n_train} | "
+        d = len(program_devices)
+        where = str(d) if d == 1 else f"{d} ({parallel.seed_groups(k, d)} groups of seeds)"
+        members = ("" if k == 0 else "in lockstep (vmap)" if at_once is None else
+                   "one after another" if at_once == 1 else f"{at_once} at a time")
+        lines.append(f"| {label} | {where} | {members} | {program.n_train} | "
                      f"{program.compile_seconds:.2f} | "
-                     f"{median:.2f} ({', '.join(f'{s:.2f}' for s in seconds[k, d])}) | "
+                     f"{median:.2f} ({', '.join(f'{s:.2f}' for s in times)}) | "
                      f"{median / baseline:.2f}x | {median / baseline / max(k, 1):.2f}x |")
     return "\n".join(lines)
 
 
 class _Program:
-    """K members (K = 0: the ordinary one-model program, seed 0) on `devices`, compiled;
-    `train(epoch)` runs one epoch and returns its seconds."""
+    """K members (K = 0: the ordinary one-model program, seed 0) on `devices`, `at_once` of
+    a group's members in lockstep, compiled; `train(epoch)` runs one epoch and returns its
+    seconds."""
 
-    def __init__(self, k, cfg, train, devices):
+    def __init__(self, k, cfg, train, devices, at_once):
         self.k, self.seeds = k, list(range(max(k, 1)))
         splits, state_M, _ = seed_members(cfg, train.labels_N, self.seeds)
         self.n_train = len(splits[0][0])
@@ -84,7 +92,7 @@ class _Program:
                 batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size,
                 norm_M=data.Normalization(half_M, half_M), key_M=self._keys(1),
                 active_M=self.active_M, options=step_options(cfg),
-                parallel=parallel.data_parallel(devices, members=k))
+                parallel=parallel.data_parallel(devices, members=k, members_at_once=at_once))
         self.compile_seconds = self.compiled.compile_seconds
 
     def _keys(self, epoch):

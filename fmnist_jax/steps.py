@@ -275,51 +275,72 @@ def _keep_where(active: jax.Array, new_tree, old_tree):
     return jax.tree_util.tree_map(lambda new, old: jnp.where(active, new, old), new_tree, old_tree)
 
 
-def _over_members(member_fn, member_sharding: NamedSharding | None, *trees):
-    """`jax.vmap(member_fn)` over the leading (member) axis of every leaf of `trees`. With
-    `member_sharding` (`parallel.DataParallel.member_sharding`), that axis is split over the
-    groups of its mesh's seeds axis: each group computes only its members (vmap's
-    `spmd_axis_name` adds that axis to every sharding constraint inside, so the batches of
-    a group's members are split over its own devices), and the results are gathered whole on
-    every device, where the host reads them."""
-    if member_sharding is None:
-        return jax.vmap(member_fn)(*trees)
-    trees = jax.lax.with_sharding_constraint(trees, member_sharding)
-    out = jax.vmap(member_fn, spmd_axis_name=member_sharding.spec[0])(*trees)
+def _over_members(member_fn, member_sharding: NamedSharding | None,
+                  members_at_once: int | None, *trees):
+    """`member_fn` over the leading (member) axis of every leaf of `trees`: all members in
+    lockstep under one `jax.vmap` (`members_at_once` None), or that many at a time, one
+    slice after another (`jax.lax.map`; 1: each member alone, as a single run computes it).
+
+    With `member_sharding` (`parallel.DataParallel.member_sharding`), the members are split
+    into the groups of its mesh's seeds axis first (consecutive members per group): each
+    group computes only its own, in the way above (the outer vmap over the groups carries
+    `spmd_axis_name`, which adds that axis to every sharding constraint inside, so the
+    batches of a group's members are split over its own devices), and the results are
+    gathered whole on every device, where the host reads them."""
+    def group_fn(*group_trees):
+        size = jax.tree_util.tree_leaves(group_trees)[0].shape[0]
+        if members_at_once is None or members_at_once >= size:
+            return jax.vmap(member_fn)(*group_trees)
+        return jax.lax.map(lambda member: member_fn(*member), group_trees,
+                           batch_size=None if members_at_once == 1 else members_at_once)
+
+    axis = member_sharding and member_sharding.spec[0]
+    if member_sharding is None or member_sharding.mesh.shape[axis] == 1:
+        return group_fn(*trees)  # one group: every member on every device
+    m = jax.tree_util.tree_leaves(trees)[0].shape[0]
+    groups = member_sharding.mesh.shape[axis]
+    grouped = jax.tree_util.tree_map(lambda x: x.reshape(groups, m // groups, *x.shape[1:]),
+                                     trees)
+    grouped = jax.lax.with_sharding_constraint(grouped, member_sharding)
+    out = jax.vmap(group_fn, spmd_axis_name=axis)(*grouped)
+    out = jax.tree_util.tree_map(lambda x: x.reshape(m, *x.shape[2:]), out)
     return jax.lax.with_sharding_constraint(out, NamedSharding(member_sharding.mesh,
                                                                PartitionSpec()))
 
 
 @functools.partial(jax.jit, static_argnames=("batch_size", "options", "batch_sharding",
-                                             "member_sharding"), donate_argnums=0)
+                                             "member_sharding", "members_at_once"),
+                   donate_argnums=0)
 def train_epoch_seeds(state_M: TrainState, images_NxHxWx1: jax.Array, labels_N: jax.Array,
                       idx_MxQ: jax.Array, key_M: jax.Array, active_M: jax.Array, *,
                       batch_size: int, norm_M: Normalization,
                       options: StepOptions = StepOptions(),
                       batch_sharding: jax.sharding.Sharding | None = None,
-                      member_sharding: NamedSharding | None = None
-                      ) -> tuple[TrainState, Sums]:
+                      member_sharding: NamedSharding | None = None,
+                      members_at_once: int | None = None) -> tuple[TrainState, Sums]:
     """One epoch of M independent models (`--seeds`) as one program: `jax.vmap` of the epoch
     over the members' states (every leaf of `state_M` has a leading M axis), their training
     examples `idx_MxQ` (indices into the shared images), their keys `key_M` and
     normalizations `norm_M` (fields of shape (M,)). Member m computes what
     `train_epoch(state_m, images_NxHxWx1[idx_MxQ[m]], labels_N[idx_MxQ[m]], key_M[m])` does,
-    with the same batches and keys; the batched matrix products and reductions sum in
-    another order, so the results agree to the last bits, not bit for bit.
+    with the same batches and keys; in lockstep, the batched matrix products and reductions
+    sum in another order, so the results agree to the last bits, not bit for bit.
 
     A member whose `active_M` is False (stopped early) keeps its state: it is still
-    computed (vmap runs every member), then discarded. Returns sums with shape (M,).
+    computed (every member runs), then discarded. Returns sums with shape (M,).
     `member_sharding` shares the members out to groups of devices, M divided evenly
     (`parallel.seed_groups`); `batch_sharding` splits each member's batches over the devices
-    of its group, as in `train_epoch`.
+    of its group, as in `train_epoch`; `members_at_once` is how many of a group's members
+    run in lockstep (None: all, one vmap; see `_over_members` and
+    `parallel.members_at_once_for`).
     """
     def member_fn(state, idx_Q, key, active, norm):
         new_state, sums = _epoch(state, images_NxHxWx1, labels_N, idx_Q, key, batch_size,
                                  norm, options, batch_sharding)
         return _keep_where(active, new_state, state), sums
 
-    return _over_members(member_fn, member_sharding, state_M, idx_MxQ, key_M, active_M,
-                         norm_M)
+    return _over_members(member_fn, member_sharding, members_at_once, state_M, idx_MxQ,
+                         key_M, active_M, norm_M)
 
 
 @jax.jit
@@ -355,20 +376,23 @@ def evaluate(state: TrainState, images_NxHxWx1: jax.Array, labels_N: jax.Array, 
     return jax.tree_util.tree_map(jnp.sum, sums_S)
 
 
-@functools.partial(jax.jit, static_argnames=("batch_size", "batch_sharding", "member_sharding"))
+@functools.partial(jax.jit, static_argnames=("batch_size", "batch_sharding", "member_sharding",
+                                             "members_at_once"))
 def evaluate_seeds(state_M: TrainState, images_NxHxWx1: jax.Array, labels_N: jax.Array,
                    idx_MxQ: jax.Array | None, *, batch_size: int, norm_M: Normalization,
                    batch_sharding: jax.sharding.Sharding | None = None,
-                   member_sharding: NamedSharding | None = None) -> Sums:
+                   member_sharding: NamedSharding | None = None,
+                   members_at_once: int | None = None) -> Sums:
     """`evaluate` of M members (leading M axis on `state_M`'s leaves and `norm_M`'s fields)
     under `jax.vmap`, the images shared: on all N images (`idx_MxQ` None), or member m on the
     examples `idx_MxQ[m]` (its own validation split), batched and padded as `evaluate` would
     batch `images_NxHxWx1[idx_MxQ[m]]`. Returns sums with shape (M,). The members and the
-    batches are shared out to devices as in `train_epoch_seeds`."""
+    batches are shared out to devices, and run in lockstep or not, as in
+    `train_epoch_seeds`."""
     if idx_MxQ is None:
         return _over_members(lambda state, norm: evaluate(
             state, images_NxHxWx1, labels_N, batch_size=batch_size, norm=norm,
-            batch_sharding=batch_sharding), member_sharding, state_M, norm_M)
+            batch_sharding=batch_sharding), member_sharding, members_at_once, state_M, norm_M)
 
     def member_fn(state, idx_Q, norm):
         mask_Q = jnp.ones(idx_Q.shape, bool)
@@ -379,7 +403,8 @@ def evaluate_seeds(state_M: TrainState, images_NxHxWx1: jax.Array, labels_N: jax
                                         batch_sharding), norm)), None, xs)
         return jax.tree_util.tree_map(jnp.sum, sums_S)
 
-    return _over_members(member_fn, member_sharding, state_M, idx_MxQ, norm_M)
+    return _over_members(member_fn, member_sharding, members_at_once, state_M, idx_MxQ,
+                         norm_M)
 
 
 @functools.partial(jax.jit, static_argnames="batch_size")

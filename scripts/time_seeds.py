@@ -2,7 +2,7 @@
 
     python scripts/time_seeds.py                          # lenet5, K = 1, 3, 8, 32
     python scripts/time_seeds.py --seeds-list 1,3 --epochs 2 --train-images 6400
-    python scripts/time_seeds.py --cpu-devices 1          # vmap alone, no device split
+    python scripts/time_seeds.py --cpu-devices 1          # no device split
 
 For each K: the preset's K members (seeds 0..K-1, each its own validation split of the
 training images) are set up as `train.py --seeds K` sets them up and compiled ahead of time
@@ -13,9 +13,9 @@ metrics (`epochs.CompiledSeedEpochs.train`). The baseline is the ordinary one-mo
 checkpoints are not timed. Prints one markdown row per program.
 
 The CPU is split into one XLA device per core (`--cpu-devices`, default: the cores this
-process may use), and each K also runs shared out over them as `train.py --seeds K` runs it
-(where K and the device count have a common divisor); the one-model epoch and the first row
-of each K run on one device.
+process may use). Each K runs twice: all K in lockstep under one vmap on one device, and as
+`train.py --seeds K` runs it (a device per core that divides K, each device's seeds one
+after another: `fmnist_jax.seed_timing`). The one-model epoch runs on one device.
 """
 
 import argparse

@@ -377,9 +377,10 @@ def test_seeds_over_two_processes_of_two_devices_train_as_on_one(tmp_path,
     assert runs.load_summary(tmp_path)["n"] == 2
 
 
-# Four LeNet-5 members (one stopped) trained one epoch and evaluated with CompiledSeedEpochs
-# on 1 CPU device and on argv[1] of them; reports the differences and the 2-device program's
-# collectives and member shapes.
+# Four LeNet-5 members (one stopped) trained one epoch and evaluated with CompiledSeedEpochs:
+# on 1 CPU device one after another (the reference), then on argv[1] devices one after
+# another (a CPU's way) and in lockstep (vmap, a GPU's way); reports each against the
+# reference, and each program's collectives and member shapes.
 _SHARED_SEEDS = """
 import json, re, sys
 from fmnist_jax import parallel
@@ -392,9 +393,11 @@ from fmnist_jax.train import seed_members
 from tests.helpers import make_split
 cfg = get_config("lenet5", batch_size=32)
 train, test = make_split(384, seed=0), make_split(100, seed=1)
-k, results = 4, []
+k, results, report = 4, [], {}
 active_M = jnp.array([True, True, False, True])
-for devices in (jax.devices()[:1], jax.devices()):
+for name, devices, at_once in [("reference", jax.devices()[:1], 1),
+                               ("one_at_a_time", jax.devices(), 1),
+                               ("lockstep", jax.devices(), None)]:
     splits, state_M, _ = seed_members(cfg, train.labels_N, list(range(k)))
     key_M = jnp.stack([streams.epoch_shuffle_key(seed, 1) for seed in range(k)])
     half_M = np.full(k, 0.5, np.float32)
@@ -406,46 +409,51 @@ for devices in (jax.devices()[:1], jax.devices()):
          "test": (test.images_NxHxWx1, test.labels_N, None)},
         batch_size=32, eval_batch_size=50, norm_M=data.Normalization(half_M, half_M),
         key_M=key_M, active_M=active_M, options=step_options(cfg),
-        parallel=parallel.data_parallel(devices, members=k))
+        parallel=parallel.data_parallel(devices, members=k, members_at_once=at_once))
     initial = jax.device_get(state_M.params)
     state_M, sums, _ = compiled.train(state_M, key_M, active_M)
-    results.append(jax.device_get((state_M.params, sums, compiled.evaluate(state_M, "val"),
-                                   compiled.evaluate(state_M, "test"))))
-hlo = compiled._epoch_fn.as_text()
-(one, *one_sums), (split, *split_sums) = results
-leaf_pairs = list(zip(jax.tree_util.tree_leaves(one), jax.tree_util.tree_leaves(split)))
-print(json.dumps({
-    "groups": compiled.parallel.seed_groups,
-    "params": max(float(np.max(np.abs(a - b))) for a, b in leaf_pairs),
-    "stopped_kept": all(np.array_equal(a[2], b[2]) for a, b in zip(
-        jax.tree_util.tree_leaves(split), jax.tree_util.tree_leaves(initial))),
-    "loss_relative": max(float(np.max(np.abs(a.loss - b.loss) / a.loss))
-                         for a, b in zip(one_sums, split_sums)),
-    "counts_equal": all(np.array_equal(a.correct, b.correct) and np.array_equal(a.count, b.count)
-                        for a, b in zip(one_sums, split_sums)),
-    "collectives": sorted(set(re.findall(r"all-reduce|all-gather|all-to-all|collective-permute",
-                                         hlo))),
-    "conv1_kernel_members": sorted(set(re.findall(r"f32\\[(\\d+),5,5,1,6\\]", hlo)))}))
+    params, *sums = jax.device_get((state_M.params, sums, compiled.evaluate(state_M, "val"),
+                                    compiled.evaluate(state_M, "test")))
+    if name == "reference":
+        reference, reference_sums = params, sums
+        continue
+    hlo = compiled._epoch_fn.as_text()
+    pairs = list(zip(jax.tree_util.tree_leaves(reference), jax.tree_util.tree_leaves(params)))
+    report[name] = {
+        "groups": compiled.parallel.seed_groups,
+        "params": max(float(np.max(np.abs(a - b))) for a, b in pairs),
+        "stopped_kept": all(np.array_equal(a[2], b[2]) for a, b in zip(
+            jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(initial))),
+        "loss_relative": max(float(np.max(np.abs(a.loss - b.loss) / a.loss))
+                             for a, b in zip(reference_sums, sums)),
+        "counts_equal": all(np.array_equal(a.correct, b.correct) and
+                            np.array_equal(a.count, b.count)
+                            for a, b in zip(reference_sums, sums)),
+        "collectives": sorted(set(re.findall(
+            r"all-reduce|all-gather|all-to-all|collective-permute", hlo))),
+        "conv1_kernel_members": sorted(set(re.findall(r"f32\\[(\\d+),5,5,1,6\\]", hlo)))}
+print(json.dumps(report))
 """
 
 
 @pytest.mark.slow
 def test_seeds_shared_out_to_two_devices_train_as_on_one():
-    """4 seeds on 2 devices: each device trains 2 of them (the program's kernels hold 2
-    members, and no step waits for the other device: no all-reduce, only the gather of the
-    results at the end), with the numbers of all 4 on one device; a stopped member keeps its
-    state exactly."""
+    """4 seeds on 2 devices: each device trains 2 of them and no step waits for the other
+    device (no all-reduce, only the gather of the results at the end); one after another
+    (a CPU's way) and in lockstep (vmap: then 2 members in each device's kernels), with the
+    numbers of all 4 on one device; a stopped member keeps its state exactly."""
     result = subprocess.run([sys.executable, "-c", _SHARED_SEEDS, "2"], cwd=REPO,
                             capture_output=True, text=True, timeout=600,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     print(report)
-    assert report["groups"] == 2
-    assert "2" in report["conv1_kernel_members"]  # 4 outside, 2 in each device's program
-    assert report["collectives"] == ["all-gather"], report
-    assert report["params"] <= ATOL and report["loss_relative"] <= 1e-5, report
-    assert report["counts_equal"] and report["stopped_kept"], report
+    assert "2" in report["lockstep"]["conv1_kernel_members"]  # 4 outside, 2 on each device
+    for arrangement in report.values():
+        assert arrangement["groups"] == 2
+        assert arrangement["collectives"] == ["all-gather"], report
+        assert arrangement["params"] <= ATOL and arrangement["loss_relative"] <= 1e-5, report
+        assert arrangement["counts_equal"] and arrangement["stopped_kept"], report
 
 
 @pytest.mark.parametrize("members,devices,groups", [

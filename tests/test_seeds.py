@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from fmnist_jax import runs, streams
+from fmnist_jax import parallel, runs, streams
 from fmnist_jax.config import get_config
 from fmnist_jax.data import HALF, Normalization, train_val_indices
 from fmnist_jax.errors import FmnistError
@@ -38,13 +38,17 @@ def test_a_member_of_the_vmapped_epoch_is_its_own_single_epoch():
     states = [create_train_state(model, tx, streams.stream_key(seed, streams.INIT))
               for seed in seeds]
     state_M = jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *states)
+    one_at_a_time_M = jax.tree_util.tree_map(jnp.copy, state_M)
     init_1 = jax.device_get(states[1].params)
     norm_M = Normalization(np.full(2, 0.5, np.float32), np.full(2, 0.5, np.float32))
     key_M = jnp.stack([streams.epoch_shuffle_key(seed, 1) for seed in seeds])
+    train_idx_MxQ = np.stack([t for t, _ in splits]).astype(np.int32)
     state_M, sums_M = train_epoch_seeds(
-        state_M, train.images_NxHxWx1, train.labels_N,
-        np.stack([t for t, _ in splits]).astype(np.int32), key_M, np.array([True, False]),
-        batch_size=32, norm_M=norm_M)
+        state_M, train.images_NxHxWx1, train.labels_N, train_idx_MxQ, key_M,
+        np.array([True, False]), batch_size=32, norm_M=norm_M)  # in lockstep (vmap)
+    one_at_a_time_M, one_at_a_time_sums = train_epoch_seeds(
+        one_at_a_time_M, train.images_NxHxWx1, train.labels_N, train_idx_MxQ, key_M,
+        np.array([True, False]), batch_size=32, norm_M=norm_M, members_at_once=1)
     val_sums_M = evaluate_seeds(state_M, train.images_NxHxWx1, train.labels_N,
                                 np.stack([v for _, v in splits]).astype(np.int32),
                                 batch_size=50, norm_M=norm_M)
@@ -68,16 +72,35 @@ def test_a_member_of_the_vmapped_epoch_is_its_own_single_epoch():
     jax.tree_util.tree_map(np.testing.assert_array_equal,
                            jax.tree_util.tree_map(lambda leaf: leaf[1], state_M.params), init_1)
     assert int(state_M.step[1]) == 0
+    # One member after another (a CPU's way, `members_at_once=1`): the single epoch to the
+    # bit, where the lockstep differs in the last bits; the stopped member kept as well.
+    chex.assert_trees_all_equal(
+        jax.tree_util.tree_map(lambda leaf: leaf[0], (one_at_a_time_M.params,
+                                                      one_at_a_time_M.opt_state)),
+        (single.params, single.opt_state))
+    assert float(one_at_a_time_sums.loss[0]) == float(sums.loss)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, jax.tree_util.tree_map(
+        lambda leaf: leaf[1], one_at_a_time_M.params), init_1)
 
 
 def _splits():
     return make_split(512, seed=0), make_split(300, seed=1)
 
 
+# On a CPU the members of a run of seeds train one after another (`parallel.
+# members_at_once_for`), each computing what its single run computes: equal to the bit.
+# Where they train in lockstep under vmap (a GPU), the sums run in another order: equal
+# within the tolerances the tests give.
+EXACT = parallel.members_at_once_for(jax.default_backend()) == 1
+
+
 def _check_members_equal_single_runs(tmp_path, cfg, *, rtol, atol):
     """Train `cfg` (seeds > 1), then each member's config alone; compare every history
-    value, best.json and the kept parameters. Returns (the seeds run's final state, its
-    histories, the largest parameter difference)."""
+    value, best.json and the kept parameters (bit for bit where `EXACT`, else within `rtol`
+    and `atol`). Returns (the seeds run's final state, its histories, the largest parameter
+    difference)."""
+    if EXACT:
+        rtol = atol = 0
     state_M, histories = train_quietly(cfg, tmp_path / "seeds", _splits())
     assert (tmp_path / "seeds" / runs.SUMMARY_FILE).is_file()
     largest = largest_in_history = 0.0
@@ -252,13 +275,14 @@ def test_time_seeds_prints_one_row_per_k_against_the_one_model_epoch():
     train = make_split(160, seed=2)
     table = time_seeds(get_config(batch_size=32), train, [2], epochs=1)
     rows = table.splitlines()[2:]
-    # This process has one device: each K on it alone (the split over devices is tested by
-    # test_parallel's seeds tests).
-    assert [row.split(" | ")[:2] for row in rows] == [["| 1 (one model, no vmap)", "1"],
-                                                      ["| 2", "1"]]
+    # This process has one CPU device: K = 2 in lockstep, and as train.py runs it there, one
+    # after another (the split over devices: the next test).
+    assert [row.split(" | ")[:3] for row in rows] == [
+        ["| 1 (one model, no vmap)", "1", ""], ["| 2", "1", "in lockstep (vmap)"],
+        ["| 2", "1", "one after another"]]
     assert " 1.00x | 1.00x |" in rows[0]  # the baseline against itself
     n_train = len(train_val_indices(train.labels_N, 0.1, 0)[0])  # the preset's 10% held out
-    assert all(row.split(" | ")[2] == str(n_train) for row in rows)
+    assert all(row.split(" | ")[3] == str(n_train) for row in rows)
 
 
 _TIME_SEEDS_ON_TWO_DEVICES = """
@@ -273,8 +297,8 @@ print(time_seeds(get_config(batch_size=32), make_split(160, seed=2), [2, 3], epo
 
 @pytest.mark.slow
 def test_time_seeds_also_times_each_k_shared_out_over_the_devices():
-    """With 2 devices: K = 2 on one device and on both (2 groups); K = 3 on one only (3 seeds
-    do not share out evenly over 2 devices)."""
+    """With 2 devices: K = 2 in lockstep on one device, and as train.py runs it on both (2
+    groups); K = 3 as train.py runs it on one (3 seeds do not share out over 2 devices)."""
     import os
     import subprocess
     import sys
@@ -286,6 +310,7 @@ def test_time_seeds_also_times_each_k_shared_out_over_the_devices():
                             env={**os.environ, "PYTHONPATH": str(REPO)})
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ")][2:]
-    assert [row.split(" | ")[:2] for row in rows] == [
-        ["| 1 (one model, no vmap)", "1"], ["| 2", "1"], ["| 2", "2 (2 groups of seeds)"],
-        ["| 3", "1"]]
+    assert [row.split(" | ")[:3] for row in rows] == [
+        ["| 1 (one model, no vmap)", "1", ""], ["| 2", "1", "in lockstep (vmap)"],
+        ["| 2", "2 (2 groups of seeds)", "one after another"],
+        ["| 3", "1", "in lockstep (vmap)"], ["| 3", "1", "one after another"]]
