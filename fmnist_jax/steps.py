@@ -318,8 +318,9 @@ def train_epoch_seeds(state_M: TrainState, images_NxHxWx1: jax.Array, labels_N: 
                       batch_sharding: jax.sharding.Sharding | None = None,
                       member_sharding: NamedSharding | None = None,
                       members_at_once: int | None = None) -> tuple[TrainState, Sums]:
-    """One epoch of M independent models (`--seeds`) as one program: `jax.vmap` of the epoch
-    over the members' states (every leaf of `state_M` has a leading M axis), their training
+    """One epoch of M independent models (`--seeds`) as one program: the epoch mapped over
+    the members (in lockstep under `jax.vmap`, or one after another: `members_at_once`) and
+    their states (every leaf of `state_M` has a leading M axis), their training
     examples `idx_MxQ` (indices into the shared images), their keys `key_M` and
     normalizations `norm_M` (fields of shape (M,)). Member m computes what
     `train_epoch(state_m, images_NxHxWx1[idx_MxQ[m]], labels_N[idx_MxQ[m]], key_M[m])` does,
@@ -383,8 +384,8 @@ def evaluate_seeds(state_M: TrainState, images_NxHxWx1: jax.Array, labels_N: jax
                    batch_sharding: jax.sharding.Sharding | None = None,
                    member_sharding: NamedSharding | None = None,
                    members_at_once: int | None = None) -> Sums:
-    """`evaluate` of M members (leading M axis on `state_M`'s leaves and `norm_M`'s fields)
-    under `jax.vmap`, the images shared: on all N images (`idx_MxQ` None), or member m on the
+    """`evaluate` of M members (leading M axis on `state_M`'s leaves and `norm_M`'s fields),
+    the images shared: on all N images (`idx_MxQ` None), or member m on the
     examples `idx_MxQ[m]` (its own validation split), batched and padded as `evaluate` would
     batch `images_NxHxWx1[idx_MxQ[m]]`. Returns sums with shape (M,). The members and the
     batches are shared out to devices, and run in lockstep or not, as in
