@@ -154,8 +154,8 @@ def _add_device_flags(parser: argparse.ArgumentParser, *, distributed: bool,
     group.add_argument("--cpu-devices", type=int, metavar="N",
                        help="split the CPU into N XLA devices (no effect where a GPU is the "
                             "device); default $FMNIST_CPU_DEVICES, else 1" + (
-                                ", or with --seeds K the most devices, up to the cores, "
-                                "that divide K (one group of seeds per core)" if seeds else ""))
+                                ", or with --seeds K one per core, up to one per seed "
+                                "(one group of seeds per core)" if seeds else ""))
     if not distributed:
         return
     group.add_argument("--num-processes", type=int, metavar="N",

@@ -16,7 +16,8 @@ from fmnist_jax.config import TrainConfig
 from fmnist_jax.data import Normalization
 from fmnist_jax.parallel import DataParallel, check_batch_sizes, data_parallel
 from fmnist_jax.steps import (StepOptions, Sums, TrainState, evaluate, evaluate_seeds,
-                              evaluation_state, train_epoch, train_epoch_seeds)
+                              evaluation_state, gather_members, train_epoch,
+                              train_epoch_seeds)
 
 
 def step_options(cfg: TrainConfig) -> StepOptions:
@@ -87,7 +88,9 @@ class CompiledSeedEpochs:
     device, in `parallel.seed_groups` groups for M members); inside the programs the members
     are shared out to the mesh's groups of devices (run in lockstep or one after another as
     `parallel.members_at_once` says), and each member's batches are split over the devices
-    of its group.
+    of its group. With several groups, each program leaves its results with the groups and a
+    small program of its own gathers them once all are done (`steps.gather_members` says
+    why).
     """
 
     def __init__(self, state_M: TrainState, train_xy, train_idx_MxQ: jax.Array,
@@ -105,9 +108,10 @@ class CompiledSeedEpochs:
         self.eval_sets = {name: place(data) for name, data in eval_sets.items()}
         self.norm_M = place(norm_M)
         state_M, key_M, active_M = place((state_M, key_M, active_M))
+        gather = self.parallel.seed_groups == 1  # one group: the results are whole already
         shardings = {"batch_sharding": self.parallel.batch_sharding,
                      "member_sharding": self.parallel.member_sharding,
-                     "members_at_once": self.parallel.members_at_once}
+                     "members_at_once": self.parallel.members_at_once, "gather": gather}
         t0 = time.perf_counter()
         self._epoch_fn = train_epoch_seeds.lower(
             state_M, *self.train_xy, self.train_idx_MxQ, key_M, active_M,
@@ -115,6 +119,12 @@ class CompiledSeedEpochs:
         self._eval_fns = {name: evaluate_seeds.lower(state_M, *data, batch_size=eval_batch_size,
                                                      norm_M=self.norm_M, **shardings).compile()
                           for name, data in self.eval_sets.items()}
+        self._gather_fn = None
+        if not gather:
+            gather_fn = jax.jit(gather_members, static_argnums=(1, 2))
+            self._gather_fn = {
+                fn: gather_fn.lower(fn.out_info, members, self.parallel.mesh).compile()
+                for fn in (self._epoch_fn, *self._eval_fns.values())}
         self.compile_seconds = time.perf_counter() - t0
 
     def train(self, state_M: TrainState, key_M: jax.Array,
@@ -124,16 +134,24 @@ class CompiledSeedEpochs:
         is donated."""
         state_M, key_M, active_M = self.parallel.replicate((state_M, key_M, active_M))
         t0 = time.perf_counter()
-        state_M, sums = self._epoch_fn(state_M, *self.train_xy, self.train_idx_MxQ, key_M,
-                                       active_M, norm_M=self.norm_M)
+        state_M, sums = self._gathered(self._epoch_fn, self._epoch_fn(
+            state_M, *self.train_xy, self.train_idx_MxQ, key_M, active_M, norm_M=self.norm_M))
         jax.block_until_ready(sums)
         return state_M, sums, time.perf_counter() - t0
 
     def evaluate(self, state_M: TrainState, name: str) -> Sums:
         """Each member's summed loss and correct count on the eval set `name` (shape (M,)),
         with the weights' moving averages when the states keep them."""
-        return self._eval_fns[name](self.parallel.replicate(evaluation_state(state_M)),
-                                    *self.eval_sets[name], norm_M=self.norm_M)
+        fn = self._eval_fns[name]
+        return self._gathered(fn, fn(self.parallel.replicate(evaluation_state(state_M)),
+                                     *self.eval_sets[name], norm_M=self.norm_M))
+
+    def _gathered(self, fn, out):
+        """`fn`'s outputs `out`, gathered whole on every device once they are ready (with
+        several groups; see `steps.gather_members`)."""
+        if self._gather_fn is None:
+            return out
+        return self._gather_fn[fn](jax.block_until_ready(out))
 
 
 def rates(sums: Sums) -> tuple[float, float]:

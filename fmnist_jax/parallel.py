@@ -74,8 +74,12 @@ class DataParallel:
         return self.mesh.shape[SEEDS_AXIS]
 
     @property
-    def batch_sharding(self) -> NamedSharding:
-        """Leading (batch) axis split over the devices of the "data" axis, the rest whole."""
+    def batch_sharding(self) -> NamedSharding | None:
+        """Leading (batch) axis split over the devices of the "data" axis, the rest whole;
+        None where that axis has one device (nothing to split: each group of seeds then runs
+        as a one-device program)."""
+        if self.mesh.shape[DATA_AXIS] == 1:
+            return None
         return NamedSharding(self.mesh, PartitionSpec(DATA_AXIS))
 
     @property
@@ -107,21 +111,33 @@ class DataParallel:
         return jax.make_array_from_process_local_data(self.replicated, np.asarray(leaf))
 
 
-def seed_groups(members: int, num_devices: int) -> int:
-    """How many groups of devices `members` models trained together are shared out to: the
-    most that take equal shares of the members and of the devices (their greatest common
-    divisor; 1 for one model). Separate groups never wait for each other; the devices within
-    a group split each batch and add up their gradients every step. (Unequal shares would
-    need spare members, computed and thrown away.)"""
-    return math.gcd(max(members, 1), num_devices)
+AUTO = "auto"  # members_at_once: as `members_at_once_for` the devices' platform
+
+
+def seed_groups(members: int, num_devices: int,
+                members_at_once: int | None | str = AUTO) -> int:
+    """How many groups of devices `members` models trained together are shared out to.
+    Separate groups never wait for each other; the devices within a group split each batch
+    and add up their gradients every step.
+
+    One after another (`members_at_once` 1, a CPU's way): every device its own group; where
+    the devices do not divide the members, spare places in the last groups are skipped at
+    no cost (`steps._over_members`). In lockstep (a GPU's way) a spare member would be
+    computed like the others, so the groups take equal shares of the members and of the
+    devices: their greatest common divisor. One model: one group. `members_at_once` by
+    default `members_at_once_for` the platform of jax's devices."""
+    if members <= 1:
+        return 1
+    if members_at_once == AUTO:
+        members_at_once = members_at_once_for(jax.devices()[0].platform)
+    return num_devices if members_at_once == 1 else math.gcd(members, num_devices)
 
 
 def cpu_devices_for(members: int, cores: int | None = None) -> int:
-    """The CPU devices a run of `members` seeds gets when --cpu-devices is not given: the
-    most, up to the cores this process may use, that take equal shares of the members (one
-    for one model, or where no more than one divides them)."""
+    """The CPU devices a run of `members` seeds gets when --cpu-devices is not given: one per
+    core this process may use, up to one per seed (one for one model)."""
     cores = cores or len(os.sched_getaffinity(0))
-    return max(d for d in range(1, min(cores, max(members, 1)) + 1) if members % d == 0)
+    return max(1, min(cores, members))
 
 
 def members_at_once_for(platform: str) -> int | None:
@@ -133,9 +149,6 @@ def members_at_once_for(platform: str) -> int | None:
     return 1 if platform == "cpu" else None
 
 
-AUTO = "auto"
-
-
 def data_parallel(devices=None, *, members: int = 1,
                   members_at_once: int | None | str = AUTO) -> DataParallel:
     """A mesh over `devices` (default: every device of every process, `jax.devices()`), in
@@ -143,18 +156,19 @@ def data_parallel(devices=None, *, members: int = 1,
     process's, where it can) and the rest along "data"; `members_at_once` by default
     `members_at_once_for` the devices' platform."""
     devices = jax.devices() if devices is None else list(devices)
-    groups = seed_groups(members, len(devices))
     if members_at_once == AUTO:
         members_at_once = members_at_once_for(devices[0].platform)
+    groups = seed_groups(members, len(devices), members_at_once)
     return DataParallel(Mesh(np.array(devices).reshape(groups, -1), (SEEDS_AXIS, DATA_AXIS)),
                         members_at_once)
 
 
 def check_batch_sizes(batch_size: int, eval_batch_size: int, num_devices: int,
-                      members: int = 1) -> None:
+                      members: int = 1, members_at_once: int | None | str = AUTO) -> None:
     """FmnistError unless both batch sizes split evenly over the devices that share each
-    batch: all `num_devices`, or with `members` > 1 seeds the devices of one group."""
-    per_batch = num_devices // seed_groups(members, num_devices)
+    batch: all `num_devices`, or with `members` > 1 seeds the devices of one group
+    (`seed_groups`)."""
+    per_batch = num_devices // seed_groups(members, num_devices, members_at_once)
     where = (f"the {per_batch} devices" if per_batch == num_devices else
              f"the {per_batch} devices of each group of seeds ({num_devices} devices in "
              f"{num_devices // per_batch} groups)")
@@ -187,16 +201,19 @@ def process_0_agrees(ok: bool) -> bool:
 def describe_devices(members: int = 1) -> str:
     """One line naming the devices and how a run of `members` models shares them, e.g. "cpu
     (cpu)", "4 x gpu (NVIDIA H100), data parallel over 2 processes" or "2 x cpu (cpu), the
-    seeds in 2 groups of 1 device"."""
+    seeds in 2 groups of 1 device, up to 2 seeds each"."""
     devices = jax.devices()
     what = f"{devices[0].platform} ({devices[0].device_kind})"
     groups = seed_groups(members, len(devices))
     if len(devices) > 1:
         per_group = len(devices) // groups
+        seeds_each = -(-members // groups)
         what = f"{len(devices)} x {what}, " + (
             "data parallel" if groups == 1 else
             f"the seeds in {groups} groups of {per_group} device{'s' * (per_group > 1)}"
-            + (", data parallel within each" if per_group > 1 else ""))
+            + (", data parallel within each" if per_group > 1 else "")
+            + f", {'up to ' * (members % groups > 0)}{seeds_each} "
+              f"seed{'s' * (seeds_each > 1)} each")
     if jax.process_count() > 1:
         what += f"{',' * (groups > 1)} over {jax.process_count()} processes"
     return what

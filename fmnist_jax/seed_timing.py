@@ -6,11 +6,11 @@ time (timed apart), then runs rounds of one epoch of every program in turn, so t
 of the machine's load hits them alike. Evaluation and checkpoints are not timed.
 
 Every K runs twice: all K in lockstep under one `jax.vmap` on the first device, and as
-`train.py --seeds K` runs it: on a CPU, split into one device per core that divides K
+`train.py --seeds K` runs it: on a CPU, split into one device per core up to one per seed
 (`parallel.cpu_devices_for`, the process's devices standing for the cores), the members of
-each group one after another (`parallel.members_at_once_for`); elsewhere every device, in
-lockstep. The one-model epoch runs on the first device: what one model takes without
-splitting its batches (which on this project's CPU costs more than it saves, BENCHMARKS.md).
+each device one after another (`parallel.members_at_once_for`, spare places where the
+devices do not divide K); elsewhere every device, in lockstep. The one-model epoch runs
+on the first device: what one model takes without splitting its batches (which on this project's CPU costs more than it saves, BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -55,7 +55,9 @@ def time_seeds(cfg: TrainConfig, train: data.Split, seeds_list: list[int],
         median = statistics.median(times)
         label = "1 (one model, no vmap)" if k == 0 else str(k)
         d = len(program_devices)
-        where = str(d) if d == 1 else f"{d} ({parallel.seed_groups(k, d)} groups of seeds)"
+        groups = parallel.seed_groups(k, d, at_once)
+        spares = -k % groups
+        where = str(d) if d == 1 else f"{d} ({groups} groups of seeds{_spares(spares)})"
         members = ("" if k == 0 else "in lockstep (vmap)" if at_once is None else
                    "one after another" if at_once == 1 else f"{at_once} at a time")
         lines.append(f"| {label} | {where} | {members} | {program.n_train} | "
@@ -63,6 +65,10 @@ def time_seeds(cfg: TrainConfig, train: data.Split, seeds_list: list[int],
                      f"{median:.2f} ({', '.join(f'{s:.2f}' for s in times)}) | "
                      f"{median / baseline:.2f}x | {median / baseline / max(k, 1):.2f}x |")
     return "\n".join(lines)
+
+
+def _spares(count: int) -> str:
+    return f", {count} spare place{'s' * (count > 1)}" if count else ""
 
 
 class _Program:

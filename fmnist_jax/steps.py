@@ -275,41 +275,83 @@ def _keep_where(active: jax.Array, new_tree, old_tree):
     return jax.tree_util.tree_map(lambda new, old: jnp.where(active, new, old), new_tree, old_tree)
 
 
-def _over_members(member_fn, member_sharding: NamedSharding | None,
-                  members_at_once: int | None, *trees):
-    """`member_fn` over the leading (member) axis of every leaf of `trees`: all members in
-    lockstep under one `jax.vmap` (`members_at_once` None), or that many at a time, one
-    slice after another (`jax.lax.map`; 1: each member alone, as a single run computes it).
+def _if_live(live: jax.Array, compute_fn, skipped_fn):
+    """`compute_fn()` where `live` (a scalar bool) is True, else `skipped_fn()`, whose leaves
+    may differ from `compute_fn`'s in dtype only where they are zeros (the skipped member's
+    sums). One member after another (`jax.lax.map`), a real branch: a skipped member costs
+    nothing. In lockstep (under `jax.vmap`), both branches run and a select keeps one."""
+    shapes = jax.eval_shape(compute_fn)
+    return jax.lax.cond(live, compute_fn, lambda: jax.tree_util.tree_map(
+        lambda leaf, shape: jnp.asarray(leaf, shape.dtype), skipped_fn(), shapes))
 
-    With `member_sharding` (`parallel.DataParallel.member_sharding`), the members are split
-    into the groups of its mesh's seeds axis first (consecutive members per group): each
-    group computes only its own, in the way above (the outer vmap over the groups carries
-    `spmd_axis_name`, which adds that axis to every sharding constraint inside, so the
-    batches of a group's members are split over its own devices), and the results are
-    gathered whole on every device, where the host reads them."""
-    def group_fn(*group_trees):
-        size = jax.tree_util.tree_leaves(group_trees)[0].shape[0]
-        if members_at_once is None or members_at_once >= size:
-            return jax.vmap(member_fn)(*group_trees)
-        return jax.lax.map(lambda member: member_fn(*member), group_trees,
+
+def _over_members(member_fn, shared, member_trees: tuple, live_M: jax.Array,
+                  member_sharding: NamedSharding | None, members_at_once: int | None,
+                  gather: bool = True):
+    """`member_fn(shared, live, *member)` over the leading (member) axis M of every leaf of
+    `member_trees` and of `live_M` (False: the member may be skipped, see `_if_live`);
+    `shared` (the images) is the same for all. The members run in lockstep under one
+    `jax.vmap` (`members_at_once` None), or that many at a time, one slice after another
+    (`jax.lax.map`; 1: each member alone, as a single run computes it).
+
+    With `member_sharding` (`parallel.DataParallel.member_sharding`), the members are shared
+    out to the groups of its mesh's seeds axis first, consecutive members per group, under
+    `jax.shard_map`: each group computes only its own, in the way above, as a program of its
+    own (manual over the seeds axis; a group of several devices splits each batch over them
+    as one model's run does). Where the groups do not divide M, spare copies of the last
+    member fill the last group's places, never live: one after another they cost nothing,
+    and while its last member trains alone a device has the cores to itself. The results
+    are gathered whole on every device, where the host reads them; or with `gather` False
+    left where their groups computed them: (places, ...) with the spares, split over the
+    groups by `member_sharding` (the caller gathers them once every device is done: see
+    `gather_members`)."""
+    def group_fn(shared, live_G, *group_trees):
+        def one_fn(live, *member):
+            return member_fn(shared, live, *member)
+
+        if members_at_once is None or 1 < members_at_once >= live_G.shape[0]:
+            return jax.vmap(one_fn)(live_G, *group_trees)
+        return jax.lax.map(lambda member: one_fn(*member), (live_G, *group_trees),
                            batch_size=None if members_at_once == 1 else members_at_once)
 
     axis = member_sharding and member_sharding.spec[0]
     if member_sharding is None or member_sharding.mesh.shape[axis] == 1:
-        return group_fn(*trees)  # one group: every member on every device
-    m = jax.tree_util.tree_leaves(trees)[0].shape[0]
-    groups = member_sharding.mesh.shape[axis]
-    grouped = jax.tree_util.tree_map(lambda x: x.reshape(groups, m // groups, *x.shape[1:]),
-                                     trees)
-    grouped = jax.lax.with_sharding_constraint(grouped, member_sharding)
-    out = jax.vmap(group_fn, spmd_axis_name=axis)(*grouped)
-    out = jax.tree_util.tree_map(lambda x: x.reshape(m, *x.shape[2:]), out)
-    return jax.lax.with_sharding_constraint(out, NamedSharding(member_sharding.mesh,
-                                                               PartitionSpec()))
+        return group_fn(shared, live_M, *member_trees)  # one group: every member everywhere
+    mesh = member_sharding.mesh
+    m, groups = live_M.shape[0], mesh.shape[axis]
+    places = -(-m // groups) * groups
+    if places > m:  # spares: the last member again, never live
+        last_M = jnp.minimum(jnp.arange(places), m - 1)
+        member_trees = jax.tree_util.tree_map(lambda x: x[last_M], member_trees)
+        live_M = jnp.concatenate([live_M, jnp.zeros(places - m, bool)])
+    # One device per group: manual over the whole mesh, so each device runs exactly the
+    # program of a one-device run; else the batch axis stays automatic (split by the
+    # members' batch sharding constraints).
+    manual = set(mesh.axis_names) if mesh.size == groups else {axis}
+    spec = PartitionSpec(axis)
+    # check_vma off: a skipped member's zeros are constants, the computed sums vary over
+    # the groups, and the two branches of `_if_live` must have one type.
+    out = jax.shard_map(group_fn, mesh=mesh, in_specs=(PartitionSpec(), spec, *(
+        spec for _ in member_trees)), out_specs=spec, axis_names=manual, check_vma=False)(
+            shared, live_M, *member_trees)
+    return gather_members(out, m, mesh) if gather else out
+
+
+def gather_members(tree, members: int, mesh: jax.sharding.Mesh):
+    """The first `members` of the (places, ...) leaves of `tree`, whole on every device of
+    `mesh`: the results of `train_epoch_seeds` or `evaluate_seeds` with `gather=False`.
+
+    Why apart: a device that waits in a collective holds one of the threads that the other
+    devices' kernels share out their work to. Gathered inside the epoch's program, a device
+    done early would wait there while another trains its last member alone: on a CPU that
+    member then runs on one core, where alone it could have had them all (BENCHMARKS.md). Run
+    this after the epoch's outputs are ready."""
+    out = jax.tree_util.tree_map(lambda x: x[:members], tree)
+    return jax.lax.with_sharding_constraint(out, NamedSharding(mesh, PartitionSpec()))
 
 
 @functools.partial(jax.jit, static_argnames=("batch_size", "options", "batch_sharding",
-                                             "member_sharding", "members_at_once"),
+                                             "member_sharding", "members_at_once", "gather"),
                    donate_argnums=0)
 def train_epoch_seeds(state_M: TrainState, images_NxHxWx1: jax.Array, labels_N: jax.Array,
                       idx_MxQ: jax.Array, key_M: jax.Array, active_M: jax.Array, *,
@@ -317,7 +359,8 @@ def train_epoch_seeds(state_M: TrainState, images_NxHxWx1: jax.Array, labels_N: 
                       options: StepOptions = StepOptions(),
                       batch_sharding: jax.sharding.Sharding | None = None,
                       member_sharding: NamedSharding | None = None,
-                      members_at_once: int | None = None) -> tuple[TrainState, Sums]:
+                      members_at_once: int | None = None,
+                      gather: bool = True) -> tuple[TrainState, Sums]:
     """One epoch of M independent models (`--seeds`) as one program: the epoch mapped over
     the members (in lockstep under `jax.vmap`, or one after another: `members_at_once`) and
     their states (every leaf of `state_M` has a leading M axis), their training
@@ -327,21 +370,24 @@ def train_epoch_seeds(state_M: TrainState, images_NxHxWx1: jax.Array, labels_N: 
     with the same batches and keys; in lockstep, the batched matrix products and reductions
     sum in another order, so the results agree to the last bits, not bit for bit.
 
-    A member whose `active_M` is False (stopped early) keeps its state: it is still
-    computed (every member runs), then discarded. Returns sums with shape (M,).
-    `member_sharding` shares the members out to groups of devices, M divided evenly
-    (`parallel.seed_groups`); `batch_sharding` splits each member's batches over the devices
+    A member whose `active_M` is False (stopped early) keeps its state and gets zero sums:
+    one member after another, it is not computed at all; in lockstep it is computed with
+    the others, then discarded. Returns sums with shape (M,).
+    `member_sharding` shares the members out to groups of devices (`parallel.seed_groups`;
+    spare places where the groups do not divide M); `batch_sharding` splits each member's batches over the devices
     of its group, as in `train_epoch`; `members_at_once` is how many of a group's members
     run in lockstep (None: all, one vmap; see `_over_members` and
-    `parallel.members_at_once_for`).
+    `parallel.members_at_once_for`). `gather` False leaves the results with the groups
+    (`gather_members`).
     """
-    def member_fn(state, idx_Q, key, active, norm):
-        new_state, sums = _epoch(state, images_NxHxWx1, labels_N, idx_Q, key, batch_size,
-                                 norm, options, batch_sharding)
-        return _keep_where(active, new_state, state), sums
+    def member_fn(shared, active, state, idx_Q, key, norm):
+        return _if_live(active, lambda: _epoch(state, *shared, idx_Q, key, batch_size, norm,
+                                               options, batch_sharding),
+                        lambda: (state, Sums(0, 0, 0)))
 
-    return _over_members(member_fn, member_sharding, members_at_once, state_M, idx_MxQ,
-                         key_M, active_M, norm_M)
+    return _over_members(member_fn, (images_NxHxWx1, labels_N), (state_M, idx_MxQ, key_M,
+                                                                 norm_M), active_M,
+                         member_sharding, members_at_once, gather)
 
 
 @jax.jit
@@ -378,34 +424,44 @@ def evaluate(state: TrainState, images_NxHxWx1: jax.Array, labels_N: jax.Array, 
 
 
 @functools.partial(jax.jit, static_argnames=("batch_size", "batch_sharding", "member_sharding",
-                                             "members_at_once"))
+                                             "members_at_once", "gather"))
 def evaluate_seeds(state_M: TrainState, images_NxHxWx1: jax.Array, labels_N: jax.Array,
                    idx_MxQ: jax.Array | None, *, batch_size: int, norm_M: Normalization,
                    batch_sharding: jax.sharding.Sharding | None = None,
                    member_sharding: NamedSharding | None = None,
-                   members_at_once: int | None = None) -> Sums:
+                   members_at_once: int | None = None, gather: bool = True) -> Sums:
     """`evaluate` of M members (leading M axis on `state_M`'s leaves and `norm_M`'s fields),
     the images shared: on all N images (`idx_MxQ` None), or member m on the
     examples `idx_MxQ[m]` (its own validation split), batched and padded as `evaluate` would
     batch `images_NxHxWx1[idx_MxQ[m]]`. Returns sums with shape (M,). The members and the
-    batches are shared out to devices, and run in lockstep or not, as in
+    batches are shared out to devices, run in lockstep or not, and gathered, as in
     `train_epoch_seeds`."""
-    if idx_MxQ is None:
-        return _over_members(lambda state, norm: evaluate(
-            state, images_NxHxWx1, labels_N, batch_size=batch_size, norm=norm,
-            batch_sharding=batch_sharding), member_sharding, members_at_once, state_M, norm_M)
+    def member_fn(shared, live, state, norm, *idx_Q):
+        def compute_fn():
+            if idx_MxQ is None:
+                return evaluate(state, *shared, batch_size=batch_size, norm=norm,
+                                batch_sharding=batch_sharding)
+            return _evaluate_member(state, *shared, *idx_Q, batch_size, norm, batch_sharding)
 
-    def member_fn(state, idx_Q, norm):
-        mask_Q = jnp.ones(idx_Q.shape, bool)
-        xs = (_padded_batches(idx_Q, batch_size), _padded_batches(mask_Q, batch_size))
-        # The padding indices (0) name a real image; the mask drops it from every sum.
-        _, sums_S = jax.lax.scan(lambda c, b: (c, eval_step(
-            state, *_split_over_devices((images_NxHxWx1[b[0]], labels_N[b[0]], b[1]),
-                                        batch_sharding), norm)), None, xs)
-        return jax.tree_util.tree_map(jnp.sum, sums_S)
+        return _if_live(live, compute_fn, lambda: Sums(0, 0, 0))
 
-    return _over_members(member_fn, member_sharding, members_at_once, state_M, idx_MxQ,
-                         norm_M)
+    return _over_members(member_fn, (images_NxHxWx1, labels_N),
+                         (state_M, norm_M) + (() if idx_MxQ is None else (idx_MxQ,)),
+                         jnp.ones(norm_M.mean.shape, bool), member_sharding, members_at_once,
+                         gather)
+
+
+def _evaluate_member(state, images_NxHxWx1, labels_N, idx_Q, batch_size, norm,
+                     batch_sharding):
+    """`evaluate` on the examples `idx_Q` of the images, batched and padded as `evaluate`
+    would batch `images_NxHxWx1[idx_Q]`, without copying them."""
+    mask_Q = jnp.ones(idx_Q.shape, bool)
+    xs = (_padded_batches(idx_Q, batch_size), _padded_batches(mask_Q, batch_size))
+    # The padding indices (0) name a real image; the mask drops it from every sum.
+    _, sums_S = jax.lax.scan(lambda c, b: (c, eval_step(
+        state, *_split_over_devices((images_NxHxWx1[b[0]], labels_N[b[0]], b[1]),
+                                    batch_sharding), norm)), None, xs)
+    return jax.tree_util.tree_map(jnp.sum, sums_S)
 
 
 @functools.partial(jax.jit, static_argnames="batch_size")

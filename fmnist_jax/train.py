@@ -202,11 +202,12 @@ class _SeedModels(_OneModel):
                 for m in range(len(host.step))]
 
 
-def _member_rates(sums) -> list[tuple[float, float]]:
+def _member_rates(sums) -> list[tuple[float, float] | None]:
     """[(mean loss, accuracy)] per member from sums of shape (M,), read in one transfer and
-    divided as `rates` divides (Python floats)."""
+    divided as `rates` divides (Python floats); None for a member that was skipped (stopped
+    early: nothing counted)."""
     loss_M, correct_M, count_M = jax.device_get(sums)
-    return [(float(loss) / float(count), float(correct) / float(count))
+    return [(float(loss) / float(count), float(correct) / float(count)) if count else None
             for loss, correct, count in zip(loss_M, correct_M, count_M)]
 
 

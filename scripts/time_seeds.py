@@ -14,8 +14,8 @@ checkpoints are not timed. Prints one markdown row per program.
 
 The CPU is split into one XLA device per core (`--cpu-devices`, default: the cores this
 process may use). Each K runs twice: all K in lockstep under one vmap on one device, and as
-`train.py --seeds K` runs it (a device per core that divides K, each device's seeds one
-after another: `fmnist_jax.seed_timing`). The one-model epoch runs on one device.
+`train.py --seeds K` runs it (a device per core up to one per seed, each device's seeds
+one after another: `fmnist_jax.seed_timing`). The one-model epoch runs on one device.
 """
 
 import argparse

@@ -297,8 +297,8 @@ print(time_seeds(get_config(batch_size=32), make_split(160, seed=2), [2, 3], epo
 
 @pytest.mark.slow
 def test_time_seeds_also_times_each_k_shared_out_over_the_devices():
-    """With 2 devices: K = 2 in lockstep on one device, and as train.py runs it on both (2
-    groups); K = 3 as train.py runs it on one (3 seeds do not share out over 2 devices)."""
+    """With 2 devices: K = 2 and 3 in lockstep on one device, and as train.py runs them on
+    both (2 groups; for 3 seeds, one place spare)."""
     import os
     import subprocess
     import sys
@@ -313,4 +313,5 @@ def test_time_seeds_also_times_each_k_shared_out_over_the_devices():
     assert [row.split(" | ")[:3] for row in rows] == [
         ["| 1 (one model, no vmap)", "1", ""], ["| 2", "1", "in lockstep (vmap)"],
         ["| 2", "2 (2 groups of seeds)", "one after another"],
-        ["| 3", "1", "in lockstep (vmap)"], ["| 3", "1", "one after another"]]
+        ["| 3", "1", "in lockstep (vmap)"],
+        ["| 3", "2 (2 groups of seeds, 1 spare place)", "one after another"]]
