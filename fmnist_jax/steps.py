@@ -229,6 +229,9 @@ def _split_over_devices(batch, batch_sharding: jax.sharding.Sharding | None):
     all-reduces. None (one device): unchanged."""
     if batch_sharding is None:
         return batch
+    context = jax.sharding.get_abstract_mesh()
+    if not context.empty:  # inside a group of seeds (`_over_members`): its seeds axis manual
+        batch_sharding = NamedSharding(context, batch_sharding.spec)
     return jax.lax.with_sharding_constraint(batch, batch_sharding)
 
 

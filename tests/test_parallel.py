@@ -27,11 +27,15 @@ ATOL = 2e-5
 
 # Trains the shared tiny run (tests/helpers.py; as a run of $SEEDS seeds when set) into
 # argv[1], with argv[2] CPU devices in this process and, given argv[3:5] = (process count,
-# process id) and $COORDINATOR, several processes; then reports its devices.
+# process id) and $COORDINATOR, several processes; then reports its devices. $LOCKSTEP set:
+# the seeds train in lockstep as on a GPU (groups by the greatest common divisor, the
+# batches split within each), not one after another as a CPU trains them.
 _WORKER = """
 import dataclasses, json, os, sys
 from fmnist_jax import parallel
 parallel.use_cpu_devices(int(sys.argv[2]))
+if os.environ.get("LOCKSTEP"):
+    parallel.members_at_once_for = lambda platform: None
 n, i = (int(sys.argv[3]), int(sys.argv[4])) if len(sys.argv) > 3 else (1, 0)
 parallel.initialize_distributed(parallel.distributed_settings(
     os.environ.get("COORDINATOR"), n, i))
@@ -325,19 +329,6 @@ def test_a_run_resumed_on_four_devices_ends_as_the_one_device_run(tmp_path, tiny
     _assert_same_run(tmp_path / "run", tiny_run[0])
 
 
-# The shared tiny run as `--seeds 2` (seeds 4 and 5) in argv[1], on argv[2] CPU devices.
-_SEEDS_WORKER = """
-import dataclasses, sys
-from fmnist_jax import parallel
-parallel.use_cpu_devices(int(sys.argv[2]))
-import jax
-from tests.helpers import make_split, tiny_config, train_quietly
-train_quietly(dataclasses.replace(tiny_config(), seeds=2), sys.argv[1],
-              (make_split(512, seed=0), make_split(300, seed=1)))
-print(jax.device_count())
-"""
-
-
 @pytest.fixture(scope="module")
 def two_seeds_on_one_device(tmp_path_factory):
     """The shared tiny run as `--seeds 2` (seeds 4 and 5), on this process's one device."""
@@ -347,34 +338,38 @@ def two_seeds_on_one_device(tmp_path_factory):
     return run_dir
 
 
-@pytest.mark.slow
-def test_seeds_with_batches_split_over_four_devices_train_as_on_one(tmp_path,
-                                                                   two_seeds_on_one_device):
-    """The pieces combine: --seeds 2 (vmap over the models) on 4 devices takes a 2 x 2 mesh,
-    each seed on a group of 2 devices that split its batches."""
-    result = subprocess.run([sys.executable, "-c", _SEEDS_WORKER, str(tmp_path / "four"), "4"],
-                            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.split()[-1] == "4"
+def _assert_same_seeds(run_dir, reference_dir):
     for seed in (4, 5):
-        _assert_same_run(runs.member_dir(tmp_path / "four", seed),
-                         runs.member_dir(two_seeds_on_one_device, seed))
+        _assert_same_run(runs.member_dir(run_dir, seed), runs.member_dir(reference_dir, seed))
+        assert len(runs.load_history(runs.member_dir(run_dir, seed))) == 2
+    assert runs.load_summary(run_dir)["n"] == 2
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("lockstep", [False, True], ids=["one_after_another", "lockstep"])
+def test_seeds_on_four_devices_train_as_on_one(tmp_path, two_seeds_on_one_device, lockstep):
+    """The pieces combine: --seeds 2 on 4 devices. One after another (a CPU's way): a group
+    per device, 2 of them holding only spare places. In lockstep (a GPU's way): a 2 x 2
+    mesh, each seed on a group of 2 devices that split its batches."""
+    env = {"SEEDS": "2", **({"LOCKSTEP": "1"} if lockstep else {})}
+    assert _finish(_worker(tmp_path, 4, env=env))["devices"] == 4
+    _assert_same_seeds(tmp_path, two_seeds_on_one_device)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lockstep", [False, True], ids=["one_after_another", "lockstep"])
 def test_seeds_over_two_processes_of_two_devices_train_as_on_one(tmp_path,
-                                                                 two_seeds_on_one_device):
+                                                                 two_seeds_on_one_device,
+                                                                 lockstep):
     """--seeds 2 with 2 processes of 2 devices: process 1 runs the same loop of seeds as
     process 0 (it hung in its first collective when it took the run for a single one), each
-    seed's folder written once, the numbers those of one device."""
-    assert _two_processes_of_two_devices(tmp_path, {"SEEDS": "2"}) == [
+    seed's folder written once, the numbers those of one device. One after another, process
+    1's devices hold only spare places; in lockstep each seed trains on one process's 2
+    devices."""
+    env = {"SEEDS": "2", **({"LOCKSTEP": "1"} if lockstep else {})}
+    assert _two_processes_of_two_devices(tmp_path, env) == [
         {"devices": 4, "local": 2, "processes": 2}] * 2
-    for seed in (4, 5):
-        _assert_same_run(runs.member_dir(tmp_path, seed),
-                         runs.member_dir(two_seeds_on_one_device, seed))
-        assert len(runs.load_history(runs.member_dir(tmp_path, seed))) == 2
-    assert runs.load_summary(tmp_path)["n"] == 2
+    _assert_same_seeds(tmp_path, two_seeds_on_one_device)
 
 
 # LeNet-5 members (one stopped) trained one epoch and evaluated with CompiledSeedEpochs: on
