@@ -10,13 +10,14 @@ the step computes what one device computes, on the global batch, within float ro
 With one device the mesh is trivial and every constraint a no-op.
 
 A run of M > 1 seeds (`--seeds`) first splits the devices into groups along "seeds"
-(`seed_groups`): each group trains its share of the members, which need nothing from each
-other, so no step waits for another group (the epoch is partitioned along its member axis,
-`member_sharding`); each member's batches are split over the devices of its group as above.
-Within a group the members train in lockstep under `jax.vmap` on a GPU, one after another
-on a CPU (`members_at_once_for`). On a CPU split into devices (`--cpu-devices`), one small
-model leaves part of the cores idle, so members on a device per core train in less time
-than all on one device (BENCHMARKS.md, `scripts/time_seeds.py`).
+(`seed_groups`): each group trains its share of the members as a program of its own
+(`jax.shard_map` over "seeds", `member_sharding`), the members needing nothing from each
+other, so no step waits for another group; each member's batches are split over the
+devices of its group as above. Within a group the members train in lockstep under
+`jax.vmap` on a GPU, one after another on a CPU (`members_at_once_for`), where every device
+is a group, with spare places, skipped, where the devices do not divide M. On a CPU split
+into a device per core (`cpu_devices_for`), the members train in less time than all on one
+device (BENCHMARKS.md, `scripts/time_seeds.py`).
 
 Several hosts (or several processes on one host): `initialize_distributed` starts
 `jax.distributed` before anything touches a device; then `jax.devices()` lists the devices

@@ -279,10 +279,10 @@ def _keep_where(active: jax.Array, new_tree, old_tree):
 
 
 def _if_live(live: jax.Array, compute_fn, skipped_fn):
-    """`compute_fn()` where `live` (a scalar bool) is True, else `skipped_fn()`, whose leaves
-    may differ from `compute_fn`'s in dtype only where they are zeros (the skipped member's
-    sums). One member after another (`jax.lax.map`), a real branch: a skipped member costs
-    nothing. In lockstep (under `jax.vmap`), both branches run and a select keeps one."""
+    """`compute_fn()` where `live` (a scalar bool) is True, else `skipped_fn()` (its leaves
+    cast to `compute_fn`'s dtypes, so plain zeros can stand for a skipped member's sums).
+    One member after another (`jax.lax.map`), a real branch: a skipped member costs nothing.
+    In lockstep (under `jax.vmap`), both branches run and a select keeps one."""
     shapes = jax.eval_shape(compute_fn)
     return jax.lax.cond(live, compute_fn, lambda: jax.tree_util.tree_map(
         lambda leaf, shape: jnp.asarray(leaf, shape.dtype), skipped_fn(), shapes))
@@ -312,7 +312,9 @@ def _over_members(member_fn, shared, member_trees: tuple, live_M: jax.Array,
         def one_fn(live, *member):
             return member_fn(shared, live, *member)
 
-        if members_at_once is None or 1 < members_at_once >= live_G.shape[0]:
+        # One at a time even for a group of one: only there is a skipped member's branch real.
+        lockstep = members_at_once is None or members_at_once >= max(live_G.shape[0], 2)
+        if lockstep:
             return jax.vmap(one_fn)(live_G, *group_trees)
         return jax.lax.map(lambda member: one_fn(*member), (live_G, *group_trees),
                            batch_size=None if members_at_once == 1 else members_at_once)
