@@ -27,6 +27,7 @@ def _largest_difference(tree_a, tree_b) -> float:
                                jax.tree_util.tree_leaves(tree_b)))
 
 
+@pytest.mark.slow  # five programs to compile: about 12 s
 def test_a_member_of_the_vmapped_epoch_is_its_own_single_epoch():
     """Two LeNet-5 members, each on its own split of one shared image set: the active one
     trains as `train_epoch` on its images would, the stopped one keeps its state exactly, and
@@ -81,6 +82,11 @@ def test_a_member_of_the_vmapped_epoch_is_its_own_single_epoch():
     assert float(one_at_a_time_sums.loss[0]) == float(sums.loss)
     jax.tree_util.tree_map(np.testing.assert_array_equal, jax.tree_util.tree_map(
         lambda leaf: leaf[1], one_at_a_time_M.params), init_1)
+    # The stopped member was skipped, not trained and thrown away: nothing counted.
+    assert int(one_at_a_time_sums.count[1]) == int(sums_M.count[1]) == 0
+    assert "stablehlo.case" in train_epoch_seeds.lower(  # a real branch (vmap: a select)
+        one_at_a_time_M, train.images_NxHxWx1, train.labels_N, train_idx_MxQ, key_M,
+        np.array([True, False]), batch_size=32, norm_M=norm_M, members_at_once=1).as_text()
 
 
 def _splits():
@@ -269,6 +275,7 @@ def test_seed_members_stacks_each_seeds_own_split_and_initial_state():
     assert not np.array_equal(splits[0][1], splits[1][1])
 
 
+@pytest.mark.slow  # four programs to compile: about 6 s
 def test_time_seeds_prints_one_row_per_k_against_the_one_model_epoch():
     from fmnist_jax.seed_timing import time_seeds
 
