@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 
 import jax
+import jax.numpy as jnp
 
 from fmnist_jax.augment import Augment
 from fmnist_jax.config import TrainConfig
@@ -116,7 +117,8 @@ class CompiledSeedEpochs:
         self._epoch_fn = train_epoch_seeds.lower(
             state_M, *self.train_xy, self.train_idx_MxQ, key_M, active_M,
             batch_size=batch_size, norm_M=self.norm_M, options=options, **shardings).compile()
-        self._eval_fns = {name: evaluate_seeds.lower(state_M, *data, batch_size=eval_batch_size,
+        self._eval_fns = {name: evaluate_seeds.lower(state_M, *data, active_M,
+                                                     batch_size=eval_batch_size,
                                                      norm_M=self.norm_M, **shardings).compile()
                           for name, data in self.eval_sets.items()}
         self._gather_fn = None
@@ -139,12 +141,17 @@ class CompiledSeedEpochs:
         jax.block_until_ready(sums)
         return state_M, sums, time.perf_counter() - t0
 
-    def evaluate(self, state_M: TrainState, name: str) -> Sums:
+    def evaluate(self, state_M: TrainState, name: str,
+                 active_M: jax.Array | None = None) -> Sums:
         """Each member's summed loss and correct count on the eval set `name` (shape (M,)),
-        with the weights' moving averages when the states keep them."""
+        with the weights' moving averages when the states keep them; zeros for a member
+        False in `active_M` (default: every member evaluated)."""
+        if active_M is None:
+            active_M = jnp.ones(self.norm_M.mean.shape, bool)
         fn = self._eval_fns[name]
-        return self._gathered(fn, fn(self.parallel.replicate(evaluation_state(state_M)),
-                                     *self.eval_sets[name], norm_M=self.norm_M))
+        state_M, active_M = self.parallel.replicate((evaluation_state(state_M), active_M))
+        return self._gathered(fn, fn(state_M, *self.eval_sets[name], active_M,
+                                     norm_M=self.norm_M))
 
     def _gathered(self, fn, out):
         """`fn`'s outputs `out`, gathered whole on every device once they are ready (with

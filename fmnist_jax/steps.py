@@ -431,16 +431,18 @@ def evaluate(state: TrainState, images_NxHxWx1: jax.Array, labels_N: jax.Array, 
 @functools.partial(jax.jit, static_argnames=("batch_size", "batch_sharding", "member_sharding",
                                              "members_at_once", "gather"))
 def evaluate_seeds(state_M: TrainState, images_NxHxWx1: jax.Array, labels_N: jax.Array,
-                   idx_MxQ: jax.Array | None, *, batch_size: int, norm_M: Normalization,
+                   idx_MxQ: jax.Array | None, active_M: jax.Array | None = None, *,
+                   batch_size: int, norm_M: Normalization,
                    batch_sharding: jax.sharding.Sharding | None = None,
                    member_sharding: NamedSharding | None = None,
                    members_at_once: int | None = None, gather: bool = True) -> Sums:
     """`evaluate` of M members (leading M axis on `state_M`'s leaves and `norm_M`'s fields),
     the images shared: on all N images (`idx_MxQ` None), or member m on the
     examples `idx_MxQ[m]` (its own validation split), batched and padded as `evaluate` would
-    batch `images_NxHxWx1[idx_MxQ[m]]`. Returns sums with shape (M,). The members and the
-    batches are shared out to devices, run in lockstep or not, and gathered, as in
-    `train_epoch_seeds`."""
+    batch `images_NxHxWx1[idx_MxQ[m]]`. Returns sums with shape (M,). A member False in
+    `active_M` (default: all True) gets zero sums, skipped as `train_epoch_seeds` skips it.
+    The members and the batches are shared out to devices, run in lockstep or not, and
+    gathered, as in `train_epoch_seeds`."""
     def member_fn(shared, live, state, norm, *idx_Q):
         def compute_fn():
             if idx_MxQ is None:
@@ -452,8 +454,8 @@ def evaluate_seeds(state_M: TrainState, images_NxHxWx1: jax.Array, labels_N: jax
 
     return _over_members(member_fn, (images_NxHxWx1, labels_N),
                          (state_M, norm_M) + (() if idx_MxQ is None else (idx_MxQ,)),
-                         jnp.ones(norm_M.mean.shape, bool), member_sharding, members_at_once,
-                         gather)
+                         jnp.ones(norm_M.mean.shape, bool) if active_M is None else active_M,
+                         member_sharding, members_at_once, gather)
 
 
 def _evaluate_member(state, images_NxHxWx1, labels_N, idx_Q, batch_size, norm,

@@ -158,7 +158,7 @@ class _OneModel:
                                                    streams.epoch_shuffle_key(seeds[0], epoch))
         return state, [rates(sums)], seconds
 
-    def evaluate(self, state, name):
+    def evaluate(self, state, name, active):
         return [rates(self.compiled.evaluate(state, name))]
 
     def plateau(self, state, val_losses, active):
@@ -180,8 +180,9 @@ class _SeedModels(_OneModel):
         state_M, sums, seconds = self.compiled.train(state_M, key_M, jnp.asarray(active))
         return state_M, _member_rates(sums), seconds
 
-    def evaluate(self, state_M, name):
-        return _member_rates(self.compiled.evaluate(state_M, name))
+    def evaluate(self, state_M, name, active):
+        """Each member's (loss, accuracy) on `name`; None for one stopped (not evaluated)."""
+        return _member_rates(self.compiled.evaluate(state_M, name, jnp.asarray(active)))
 
     def plateau(self, state_M, val_losses, active):
         # float32 on the host as the one-model path's Python float becomes float32 in jit.
@@ -265,9 +266,9 @@ def _epochs(cfg, run, state, program, lr_fn, checkpoints, n_test, log_fn, progre
                            "train_loss": train_loss, "train_accuracy": train_acc}
             t0 = time.perf_counter()
             for name in program.eval_sets:
-                for m, (loss, accuracy) in enumerate(program.evaluate(state, name)):
+                for m, member_rates in enumerate(program.evaluate(state, name, active)):
                     if m in rows:
-                        rows[m][f"{name}_loss"], rows[m][f"{name}_accuracy"] = loss, accuracy
+                        rows[m][f"{name}_loss"], rows[m][f"{name}_accuracy"] = member_rates
             eval_s = time.perf_counter() - t0
             if state.plateau is not None:
                 state = program.plateau(state, [rows[m]["val_loss"] if m in rows else 0.0

@@ -50,9 +50,13 @@ def test_a_member_of_the_vmapped_epoch_is_its_own_single_epoch():
     one_at_a_time_M, one_at_a_time_sums = train_epoch_seeds(
         one_at_a_time_M, train.images_NxHxWx1, train.labels_N, train_idx_MxQ, key_M,
         np.array([True, False]), batch_size=32, norm_M=norm_M, members_at_once=1)
-    val_sums_M = evaluate_seeds(state_M, train.images_NxHxWx1, train.labels_N,
-                                np.stack([v for _, v in splits]).astype(np.int32),
+    val_idx_MxQ = np.stack([v for _, v in splits]).astype(np.int32)
+    val_sums_M = evaluate_seeds(state_M, train.images_NxHxWx1, train.labels_N, val_idx_MxQ,
                                 batch_size=50, norm_M=norm_M)
+    # The stopped member's evaluation skipped (one after another), the other's the same.
+    val_active_M = evaluate_seeds(one_at_a_time_M, train.images_NxHxWx1, train.labels_N,
+                                  val_idx_MxQ, np.array([True, False]), batch_size=50,
+                                  norm_M=norm_M, members_at_once=1)
 
     train_idx, val_idx = splits[0]
     single, sums = train_epoch(states[0], train.images_NxHxWx1[train_idx],
@@ -69,6 +73,8 @@ def test_a_member_of_the_vmapped_epoch_is_its_own_single_epoch():
                    batch_size=50, norm=HALF)
     assert int(val_sums_M.count[0]) == int(val.count) == len(val_idx)
     np.testing.assert_allclose(float(val_sums_M.loss[0]), float(val.loss), rtol=1e-5)
+    assert float(val_active_M.loss[0]) == float(val.loss)  # one after another: to the bit
+    assert int(val_active_M.count[1]) == 0 and int(val_sums_M.count[1]) == len(val_idx)
     # The stopped member: not one bit changed, step included.
     jax.tree_util.tree_map(np.testing.assert_array_equal,
                            jax.tree_util.tree_map(lambda leaf: leaf[1], state_M.params), init_1)
