@@ -145,9 +145,10 @@ def _add_compile_cache_flag(parser: argparse.ArgumentParser) -> None:
 
 def _add_device_flags(parser: argparse.ArgumentParser, *, distributed: bool,
                       seeds: bool) -> None:
-    seeds_text = (". With --seeds K the devices are first shared out to groups that train K/G "
-                  "seeds each (G: the greatest common divisor of K and the device count), "
-                  "and each batch is split over the devices of its group") if seeds else ""
+    seeds_text = (". With --seeds K the devices are first shared out to groups of seeds (on "
+                  "a CPU, every device a group; on a GPU, G groups, G the greatest common "
+                  "divisor of K and the device count), and each batch is split over the "
+                  "devices of its group") if seeds else ""
     group = parser.add_argument_group(
         "devices", "every batch is split over all devices (data parallel); the batch sizes "
                    "must be multiples of the device count" + seeds_text)
