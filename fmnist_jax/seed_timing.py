@@ -9,8 +9,9 @@ Every K runs twice: all K in lockstep under one `jax.vmap` on the first device, 
 `train.py --seeds K` runs it: on a CPU, split into one device per core up to one per seed
 (`parallel.cpu_devices_for`, the process's devices standing for the cores), the members of
 each device one after another (`parallel.members_at_once_for`, spare places where the
-devices do not divide K); elsewhere every device, in lockstep. The one-model epoch runs
-on the first device: what one model takes without splitting its batches (which on this project's CPU costs more than it saves, BENCHMARKS.md).
+devices do not divide K); elsewhere every device, in lockstep. The one-model epoch runs on
+the first device: what one model takes without splitting its batches (which on this
+project's CPU costs more than it saves, BENCHMARKS.md).
 """
 
 from __future__ import annotations

@@ -379,9 +379,9 @@ def train_epoch_seeds(state_M: TrainState, images_NxHxWx1: jax.Array, labels_N: 
     one member after another, it is not computed at all; in lockstep it is computed with
     the others, then discarded. Returns sums with shape (M,).
     `member_sharding` shares the members out to groups of devices (`parallel.seed_groups`;
-    spare places where the groups do not divide M); `batch_sharding` splits each member's batches over the devices
-    of its group, as in `train_epoch`; `members_at_once` is how many of a group's members
-    run in lockstep (None: all, one vmap; see `_over_members` and
+    spare places where the groups do not divide M); `batch_sharding` splits each member's
+    batches over the devices of its group, as in `train_epoch`; `members_at_once` is how
+    many of a group's members run in lockstep (None: all, one vmap; see `_over_members` and
     `parallel.members_at_once_for`). `gather` False leaves the results with the groups
     (`gather_members`).
     """

@@ -57,11 +57,11 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | Path | runs.Claim, *,
     program (`steps.train_epoch_seeds`: in lockstep under `jax.vmap` on a GPU, one after
     another on a CPU), each in its own run folder `workdir/seed-S/` with everything above,
     each trained as a run of `cfg.members()[m]` is (the same keys and batches; bit for bit
-    on a CPU; in lockstep or with a seed's batches split over several devices the float sums
-    run in another order, so the numbers agree to the last bits at first and drift apart over many
-    steps, as on another machine); one that stops early keeps its state while the others go
-    on. summary.json in `workdir` then gets each seed's test accuracy and their mean with a
-    95% interval.
+    on a CPU; in lockstep or with a seed's batches split over several devices the float
+    sums run in another order, so the numbers agree to the last bits at first and drift
+    apart over many steps, as on another machine); one that stops early keeps its state
+    while the others go on. summary.json in `workdir` then gets each seed's test accuracy
+    and their mean with a 95% interval.
 
     `started`, a `time.perf_counter()` reading taken when the command started: timing.jsonl
     then records `startup_seconds`, the time from it to the first epoch.

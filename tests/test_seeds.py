@@ -170,10 +170,11 @@ def test_members_equal_single_runs_and_stop_early_on_their_own(tmp_path):
 @pytest.mark.slow
 def test_batchnorm_dropout_augmentation_members_equal_single_runs(tmp_path):
     """The MLP (BatchNorm statistics, dropout) with augmentation, label smoothing, an EMA of
-    the weights (evaluated and kept) and each seed's own dataset normalization. SGD, not the preset's AdamW: the dense biases before
-    BatchNorm have a zero gradient, which Adam turns into full-size steps of float noise, so
-    under any change of summation order they wander by up to lr per step (seen: 7e-3 after
-    12 steps) though the model's outputs do not depend on them."""
+    the weights (evaluated and kept) and each seed's own dataset normalization. SGD, not the
+    preset's AdamW: the dense biases before BatchNorm have a zero gradient, which Adam turns
+    into full-size steps of float noise, so under any change of summation order they wander
+    by up to lr per step (seen: 7e-3 after 12 steps) though the model's outputs do not depend
+    on them."""
     cfg = get_config("mlp", epochs=2, batch_size=32, eval_batch_size=100, val_fraction=0.2,
                      seed=4, seeds=2, optimizer="sgd", weight_decay=0.0,
                      weight_decay_params="kernels", learning_rate=0.05,
