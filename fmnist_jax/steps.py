@@ -278,21 +278,16 @@ def _keep_where(active: jax.Array, new_tree, old_tree):
     return jax.tree_util.tree_map(lambda new, old: jnp.where(active, new, old), new_tree, old_tree)
 
 
-def _if_live(live: jax.Array, compute_fn, skipped_fn):
-    """`compute_fn()` where `live` (a scalar bool) is True, else `skipped_fn()` (its leaves
-    cast to `compute_fn`'s dtypes, so plain zeros can stand for a skipped member's sums).
-    One member after another (`jax.lax.map`), a real branch: a skipped member costs nothing.
-    In lockstep (under `jax.vmap`), both branches run and a select keeps one."""
-    shapes = jax.eval_shape(compute_fn)
-    return jax.lax.cond(live, compute_fn, lambda: jax.tree_util.tree_map(
-        lambda leaf, shape: jnp.asarray(leaf, shape.dtype), skipped_fn(), shapes))
+def _zero_sums() -> Sums:
+    """The sums of a member that was skipped (`train_epoch_seeds`): nothing counted."""
+    return Sums(loss=jnp.float32(0), correct=jnp.int32(0), count=jnp.int32(0))
 
 
 def _over_members(member_fn, shared, member_trees: tuple, live_M: jax.Array,
                   member_sharding: NamedSharding | None, members_at_once: int | None,
                   gather: bool = True):
     """`member_fn(shared, live, *member)` over the leading (member) axis M of every leaf of
-    `member_trees` and of `live_M` (False: the member may be skipped, see `_if_live`);
+    `member_trees` and of `live_M` (False: the member may be skipped);
     `shared` (the images) is the same for all. The members run in lockstep under one
     `jax.vmap` (`members_at_once` None), or that many at a time, one slice after another
     (`jax.lax.map`; 1: each member alone, as a single run computes it).
@@ -335,7 +330,7 @@ def _over_members(member_fn, shared, member_trees: tuple, live_M: jax.Array,
     manual = set(mesh.axis_names) if mesh.size == groups else {axis}
     spec = PartitionSpec(axis)
     # check_vma off: a skipped member's zeros are constants, the computed sums vary over
-    # the groups, and the two branches of `_if_live` must have one type.
+    # the groups, and the two branches of each member's cond must have one type.
     out = jax.shard_map(group_fn, mesh=mesh, in_specs=(PartitionSpec(), spec, *(
         spec for _ in member_trees)), out_specs=spec, axis_names=manual, check_vma=False)(
             shared, live_M, *member_trees)
@@ -386,9 +381,12 @@ def train_epoch_seeds(state_M: TrainState, images_NxHxWx1: jax.Array, labels_N: 
     (`gather_members`).
     """
     def member_fn(shared, active, state, idx_Q, key, norm):
-        return _if_live(active, lambda: _epoch(state, *shared, idx_Q, key, batch_size, norm,
-                                               options, batch_sharding),
-                        lambda: (state, Sums(0, 0, 0)))
+        # One member after another (`jax.lax.map`) the cond is a real branch: a stopped
+        # member (or a spare place) costs nothing. In lockstep, under vmap, it becomes a
+        # select: both branches run and the stopped member's new state is thrown away.
+        return jax.lax.cond(active, lambda: _epoch(state, *shared, idx_Q, key, batch_size,
+                                                   norm, options, batch_sharding),
+                            lambda: (state, _zero_sums()))
 
     return _over_members(member_fn, (images_NxHxWx1, labels_N), (state_M, idx_MxQ, key_M,
                                                                  norm_M), active_M,
@@ -450,7 +448,7 @@ def evaluate_seeds(state_M: TrainState, images_NxHxWx1: jax.Array, labels_N: jax
                                 batch_sharding=batch_sharding)
             return _evaluate_member(state, *shared, *idx_Q, batch_size, norm, batch_sharding)
 
-        return _if_live(live, compute_fn, lambda: Sums(0, 0, 0))
+        return jax.lax.cond(live, compute_fn, _zero_sums)  # as in `train_epoch_seeds`
 
     return _over_members(member_fn, (images_NxHxWx1, labels_N),
                          (state_M, norm_M) + (() if idx_MxQ is None else (idx_MxQ,)),
