@@ -246,6 +246,7 @@ def train_parser() -> Parser:
     run.add_argument("--resume", metavar="RUN_DIR",
                      help="continue the interrupted run in RUN_DIR from its latest checkpoint, "
                           "with its stored config (config flags may only repeat its values); "
+                          "the folder of a run of several seeds continues every seed; "
                           "a finished run is left as it is (exit 0)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--no-report", action="store_true",
@@ -271,7 +272,12 @@ def train_main(argv: list[str] | None = None) -> int:
                           "a filesystem they share")
     cfg = None if args.resume else config_from_args(args)  # bad flags fail before joining
     use_compile_cache(args.compile_cache)
-    start_devices(args, members=cfg.seeds if cfg else 1)
+    if args.resume:  # before the devices start: a run of several seeds gets one per core
+        run = _reopen(args)
+        if run is None:
+            return 0
+        cfg = run.config
+    start_devices(args, members=cfg.seeds)
     import jax
 
     from fmnist_jax import runs
@@ -283,11 +289,8 @@ def train_main(argv: list[str] | None = None) -> int:
         sys.stdout = open(os.devnull, "w")
 
     if args.resume:
-        run = _reopen(args)
-        if run is None:
-            return 0
-        cfg = run.config
-        parallel.check_batch_sizes(cfg.batch_size, cfg.eval_batch_size, jax.device_count())
+        parallel.check_batch_sizes(cfg.batch_size, cfg.eval_batch_size, jax.device_count(),
+                                   cfg.seeds)
     else:
         parallel.check_batch_sizes(cfg.batch_size, cfg.eval_batch_size, jax.device_count(),
                                    cfg.seeds)
@@ -328,13 +331,10 @@ def _reopen(args: argparse.Namespace):
 
     if args.workdir:
         raise FmnistError("--workdir and --resume both name a run folder: pass only --resume")
-    if getattr(args, "seeds", 1) != 1:
-        raise FmnistError("--seeds cannot be given with --resume: a run of several seeds is "
-                          "resumed one seed at a time (--resume WORKDIR/seed-S); drop --seeds")
     if args.preset:
         raise FmnistError("--preset cannot change a resumed run (it uses its stored config): "
                           "drop --preset")
-    stored = runs.load_config(args.resume)
+    stored = runs.stored_config(args.resume)
     for field in dataclasses.fields(TrainConfig):
         if hasattr(args, field.name) and getattr(args, field.name) != getattr(stored,
                                                                               field.name):

@@ -210,25 +210,69 @@ def _lock(run_dir: Path, *, wait: bool):
 
 
 def finished(run_dir: str | Path) -> bool:
-    """Whether the run's training finished: its parameters and their checksum were written."""
-    return (Path(run_dir) / PARAMS_CHECKSUM_FILE).is_file()
+    """Whether the run's training finished: its parameters and their checksum were written
+    (for the folder of a run of several seeds: its summary.json, written after every seed's)."""
+    run_dir = Path(run_dir)
+    if _holds_seeds(run_dir):
+        return (run_dir / SUMMARY_FILE).is_file()
+    return (run_dir / PARAMS_CHECKSUM_FILE).is_file()
+
+
+def _holds_seeds(run_dir: Path) -> bool:
+    """Whether `run_dir` is the folder of a run of several seeds (seeds.json, no config.json)."""
+    return (run_dir / SEEDS_FILE).is_file() and not (run_dir / CONFIG_FILE).is_file()
 
 
 def reopen(run_dir: str | Path) -> Claim:
     """Take back an interrupted run (it holds config.json, maybe a history and checkpoints)
     to continue it with its stored config. FmnistError when it is no run, when it finished
-    (see `finished`: check that first to say so kindly) or when another process trains in it."""
+    (see `finished`: check that first to say so kindly) or when another process trains in it.
+
+    The folder of a run of several seeds is taken back whole, while its summary.json is
+    missing: every seed's folder, each of which must hold the config seeds.json gives that
+    seed. One a kill left finished (before summary.json was written) is taken back too: its
+    params/ are redone from its checkpoints."""
     run_dir = Path(run_dir)
+    if _holds_seeds(run_dir):
+        return _reopen_seeds(run_dir)
     cfg = load_config(run_dir)
     if finished(run_dir):
         raise FmnistError(f"{run_dir} has finished training: nothing to resume")
+    lock = _lock_to_resume(run_dir)
+    # Whatever a kill during the final save left of params/ is redone from the checkpoints.
+    _remove_params(run_dir.absolute())
+    return Claim(path=run_dir, config=cfg, made_folder=False, resumed=True, lock=lock)
+
+
+def _reopen_seeds(run_dir: Path) -> Claim:
+    cfg = stored_config(run_dir)
+    if finished(run_dir):
+        raise FmnistError(f"{run_dir} has finished training: nothing to resume")
+    members: list[Claim] = []
+    try:
+        for member_cfg in cfg.members():
+            path = member_dir(run_dir, member_cfg.seed)
+            if load_config(path) != member_cfg:
+                raise FmnistError(f"{path / CONFIG_FILE} is not the config {run_dir / SEEDS_FILE} "
+                                  f"gives seed {member_cfg.seed}: restore it from the run")
+            members.append(Claim(path=path, config=member_cfg, made_folder=False, resumed=True,
+                                 lock=_lock_to_resume(path)))
+    except BaseException:
+        for member in members:
+            member.lock.close()
+        raise
+    for member in members:  # finished or not (a kill before summary.json): redone
+        _remove_params(member.path.absolute())
+    return Claim(path=run_dir, config=cfg, made_folder=False, resumed=True,
+                 members=tuple(members))
+
+
+def _lock_to_resume(run_dir: Path):
     lock = _lock(run_dir, wait=False)
     if lock is None:
         raise FmnistError(f"{run_dir} is being trained by another process: wait for it, or "
                           f"stop it first")
-    # Whatever a kill during the final save left of params/ is redone from the checkpoints.
-    _remove_params(run_dir.absolute())
-    return Claim(path=run_dir, config=cfg, made_folder=False, resumed=True, lock=lock)
+    return lock
 
 
 def _already_a_run(run_dir: Path) -> FmnistError:
@@ -286,18 +330,33 @@ def _read_json(path: Path) -> Any:
 
 
 def load_config(run_dir: str | Path) -> TrainConfig:
+    """The config of one model's run folder (for the folder of several seeds, the error
+    names one of its seeds' folders)."""
     path = Path(run_dir) / CONFIG_FILE
-    if not path.is_file() and (Path(run_dir) / SEEDS_FILE).is_file():
-        first = member_dir(run_dir, _read_json(Path(run_dir) / SEEDS_FILE)["config"]["seed"])
+    if _holds_seeds(Path(run_dir)):
+        first = member_dir(run_dir, stored_config(run_dir).seed)
         raise FmnistError(f"{run_dir} holds the runs of several seeds, one folder each: pass "
-                          f"one of them, e.g. {first} (--resume continues one seed's run at a "
-                          f"time)")
+                          f"one of them, e.g. {first}")
     if not path.is_file():
         raise FmnistError(f"{run_dir} is not a run folder (no {CONFIG_FILE}): pass the folder "
                           f"that scripts/train.py wrote")
+    return _config_from(path, _read_json(path), "not a JSON object")
+
+
+def stored_config(run_dir: str | Path) -> TrainConfig:
+    """The config a run folder was started with: config.json's, or for the folder of a run
+    of several seeds the one in seeds.json (with `seeds`)."""
+    path = Path(run_dir) / SEEDS_FILE
+    if not _holds_seeds(Path(run_dir)):
+        return load_config(run_dir)
     fields = _read_json(path)
+    return _config_from(path, fields.get("config") if isinstance(fields, dict) else None,
+                        "no config object")
+
+
+def _config_from(path: Path, fields: Any, malformed: str) -> TrainConfig:
     if not isinstance(fields, dict):
-        raise FmnistError(f"{path} is malformed (not a JSON object): restore it from the run")
+        raise FmnistError(f"{path} is malformed ({malformed}): restore it from the run")
     try:
         return TrainConfig.from_dict(fields)
     except FmnistError as e:  # name the file: the user did not type these values

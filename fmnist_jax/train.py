@@ -170,6 +170,10 @@ class _OneModel:
     def member_states(self, state):
         return [state]
 
+    def with_member_states(self, state, member_states):
+        """`state` with each member's replaced by `member_states` (restored checkpoints)."""
+        return member_states[0]
+
 
 class _SeedModels(_OneModel):
     """`CompiledSeedEpochs` as the host loop sees it: M members, one state with a leading
@@ -202,6 +206,9 @@ class _SeedModels(_OneModel):
         return [jax.tree_util.tree_map(lambda leaf, m=m: leaf[m], host)
                 for m in range(len(host.step))]
 
+    def with_member_states(self, state_M, member_states):
+        return jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *member_states)
+
 
 def _member_rates(sums) -> list[tuple[float, float] | None]:
     """[(mean loss, accuracy)] per member from sums of shape (M,), read in one transfer and
@@ -215,46 +222,66 @@ def _member_rates(sums) -> list[tuple[float, float] | None]:
 def _epochs(cfg, run, state, program, lr_fn, checkpoints, n_test, log_fn, progress, started):
     """The host loop, for one run or for the M members of a run of several seeds: each epoch
     trains every member still active in one call, then does each one's bookkeeping (history,
-    best epoch, checkpoint, early stop) in its own run folder."""
+    best epoch, checkpoint, early stop) in its own run folder. A resumed run goes on from
+    each member's latest checkpoint."""
     members = run.members or (run,)
     many = len(members) > 1
     seeds = [member.config.seed for member in members]
     has_val = "val" in program.eval_sets
-    start = 0
-    if run.resumed and checkpoints[0] is not None and checkpoints[0].latest_epoch():
-        start = checkpoints[0].latest_epoch()  # only one run is ever resumed (see cli)
-        state = checkpoints[0].restore(start, state)
+    # Each member goes on from its own latest checkpoint: a kill during an epoch's saves can
+    # leave the seeds of one run a checkpoint apart.
+    starts = [(c.latest_epoch() or 0) if run.resumed and c is not None else 0
+              for c in checkpoints]
+    if any(starts):
+        member_states = program.member_states(state)
+        state = program.with_member_states(state, [
+            checkpoints[m].restore(start, member_states[m]) if start else member_states[m]
+            for m, start in enumerate(starts)])
     with contextlib.ExitStack() as open_logs:
         # Opening the log on resume cuts the history back to the checkpoint's epoch.
         epoch_logs = [open_logs.enter_context(runs.EpochLog(
-            member.path, resume_after=start if run.resumed else None)) for member in members]
-        histories = [runs.load_history(member.path) if start else [] for member in members]
+            member.path, resume_after=start if run.resumed else None))
+            for member, start in zip(members, starts)]
+        histories = [runs.load_history(member.path) if start else []
+                     for member, start in zip(members, starts)]
         bests = [_Best(history) for history in histories]
-        if has_val and bests[0].epoch:  # resumed: the best epoch's variables, from its checkpoint
-            bests[0].variables = _variables(state if bests[0].epoch == start else
-                                            checkpoints[0].restore(bests[0].epoch, state))
-        if start:
-            log_fn(f"resumed {run.path} after epoch {start}")
+        if has_val and any(best.epoch for best in bests):
+            # resumed: the best epoch's variables, from its checkpoint
+            member_states = program.member_states(state)
+            for m, best in enumerate(bests):
+                if best.epoch:
+                    best.variables = _variables(
+                        member_states[m] if best.epoch == starts[m] else
+                        checkpoints[m].restore(best.epoch, member_states[m]))
+        if any(starts):
+            log_fn(f"resumed {run.path} after epoch {starts[0]}" if not many else
+                   f"resumed {run.path}: " + ", ".join(
+                       f"seed {seed} after epoch {start}" for seed, start in zip(seeds, starts)))
 
         def stop_now(best: _Best, epoch: int) -> bool:
             return bool(cfg.patience) and epoch - best.epoch >= cfg.patience
 
-        epoch = start
-        active = [not (start and stop_now(best, epoch)) for best in bests]
-        trained_until = [start] * len(members)
+        # A member is active until it stops early or has trained every epoch. Each epoch of
+        # the loop trains the active members furthest behind: after a resume from
+        # checkpoints a seed apart, the ones behind catch up before all go on together.
+        active = [start < cfg.epochs and not (start and stop_now(best, start))
+                  for best, start in zip(bests, starts)]
+        trained_until = list(starts)
         startup_s = None if started is None else time.perf_counter() - started
         for epoch_log in epoch_logs:
             epoch_log.compile_seconds(program.compiled.compile_seconds, startup_seconds=startup_s)
         if startup_s is not None:
             log_fn(f"first epoch starts {startup_s:.2f} s after the command started")
-        bar = tqdm(total=cfg.epochs, initial=start, desc="epochs", unit="epoch",
+        first = min((start for start, go in zip(starts, active) if go), default=cfg.epochs)
+        bar = tqdm(total=cfg.epochs, initial=first, desc="epochs", unit="epoch",
                    disable=not progress, file=sys.stderr, leave=False)
-        while epoch < cfg.epochs and any(active):
+        while any(active):
             interrupts.raise_if_pending()
-            epoch += 1
-            trained = [m for m in range(len(members)) if active[m]]
+            epoch = 1 + min(trained_until[m] for m in range(len(members)) if active[m])
+            now = [active[m] and trained_until[m] == epoch - 1 for m in range(len(members))]
+            trained = [m for m in range(len(members)) if now[m]]
             learning_rates = program.learning_rates(state, lr_fn)  # this epoch's first step's
-            state, train_rates, train_s = program.train(state, seeds, epoch, active)
+            state, train_rates, train_s = program.train(state, seeds, epoch, now)
             rows = {}
             for m in trained:
                 train_loss, train_acc = train_rates[m]
@@ -266,13 +293,13 @@ def _epochs(cfg, run, state, program, lr_fn, checkpoints, n_test, log_fn, progre
                            "train_loss": train_loss, "train_accuracy": train_acc}
             t0 = time.perf_counter()
             for name in program.eval_sets:
-                for m, member_rates in enumerate(program.evaluate(state, name, active)):
+                for m, member_rates in enumerate(program.evaluate(state, name, now)):
                     if m in rows:
                         rows[m][f"{name}_loss"], rows[m][f"{name}_accuracy"] = member_rates
             eval_s = time.perf_counter() - t0
             if state.plateau is not None:
                 state = program.plateau(state, [rows[m]["val_loss"] if m in rows else 0.0
-                                                for m in range(len(members))], active)
+                                                for m in range(len(members))], now)
             member_states = None  # copied off the device when the first member needs it
             stop_lines = []
             for m, row in rows.items():
@@ -297,8 +324,9 @@ def _epochs(cfg, run, state, program, lr_fn, checkpoints, n_test, log_fn, progre
                     checkpoints[m].save(epoch, member_states[m],
                                         row["val_accuracy"] if improved else None)
                     epoch_logs[m].checkpoint_seconds(epoch, time.perf_counter() - t0)
-                if stopping:
+                if stopping or epoch == cfg.epochs:
                     active[m] = False
+                if stopping:
                     stop_lines.append(
                         f"{f'seed {seeds[m]}: ' if many else ''}early stop: validation "
                         f"accuracy has not risen for {cfg.patience} epochs (best "
@@ -461,6 +489,9 @@ def _set_up_seeds(cfg: TrainConfig, run: runs.Claim, train: data.Split, test: da
     n_train, n_val = len(splits[0][0]), 0 if splits[0][1] is None else len(splits[0][1])
     _check_one_batch_fits(cfg, len(train), n_train, n_val)
     _log_device_and_config(cfg, log_fn)
+    if run.resumed:  # the epochs left need the images the run started with
+        for member in run.members:
+            runs.check_data(member.path, train, test)
     runs.save_data_fingerprints([member.path for member in run.members], train, test)
     norms = [data.normalization_for(cfg.normalization, train.images_NxHxWx1[train_idx])
              for train_idx, _ in splits]

@@ -1,6 +1,7 @@
 """--seeds: M models under jax.vmap, each equal to the single run of its seed."""
 
 import json
+import shutil
 
 import chex
 import jax
@@ -165,6 +166,47 @@ def test_members_equal_single_runs_and_stop_early_on_their_own(tmp_path):
     train_quietly(cfg.members()[1], runs.reopen(member_dir), _splits())
     jax.tree_util.tree_map(np.testing.assert_array_equal,
                            runs.load_variables(member_dir, cfg.members()[1]), kept)
+    _check_the_folder_resumes_whole(tmp_path, cfg, state_M, epochs_M)
+
+
+def _check_the_folder_resumes_whole(tmp_path, cfg, state_M, epochs_M):
+    """The whole folder resumed, as a kill during the last epoch's saves leaves it: seed 4
+    without its last checkpoint (so behind the others), seed 5 with all (finished, but no
+    summary yet), seed 6 with none (from the start). It ends as the uninterrupted run: the
+    same history and best.json bytes, parameters and summary, and final states."""
+    source, target = tmp_path / "seeds", tmp_path / "resumed"
+    shutil.copytree(source, target)
+    (target / runs.SUMMARY_FILE).unlink()
+    starts = []
+    for m, member in enumerate(cfg.members()):
+        member_dir = runs.member_dir(target, member.seed)
+        for name in (runs.PARAMS_CHECKSUM_FILE, runs.BEST_FILE):
+            (member_dir / name).unlink()
+        shutil.rmtree(member_dir / runs.PARAMS_DIR)
+        kept = sorted(int(folder.name) for folder in (member_dir / runs.CHECKPOINTS_DIR).iterdir())
+        keep = {0: kept[:-1], 1: kept, 2: []}[m]
+        for epoch in set(kept) - set(keep):
+            shutil.rmtree(member_dir / runs.CHECKPOINTS_DIR / str(epoch))
+        starts.append(max(keep, default=0))
+    assert len(set(starts)) == 3, starts  # three different places to go on from
+    run = runs.reopen(target)
+    assert run.resumed and [member.path.name for member in run.members] == [
+        "seed-4", "seed-5", "seed-6"]
+    resumed_M, histories = train_quietly(run.config, run, _splits())
+    assert [len(history) for history in histories] == epochs_M
+    for member in cfg.members():
+        a, b = (runs.member_dir(folder, member.seed) for folder in (source, target))
+        for name in (runs.HISTORY_FILE, runs.BEST_FILE):
+            assert (a / name).read_bytes() == (b / name).read_bytes(), (member.seed, name)
+        jax.tree_util.tree_map(np.testing.assert_array_equal, runs.load_variables(a, member),
+                               runs.load_variables(b, member))
+    assert runs.load_summary(target) == runs.load_summary(source)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, resumed_M.params, state_M.params)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, resumed_M.opt_state,
+                           state_M.opt_state)
+    assert runs.finished(target)
+    with pytest.raises(FmnistError, match="has finished training"):
+        runs.reopen(target)
 
 
 @pytest.mark.slow
@@ -228,14 +270,40 @@ def seeds_folder(tmp_path):
 @pytest.mark.parametrize("script,args,message", [
     ("train.py", ["--seeds", "0"], "error: seeds must be at least 1, got 0"),
     ("train.py", ["--seeds", "2", "--resume", "{run}/seed-0"],
-     "error: --seeds cannot be given with --resume"),
-    ("train.py", ["--resume", "{run}"], "holds the runs of several seeds, one folder each"),
+     "error: --seeds 2 contradicts the run's config (1)"),
+    ("train.py", ["--seeds", "3", "--resume", "{run}"],
+     "error: --seeds 3 contradicts the run's config (2)"),
     ("evaluate.py", ["{run}"], "holds the runs of several seeds, one folder each"),
     ("bench.py", ["--seeds", "2"], "unrecognized arguments: --seeds"),
 ])
 def test_bad_seeds_input_is_one_line(seeds_folder, script, args, message):
     result = run_script(script, *[arg.format(run=seeds_folder) for arg in args])
     assert message in one_error_line(result)
+
+
+def test_a_seeds_folder_is_reopened_whole_or_not_at_all(seeds_folder):
+    """Every seed's folder is taken back (each locked), none when one is being trained or
+    holds another config; with summary.json the run has finished."""
+    run = runs.reopen(seeds_folder)
+    assert run.resumed and run.config.seeds == 2
+    assert [member.config for member in run.members] == get_config(seeds=2).members()
+    with pytest.raises(FmnistError, match="seed-0 is being trained by another process"):
+        runs.reopen(seeds_folder)
+    run.members[0].lock.close()
+    with pytest.raises(FmnistError, match="seed-1 is being trained by another process"):
+        runs.reopen(seeds_folder)  # seed-0's lock, taken on the way, is given back
+    run.members[1].lock.close()
+    for member in runs.reopen(seeds_folder).members:
+        member.lock.close()
+    member_config = runs.member_dir(seeds_folder, 1) / runs.CONFIG_FILE
+    member_config.write_text(get_config(seed=5).to_json())
+    with pytest.raises(FmnistError, match="seed-1/config.json is not the config .*seeds.json "
+                                          "gives seed 1"):
+        runs.reopen(seeds_folder)
+    (seeds_folder / runs.SUMMARY_FILE).write_text("{}")
+    assert runs.finished(seeds_folder)
+    with pytest.raises(FmnistError, match="has finished training"):
+        runs.reopen(seeds_folder)
 
 
 @pytest.mark.slow
@@ -255,11 +323,28 @@ def test_train_script_prints_the_seed_table_and_reports_each_seed(tmp_path):
     assert [row["seed"] for row in summary["seeds"]] == [4, 5, 6]
     lines = result.stdout.splitlines()
     assert "seed  epochs  kept epoch  val acc  test acc" in lines
+    assert "early stop" not in result.stdout  # no --patience
     assert any(line.startswith(f"test accuracy over 3 seeds: mean {summary['mean']:.4f}, std ")
                and "95% CI" in line for line in lines)
     for seed in (4, 5, 6):  # each seed's folder is a complete run, with its report
         member_dir = runs.member_dir(tmp_path / "run", seed)
         assert runs.finished(member_dir) and (member_dir / runs.REPORT_JSON_FILE).is_file()
+    # Killed before summary.json, seed 6 without its checkpoints: --resume of the folder
+    # retrains seed 6 alone and writes the same summary.
+    (tmp_path / "run" / runs.SUMMARY_FILE).unlink()
+    shutil.rmtree(runs.member_dir(tmp_path / "run", 6) / runs.CHECKPOINTS_DIR)
+    resumed = run_script("train.py", "--resume", tmp_path / "run", "--seeds", "3",
+                         "--no-progress", "--no-report", "--train-csv", tmp_path / "train.csv",
+                         "--test-csv", tmp_path / "test.csv", "--compile-cache", "none",
+                         timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (f"resumed {tmp_path / 'run'}: seed 4 after epoch 2, seed 5 after epoch 2, seed 6 "
+            f"after epoch 0") in resumed.stdout
+    assert "epoch   1  mean of 1 seeds" in resumed.stdout
+    assert "early stop" not in resumed.stdout
+    assert runs.load_summary(tmp_path / "run") == summary
+    again = run_script("train.py", "--resume", tmp_path / "run")
+    assert again.returncode == 0 and "already finished training" in again.stdout
 
 
 def test_seed_members_stacks_each_seeds_own_split_and_initial_state():
