@@ -9,7 +9,7 @@ from fmnist_jax.augment import NONE, Augment, affine, augment_batch
 from fmnist_jax.data import HALF
 from fmnist_jax.models import get_model
 from fmnist_jax.steps import StepOptions, create_train_state, train_epoch, train_step
-from tests.helpers import STEP_BATCH, make_split
+from tests.helpers import STEP_BATCH, jitted_train_step, make_split
 
 NOTEBOOK = Augment(rotation_degrees=10, flip_prob=0.1, translate_fraction=0.1)
 EVERYTHING = Augment(rotation_degrees=30, flip_prob=0.5, translate_fraction=0.2, crop_padding=4,
@@ -84,10 +84,10 @@ def test_augmented_training_runs_in_the_epoch_scan_and_changes_the_step():
 
     tx = optax.adam(1e-3)
     state = create_train_state(get_model("lenet5"), tx, jax.random.key(0))
-    b = STEP_BATCH  # the eager steps of test_steps: same shapes, same compiled ops
-    plain, _ = train_step(state, images[:b], labels[:b], jax.random.key(1), HALF)
-    augmented, _ = train_step(state, images[:b], labels[:b], jax.random.key(1), HALF,
-                              StepOptions(augment=NOTEBOOK))
+    b = STEP_BATCH
+    plain, _ = jitted_train_step(state, images[:b], labels[:b], jax.random.key(1), HALF)
+    augmented, _ = jitted_train_step(state, images[:b], labels[:b], jax.random.key(1), HALF,
+                                     StepOptions(augment=NOTEBOOK))
     assert not np.allclose(plain.params["fc3"]["kernel"], augmented.params["fc3"]["kernel"])
     state, sums = train_epoch(state, images, labels, jax.random.key(2), batch_size=32, norm=HALF,
                               options=StepOptions(augment=EVERYTHING))

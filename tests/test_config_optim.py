@@ -211,16 +211,15 @@ def test_plateau_matches_torchs_reduce_lr_on_plateau(patience):
 def test_the_plateau_scale_multiplies_every_update():
     from fmnist_jax.data import HALF
     from fmnist_jax.optim import make_plateau
-    from fmnist_jax.steps import create_train_state, train_step
-    from tests.helpers import step_batch
+    from fmnist_jax.steps import create_train_state
+    from tests.helpers import jitted_train_step, step_batch
 
-    # The unit tests' batch shape: this eager step reuses the ops test_steps compiled.
     images, labels = step_batch()
     cfg = get_config(decay="plateau")
     full = create_train_state(get_model("lenet5"), make_optimizer(cfg, 10),
                               jax.random.key(0), plateau_tx=make_plateau(cfg))
     half = full.replace(plateau=full.plateau._replace(scale=jnp.float32(0.5)))
-    moved = [jax.tree_util.tree_map(lambda a, b: b - a, s.params, train_step(
+    moved = [jax.tree_util.tree_map(lambda a, b: b - a, s.params, jitted_train_step(
         s, images, labels, jax.random.key(1), HALF)[0].params)
         for s in (full, half)]
     # (moved weights differ by float rounding of params ~1: atol 1e-7 against steps ~5e-4)

@@ -10,7 +10,7 @@ from fmnist_jax.models import get_model
 from fmnist_jax.steps import (StepOptions, create_train_state, eval_step_jit, evaluate,
                               normalize, predict_logits, train_epoch, train_step,
                               train_step_jit)
-from tests.helpers import SHARED_ADAM, STEP_BATCH, make_split
+from tests.helpers import SHARED_ADAM, STEP_BATCH, jitted_train_step, make_split
 from tests.helpers import step_batch as _batch
 
 # One tx object (see helpers.SHARED_ADAM): every LeNet-5 test below that jits a step or an
@@ -31,13 +31,20 @@ def test_train_step_is_pure_and_jit_agrees():
     images, labels = _batch()
     key = jax.random.key(3)
     state = _state()
-    s1, m1 = train_step(state, images, labels, key, HALF)
-    s2, m2 = train_step(state, images, labels, key, HALF)
+    s1, m1 = jitted_train_step(state, images, labels, key, HALF)
+    s2, m2 = jitted_train_step(state, images, labels, key, HALF)
     chex.assert_trees_all_equal((s1.params, s1.opt_state, m1), (s2.params, s2.opt_state, m2))
+    chex.assert_trees_all_equal(state.params, _state().params)  # its input untouched
     # The package's jitted step (it donates the state: a fresh one) on the same shapes as
     # test_loss_falls_when_overfitting_one_batch's, so the two share its compilation.
     s3, m3 = train_step_jit(_state(), images, labels, key, HALF)
-    chex.assert_trees_all_close((s1.params, m1), (s3.params, m3), rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_equal((s1.params, m1), (s3.params, m3))
+    # Eagerly (op by op), on a small user module: eager LeNet-5 costs seconds of op compiles.
+    small = create_train_state(PlainClassifier(), _ADAM, jax.random.key(0))
+    eager, eager_sums = train_step(small, images, labels, key, HALF)
+    jitted, jitted_sums = jitted_train_step(small, images, labels, key, HALF)
+    chex.assert_trees_all_close((eager.params, eager_sums), (jitted.params, jitted_sums),
+                                rtol=1e-5, atol=1e-6)
     assert int(s1.step) == 1
 
 
@@ -121,13 +128,13 @@ def test_batchnorm_statistics_move_in_training_and_not_in_evaluation():
     images, labels = _batch()
     state = _mlp_state()
     before = state.batch_stats
-    trained, _ = train_step(state, images, labels, jax.random.key(1), HALF)
+    trained, _ = jitted_train_step(state, images, labels, jax.random.key(1), HALF)
     moved = jax.tree_util.tree_map(lambda a, b: float(jnp.abs(a - b).max()), before,
                                    trained.batch_stats)
     assert min(jax.tree_util.tree_leaves(moved)) > 0  # every mean and var moved
     evaluate(trained, images, labels, batch_size=16, norm=HALF)  # two batches
     predict_logits(trained, images, batch_size=32, norm=HALF)  # compiled for the next test too
-    chex.assert_trees_all_equal(trained.batch_stats, train_step(
+    chex.assert_trees_all_equal(trained.batch_stats, jitted_train_step(
         state, images, labels, jax.random.key(1), HALF)[0].batch_stats)  # pure: no side effect
 
 
@@ -142,9 +149,9 @@ def test_evaluation_uses_the_running_statistics_not_the_batch():
 def test_dropout_differs_between_keys_and_is_off_in_evaluation():
     images, labels = _batch()
     state = _mlp_state()
-    a, _ = train_step(state, images, labels, jax.random.key(1), HALF)
-    b, _ = train_step(state, images, labels, jax.random.key(2), HALF)
-    c, _ = train_step(state, images, labels, jax.random.key(1), HALF)
+    a, _ = jitted_train_step(state, images, labels, jax.random.key(1), HALF)
+    b, _ = jitted_train_step(state, images, labels, jax.random.key(2), HALF)
+    c, _ = jitted_train_step(state, images, labels, jax.random.key(1), HALF)
     assert not np.allclose(a.params["fc1"]["kernel"], b.params["fc1"]["kernel"])
     chex.assert_trees_all_equal(a.params, c.params)
     x = normalize(images, HALF)
@@ -183,8 +190,8 @@ def test_a_users_plain_module_trains_through_the_steps():
 def test_label_smoothing_is_optax_smooth_labels():
     images, labels = _batch()
     state = _state()
-    _, sums = train_step(state, images, labels, jax.random.key(0), HALF,
-                         StepOptions(label_smoothing=0.1))
+    _, sums = jitted_train_step(state, images, labels, jax.random.key(0), HALF,
+                                StepOptions(label_smoothing=0.1))
     logits = predict_logits(state, images, batch_size=STEP_BATCH, norm=HALF)
     targets = optax.smooth_labels(jax.nn.one_hot(labels, 10), 0.1)
     expected = optax.softmax_cross_entropy(logits, targets).sum()
