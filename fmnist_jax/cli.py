@@ -357,7 +357,8 @@ def evaluate_parser() -> Parser:
                     description="Evaluate a run folder: classification report, confidence "
                                 "intervals, calibration before and after temperature scaling, "
                                 "PNGs.")
-    parser.add_argument("run_dir", help="a folder written by scripts/train.py")
+    parser.add_argument("run_dir", help="a folder written by scripts/train.py (the folder of a "
+                                        "--seeds run: every seed's run is evaluated)")
     parser.add_argument("--resamples", type=int, default=1000,
                         help="bootstrap resamples for the 95%% intervals (default 1000)")
     _add_compile_cache_flag(parser)
@@ -371,11 +372,15 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     if args.resamples < 1:
         raise FmnistError(f"--resamples must be at least 1, got {args.resamples}")
     use_compile_cache(args.compile_cache)
+    from fmnist_jax import runs
     from fmnist_jax.report import evaluate_run, load_run
 
-    run = load_run(args.run_dir)  # a damaged or foreign folder fails before the data loads
+    # The folder of a run of several seeds: every seed's run, one report each.
+    run_dirs = runs.seed_run_dirs(args.run_dir) or [Path(args.run_dir)]
+    loaded = [load_run(run_dir) for run_dir in run_dirs]  # damaged ones fail before the data
     train, test = _load_data(args)
-    evaluate_run(args.run_dir, train=train, test=test, n_resamples=args.resamples, run=run)
+    for run_dir, run in zip(run_dirs, loaded):
+        evaluate_run(run_dir, train=train, test=test, n_resamples=args.resamples, run=run)
     return 0
 
 

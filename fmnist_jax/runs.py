@@ -218,6 +218,15 @@ def finished(run_dir: str | Path) -> bool:
     return (run_dir / PARAMS_CHECKSUM_FILE).is_file()
 
 
+def seed_run_dirs(run_dir: str | Path) -> list[Path] | None:
+    """Each seed's run folder, in seed order, when `run_dir` is the folder of a run of
+    several seeds; None for any other folder."""
+    run_dir = Path(run_dir)
+    if not _holds_seeds(run_dir):
+        return None
+    return [member_dir(run_dir, member.seed) for member in stored_config(run_dir).members()]
+
+
 def _holds_seeds(run_dir: Path) -> bool:
     """Whether `run_dir` is the folder of a run of several seeds (seeds.json, no config.json)."""
     return (run_dir / SEEDS_FILE).is_file() and not (run_dir / CONFIG_FILE).is_file()

@@ -273,7 +273,8 @@ def seeds_folder(tmp_path):
      "error: --seeds 2 contradicts the run's config (1)"),
     ("train.py", ["--seeds", "3", "--resume", "{run}"],
      "error: --seeds 3 contradicts the run's config (2)"),
-    ("evaluate.py", ["{run}"], "holds the runs of several seeds, one folder each"),
+    ("evaluate.py", ["{run}"], "seed-0 has no normalization.json: the training did not finish"),
+    ("predict.py", ["{run}", "x.png"], "holds the runs of several seeds, one folder each"),
     ("bench.py", ["--seeds", "2"], "unrecognized arguments: --seeds"),
 ])
 def test_bad_seeds_input_is_one_line(seeds_folder, script, args, message):
@@ -345,6 +346,15 @@ def test_train_script_prints_the_seed_table_and_reports_each_seed(tmp_path):
     assert runs.load_summary(tmp_path / "run") == summary
     again = run_script("train.py", "--resume", tmp_path / "run")
     assert again.returncode == 0 and "already finished training" in again.stdout
+    # evaluate.py on the folder: a report for every seed.
+    for seed in (4, 5, 6):
+        (runs.member_dir(tmp_path / "run", seed) / runs.REPORT_JSON_FILE).unlink()
+    evaluated = run_script("evaluate.py", tmp_path / "run", "--train-csv", tmp_path / "train.csv",
+                           "--test-csv", tmp_path / "test.csv", "--compile-cache", "none",
+                           timeout=600)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    for seed in (4, 5, 6):
+        assert (runs.member_dir(tmp_path / "run", seed) / runs.REPORT_JSON_FILE).is_file()
 
 
 def test_seed_members_stacks_each_seeds_own_split_and_initial_state():
