@@ -262,21 +262,20 @@ def train_main(argv: list[str] | None = None) -> int:
     args = train_parser().parse_args(argv)
     from fmnist_jax import parallel
 
-    several = parallel.distributed_settings(args.coordinator_address, args.num_processes,
-                                            args.process_id).num_processes > 1
-    if several and args.resume:
-        raise FmnistError("--resume with several processes is not supported: resume the run "
-                          "with one process (it gives the same numbers within float rounding)")
-    if several and not args.workdir:
+    settings = parallel.distributed_settings(args.coordinator_address, args.num_processes,
+                                             args.process_id)
+    several = settings.num_processes > 1
+    if several and not (args.workdir or args.resume):
         raise FmnistError("several processes need --workdir: the same run folder for all, on "
                           "a filesystem they share")
-    cfg = None if args.resume else config_from_args(args)  # bad flags fail before joining
-    use_compile_cache(args.compile_cache)
-    if args.resume:  # before the devices start: a run of several seeds gets one per core
-        run = _reopen(args)
-        if run is None:
+    if args.resume:  # its stored config, read before the devices start (a run of seeds
+        # gets a CPU device per core); None when it has finished
+        cfg = _resumed_config(args, speak=settings.process_id == 0)
+        if cfg is None:
             return 0
-        cfg = run.config
+    else:
+        cfg = config_from_args(args)  # bad flags fail before joining
+    use_compile_cache(args.compile_cache)
     start_devices(args, members=cfg.seeds)
     import jax
 
@@ -288,23 +287,21 @@ def train_main(argv: list[str] | None = None) -> int:
         # their errors, on stderr.
         sys.stdout = open(os.devnull, "w")
 
-    if args.resume:
-        parallel.check_batch_sizes(cfg.batch_size, cfg.eval_batch_size, jax.device_count(),
-                                   cfg.seeds)
-    else:
-        parallel.check_batch_sizes(cfg.batch_size, cfg.eval_batch_size, jax.device_count(),
-                                   cfg.seeds)
-        # Claim the run folder before the data loads: a bad or taken --workdir fails at once.
-        # (With several processes only process 0 claims it; the others learn its verdict.)
-        refused = None
-        try:
-            run = runs.claim(args.workdir or runs.default_workdir(args.preset or DEFAULT_PRESET,
-                                                                  cfg.seed, cfg.seeds), cfg)
-        except FmnistError as e:
-            refused = e
-        if not parallel.process_0_agrees(refused is None):
-            raise refused or FmnistError(f"process 0 refused the run folder {args.workdir}: "
-                                         f"see its error")
+    parallel.check_batch_sizes(cfg.batch_size, cfg.eval_batch_size, jax.device_count(),
+                               cfg.seeds)
+    # Claim the run folder (or take back the one --resume names) before the data loads: a
+    # bad or taken folder fails at once. With several processes only process 0 claims it
+    # (`runs.claim`, `runs.reopen`); the others learn its verdict.
+    refused = None
+    try:
+        run = runs.reopen(args.resume) if args.resume else runs.claim(
+            args.workdir or runs.default_workdir(args.preset or DEFAULT_PRESET, cfg.seed,
+                                                 cfg.seeds), cfg)
+    except FmnistError as e:
+        refused = e
+    if not parallel.process_0_agrees(refused is None):
+        raise refused or FmnistError(f"process 0 refused the run folder "
+                                     f"{args.resume or args.workdir}: see its error")
     try:
         train, test = _load_data(args)
     except BaseException:
@@ -324,9 +321,9 @@ def train_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _reopen(args: argparse.Namespace):
-    """The claim of the run --resume names, after checking the flags given with it agree with
-    its stored config; None (and one line) when that run has already finished."""
+def _resumed_config(args: argparse.Namespace, *, speak: bool = True) -> TrainConfig | None:
+    """The stored config of the run --resume names, after checking the flags given with it
+    agree with it; None (and, if `speak`, one line) when that run has already finished."""
     from fmnist_jax import runs
 
     if args.workdir:
@@ -343,9 +340,10 @@ def _reopen(args: argparse.Namespace):
                               f"config ({getattr(stored, field.name)}): a resumed run keeps its "
                               f"config; drop {flag}, or start a new run")
     if runs.finished(args.resume):
-        print(f"{args.resume} has already finished training: nothing to resume")
+        if speak:
+            print(f"{args.resume} has already finished training: nothing to resume")
         return None
-    return runs.reopen(args.resume)
+    return stored
 
 
 # ---------------------------------------------------------------------------------------

@@ -236,12 +236,19 @@ def reopen(run_dir: str | Path) -> Claim:
     """Take back an interrupted run (it holds config.json, maybe a history and checkpoints)
     to continue it with its stored config. FmnistError when it is no run, when it finished
     (see `finished`: check that first to say so kindly) or when another process trains in it.
+    With several processes, process 0 alone takes the folder back; the others get a claim of
+    the same shape that touches nothing.
 
     The folder of a run of several seeds is taken back whole, while its summary.json is
     missing: every seed's folder, each of which must hold the config seeds.json gives that
     seed. One a kill left finished (before summary.json was written) is taken back too: its
     params/ are redone from its checkpoints."""
     run_dir = Path(run_dir)
+    if not is_writer():  # the same shape of claim as process 0's, so it runs the same loop
+        cfg = stored_config(run_dir)
+        return Claim(path=run_dir, config=cfg, made_folder=False, resumed=True, members=tuple(
+            Claim(path=member_dir(run_dir, member.seed), config=member, made_folder=False,
+                  resumed=True) for member in (cfg.members() if cfg.seeds > 1 else ())))
     if _holds_seeds(run_dir):
         return _reopen_seeds(run_dir)
     cfg = load_config(run_dir)

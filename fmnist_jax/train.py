@@ -242,7 +242,8 @@ def _epochs(cfg, run, state, program, lr_fn, checkpoints, n_test, log_fn, progre
         epoch_logs = [open_logs.enter_context(runs.EpochLog(
             member.path, resume_after=start if run.resumed else None))
             for member, start in zip(members, starts)]
-        histories = [runs.load_history(member.path) if start else []
+        # Cut here too: with several processes, the others may read before process 0 cuts.
+        histories = [runs.load_history(member.path)[:start] if start else []
                      for member, start in zip(members, starts)]
         bests = [_Best(history) for history in histories]
         if has_val and any(best.epoch for best in bests):

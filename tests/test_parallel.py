@@ -5,9 +5,11 @@ subprocesses (`parallel.use_cpu_devices`, i.e. `jax_num_cpu_devices`); this proc
 """
 
 import dataclasses
+import fcntl
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -25,11 +27,12 @@ from tests.helpers import (REPO, make_split, one_error_line, run_script, tiny_co
 # all-reduce adds the partial sums): equal within this, not bit for bit.
 ATOL = 2e-5
 
-# Trains the shared tiny run (tests/helpers.py; as a run of $SEEDS seeds when set) into
-# argv[1], with argv[2] CPU devices in this process and, given argv[3:5] = (process count,
-# process id) and $COORDINATOR, several processes; then reports its devices. $LOCKSTEP set:
-# the seeds train in lockstep as on a GPU (groups by the greatest common divisor, the
-# batches split within each), not one after another as a CPU trains them.
+# Trains the shared tiny run (tests/helpers.py; as a run of $SEEDS seeds when set, for
+# $EPOCHS epochs when set) into argv[1], with argv[2] CPU devices in this process and, given
+# argv[3:5] = (process count, process id) and $COORDINATOR, several processes; then reports
+# its devices. $LOCKSTEP set: the seeds train in lockstep as on a GPU (groups by the greatest
+# common divisor, the batches split within each), not one after another as a CPU trains
+# them. $RESUME set: argv[1] is taken back (`runs.reopen`) and its run continued.
 _WORKER = """
 import dataclasses, json, os, sys
 from fmnist_jax import parallel
@@ -40,9 +43,12 @@ n, i = (int(sys.argv[3]), int(sys.argv[4])) if len(sys.argv) > 3 else (1, 0)
 parallel.initialize_distributed(parallel.distributed_settings(
     os.environ.get("COORDINATOR"), n, i))
 import jax
+from fmnist_jax import runs
 from tests.helpers import make_split, tiny_config, train_quietly
-cfg = dataclasses.replace(tiny_config(), seeds=int(os.environ.get("SEEDS", "1")))
-train_quietly(cfg, sys.argv[1], (make_split(512, seed=0), make_split(300, seed=1)))
+cfg = dataclasses.replace(tiny_config(), seeds=int(os.environ.get("SEEDS", "1")),
+                          epochs=int(os.environ.get("EPOCHS", tiny_config().epochs)))
+run = runs.reopen(sys.argv[1]) if os.environ.get("RESUME") else sys.argv[1]
+train_quietly(cfg, run, (make_split(512, seed=0), make_split(300, seed=1)))
 print(json.dumps({"devices": jax.device_count(), "local": jax.local_device_count(),
                   "processes": jax.process_count()}))
 """
@@ -305,6 +311,46 @@ def test_a_run_folder_process_0_refuses_stops_every_process_with_one_line(tmp_pa
     assert lines[1] == [f"error: process 0 refused the run folder {tiny_run[0]}: see its error"]
 
 
+def _two_train_py(*args, env=None, timeout=120):
+    """`scripts/train.py ARGS` as 2 processes of 2 CPU devices; [(returncode, stdout, our
+    stderr lines)] for each."""
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    workers = [subprocess.Popen(
+        [sys.executable, "scripts/train.py", "--cpu-devices", "2", "--num-processes", "2",
+         "--process-id", str(i), "--coordinator-address", f"127.0.0.1:{port}", *map(str, args)],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)]
+    try:
+        outputs = [w.communicate(timeout=timeout) for w in workers]
+    finally:
+        for w in workers:
+            w.kill()
+    return [(w.returncode, out, _ours(err)) for w, (out, err) in zip(workers, outputs)]
+
+
+@pytest.mark.slow
+def test_resume_with_two_processes_is_refused_or_skipped_on_every_process(tmp_path, tiny_run):
+    """Process 0 alone takes the folder back: when it cannot (another process trains in it),
+    both stop with one line each; a finished run is left as it is by both (exit 0, process 0
+    says so)."""
+    finished = _two_train_py("--resume", tiny_run[0])
+    assert [code for code, _, _ in finished] == [0, 0], finished
+    assert "has already finished training: nothing to resume" in finished[0][1]
+    assert finished[1][1] == "" and finished[1][2] == []
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run[0], run_dir)
+    (run_dir / runs.PARAMS_CHECKSUM_FILE).unlink()  # as if killed before the end
+    with open(run_dir / runs.CONFIG_FILE) as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # as a training of that folder holds it
+        refused = _two_train_py("--resume", run_dir,
+                                env={"FMNIST_DATA_DIR": str(tmp_path / "none")})
+    assert [code for code, _, _ in refused] == [1, 1], refused
+    assert refused[0][2] == [f"error: {run_dir} is being trained by another process: wait for "
+                             f"it, or stop it first"]
+    assert refused[1][2] == [f"error: process 0 refused the run folder {run_dir}: see its error"]
+
+
 # On 4 CPU devices: the tiny run's first epoch alone, then its folder made into that of the
 # 2-epoch tiny run killed after epoch 1 (config.json says 2 epochs; no final files), resumed.
 _RESUME = """
@@ -375,6 +421,42 @@ def test_seeds_over_two_processes_of_two_devices_train_as_on_one(tmp_path,
     assert _two_processes_of_two_devices(tmp_path, env) == [
         {"devices": 4, "local": 2, "processes": 2}] * 2
     _assert_same_seeds(tmp_path, two_seeds_on_one_device)
+
+
+def _as_if_killed_after_epoch_1(run_dir, seeds):
+    """The finished 1-epoch tiny run (of `seeds` seeds) in `run_dir` made into the folder of
+    the 2-epoch one killed after epoch 1: its configs say 2 epochs, its final files gone."""
+    cfg = dataclasses.replace(tiny_config(), seeds=seeds)
+    folders = [(run_dir, cfg)]
+    if seeds > 1:
+        stored = json.loads((run_dir / runs.SEEDS_FILE).read_text())
+        (run_dir / runs.SEEDS_FILE).write_text(json.dumps({**stored,
+                                                           "config": json.loads(cfg.to_json())}))
+        (run_dir / runs.SUMMARY_FILE).unlink()
+        folders = [(runs.member_dir(run_dir, m.seed), m) for m in cfg.members()]
+    for folder, folder_cfg in folders:
+        (folder / runs.CONFIG_FILE).write_text(folder_cfg.to_json() + "\n")
+        for name in (runs.PARAMS_CHECKSUM_FILE, runs.BEST_FILE):
+            (folder / name).unlink()
+        shutil.rmtree(folder / runs.PARAMS_DIR)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seeds", [1, 2])
+def test_two_processes_resume_the_run_they_started(tmp_path, request, seeds):
+    """2 processes of 2 devices train epoch 1, are killed (the folder made as a kill after
+    epoch 1 leaves it), and resume: process 0 takes the folder back, process 1 runs the same
+    loop, and the run ends as the uninterrupted one (one model: that of 4 devices; 2 seeds:
+    those of one device)."""
+    env = {"SEEDS": str(seeds)}
+    _two_processes_of_two_devices(tmp_path, {**env, "EPOCHS": "1"})
+    _as_if_killed_after_epoch_1(tmp_path, seeds)
+    _two_processes_of_two_devices(tmp_path, {**env, "RESUME": "1"})
+    if seeds == 1:
+        assert '{"resumed_after_epoch": 1}' in (tmp_path / runs.TIMING_FILE).read_text()
+        _assert_same_run(tmp_path, request.getfixturevalue("four_device_run"))
+    else:
+        _assert_same_seeds(tmp_path, request.getfixturevalue("two_seeds_on_one_device"))
 
 
 # LeNet-5 members (one stopped) trained one epoch and evaluated with CompiledSeedEpochs: on
