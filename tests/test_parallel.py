@@ -292,41 +292,43 @@ def test_train_py_with_two_processes_logs_and_writes_once(tmp_path, prepared_dat
 
 @pytest.mark.slow
 def test_a_run_folder_process_0_refuses_stops_every_process_with_one_line(tmp_path, tiny_run):
-    port = _free_port()
-    env = {**os.environ, "PYTHONPATH": str(REPO), "FMNIST_DATA_DIR": str(tmp_path / "none")}
-    workers = [subprocess.Popen(
-        [sys.executable, "scripts/train.py", "--cpu-devices", "2", "--num-processes", "2",
-         "--process-id", str(i), "--coordinator-address", f"127.0.0.1:{port}", "--workdir",
-         tiny_run[0]], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        text=True) for i in range(2)]
-    try:
-        errors = [w.communicate(timeout=120)[1] for w in workers]
-    finally:
-        for w in workers:
-            w.kill()
-    lines = [_ours(e) for e in errors]
-    assert [w.returncode for w in workers] == [1, 1], errors
-    assert lines[0] == [f"error: {tiny_run[0]} already holds a run: pass another --workdir or "
-                        f"delete it"]
-    assert lines[1] == [f"error: process 0 refused the run folder {tiny_run[0]}: see its error"]
+    results = _two_train_py(tmp_path / "logs", "--workdir", tiny_run[0],
+                            env={"FMNIST_DATA_DIR": str(tmp_path / "none")})
+    assert [code for code, _, _ in results] == [1, 1], results
+    assert results[0][2] == [f"error: {tiny_run[0]} already holds a run: pass another "
+                             f"--workdir or delete it"]
+    assert results[1][2] == [f"error: process 0 refused the run folder {tiny_run[0]}: see its "
+                             f"error"]
 
 
-def _two_train_py(*args, env=None, timeout=120):
+def _two_train_py(logs, *args, env=None, timeout=240):
     """`scripts/train.py ARGS` as 2 processes of 2 CPU devices; [(returncode, stdout, our
-    stderr lines)] for each."""
+    stderr lines)] for each. Their output goes to files in the folder `logs`, not pipes: a
+    process whose pipe nobody reads while the test waits for the other could block on a
+    full one (gloo and the coordination service may log much while the other exits), and
+    the other then waits for it to shut down."""
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    logs.mkdir(parents=True, exist_ok=True)
+    files = [(open(logs / f"out-{i}", "w+"), open(logs / f"err-{i}", "w+")) for i in range(2)]
     workers = [subprocess.Popen(
         [sys.executable, "scripts/train.py", "--cpu-devices", "2", "--num-processes", "2",
          "--process-id", str(i), "--coordinator-address", f"127.0.0.1:{port}", *map(str, args)],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for i in range(2)]
+        cwd=REPO, env=env, stdout=out, stderr=err, text=True) for i, (out, err) in enumerate(files)]
     try:
-        outputs = [w.communicate(timeout=timeout) for w in workers]
+        for w in workers:
+            w.wait(timeout=timeout)
     finally:
         for w in workers:
             w.kill()
-    return [(w.returncode, out, _ours(err)) for w, (out, err) in zip(workers, outputs)]
+    results = []
+    for w, (out, err) in zip(workers, files):
+        out.seek(0)
+        err.seek(0)
+        results.append((w.returncode, out.read(), _ours(err.read())))
+        out.close()
+        err.close()
+    return results
 
 
 @pytest.mark.slow
@@ -334,7 +336,7 @@ def test_resume_with_two_processes_is_refused_or_skipped_on_every_process(tmp_pa
     """Process 0 alone takes the folder back: when it cannot (another process trains in it),
     both stop with one line each; a finished run is left as it is by both (exit 0, process 0
     says so)."""
-    finished = _two_train_py("--resume", tiny_run[0])
+    finished = _two_train_py(tmp_path / "finished", "--resume", tiny_run[0])
     assert [code for code, _, _ in finished] == [0, 0], finished
     assert "has already finished training: nothing to resume" in finished[0][1]
     assert finished[1][1] == "" and finished[1][2] == []
@@ -343,7 +345,7 @@ def test_resume_with_two_processes_is_refused_or_skipped_on_every_process(tmp_pa
     (run_dir / runs.PARAMS_CHECKSUM_FILE).unlink()  # as if killed before the end
     with open(run_dir / runs.CONFIG_FILE) as held:
         fcntl.flock(held, fcntl.LOCK_EX)  # as a training of that folder holds it
-        refused = _two_train_py("--resume", run_dir,
+        refused = _two_train_py(tmp_path / "refused", "--resume", run_dir,
                                 env={"FMNIST_DATA_DIR": str(tmp_path / "none")})
     assert [code for code, _, _ in refused] == [1, 1], refused
     assert refused[0][2] == [f"error: {run_dir} is being trained by another process: wait for "
