@@ -267,24 +267,14 @@ def _ours(text: str) -> list[str]:
 def test_train_py_with_two_processes_logs_and_writes_once(tmp_path, prepared_data_dir):
     """The command line end to end: 2 processes of 2 CPU devices on the real data (a short
     epoch); process 0 alone logs, the run folder is finished and its parameters load."""
-    port = _free_port()
-    env = {**os.environ, "PYTHONPATH": str(REPO), "FMNIST_DATA_DIR": str(prepared_data_dir)}
-    workers = [subprocess.Popen(
-        [sys.executable, "scripts/train.py", "--epochs", "1", "--val-fraction", "0.9",
-         "--batch-size", "256", "--cpu-devices", "2", "--num-processes", "2", "--process-id",
-         str(i), "--coordinator-address", f"127.0.0.1:{port}", "--workdir", tmp_path / "run",
-         "--no-progress"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True) for i in range(2)]
-    try:
-        outputs = [w.communicate(timeout=400) for w in workers]
-    finally:
-        for w in workers:
-            w.kill()
-    assert [w.returncode for w in workers] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
-
-    assert "device: 4 x cpu (cpu), data parallel over 2 processes" in outputs[0][0]
-    assert "for the evaluation report, run: python scripts/evaluate.py" in outputs[0][0]
-    assert _ours(outputs[1][0]) == [] and _ours(outputs[1][1]) == []
+    results = _two_train_py(tmp_path / "logs", "--epochs", "1", "--val-fraction", "0.9",
+                            "--batch-size", "256", "--workdir", tmp_path / "run",
+                            "--no-progress", env={"FMNIST_DATA_DIR": str(prepared_data_dir)},
+                            timeout=400)
+    assert [code for code, _, _ in results] == [0, 0], results
+    assert "device: 4 x cpu (cpu), data parallel over 2 processes" in results[0][1]
+    assert "for the evaluation report, run: python scripts/evaluate.py" in results[0][1]
+    assert _ours(results[1][1]) == [] and results[1][2] == []
     assert runs.finished(tmp_path / "run")
     assert len(runs.load_history(tmp_path / "run")) == 1
     runs.load_variables(tmp_path / "run", runs.load_config(tmp_path / "run"))
