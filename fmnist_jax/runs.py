@@ -134,10 +134,8 @@ def claim(workdir: str | Path, cfg: TrainConfig) -> Claim:
     With `cfg.seeds` > 1 the file created exclusively is seeds.json, and then each seed's
     run folder `seed-S/` inside is claimed for its own config (`TrainConfig.members`)."""
     run_dir = Path(workdir)
-    if not is_writer():  # the same shape of claim as process 0's, so it runs the same loop
-        return Claim(path=run_dir, config=cfg, made_folder=False, members=tuple(
-            Claim(path=member_dir(run_dir, member.seed), config=member, made_folder=False)
-            for member in (cfg.members() if cfg.seeds > 1 else ())))
+    if not is_writer():
+        return _claim_of_another_process(run_dir, cfg)
     made_folder = _empty_folder(run_dir)
     if cfg.seeds > 1:
         members = cfg.members()
@@ -156,6 +154,14 @@ def claim(workdir: str | Path, cfg: TrainConfig) -> Claim:
     _create_exclusively(run_dir, CONFIG_FILE, cfg.to_json() + "\n")
     return Claim(path=run_dir, config=cfg, made_folder=made_folder,
                  lock=_lock(run_dir, wait=True))
+
+
+def _claim_of_another_process(run_dir: Path, cfg: TrainConfig, *, resumed: bool = False) -> Claim:
+    """What a process other than process 0 gets from `claim` and `reopen`: a claim of the
+    shape process 0's has (so it runs the same loop) that touches nothing."""
+    return Claim(path=run_dir, config=cfg, made_folder=False, resumed=resumed, members=tuple(
+        Claim(path=member_dir(run_dir, member.seed), config=member, made_folder=False,
+              resumed=resumed) for member in (cfg.members() if cfg.seeds > 1 else ())))
 
 
 def _empty_folder(run_dir: Path) -> bool:
@@ -244,11 +250,8 @@ def reopen(run_dir: str | Path) -> Claim:
     seed. One a kill left finished (before summary.json was written) is taken back too: its
     params/ are redone from its checkpoints."""
     run_dir = Path(run_dir)
-    if not is_writer():  # the same shape of claim as process 0's, so it runs the same loop
-        cfg = stored_config(run_dir)
-        return Claim(path=run_dir, config=cfg, made_folder=False, resumed=True, members=tuple(
-            Claim(path=member_dir(run_dir, member.seed), config=member, made_folder=False,
-                  resumed=True) for member in (cfg.members() if cfg.seeds > 1 else ())))
+    if not is_writer():
+        return _claim_of_another_process(run_dir, stored_config(run_dir), resumed=True)
     if _holds_seeds(run_dir):
         return _reopen_seeds(run_dir)
     cfg = load_config(run_dir)
