@@ -13,6 +13,18 @@ from tests.helpers import REPO, SHARED_MANUAL_DIR, make_split, tiny_config, trai
 # Catch (B,) vs (B, 1) slips: implicit rank promotion raises in every test.
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
+QUICK_COMPILE_FLAG = "--xla_backend_optimization_level=0"
+
+
+def pytest_configure(config):
+    """The fast set (`-m "not slow"`) compiles with LLVM's optimizations off. Its tests are
+    mostly XLA compiling small programs that then run for milliseconds, and this takes about
+    30% off the set's time (README). The whole suite, as CI runs it, keeps XLA's defaults,
+    so every test also runs as a user's programs compile. XLA reads the flags when the
+    backend starts, which no import here does; subprocesses inherit them."""
+    if "not slow" in (config.getoption("markexpr") or ""):
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {QUICK_COMPILE_FLAG}".strip()
+
 
 @pytest.fixture
 def tiny_splits():
