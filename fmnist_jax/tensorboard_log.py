@@ -16,6 +16,7 @@ the events then hold exactly the history's epochs, each once.
 
 from __future__ import annotations
 
+import functools
 import shutil
 import sys
 from pathlib import Path
@@ -26,8 +27,17 @@ METRICS = ("loss", "accuracy")
 LEARNING_RATE = "learning_rate"  # a history column and a tag (of the train folder)
 
 
+@functools.cache
+def _say_no_tensorboardx() -> None:
+    print("note: tensorboardX is not installed, so this run writes no TensorBoard events "
+          "(history.jsonl has every value): pip install tensorboardX", file=sys.stderr,
+          flush=True)
+
+
 def summary_writer_class():
-    """tensorboardX's SummaryWriter, imported without importing torch.
+    """tensorboardX's SummaryWriter, imported without importing torch; None when tensorboardX
+    is not installed (a GPU box given the project with --no-deps): the events are a view of
+    the history, so the run goes on without them and says so once.
 
     tensorboardX's writer module imports torch whenever it is installed (3.2-3.9 s on the
     2-core CPU machine, BENCHMARKS.md) only to accept torch tensors as values; we pass
@@ -38,6 +48,11 @@ def summary_writer_class():
         sys.modules["torch"] = None  # makes `import torch` raise ImportError
     try:
         from tensorboardX import SummaryWriter
+    except ImportError as e:
+        if e.name != "tensorboardX":
+            raise
+        _say_no_tensorboardx()
+        return None
     finally:
         if hide_torch:
             del sys.modules["torch"]
@@ -65,6 +80,8 @@ class TensorBoardLog:
 
     def epoch(self, row: dict[str, Any]) -> None:
         """One history row ({"epoch": N, "train_loss": ..., ...}) as events at step N."""
+        if self._writer_class is None:
+            return
         step = row["epoch"]
         for split in SPLITS:
             for metric in METRICS:

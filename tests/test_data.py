@@ -120,6 +120,95 @@ def test_a_damaged_prepared_folder_gets_one_line_saying_how_to_rebuild(damaged_c
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("raised", ["named", "renamed by tfds"])
+def test_a_missing_dependency_of_tfds_is_named_and_the_folder_kept(damaged_copy, manual_dir,
+                                                                  monkeypatch, tmp_path,
+                                                                  run_main, raised):
+    """A GPU box given tfds without all of its dependencies: tfds imports dm-tree only while
+    reading. That is not a damaged folder: one line names the module and its package, and
+    the folder is neither deleted nor rebuilt, even with a manual dir to rebuild it from."""
+    import tensorflow_datasets as tfds
+
+    data_dir, version_dir = damaged_copy
+    before = {p.name: p.stat().st_mtime_ns for p in version_dir.iterdir()}
+
+    def data_source_without_tree(*args, **kwargs):
+        missing = ModuleNotFoundError("No module named 'tree'", name="tree")
+        if raised == "named":
+            raise missing
+        # as tfds's builder re-raises it: a new ImportError, the module only in its text
+        raise ImportError(f'Failed to construct dataset "fashion_mnist": {missing}') from missing
+
+    monkeypatch.setattr(tfds, "data_source", data_source_without_tree)
+    result = run_main("train.py", "--data-dir", data_dir, "--manual-dir", manual_dir,
+                      "--workdir", tmp_path / "run", "--epochs", "1")
+    line = one_error_line(result)
+    assert line.startswith(f"error: cannot read the prepared dataset under {data_dir}: the "
+                           f"module 'tree' is missing: pip install dm-tree "), line
+    assert "damaged" not in result.stderr and "rebuilding" not in result.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in version_dir.iterdir()} == before
+    assert not (data_dir / data.ARRAYS_DIR).exists()
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_dependency_that_tfds_hides_at_import_is_named():
+    """tfds's __init__ logs a failed import of its core and goes on; the reader then names
+    the module in one line (no traceback from tfds's log). In a subprocess: this process has
+    imported tfds whole."""
+    code = ("import sys; sys.modules['toml'] = None\n"
+            "from fmnist_jax.data import tfds_source\n"
+            "try:\n"
+            "    tfds_source._tfds('read the prepared dataset under DIR')\n"
+            "except tfds_source.FmnistError as e:\n"
+            "    print(e)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=REPO, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout == ("cannot read the prepared dataset under DIR: the module 'toml' is "
+                             "missing: pip install toml (tensorflow-datasets needs it); offline, "
+                             "install the wheels README's Data section lists\n")
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+
+
+# TensorFlow as if not installed: every finder of imports passes over it, so `import
+# tensorflow` fails and importlib.util.find_spec (how etils, under tfds, asks) finds nothing.
+_WITHOUT_TENSORFLOW = """
+import sys
+
+class PassOverTensorFlow:
+    def __init__(self, finder):
+        self.finder = finder
+
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "tensorflow" or not hasattr(self.finder, "find_spec"):
+            return None
+        return self.finder.find_spec(name, path, target)
+
+sys.meta_path[:] = [PassOverTensorFlow(finder) for finder in sys.meta_path]
+from fmnist_jax import data
+
+data.load_fashion_mnist(data_dir=sys.argv[1])
+print("tensorflow imported:", sorted(m for m in sys.modules if m.split(".")[0] == "tensorflow"))
+"""
+
+
+@pytest.mark.slow
+def test_a_prepared_folder_is_read_without_tensorflow(prepared_data_dir, fashion_mnist,
+                                                      tmp_path):
+    """What a GPU box without TensorFlow does with a folder prepared elsewhere: decode it and
+    write the cache, with `import tensorflow` made to fail, in a fresh process."""
+    data_dir = tmp_path / "tfds"
+    shutil.copytree(prepared_data_dir / "fashion_mnist", data_dir / "fashion_mnist")
+    result = subprocess.run([sys.executable, "-c", _WITHOUT_TENSORFLOW, str(data_dir)],
+                            capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines()[-1] == "tensorflow imported: []"
+    train, test = data.load_fashion_mnist(data_dir=data_dir)  # the cache it wrote
+    for got, want in zip((train, test), fashion_mnist):
+        np.testing.assert_array_equal(got.images_NxHxWx1, want.images_NxHxWx1)
+        np.testing.assert_array_equal(got.labels_N, want.labels_N)
+
+
 @pytest.mark.slow
 def test_a_damaged_prepared_folder_is_rebuilt_from_the_manual_dir(damaged_copy, manual_dir,
                                                                   fashion_mnist, capfd):

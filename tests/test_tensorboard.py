@@ -66,3 +66,24 @@ def test_writing_events_imports_neither_tensorflow_nor_torch(tmp_path):
     assert json.loads(result.stdout) == []
     assert read_tensorboard_scalars(tmp_path) == {
         "train": {"loss": {1: 0.5}}}
+
+
+def test_without_tensorboardx_a_run_logs_its_history_and_says_so_once(tmp_path, monkeypatch,
+                                                                        capsys):
+    """A GPU box given the project with --no-deps may lack tensorboardX: the events are a
+    view of the history, so the run goes on without them. Two logs (as of two seeds), one
+    note."""
+    from fmnist_jax import tensorboard_log
+
+    monkeypatch.setitem(sys.modules, "tensorboardX", None)  # `import tensorboardX` fails
+    tensorboard_log._say_no_tensorboardx.cache_clear()
+    for seed_dir in (tmp_path / "seed-0", tmp_path / "seed-1"):
+        seed_dir.mkdir()
+        with runs.EpochLog(seed_dir) as log:
+            log.epoch(_row(1), {})
+            log.epoch(_row(2), {})
+        assert runs.load_history(seed_dir) == [_row(1), _row(2)]
+        assert not list((seed_dir / runs.TENSORBOARD_DIR).glob("**/events.out.tfevents.*"))
+    err = capsys.readouterr().err
+    assert err == ("note: tensorboardX is not installed, so this run writes no TensorBoard "
+                   "events (history.jsonl has every value): pip install tensorboardX\n")

@@ -69,14 +69,56 @@ def resolve_manual_dir(manual_dir: str | os.PathLike | None = None) -> Path | No
     return Path(chosen).expanduser() if chosen else None
 
 
-def _tfds(data_dir: Path):
+def _tfds(task: str):
+    """tensorflow_datasets, imported for `task` ("read the prepared dataset under DIR", ...),
+    or one FmnistError naming the module that is not installed."""
+    from absl import logging as absl_logging
+
+    verbosity = absl_logging.get_verbosity()
+    # tfds's __init__ logs a failed import of its core as a traceback and goes on (a GPU box
+    # that lacks one of its dependencies then meets "no attribute 'data_source'"): quiet
+    # here, and the second import raises the error, which names the module.
+    absl_logging.set_verbosity(absl_logging.FATAL)
     try:
         import tensorflow_datasets as tfds
-    except ImportError as e:  # a GPU box without tfds
-        raise FmnistError(
-            "tensorflow-datasets is not installed: install it (pip install tensorflow-datasets "
-            f"array_record) to read a prepared folder under {data_dir}") from e
+        import tensorflow_datasets.core  # noqa: F401
+        import array_record  # noqa: F401  (missing, tfds prints a banner about macOS first)
+    except ImportError as e:
+        raise _missing_module_error(e, task) from e
+    finally:
+        absl_logging.set_verbosity(verbosity)
     return tfds
+
+
+# pip's name for the modules of tfds's dependencies that are named otherwise
+_PACKAGE_OF_MODULE = {"tree": "dm-tree", "google": "protobuf", "absl": "absl-py",
+                      "tensorflow_metadata": "tensorflow-metadata"}
+
+
+def _missing_module(e: BaseException | None) -> str | None:
+    """The top-level module an ImportError could not find. tfds re-raises some as a new
+    ImportError without a name ("Failed to construct dataset ...") from the one with it."""
+    while e is not None:
+        if isinstance(e, ImportError) and e.name:
+            return e.name.split(".")[0]
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _missing_module_error(e: ImportError, task: str) -> FmnistError:
+    """A module that tfds needs for `task` is not installed (a GPU box without TensorFlow,
+    given only some of tfds's dependencies): say which, not "damaged"."""
+    module = _missing_module(e)
+    if module is None:
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        what, fix = f"an import failed ({first_line})", "pip install tensorflow-datasets"
+    elif module == "tensorflow_datasets":
+        what, fix = "tensorflow-datasets is not installed", "pip install tensorflow-datasets"
+    else:
+        what = f"the module {module!r} is missing"
+        fix = f"pip install {_PACKAGE_OF_MODULE.get(module, module)} (tensorflow-datasets needs it)"
+    return FmnistError(f"cannot {task}: {what}: {fix}; "
+                       f"offline, install the wheels README's Data section lists")
 
 
 def _hide_gpus_from_tensorflow() -> None:
@@ -293,7 +335,7 @@ def _stderr_held_back():
 
 
 def _download_and_prepare(data_dir: Path, manual_dir: Path | None) -> None:
-    tfds = _tfds(data_dir)
+    tfds = _tfds(f"prepare Fashion-MNIST in {data_dir}")
     with _quiet_tfds():
         _build(tfds, data_dir, manual_dir)
 
@@ -346,7 +388,8 @@ def _read_split(split: str, data_dir: Path) -> Split:
 
     version_dir = _version_dirs(data_dir)[-1]  # tfds reads the newest version
     file_format = _file_format(version_dir)
-    tfds = _tfds(data_dir)
+    task = f"read the prepared dataset under {data_dir}"
+    tfds = _tfds(task)
     verbosity = absl_logging.get_verbosity()
     absl_logging.set_verbosity(absl_logging.ERROR)  # not "OpenCV is not installed" every run
     try:
@@ -360,6 +403,8 @@ def _read_split(split: str, data_dir: Path) -> Split:
             labels = np.array([r["label"] for r in records])
     except FmnistError:
         raise
+    except ImportError as e:  # tfds imports some of its dependencies only while reading
+        raise _missing_module_error(e, task) from e
     except Exception as e:  # array_record: RuntimeError "Corrupted Riegeli/records file", ...
         raise _Damaged(version_dir, f"reading the {split} split failed: "
                                     f"{(str(e).strip().splitlines() or [''])[0][:160]}") from e
