@@ -91,7 +91,7 @@ def _tfds(task: str):
 
 
 # pip's name for the modules of tfds's dependencies that are named otherwise
-_PACKAGE_OF_MODULE = {"tree": "dm-tree", "google": "protobuf", "absl": "absl-py",
+_PACKAGE_OF_MODULE = {"tree": "dm-tree", "google": "protobuf",
                       "tensorflow_metadata": "tensorflow-metadata"}
 
 
