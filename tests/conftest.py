@@ -21,9 +21,11 @@ def pytest_configure(config):
     mostly XLA compiling small programs that then run for milliseconds, and this takes about
     30% off the set's time (README). The whole suite, as CI runs it, keeps XLA's defaults,
     so every test also runs as a user's programs compile. XLA reads the flags when the
-    backend starts, which no import here does; subprocesses inherit them."""
-    if "not slow" in (config.getoption("markexpr") or ""):
-        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {QUICK_COMPILE_FLAG}".strip()
+    backend starts, which no import here does; subprocesses inherit them (pytest-xdist's
+    workers too, which run this hook again: hence the check that the flag is there)."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "not slow" in (config.getoption("markexpr") or "") and QUICK_COMPILE_FLAG not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} {QUICK_COMPILE_FLAG}".strip()
 
 
 @pytest.fixture
