@@ -6,7 +6,9 @@ runs at any allocation, often while XLA compiles), Python reports the exception 
 "ignored" and goes on: the command would train to the end as if no key had been pressed.
 So the commands' handler also remembers the signal, and the training loop calls
 `raise_if_pending` where it is safe to stop (after the set-up, before each epoch), which
-raises the interrupt again if it was swallowed.
+raises the interrupt again if it was swallowed. Python's report of the swallowed one (a
+traceback ending in KeyboardInterrupt) is kept off the terminal: the interrupt is not lost,
+so there is nothing to report.
 
 The pending flag is process state on the host, set only by the signal handler; nothing jitted
 reads it.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 
@@ -37,11 +40,19 @@ def remembered() -> Iterator[None]:
             or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
         yield
         return
+    report_fn = sys.unraisablehook
+
+    def report_unless_remembered(unraisable) -> None:
+        if not (isinstance(unraisable.exc_value, KeyboardInterrupt) and _pending.is_set()):
+            report_fn(unraisable)
+
     signal.signal(signal.SIGINT, _on_sigint)
+    sys.unraisablehook = report_unless_remembered
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        sys.unraisablehook = report_fn
         _pending.clear()
 
 

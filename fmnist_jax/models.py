@@ -404,4 +404,5 @@ def get_model(name: str) -> nn.Module:
 
 
 def count_params(params) -> int:
-    return sum(int(jnp.size(leaf)) for leaf in jax.tree_util.tree_leaves(params))
+    # `.size`, not jnp.size: the leaves may be jax.ShapeDtypeStruct (jax.eval_shape's)
+    return sum(int(leaf.size) for leaf in jax.tree_util.tree_leaves(params))

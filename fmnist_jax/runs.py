@@ -110,6 +110,13 @@ class Claim:
     # then the folder holding them, and `config` the config with `seeds`).
     members: tuple[Claim, ...] = ()
 
+    def release(self) -> None:
+        """Close the locks of this claim and of its seeds' claims: another process may then
+        --resume the folder. The files stay; a claim released twice is released once."""
+        for claim in (self, *self.members):
+            if claim.lock is not None:
+                claim.lock.close()
+
 
 def default_workdir(preset: str, seed: int, seeds: int = 1) -> Path:
     """runs/PRESET-seedN-TIMESTAMP-PID (runs/PRESET-seedsN-M-... for seeds N..M): the pid
@@ -278,7 +285,7 @@ def _reopen_seeds(run_dir: Path) -> Claim:
                                  lock=_lock_to_resume(path)))
     except BaseException:
         for member in members:
-            member.lock.close()
+            member.release()
         raise
     for member in members:  # finished or not (a kill before summary.json): redone
         _remove_params(member.path.absolute())
@@ -302,10 +309,18 @@ def abandon(run: Claim) -> None:
     """Give back a claim before the first epoch was written (the data failed to load, the
     setup was refused, Ctrl-C during compilation): remove what `claim` and the setup wrote,
     so the same --workdir can be used again. Never touches a folder with a history, nor
-    a resumed one."""
+    a resumed one. Its locks are released either way, after the files are gone (a --resume
+    racing with this finds the folder locked or no run in it, never half of one)."""
+    try:
+        _remove_unstarted(run)
+    finally:
+        run.release()
+
+
+def _remove_unstarted(run: Claim) -> None:
     if run.members:
         for member in run.members:
-            abandon(member)
+            _remove_unstarted(member)
         if any((member.path / HISTORY_FILE).exists() for member in run.members):
             return
     if run.resumed or not is_writer() or (run.path / HISTORY_FILE).exists():

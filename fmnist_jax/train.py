@@ -85,9 +85,7 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | Path | runs.Claim, *,
     try:
         return _train(cfg, run, train, test, log_fn, progress, started)
     finally:
-        for member in run.members or (run,):
-            if member.lock is not None:
-                member.lock.close()
+        run.release()
 
 
 def _train(cfg: TrainConfig, run: runs.Claim, train: data.Split, test: data.Split,

@@ -208,8 +208,11 @@ def test_a_run_in_training_cannot_be_reopened_twice(tmp_path):
     run = runs.claim(tmp_path / "run", tiny_config())
     with pytest.raises(FmnistError, match="being trained by another process"):
         runs.reopen(tmp_path / "run")
-    run.lock.close()
-    runs.reopen(tmp_path / "run").lock.close()
+    run.release()
+    resumed = runs.reopen(tmp_path / "run")
+    runs.abandon(resumed)  # a resumed run keeps its folder, and gives its lock back
+    assert runs.load_config(tmp_path / "run") == tiny_config()
+    runs.reopen(tmp_path / "run").release()
 
 
 @pytest.mark.slow
@@ -323,11 +326,11 @@ def test_a_killed_training_resumes_to_the_same_bytes(tmp_path, prepared_data_dir
     run_dir = tmp_path / "run"
     process = start_script("train.py", *KILL_FLAGS, "--workdir", run_dir, "--data-dir",
                            prepared_data_dir)
-    try:
-        kill(process, run_dir)
-    finally:
-        process.send_signal(signal.SIGKILL)
-        process.wait()
+    with process:  # on the way out: its pipe closed, the process waited for
+        try:
+            kill(process, run_dir)
+        finally:
+            process.send_signal(signal.SIGKILL)
     assert not runs.finished(run_dir)
     result = run_script("train.py", "--resume", run_dir, "--no-report", "--no-progress",
                         "--data-dir", prepared_data_dir, timeout=600)

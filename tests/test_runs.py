@@ -93,7 +93,9 @@ def test_of_many_claims_on_one_folder_exactly_one_wins(tmp_path):
     assert runs.load_config(workdir) == tiny_config()
     runs.abandon(won[0])  # given back before training: the folder can be used again
     assert not workdir.exists() or os.listdir(workdir) == []
-    assert runs.claim(workdir, tiny_config()).path == workdir
+    again = runs.claim(workdir, tiny_config())
+    assert again.path == workdir
+    again.release()
 
 
 def test_default_run_names_differ_between_processes():

@@ -248,8 +248,7 @@ def test_a_seeds_folder_claims_one_run_folder_per_seed_and_gives_them_back(tmp_p
         runs.claim(tmp_path / "run", cfg)
     with pytest.raises(FmnistError, match="holds the runs of several seeds.*seed-7"):
         runs.load_config(tmp_path / "run")
-    for member in claim.members:
-        member.lock.close()
+    runs.abandon(claim)  # the seeds' locks too: a second abandon closes nothing twice
     runs.abandon(claim)
     assert not (tmp_path / "run").exists()
 
@@ -261,9 +260,7 @@ def test_seeds_past_the_largest_seed_are_refused():
 
 @pytest.fixture
 def seeds_folder(tmp_path):
-    claim = runs.claim(tmp_path / "run", get_config(seeds=2))
-    for member in claim.members:
-        member.lock.close()
+    runs.claim(tmp_path / "run", get_config(seeds=2)).release()
     return tmp_path / "run"
 
 
@@ -290,12 +287,11 @@ def test_a_seeds_folder_is_reopened_whole_or_not_at_all(seeds_folder):
     assert [member.config for member in run.members] == get_config(seeds=2).members()
     with pytest.raises(FmnistError, match="seed-0 is being trained by another process"):
         runs.reopen(seeds_folder)
-    run.members[0].lock.close()
+    run.members[0].release()
     with pytest.raises(FmnistError, match="seed-1 is being trained by another process"):
         runs.reopen(seeds_folder)  # seed-0's lock, taken on the way, is given back
-    run.members[1].lock.close()
-    for member in runs.reopen(seeds_folder).members:
-        member.lock.close()
+    run.members[1].release()
+    runs.reopen(seeds_folder).release()
     member_config = runs.member_dir(seeds_folder, 1) / runs.CONFIG_FILE
     member_config.write_text(get_config(seed=5).to_json())
     with pytest.raises(FmnistError, match="seed-1/config.json is not the config .*seeds.json "

@@ -31,7 +31,8 @@ def test_run_folder_learns_and_is_reproducible(tmp_path, tiny_splits, tiny_run):
     variables = runs.load_variables(run_dir, cfg)
     assert set(variables) == {"params"}  # LeNet-5 has no BatchNorm statistics
     jax.tree_util.tree_map(np.testing.assert_array_equal, variables["params"], state.params)
-    timing = [json.loads(line) for line in (run_dir / runs.TIMING_FILE).open()]
+    timing = [json.loads(line) for line in
+              (run_dir / runs.TIMING_FILE).read_text().splitlines()]
     assert "compile_seconds" in timing[0]
     assert [row["epoch"] for row in timing if "train_seconds" in row] == [1, 2]
     assert [row["epoch"] for row in timing if "checkpoint_seconds" in row] == [1, 2]
@@ -161,14 +162,20 @@ def test_two_trainings_on_one_workdir_one_gets_it(tmp_path, prepared_data_dir):
 
 @pytest.mark.slow
 def test_ctrl_c_while_compiling_exits_130_quietly(tmp_path, prepared_data_dir):
+    # A shell without job control starts background jobs with SIGINT ignored: the child
+    # installs the handler a terminal would give it, then runs the script. (Not preexec_fn:
+    # it forks this multithreaded process, and JAX warns of that.)
+    as_in_a_terminal = ("import runpy, signal, sys\n"
+                        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+                        "sys.argv = sys.argv[1:]\n"
+                        "runpy.run_path(sys.argv[0], run_name='__main__')\n")
     proc = subprocess.Popen(
-        [sys.executable, "scripts/train.py", "--workdir", str(tmp_path / "run"), "--data-dir",
-         str(prepared_data_dir), "--epochs", "1", "--no-progress", "--model", "cnn",
+        [sys.executable, "-c", as_in_a_terminal, "scripts/train.py", "--workdir",
+         str(tmp_path / "run"), "--data-dir", str(prepared_data_dir), "--epochs", "1",
+         "--no-progress", "--model", "cnn",
          "--compile-cache", "none"],  # a warm cache could finish compiling before the signal
         cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"},
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        # a shell without job control starts background jobs with SIGINT ignored: undo that
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in proc.stdout:  # "images:" is printed just before the compilation starts
         if line.startswith("images:"):
             break
@@ -201,7 +208,7 @@ def test_a_second_run_loads_its_programs_from_the_compile_cache(tmp_path):
                             "--workdir", tmp_path / run, "--compile-cache", cache,
                             timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
-        timing = json.loads((tmp_path / run / runs.TIMING_FILE).open().readline())
+        timing = json.loads((tmp_path / run / runs.TIMING_FILE).read_text().splitlines()[0])
         assert timing["startup_seconds"] >= timing["compile_seconds"] > 0
         return {p.name: p.stat().st_mtime_ns for p in cache.iterdir() if p.name.endswith("-cache")}
 
