@@ -24,8 +24,8 @@ import typing  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any, Callable, NoReturn  # noqa: E402
 
-from fmnist_jax import interrupts  # noqa: E402
-from fmnist_jax.config import DEFAULT_PRESET, PRESETS, TrainConfig, get_config  # noqa: E402
+from fmnist_jax.run import interrupts  # noqa: E402
+from fmnist_jax.run.config import DEFAULT_PRESET, PRESETS, TrainConfig, get_config  # noqa: E402
 from fmnist_jax.errors import FmnistError  # noqa: E402
 
 COMPILE_CACHE_ENV = "FMNIST_COMPILE_CACHE"
@@ -176,7 +176,7 @@ def start_devices(args: argparse.Namespace, *, members: int = 1):
     count (for a run of `members` seeds on one process, one device per core by default:
     `parallel.cpu_devices_for`), then (with several processes) join the others through
     jax.distributed. Returns the distributed settings."""
-    from fmnist_jax import parallel
+    from fmnist_jax.run import parallel
 
     settings = parallel.distributed_settings(getattr(args, "coordinator_address", None),
                                              getattr(args, "num_processes", None),
@@ -260,7 +260,7 @@ def train_parser() -> Parser:
 @user_errors_exit_1
 def train_main(argv: list[str] | None = None) -> int:
     args = train_parser().parse_args(argv)
-    from fmnist_jax import parallel
+    from fmnist_jax.run import parallel
 
     settings = parallel.distributed_settings(args.coordinator_address, args.num_processes,
                                              args.process_id)
@@ -279,8 +279,8 @@ def train_main(argv: list[str] | None = None) -> int:
     start_devices(args, members=cfg.seeds)
     import jax
 
-    from fmnist_jax import runs
-    from fmnist_jax.train import train_and_evaluate
+    from fmnist_jax.run import folder
+    from fmnist_jax.run.loop import train_and_evaluate
 
     if not parallel.is_writer():
         # Process 0 speaks for the run (the data's notes included); the others print only
@@ -291,11 +291,11 @@ def train_main(argv: list[str] | None = None) -> int:
                                cfg.seeds)
     # Claim the run folder (or take back the one --resume names) before the data loads: a
     # bad or taken folder fails at once. With several processes only process 0 claims it
-    # (`runs.claim`, `runs.reopen`); the others learn its verdict.
+    # (`folder.claim`, `folder.reopen`); the others learn its verdict.
     refused = None
     try:
-        run = runs.reopen(args.resume) if args.resume else runs.claim(
-            args.workdir or runs.default_workdir(args.preset or DEFAULT_PRESET, cfg.seed,
+        run = folder.reopen(args.resume) if args.resume else folder.claim(
+            args.workdir or folder.default_workdir(args.preset or DEFAULT_PRESET, cfg.seed,
                                                  cfg.seeds), cfg)
     except FmnistError as e:
         refused = e
@@ -305,7 +305,7 @@ def train_main(argv: list[str] | None = None) -> int:
     try:
         train, test = _load_data(args)
     except BaseException:
-        runs.abandon(run)
+        folder.abandon(run)
         raise
     train_and_evaluate(cfg, run, train=train, test=test, progress=not args.no_progress,
                        started=STARTED)
@@ -314,7 +314,7 @@ def train_main(argv: list[str] | None = None) -> int:
             print(f"for the evaluation report, run: python scripts/evaluate.py {run.path}")
         return 0
     if not args.no_report:
-        from fmnist_jax.report import evaluate_run  # matplotlib: ~1 s to import, so only here
+        from fmnist_jax.evaluation.report import evaluate_run  # matplotlib: ~1 s to import, so only here
 
         for member in run.members or (run,):
             evaluate_run(member.path, train=train, test=test)
@@ -324,14 +324,14 @@ def train_main(argv: list[str] | None = None) -> int:
 def _resumed_config(args: argparse.Namespace, *, speak: bool = True) -> TrainConfig | None:
     """The stored config of the run --resume names, after checking the flags given with it
     agree with it; None (and, if `speak`, one line) when that run has already finished."""
-    from fmnist_jax import runs
+    from fmnist_jax.run import folder
 
     if args.workdir:
         raise FmnistError("--workdir and --resume both name a run folder: pass only --resume")
     if args.preset:
         raise FmnistError("--preset cannot change a resumed run (it uses its stored config): "
                           "drop --preset")
-    stored = runs.stored_config(args.resume)
+    stored = folder.stored_config(args.resume)
     for field in dataclasses.fields(TrainConfig):
         if hasattr(args, field.name) and getattr(args, field.name) != getattr(stored,
                                                                               field.name):
@@ -339,7 +339,7 @@ def _resumed_config(args: argparse.Namespace, *, speak: bool = True) -> TrainCon
             raise FmnistError(f"{flag} {getattr(args, field.name)} contradicts the run's "
                               f"config ({getattr(stored, field.name)}): a resumed run keeps its "
                               f"config; drop {flag}, or start a new run")
-    if runs.finished(args.resume):
+    if folder.finished(args.resume):
         if speak:
             print(f"{args.resume} has already finished training: nothing to resume")
         return None
@@ -370,11 +370,11 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     if args.resamples < 1:
         raise FmnistError(f"--resamples must be at least 1, got {args.resamples}")
     use_compile_cache(args.compile_cache)
-    from fmnist_jax import runs
-    from fmnist_jax.report import evaluate_run, load_run
+    from fmnist_jax.run import folder
+    from fmnist_jax.evaluation.report import evaluate_run, load_run
 
     # The folder of a run of several seeds: every seed's run, one report each.
-    run_dirs = runs.seed_run_dirs(args.run_dir) or [Path(args.run_dir)]
+    run_dirs = folder.seed_run_dirs(args.run_dir) or [Path(args.run_dir)]
     loaded = [load_run(run_dir) for run_dir in run_dirs]  # damaged ones fail before the data
     train, test = _load_data(args)
     for run_dir, run in zip(run_dirs, loaded):
@@ -419,7 +419,7 @@ def predict_main(argv: list[str] | None = None) -> int:
         raise FmnistError(f"--top-k must be between 1 and {NUM_CLASSES}, got {args.top_k}")
     import numpy as np
 
-    from fmnist_jax import predict
+    from fmnist_jax.evaluation import predict
 
     predictor = predict.load_predictor(args.run_dir)
     loaded: list[tuple[str, np.ndarray]] = []  # (file as given, its images (N, 28, 28, 1))
@@ -493,7 +493,7 @@ def bench_main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.epochs, args.num_seeds = 1, 1
         args.train_images = args.train_images or QUICK_TRAIN_IMAGES
-    from fmnist_jax import bench
+    from fmnist_jax.baseline import bench
 
     pipelines = tuple(p.strip() for p in args.pipelines.split(",") if p.strip())
     settings = bench.BenchSettings(
@@ -510,7 +510,7 @@ def bench_main(argv: list[str] | None = None) -> int:
     start_devices(args)
     import jax
 
-    from fmnist_jax.parallel import check_batch_sizes
+    from fmnist_jax.run.parallel import check_batch_sizes
 
     check_batch_sizes(settings.config.batch_size, settings.config.eval_batch_size,
                       jax.device_count())

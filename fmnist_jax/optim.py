@@ -3,13 +3,10 @@ learning-rate schedule (warmup, then constant, cosine, or reduce-on-plateau); cl
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import jax
 import optax
-
-if TYPE_CHECKING:  # config imports the names below; the type is only for annotations
-    from fmnist_jax.config import TrainConfig
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "nesterov")
 DECAYS = ("constant", "cosine", "plateau")
@@ -18,7 +15,23 @@ DECAYED_PARAMS = ("kernels", "all")  # which parameters weight decay shrinks (de
 PLATEAU_RTOL = 1e-4  # an epoch improves when val loss < (1 - rtol) * best: torch's threshold
 
 
-def make_lr_schedule(cfg: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
+class OptimizerSpec(Protocol):
+    """What the functions here read: any object with these fields (a run's `TrainConfig` is one)."""
+
+    optimizer: str
+    learning_rate: float
+    weight_decay: float
+    weight_decay_params: str
+    momentum: float
+    warmup_epochs: float
+    decay: str
+    plateau_factor: float
+    plateau_patience: int
+    clip_norm: float | None
+    epochs: int
+
+
+def make_lr_schedule(cfg: OptimizerSpec, steps_per_epoch: int) -> optax.Schedule:
     """Linear warmup from 0 over `warmup_epochs`, then constant or cosine decay to 0.
 
     The cosine's `decay_steps` counts the warmup too (optax's convention), so the rate
@@ -44,7 +57,7 @@ def decay_mask(params):
     return jax.tree_util.tree_map(lambda leaf: leaf.ndim > 1, params)
 
 
-def make_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
+def make_optimizer(cfg: OptimizerSpec, steps_per_epoch: int) -> optax.GradientTransformation:
     """The config's optimizer, with clipping by global norm first when `clip_norm` is set."""
     lr_fn = make_lr_schedule(cfg, steps_per_epoch)
     if cfg.optimizer == "adamw":
@@ -61,7 +74,7 @@ def make_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> optax.GradientTran
     return tx
 
 
-def make_plateau(cfg: TrainConfig) -> optax.GradientTransformationExtraArgs | None:
+def make_plateau(cfg: OptimizerSpec) -> optax.GradientTransformationExtraArgs | None:
     """optax's reduce-on-plateau for `decay="plateau"` (else None), counting as torch's
     ReduceLROnPlateau(mode="min", threshold=1e-4 relative, cooldown 0) does: an epoch
     improves when its validation loss is below (1 - 1e-4) times the best so far; the rate is

@@ -50,14 +50,14 @@ def step_batch(n: int = STEP_BATCH, seed: int = 0):
 def tiny_config():
     """The config of the shared tiny run. Tests that train again use it too, so that XLA
     compiles the epoch once (no validation split: the run is uncalibrated)."""
-    from fmnist_jax.config import get_config
+    from fmnist_jax.run.config import get_config
 
     return get_config(epochs=2, batch_size=32, eval_batch_size=100, val_fraction=0.0, seed=4)
 
 
 def train_quietly(cfg, workdir, splits):
     """`train_and_evaluate` on (train, test) `splits`, without logs or a progress bar."""
-    from fmnist_jax.train import train_and_evaluate
+    from fmnist_jax.run.loop import train_and_evaluate
 
     train, test = splits
     return train_and_evaluate(cfg, workdir, train=train, test=test, log_fn=lambda s: None,
@@ -65,14 +65,16 @@ def train_quietly(cfg, workdir, splits):
 
 
 def run_script(script: str, *args, timeout: float = 120, **kwargs):
-    """`python scripts/SCRIPT args` from the repository root, with this checkout first on the
-    import path (so a test runs this tree, not an installed copy); output captured as text."""
+    """`python scripts/SCRIPT args` (or `python -m benchmarks.NAME args` for a SCRIPT named
+    so) from the repository root, with this checkout first on the import path (so a test
+    runs this tree, not an installed copy); output captured as text."""
     import os
     import subprocess
     import sys
 
     env = {**os.environ, "PYTHONPATH": str(REPO), **kwargs.pop("env", {})}
-    return subprocess.run([sys.executable, f"scripts/{script}", *map(str, args)],
+    command = (["-m", script] if script.startswith("benchmarks.") else [f"scripts/{script}"])
+    return subprocess.run([sys.executable, *command, *map(str, args)],
                           capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout,
                           **kwargs)
 
@@ -107,7 +109,7 @@ def read_tensorboard_scalars(folder) -> dict[str, dict[str, dict[int, float]]]:
     import struct
     from pathlib import Path
 
-    from fmnist_jax.tensorboard_log import summary_writer_class
+    from fmnist_jax.run.tensorboard import summary_writer_class
 
     summary_writer_class()  # imports tensorboardX without torch
     from tensorboardX.proto.event_pb2 import Event

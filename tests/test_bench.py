@@ -8,7 +8,8 @@ from tests.helpers import REPO, make_split, one_error_line
 
 torch = pytest.importorskip("torch")
 
-from fmnist_jax import FmnistError, bench  # noqa: E402
+from fmnist_jax import FmnistError  # noqa: E402
+from fmnist_jax.baseline import bench  # noqa: E402
 
 
 @pytest.mark.slow

@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fmnist_jax import calibration, metrics
+from fmnist_jax import metrics
+from fmnist_jax.evaluation import calibration
 from fmnist_jax.errors import FmnistError
 
 C = 10

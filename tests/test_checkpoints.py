@@ -10,8 +10,8 @@ import jax
 import numpy as np
 import pytest
 
-from fmnist_jax import runs
-from fmnist_jax.config import get_config
+from fmnist_jax.run import folder
+from fmnist_jax.run.config import get_config
 from fmnist_jax.errors import FmnistError
 from fmnist_jax.models import get_model
 from fmnist_jax.optim import make_optimizer, make_plateau
@@ -37,7 +37,7 @@ def _fake_state(value: float):
 
 
 def test_the_latest_and_the_best_checkpoint_both_survive(tmp_path):
-    checkpoints = runs.Checkpoints(tmp_path, keep_best=True)
+    checkpoints = folder.Checkpoints(tmp_path, keep_best=True)
     # Epochs 1 and 2 raise the best validation accuracy; 3 and 4 do not.
     for epoch, new_best in [(1, 0.5), (2, 0.9), (3, None), (4, None)]:
         checkpoints.save(epoch, _fake_state(epoch), new_best)
@@ -57,13 +57,13 @@ _TWO_DEVICES = """
 import json, sys
 from pathlib import Path
 import jax, numpy as np
-from fmnist_jax import runs
+from fmnist_jax.run import folder
 
 device_0, device_1 = jax.devices()
 def placed(value, device):
     return {"params": {"w": jax.device_put(np.full((3, 2), value, np.float32), device)},
             "step": jax.device_put(np.int32(value), device)}
-checkpoints = runs.Checkpoints(Path(sys.argv[1]), keep_best=False)
+checkpoints = folder.Checkpoints(Path(sys.argv[1]), keep_best=False)
 checkpoints.save(1, placed(5, device_1))
 restored = {name: checkpoints.restore(1, placed(0, device))
             for name, device in (("on_0", device_0), ("on_1", device_1))}
@@ -91,10 +91,10 @@ def test_a_checkpoint_written_on_another_device_restores_here(tmp_path):
         "on_0": {"devices": [0, 0], "w": stored, "step": 5},
         "on_1": {"devices": [1, 1], "w": stored, "step": 5}}
     # What orbax recorded: device 1, which this process (one CPU device) may not have.
-    sharding = json.loads((tmp_path / runs.CHECKPOINTS_DIR / "1" / "default" /
+    sharding = json.loads((tmp_path / folder.CHECKPOINTS_DIR / "1" / "default" /
                            "_sharding").read_text())
     assert {json.loads(v)["device_str"] for v in sharding.values()} == {"cpu:1"}
-    checkpoints = runs.Checkpoints(tmp_path, keep_best=False)
+    checkpoints = folder.Checkpoints(tmp_path, keep_best=False)
     restored = checkpoints.restore(1, _fake_state(0))
     checkpoints.close()
     np.testing.assert_array_equal(restored["params"]["w"], np.full((3, 2), 5, np.float32))
@@ -102,7 +102,7 @@ def test_a_checkpoint_written_on_another_device_restores_here(tmp_path):
 
 
 def test_without_a_validation_split_only_the_latest_is_kept(tmp_path):
-    checkpoints = runs.Checkpoints(tmp_path, keep_best=False)
+    checkpoints = folder.Checkpoints(tmp_path, keep_best=False)
     for epoch in (1, 2, 3):
         checkpoints.save(epoch, _fake_state(epoch))
     assert checkpoints.epochs() == [3]
@@ -121,24 +121,24 @@ def _as_if_killed(source, target, *, keep_checkpoints, history_tail=b""):
     """A copy of the finished run `source` as a kill would have left it: no final files,
     only the checkpoints of `keep_checkpoints`, and `history_tail` after the history."""
     shutil.copytree(source, target)
-    for name in (runs.PARAMS_CHECKSUM_FILE, runs.BEST_FILE):
+    for name in (folder.PARAMS_CHECKSUM_FILE, folder.BEST_FILE):
         (target / name).unlink()
-    shutil.rmtree(target / runs.PARAMS_DIR)
-    for folder in (target / runs.CHECKPOINTS_DIR).iterdir():
-        if int(folder.name) not in keep_checkpoints:
-            shutil.rmtree(folder)
-    with open(target / runs.HISTORY_FILE, "ab") as f:
+    shutil.rmtree(target / folder.PARAMS_DIR)
+    for step_dir in (target / folder.CHECKPOINTS_DIR).iterdir():
+        if int(step_dir.name) not in keep_checkpoints:
+            shutil.rmtree(step_dir)
+    with open(target / folder.HISTORY_FILE, "ab") as f:
         f.write(history_tail)
 
 
 def _assert_same_run(a, b, cfg):
-    assert (a / runs.HISTORY_FILE).read_bytes() == (b / runs.HISTORY_FILE).read_bytes()
-    assert (a / runs.BEST_FILE).read_bytes() == (b / runs.BEST_FILE).read_bytes()
+    assert (a / folder.HISTORY_FILE).read_bytes() == (b / folder.HISTORY_FILE).read_bytes()
+    assert (a / folder.BEST_FILE).read_bytes() == (b / folder.BEST_FILE).read_bytes()
     # The events too: the resumed run's hold each epoch once, with the same values.
-    assert read_tensorboard_scalars(a / runs.TENSORBOARD_DIR) == read_tensorboard_scalars(
-        b / runs.TENSORBOARD_DIR)
-    jax.tree_util.tree_map(np.testing.assert_array_equal, runs.load_variables(a, cfg),
-                           runs.load_variables(b, cfg))
+    assert read_tensorboard_scalars(a / folder.TENSORBOARD_DIR) == read_tensorboard_scalars(
+        b / folder.TENSORBOARD_DIR)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, folder.load_variables(a, cfg),
+                           folder.load_variables(b, cfg))
 
 
 @pytest.mark.slow
@@ -151,10 +151,10 @@ def test_a_resumed_run_ends_as_an_uninterrupted_one(tmp_path, uninterrupted, kee
     """In-process kills, simulated: the folder as a kill at that moment leaves it (the
     finished run keeps the best epoch's checkpoint and the last)."""
     source, state, history = uninterrupted
-    kept = [e for e in keep if (source / runs.CHECKPOINTS_DIR / str(e)).is_dir()]
+    kept = [e for e in keep if (source / folder.CHECKPOINTS_DIR / str(e)).is_dir()]
     target = tmp_path / "run"
     _as_if_killed(source, target, keep_checkpoints=kept, history_tail=tail)
-    run = runs.reopen(target)
+    run = folder.reopen(target)
     resumed_state, resumed_history = train_quietly(run.config, run, _splits())
     assert resumed_history == history
     _assert_same_run(source, target, _val_config())
@@ -166,11 +166,11 @@ def test_a_resumed_run_ends_as_an_uninterrupted_one(tmp_path, uninterrupted, kee
 @pytest.mark.slow  # `uninterrupted` trains 4 epochs of another shape: shared with the slow tests
 def test_the_run_keeps_the_latest_and_the_best_epoch(uninterrupted):
     run_dir, _, history = uninterrupted
-    best = runs.load_best(run_dir)
+    best = folder.load_best(run_dir)
     best_epoch = max(history, key=lambda row: (row["val_accuracy"], -row["epoch"]))["epoch"]
     assert best["epoch"] == best_epoch and best["chosen_by"] == "val_accuracy"
     assert best["epochs_trained"] == 4 and not best["stopped_early"]
-    checkpoints = runs.Checkpoints(run_dir, keep_best=True)
+    checkpoints = folder.Checkpoints(run_dir, keep_best=True)
     assert checkpoints.epochs() == sorted({best_epoch, 4})
     # params/ holds the best epoch's parameters, which its checkpoint holds too.
     cfg = _val_config()
@@ -179,14 +179,14 @@ def test_the_run_keeps_the_latest_and_the_best_epoch(uninterrupted):
     stored = checkpoints.restore(best_epoch, like)
     checkpoints.close()
     jax.tree_util.tree_map(np.testing.assert_array_equal, stored.params,
-                           runs.load_variables(run_dir, cfg)["params"])
+                           folder.load_variables(run_dir, cfg)["params"])
 
 
 @pytest.mark.slow
 def test_early_stopping_stops_and_keeps_the_best_epoch(tmp_path):
     cfg = _val_config(epochs=12, patience=1, decay="constant")
     _, history = train_quietly(cfg, tmp_path / "run", _splits())
-    best = runs.load_best(tmp_path / "run")
+    best = folder.load_best(tmp_path / "run")
     assert best["stopped_early"] and best["epochs_trained"] == len(history) < 12
     assert len(history) == best["epoch"] + 1  # one epoch without a rise, with patience 1
     assert history[-1]["val_accuracy"] <= best["val_accuracy"]
@@ -199,28 +199,28 @@ def test_patience_needs_a_validation_split():
 
 def test_a_finished_run_is_not_reopened(tiny_run):
     run_dir, _, _ = tiny_run
-    assert runs.finished(run_dir)
+    assert folder.finished(run_dir)
     with pytest.raises(FmnistError, match="has finished training"):
-        runs.reopen(run_dir)
+        folder.reopen(run_dir)
 
 
 def test_a_run_in_training_cannot_be_reopened_twice(tmp_path):
-    run = runs.claim(tmp_path / "run", tiny_config())
+    run = folder.claim(tmp_path / "run", tiny_config())
     with pytest.raises(FmnistError, match="being trained by another process"):
-        runs.reopen(tmp_path / "run")
+        folder.reopen(tmp_path / "run")
     run.release()
-    resumed = runs.reopen(tmp_path / "run")
-    runs.abandon(resumed)  # a resumed run keeps its folder, and gives its lock back
-    assert runs.load_config(tmp_path / "run") == tiny_config()
-    runs.reopen(tmp_path / "run").release()
+    resumed = folder.reopen(tmp_path / "run")
+    folder.abandon(resumed)  # a resumed run keeps its folder, and gives its lock back
+    assert folder.load_config(tmp_path / "run") == tiny_config()
+    folder.reopen(tmp_path / "run").release()
 
 
 @pytest.mark.slow
 def test_a_damaged_history_is_refused_on_resume(tmp_path, uninterrupted):
     source, _, _ = uninterrupted
     _as_if_killed(source, tmp_path / "run", keep_checkpoints=[4])
-    (tmp_path / "run" / runs.HISTORY_FILE).write_text('{"epoch": 1}\n')
-    run = runs.reopen(tmp_path / "run")
+    (tmp_path / "run" / folder.HISTORY_FILE).write_text('{"epoch": 1}\n')
+    run = folder.reopen(tmp_path / "run")
     with pytest.raises(FmnistError, match="does not hold epochs 1 to 4"):
         train_quietly(run.config, run, _splits())
 
@@ -252,19 +252,19 @@ def test_repeating_the_stored_config_with_resume_is_allowed(tiny_run, run_main):
 
 @pytest.mark.slow  # evaluate_run compiles a dozen metrics (test_report.py is slow for that too)
 def test_report_and_predict_say_which_epoch(tmp_path, uninterrupted):
-    from fmnist_jax.predict import format_text, load_predictor
-    from fmnist_jax.report import evaluate_run
+    from fmnist_jax.evaluation.predict import format_text, load_predictor
+    from fmnist_jax.evaluation.report import evaluate_run
 
     run_dir, _, _ = uninterrupted
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
-    best = runs.load_best(copy)
+    best = folder.load_best(copy)
     report = evaluate_run(copy, train=_splits()[0], test=_splits()[1], n_resamples=10,
                           log_fn=lambda s: None)
     assert report["epoch"] == best["epoch"]
     assert f"parameters of epoch {best['epoch']}, the best validation accuracy" in (
-        copy / runs.REPORT_TEXT_FILE).read_text()
-    assert json.loads((copy / runs.REPORT_JSON_FILE).read_text())["epochs_trained"] == 4
+        copy / folder.REPORT_TEXT_FILE).read_text()
+    assert json.loads((copy / folder.REPORT_JSON_FILE).read_text())["epochs_trained"] == 4
     predictor = load_predictor(copy)
     assert predictor.epoch == best["epoch"]
     assert f"(epoch {best['epoch']})" in format_text(copy, predictor, [])
@@ -294,16 +294,16 @@ def _kill_when_compiled(process, run_dir):
 
 def _kill_during_epoch_2(process, run_dir):
     _wait_for_line(process, "epoch   1")
-    time.sleep(0.5 * json.loads((run_dir / runs.TIMING_FILE).read_text().splitlines()[1])[
+    time.sleep(0.5 * json.loads((run_dir / folder.TIMING_FILE).read_text().splitlines()[1])[
         "train_seconds"])
 
 
 def _kill_during_a_checkpoint_save(process, run_dir):
     """The moment orbax's temporary folder of a checkpoint after the first appears."""
-    folder = run_dir / runs.CHECKPOINTS_DIR
+    checkpoints_dir = run_dir / folder.CHECKPOINTS_DIR
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and process.poll() is None:
-        names = os.listdir(folder) if folder.is_dir() else []
+        names = os.listdir(checkpoints_dir) if checkpoints_dir.is_dir() else []
         if any("tmp" in name and not name.startswith("1") for name in names):
             return
     raise AssertionError("no checkpoint save was seen")
@@ -331,10 +331,10 @@ def test_a_killed_training_resumes_to_the_same_bytes(tmp_path, prepared_data_dir
             kill(process, run_dir)
         finally:
             process.send_signal(signal.SIGKILL)
-    assert not runs.finished(run_dir)
+    assert not folder.finished(run_dir)
     result = run_script("train.py", "--resume", run_dir, "--no-report", "--no-progress",
                         "--data-dir", prepared_data_dir, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    _assert_same_run(uninterrupted_script_run, run_dir, runs.load_config(run_dir))
+    _assert_same_run(uninterrupted_script_run, run_dir, folder.load_config(run_dir))
     print(kill.__name__, result.stdout.splitlines()[:1],
           [line for line in result.stdout.splitlines() if line.startswith("resumed")])

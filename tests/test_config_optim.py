@@ -7,7 +7,7 @@ import optax
 import pytest
 
 from fmnist_jax import FmnistError
-from fmnist_jax.config import PRESETS, TrainConfig, get_config
+from fmnist_jax.run.config import PRESETS, TrainConfig, get_config
 from fmnist_jax.models import get_model
 from fmnist_jax.optim import make_lr_schedule, make_optimizer
 

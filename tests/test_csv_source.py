@@ -370,8 +370,8 @@ def test_one_epoch_from_csv_equals_one_epoch_from_tfds(tmp_path, fashion_mnist):
     """CSV files holding the tfds arrays in tfds's order train to the same bytes: the source
     changes nothing downstream. (A CSV of the official files has the same images in the
     release's order, which tfds shuffles: same accuracy within seed noise, other bytes.)"""
-    from fmnist_jax import runs
-    from fmnist_jax.config import get_config
+    from fmnist_jax.run import folder
+    from fmnist_jax.run.config import get_config
     from fmnist_jax.data import load
     from tests.helpers import train_quietly
 
@@ -383,6 +383,6 @@ def test_one_epoch_from_csv_equals_one_epoch_from_tfds(tmp_path, fashion_mnist):
     _, from_csv = train_quietly(cfg, tmp_path / "csv_run", (csv_train, csv_test))
     _, from_tfds = train_quietly(cfg, tmp_path / "tfds_run", fashion_mnist)
     assert from_csv == from_tfds and from_csv[0]["test_accuracy"] > 0.8
-    runs.check_data(tmp_path / "csv_run", train, test)  # same data: accepted
+    folder.check_data(tmp_path / "csv_run", train, test)  # same data: accepted
     with pytest.raises(FmnistError, match="not the ones .* was trained on"):
-        runs.check_data(tmp_path / "csv_run", _official("train", 60_000), test)
+        folder.check_data(tmp_path / "csv_run", _official("train", 60_000), test)

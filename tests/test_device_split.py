@@ -1,7 +1,7 @@
 import pytest
 
-from fmnist_jax.config import get_config
-from fmnist_jax.device_split import markdown_table, time_device_split
+from fmnist_jax.run.config import get_config
+from benchmarks.device_split import markdown_table, time_device_split
 from tests.helpers import make_split, one_error_line, run_script
 
 
@@ -22,6 +22,6 @@ def test_time_device_split_times_every_config_each_round():
      "--batch-size 63 does not split over the 2 devices"),
 ])
 def test_time_device_split_refuses_what_it_cannot_time(tmp_path, flags, message):
-    result = run_script("time_device_split.py", *flags,
+    result = run_script("benchmarks.time_device_split", *flags,
                         env={"FMNIST_DATA_DIR": str(tmp_path), "FMNIST_MANUAL_DIR": str(tmp_path)})
     assert message in one_error_line(result)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fmnist_jax import interrupts
+from fmnist_jax.run import interrupts
 
 REPO = Path(__file__).resolve().parents[1]
 

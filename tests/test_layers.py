@@ -9,10 +9,10 @@ import numpy as np
 import optax
 import pytest
 
-from fmnist_jax.models import (CONV_IMPLS, POOL_IMPLS, Conv2D, ConvReluPool, LeNet5,
-                               TutorialCNN, _max_of_2x2, conv_and_pool_impl,
-                               conv_pool_toeplitz, max_pool_2x2)
-from fmnist_jax.profiling import toeplitz_3d_lenet5
+from fmnist_jax.layers import (CONV_IMPLS, POOL_IMPLS, Conv2D, ConvReluPool, _max_of_2x2,
+                               conv_and_pool_impl, conv_pool_toeplitz, max_pool_2x2)
+from fmnist_jax.models import LeNet5, TutorialCNN
+from benchmarks.profiling import toeplitz_3d_lenet5
 from fmnist_jax.steps import init_variables
 
 TOL = dict(rtol=1e-5, atol=1e-5)

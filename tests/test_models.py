@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from fmnist_jax import FmnistError
-from fmnist_jax.models import Conv2D, count_params, get_model, max_pool_2x2
+from fmnist_jax.layers import Conv2D, max_pool_2x2
+from fmnist_jax.models import count_params, get_model
 from fmnist_jax.steps import init_params
 
 LENET5_PARAMS = 61_706  # the report's layer table: 156 + 2,416 + 48,120 + 10,164 + 850

@@ -19,7 +19,8 @@ import jax
 import numpy as np
 import pytest
 
-from fmnist_jax import FmnistError, parallel, runs
+from fmnist_jax import FmnistError
+from fmnist_jax.run import folder, parallel
 from tests.helpers import (REPO, make_split, one_error_line, run_script, tiny_config,
                            train_quietly)
 
@@ -32,10 +33,10 @@ ATOL = 2e-5
 # argv[3:5] = (process count, process id) and $COORDINATOR, several processes; then reports
 # its devices. $LOCKSTEP set: the seeds train in lockstep as on a GPU (groups by the greatest
 # common divisor, the batches split within each), not one after another as a CPU trains
-# them. $RESUME set: argv[1] is taken back (`runs.reopen`) and its run continued.
+# them. $RESUME set: argv[1] is taken back (`folder.reopen`) and its run continued.
 _WORKER = """
 import dataclasses, json, os, sys
-from fmnist_jax import parallel
+from fmnist_jax.run import parallel
 parallel.use_cpu_devices(int(sys.argv[2]))
 if os.environ.get("LOCKSTEP"):
     parallel.members_at_once_for = lambda platform: None
@@ -43,11 +44,11 @@ n, i = (int(sys.argv[3]), int(sys.argv[4])) if len(sys.argv) > 3 else (1, 0)
 parallel.initialize_distributed(parallel.distributed_settings(
     os.environ.get("COORDINATOR"), n, i))
 import jax
-from fmnist_jax import runs
+from fmnist_jax.run import folder
 from tests.helpers import make_split, tiny_config, train_quietly
 cfg = dataclasses.replace(tiny_config(), seeds=int(os.environ.get("SEEDS", "1")),
                           epochs=int(os.environ.get("EPOCHS", tiny_config().epochs)))
-run = runs.reopen(sys.argv[1]) if os.environ.get("RESUME") else sys.argv[1]
+run = folder.reopen(sys.argv[1]) if os.environ.get("RESUME") else sys.argv[1]
 train_quietly(cfg, run, (make_split(512, seed=0), make_split(300, seed=1)))
 print(json.dumps({"devices": jax.device_count(), "local": jax.local_device_count(),
                   "processes": jax.process_count()}))
@@ -73,15 +74,15 @@ def _finish(process, timeout=300) -> dict:
 
 def _assert_same_run(run_dir, reference_dir):
     """Same history (within float rounding) and the same final parameters."""
-    history, reference = runs.load_history(run_dir), runs.load_history(reference_dir)
+    history, reference = folder.load_history(run_dir), folder.load_history(reference_dir)
     assert [row["epoch"] for row in history] == [row["epoch"] for row in reference]
     for row, ref in zip(history, reference):
         assert row.keys() == ref.keys()
         for name in row:
             assert row[name] == pytest.approx(ref[name], abs=ATOL), name
     cfg = tiny_config()
-    chex.assert_trees_all_close(runs.load_variables(run_dir, cfg),
-                                runs.load_variables(reference_dir, cfg), atol=ATOL)
+    chex.assert_trees_all_close(folder.load_variables(run_dir, cfg),
+                                folder.load_variables(reference_dir, cfg), atol=ATOL)
 
 
 @pytest.fixture(scope="module")
@@ -96,8 +97,8 @@ def four_device_run(tmp_path_factory):
 def test_four_devices_train_as_one(four_device_run, tiny_run):
     _assert_same_run(four_device_run, tiny_run[0])
     # Not trivially equal: the two runs did the sums in another order somewhere.
-    four = runs.load_variables(four_device_run, tiny_config())
-    one = runs.load_variables(tiny_run[0], tiny_config())
+    four = folder.load_variables(four_device_run, tiny_config())
+    one = folder.load_variables(tiny_run[0], tiny_config())
     assert any(not np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(four),
                                                         jax.tree_util.tree_leaves(one)))
 
@@ -111,13 +112,13 @@ def test_four_devices_train_as_one(four_device_run, tiny_run):
 _MESHES = """
 import dataclasses
 import json
-from fmnist_jax import parallel
+from fmnist_jax.run import parallel
 parallel.use_cpu_devices(4)
 import jax, numpy as np
 from fmnist_jax import streams
-from fmnist_jax.config import get_config
+from fmnist_jax.run.config import get_config
 from fmnist_jax.data import HALF
-from fmnist_jax.epochs import CompiledEpochs, step_options
+from fmnist_jax.run.compiled import CompiledEpochs, step_options
 from fmnist_jax.models import get_model
 from fmnist_jax.optim import make_optimizer
 from fmnist_jax.steps import create_train_state
@@ -196,8 +197,8 @@ def test_two_processes_of_two_devices_train_as_one_of_four(tmp_path, four_device
         {"devices": 4, "local": 2, "processes": 2}] * 2
     _assert_same_run(tmp_path, four_device_run)
     # Process 0 alone wrote the files: one line per epoch, a checkpoint per epoch.
-    assert len((tmp_path / runs.HISTORY_FILE).read_text().splitlines()) == 2
-    assert sorted(p.name for p in (tmp_path / runs.CHECKPOINTS_DIR).iterdir()) == ["2"]
+    assert len((tmp_path / folder.HISTORY_FILE).read_text().splitlines()) == 2
+    assert sorted(p.name for p in (tmp_path / folder.CHECKPOINTS_DIR).iterdir()) == ["2"]
 
 
 def test_batch_sizes_must_split_over_the_devices():
@@ -275,9 +276,9 @@ def test_train_py_with_two_processes_logs_and_writes_once(tmp_path, prepared_dat
     assert "device: 4 x cpu (cpu), data parallel over 2 processes" in results[0][1]
     assert "for the evaluation report, run: python scripts/evaluate.py" in results[0][1]
     assert _ours(results[1][1]) == [] and results[1][2] == []
-    assert runs.finished(tmp_path / "run")
-    assert len(runs.load_history(tmp_path / "run")) == 1
-    runs.load_variables(tmp_path / "run", runs.load_config(tmp_path / "run"))
+    assert folder.finished(tmp_path / "run")
+    assert len(folder.load_history(tmp_path / "run")) == 1
+    folder.load_variables(tmp_path / "run", folder.load_config(tmp_path / "run"))
 
 
 @pytest.mark.slow
@@ -332,8 +333,8 @@ def test_resume_with_two_processes_is_refused_or_skipped_on_every_process(tmp_pa
     assert finished[1][1] == "" and finished[1][2] == []
     run_dir = tmp_path / "run"
     shutil.copytree(tiny_run[0], run_dir)
-    (run_dir / runs.PARAMS_CHECKSUM_FILE).unlink()  # as if killed before the end
-    with open(run_dir / runs.CONFIG_FILE) as held:
+    (run_dir / folder.PARAMS_CHECKSUM_FILE).unlink()  # as if killed before the end
+    with open(run_dir / folder.CONFIG_FILE) as held:
         fcntl.flock(held, fcntl.LOCK_EX)  # as a training of that folder holds it
         refused = _two_train_py(tmp_path / "refused", "--resume", run_dir,
                                 env={"FMNIST_DATA_DIR": str(tmp_path / "none")})
@@ -348,17 +349,17 @@ def test_resume_with_two_processes_is_refused_or_skipped_on_every_process(tmp_pa
 _RESUME = """
 import dataclasses, shutil, sys
 from pathlib import Path
-from fmnist_jax import parallel
+from fmnist_jax.run import parallel
 parallel.use_cpu_devices(4)
-from fmnist_jax import runs
+from fmnist_jax.run import folder
 from tests.helpers import make_split, tiny_config, train_quietly
 run_dir, splits = Path(sys.argv[1]), (make_split(512, seed=0), make_split(300, seed=1))
 train_quietly(dataclasses.replace(tiny_config(), epochs=1), run_dir, splits)
-(run_dir / runs.CONFIG_FILE).write_text(tiny_config().to_json() + "\\n")
-for name in (runs.PARAMS_CHECKSUM_FILE, runs.BEST_FILE):
+(run_dir / folder.CONFIG_FILE).write_text(tiny_config().to_json() + "\\n")
+for name in (folder.PARAMS_CHECKSUM_FILE, folder.BEST_FILE):
     (run_dir / name).unlink()
-shutil.rmtree(run_dir / runs.PARAMS_DIR)
-train_quietly(tiny_config(), runs.reopen(run_dir), splits)
+shutil.rmtree(run_dir / folder.PARAMS_DIR)
+train_quietly(tiny_config(), folder.reopen(run_dir), splits)
 """
 
 
@@ -368,7 +369,7 @@ def test_a_run_resumed_on_four_devices_ends_as_the_one_device_run(tmp_path, tiny
                             capture_output=True, text=True, timeout=300,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
     assert result.returncode == 0, result.stderr[-3000:]
-    assert '{"resumed_after_epoch": 1}' in (tmp_path / "run" / runs.TIMING_FILE).read_text()
+    assert '{"resumed_after_epoch": 1}' in (tmp_path / "run" / folder.TIMING_FILE).read_text()
     _assert_same_run(tmp_path / "run", tiny_run[0])
 
 
@@ -383,9 +384,9 @@ def two_seeds_on_one_device(tmp_path_factory):
 
 def _assert_same_seeds(run_dir, reference_dir):
     for seed in (4, 5):
-        _assert_same_run(runs.member_dir(run_dir, seed), runs.member_dir(reference_dir, seed))
-        assert len(runs.load_history(runs.member_dir(run_dir, seed))) == 2
-    assert runs.load_summary(run_dir)["n"] == 2
+        _assert_same_run(folder.member_dir(run_dir, seed), folder.member_dir(reference_dir, seed))
+        assert len(folder.load_history(folder.member_dir(run_dir, seed))) == 2
+    assert folder.load_summary(run_dir)["n"] == 2
 
 
 @pytest.mark.slow
@@ -421,16 +422,16 @@ def _as_if_killed_after_epoch_1(run_dir, seeds):
     cfg = dataclasses.replace(tiny_config(), seeds=seeds)
     folders = [(run_dir, cfg)]
     if seeds > 1:
-        stored = json.loads((run_dir / runs.SEEDS_FILE).read_text())
-        (run_dir / runs.SEEDS_FILE).write_text(json.dumps({**stored,
+        stored = json.loads((run_dir / folder.SEEDS_FILE).read_text())
+        (run_dir / folder.SEEDS_FILE).write_text(json.dumps({**stored,
                                                            "config": json.loads(cfg.to_json())}))
-        (run_dir / runs.SUMMARY_FILE).unlink()
-        folders = [(runs.member_dir(run_dir, m.seed), m) for m in cfg.members()]
-    for folder, folder_cfg in folders:
-        (folder / runs.CONFIG_FILE).write_text(folder_cfg.to_json() + "\n")
-        for name in (runs.PARAMS_CHECKSUM_FILE, runs.BEST_FILE):
-            (folder / name).unlink()
-        shutil.rmtree(folder / runs.PARAMS_DIR)
+        (run_dir / folder.SUMMARY_FILE).unlink()
+        folders = [(folder.member_dir(run_dir, m.seed), m) for m in cfg.members()]
+    for member_run, member_cfg in folders:
+        (member_run / folder.CONFIG_FILE).write_text(member_cfg.to_json() + "\n")
+        for name in (folder.PARAMS_CHECKSUM_FILE, folder.BEST_FILE):
+            (member_run / name).unlink()
+        shutil.rmtree(member_run / folder.PARAMS_DIR)
 
 
 @pytest.mark.slow
@@ -445,7 +446,7 @@ def test_two_processes_resume_the_run_they_started(tmp_path, request, seeds):
     _as_if_killed_after_epoch_1(tmp_path, seeds)
     _two_processes_of_two_devices(tmp_path, {**env, "RESUME": "1"})
     if seeds == 1:
-        assert '{"resumed_after_epoch": 1}' in (tmp_path / runs.TIMING_FILE).read_text()
+        assert '{"resumed_after_epoch": 1}' in (tmp_path / folder.TIMING_FILE).read_text()
         _assert_same_run(tmp_path, request.getfixturevalue("four_device_run"))
     else:
         _assert_same_seeds(tmp_path, request.getfixturevalue("two_seeds_on_one_device"))
@@ -458,13 +459,13 @@ def test_two_processes_resume_the_run_they_started(tmp_path, request, seeds):
 # collectives and member shapes.
 _SHARED_SEEDS = """
 import json, re, sys
-from fmnist_jax import parallel
+from fmnist_jax.run import parallel
 parallel.use_cpu_devices(int(sys.argv[1]))
 import jax, jax.numpy as jnp, numpy as np
 from fmnist_jax import data, streams
-from fmnist_jax.config import get_config
-from fmnist_jax.epochs import CompiledSeedEpochs, step_options
-from fmnist_jax.train import seed_members
+from fmnist_jax.run.config import get_config
+from fmnist_jax.run.compiled import CompiledSeedEpochs, step_options
+from fmnist_jax.run.loop import seed_members
 from tests.helpers import make_split
 cfg = get_config("lenet5", batch_size=32)
 train, test = make_split(384, seed=0), make_split(100, seed=1)

@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fmnist_jax import FmnistError, runs
+from fmnist_jax import FmnistError
+from fmnist_jax.run import folder
 from fmnist_jax.data import CLASS_NAMES
 from fmnist_jax.models import get_model
-from fmnist_jax.predict import (load_image, load_images, load_predictor, predict_probs,
+from fmnist_jax.evaluation.predict import (load_image, load_images, load_predictor, predict_probs,
                                 top_k)
 from fmnist_jax.cli import predict_main
 from fmnist_jax.steps import inference_state, predict_logits
@@ -44,10 +45,10 @@ def _save(path, array, mode=None, **kwargs):
 @pytest.fixture(scope="module")
 def logits_3xC(run_dir, images_3xHxWx1):
     """The logits through steps.predict_logits directly, as an independent reference."""
-    cfg = runs.load_config(run_dir)
-    state = inference_state(get_model(cfg.model), runs.load_variables(run_dir, cfg))
+    cfg = folder.load_config(run_dir)
+    state = inference_state(get_model(cfg.model), folder.load_variables(run_dir, cfg))
     return np.asarray(predict_logits(state, images_3xHxWx1, batch_size=3,
-                                     norm=runs.load_normalization(run_dir)))
+                                     norm=folder.load_normalization(run_dir)))
 
 
 # --- loading pictures -------------------------------------------------------------------
@@ -243,7 +244,7 @@ def test_top_k_must_be_1_to_10():
 def test_temperature_softens_the_probabilities_but_keeps_the_ranking(tmp_path, run_dir,
                                                                      images_3xHxWx1, logits_3xC):
     calibrated_dir = shutil.copytree(run_dir, tmp_path / "calibrated")
-    runs.save_calibration(calibrated_dir, 2.0, n_validation=100)
+    folder.save_calibration(calibrated_dir, 2.0, n_validation=100)
     plain, calibrated = load_predictor(run_dir), load_predictor(calibrated_dir)
     assert calibrated.calibrated and calibrated.temperature == 2.0
     probs_1 = predict_probs(plain, images_3xHxWx1)
@@ -258,10 +259,10 @@ def test_temperature_softens_the_probabilities_but_keeps_the_ranking(tmp_path, r
 
 def test_a_bad_temperature_is_refused(tmp_path, run_dir):
     bad_dir = shutil.copytree(run_dir, tmp_path / "bad")
-    (bad_dir / runs.CALIBRATION_FILE).write_text('{"temperature": -1}')
+    (bad_dir / folder.CALIBRATION_FILE).write_text('{"temperature": -1}')
     with pytest.raises(FmnistError, match="not a positive number"):
         load_predictor(bad_dir)
-    (bad_dir / runs.CALIBRATION_FILE).write_text('{"temp')
+    (bad_dir / folder.CALIBRATION_FILE).write_text('{"temp')
     with pytest.raises(FmnistError, match="calibration.json is malformed"):
         load_predictor(bad_dir)
 
@@ -326,7 +327,7 @@ def _one_error_line(capsys, argv) -> str:
 
 def test_cli_run_folder_without_a_model_is_one_line(tmp_path, run_dir, capsys):
     broken = shutil.copytree(run_dir, tmp_path / "broken")
-    shutil.rmtree(broken / runs.PARAMS_DIR)
+    shutil.rmtree(broken / folder.PARAMS_DIR)
     png = _save(tmp_path / "x.png", np.zeros((28, 28), np.uint8))
     assert "has no model" in _one_error_line(capsys, [str(broken), str(png)])
     assert "not a run folder" in _one_error_line(capsys, [str(tmp_path / "nowhere"), str(png)])
@@ -334,8 +335,8 @@ def test_cli_run_folder_without_a_model_is_one_line(tmp_path, run_dir, capsys):
 
 def test_cli_checkpoint_of_another_model_is_one_line(tmp_path, run_dir, capsys):
     other = shutil.copytree(run_dir, tmp_path / "other")
-    config = json.loads((other / runs.CONFIG_FILE).read_text())
-    (other / runs.CONFIG_FILE).write_text(json.dumps({**config, "model": "cnn"}))
+    config = json.loads((other / folder.CONFIG_FILE).read_text())
+    (other / folder.CONFIG_FILE).write_text(json.dumps({**config, "model": "cnn"}))
     png = _save(tmp_path / "x.png", np.zeros((28, 28), np.uint8))
     assert "another model than 'cnn'" in _one_error_line(capsys, [str(other), str(png)])
 

@@ -1,5 +1,5 @@
-"""The run folder (runs.py): claiming it, saving and verifying the parameters, and a folder
-edited or damaged by hand, through the commands a user runs."""
+"""The run folder (folder.py): claiming it, saving and verifying the parameters, and a folder
+edited or damaged by hand, through the commands a user folder."""
 
 import errno
 import json
@@ -14,8 +14,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from fmnist_jax import FmnistError, runs
-from fmnist_jax.report import LoadedRun, evaluate_run
+from fmnist_jax import FmnistError
+from fmnist_jax.run import folder
+from fmnist_jax.evaluation.report import LoadedRun, evaluate_run
 from tests.helpers import REPO, make_split, one_error_line, run_script, tiny_config
 
 
@@ -23,18 +24,18 @@ from tests.helpers import REPO, make_split, one_error_line, run_script, tiny_con
 def run_copy(tiny_run, tmp_path):
     """A copy of the tiny run, with a report and calibration to protect."""
     copy = shutil.copytree(tiny_run[0], tmp_path / "run")
-    (copy / runs.REPORT_TEXT_FILE).write_text("the good report\n")
-    (copy / runs.CALIBRATION_FILE).write_text('{"temperature": 1.5}\n')
+    (copy / folder.REPORT_TEXT_FILE).write_text("the good report\n")
+    (copy / folder.CALIBRATION_FILE).write_text('{"temperature": 1.5}\n')
     return copy
 
 
 def _untouched(run_dir):
-    assert (run_dir / runs.REPORT_TEXT_FILE).read_text() == "the good report\n"
-    assert (run_dir / runs.CALIBRATION_FILE).read_text() == '{"temperature": 1.5}\n'
+    assert (run_dir / folder.REPORT_TEXT_FILE).read_text() == "the good report\n"
+    assert (run_dir / folder.CALIBRATION_FILE).read_text() == '{"temperature": 1.5}\n'
 
 
 def _largest_params_file(run_dir):
-    return max((p for p in (run_dir / runs.PARAMS_DIR).rglob("*") if p.is_file()),
+    return max((p for p in (run_dir / folder.PARAMS_DIR).rglob("*") if p.is_file()),
                key=lambda p: p.stat().st_size)
 
 
@@ -43,12 +44,12 @@ def _largest_params_file(run_dir):
 def test_a_folder_with_files_of_its_own_is_refused_and_kept(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(FmnistError, match="already holds files that are not a run"):
-        runs.claim(tmp_path, tiny_config())
+        folder.claim(tmp_path, tiny_config())
     assert os.listdir(tmp_path) == ["notes.txt"] and (tmp_path / "notes.txt").read_text() == "mine"
     with pytest.raises(FmnistError, match="is a file, not a folder"):
-        runs.claim(tmp_path / "notes.txt", tiny_config())
+        folder.claim(tmp_path / "notes.txt", tiny_config())
     with pytest.raises(FmnistError, match="cannot make the run folder"):
-        runs.claim("/proc/self/run", tiny_config())  # unwritable, even for root
+        folder.claim("/proc/self/run", tiny_config())  # unwritable, even for root
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
@@ -56,7 +57,7 @@ def test_a_read_only_empty_folder_is_refused(tmp_path):
     tmp_path.chmod(0o555)
     try:
         with pytest.raises(FmnistError, match="cannot write in the run folder"):
-            runs.claim(tmp_path, tiny_config())
+            folder.claim(tmp_path, tiny_config())
     finally:
         tmp_path.chmod(0o755)
 
@@ -79,7 +80,7 @@ def test_of_many_claims_on_one_folder_exactly_one_wins(tmp_path):
     def attempt():
         barrier.wait()
         try:
-            outcomes.append(runs.claim(workdir, tiny_config()))
+            outcomes.append(folder.claim(workdir, tiny_config()))
         except FmnistError as e:
             outcomes.append(str(e))
 
@@ -88,21 +89,21 @@ def test_of_many_claims_on_one_folder_exactly_one_wins(tmp_path):
         t.start()
     for t in threads:
         t.join()
-    won = [o for o in outcomes if isinstance(o, runs.Claim)]
+    won = [o for o in outcomes if isinstance(o, folder.Claim)]
     assert len(won) == 1 and all("already holds a run" in o for o in outcomes if o not in won)
-    assert runs.load_config(workdir) == tiny_config()
-    runs.abandon(won[0])  # given back before training: the folder can be used again
+    assert folder.load_config(workdir) == tiny_config()
+    folder.abandon(won[0])  # given back before training: the folder can be used again
     assert not workdir.exists() or os.listdir(workdir) == []
-    again = runs.claim(workdir, tiny_config())
+    again = folder.claim(workdir, tiny_config())
     assert again.path == workdir
     again.release()
 
 
 def test_default_run_names_differ_between_processes():
-    here = runs.default_workdir("lenet5", 0)
+    here = folder.default_workdir("lenet5", 0)
     there = subprocess.run(
-        [sys.executable, "-c", "from fmnist_jax import runs; "
-         "print(runs.default_workdir('lenet5', 0))"], capture_output=True, text=True,
+        [sys.executable, "-c", "from fmnist_jax.run import folder; "
+         "print(folder.default_workdir('lenet5', 0))"], capture_output=True, text=True,
         env={**os.environ, "PYTHONPATH": str(REPO)}, check=True, timeout=60).stdout.strip()
     assert str(here) != there and str(here).startswith("runs/lenet5-seed0-")
 
@@ -117,20 +118,20 @@ def test_a_full_disk_while_saving_keeps_the_model_elsewhere(tmp_path, tiny_run, 
 
     def save_on_a_full_disk(self, directory, *args, **kwargs):
         if str(directory).startswith(str(run_dir)):  # orbax's temporary folder, then no space
-            (run_dir / f"{runs.PARAMS_DIR}.orbax-checkpoint-tmp").mkdir()
+            (run_dir / f"{folder.PARAMS_DIR}.orbax-checkpoint-tmp").mkdir()
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real_save(self, directory, *args, **kwargs)
 
     monkeypatch.setattr(ocp.StandardCheckpointer, "save", save_on_a_full_disk)
     with pytest.raises(FmnistError, match="no space left on device") as error:
-        runs.save_variables(run_dir, variables)
+        folder.save_variables(run_dir, variables)
     assert os.listdir(run_dir) == []  # no temporary folder, no partial checkpoint
     message = str(error.value)
     fallback = message.split("they were saved to ")[1].split(" instead")[0]
     try:
-        for name in (runs.PARAMS_DIR, runs.PARAMS_CHECKSUM_FILE):  # what the message says
+        for name in (folder.PARAMS_DIR, folder.PARAMS_CHECKSUM_FILE):  # what the message says
             shutil.move(os.path.join(fallback, name), run_dir / name)
-        restored = runs.load_variables(run_dir, tiny_config())
+        restored = folder.load_variables(run_dir, tiny_config())
         jax.tree_util.tree_map(np.testing.assert_array_equal, restored, variables)
     finally:
         shutil.rmtree(fallback, ignore_errors=True)
@@ -149,7 +150,7 @@ def test_a_damaged_parameter_file_is_detected(run_copy, damage):
         del data[len(data) // 2:]
     path.write_bytes(bytes(data))
     with pytest.raises(FmnistError, match="does not match its checksum"):
-        runs.load_variables(run_copy, tiny_config())
+        folder.load_variables(run_copy, tiny_config())
 
 
 def test_predict_on_a_truncated_parameter_file_prints_one_line(run_copy, tmp_path):
@@ -163,16 +164,16 @@ def test_predict_on_a_truncated_parameter_file_prints_one_line(run_copy, tmp_pat
 
 def test_non_finite_weights_are_refused(tmp_path, tiny_run):
     params = jax.tree_util.tree_map(lambda w: w.at[(0,) * w.ndim].set(np.nan), tiny_run[1].params)
-    runs.save_variables(tmp_path, {"params": params})
+    folder.save_variables(tmp_path, {"params": params})
     with pytest.raises(FmnistError, match="NaN or infinite weights"):
-        runs.load_variables(tmp_path, tiny_config())
+        folder.load_variables(tmp_path, tiny_config())
 
 
 def test_non_finite_logits_never_replace_a_good_report(run_copy):
-    run = LoadedRun(config=tiny_config(), normalization=runs.load_normalization(run_copy),
-                    history=runs.load_history(run_copy),
+    run = LoadedRun(config=tiny_config(), normalization=folder.load_normalization(run_copy),
+                    history=folder.load_history(run_copy),
                     variables=jax.tree_util.tree_map(lambda w: w * 1e30,
-                                                     runs.load_variables(run_copy, tiny_config())))
+                                                     folder.load_variables(run_copy, tiny_config())))
     with pytest.raises(FmnistError, match="NaN or infinite logits"):
         evaluate_run(run_copy, train=make_split(512), test=make_split(300, seed=1), run=run,
                      log_fn=lambda s: None)  # the tiny run's own data
@@ -184,14 +185,14 @@ def _edit(run_dir, name, text):
 
 
 @pytest.mark.parametrize("name,text,message", [
-    (runs.CONFIG_FILE, '{"epochs": "two"}', "epochs must be int"),
-    (runs.CONFIG_FILE, '{"clip_norm": [1]}', "clip norm must be float or none"),
-    (runs.CONFIG_FILE, '[1, 2]', "not a JSON object"),
-    (runs.NORMALIZATION_FILE, '{"mean": "0.5", "std": 0.5}', "needs numbers mean and std"),
-    (runs.NORMALIZATION_FILE, '[0.5, 0.5]', "needs numbers mean and std"),
-    (runs.NORMALIZATION_FILE, '{"mean": 0.5, "std": 0', "malformed"),
-    (runs.HISTORY_FILE, '{"epoch": 1, "train_loss": 0.5}\n{"epoch": 2, "train_lo', "line 2 is malformed"),
-    (runs.HISTORY_FILE, '{"epoch": 1, "train_loss": "low"}\n', "line 1 is not an epoch"),
+    (folder.CONFIG_FILE, '{"epochs": "two"}', "epochs must be int"),
+    (folder.CONFIG_FILE, '{"clip_norm": [1]}', "clip norm must be float or none"),
+    (folder.CONFIG_FILE, '[1, 2]', "not a JSON object"),
+    (folder.NORMALIZATION_FILE, '{"mean": "0.5", "std": 0.5}', "needs numbers mean and std"),
+    (folder.NORMALIZATION_FILE, '[0.5, 0.5]', "needs numbers mean and std"),
+    (folder.NORMALIZATION_FILE, '{"mean": 0.5, "std": 0', "malformed"),
+    (folder.HISTORY_FILE, '{"epoch": 1, "train_loss": 0.5}\n{"epoch": 2, "train_lo', "line 2 is malformed"),
+    (folder.HISTORY_FILE, '{"epoch": 1, "train_loss": "low"}\n', "line 1 is not an epoch"),
 ])
 def test_evaluate_on_an_edited_run_folder_prints_one_line_and_writes_nothing(
         run_copy, name, text, message, run_main):
@@ -203,8 +204,8 @@ def test_evaluate_on_an_edited_run_folder_prints_one_line_and_writes_nothing(
 
 
 def test_predict_on_a_config_with_wrong_types_prints_one_line(run_copy, tmp_path, run_main):
-    _edit(run_copy, runs.CONFIG_FILE, json.dumps({**json.loads(
-        (run_copy / runs.CONFIG_FILE).read_text()), "batch_size": 32.5}))
+    _edit(run_copy, folder.CONFIG_FILE, json.dumps({**json.loads(
+        (run_copy / folder.CONFIG_FILE).read_text()), "batch_size": 32.5}))
     np.save(tmp_path / "x.npy", make_split(1).images_NxHxWx1)
     assert "batch size must be int" in one_error_line(
         run_main("predict.py", run_copy, tmp_path / "x.npy"))

@@ -10,15 +10,16 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from fmnist_jax import parallel, runs, streams
-from fmnist_jax.config import get_config
+from fmnist_jax import streams
+from fmnist_jax.run import folder, parallel
+from fmnist_jax.run.config import get_config
 from fmnist_jax.data import HALF, Normalization, train_val_indices
 from fmnist_jax.errors import FmnistError
 from fmnist_jax.metrics import mean_and_interval
 from fmnist_jax.models import get_model
 from fmnist_jax.optim import make_optimizer
-from fmnist_jax.steps import (create_train_state, evaluate, evaluate_seeds, train_epoch,
-                              train_epoch_seeds)
+from fmnist_jax.seeds import evaluate_seeds, train_epoch_seeds
+from fmnist_jax.steps import create_train_state, evaluate, train_epoch
 from tests.helpers import make_split, one_error_line, run_script, train_quietly
 
 
@@ -115,23 +116,23 @@ def _check_members_equal_single_runs(tmp_path, cfg, *, rtol, atol):
     if EXACT:
         rtol = atol = 0
     state_M, histories = train_quietly(cfg, tmp_path / "seeds", _splits())
-    assert (tmp_path / "seeds" / runs.SUMMARY_FILE).is_file()
+    assert (tmp_path / "seeds" / folder.SUMMARY_FILE).is_file()
     largest = largest_in_history = 0.0
     for m, member in enumerate(cfg.members()):
-        member_dir = runs.member_dir(tmp_path / "seeds", member.seed)
+        member_dir = folder.member_dir(tmp_path / "seeds", member.seed)
         single_dir = tmp_path / f"single-{member.seed}"
         _, single_history = train_quietly(member, single_dir, _splits())
-        assert runs.load_config(member_dir) == member
+        assert folder.load_config(member_dir) == member
         assert [row["epoch"] for row in histories[m]] == [row["epoch"] for row in single_history]
-        assert runs.load_history(member_dir) == histories[m]
+        assert folder.load_history(member_dir) == histories[m]
         for row, single_row in zip(histories[m], single_history):
             assert row.keys() == single_row.keys()
             np.testing.assert_allclose(list(row.values()), list(single_row.values()),
                                        rtol=rtol, atol=atol)
             largest_in_history = max(largest_in_history, *(
                 abs(row[key] - single_row[key]) for key in row))
-        assert runs.load_best(member_dir) == runs.load_best(single_dir)
-        kept, single_kept = (runs.load_variables(d, member) for d in (member_dir, single_dir))
+        assert folder.load_best(member_dir) == folder.load_best(single_dir)
+        kept, single_kept = (folder.load_variables(d, member) for d in (member_dir, single_dir))
         chex.assert_trees_all_close(kept, single_kept, rtol=rtol, atol=atol)
         largest = max(largest, _largest_difference(kept, single_kept))
     print(f"largest difference of the kept variables: {largest:.3g}; of a history value: "
@@ -152,7 +153,7 @@ def test_members_equal_single_runs_and_stop_early_on_their_own(tmp_path):
     steps_per_epoch = int(state_M.step[0]) // epochs_M[0]
     assert [int(step) for step in state_M.step] == [e * steps_per_epoch for e in epochs_M]
     for m, member in enumerate(cfg.members()):  # each final state is its last checkpoint's
-        checkpoints = runs.Checkpoints(runs.member_dir(tmp_path / "seeds", member.seed),
+        checkpoints = folder.Checkpoints(folder.member_dir(tmp_path / "seeds", member.seed),
                                        keep_best=True)
         member_state = jax.tree_util.tree_map(lambda leaf, m=m: leaf[m], state_M)
         stored = checkpoints.restore(epochs_M[m], member_state)
@@ -160,12 +161,12 @@ def test_members_equal_single_runs_and_stop_early_on_their_own(tmp_path):
         jax.tree_util.tree_map(np.testing.assert_array_equal, stored.params, member_state.params)
     # A member folder is an ordinary run: one killed before its parameters were saved is
     # resumed alone from the checkpoints the vmapped run wrote, and ends the same.
-    member_dir = runs.member_dir(tmp_path / "seeds", 5)
-    kept = runs.load_variables(member_dir, cfg.members()[1])
-    (member_dir / runs.PARAMS_CHECKSUM_FILE).unlink()
-    train_quietly(cfg.members()[1], runs.reopen(member_dir), _splits())
+    member_dir = folder.member_dir(tmp_path / "seeds", 5)
+    kept = folder.load_variables(member_dir, cfg.members()[1])
+    (member_dir / folder.PARAMS_CHECKSUM_FILE).unlink()
+    train_quietly(cfg.members()[1], folder.reopen(member_dir), _splits())
     jax.tree_util.tree_map(np.testing.assert_array_equal,
-                           runs.load_variables(member_dir, cfg.members()[1]), kept)
+                           folder.load_variables(member_dir, cfg.members()[1]), kept)
     _check_the_folder_resumes_whole(tmp_path, cfg, state_M, epochs_M)
 
 
@@ -176,37 +177,37 @@ def _check_the_folder_resumes_whole(tmp_path, cfg, state_M, epochs_M):
     same history and best.json bytes, parameters and summary, and final states."""
     source, target = tmp_path / "seeds", tmp_path / "resumed"
     shutil.copytree(source, target)
-    (target / runs.SUMMARY_FILE).unlink()
+    (target / folder.SUMMARY_FILE).unlink()
     starts = []
     for m, member in enumerate(cfg.members()):
-        member_dir = runs.member_dir(target, member.seed)
-        for name in (runs.PARAMS_CHECKSUM_FILE, runs.BEST_FILE):
+        member_dir = folder.member_dir(target, member.seed)
+        for name in (folder.PARAMS_CHECKSUM_FILE, folder.BEST_FILE):
             (member_dir / name).unlink()
-        shutil.rmtree(member_dir / runs.PARAMS_DIR)
-        kept = sorted(int(folder.name) for folder in (member_dir / runs.CHECKPOINTS_DIR).iterdir())
+        shutil.rmtree(member_dir / folder.PARAMS_DIR)
+        kept = sorted(int(step_dir.name) for step_dir in (member_dir / folder.CHECKPOINTS_DIR).iterdir())
         keep = {0: kept[:-1], 1: kept, 2: []}[m]
         for epoch in set(kept) - set(keep):
-            shutil.rmtree(member_dir / runs.CHECKPOINTS_DIR / str(epoch))
+            shutil.rmtree(member_dir / folder.CHECKPOINTS_DIR / str(epoch))
         starts.append(max(keep, default=0))
     assert len(set(starts)) == 3, starts  # three different places to go on from
-    run = runs.reopen(target)
+    run = folder.reopen(target)
     assert run.resumed and [member.path.name for member in run.members] == [
         "seed-4", "seed-5", "seed-6"]
     resumed_M, histories = train_quietly(run.config, run, _splits())
     assert [len(history) for history in histories] == epochs_M
     for member in cfg.members():
-        a, b = (runs.member_dir(folder, member.seed) for folder in (source, target))
-        for name in (runs.HISTORY_FILE, runs.BEST_FILE):
+        a, b = (folder.member_dir(run_dir, member.seed) for run_dir in (source, target))
+        for name in (folder.HISTORY_FILE, folder.BEST_FILE):
             assert (a / name).read_bytes() == (b / name).read_bytes(), (member.seed, name)
-        jax.tree_util.tree_map(np.testing.assert_array_equal, runs.load_variables(a, member),
-                               runs.load_variables(b, member))
-    assert runs.load_summary(target) == runs.load_summary(source)
+        jax.tree_util.tree_map(np.testing.assert_array_equal, folder.load_variables(a, member),
+                               folder.load_variables(b, member))
+    assert folder.load_summary(target) == folder.load_summary(source)
     jax.tree_util.tree_map(np.testing.assert_array_equal, resumed_M.params, state_M.params)
     jax.tree_util.tree_map(np.testing.assert_array_equal, resumed_M.opt_state,
                            state_M.opt_state)
-    assert runs.finished(target)
+    assert folder.finished(target)
     with pytest.raises(FmnistError, match="has finished training"):
-        runs.reopen(target)
+        folder.reopen(target)
 
 
 @pytest.mark.slow
@@ -238,18 +239,18 @@ def test_mean_std_and_student_t_interval():
 
 def test_a_seeds_folder_claims_one_run_folder_per_seed_and_gives_them_back(tmp_path):
     cfg = get_config(seed=7, seeds=3)
-    claim = runs.claim(tmp_path / "run", cfg)
+    claim = folder.claim(tmp_path / "run", cfg)
     assert [member.path.name for member in claim.members] == ["seed-7", "seed-8", "seed-9"]
-    assert [runs.load_config(member.path) for member in claim.members] == cfg.members()
+    assert [folder.load_config(member.path) for member in claim.members] == cfg.members()
     assert all(member.seeds == 1 for member in cfg.members())
-    stored = json.loads((tmp_path / "run" / runs.SEEDS_FILE).read_text())
+    stored = json.loads((tmp_path / "run" / folder.SEEDS_FILE).read_text())
     assert stored["runs"] == ["seed-7", "seed-8", "seed-9"] and stored["config"]["seeds"] == 3
     with pytest.raises(FmnistError, match="already holds a run"):
-        runs.claim(tmp_path / "run", cfg)
+        folder.claim(tmp_path / "run", cfg)
     with pytest.raises(FmnistError, match="holds the runs of several seeds.*seed-7"):
-        runs.load_config(tmp_path / "run")
-    runs.abandon(claim)  # the seeds' locks too: a second abandon closes nothing twice
-    runs.abandon(claim)
+        folder.load_config(tmp_path / "run")
+    folder.abandon(claim)  # the seeds' locks too: a second abandon closes nothing twice
+    folder.abandon(claim)
     assert not (tmp_path / "run").exists()
 
 
@@ -260,7 +261,7 @@ def test_seeds_past_the_largest_seed_are_refused():
 
 @pytest.fixture
 def seeds_folder(tmp_path):
-    runs.claim(tmp_path / "run", get_config(seeds=2)).release()
+    folder.claim(tmp_path / "run", get_config(seeds=2)).release()
     return tmp_path / "run"
 
 
@@ -282,25 +283,25 @@ def test_bad_seeds_input_is_one_line(seeds_folder, script, args, message):
 def test_a_seeds_folder_is_reopened_whole_or_not_at_all(seeds_folder):
     """Every seed's folder is taken back (each locked), none when one is being trained or
     holds another config; with summary.json the run has finished."""
-    run = runs.reopen(seeds_folder)
+    run = folder.reopen(seeds_folder)
     assert run.resumed and run.config.seeds == 2
     assert [member.config for member in run.members] == get_config(seeds=2).members()
     with pytest.raises(FmnistError, match="seed-0 is being trained by another process"):
-        runs.reopen(seeds_folder)
+        folder.reopen(seeds_folder)
     run.members[0].release()
     with pytest.raises(FmnistError, match="seed-1 is being trained by another process"):
-        runs.reopen(seeds_folder)  # seed-0's lock, taken on the way, is given back
+        folder.reopen(seeds_folder)  # seed-0's lock, taken on the way, is given back
     run.members[1].release()
-    runs.reopen(seeds_folder).release()
-    member_config = runs.member_dir(seeds_folder, 1) / runs.CONFIG_FILE
+    folder.reopen(seeds_folder).release()
+    member_config = folder.member_dir(seeds_folder, 1) / folder.CONFIG_FILE
     member_config.write_text(get_config(seed=5).to_json())
     with pytest.raises(FmnistError, match="seed-1/config.json is not the config .*seeds.json "
                                           "gives seed 1"):
-        runs.reopen(seeds_folder)
-    (seeds_folder / runs.SUMMARY_FILE).write_text("{}")
-    assert runs.finished(seeds_folder)
+        folder.reopen(seeds_folder)
+    (seeds_folder / folder.SUMMARY_FILE).write_text("{}")
+    assert folder.finished(seeds_folder)
     with pytest.raises(FmnistError, match="has finished training"):
-        runs.reopen(seeds_folder)
+        folder.reopen(seeds_folder)
 
 
 @pytest.mark.slow
@@ -316,7 +317,7 @@ def test_train_script_prints_the_seed_table_and_reports_each_seed(tmp_path):
                         tmp_path / "train.csv", "--test-csv", tmp_path / "test.csv",
                         "--compile-cache", "none", timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    summary = runs.load_summary(tmp_path / "run")
+    summary = folder.load_summary(tmp_path / "run")
     assert [row["seed"] for row in summary["seeds"]] == [4, 5, 6]
     lines = result.stdout.splitlines()
     assert "seed  epochs  kept epoch  val acc  test acc" in lines
@@ -324,12 +325,12 @@ def test_train_script_prints_the_seed_table_and_reports_each_seed(tmp_path):
     assert any(line.startswith(f"test accuracy over 3 seeds: mean {summary['mean']:.4f}, std ")
                and "95% CI" in line for line in lines)
     for seed in (4, 5, 6):  # each seed's folder is a complete run, with its report
-        member_dir = runs.member_dir(tmp_path / "run", seed)
-        assert runs.finished(member_dir) and (member_dir / runs.REPORT_JSON_FILE).is_file()
+        member_dir = folder.member_dir(tmp_path / "run", seed)
+        assert folder.finished(member_dir) and (member_dir / folder.REPORT_JSON_FILE).is_file()
     # Killed before summary.json, seed 6 without its checkpoints: --resume of the folder
     # retrains seed 6 alone and writes the same summary.
-    (tmp_path / "run" / runs.SUMMARY_FILE).unlink()
-    shutil.rmtree(runs.member_dir(tmp_path / "run", 6) / runs.CHECKPOINTS_DIR)
+    (tmp_path / "run" / folder.SUMMARY_FILE).unlink()
+    shutil.rmtree(folder.member_dir(tmp_path / "run", 6) / folder.CHECKPOINTS_DIR)
     resumed = run_script("train.py", "--resume", tmp_path / "run", "--seeds", "3",
                          "--no-progress", "--no-report", "--train-csv", tmp_path / "train.csv",
                          "--test-csv", tmp_path / "test.csv", "--compile-cache", "none",
@@ -339,24 +340,24 @@ def test_train_script_prints_the_seed_table_and_reports_each_seed(tmp_path):
             f"after epoch 0") in resumed.stdout
     assert "epoch   1  mean of 1 seeds" in resumed.stdout
     assert "early stop" not in resumed.stdout
-    assert runs.load_summary(tmp_path / "run") == summary
+    assert folder.load_summary(tmp_path / "run") == summary
     again = run_script("train.py", "--resume", tmp_path / "run")
     assert again.returncode == 0 and "already finished training" in again.stdout
     # evaluate.py on the folder: a report for every seed.
     for seed in (4, 5, 6):
-        (runs.member_dir(tmp_path / "run", seed) / runs.REPORT_JSON_FILE).unlink()
+        (folder.member_dir(tmp_path / "run", seed) / folder.REPORT_JSON_FILE).unlink()
     evaluated = run_script("evaluate.py", tmp_path / "run", "--train-csv", tmp_path / "train.csv",
                            "--test-csv", tmp_path / "test.csv", "--compile-cache", "none",
                            timeout=600)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     for seed in (4, 5, 6):
-        assert (runs.member_dir(tmp_path / "run", seed) / runs.REPORT_JSON_FILE).is_file()
+        assert (folder.member_dir(tmp_path / "run", seed) / folder.REPORT_JSON_FILE).is_file()
 
 
 def test_seed_members_stacks_each_seeds_own_split_and_initial_state():
     """The set-up `train.py --seeds` and `seed_timing` share: member k is seed k's split and
     the state `create_train_state` gives seed k alone."""
-    from fmnist_jax.train import seed_members
+    from fmnist_jax.run.loop import seed_members
 
     train = make_split(200, seed=1)
     cfg = get_config(batch_size=30, val_fraction=0.2)
@@ -375,7 +376,7 @@ def test_seed_members_stacks_each_seeds_own_split_and_initial_state():
 
 @pytest.mark.slow  # four programs to compile: about 6 s
 def test_time_seeds_prints_one_row_per_k_against_the_one_model_epoch():
-    from fmnist_jax.seed_timing import time_seeds
+    from benchmarks.seed_timing import time_seeds
 
     train = make_split(160, seed=2)
     table = time_seeds(get_config(batch_size=32), train, [2], epochs=1)
@@ -391,10 +392,10 @@ def test_time_seeds_prints_one_row_per_k_against_the_one_model_epoch():
 
 
 _TIME_SEEDS_ON_TWO_DEVICES = """
-from fmnist_jax import parallel
+from fmnist_jax.run import parallel
 parallel.use_cpu_devices(2)
-from fmnist_jax.config import get_config
-from fmnist_jax.seed_timing import time_seeds
+from fmnist_jax.run.config import get_config
+from benchmarks.seed_timing import time_seeds
 from tests.helpers import make_split
 print(time_seeds(get_config(batch_size=32), make_split(160, seed=2), [2, 3], epochs=1))
 """

@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 
-from fmnist_jax import runs
+from fmnist_jax.run import folder
 from tests.helpers import REPO, read_tensorboard_scalars
 
 
@@ -26,7 +26,7 @@ def _as_events(history):
 
 def test_a_run_writes_its_history_as_events(tiny_run):
     run_dir, _, history = tiny_run
-    events = read_tensorboard_scalars(run_dir / runs.TENSORBOARD_DIR)
+    events = read_tensorboard_scalars(run_dir / folder.TENSORBOARD_DIR)
     assert events == _as_events(history)
     assert set(events) == {"train", "test"}  # no validation split in the tiny run
     assert set(events["train"]) == {"loss", "accuracy", "learning_rate"}
@@ -39,22 +39,22 @@ def _row(epoch: int, shift: float = 0.0):
 
 
 def test_a_resumed_log_holds_each_epoch_once(tmp_path):
-    with runs.EpochLog(tmp_path) as log:  # killed after epoch 3, its checkpoint of epoch 1
+    with folder.EpochLog(tmp_path) as log:  # killed after epoch 3, its checkpoint of epoch 1
         for epoch in (1, 2, 3):
             log.epoch(_row(epoch), {})
     # As if written seconds before the resume (tensorboardX names files by the second).
-    for path in (tmp_path / runs.TENSORBOARD_DIR).glob("*/events.out.tfevents.*"):
+    for path in (tmp_path / folder.TENSORBOARD_DIR).glob("*/events.out.tfevents.*"):
         path.rename(path.with_name("events.out.tfevents.1000000000.killed"))
-    with runs.EpochLog(tmp_path, resume_after=1) as log:
+    with folder.EpochLog(tmp_path, resume_after=1) as log:
         log.epoch(_row(2, shift=0.01), {})  # epoch 2 again (other numbers, to tell them apart)
-    history = runs.load_history(tmp_path)
+    history = folder.load_history(tmp_path)
     assert history == [_row(1), _row(2, shift=0.01)]
-    assert read_tensorboard_scalars(tmp_path / runs.TENSORBOARD_DIR) == _as_events(history)
+    assert read_tensorboard_scalars(tmp_path / folder.TENSORBOARD_DIR) == _as_events(history)
 
 
 def test_writing_events_imports_neither_tensorflow_nor_torch(tmp_path):
     code = ("import json, sys; from pathlib import Path\n"
-            "from fmnist_jax.tensorboard_log import TensorBoardLog\n"
+            "from fmnist_jax.run.tensorboard import TensorBoardLog\n"
             f"log = TensorBoardLog(Path({str(tmp_path)!r}))\n"
             "log.epoch({'epoch': 1, 'train_loss': 0.5})\n"
             "log.close()\n"
@@ -73,17 +73,17 @@ def test_without_tensorboardx_a_run_logs_its_history_and_says_so_once(tmp_path, 
     """A GPU box given the project with --no-deps may lack tensorboardX: the events are a
     view of the history, so the run goes on without them. Two logs (as of two seeds), one
     note."""
-    from fmnist_jax import tensorboard_log
+    from fmnist_jax.run import tensorboard
 
     monkeypatch.setitem(sys.modules, "tensorboardX", None)  # `import tensorboardX` fails
-    tensorboard_log._say_no_tensorboardx.cache_clear()
+    tensorboard._say_no_tensorboardx.cache_clear()
     for seed_dir in (tmp_path / "seed-0", tmp_path / "seed-1"):
         seed_dir.mkdir()
-        with runs.EpochLog(seed_dir) as log:
+        with folder.EpochLog(seed_dir) as log:
             log.epoch(_row(1), {})
             log.epoch(_row(2), {})
-        assert runs.load_history(seed_dir) == [_row(1), _row(2)]
-        assert not list((seed_dir / runs.TENSORBOARD_DIR).glob("**/events.out.tfevents.*"))
+        assert folder.load_history(seed_dir) == [_row(1), _row(2)]
+        assert not list((seed_dir / folder.TENSORBOARD_DIR).glob("**/events.out.tfevents.*"))
     err = capsys.readouterr().err
     assert err == ("note: tensorboardX is not installed, so this run writes no TensorBoard "
                    "events (history.jsonl has every value): pip install tensorboardX\n")

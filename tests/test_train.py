@@ -9,8 +9,9 @@ import jax
 import numpy as np
 import pytest
 
-from fmnist_jax import FmnistError, data, runs
-from fmnist_jax.config import get_config
+from fmnist_jax import FmnistError, data
+from fmnist_jax.run import folder
+from fmnist_jax.run.config import get_config
 from fmnist_jax.data import HALF, normalization_for, split_train_val
 from fmnist_jax.steps import predict_logits
 from tests.helpers import REPO, make_split, one_error_line, run_script, tiny_config
@@ -25,14 +26,14 @@ def test_run_folder_learns_and_is_reproducible(tmp_path, tiny_splits, tiny_run):
     assert history[-1]["test_accuracy"] > 0.5  # 10 classes: chance is 0.1
     # Same seed, same bytes; timings live apart in timing.jsonl.
     _run(cfg, tmp_path, tiny_splits)
-    assert (tmp_path / runs.HISTORY_FILE).read_bytes() == (
-        run_dir / runs.HISTORY_FILE).read_bytes()
-    assert runs.load_config(run_dir) == cfg
-    variables = runs.load_variables(run_dir, cfg)
+    assert (tmp_path / folder.HISTORY_FILE).read_bytes() == (
+        run_dir / folder.HISTORY_FILE).read_bytes()
+    assert folder.load_config(run_dir) == cfg
+    variables = folder.load_variables(run_dir, cfg)
     assert set(variables) == {"params"}  # LeNet-5 has no BatchNorm statistics
     jax.tree_util.tree_map(np.testing.assert_array_equal, variables["params"], state.params)
     timing = [json.loads(line) for line in
-              (run_dir / runs.TIMING_FILE).read_text().splitlines()]
+              (run_dir / folder.TIMING_FILE).read_text().splitlines()]
     assert "compile_seconds" in timing[0]
     assert [row["epoch"] for row in timing if "train_seconds" in row] == [1, 2]
     assert [row["epoch"] for row in timing if "checkpoint_seconds" in row] == [1, 2]
@@ -57,20 +58,20 @@ def test_validation_split_is_stratified_disjoint_and_seeded():
 
 def test_an_existing_run_is_not_overwritten(tiny_splits, tiny_run):
     run_dir = tiny_run[0]
-    before = (run_dir / runs.HISTORY_FILE).read_bytes()
+    before = (run_dir / folder.HISTORY_FILE).read_bytes()
     with pytest.raises(FmnistError, match="already holds a run"):
         _run(tiny_config(), run_dir, tiny_splits)
-    assert (run_dir / runs.HISTORY_FILE).read_bytes() == before
+    assert (run_dir / folder.HISTORY_FILE).read_bytes() == before
 
 
 def test_checkpoint_of_another_model_is_refused(tmp_path, tiny_run):
     run_dir = tiny_run[0]
     with pytest.raises(FmnistError, match="another model than 'cnn'"):
-        runs.load_variables(run_dir, get_config(model="cnn"))
+        folder.load_variables(run_dir, get_config(model="cnn"))
     with pytest.raises(FmnistError, match="not a run folder"):
-        runs.load_config(run_dir / "params")
+        folder.load_config(run_dir / "params")
     with pytest.raises(FmnistError, match="has no model"):
-        runs.load_variables(tmp_path / "elsewhere", get_config())
+        folder.load_variables(tmp_path / "elsewhere", get_config())
 
 
 def test_batch_larger_than_the_data_is_a_user_error(tmp_path, tiny_splits):
@@ -130,7 +131,7 @@ def test_dataset_normalization_uses_the_training_pixels():
 
 
 def test_run_folder_records_the_normalization(tiny_run):
-    assert runs.load_normalization(tiny_run[0]) == HALF
+    assert folder.load_normalization(tiny_run[0]) == HALF
 
 
 def test_a_val_fraction_that_leaves_no_batch_says_so(tmp_path, tiny_splits):
@@ -157,7 +158,7 @@ def test_two_trainings_on_one_workdir_one_gets_it(tmp_path, prepared_data_dir):
     loser_err = next(err for code, _, err in results if code == 1)
     assert loser_err.strip().splitlines() == [f"error: {workdir} already holds a run: pass "
                                               f"another --workdir or delete it"]
-    assert runs.load_variables(workdir, runs.load_config(workdir)) is not None
+    assert folder.load_variables(workdir, folder.load_config(workdir)) is not None
 
 
 @pytest.mark.slow
@@ -208,7 +209,7 @@ def test_a_second_run_loads_its_programs_from_the_compile_cache(tmp_path):
                             "--workdir", tmp_path / run, "--compile-cache", cache,
                             timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
-        timing = json.loads((tmp_path / run / runs.TIMING_FILE).read_text().splitlines()[0])
+        timing = json.loads((tmp_path / run / folder.TIMING_FILE).read_text().splitlines()[0])
         assert timing["startup_seconds"] >= timing["compile_seconds"] > 0
         return {p.name: p.stat().st_mtime_ns for p in cache.iterdir() if p.name.endswith("-cache")}
 

@@ -13,12 +13,12 @@ import jax
 import jax.numpy as jnp
 
 from fmnist_jax.augment import Augment
-from fmnist_jax.config import TrainConfig
+from fmnist_jax.run.config import TrainConfig
 from fmnist_jax.data import Normalization
-from fmnist_jax.parallel import DataParallel, check_batch_sizes, data_parallel
-from fmnist_jax.steps import (StepOptions, Sums, TrainState, evaluate, evaluate_seeds,
-                              evaluation_state, gather_members, train_epoch,
-                              train_epoch_seeds)
+from fmnist_jax.run.parallel import DataParallel, check_batch_sizes, data_parallel
+from fmnist_jax.seeds import evaluate_seeds, gather_members, train_epoch_seeds
+from fmnist_jax.steps import (StepOptions, Sums, TrainState, evaluate, evaluation_state,
+                              train_epoch)
 
 
 def step_options(cfg: TrainConfig) -> StepOptions:
@@ -90,7 +90,7 @@ class CompiledSeedEpochs:
     are shared out to the mesh's groups of devices (run in lockstep or one after another as
     `parallel.members_at_once` says), and each member's batches are split over the devices
     of its group. With several groups, each program leaves its results with the groups and a
-    small program of its own gathers them once all are done (`steps.gather_members` says
+    small program of its own gathers them once all are done (`seeds.gather_members` says
     why).
     """
 
@@ -155,7 +155,7 @@ class CompiledSeedEpochs:
 
     def _gathered(self, fn, out):
         """`fn`'s outputs `out`, gathered whole on every device once they are ready (with
-        several groups; see `steps.gather_members`)."""
+        several groups; see `seeds.gather_members`)."""
         if self._gather_fn is None:
             return out
         return self._gather_fn[fn](jax.block_until_ready(out))

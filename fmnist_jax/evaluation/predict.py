@@ -31,8 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from fmnist_jax import runs
-from fmnist_jax.config import TrainConfig
+from fmnist_jax.run import folder
+from fmnist_jax.run.config import TrainConfig
 from fmnist_jax.data import CLASS_NAMES, Normalization
 from fmnist_jax.errors import FmnistError
 from fmnist_jax.models import get_model
@@ -268,11 +268,11 @@ class Predictor:
 def load_predictor(run_dir: str | Path) -> Predictor:
     """The model of a run folder written by scripts/train.py; FmnistError if it is not one,
     has no parameters, or its parameters belong to another model than its config.json says."""
-    cfg = runs.load_config(run_dir)
-    variables = runs.load_variables(run_dir, cfg)
-    norm = runs.load_normalization(run_dir)
-    temperature = runs.load_temperature(run_dir)
-    best = runs.load_best(run_dir)
+    cfg = folder.load_config(run_dir)
+    variables = folder.load_variables(run_dir, cfg)
+    norm = folder.load_normalization(run_dir)
+    temperature = folder.load_temperature(run_dir)
+    best = folder.load_best(run_dir)
     return Predictor(config=cfg, variables=variables, normalization=norm,
                      temperature=1.0 if temperature is None else temperature,
                      calibrated=temperature is not None,

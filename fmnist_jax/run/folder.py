@@ -63,13 +63,13 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp  # checkpoints every epoch need it from the start anyway
 
-from fmnist_jax.config import TrainConfig
+from fmnist_jax.run.config import TrainConfig
 from fmnist_jax.data import Normalization, Split, fingerprint
 from fmnist_jax.errors import FmnistError
 from fmnist_jax.models import get_model
-from fmnist_jax.parallel import is_writer
+from fmnist_jax.run.parallel import is_writer
 from fmnist_jax.steps import init_variables
-from fmnist_jax.tensorboard_log import TensorBoardLog
+from fmnist_jax.run.tensorboard import TensorBoardLog
 
 CONFIG_FILE = "config.json"
 NORMALIZATION_FILE = "normalization.json"
@@ -449,7 +449,7 @@ class EpochLog:
     """history.jsonl and timing.jsonl, appended to and flushed once per epoch, and the
     history's values as TensorBoard events in tensorboard/ (see `tensorboard_log`).
 
-    Use as a context manager: `with runs.EpochLog(run_dir) as log: log.epoch(row, seconds)`.
+    Use as a context manager: `with folder.EpochLog(run_dir) as log: log.epoch(row, seconds)`.
     `resume_after=k` continues a run from its checkpoint of epoch k: the first k history
     lines are kept byte for byte, and whatever was written after them (epochs past the
     checkpoint, a line cut by a kill) is dropped, to be written again the same way. The

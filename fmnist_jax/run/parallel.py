@@ -123,7 +123,7 @@ def seed_groups(members: int, num_devices: int,
 
     One after another (`members_at_once` 1, a CPU's way): every device its own group; where
     the devices do not divide the members, spare places in the last groups are skipped at
-    no cost (`steps._over_members`). In lockstep (a GPU's way) a spare member would be
+    no cost (`seeds.over_members`). In lockstep (a GPU's way) a spare member would be
     computed like the others, so the groups take equal shares of the members and of the
     devices: their greatest common divisor. One model: one group. `members_at_once` by
     default `members_at_once_for` the platform of jax's devices."""

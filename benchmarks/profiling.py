@@ -163,7 +163,7 @@ class _LegacyLeNet5(nn.Module):
 
     @nn.compact
     def __call__(self, x, *, train: bool = False):
-        from fmnist_jax.models import Conv2D
+        from fmnist_jax.layers import Conv2D
 
         def pool(x):
             b, h, w, c = x.shape
@@ -181,11 +181,11 @@ def legacy_lenet5() -> nn.Module:
 class _Toeplitz3dLeNet5(nn.Module):
     """LeNet-5 as from 2026-11-25 to 2026-11-30: the row-Toeplitz matmul on 3-D rows
     (B, Ho, L), then the NHWC select-gradient pool, bias and ReLU. Same parameters; for
-    comparisons with `models.conv_pool_toeplitz` (2-D rows, one layout with the pool)."""
+    comparisons with `layers.conv_pool_toeplitz` (2-D rows, one layout with the pool)."""
 
     @nn.compact
     def __call__(self, x, *, train: bool = False):
-        from fmnist_jax.models import Conv2D, _banded_kernel, _toeplitz_rows, max_pool_2x2
+        from fmnist_jax.layers import Conv2D, _banded_kernel, _toeplitz_rows, max_pool_2x2
 
         class ConvPool(Conv2D):
             @nn.compact
@@ -215,7 +215,7 @@ class _TutorialCNNWith(nn.Module):
 
     @nn.compact
     def __call__(self, x, *, train: bool = False):
-        from fmnist_jax.models import ConvReluPool
+        from fmnist_jax.layers import ConvReluPool
 
         x = ConvReluPool(16, (3, 3), padding=1, impl=self.conv1_impl, name="conv1")(x)
         x = ConvReluPool(32, (3, 3), padding=1, impl=self.conv2_impl, name="conv2")(x)

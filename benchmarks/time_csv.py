@@ -1,5 +1,5 @@
 """Time the CSV reader on the full 60,000-row training file, made from the official .gz files:
-`python scripts/time_csv.py --manual-dir DIR` (median of 3 reads, compile-free: pure parsing)."""
+`python -m benchmarks.time_csv --manual-dir DIR` (median of 3 reads, compile-free: pure parsing)."""
 
 import argparse
 import gzip

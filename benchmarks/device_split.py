@@ -18,11 +18,11 @@ from typing import Any, Callable
 import jax
 
 from fmnist_jax import data, streams
-from fmnist_jax.config import TrainConfig
-from fmnist_jax.epochs import CompiledEpochs, step_options
+from fmnist_jax.run.config import TrainConfig
+from fmnist_jax.run.compiled import CompiledEpochs, step_options
 from fmnist_jax.models import get_model
 from fmnist_jax.optim import make_optimizer
-from fmnist_jax.parallel import data_parallel
+from fmnist_jax.run.parallel import data_parallel
 from fmnist_jax.steps import create_train_state
 
 

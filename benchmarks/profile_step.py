@@ -1,23 +1,23 @@
 """Per-image cost of one LeNet-5 training step, JAX vs torch-tensors PyTorch, and where JAX's goes.
 
-    python scripts/profile_step.py                  # both parts
-    python scripts/profile_step.py --no-breakdown --rounds 9
-    python scripts/profile_step.py --impl im2col    # im2col in both layers
-    python scripts/profile_step.py --compare-3d-rows   # before/after 2-D conv matmuls
-    python scripts/profile_step.py --cnn-formulations  # the tutorial CNN's choice
+    python -m benchmarks.profile_step                  # both parts
+    python -m benchmarks.profile_step --no-breakdown --rounds 9
+    python -m benchmarks.profile_step --impl im2col    # im2col in both layers
+    python -m benchmarks.profile_step --compare-3d-rows   # before/after 2-D conv matmuls
+    python -m benchmarks.profile_step --cnn-formulations  # the tutorial CNN's choice
 
-Part 1 (fmnist_jax.profiling.step_costs): per batch size, a scan of K train steps
+Part 1 (benchmarks.profiling.step_costs): per batch size, a scan of K train steps
 (steps.train_epoch on random uint8 images, compile excluded) and torch_train.train_epoch_tensors
 on the same number of images, interleaved round by round in this process; medians of
 microseconds per image and their ratio JAX/torch. On a shared machine only the ratio means
-much. Part 2 (fmnist_jax.profiling.op_breakdown): a jax.profiler trace of one scan, summed
+much. Part 2 (benchmarks.profiling.op_breakdown): a jax.profiler trace of one scan, summed
 per XLA thunk, labelled with the layer each came from.
 """
 
 import argparse
 
-from fmnist_jax import models
-from fmnist_jax.profiling import cnn_formulations, op_breakdown, step_costs
+from fmnist_jax import layers, models
+from benchmarks.profiling import cnn_formulations, op_breakdown, step_costs
 
 
 def main() -> None:
@@ -25,7 +25,7 @@ def main() -> None:
     ap.add_argument("--batch-sizes", default="64,256,1024")
     ap.add_argument("--images", type=int, default=8192, help="images per timed run")
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--impl", choices=sorted(models.CONV_IMPLS),
+    ap.add_argument("--impl", choices=sorted(layers.CONV_IMPLS),
                     help="force this conv formulation (default: the backend's choice)")
     ap.add_argument("--compare-im2col", action="store_true",
                     help="also time the im2col conv + jnp-max pool of before 2026-11-25")
@@ -43,15 +43,15 @@ def main() -> None:
         cnn_formulations(rounds=a.rounds)
         return
     if a.impl:
-        models.conv_and_pool_impl = lambda backend=None, kernel_shape=None, _i=a.impl: (
+        layers.conv_and_pool_impl = lambda backend=None, kernel_shape=None, _i=a.impl: (
             _i, "select")
     lenet = models.LeNet5()
     jax_models = {"jax": lenet}
     if a.compare_im2col:
-        from fmnist_jax.profiling import legacy_lenet5
+        from benchmarks.profiling import legacy_lenet5
         jax_models["jax-im2col-old"] = legacy_lenet5()
     if a.compare_3d_rows:
-        from fmnist_jax.profiling import toeplitz_3d_lenet5
+        from benchmarks.profiling import toeplitz_3d_lenet5
         jax_models["jax-3d-rows-old"] = toeplitz_3d_lenet5()
     step_costs(jax_models, [int(b) for b in a.batch_sizes.split(",")],
                images_per_run=a.images, rounds=a.rounds, torch=not a.no_torch)

@@ -22,29 +22,30 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from fmnist_jax import data, interrupts, metrics, runs, streams
-from fmnist_jax.config import TrainConfig
-from fmnist_jax.epochs import CompiledEpochs, CompiledSeedEpochs, rates, step_options
+from fmnist_jax import data, metrics, streams
+from fmnist_jax.run import folder, interrupts
+from fmnist_jax.run.config import TrainConfig
+from fmnist_jax.run.compiled import CompiledEpochs, CompiledSeedEpochs, rates, step_options
 from fmnist_jax.errors import FmnistError
 from fmnist_jax.models import get_model
 from fmnist_jax.optim import make_lr_schedule, make_optimizer, make_plateau
-from fmnist_jax.parallel import check_batch_sizes, describe_devices, is_writer
-from fmnist_jax.steps import (TrainState, create_train_state, evaluation_state,
-                              plateau_update, plateau_update_seeds)
+from fmnist_jax.run.parallel import check_batch_sizes, describe_devices, is_writer
+from fmnist_jax.seeds import plateau_update_seeds
+from fmnist_jax.steps import TrainState, create_train_state, evaluation_state, plateau_update
 
 
-def train_and_evaluate(cfg: TrainConfig, workdir: str | Path | runs.Claim, *,
+def train_and_evaluate(cfg: TrainConfig, workdir: str | Path | folder.Claim, *,
                        train: data.Split, test: data.Split,
                        log_fn: Callable[[str], Any] = tqdm.write,
                        progress: bool = True,
                        started: float | None = None) -> tuple[TrainState, list[Any]]:
     """Train `cfg` on `train` (less its validation split) and evaluate on the validation
-    split and `test` after every epoch; write the run folder `workdir` (see `runs`).
+    split and `test` after every epoch; write the run folder `workdir` (see `run.folder`).
 
-    `workdir` is a folder to claim, or a `runs.Claim` made earlier (the command line claims
+    `workdir` is a folder to claim, or a `folder.Claim` made earlier (the command line claims
     the folder before loading the data). Until the first epoch is written, any failure
     (a refused setup, Ctrl-C while compiling) gives the claim back. A claim from
-    `runs.reopen` continues the run from its latest checkpoint (from the start without one):
+    `folder.reopen` continues the run from its latest checkpoint (from the start without one):
     the epochs after it are trained again with the same keys, so the history and the
     parameters come out as an uninterrupted run's.
 
@@ -54,7 +55,7 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | Path | runs.Claim, *,
     epoch's variables (by validation accuracy; the last epoch's without a validation split).
 
     With `cfg.seeds` = M > 1, M models (seeds cfg.seed, cfg.seed + 1, ...) train as one
-    program (`steps.train_epoch_seeds`: in lockstep under `jax.vmap` on a GPU, one after
+    program (`seeds.train_epoch_seeds`: in lockstep under `jax.vmap` on a GPU, one after
     another on a CPU), each in its own run folder `workdir/seed-S/` with everything above,
     each trained as a run of `cfg.members()[m]` is (the same keys and batches; bit for bit
     on a CPU; in lockstep or with a seed's batches split over several devices the float
@@ -79,7 +80,7 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | Path | runs.Claim, *,
     check_batch_sizes(cfg.batch_size, cfg.eval_batch_size, jax.device_count(), cfg.seeds)
     if not is_writer():
         log_fn, progress = (lambda line: None), False
-    run = workdir if isinstance(workdir, runs.Claim) else runs.claim(workdir, cfg)
+    run = workdir if isinstance(workdir, folder.Claim) else folder.claim(workdir, cfg)
     if run.config != cfg:
         raise ValueError("the run folder was claimed for another config")
     try:
@@ -88,7 +89,7 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | Path | runs.Claim, *,
         run.release()
 
 
-def _train(cfg: TrainConfig, run: runs.Claim, train: data.Split, test: data.Split,
+def _train(cfg: TrainConfig, run: folder.Claim, train: data.Split, test: data.Split,
            log_fn: Callable[[str], Any], progress: bool, started: float | None):
     try:
         if run.members:
@@ -99,10 +100,10 @@ def _train(cfg: TrainConfig, run: runs.Claim, train: data.Split, test: data.Spli
             program = _OneModel(compiled)
         interrupts.raise_if_pending()  # Ctrl-C while compiling, swallowed: give the claim back
     except BaseException:
-        runs.abandon(run)
+        folder.abandon(run)
         raise
     has_val = "val" in program.eval_sets
-    checkpoints = [runs.Checkpoints(member.path, keep_best=has_val, async_save=ASYNC_CHECKPOINTS)
+    checkpoints = [folder.Checkpoints(member.path, keep_best=has_val, async_save=ASYNC_CHECKPOINTS)
                    if cfg.checkpoint_every else None for member in run.members or (run,)]
     try:
         return _epochs(cfg, run, state, program, lr_fn, checkpoints, len(test), log_fn,
@@ -237,11 +238,11 @@ def _epochs(cfg, run, state, program, lr_fn, checkpoints, n_test, log_fn, progre
             for m, start in enumerate(starts)])
     with contextlib.ExitStack() as open_logs:
         # Opening the log on resume cuts the history back to the checkpoint's epoch.
-        epoch_logs = [open_logs.enter_context(runs.EpochLog(
+        epoch_logs = [open_logs.enter_context(folder.EpochLog(
             member.path, resume_after=start if run.resumed else None))
             for member, start in zip(members, starts)]
         # Cut here too: with several processes, the others may read before process 0 cuts.
-        histories = [runs.load_history(member.path)[:start] if start else []
+        histories = [folder.load_history(member.path)[:start] if start else []
                      for member, start in zip(members, starts)]
         bests = [_Best(history) for history in histories]
         if has_val and any(best.epoch for best in bests):
@@ -347,10 +348,10 @@ def _epochs(cfg, run, state, program, lr_fn, checkpoints, n_test, log_fn, progre
     summary = {"metric": "test accuracy of each seed's kept model (" + (
         "the best validation accuracy" if has_val else "the last epoch") + ")",
         "seeds": kept, **metrics.mean_and_interval([row["test_accuracy"] for row in kept])}
-    runs.save_summary(run.path, summary)
+    folder.save_summary(run.path, summary)
     for line in summary_lines(summary):
         log_fn(line)
-    log_fn(f"summary: {run.path / runs.SUMMARY_FILE}")
+    log_fn(f"summary: {run.path / folder.SUMMARY_FILE}")
     return state, histories
 
 
@@ -379,11 +380,11 @@ def _keep_best(cfg, member, history, best, checkpoints, last_state, epochs_train
     has_val = last_state is None
     last = history[-1]["epoch"] if history else epochs_trained
     chosen = best.epoch if has_val else last
-    runs.save_best(member.path, {
+    folder.save_best(member.path, {
         "epoch": chosen, "chosen_by": "val_accuracy" if has_val else "last epoch",
         "val_accuracy": best.val_accuracy if has_val else None,
         "epochs_trained": epochs_trained, "stopped_early": epochs_trained < cfg.epochs})
-    runs.save_variables(member.path, best.variables if has_val else _variables(last_state))
+    folder.save_variables(member.path, best.variables if has_val else _variables(last_state))
     model_row = history[chosen - 1]  # rows 1..last: the resumed ones were read back
     correct = int(round(model_row["test_accuracy"] * n_test))
     which = (f"epoch {chosen}, the best validation accuracy ({best.val_accuracy:.4f})"
@@ -415,14 +416,14 @@ def _set_up(cfg: TrainConfig, run_dir: Path, train: data.Split, test: data.Split
     normalization, the initial state, the compilation."""
     n_given = len(train)
     if resumed:  # the epochs left need the images the run started with
-        runs.check_data(run_dir, train, test)
-    runs.save_data_fingerprints(run_dir, train, test)
+        folder.check_data(run_dir, train, test)
+    folder.save_data_fingerprints(run_dir, train, test)
     train, val = data.split_train_val(train, cfg.val_fraction, cfg.seed)
     _check_one_batch_fits(cfg, n_given, len(train), len(val) if val else 0)
     _log_device_and_config(cfg, log_fn)
 
     norm = data.normalization_for(cfg.normalization, train.images_NxHxWx1)
-    runs.save_normalization(run_dir, norm)
+    folder.save_normalization(run_dir, norm)
     steps_per_epoch = len(train) // cfg.batch_size
     state = create_train_state(get_model(cfg.model), make_optimizer(cfg, steps_per_epoch),
                                streams.stream_key(cfg.seed, streams.INIT),
@@ -477,7 +478,7 @@ def seed_members(cfg: TrainConfig, labels_N: np.ndarray, seeds: list[int]):
     return splits, state_M, steps_per_epoch
 
 
-def _set_up_seeds(cfg: TrainConfig, run: runs.Claim, train: data.Split, test: data.Split,
+def _set_up_seeds(cfg: TrainConfig, run: folder.Claim, train: data.Split, test: data.Split,
                   log_fn: Callable[[str], Any]):
     """`_set_up` for the M members of a run of several seeds: each its own validation split
     (indices into the one copy of the training images on the device), normalization and
@@ -490,12 +491,12 @@ def _set_up_seeds(cfg: TrainConfig, run: runs.Claim, train: data.Split, test: da
     _log_device_and_config(cfg, log_fn)
     if run.resumed:  # the epochs left need the images the run started with
         for member in run.members:
-            runs.check_data(member.path, train, test)
-    runs.save_data_fingerprints([member.path for member in run.members], train, test)
+            folder.check_data(member.path, train, test)
+    folder.save_data_fingerprints([member.path for member in run.members], train, test)
     norms = [data.normalization_for(cfg.normalization, train.images_NxHxWx1[train_idx])
              for train_idx, _ in splits]
     for member, norm in zip(run.members, norms):
-        runs.save_normalization(member.path, norm)
+        folder.save_normalization(member.path, norm)
     norm_M = data.Normalization(*(np.asarray(values, np.float32) for values in zip(*norms)))
     train_xy = jax.device_put((train.images_NxHxWx1, train.labels_N))
     eval_sets = {"test": (*jax.device_put((test.images_NxHxWx1, test.labels_N)), None)}

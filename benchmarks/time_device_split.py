@@ -1,10 +1,10 @@
 """Epoch time with each batch split over 1 vs 2 (or more) devices, interleaved in one process.
 
-    python scripts/time_device_split.py --cpu-devices 2                  # lenet5, batch 64 and 256
-    python scripts/time_device_split.py --cpu-devices 4 --devices 1,2,4 --rounds 5
+    python -m benchmarks.time_device_split --cpu-devices 2                  # lenet5, batch 64 and 256
+    python -m benchmarks.time_device_split --cpu-devices 4 --devices 1,2,4 --rounds 5
 
 Trains the preset (default lenet5) on its training images less the validation split, without
-evaluation; see fmnist_jax.device_split. Prints one line per epoch (with the load average),
+evaluation; see benchmarks.device_split. Prints one line per epoch (with the load average),
 then a markdown table.
 """
 
@@ -33,14 +33,14 @@ def main(argv=None) -> int:
     import jax
 
     from fmnist_jax import data
-    from fmnist_jax.config import get_config
-    from fmnist_jax.device_split import markdown_table, time_device_split
+    from fmnist_jax.run.config import get_config
+    from benchmarks.device_split import markdown_table, time_device_split
 
     if max(device_counts) > jax.device_count():
         raise FmnistError(f"--devices {args.devices} asks for {max(device_counts)} devices and "
                           f"this process has {jax.device_count()}: pass --cpu-devices "
                           f"{max(device_counts)}")
-    from fmnist_jax.parallel import check_batch_sizes
+    from fmnist_jax.run.parallel import check_batch_sizes
 
     for batch_size in batch_sizes:  # before the data loads
         for count in device_counts:

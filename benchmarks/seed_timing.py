@@ -22,10 +22,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fmnist_jax import data, parallel, streams
-from fmnist_jax.config import TrainConfig
-from fmnist_jax.epochs import CompiledEpochs, CompiledSeedEpochs, step_options
-from fmnist_jax.train import seed_members
+from fmnist_jax import data, streams
+from fmnist_jax.run import parallel
+from fmnist_jax.run.config import TrainConfig
+from fmnist_jax.run.compiled import CompiledEpochs, CompiledSeedEpochs, step_options
+from fmnist_jax.run.loop import seed_members
 
 
 def time_seeds(cfg: TrainConfig, train: data.Split, seeds_list: list[int],

@@ -1,7 +1,7 @@
 """Evaluate a run folder: metrics with confidence intervals, temperature scaling, PNGs.
 
 `evaluate_run(run_dir, ...)` computes the logits once per split, fits the temperature on the
-run's validation split (never the test set), and writes into the run folder (through `runs`)
+run's validation split (never the test set), and writes into the run folder (through `run.folder`)
 the report as text (sklearn-style classification report and the summary) and as JSON, the
 temperature, and three plots: confusion matrix, reliability diagram, training curves.
 """
@@ -16,9 +16,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fmnist_jax import data, metrics, plots, runs, streams
-from fmnist_jax.calibration import apply_temperature, fit_temperature
-from fmnist_jax.config import TrainConfig
+from fmnist_jax import data, metrics, streams
+from fmnist_jax.evaluation import plots
+from fmnist_jax.run import folder
+from fmnist_jax.evaluation.calibration import apply_temperature, fit_temperature
+from fmnist_jax.run.config import TrainConfig
 from fmnist_jax.errors import FmnistError
 from fmnist_jax.models import get_model
 from fmnist_jax.steps import inference_state, predict_logits
@@ -130,16 +132,16 @@ class LoadedRun:
     variables: dict  # {"params": ...} and "batch_stats" for BatchNorm models
     normalization: data.Normalization
     history: list[dict[str, Any]]
-    best: dict[str, Any] | None = None  # which epoch's parameters (runs.load_best); None: older run
+    best: dict[str, Any] | None = None  # which epoch's parameters (folder.load_best); None: older run
 
 
 def load_run(run_dir: str | Path) -> LoadedRun:
     """The run's config, variables, normalization and history; FmnistError if any is
     missing or damaged."""
-    cfg = runs.load_config(run_dir)
-    return LoadedRun(config=cfg, normalization=runs.load_normalization(run_dir),
-                     history=runs.load_history(run_dir), best=runs.load_best(run_dir),
-                     variables=runs.load_variables(run_dir, cfg))
+    cfg = folder.load_config(run_dir)
+    return LoadedRun(config=cfg, normalization=folder.load_normalization(run_dir),
+                     history=folder.load_history(run_dir), best=folder.load_best(run_dir),
+                     variables=folder.load_variables(run_dir, cfg))
 
 
 def evaluate_run(run_dir: str | Path, *, train: data.Split, test: data.Split,
@@ -153,7 +155,7 @@ def evaluate_run(run_dir: str | Path, *, train: data.Split, test: data.Split,
     run_dir = Path(run_dir)
     run = run or load_run(run_dir)
     cfg, norm = run.config, run.normalization
-    runs.check_data(run_dir, train, test)
+    folder.check_data(run_dir, train, test)
     _, val = data.split_train_val(train, cfg.val_fraction, cfg.seed)  # the run's own held-out
     state = inference_state(get_model(cfg.model), run.variables)
 
@@ -177,24 +179,24 @@ def evaluate_run(run_dir: str | Path, *, train: data.Split, test: data.Split,
         report["epoch"] = run.best["epoch"]
         report["epochs_trained"] = run.best["epochs_trained"]
     text = format_report(report, preds_N, test.labels_N, run_dir, run.best)
-    runs.save_report(run_dir, text, report)
+    folder.save_report(run_dir, text, report)
     if val is not None:
-        runs.save_calibration(run_dir, report["temperature"], report["n_validation"])
+        folder.save_calibration(run_dir, report["temperature"], report["n_validation"])
     _write_plots(run_dir, report, test_logits, test.labels_N, run.history)
     log_fn(text.rstrip())
-    log_fn(f"wrote {runs.REPORT_TEXT_FILE}, {runs.REPORT_JSON_FILE}, "
-           f"{', '.join(runs.PLOT_FILES.values())} to {run_dir}")
+    log_fn(f"wrote {folder.REPORT_TEXT_FILE}, {folder.REPORT_JSON_FILE}, "
+           f"{', '.join(folder.PLOT_FILES.values())} to {run_dir}")
     return report
 
 
 def _write_plots(run_dir: Path, report, logits_NxC, labels_N, history) -> None:
     plots.plot_confusion_matrix(np.array(report["confusion_matrix"]), data.CLASS_NAMES,
-                                runs.plot_path(run_dir, "confusion_matrix"))
+                                folder.plot_path(run_dir, "confusion_matrix"))
     t = report["temperature"]
     before = metrics.reliability_diagram(jax.nn.softmax(logits_NxC), labels_N)
     after = metrics.reliability_diagram(jax.nn.softmax(apply_temperature(logits_NxC, t)),
                                         labels_N)
     plots.plot_reliability(before, after, report["before_temperature"]["ece"],
-                           report["after_temperature"]["ece"], t, runs.plot_path(run_dir, "reliability"))
+                           report["after_temperature"]["ece"], t, folder.plot_path(run_dir, "reliability"))
     if history:
-        plots.plot_training_curves(history, runs.plot_path(run_dir, "curves"))
+        plots.plot_training_curves(history, folder.plot_path(run_dir, "curves"))

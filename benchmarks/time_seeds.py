@@ -1,8 +1,8 @@
 """Epoch time of `--seeds K` for several K, in one process, against one ordinary run:
 
-    python scripts/time_seeds.py                          # lenet5, K = 1, 3, 8, 32
-    python scripts/time_seeds.py --seeds-list 1,3 --epochs 2 --train-images 6400
-    python scripts/time_seeds.py --cpu-devices 1          # no device split
+    python -m benchmarks.time_seeds                          # lenet5, K = 1, 3, 8, 32
+    python -m benchmarks.time_seeds --seeds-list 1,3 --epochs 2 --train-images 6400
+    python -m benchmarks.time_seeds --cpu-devices 1          # no device split
 
 For each K: the preset's K members (seeds 0..K-1, each its own validation split of the
 training images) are set up as `train.py --seeds K` sets them up and compiled ahead of time
@@ -15,15 +15,16 @@ checkpoints are not timed. Prints one markdown row per program.
 The CPU is split into one XLA device per core (`--cpu-devices`, default: the cores this
 process may use). Each K runs twice: all K in lockstep under one vmap on one device, and as
 `train.py --seeds K` runs it (a device per core up to one per seed, each device's seeds
-one after another: `fmnist_jax.seed_timing`). The one-model epoch runs on one device.
+one after another: `benchmarks.seed_timing`). The one-model epoch runs on one device.
 """
 
 import argparse
 import os
 
-from fmnist_jax import data, parallel
-from fmnist_jax.config import get_config
-from fmnist_jax.seed_timing import time_seeds
+from fmnist_jax import data
+from fmnist_jax.run import parallel
+from fmnist_jax.run.config import get_config
+from benchmarks.seed_timing import time_seeds
 
 
 def main() -> None:
