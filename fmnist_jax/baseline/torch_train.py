@@ -32,6 +32,7 @@ import numpy as np
 from fmnist_jax.baseline import require_torch
 from fmnist_jax.data import HALF, Normalization
 from fmnist_jax.errors import FmnistError
+from fmnist_jax.files import first_line
 
 require_torch()  # a one-line FmnistError, not an ImportError traceback, when torch is missing
 import torch  # noqa: E402
@@ -283,9 +284,8 @@ def _first_compiled_step(setup: TorchSetup, x: torch.Tensor, y: torch.Tensor):
     except Exception as e:  # dynamo/inductor raise many types; all mean "compile failed"
         if not _is_compile_error(e):
             raise
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise FmnistError(f"torch.compile failed on {setup.device} ({type(e).__name__}: "
-                          f"{first_line[:300]}): run without --compile") from e
+                          f"{first_line(e, 300)}): run without --compile") from e
 
 
 def _is_compile_error(e: BaseException) -> bool:

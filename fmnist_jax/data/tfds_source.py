@@ -41,6 +41,7 @@ import numpy as np
 
 from fmnist_jax.data.splits import Split
 from fmnist_jax.errors import FmnistError
+from fmnist_jax.files import first_line, quiet_absl, write_atomically
 
 MANUAL_FILES = (
     "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
@@ -72,21 +73,16 @@ def resolve_manual_dir(manual_dir: str | os.PathLike | None = None) -> Path | No
 def _tfds(task: str):
     """tensorflow_datasets, imported for `task` ("read the prepared dataset under DIR", ...),
     or one FmnistError naming the module that is not installed."""
-    from absl import logging as absl_logging
-
-    verbosity = absl_logging.get_verbosity()
     # tfds's __init__ logs a failed import of its core as a traceback and goes on (a GPU box
     # that lacks one of its dependencies then meets "no attribute 'data_source'"): quiet
     # here, and the second import raises the error, which names the module.
-    absl_logging.set_verbosity(absl_logging.FATAL)
     try:
-        import tensorflow_datasets as tfds
-        import tensorflow_datasets.core  # noqa: F401
-        import array_record  # noqa: F401  (missing, tfds prints a banner about macOS first)
+        with quiet_absl("fatal"):
+            import tensorflow_datasets as tfds
+            import tensorflow_datasets.core  # noqa: F401
+            import array_record  # noqa: F401  (missing, tfds prints a banner about macOS first)
     except ImportError as e:
         raise _missing_module_error(e, task) from e
-    finally:
-        absl_logging.set_verbosity(verbosity)
     return tfds
 
 
@@ -110,8 +106,7 @@ def _missing_module_error(e: ImportError, task: str) -> FmnistError:
     given only some of tfds's dependencies): say which, not "damaged"."""
     module = _missing_module(e)
     if module is None:
-        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        what, fix = f"an import failed ({first_line})", "pip install tensorflow-datasets"
+        what, fix = f"an import failed ({first_line(e, 160)})", "pip install tensorflow-datasets"
     elif module == "tensorflow_datasets":
         what, fix = "tensorflow-datasets is not installed", "pip install tensorflow-datasets"
     else:
@@ -289,19 +284,14 @@ def _prepare(data_dir: Path, manual_dir: Path | None) -> Path:
 def _quiet_tfds():
     """Silence tfds while it builds: its tqdm bars, its absl logs, the notices it prints on
     stdout, TensorFlow's C++ start-up logs. Errors still come through as exceptions."""
-    from absl import logging as absl_logging
-
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # read when TensorFlow loads
     tfds = sys.modules["tensorflow_datasets"]
-    verbosity = absl_logging.get_verbosity()
-    absl_logging.set_verbosity(absl_logging.ERROR)
     tfds.display_progress_bar(False)
     try:
-        with contextlib.redirect_stdout(io.StringIO()), _stderr_held_back():
+        with quiet_absl("error"), contextlib.redirect_stdout(io.StringIO()), _stderr_held_back():
             yield
     finally:
         tfds.display_progress_bar(True)
-        absl_logging.set_verbosity(verbosity)
 
 
 @contextlib.contextmanager
@@ -384,32 +374,27 @@ def read_split(split: str, data_dir: Path) -> Split:
 
 
 def _read_split(split: str, data_dir: Path) -> Split:
-    from absl import logging as absl_logging
-
     version_dir = _version_dirs(data_dir)[-1]  # tfds reads the newest version
     file_format = _file_format(version_dir)
     task = f"read the prepared dataset under {data_dir}"
     tfds = _tfds(task)
-    verbosity = absl_logging.get_verbosity()
-    absl_logging.set_verbosity(absl_logging.ERROR)  # not "OpenCV is not installed" every run
     try:
-        if file_format == "tfrecord":
-            images, labels = _read_tfrecord(tfds, split, data_dir, version_dir)
-        else:
-            source = tfds.data_source("fashion_mnist", split=split, data_dir=str(data_dir),
-                                      download=False)
-            records = source.__getitems__(range(len(source)))
-            images = np.stack([r["image"] for r in records])
-            labels = np.array([r["label"] for r in records])
+        with quiet_absl("error"):  # not "OpenCV is not installed" every run
+            if file_format == "tfrecord":
+                images, labels = _read_tfrecord(tfds, split, data_dir, version_dir)
+            else:
+                source = tfds.data_source("fashion_mnist", split=split, data_dir=str(data_dir),
+                                          download=False)
+                records = source.__getitems__(range(len(source)))
+                images = np.stack([r["image"] for r in records])
+                labels = np.array([r["label"] for r in records])
     except FmnistError:
         raise
     except ImportError as e:  # tfds imports some of its dependencies only while reading
         raise _missing_module_error(e, task) from e
     except Exception as e:  # array_record: RuntimeError "Corrupted Riegeli/records file", ...
         raise _Damaged(version_dir, f"reading the {split} split failed: "
-                                    f"{(str(e).strip().splitlines() or [''])[0][:160]}") from e
-    finally:
-        absl_logging.set_verbosity(verbosity)
+                                    f"{first_line(e, 160)}") from e
     return Split(images_NxHxWx1=images.astype(np.uint8), labels_N=labels.astype(np.int32))
 
 
@@ -492,28 +477,12 @@ def _write_cache(data_dir: Path, key: str, train: Split, test: Split) -> None:
                 np.save(buffer, array, allow_pickle=False)
                 raw = buffer.getvalue()
                 files[name] = {"sha256": hashlib.sha256(raw).hexdigest(), "size": len(raw)}
-                _write_atomically(cache_dir / name, raw)
-        _write_atomically(cache_dir / _MANIFEST,
+                write_atomically(cache_dir / name, raw)
+        write_atomically(cache_dir / _MANIFEST,
                           json.dumps({"key": key, "files": files}, indent=1).encode())
     except OSError as e:
         print(f"note: cannot cache the decoded arrays in {cache_dir} ({e.strerror or e}): "
               f"every run decodes the dataset again (seconds)", file=sys.stderr, flush=True)
-
-
-def _write_atomically(path: Path, raw: bytes) -> None:
-    # A per-process temporary name (writers hold the lock) opened with the umask, so the
-    # cache is as readable as the tfds files beside it.
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(raw)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def _cached(data_dir: Path) -> tuple[Split, Split] | None:

@@ -66,6 +66,7 @@ import orbax.checkpoint as ocp  # checkpoints every epoch need it from the start
 from fmnist_jax.run.config import TrainConfig
 from fmnist_jax.data import Normalization, Split, fingerprint
 from fmnist_jax.errors import FmnistError
+from fmnist_jax.files import first_line, quiet_absl, write_atomically
 from fmnist_jax.models import get_model
 from fmnist_jax.run.parallel import is_writer
 from fmnist_jax.steps import init_variables
@@ -337,12 +338,9 @@ def _write_text(path: Path, text: str) -> None:
     file in place of a good one. Only process 0 writes (see the module's docstring)."""
     if not is_writer():
         return
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        write_atomically(path, text)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise FmnistError(f"cannot write {path} ({e.strerror}): free some space or check the "
                           f"folder's permissions, then run again") from e
 
@@ -549,20 +547,6 @@ def load_history(run_dir: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-@contextlib.contextmanager
-def _quiet_orbax() -> Iterator[None]:
-    """Hide orbax's absl log lines (warnings and tracebacks of a damaged or unwritable
-    checkpoint): every failure here becomes one FmnistError line instead."""
-    from absl import logging as absl_logging
-
-    verbosity = absl_logging.get_verbosity()
-    absl_logging.set_verbosity(absl_logging.FATAL)
-    try:
-        yield
-    finally:
-        absl_logging.set_verbosity(verbosity)
-
-
 def _checkpointer():
     # orbax takes ~0.4 s to import: imported when the parameters are saved or loaded, not
     # before a run's first epoch.
@@ -579,7 +563,7 @@ def _file_digests(folder: Path) -> dict[str, str]:
 
 def _write_params(run_dir: Path, params) -> None:
     """The orbax checkpoint, then the checksum of its files (what `load_variables` verifies)."""
-    with _quiet_orbax(), _checkpointer() as checkpointer:
+    with quiet_absl(), _checkpointer() as checkpointer:
         checkpointer.save(run_dir / PARAMS_DIR, params)
         checkpointer.wait_until_finished()  # on every process: all files are written
     if is_writer():
@@ -607,7 +591,7 @@ def save_variables(run_dir: Path, params) -> None:
     except Exception as e:  # orbax raises ValueError (tensorstore) or OSError
         _remove_params(run_dir)
         reason = ("no space left on device" if "No space left" in str(e) or getattr(
-            e, "errno", None) == errno.ENOSPC else f"{type(e).__name__}: {_first_line(e)}")
+            e, "errno", None) == errno.ENOSPC else f"{type(e).__name__}: {first_line(e)}")
         failure = e
     fallback = Path(tempfile.mkdtemp(prefix="fmnist_jax-params-"))
     try:
@@ -621,10 +605,6 @@ def save_variables(run_dir: Path, params) -> None:
                       f"they were saved to {fallback} instead: free some space, then move "
                       f"{PARAMS_DIR}/ and {PARAMS_CHECKSUM_FILE} from there into {run_dir}"
                       ) from failure
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [""])[0][:200]
 
 
 def _verify_params_files(run_dir: Path, path: Path) -> None:
@@ -658,7 +638,7 @@ def load_variables(run_dir: str | Path, cfg: TrainConfig) -> dict:
     abstract = {name: tree for name, tree in jax.eval_shape(
         functools.partial(init_variables, get_model(cfg.model)), jax.random.key(0)).items()
         if tree}
-    with _quiet_orbax(), _checkpointer() as checkpointer:
+    with quiet_absl(), _checkpointer() as checkpointer:
         try:
             stored = checkpointer.metadata(path).item_metadata.tree  # shapes, no data
             if _shapes(stored) != _shapes(abstract):
@@ -710,7 +690,7 @@ class Checkpoints:
             preservation_policy=keep.AnyPreservationPolicy(policies),
             enable_async_checkpointing=async_save, cleanup_tmp_directories=True, create=True)
         self.path = Path(run_dir).absolute() / CHECKPOINTS_DIR
-        with _quiet_orbax():
+        with quiet_absl():
             self._manager = ocp.CheckpointManager(self.path, options=options)
 
     def epochs(self) -> list[int]:
@@ -731,12 +711,12 @@ class Checkpoints:
         metrics = (None if new_best_val_accuracy is None
                    else {"val_accuracy": new_best_val_accuracy})
         try:
-            with _quiet_orbax():
+            with quiet_absl():
                 self._manager.save(epoch, args=ocp.args.StandardSave(tree), metrics=metrics,
                                    force=True)
         except Exception as e:  # orbax raises ValueError (tensorstore) or OSError
             raise FmnistError(f"saving the checkpoint of epoch {epoch} to {self.path} failed "
-                              f"({type(e).__name__}: {_first_line(e)}): free some space, then "
+                              f"({type(e).__name__}: {first_line(e)}): free some space, then "
                               f"continue with --resume") from e
 
     def restore(self, epoch: int, like):
@@ -756,7 +736,7 @@ class Checkpoints:
         target = jax.tree_util.tree_map(
             target_of, {"epoch": np.int32(0), "state": serialization.to_state_dict(like)})
         try:
-            with _quiet_orbax():
+            with quiet_absl():
                 self.wait()
                 tree = self._manager.restore(epoch, args=ocp.args.StandardRestore(target))
         except Exception as e:
@@ -773,7 +753,7 @@ class Checkpoints:
         self._manager.wait_until_finished()
 
     def close(self) -> None:
-        with _quiet_orbax():
+        with quiet_absl():
             self._manager.close()
 
 

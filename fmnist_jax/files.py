@@ -1,0 +1,47 @@
+"""Small helpers that several layers share: an atomic file write, quieting absl's logs, and an
+exception's first line for a one-line error."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Iterator
+
+
+def write_atomically(path: Path, data: bytes | str) -> None:
+    """Write `data` to a temporary file beside `path`, then rename it over `path`: a crash or
+    a full disk never leaves a half file in place of a good one. OSError on failure, with
+    the temporary file removed."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # per process: writers may race
+    try:
+        with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def quiet_absl(level: str = "fatal") -> Iterator[None]:
+    """absl's log verbosity set to `level` ("error" or "fatal") inside the block: the
+    libraries that log through absl (orbax, tfds) then fail only through their exceptions,
+    which the caller turns into one line."""
+    from absl import logging as absl_logging
+
+    verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity({"error": absl_logging.ERROR, "fatal": absl_logging.FATAL}[level])
+    try:
+        yield
+    finally:
+        absl_logging.set_verbosity(verbosity)
+
+
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (its type's name when it has none), cut at
+    `limit` characters: the part worth quoting in a one-line error."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:limit]
