@@ -1,6 +1,6 @@
 """Per-image cost of a LeNet-5 training step, JAX against torch-tensors PyTorch, in one process.
 
-Used by `scripts/profile_step.py`. Every number is a wall-clock time read after
+Used by `python -m benchmarks.profile_step`. Every number is a wall-clock time read after
 `block_until_ready` (JAX) or after the step loop returns (torch on CPU runs synchronously),
 with compilation and torch's first steps excluded. The machine is shared and noisy, so the
 figures that mean something are RATIOS of runs interleaved in the same process: each round
@@ -157,9 +157,9 @@ def _lenet5_dense_head(x):
     return nn.Dense(10, name="fc3")(x)
 
 
-class _LegacyLeNet5(nn.Module):
-    """LeNet-5 as before the speed work: im2col conv, then bias, ReLU, and a reshape-max pool
-    differentiated by jnp (ties counted and split). Same parameters; for comparisons."""
+class _Im2colLeNet5(nn.Module):
+    """LeNet-5 with the im2col conv, then bias, ReLU, and a reshape-max pool differentiated
+    by jnp (ties counted and split). Same parameters; for comparisons."""
 
     @nn.compact
     def __call__(self, x, *, train: bool = False):
@@ -174,14 +174,14 @@ class _LegacyLeNet5(nn.Module):
         return _lenet5_dense_head(x)
 
 
-def legacy_lenet5() -> nn.Module:
-    return _LegacyLeNet5()
+def im2col_lenet5() -> nn.Module:
+    return _Im2colLeNet5()
 
 
-class _Toeplitz3dLeNet5(nn.Module):
-    """LeNet-5 as from 2026-11-25 to 2026-11-30: the row-Toeplitz matmul on 3-D rows
-    (B, Ho, L), then the NHWC select-gradient pool, bias and ReLU. Same parameters; for
-    comparisons with `layers.conv_pool_toeplitz` (2-D rows, one layout with the pool)."""
+class _Toeplitz3dRowsLeNet5(nn.Module):
+    """LeNet-5 with the row-Toeplitz matmul on 3-D rows (B, Ho, L), then the NHWC
+    select-gradient pool, bias and ReLU. Same parameters; for comparisons with
+    `layers.conv_pool_toeplitz` (2-D rows, one layout with the pool)."""
 
     @nn.compact
     def __call__(self, x, *, train: bool = False):
@@ -195,16 +195,17 @@ class _Toeplitz3dLeNet5(nn.Module):
                 p, (kh, kw, _, f) = self.padding, kernel.shape
                 ho, wo = h + 2 * p - kh + 1, w + 2 * p - kw + 1
                 rows_BxHxL = _toeplitz_rows(x, kh, p).reshape(b, ho, -1)
-                y = rows_BxHxL @ _banded_kernel(kernel, w + 2 * p, list(range(wo)))
-                return nn.relu(max_pool_2x2(y.reshape(b, ho, wo, f)) + bias.reshape(1, 1, 1, -1))
+                conv_BxHxWxF = (rows_BxHxL @ _banded_kernel(kernel, w + 2 * p, list(range(wo)))
+                                ).reshape(b, ho, wo, f)
+                return nn.relu(max_pool_2x2(conv_BxHxWxF) + bias.reshape(1, 1, 1, -1))
 
         x = ConvPool(6, (5, 5), padding=2, name="conv1")(x)
         x = ConvPool(16, (5, 5), name="conv2")(x)
         return _lenet5_dense_head(x)
 
 
-def toeplitz_3d_lenet5() -> nn.Module:
-    return _Toeplitz3dLeNet5()
+def toeplitz_3d_rows_lenet5() -> nn.Module:
+    return _Toeplitz3dRowsLeNet5()
 
 
 class _TutorialCNNWith(nn.Module):
