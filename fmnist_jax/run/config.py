@@ -1,7 +1,7 @@
 """One frozen config object holding every hyperparameter, and the named presets.
 
 Each `TrainConfig` field carries its help text and its check once, in its dataclass metadata:
-`validate()`, the command-line flags (`cli.add_config_flags`), `--help` and `config.json`
+`validate()`, the command-line flags (`cli_flags.add_config_flags`), `--help` and `config.json`
 are all made from them, so adding a hyperparameter is adding one field here.
 """
 
