@@ -112,7 +112,8 @@ def train_main(argv: list[str] | None = None) -> int:
             print(f"for the evaluation report, run: python scripts/evaluate.py {run.path}")
         return 0
     if not args.no_report:
-        from fmnist_jax.evaluation.report import evaluate_run  # matplotlib: ~1 s to import, so only here
+        # matplotlib takes about a second to import: only here
+        from fmnist_jax.evaluation.report import evaluate_run
 
         for member in run.members or (run,):
             evaluate_run(member.path, train=train, test=test)

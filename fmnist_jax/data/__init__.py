@@ -24,7 +24,6 @@ from fmnist_jax.data.tfds_source import (DATA_DIR_ENV, DOWNLOAD_HOST, LOCK_FILE,
                                          resolve_data_dir, resolve_manual_dir)
 
 
-
 def load(*, data_dir=None, manual_dir=None, train_csv=None, test_csv=None) -> tuple[Split, Split]:
     """(train, test) as whole host arrays: from `train_csv` and `test_csv` when given (both),
     else from the tfds folder `data_dir` (prepared from `manual_dir` or the internet first)."""
@@ -39,8 +38,10 @@ def load(*, data_dir=None, manual_dir=None, train_csv=None, test_csv=None) -> tu
 
 
 __all__ = [
-    "ARRAYS_DIR", "CLASS_NAMES", "DATA_DIR_ENV", "LOCK_FILE", "DOWNLOAD_HOST", "HALF", "MANUAL_DIR_ENV", "MANUAL_FILES",
-    "NORMALIZATIONS", "Normalization", "Split", "check_manual_dir", "dataset_mean_std",
-    "fingerprint", "is_prepared", "load", "load_fashion_mnist", "read_csv_split", "write_csv_split", "normalization_for", "prepare", "read_split",
+    "ARRAYS_DIR", "CLASS_NAMES", "DATA_DIR_ENV", "DOWNLOAD_HOST", "HALF", "LOCK_FILE",
+    "MANUAL_DIR_ENV", "MANUAL_FILES", "NORMALIZATIONS", "Normalization", "Split",
+    "check_manual_dir", "dataset_mean_std", "fingerprint", "is_prepared", "load",
+    "load_fashion_mnist", "normalization_for", "prepare", "read_csv_split", "read_split",
     "resolve_data_dir", "resolve_manual_dir", "split_train_val", "stratified_split",
+    "train_val_indices", "write_csv_split",
 ]
