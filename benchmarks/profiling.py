@@ -36,8 +36,8 @@ def random_images(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 class JaxEpoch:
     """`steps.train_epoch` of `model` + Adam, compiled once for (n images, batch)."""
 
-    def __init__(self, model: nn.Module, images, labels, batch_size: int):
-        self.xy = jax.device_put((images, labels))
+    def __init__(self, model: nn.Module, images_NxHxWx1, labels_N, batch_size: int):
+        self.xy = jax.device_put((images_NxHxWx1, labels_N))
         self.state = create_train_state(model, optax.adam(1e-3), jax.random.key(0))
         self.key = jax.random.key(1)
         self.fn = train_epoch.lower(self.state, *self.xy, self.key,
@@ -54,20 +54,20 @@ class JaxEpoch:
 class TorchEpoch:
     """`torch_train.train_epoch_tensors` over a fixed (steps, batch) order."""
 
-    def __init__(self, images, labels, batch_size: int):
+    def __init__(self, images_NxHxWx1, labels_N, batch_size: int):
         from fmnist_jax.baseline import torch_train as tl
 
         self.tl = tl
         self.setup = tl.make_setup(device="cpu", seed=0)
-        self.data = tl.to_device_split(images, labels, "cpu")
-        n = len(labels)
-        self.order = np.random.default_rng(0).permutation(n)[: n // batch_size * batch_size] \
-            .reshape(-1, batch_size)
-        tl.train_epoch_tensors(self.setup, self.data, self.order[:5])  # warm-up
+        self.data = tl.to_device_split(images_NxHxWx1, labels_N, "cpu")
+        n = len(labels_N)
+        order_N = np.random.default_rng(0).permutation(n)
+        self.order_SxB = order_N[: n // batch_size * batch_size].reshape(-1, batch_size)
+        tl.train_epoch_tensors(self.setup, self.data, self.order_SxB[:5])  # warm-up
 
     def run(self) -> float:
         t0 = time.perf_counter()
-        self.tl.train_epoch_tensors(self.setup, self.data, self.order)
+        self.tl.train_epoch_tensors(self.setup, self.data, self.order_SxB)
         return time.perf_counter() - t0
 
 
@@ -88,13 +88,13 @@ def step_costs(models: dict[str, nn.Module], batch_sizes: Sequence[int] = (64, 2
     Returns {batch: {name: us_per_image}} plus 'name/torch' ratios when torch runs.
     """
     out: dict[int, dict[str, float]] = {}
-    images, labels = random_images(images_per_run)
+    images_NxHxWx1, labels_N = random_images(images_per_run)
     for b in batch_sizes:
         runners: dict[str, Callable[[], float]] = {}
         if torch:
-            runners["torch"] = TorchEpoch(images, labels, b).run
+            runners["torch"] = TorchEpoch(images_NxHxWx1, labels_N, b).run
         for name, model in models.items():
-            runners[name] = JaxEpoch(model, images, labels, b).run
+            runners[name] = JaxEpoch(model, images_NxHxWx1, labels_N, b).run
         times = interleaved(runners, rounds)
         n = images_per_run // b * b
         us = {k: statistics.median(v) / n * 1e6 for k, v in times.items()}
@@ -126,8 +126,8 @@ def op_breakdown(model: nn.Module, batch_size: int = 64, *, steps: int = 20,
     import tempfile
     from collections import Counter
 
-    images, labels = random_images(batch_size * steps)
-    run = JaxEpoch(model, images, labels, batch_size)
+    images_NxHxWx1, labels_N = random_images(batch_size * steps)
+    run = JaxEpoch(model, images_NxHxWx1, labels_N, batch_size)
     meta = {}
     for line in run.fn.as_text().splitlines():
         m = re.match(r'\s*(?:ROOT )?%?([\w.\-]+) = (\S+) .*op_name="([^"]+)"', line)
@@ -229,10 +229,11 @@ def cnn_formulations(batch_size: int = 32, *, images_per_run: int = 2048, rounds
                      log: Callable[[str], object] = print) -> dict[str, float]:
     """Median microseconds per image of a tutorial-CNN training step for each per-layer choice
     of conv formulation (conv1+conv2), interleaved in this process."""
-    images, labels = random_images(images_per_run)
+    images_NxHxWx1, labels_N = random_images(images_per_run)
     pairs = [("im2col", "im2col"), ("toeplitz", "im2col"), ("toeplitz", "toeplitz"),
              ("lax", "lax")]
-    runners = {f"{a}+{b}": JaxEpoch(_TutorialCNNWith(a, b), images, labels, batch_size).run
+    runners = {f"{a}+{b}": JaxEpoch(_TutorialCNNWith(a, b), images_NxHxWx1, labels_N,
+                                    batch_size).run
                for a, b in pairs}
     times = interleaved(runners, rounds)
     n = images_per_run // batch_size * batch_size

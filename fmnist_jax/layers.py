@@ -119,10 +119,10 @@ def _banded_kernel(kernel_YxXxIxO: jax.Array, wp: int, out_columns: list[int]) -
 
 def _toeplitz_rows(x_BxHxWxF: jax.Array, kh: int, padding: int) -> jax.Array:
     """(B x Ho, kh x padded width x I): output row (b, h) sees padded rows h .. h + kh - 1."""
-    x = _pad_hw(x_BxHxWxF, padding)
-    b, hp, wp, c_in = x.shape
+    padded_BxHxWxF = _pad_hw(x_BxHxWxF, padding)
+    b, hp, wp, c_in = padded_BxHxWxF.shape
     ho = hp - kh + 1
-    x_rows = x.reshape(b, hp, wp * c_in)  # each padded row flattened to (W, I)
+    x_rows = padded_BxHxWxF.reshape(b, hp, wp * c_in)  # each padded row flattened to (W, I)
     return jnp.concatenate([x_rows[:, i:i + ho, :] for i in range(kh)], axis=-1).reshape(b * ho, -1)
 
 
@@ -155,8 +155,8 @@ def conv_pool_toeplitz(x_BxHxWxF: jax.Array, kernel_YxXxIxO: jax.Array, padding:
     default, the faster on a CPU (BENCHMARKS.md).
     """
     kh, kw, _, f = kernel_YxXxIxO.shape
-    x = _pad_hw(x_BxHxWxF, padding)
-    b, hp, wp, _ = x.shape
+    padded_BxHxWxF = _pad_hw(x_BxHxWxF, padding)
+    b, hp, wp, _ = padded_BxHxWxF.shape
     ho, wo = hp - kh + 1, wp - kw + 1
     pooled = []
     for pairs in np.array_split(np.arange(wo // 2), min(column_groups, wo // 2)):
@@ -164,8 +164,8 @@ def conv_pool_toeplitz(x_BxHxWxF: jax.Array, kernel_YxXxIxO: jax.Array, padding:
         w_in = stop - start + kw - 1  # the input columns they see
         parity_order = list(range(0, stop - start, 2)) + list(range(1, stop - start, 2))
         banded = _banded_kernel(kernel_YxXxIxO, w_in, parity_order)
-        conv_BxHx2x2xR = (_toeplitz_rows(x[:, :, start:start + w_in, :], kh, 0) @ banded
-                          ).reshape(b, ho // 2, 2, 2, (stop - start) // 2 * f)
+        rows = _toeplitz_rows(padded_BxHxWxF[:, :, start:start + w_in, :], kh, 0)
+        conv_BxHx2x2xR = (rows @ banded).reshape(b, ho // 2, 2, 2, (stop - start) // 2 * f)
         pooled.append(_max_of_2x2(conv_BxHx2x2xR))
     return jnp.concatenate(pooled, axis=-1).reshape(b, ho // 2, wo // 2, f)
 
@@ -173,11 +173,12 @@ def conv_pool_toeplitz(x_BxHxWxF: jax.Array, kernel_YxXxIxO: jax.Array, padding:
 def conv2d_im2col(x_BxHxWxF: jax.Array, kernel_YxXxIxO: jax.Array, padding: int) -> jax.Array:
     """Stride-1 conv, no bias, as im2col: kh*kw shifted slices, concatenated, one matmul."""
     kh, kw, c_in, f = kernel_YxXxIxO.shape
-    x = _pad_hw(x_BxHxWxF, padding)
-    ho, wo = x.shape[1] - kh + 1, x.shape[2] - kw + 1
+    padded_BxHxWxF = _pad_hw(x_BxHxWxF, padding)
+    ho, wo = padded_BxHxWxF.shape[1] - kh + 1, padded_BxHxWxF.shape[2] - kw + 1
     patches_BxHxWxL = jnp.concatenate(
-        [x[:, i:i + ho, j:j + wo, :] for i in range(kh) for j in range(kw)], axis=-1)
-    b = x.shape[0]
+        [padded_BxHxWxF[:, i:i + ho, j:j + wo, :] for i in range(kh) for j in range(kw)],
+        axis=-1)
+    b = padded_BxHxWxF.shape[0]
     return (patches_BxHxWxL.reshape(b * ho * wo, kh * kw * c_in)
             @ kernel_YxXxIxO.reshape(kh * kw * c_in, f)).reshape(b, ho, wo, f)
 

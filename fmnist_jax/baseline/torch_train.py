@@ -189,9 +189,9 @@ def to_device_split(images_NxHxWx1: np.ndarray, labels_N: np.ndarray,
     # With C = 1, NHWC -> NCHW is a reshape; it gives plain NCHW strides, where a transpose
     # would give channels-last ones and send the convolutions down another kernel path.
     # A copy (torch.tensor), not from_numpy: the host array may be read-only or reused.
-    images = torch.tensor(images_NxHxWx1.reshape(len(images_NxHxWx1), 1, 28, 28))
-    labels = torch.from_numpy(labels_N.astype(np.int64))
-    return DeviceSplit(images.to(dev), labels.to(dev))
+    images_Nx1xHxW = torch.tensor(images_NxHxWx1.reshape(len(images_NxHxWx1), 1, 28, 28))
+    int64_labels_N = torch.from_numpy(labels_N.astype(np.int64))
+    return DeviceSplit(images_Nx1xHxW.to(dev), int64_labels_N.to(dev))
 
 
 def torch_batch_order(n: int, batch_size: int, generator: torch.Generator) -> np.ndarray:
@@ -306,11 +306,12 @@ def _check_arrays(images_NxHxWx1: np.ndarray, labels_N: np.ndarray) -> None:
 
 
 def _check_order(batches_SxB: np.ndarray, n: int) -> np.ndarray:
-    order = np.asarray(batches_SxB)
-    if order.ndim != 2 or order.size == 0 or not np.issubdtype(order.dtype, np.integer):
+    order_SxB = np.asarray(batches_SxB)
+    if (order_SxB.ndim != 2 or order_SxB.size == 0
+            or not np.issubdtype(order_SxB.dtype, np.integer)):
         raise FmnistError(f"a batch order must be a non-empty (steps, batch) integer array, "
-                          f"got {order.dtype} {order.shape}")
-    if order.min() < 0 or order.max() >= n:
-        raise FmnistError(f"batch order indices run {order.min()}..{order.max()}, outside the "
-                          f"{n} examples")
-    return order.astype(np.int64)
+                          f"got {order_SxB.dtype} {order_SxB.shape}")
+    if order_SxB.min() < 0 or order_SxB.max() >= n:
+        raise FmnistError(f"batch order indices run {order_SxB.min()}..{order_SxB.max()}, "
+                          f"outside the {n} examples")
+    return order_SxB.astype(np.int64)

@@ -377,13 +377,13 @@ def _read_split(split: str, data_dir: Path) -> Split:
     try:
         with quiet_absl("error"):  # not "OpenCV is not installed" every run
             if file_format == "tfrecord":
-                images, labels = _read_tfrecord(tfds, split, data_dir, version_dir)
+                images_NxHxWx1, labels_N = _read_tfrecord(tfds, split, data_dir, version_dir)
             else:
                 source = tfds.data_source("fashion_mnist", split=split, data_dir=str(data_dir),
                                           download=False)
                 records = source.__getitems__(range(len(source)))
-                images = np.stack([r["image"] for r in records])
-                labels = np.array([r["label"] for r in records])
+                images_NxHxWx1 = np.stack([r["image"] for r in records])
+                labels_N = np.array([r["label"] for r in records])
     except FmnistError:
         raise
     except ImportError as e:  # tfds imports some of its dependencies only while reading
@@ -391,7 +391,8 @@ def _read_split(split: str, data_dir: Path) -> Split:
     except Exception as e:  # array_record: RuntimeError "Corrupted Riegeli/records file", ...
         raise _Damaged(version_dir, f"reading the {split} split failed: "
                                     f"{first_line(e, 160)}") from e
-    return Split(images_NxHxWx1=images.astype(np.uint8), labels_N=labels.astype(np.int32))
+    return Split(images_NxHxWx1=images_NxHxWx1.astype(np.uint8),
+                 labels_N=labels_N.astype(np.int32))
 
 
 def _read_tfrecord(tfds, split: str, data_dir: Path, version_dir: Path):
