@@ -1,11 +1,12 @@
 """Does splitting each batch over more devices make an epoch faster? Timed in one process.
 
-Used by `scripts/time_device_split.py`. For every batch size, one `CompiledEpochs` per device
-count d, each over a mesh of the first d devices (`parallel.data_parallel`), all in this
-process: on the CPU, start it with `--cpu-devices N` (jax's CPU devices share the machine's
-cores, so d = 1 here runs as a one-device process would). The configs take turns epoch by
-epoch (round by round), so a change in machine load hits them alike; compilation is timed
-apart. The machine is shared and noisy: the ratio of medians within one run is the result.
+Used by `python -m benchmarks.time_device_split`. For every batch size, one `CompiledEpochs`
+per device count d, each over a mesh of the first d devices (`parallel.data_parallel`), all in
+this process: on the CPU, start it with `--cpu-devices N` (jax's CPU devices share the
+machine's cores, so d = 1 here runs as a one-device process would). The configs take turns
+epoch by epoch (round by round), so a change in machine load hits them alike; compilation is
+timed apart. The machine is shared and noisy: the ratio of medians within one run is the
+result.
 """
 
 from __future__ import annotations

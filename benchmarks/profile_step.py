@@ -3,7 +3,7 @@
     python -m benchmarks.profile_step                  # both parts
     python -m benchmarks.profile_step --no-breakdown --rounds 9
     python -m benchmarks.profile_step --impl im2col    # im2col in both layers
-    python -m benchmarks.profile_step --compare-3d-rows   # before/after 2-D conv matmuls
+    python -m benchmarks.profile_step --compare-3d-rows   # also the conv on 3-D rows
     python -m benchmarks.profile_step --cnn-formulations  # the tutorial CNN's choice
 
 Part 1 (benchmarks.profiling.step_costs): per batch size, a scan of K train steps
@@ -28,10 +28,10 @@ def main() -> None:
     ap.add_argument("--impl", choices=sorted(layers.CONV_IMPLS),
                     help="force this conv formulation (default: the backend's choice)")
     ap.add_argument("--compare-im2col", action="store_true",
-                    help="also time the im2col conv + jnp-max pool of before 2026-11-25")
+                    help="also time LeNet-5 with the im2col conv and jnp's max pool")
     ap.add_argument("--compare-3d-rows", action="store_true",
-                    help="also time the Toeplitz conv on 3-D rows with the NHWC pool "
-                         "(2026-11-25 to 2026-11-30)")
+                    help="also time LeNet-5 with the Toeplitz conv on 3-D rows (B, Ho, L) "
+                         "and the NHWC select pool")
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--no-breakdown", action="store_true")
     ap.add_argument("--breakdown-batch", type=int, default=64)
@@ -48,11 +48,11 @@ def main() -> None:
     lenet = models.LeNet5()
     jax_models = {"jax": lenet}
     if a.compare_im2col:
-        from benchmarks.profiling import legacy_lenet5
-        jax_models["jax-im2col-old"] = legacy_lenet5()
+        from benchmarks.profiling import im2col_lenet5
+        jax_models["jax-im2col-jnp-pool"] = im2col_lenet5()
     if a.compare_3d_rows:
-        from benchmarks.profiling import toeplitz_3d_lenet5
-        jax_models["jax-3d-rows-old"] = toeplitz_3d_lenet5()
+        from benchmarks.profiling import toeplitz_3d_rows_lenet5
+        jax_models["jax-toeplitz-3d-rows"] = toeplitz_3d_rows_lenet5()
     step_costs(jax_models, [int(b) for b in a.batch_sizes.split(",")],
                images_per_run=a.images, rounds=a.rounds, torch=not a.no_torch)
     if not a.no_breakdown:

@@ -1,6 +1,6 @@
 """Per-image cost of a LeNet-5 training step, JAX against torch-tensors PyTorch, in one process.
 
-Used by `scripts/profile_step.py`. Every number is a wall-clock time read after
+Used by `python -m benchmarks.profile_step`. Every number is a wall-clock time read after
 `block_until_ready` (JAX) or after the step loop returns (torch on CPU runs synchronously),
 with compilation and torch's first steps excluded. The machine is shared and noisy, so the
 figures that mean something are RATIOS of runs interleaved in the same process: each round
@@ -36,8 +36,8 @@ def random_images(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 class JaxEpoch:
     """`steps.train_epoch` of `model` + Adam, compiled once for (n images, batch)."""
 
-    def __init__(self, model: nn.Module, images, labels, batch_size: int):
-        self.xy = jax.device_put((images, labels))
+    def __init__(self, model: nn.Module, images_NxHxWx1, labels_N, batch_size: int):
+        self.xy = jax.device_put((images_NxHxWx1, labels_N))
         self.state = create_train_state(model, optax.adam(1e-3), jax.random.key(0))
         self.key = jax.random.key(1)
         self.fn = train_epoch.lower(self.state, *self.xy, self.key,
@@ -54,20 +54,20 @@ class JaxEpoch:
 class TorchEpoch:
     """`torch_train.train_epoch_tensors` over a fixed (steps, batch) order."""
 
-    def __init__(self, images, labels, batch_size: int):
+    def __init__(self, images_NxHxWx1, labels_N, batch_size: int):
         from fmnist_jax.baseline import torch_train as tl
 
         self.tl = tl
         self.setup = tl.make_setup(device="cpu", seed=0)
-        self.data = tl.to_device_split(images, labels, "cpu")
-        n = len(labels)
-        self.order = np.random.default_rng(0).permutation(n)[: n // batch_size * batch_size] \
-            .reshape(-1, batch_size)
-        tl.train_epoch_tensors(self.setup, self.data, self.order[:5])  # warm-up
+        self.data = tl.to_device_split(images_NxHxWx1, labels_N, "cpu")
+        n = len(labels_N)
+        order_N = np.random.default_rng(0).permutation(n)
+        self.order_SxB = order_N[: n // batch_size * batch_size].reshape(-1, batch_size)
+        tl.train_epoch_tensors(self.setup, self.data, self.order_SxB[:5])  # warm-up
 
     def run(self) -> float:
         t0 = time.perf_counter()
-        self.tl.train_epoch_tensors(self.setup, self.data, self.order)
+        self.tl.train_epoch_tensors(self.setup, self.data, self.order_SxB)
         return time.perf_counter() - t0
 
 
@@ -88,13 +88,13 @@ def step_costs(models: dict[str, nn.Module], batch_sizes: Sequence[int] = (64, 2
     Returns {batch: {name: us_per_image}} plus 'name/torch' ratios when torch runs.
     """
     out: dict[int, dict[str, float]] = {}
-    images, labels = random_images(images_per_run)
+    images_NxHxWx1, labels_N = random_images(images_per_run)
     for b in batch_sizes:
         runners: dict[str, Callable[[], float]] = {}
         if torch:
-            runners["torch"] = TorchEpoch(images, labels, b).run
+            runners["torch"] = TorchEpoch(images_NxHxWx1, labels_N, b).run
         for name, model in models.items():
-            runners[name] = JaxEpoch(model, images, labels, b).run
+            runners[name] = JaxEpoch(model, images_NxHxWx1, labels_N, b).run
         times = interleaved(runners, rounds)
         n = images_per_run // b * b
         us = {k: statistics.median(v) / n * 1e6 for k, v in times.items()}
@@ -126,8 +126,8 @@ def op_breakdown(model: nn.Module, batch_size: int = 64, *, steps: int = 20,
     import tempfile
     from collections import Counter
 
-    images, labels = random_images(batch_size * steps)
-    run = JaxEpoch(model, images, labels, batch_size)
+    images_NxHxWx1, labels_N = random_images(batch_size * steps)
+    run = JaxEpoch(model, images_NxHxWx1, labels_N, batch_size)
     meta = {}
     for line in run.fn.as_text().splitlines():
         m = re.match(r'\s*(?:ROOT )?%?([\w.\-]+) = (\S+) .*op_name="([^"]+)"', line)
@@ -157,9 +157,9 @@ def _lenet5_dense_head(x):
     return nn.Dense(10, name="fc3")(x)
 
 
-class _LegacyLeNet5(nn.Module):
-    """LeNet-5 as before the speed work: im2col conv, then bias, ReLU, and a reshape-max pool
-    differentiated by jnp (ties counted and split). Same parameters; for comparisons."""
+class _Im2colLeNet5(nn.Module):
+    """LeNet-5 with the im2col conv, then bias, ReLU, and a reshape-max pool differentiated
+    by jnp (ties counted and split). Same parameters; for comparisons."""
 
     @nn.compact
     def __call__(self, x, *, train: bool = False):
@@ -174,14 +174,14 @@ class _LegacyLeNet5(nn.Module):
         return _lenet5_dense_head(x)
 
 
-def legacy_lenet5() -> nn.Module:
-    return _LegacyLeNet5()
+def im2col_lenet5() -> nn.Module:
+    return _Im2colLeNet5()
 
 
-class _Toeplitz3dLeNet5(nn.Module):
-    """LeNet-5 as from 2026-11-25 to 2026-11-30: the row-Toeplitz matmul on 3-D rows
-    (B, Ho, L), then the NHWC select-gradient pool, bias and ReLU. Same parameters; for
-    comparisons with `layers.conv_pool_toeplitz` (2-D rows, one layout with the pool)."""
+class _Toeplitz3dRowsLeNet5(nn.Module):
+    """LeNet-5 with the row-Toeplitz matmul on 3-D rows (B, Ho, L), then the NHWC
+    select-gradient pool, bias and ReLU. Same parameters; for comparisons with
+    `layers.conv_pool_toeplitz` (2-D rows, one layout with the pool)."""
 
     @nn.compact
     def __call__(self, x, *, train: bool = False):
@@ -195,16 +195,17 @@ class _Toeplitz3dLeNet5(nn.Module):
                 p, (kh, kw, _, f) = self.padding, kernel.shape
                 ho, wo = h + 2 * p - kh + 1, w + 2 * p - kw + 1
                 rows_BxHxL = _toeplitz_rows(x, kh, p).reshape(b, ho, -1)
-                y = rows_BxHxL @ _banded_kernel(kernel, w + 2 * p, list(range(wo)))
-                return nn.relu(max_pool_2x2(y.reshape(b, ho, wo, f)) + bias.reshape(1, 1, 1, -1))
+                conv_BxHxWxF = (rows_BxHxL @ _banded_kernel(kernel, w + 2 * p, list(range(wo)))
+                                ).reshape(b, ho, wo, f)
+                return nn.relu(max_pool_2x2(conv_BxHxWxF) + bias.reshape(1, 1, 1, -1))
 
         x = ConvPool(6, (5, 5), padding=2, name="conv1")(x)
         x = ConvPool(16, (5, 5), name="conv2")(x)
         return _lenet5_dense_head(x)
 
 
-def toeplitz_3d_lenet5() -> nn.Module:
-    return _Toeplitz3dLeNet5()
+def toeplitz_3d_rows_lenet5() -> nn.Module:
+    return _Toeplitz3dRowsLeNet5()
 
 
 class _TutorialCNNWith(nn.Module):
@@ -228,10 +229,11 @@ def cnn_formulations(batch_size: int = 32, *, images_per_run: int = 2048, rounds
                      log: Callable[[str], object] = print) -> dict[str, float]:
     """Median microseconds per image of a tutorial-CNN training step for each per-layer choice
     of conv formulation (conv1+conv2), interleaved in this process."""
-    images, labels = random_images(images_per_run)
+    images_NxHxWx1, labels_N = random_images(images_per_run)
     pairs = [("im2col", "im2col"), ("toeplitz", "im2col"), ("toeplitz", "toeplitz"),
              ("lax", "lax")]
-    runners = {f"{a}+{b}": JaxEpoch(_TutorialCNNWith(a, b), images, labels, batch_size).run
+    runners = {f"{a}+{b}": JaxEpoch(_TutorialCNNWith(a, b), images_NxHxWx1, labels_N,
+                                    batch_size).run
                for a, b in pairs}
     times = interleaved(runners, rounds)
     n = images_per_run // batch_size * batch_size

@@ -1,4 +1,4 @@
-"""Epoch time of `--seeds K` against one ordinary run (`scripts/time_seeds.py`).
+"""Epoch time of `--seeds K` against one ordinary run (`python -m benchmarks.time_seeds`).
 
 `time_seeds` sets up, for each K, the K members as `train.py --seeds K` does (each its own
 validation split, one stacked state) and the ordinary one-model epoch, compiles each ahead of

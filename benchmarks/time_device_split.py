@@ -10,7 +10,7 @@ then a markdown table.
 
 import os
 
-from fmnist_jax.cli import Parser, start_devices, use_compile_cache, user_errors_exit_1
+from fmnist_jax.cli_flags import Parser, start_devices, use_compile_cache, user_errors_exit_1
 from fmnist_jax.errors import FmnistError
 
 

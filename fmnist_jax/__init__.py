@@ -11,6 +11,8 @@ Array names end in their shape, one letter an axis, each letter with one meaning
     C  classes (10)                                      K  the k of top-k
     M  members of a `--seeds` run (one model per seed)   Q  one member's examples, as
                                                             indices into a shared N
+    R  a Toeplitz-conv matmul row: output columns x F, flattened (layers.py)
+    D  the columns of a CSV line: the label, then H x W pixels (785)
 
 `images_NxHxWx1` is a uint8 (N, 28, 28, 1) array, `logits_BxC` a (B, 10) one.
 """

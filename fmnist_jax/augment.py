@@ -12,11 +12,10 @@ image are 0 (black), as torchvision fills them.
 The geometric part is one affine map per image, sampled with nearest-neighbour interpolation
 and translations rounded to whole pixels: torchvision's defaults for RandomRotation and
 RandomAffine, and one gather per pixel; what any step brings in from outside its 28x28 frame
-is 0, as when torchvision applies the transforms one after the other (`affine`). Bilinear
-sampling (`jax.scipy.ndimage.map_coordinates` order 1, which is also what dm-pix's
-affine_transform uses) was measured first: four gathers and their weights cost 5-7x more on
-CPU, more than the notebook's MLP step itself, for no gain the notebook's recipe asks for.
-With every strength 0 the output equals the input.
+is 0, as when torchvision applies the transforms one after the other (`affine`). Not
+bilinear sampling (`jax.scipy.ndimage.map_coordinates` order 1): its four gathers and their
+weights cost more on a CPU than the notebook's MLP step itself (BENCHMARKS.md), for no gain
+the notebook's recipe asks for. With every strength 0 the output equals the input.
 """
 
 from __future__ import annotations

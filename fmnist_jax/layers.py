@@ -13,38 +13,32 @@ import jax.numpy as jnp
 import flax.linen as nn
 import numpy as np
 
-# ------------------------------------------------------------------------ conv and pool
-#
-# Why these formulations (measured on a 2-core CPU, see BENCHMARKS.md and
-# scripts/profile_step.py): LeNet-5's channel counts are tiny (1 -> 6 -> 16), so XLA's CPU
-# convolution is slow, and an im2col matmul with N = 6 output columns is memory-bound: its
-# patch matrix (25 floats per output pixel) is rewritten and re-read several times per step
-# (concatenate, forward matmul, weight-gradient matmul). The row-Toeplitz form below turns
-# each conv into ONE well-shaped matmul per image row: rows (B*Ho, kh*Wp*Cin) @ T (kh*Wp*Cin,
-# Wo*Cout), where T is the kernel laid out as a banded matrix. It does more flops (mostly
-# zeros of T) but moves far less memory, and the CPU matmul kernels are fast at these shapes.
-# The pool's gradient is a custom VJP: one elementwise select that gives each window's
-# gradient to its first maximum, as nn.max_pool's select-and-scatter does (jnp's max
-# gradient instead counts ties with an extra reduction and splits them). Every conv matmul
-# is 2-D, (B x Ho [x Wo], L) @ (L, N): with the batch and the image rows as two dimensions of
-# the product, XLA:CPU laid out the output's gradient transposed for the kernel's gradient
-# and fused that strided write into the pool's gradient, the dearest operation of a LeNet-5
-# step (15-16% of a batch-64 step, 25% at 256; the step took 1.3-2x as long). A LeNet-5 conv and
-# its pool run in one layout (`conv_pool_toeplitz`: a window's four values in contiguous
-# blocks).
+# Why these formulations on a CPU (measurements: BENCHMARKS.md, `python -m
+# benchmarks.profile_step`): LeNet-5's channel counts are tiny (1 -> 6 -> 16), so XLA's CPU
+# convolution is slow and an im2col matmul with 6 output columns is memory-bound (its patch
+# matrix is written and read several times a step). The row-Toeplitz form turns each conv into
+# one well-shaped matmul per image row, rows (B x Ho, kh x Wp x I) @ T (kh x Wp x I, Wo x O),
+# T the kernel laid out as a banded matrix: more flops (T's zeros), far less memory traffic.
+# Every conv matmul is 2-D (batch and image rows flattened together), which keeps XLA:CPU from
+# fusing a strided transpose into the pool's gradient. The pool's gradient is a custom VJP: one
+# elementwise select giving each window's gradient to its first maximum, as nn.max_pool's
+# select-and-scatter does (jnp's max gradient splits ties instead). A LeNet-5 conv and its pool
+# run in one layout (`conv_pool_toeplitz`: a window's four values in contiguous blocks).
 # On GPU/TPU none of this applies: `conv_and_pool_impl` picks lax's convolution (nn.Conv's,
 # cuDNN) and reduce_window max pooling (nn.max_pool's) there.
 
 
-def _first_max_grads(windows: list[jax.Array], m: jax.Array, g: jax.Array) -> list[jax.Array]:
-    """Each window position's share of the pooled gradient `g`: all of it at the first
-    position (in the order given) whose value equals the window's max `m`, zero elsewhere."""
-    taken = jnp.zeros(m.shape, bool)
+def _first_max_grads(window_values: list[jax.Array], window_max: jax.Array,
+                     grad_pooled: jax.Array) -> list[jax.Array]:
+    """Each window position's share of the pooled gradient: all of it at the first position
+    (in the order given) whose value equals the window's max, zero elsewhere. All arrays
+    share one shape, the pooled output's."""
+    taken = jnp.zeros(window_max.shape, bool)
     grads = []
-    for v in windows:
-        sel = (v == m) & ~taken
-        taken = taken | sel
-        grads.append(jnp.where(sel, g, 0.0))
+    for values in window_values:
+        first = (values == window_max) & ~taken
+        taken = taken | first
+        grads.append(jnp.where(first, grad_pooled, 0.0))
     return grads
 
 
@@ -61,37 +55,41 @@ def max_pool_2x2(x_BxHxWxF: jax.Array) -> jax.Array:
 
 
 def _max_pool_fwd(x_BxHxWxF):
-    m = max_pool_2x2(x_BxHxWxF)
-    return m, (x_BxHxWxF, m)
+    pooled_BxHxWxF = max_pool_2x2(x_BxHxWxF)
+    return pooled_BxHxWxF, (x_BxHxWxF, pooled_BxHxWxF)
 
 
-def _max_pool_bwd(res, g_BxHxWxF):
-    x, m = res
-    b, h, w, c = x.shape
-    v = x.reshape(b, h // 2, 2, w // 2, 2, c)
-    grads = _first_max_grads([v[:, :, i, :, j, :] for i in (0, 1) for j in (0, 1)], m, g_BxHxWxF)
-    dx = jnp.stack([jnp.stack(grads[0:2], axis=3), jnp.stack(grads[2:4], axis=3)], axis=2)
-    return (dx.reshape(b, h, w, c),)
+def _max_pool_bwd(saved, grad_pooled_BxHxWxF):
+    x_BxHxWxF, pooled_BxHxWxF = saved
+    b, h, w, c = x_BxHxWxF.shape
+    windows_BxHx2xWx2xF = x_BxHxWxF.reshape(b, h // 2, 2, w // 2, 2, c)
+    grads = _first_max_grads(
+        [windows_BxHx2xWx2xF[:, :, i, :, j, :] for i in (0, 1) for j in (0, 1)],
+        pooled_BxHxWxF, grad_pooled_BxHxWxF)
+    grad_x_BxHx2xWx2xF = jnp.stack([jnp.stack(grads[0:2], axis=3),
+                                    jnp.stack(grads[2:4], axis=3)], axis=2)
+    return (grad_x_BxHx2xWx2xF.reshape(b, h, w, c),)
 
 
 max_pool_2x2.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 @jax.custom_vjp
-def _max_of_2x2(v_BxHx2x2xN: jax.Array) -> jax.Array:
+def _max_of_2x2(rows_BxHx2x2xR: jax.Array) -> jax.Array:
     """max over axes 2 and 3 (a pool window's row and column parity), gradient to the first
     maximum in row-major window order: `max_pool_2x2`'s, for the layout of `conv_pool_toeplitz`."""
-    return v_BxHx2x2xN.max(axis=(2, 3))
+    return rows_BxHx2x2xR.max(axis=(2, 3))
 
 
-def _max_of_2x2_fwd(v):
-    m = _max_of_2x2(v)
-    return m, (v, m)
+def _max_of_2x2_fwd(rows_BxHx2x2xR):
+    pooled_BxHxR = _max_of_2x2(rows_BxHx2x2xR)
+    return pooled_BxHxR, (rows_BxHx2x2xR, pooled_BxHxR)
 
 
-def _max_of_2x2_bwd(res, g_BxHxN):
-    v, m = res
-    grads = _first_max_grads([v[:, :, i, j, :] for i in (0, 1) for j in (0, 1)], m, g_BxHxN)
+def _max_of_2x2_bwd(saved, grad_pooled_BxHxR):
+    rows_BxHx2x2xR, pooled_BxHxR = saved
+    grads = _first_max_grads([rows_BxHx2x2xR[:, :, i, j, :] for i in (0, 1) for j in (0, 1)],
+                             pooled_BxHxR, grad_pooled_BxHxR)
     return (jnp.stack([jnp.stack(grads[0:2], axis=2), jnp.stack(grads[2:4], axis=2)], axis=2),)
 
 
@@ -121,10 +119,10 @@ def _banded_kernel(kernel_YxXxIxO: jax.Array, wp: int, out_columns: list[int]) -
 
 def _toeplitz_rows(x_BxHxWxF: jax.Array, kh: int, padding: int) -> jax.Array:
     """(B x Ho, kh x padded width x I): output row (b, h) sees padded rows h .. h + kh - 1."""
-    x = _pad_hw(x_BxHxWxF, padding)
-    b, hp, wp, c_in = x.shape
+    padded_BxHxWxF = _pad_hw(x_BxHxWxF, padding)
+    b, hp, wp, c_in = padded_BxHxWxF.shape
     ho = hp - kh + 1
-    x_rows = x.reshape(b, hp, wp * c_in)  # each padded row flattened to (W, I)
+    x_rows = padded_BxHxWxF.reshape(b, hp, wp * c_in)  # each padded row flattened to (W, I)
     return jnp.concatenate([x_rows[:, i:i + ho, :] for i in range(kh)], axis=-1).reshape(b * ho, -1)
 
 
@@ -153,12 +151,12 @@ def conv_pool_toeplitz(x_BxHxWxF: jax.Array, kernel_YxXxIxO: jax.Array, padding:
 
     The output columns are split into `column_groups` groups of even width, each its own
     matmul against the input columns it sees: a narrower banded matrix has fewer zeros
-    (LeNet-5's layers: 0.56x and 0.66x the arithmetic of one group); with two groups a
-    batch-64 training step went from 28.6 to 22.4 us an image (BENCHMARKS.md).
+    (LeNet-5's layers: 0.56x and 0.66x the arithmetic of one group); two groups are the
+    default, the faster on a CPU (BENCHMARKS.md).
     """
     kh, kw, _, f = kernel_YxXxIxO.shape
-    x = _pad_hw(x_BxHxWxF, padding)
-    b, hp, wp, _ = x.shape
+    padded_BxHxWxF = _pad_hw(x_BxHxWxF, padding)
+    b, hp, wp, _ = padded_BxHxWxF.shape
     ho, wo = hp - kh + 1, wp - kw + 1
     pooled = []
     for pairs in np.array_split(np.arange(wo // 2), min(column_groups, wo // 2)):
@@ -166,19 +164,21 @@ def conv_pool_toeplitz(x_BxHxWxF: jax.Array, kernel_YxXxIxO: jax.Array, padding:
         w_in = stop - start + kw - 1  # the input columns they see
         parity_order = list(range(0, stop - start, 2)) + list(range(1, stop - start, 2))
         banded = _banded_kernel(kernel_YxXxIxO, w_in, parity_order)
-        y = _toeplitz_rows(x[:, :, start:start + w_in, :], kh, 0) @ banded
-        pooled.append(_max_of_2x2(y.reshape(b, ho // 2, 2, 2, (stop - start) // 2 * f)))
+        rows = _toeplitz_rows(padded_BxHxWxF[:, :, start:start + w_in, :], kh, 0)
+        conv_BxHx2x2xR = (rows @ banded).reshape(b, ho // 2, 2, 2, (stop - start) // 2 * f)
+        pooled.append(_max_of_2x2(conv_BxHx2x2xR))
     return jnp.concatenate(pooled, axis=-1).reshape(b, ho // 2, wo // 2, f)
 
 
 def conv2d_im2col(x_BxHxWxF: jax.Array, kernel_YxXxIxO: jax.Array, padding: int) -> jax.Array:
     """Stride-1 conv, no bias, as im2col: kh*kw shifted slices, concatenated, one matmul."""
     kh, kw, c_in, f = kernel_YxXxIxO.shape
-    x = _pad_hw(x_BxHxWxF, padding)
-    ho, wo = x.shape[1] - kh + 1, x.shape[2] - kw + 1
+    padded_BxHxWxF = _pad_hw(x_BxHxWxF, padding)
+    ho, wo = padded_BxHxWxF.shape[1] - kh + 1, padded_BxHxWxF.shape[2] - kw + 1
     patches_BxHxWxL = jnp.concatenate(
-        [x[:, i:i + ho, j:j + wo, :] for i in range(kh) for j in range(kw)], axis=-1)
-    b = x.shape[0]
+        [padded_BxHxWxF[:, i:i + ho, j:j + wo, :] for i in range(kh) for j in range(kw)],
+        axis=-1)
+    b = padded_BxHxWxF.shape[0]
     return (patches_BxHxWxL.reshape(b * ho * wo, kh * kw * c_in)
             @ kernel_YxXxIxO.reshape(kh * kw * c_in, f)).reshape(b, ho, wo, f)
 
@@ -201,10 +201,10 @@ def conv_and_pool_impl(backend: str | None = None,
     CPU: the select-gradient pool; the row-Toeplitz conv for LeNet-5's layers (5x5 kernels,
     at most 96 input x output channels), whose banded matrix stays small, and im2col for the
     rest: on the tutorial CNN's 3x3 layers (16 and 32 channels) the Toeplitz form's 5-10x
-    redundant arithmetic made a training step as slow (Toeplitz first layer, 1.01x) or
-    slower (both, 2.0x) than im2col (`scripts/profile_step.py --cnn-formulations`,
-    BENCHMARKS.md). Anything else (GPU, TPU): XLA's convolution and reduce_window pool, i.e.
-    nn.Conv and nn.max_pool, which cuDNN and friends already do well.
+    redundant arithmetic makes a training step no faster, or slower, than im2col
+    (`python -m benchmarks.profile_step --cnn-formulations`, BENCHMARKS.md). Anything else
+    (GPU, TPU): XLA's convolution and reduce_window pool, i.e. nn.Conv and nn.max_pool,
+    which cuDNN and friends already do well.
     """
     backend = backend or jax.default_backend()
     if backend != "cpu":

@@ -157,13 +157,13 @@ def _logits(state: TrainState, params, images_BxHxWx1: jax.Array, norm: Normaliz
     if state.batch_stats:
         variables["batch_stats"] = state.batch_stats
     kwargs = {"train": train} if state.takes_train else {}
-    x = normalize(images_BxHxWx1, norm)
+    x_BxHxWx1 = normalize(images_BxHxWx1, norm)
     if train and state.batch_stats:
-        logits_BxC, updated = state.apply_fn(variables, x, rngs={"dropout": key},
+        logits_BxC, updated = state.apply_fn(variables, x_BxHxWx1, rngs={"dropout": key},
                                              mutable=["batch_stats"], **kwargs)
         return logits_BxC, updated["batch_stats"]
     rngs = {"dropout": key} if train else None
-    return state.apply_fn(variables, x, rngs=rngs, **kwargs), state.batch_stats
+    return state.apply_fn(variables, x_BxHxWx1, rngs=rngs, **kwargs), state.batch_stats
 
 
 def _loss_and_sums(params, state, images_BxHxWx1, labels_B, key, norm, options: StepOptions):
@@ -260,8 +260,9 @@ def scan_epoch(state, images_NxHxWx1, labels_N, idx_Q, key, batch_size, norm, op
     n = labels_N.shape[0] if idx_Q is None else idx_Q.shape[0]
     steps = n // batch_size
     perm_key, step_key = jax.random.split(key)
-    order = jax.random.permutation(perm_key, n)[: steps * batch_size]
-    batches_SxB = (order if idx_Q is None else idx_Q[order]).reshape(steps, batch_size)
+    order_SxB = jax.random.permutation(perm_key, n)[: steps * batch_size].reshape(steps,
+                                                                               batch_size)
+    batches_SxB = order_SxB if idx_Q is None else idx_Q[order_SxB]
 
     def body(state, xs):
         idx_B, key = xs
@@ -300,7 +301,7 @@ def predict_logits(state: TrainState, images_NxHxWx1: jax.Array, *, batch_size: 
                    norm: Normalization) -> jax.Array:
     """Logits (N, 10) for all N images, computed batch by batch."""
     n = images_NxHxWx1.shape[0]
-    batches = padded_batches(images_NxHxWx1, batch_size)
+    batches_SxBxHxWx1 = padded_batches(images_NxHxWx1, batch_size)
     _, logits_SxBxC = jax.lax.scan(lambda c, b: (c, predict_logits_step(state, b, norm)),
-                                   None, batches)
+                                   None, batches_SxBxHxWx1)
     return logits_SxBxC.reshape(-1, NUM_CLASSES)[:n]

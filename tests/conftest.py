@@ -77,12 +77,12 @@ def run_main(capsys, monkeypatch):
     the shell sees, noise at interpreter exit) stays with the `run_script` tests. The compile
     cache is off ($FMNIST_COMPILE_CACHE=none): a main must not point this process's XLA at
     a persistent cache."""
-    from fmnist_jax import cli
+    from fmnist_jax import cli, cli_flags
 
     mains = {"train.py": cli.train_main, "evaluate.py": cli.evaluate_main,
              "predict.py": cli.predict_main, "bench.py": cli.bench_main}
     monkeypatch.chdir(REPO)
-    monkeypatch.setenv(cli.COMPILE_CACHE_ENV, "none")
+    monkeypatch.setenv(cli_flags.COMPILE_CACHE_ENV, "none")
 
     def run(script, *args, env=None):
         for name, value in (env or {}).items():

@@ -2,7 +2,9 @@
 
 from pathlib import Path
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -13,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_MANUAL_DIR = REPO.parent / "shared" / "datasets" / "fashion_mnist"
 
 # The batch size of the unit tests' single steps and augmentations (test_steps, test_augment,
-# test_config_optim): with one shape across files, a test reuses what another compiled.
+# test_optim): with one shape across files, a test reuses what another compiled.
 STEP_BATCH = 32
 
 
@@ -133,3 +135,60 @@ def read_tensorboard_scalars(folder) -> dict[str, dict[str, dict[int, float]]]:
                 assert event.step not in steps, f"{path}: {value.tag} step {event.step} twice"
                 steps[event.step] = value.simple_value
     return scalars
+
+
+def assert_close_to_scale(x, y):
+    """|x - y| <= 1e-5 * max|y| + 1e-7: within 1e-5 of the array's own scale.
+
+    A gradient entry is a float32 sum of thousands of products; summed in another order (any
+    two conv formulations do) it moves by ~1e-7 of the terms' size, which for entries of
+    size ~50 exceeds a flat 1e-5 even for nn.Conv against itself on another backend.
+    """
+    y = np.asarray(y)
+    np.testing.assert_allclose(x, y, rtol=0, atol=1e-5 * float(np.max(np.abs(y))) + 1e-7)
+
+
+def assert_trees_close_to_scale(a, b):
+    jax.tree_util.tree_map(assert_close_to_scale, a, b)
+
+
+class FlaxLeNet5(nn.Module):
+    """LeNet5 written with nn.Conv and nn.max_pool: the reference for the whole model."""
+
+    @nn.compact
+    def __call__(self, x, *, train=False):
+        pool = lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))  # noqa: E731
+        x = pool(nn.relu(nn.Conv(6, (5, 5), padding=2, name="conv1")(x)))
+        x = pool(nn.relu(nn.Conv(16, (5, 5), padding=0, name="conv2")(x)))
+        x = x.reshape(x.shape[0], -1)
+        x = nn.relu(nn.Dense(120, name="fc1")(x))
+        x = nn.relu(nn.Dense(84, name="fc2")(x))
+        return nn.Dense(10, name="fc3")(x)
+
+
+def assert_model_equals_flax(ours: nn.Module, ref: nn.Module) -> None:
+    """`ours` and the reference `ref` (same parameter layout): the same init from one key,
+    and logits, loss and gradients within 1e-5 on a batch of 8 random images."""
+    from fmnist_jax.steps import init_variables
+
+    x_BxHxWx1 = jax.random.normal(jax.random.key(1), (8, 28, 28, 1))
+    labels_B = jnp.arange(8) % 10
+    # Ours through the package's jitted init (the parameters depend on the input's shape
+    # only): compiled once per model, LeNet-5's shared with every LeNet-5 state of the suite,
+    # where ours.init would run the model's forward pass eagerly, compiling op by op.
+    params = init_variables(ours, jax.random.key(0))
+    jax.tree_util.tree_map(np.testing.assert_array_equal, params,
+                           ref.init(jax.random.key(0), x_BxHxWx1))  # same layout and init
+
+    def logits_loss_grad(model):
+        def loss(p):
+            logits_BxC = model.apply(p, x_BxHxWx1)
+            return (optax.softmax_cross_entropy_with_integer_labels(logits_BxC, labels_B).mean(),
+                    logits_BxC)
+        return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+
+    ((l_ours, logits_ours), g_ours), ((l_ref, logits_ref), g_ref) = (logits_loss_grad(ours),
+                                                                     logits_loss_grad(ref))
+    np.testing.assert_allclose(logits_ours, logits_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(l_ours, l_ref, rtol=1e-5)
+    assert_trees_close_to_scale(g_ours, g_ref)

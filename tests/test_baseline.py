@@ -180,7 +180,7 @@ def test_compiled_model_state_dict_is_accepted():
 
 
 # The batch-order helpers (order.py) are checked end to end against a train.py run in
-# tests/test_order.py::test_order_helpers_reproduce_a_training_run.
+# tests/test_baseline_order.py::test_order_helpers_reproduce_a_training_run.
 
 
 # ---------------------------------------------------------------- same steps in both frameworks

@@ -134,7 +134,7 @@ def test_official_images_round_trip(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not OFFICIAL_DIR.is_dir(), reason="official .gz files not present")
 def test_full_train_split_round_trip(tmp_path):
-    """All 60,000 train images (its parse time is measured by scripts/time_csv.py)."""
+    """All 60,000 train images (its parse time is measured by `python -m benchmarks.time_csv`)."""
     want = _official("train", 60_000)
     write_csv_split(want, tmp_path / "fashion-mnist_train.csv")
     _assert_same(read_csv_split(tmp_path / "fashion-mnist_train.csv"), want)

@@ -253,13 +253,13 @@ def _fake_prepared_dir(data_dir, info=b'{"splits": []}'):
 
 
 def _cached_fake(tmp_path):
-    from fmnist_jax.data import tfds_source
+    from fmnist_jax.data import arrays_cache
     from tests.helpers import make_split
 
     data_dir = tmp_path / "tfds"
     version_dir = _fake_prepared_dir(data_dir)
     train, test = make_split(64, seed=0), make_split(32, seed=1)
-    tfds_source._write_cache(data_dir, tfds_source._cache_key(version_dir), train, test)
+    arrays_cache.write_cache(data_dir, arrays_cache.cache_key(version_dir), train, test)
     return data_dir, version_dir, train, test
 
 

@@ -1,19 +1,16 @@
-"""The CPU conv/pool formulations against flax.linen.Conv / nn.max_pool: outputs AND
-gradients within 1e-5, for every conv and pool shape LeNet5 and TutorialCNN use, plus the
-backend choice and whole-model equality."""
+"""layers.py: the CPU conv/pool formulations against flax.linen.Conv / nn.max_pool, outputs
+AND gradients within 1e-5, for every conv and pool shape LeNet5 and TutorialCNN use, and the
+backend choice. The whole models against flax: test_models.py."""
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from fmnist_jax.layers import (CONV_IMPLS, POOL_IMPLS, Conv2D, ConvReluPool, _max_of_2x2,
                                conv_and_pool_impl, conv_pool_toeplitz, max_pool_2x2)
-from fmnist_jax.models import LeNet5, TutorialCNN
-from benchmarks.profiling import toeplitz_3d_lenet5
-from fmnist_jax.steps import init_variables
+from tests.helpers import assert_trees_close_to_scale
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -38,21 +35,6 @@ def _impl_and_conv_shapes():
     return [pytest.param(impl, *shape, id=f"{shape[0]}-{impl}",
                          marks=() if impl in picked[shape[0]] else pytest.mark.slow)
             for shape in CONV_SHAPES for impl in sorted(CONV_IMPLS)]
-
-
-def _assert_close_to_scale(x, y):
-    """|x - y| <= 1e-5 * max|y| + 1e-7: within 1e-5 of the array's own scale.
-
-    A gradient entry is a float32 sum of thousands of products; summed in another order (any
-    two conv formulations do) it moves by ~1e-7 of the terms' size, which for entries of
-    size ~50 exceeds a flat 1e-5 even for nn.Conv against itself on another backend.
-    """
-    y = np.asarray(y)
-    np.testing.assert_allclose(x, y, rtol=0, atol=1e-5 * float(np.max(np.abs(y))) + 1e-7)
-
-
-def _assert_trees_close(a, b):
-    jax.tree_util.tree_map(_assert_close_to_scale, a, b)
 
 
 def _output_loss_and_grads(apply, cot, argnums=(0, 1)):
@@ -80,7 +62,7 @@ def test_conv_outputs_and_grads_equal_flax_conv(impl, name, hw, c_in, c_out, k, 
     (l_ref, y_ref), g_ref = _output_loss_and_grads(reference.apply, cot)(params, x)
     np.testing.assert_allclose(y_ours, y_ref, **TOL)
     np.testing.assert_allclose(l_ours, l_ref, rtol=1e-5)
-    _assert_trees_close(g_ours, g_ref)  # d/dkernel, d/dbias and d/dinput
+    assert_trees_close_to_scale(g_ours, g_ref)  # d/dkernel, d/dbias and d/dinput
 
 
 @pytest.mark.parametrize("impl", sorted(POOL_IMPLS))
@@ -139,7 +121,7 @@ def test_conv_pool_toeplitz_any_column_groups(groups, name, hw, c_in, c_out, k, 
     (_, y_ours), g_ours = _output_loss_and_grads(ours, cot)(kernel, x)
     (_, y_ref), g_ref = _output_loss_and_grads(ref, cot)(kernel, x)
     np.testing.assert_allclose(y_ours, y_ref, **TOL)
-    _assert_trees_close(g_ours, g_ref)
+    assert_trees_close_to_scale(g_ours, g_ref)
 
 
 @pytest.mark.parametrize("impl,name,hw,c_in,c_out,k,pad", _impl_and_conv_shapes())
@@ -159,60 +141,7 @@ def test_conv_relu_pool_equals_flax(impl, name, hw, c_in, c_out, k, pad):
     (_, y_ours), g_ours = _output_loss_and_grads(ours.apply, cot)(params, x)
     (_, y_ref), g_ref = _output_loss_and_grads(ref_apply, cot)(params, x)
     np.testing.assert_allclose(y_ours, y_ref, **TOL)
-    _assert_trees_close(g_ours, g_ref)
-
-
-class _FlaxLeNet5(nn.Module):
-    """LeNet5 written with nn.Conv and nn.max_pool: the reference for the whole model."""
-
-    @nn.compact
-    def __call__(self, x, *, train=False):
-        pool = lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))  # noqa: E731
-        x = pool(nn.relu(nn.Conv(6, (5, 5), padding=2, name="conv1")(x)))
-        x = pool(nn.relu(nn.Conv(16, (5, 5), padding=0, name="conv2")(x)))
-        x = x.reshape(x.shape[0], -1)
-        x = nn.relu(nn.Dense(120, name="fc1")(x))
-        x = nn.relu(nn.Dense(84, name="fc2")(x))
-        return nn.Dense(10, name="fc3")(x)
-
-
-class _FlaxCNN(nn.Module):
-    @nn.compact
-    def __call__(self, x, *, train=False):
-        pool = lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))  # noqa: E731
-        x = pool(nn.relu(nn.Conv(16, (3, 3), padding=1, name="conv1")(x)))
-        x = pool(nn.relu(nn.Conv(32, (3, 3), padding=1, name="conv2")(x)))
-        x = x.reshape(x.shape[0], -1)
-        x = nn.relu(nn.Dense(128, name="fc1")(x))
-        return nn.Dense(10, name="fc2")(x)
-
-
-@pytest.mark.parametrize("ours,ref", [
-    (LeNet5(), _FlaxLeNet5()), (TutorialCNN(), _FlaxCNN()),
-    # the formulation before 2026-11-30, kept for scripts/profile_step.py: slow set only
-    pytest.param(toeplitz_3d_lenet5(), _FlaxLeNet5(), marks=pytest.mark.slow)],
-    ids=["lenet5", "cnn", "lenet5-before-2026-11-30"])
-def test_whole_model_logits_and_grads_equal_flax(ours, ref):
-    x = jax.random.normal(jax.random.key(1), (8, 28, 28, 1))
-    labels = jnp.arange(8) % 10
-    # Ours through the package's jitted init (the parameters depend on the input's shape
-    # only): compiled once per model, LeNet-5's shared with every LeNet-5 state of the suite,
-    # where ours.init would run the model's forward pass eagerly, compiling op by op.
-    params = init_variables(ours, jax.random.key(0))
-    jax.tree_util.tree_map(np.testing.assert_array_equal, params,
-                           ref.init(jax.random.key(0), x))  # same layout and init
-
-    def logits_loss_grad(model):
-        def loss(p):
-            logits = model.apply(p, x)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), logits
-        return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
-
-    ((l_ours, logits_ours), g_ours), ((l_ref, logits_ref), g_ref) = (logits_loss_grad(ours),
-                                                                     logits_loss_grad(ref))
-    np.testing.assert_allclose(logits_ours, logits_ref, **TOL)
-    np.testing.assert_allclose(l_ours, l_ref, rtol=1e-5)
-    _assert_trees_close(g_ours, g_ref)
+    assert_trees_close_to_scale(g_ours, g_ref)
 
 
 def test_backend_choice_is_made_in_one_place():

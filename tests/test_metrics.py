@@ -1,7 +1,6 @@
 """fmnist_jax.metrics against sklearn and torchmetrics, on random data and on edge cases."""
 
 import functools
-import time
 import warnings
 
 import jax
@@ -325,16 +324,6 @@ def test_bootstrap_ci_narrows_with_more_data_and_ignores_batching(big_case):
     rebatched = metrics.bootstrap_ci(metrics.accuracy, key, logits_NxC[:1000], labels_N[:1000],
                                      batch_size=40)  # the draws depend on the key only
     assert tuple(map(float, rebatched)) == tuple(map(float, small))
-
-
-@pytest.mark.slow  # a wall-clock bound: outside the fast set
-def test_bootstrap_1000_resamples_of_10000_is_fast(big_case):
-    logits_NxC, labels_N, _ = big_case
-    key = jax.random.key(3)
-    jax.block_until_ready(metrics.bootstrap_ci(metrics.accuracy, key, logits_NxC, labels_N))
-    start = time.perf_counter()
-    jax.block_until_ready(metrics.bootstrap_ci(metrics.accuracy, key, logits_NxC, labels_N))
-    assert time.perf_counter() - start < 2.0  # "well under a second" is the aim; 2 s is slack
 
 
 def _number_or_word(word):

@@ -1,3 +1,6 @@
+"""models.py: parameter counts and layouts, inits, BatchNorm as torch's, and each model's
+logits and gradients against the same model written with flax's own layers."""
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -5,9 +8,9 @@ import numpy as np
 import pytest
 
 from fmnist_jax import FmnistError
-from fmnist_jax.layers import Conv2D, max_pool_2x2
-from fmnist_jax.models import count_params, get_model
+from fmnist_jax.models import LeNet5, TutorialCNN, count_params, get_model
 from fmnist_jax.steps import init_params
+from tests.helpers import FlaxLeNet5, assert_model_equals_flax
 
 LENET5_PARAMS = 61_706  # the report's layer table: 156 + 2,416 + 48,120 + 10,164 + 850
 CNN_PARAMS = 206_922  # the tutorial's: 160 + 4,640 + 200,832 + 1,290
@@ -41,22 +44,23 @@ def test_lenet5_layer_shapes():
     }
 
 
-@pytest.mark.parametrize("c_in,padding,kernel", [(1, 2, 5), (6, 0, 5), (16, 1, 3)])
-def test_conv2d_equals_flax_conv(c_in, padding, kernel):
-    x = jax.random.normal(jax.random.key(1), (2, 14, 14, c_in))
-    ours = Conv2D(8, (kernel, kernel), padding=padding)
-    params = ours.init(jax.random.key(2), x)
-    reference = nn.Conv(8, (kernel, kernel), padding=padding)
-    # Same parameter names, shapes and initializer: the same key gives the same weights.
-    ref_params = reference.init(jax.random.key(2), x)
-    jax.tree_util.tree_map(np.testing.assert_array_equal, params, ref_params)
-    np.testing.assert_allclose(jax.jit(ours.apply)(params, x),
-                               jax.jit(reference.apply)(params, x), rtol=1e-5, atol=1e-5)
+class _FlaxCNN(nn.Module):
+    """TutorialCNN written with nn.Conv and nn.max_pool."""
+
+    @nn.compact
+    def __call__(self, x, *, train=False):
+        pool = lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))  # noqa: E731
+        x = pool(nn.relu(nn.Conv(16, (3, 3), padding=1, name="conv1")(x)))
+        x = pool(nn.relu(nn.Conv(32, (3, 3), padding=1, name="conv2")(x)))
+        x = x.reshape(x.shape[0], -1)
+        x = nn.relu(nn.Dense(128, name="fc1")(x))
+        return nn.Dense(10, name="fc2")(x)
 
 
-def test_max_pool_equals_flax_max_pool():
-    x = jax.random.normal(jax.random.key(0), (2, 10, 10, 3))
-    np.testing.assert_array_equal(max_pool_2x2(x), nn.max_pool(x, (2, 2), strides=(2, 2)))
+@pytest.mark.parametrize("ours,ref", [(LeNet5(), FlaxLeNet5()), (TutorialCNN(), _FlaxCNN())],
+                         ids=["lenet5", "cnn"])
+def test_whole_model_logits_and_grads_equal_flax(ours, ref):
+    assert_model_equals_flax(ours, ref)
 
 
 def test_unknown_model_is_a_user_error():

@@ -179,14 +179,14 @@ class _TorchRun:
             torch.cuda.reset_peak_memory_stats(self.device)
         # Warm-up on the real model (kernels, allocator, torch.compile), then back to the init.
         t0 = time.perf_counter()
-        order = jax_epoch_batch_order(streams.stream_key(cfg.seed, streams.BENCH_WARMUP),
-                                      self.n, cfg.batch_size)
-        warm = order[:TORCH_WARMUP_STEPS]
+        order_SxB = jax_epoch_batch_order(streams.stream_key(cfg.seed, streams.BENCH_WARMUP),
+                                          self.n, cfg.batch_size)
+        warm_SxB = order_SxB[:TORCH_WARMUP_STEPS]
         if kind == "torch-tensors":
-            tl.train_epoch_tensors(self.setup, self.train, warm)
+            tl.train_epoch_tensors(self.setup, self.train, warm_SxB)
         else:
             tl.train_epoch_dataloader(self.setup, tl.dataloader(
-                self.loader.dataset, batches_SxB=warm))
+                self.loader.dataset, batches_SxB=warm_SxB))
         _sync_torch(self.device)
         self.warmup_s = time.perf_counter() - t0
         self.setup.model.load_state_dict(flax_to_torch_state_dict(init, cfg.model))  # in place
@@ -195,9 +195,9 @@ class _TorchRun:
 
     def epoch(self, epoch: int) -> float:
         if self.kind == "torch-tensors":  # the JAX side's batches, computed before the clock
-            order = run_epoch_order(self.cfg.seed, epoch, self.n, self.cfg.batch_size)
+            order_SxB = run_epoch_order(self.cfg.seed, epoch, self.n, self.cfg.batch_size)
             t0 = time.perf_counter()
-            self.tl.train_epoch_tensors(self.setup, self.train, order)
+            self.tl.train_epoch_tensors(self.setup, self.train, order_SxB)
         else:
             t0 = time.perf_counter()
             self.tl.train_epoch_dataloader(self.setup, self.loader)

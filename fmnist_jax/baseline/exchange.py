@@ -135,16 +135,16 @@ def fc1_flax_rows_to_torch_columns(kernel_IxO: np.ndarray,
     """The flattened map's dense kernel: Flax (I = H*W*C, O), rows in H, W, C order ->
     torch weight (O, I), columns in C, H, W order."""
     h, w, c = feature_hwc
-    kernel_HxWxCxO = kernel_IxO.reshape(h, w, c, -1)
-    return kernel_HxWxCxO.transpose(3, 2, 0, 1).reshape(-1, h * w * c)
+    kernel_HxWxFxO = kernel_IxO.reshape(h, w, c, -1)
+    return kernel_HxWxFxO.transpose(3, 2, 0, 1).reshape(-1, h * w * c)
 
 
 def fc1_torch_columns_to_flax_rows(weight_OxI: np.ndarray,
                                    feature_hwc: tuple[int, int, int]) -> np.ndarray:
     """The inverse of `fc1_flax_rows_to_torch_columns`."""
     h, w, c = feature_hwc
-    weight_OxCxHxW = weight_OxI.reshape(-1, c, h, w)
-    return weight_OxCxHxW.transpose(2, 3, 1, 0).reshape(h * w * c, -1)
+    weight_OxFxHxW = weight_OxI.reshape(-1, c, h, w)
+    return weight_OxFxHxW.transpose(2, 3, 1, 0).reshape(h * w * c, -1)
 
 
 def _to_torch(x: np.ndarray) -> torch.Tensor:

@@ -153,13 +153,13 @@ def train_epoch_dataloader(setup: TorchSetup, loader: Iterable) -> TorchSums:
     """One pass over `loader`'s (float images, labels) batches, one Adam step each."""
     setup.model.train()
     sums = _DeviceSums(setup.device)
-    for step, (images_Bx1xHxW, labels_B) in enumerate(loader):
-        x = images_Bx1xHxW.to(setup.device, non_blocking=True)
-        y = labels_B.to(setup.device, non_blocking=True)
+    for step, (host_images_Bx1xHxW, host_labels_B) in enumerate(loader):
+        x_Bx1xHxW = host_images_Bx1xHxW.to(setup.device, non_blocking=True)
+        labels_B = host_labels_B.to(setup.device, non_blocking=True)
         if step == 0 and setup.compiled:
-            sums.add(*_first_compiled_step(setup, x, y))
+            sums.add(*_first_compiled_step(setup, x_Bx1xHxW, labels_B))
         else:
-            sums.add(*_optimizer_step(setup, x, y))
+            sums.add(*_optimizer_step(setup, x_Bx1xHxW, labels_B))
     return sums.result()
 
 
@@ -189,9 +189,9 @@ def to_device_split(images_NxHxWx1: np.ndarray, labels_N: np.ndarray,
     # With C = 1, NHWC -> NCHW is a reshape; it gives plain NCHW strides, where a transpose
     # would give channels-last ones and send the convolutions down another kernel path.
     # A copy (torch.tensor), not from_numpy: the host array may be read-only or reused.
-    images = torch.tensor(images_NxHxWx1.reshape(len(images_NxHxWx1), 1, 28, 28))
-    labels = torch.from_numpy(labels_N.astype(np.int64))
-    return DeviceSplit(images.to(dev), labels.to(dev))
+    images_Nx1xHxW = torch.tensor(images_NxHxWx1.reshape(len(images_NxHxWx1), 1, 28, 28))
+    int64_labels_N = torch.from_numpy(labels_N.astype(np.int64))
+    return DeviceSplit(images_Nx1xHxW.to(dev), int64_labels_N.to(dev))
 
 
 def torch_batch_order(n: int, batch_size: int, generator: torch.Generator) -> np.ndarray:
@@ -216,12 +216,12 @@ def train_epoch_tensors(setup: TorchSetup, data: DeviceSplit, batches_SxB: np.nd
     setup.model.train()
     sums = _DeviceSums(setup.device)
     for step, idx_B in enumerate(order_SxB):
-        x = normalize_uint8(data.images_Nx1xHxW[idx_B], norm)
-        y = data.labels_N[idx_B]
+        x_Bx1xHxW = normalize_uint8(data.images_Nx1xHxW[idx_B], norm)
+        labels_B = data.labels_N[idx_B]
         if step == 0 and setup.compiled:
-            sums.add(*_first_compiled_step(setup, x, y))
+            sums.add(*_first_compiled_step(setup, x_Bx1xHxW, labels_B))
         else:
-            sums.add(*_optimizer_step(setup, x, y))
+            sums.add(*_optimizer_step(setup, x_Bx1xHxW, labels_B))
     return sums.result()
 
 
@@ -233,11 +233,11 @@ def evaluate(setup: TorchSetup, data: DeviceSplit, *, batch_size: int = 1000,
     setup.model.eval()
     sums = _DeviceSums(data.device)
     for start in range(0, len(data), batch_size):
-        x = normalize_uint8(data.images_Nx1xHxW[start:start + batch_size], norm)
-        y = data.labels_N[start:start + batch_size]
-        logits_BxC = setup.model(x)
-        loss_sum = F.cross_entropy(logits_BxC, y, reduction="sum")
-        sums.add(loss_sum, (logits_BxC.argmax(dim=1) == y).sum(), y.shape[0])
+        x_Bx1xHxW = normalize_uint8(data.images_Nx1xHxW[start:start + batch_size], norm)
+        labels_B = data.labels_N[start:start + batch_size]
+        logits_BxC = setup.model(x_Bx1xHxW)
+        loss_sum = F.cross_entropy(logits_BxC, labels_B, reduction="sum")
+        sums.add(loss_sum, (logits_BxC.argmax(dim=1) == labels_B).sum(), labels_B.shape[0])
     return sums.result()
 
 
@@ -276,11 +276,11 @@ def _optimizer_step(setup: TorchSetup, x_Bx1xHxW: torch.Tensor,
     return loss.detach() * batch, correct, batch
 
 
-def _first_compiled_step(setup: TorchSetup, x: torch.Tensor, y: torch.Tensor):
+def _first_compiled_step(setup: TorchSetup, x_Bx1xHxW: torch.Tensor, labels_B: torch.Tensor):
     """The first step of a compiled model, where torch.compile actually compiles: its
     failures (no C++ compiler, no Python headers, an unsupported backend) become one line."""
     try:
-        return _optimizer_step(setup, x, y)
+        return _optimizer_step(setup, x_Bx1xHxW, labels_B)
     except Exception as e:  # dynamo/inductor raise many types; all mean "compile failed"
         if not _is_compile_error(e):
             raise
@@ -306,11 +306,12 @@ def _check_arrays(images_NxHxWx1: np.ndarray, labels_N: np.ndarray) -> None:
 
 
 def _check_order(batches_SxB: np.ndarray, n: int) -> np.ndarray:
-    order = np.asarray(batches_SxB)
-    if order.ndim != 2 or order.size == 0 or not np.issubdtype(order.dtype, np.integer):
+    order_SxB = np.asarray(batches_SxB)
+    if (order_SxB.ndim != 2 or order_SxB.size == 0
+            or not np.issubdtype(order_SxB.dtype, np.integer)):
         raise FmnistError(f"a batch order must be a non-empty (steps, batch) integer array, "
-                          f"got {order.dtype} {order.shape}")
-    if order.min() < 0 or order.max() >= n:
-        raise FmnistError(f"batch order indices run {order.min()}..{order.max()}, outside the "
-                          f"{n} examples")
-    return order.astype(np.int64)
+                          f"got {order_SxB.dtype} {order_SxB.shape}")
+    if order_SxB.min() < 0 or order_SxB.max() >= n:
+        raise FmnistError(f"batch order indices run {order_SxB.min()}..{order_SxB.max()}, "
+                          f"outside the {n} examples")
+    return order_SxB.astype(np.int64)

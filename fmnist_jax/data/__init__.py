@@ -4,6 +4,7 @@
   pixel normalization;
 - `tfds_source`: the official release through tfds's `fashion_mnist` builder (prepared once,
   read back without TensorFlow);
+- `arrays_cache`: the decoded arrays of the tfds folder, kept beside it;
 - `csv_source`: Kaggle's CSV release, validated cell by cell.
 
 `load(...)` picks the source: the two CSV files when they are given, else tfds.
@@ -16,11 +17,11 @@ from fmnist_jax.data.splits import (CLASS_NAMES, HALF, NORMALIZATIONS, Normaliza
                                     dataset_mean_std, fingerprint, normalization_for,
                                     split_train_val, stratified_split,
                                     train_val_indices)
-from fmnist_jax.data.tfds_source import (ARRAYS_DIR, DATA_DIR_ENV, LOCK_FILE, DOWNLOAD_HOST, MANUAL_DIR_ENV,
+from fmnist_jax.data.arrays_cache import ARRAYS_DIR
+from fmnist_jax.data.tfds_source import (DATA_DIR_ENV, DOWNLOAD_HOST, LOCK_FILE, MANUAL_DIR_ENV,
                                          MANUAL_FILES, check_manual_dir, is_prepared,
                                          load_fashion_mnist, prepare, read_split,
                                          resolve_data_dir, resolve_manual_dir)
-
 
 
 def load(*, data_dir=None, manual_dir=None, train_csv=None, test_csv=None) -> tuple[Split, Split]:
@@ -37,8 +38,10 @@ def load(*, data_dir=None, manual_dir=None, train_csv=None, test_csv=None) -> tu
 
 
 __all__ = [
-    "ARRAYS_DIR", "CLASS_NAMES", "DATA_DIR_ENV", "LOCK_FILE", "DOWNLOAD_HOST", "HALF", "MANUAL_DIR_ENV", "MANUAL_FILES",
-    "NORMALIZATIONS", "Normalization", "Split", "check_manual_dir", "dataset_mean_std",
-    "fingerprint", "is_prepared", "load", "load_fashion_mnist", "read_csv_split", "write_csv_split", "normalization_for", "prepare", "read_split",
+    "ARRAYS_DIR", "CLASS_NAMES", "DATA_DIR_ENV", "DOWNLOAD_HOST", "HALF", "LOCK_FILE",
+    "MANUAL_DIR_ENV", "MANUAL_FILES", "NORMALIZATIONS", "Normalization", "Split",
+    "check_manual_dir", "dataset_mean_std", "fingerprint", "is_prepared", "load",
+    "load_fashion_mnist", "normalization_for", "prepare", "read_csv_split", "read_split",
     "resolve_data_dir", "resolve_manual_dir", "split_train_val", "stratified_split",
+    "train_val_indices", "write_csv_split",
 ]

@@ -52,14 +52,13 @@ def read_csv_split(path: str | os.PathLike) -> Split:
         raise FmnistError(f"{path} has the header but no data rows (line 2 is missing): "
                           f"expected one line per image after the header")
     body = data[body_start:]
-    columns_CxN = _parse_rows(body)
-    if columns_CxN is None:
+    columns_DxN = _parse_rows(body)
+    if columns_DxN is None:
         _raise_first_error(path, body)
         raise FmnistError(f"{path} could not be parsed as a Fashion-MNIST CSV: check that it "
                           f"is Kaggle's format, header {_HEADER_TEXT}")  # not reached
-    images_NxP = np.ascontiguousarray(columns_CxN[1:].T)
-    return Split(images_NxHxWx1=images_NxP.reshape(-1, HEIGHT, WIDTH, 1),
-                 labels_N=columns_CxN[0].astype(np.int32))
+    images_NxHxWx1 = np.ascontiguousarray(columns_DxN[1:].T).reshape(-1, HEIGHT, WIDTH, 1)
+    return Split(images_NxHxWx1=images_NxHxWx1, labels_N=columns_DxN[0].astype(np.int32))
 
 
 def write_csv_split(split: Split, path: str | os.PathLike, *, eol: str = "\n") -> None:
@@ -77,10 +76,10 @@ def write_csv_split(split: Split, path: str | os.PathLike, *, eol: str = "\n") -
     if labels_N.ndim != 1 or (n and not 0 <= labels_N.min() <= labels_N.max() < NUM_CLASSES):
         raise ValueError(f"labels must be a vector of class indices 0..{NUM_CLASSES - 1}")
     # Column-major, so that each of the 785 columns handed to pyarrow is one contiguous array.
-    columns_CxN = np.empty((len(HEADER), n), np.uint8)
-    columns_CxN[0] = labels_N
-    columns_CxN[1:] = images_NxHxWx1.reshape(n, -1).T
-    table = pa.table([pa.array(c) for c in columns_CxN], names=list(HEADER))
+    columns_DxN = np.empty((len(HEADER), n), np.uint8)
+    columns_DxN[0] = labels_N
+    columns_DxN[1:] = images_NxHxWx1.reshape(n, -1).T
+    table = pa.table([pa.array(c) for c in columns_DxN], names=list(HEADER))
     with open(path, "wb") as f:
         # Our own header line: pyarrow would quote the names ("label","pixel1",...).
         f.write((",".join(HEADER) + eol).encode())
@@ -164,8 +163,8 @@ def _parse_rows(body: bytes) -> np.ndarray | None:
         return None
     if table.num_rows == 0:
         return None
-    columns_CxN = np.stack([column.to_numpy() for column in table.columns])
-    return None if columns_CxN[0].max() >= NUM_CLASSES else columns_CxN
+    columns_DxN = np.stack([column.to_numpy() for column in table.columns])
+    return None if columns_DxN[0].max() >= NUM_CLASSES else columns_DxN
 
 
 def _raise_first_error(path: Path, body: bytes) -> None:

@@ -14,18 +14,16 @@ one line saying how to rebuild it. A folder prepared earlier in tfrecord format 
 TensorFlow (`builder.as_dataset`), the only reader tfds has for it.
 
 Decoding the 70,000 PNGs tfds stores takes seconds, so the first read also writes the arrays,
-once, to `DATA_DIR/fashion_mnist_arrays/` (plain .npy files and a manifest of their sha256 and
-size, keyed by a hash of the tfds folder's dataset_info.json); later runs read those in well
-under a second. The tfds folder stays the source of truth: a cache whose key or checksums do
-not match is rebuilt from it. Preparing and caching hold an flock on `DATA_DIR/.fmnist_jax.lock`,
-so runs started together on a fresh data dir wait for one another instead of racing tfds.
+once, to `DATA_DIR/fashion_mnist_arrays/` (`arrays_cache`); later runs read those in well
+under a second. The tfds folder stays the source of truth: a cache that does not match it is
+rebuilt from it. Preparing and caching hold an flock on `DATA_DIR/.fmnist_jax.lock`, so runs
+started together on a fresh data dir wait for one another instead of racing tfds.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import io
 import json
 import os
@@ -39,9 +37,10 @@ from pathlib import Path
 
 import numpy as np
 
+from fmnist_jax.data.arrays_cache import ARRAYS_DIR, cache_key, read_cache, write_cache
 from fmnist_jax.data.splits import Split
 from fmnist_jax.errors import FmnistError
-from fmnist_jax.files import first_line, quiet_absl, write_atomically
+from fmnist_jax.files import first_line, quiet_absl
 
 MANUAL_FILES = (
     "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
@@ -50,10 +49,7 @@ MANUAL_FILES = (
 DATA_DIR_ENV = "FMNIST_DATA_DIR"
 MANUAL_DIR_ENV = "FMNIST_MANUAL_DIR"
 DOWNLOAD_HOST = "fashion-mnist.s3-website.eu-central-1.amazonaws.com"  # tfds's source URL host
-ARRAYS_DIR = "fashion_mnist_arrays"  # the decoded-arrays cache, beside tfds's fashion_mnist/
 LOCK_FILE = ".fmnist_jax.lock"
-_MANIFEST = "manifest.json"
-_CACHE_FORMAT = 1  # bump when the cache's layout changes: older caches are then rebuilt
 _MANUAL_HINT = (f"pass --manual-dir DIR (or set {MANUAL_DIR_ENV}=DIR), a folder holding the four "
                 f"official .gz files of the Fashion-MNIST release ({', '.join(MANUAL_FILES)})")
 
@@ -381,13 +377,13 @@ def _read_split(split: str, data_dir: Path) -> Split:
     try:
         with quiet_absl("error"):  # not "OpenCV is not installed" every run
             if file_format == "tfrecord":
-                images, labels = _read_tfrecord(tfds, split, data_dir, version_dir)
+                images_NxHxWx1, labels_N = _read_tfrecord(tfds, split, data_dir, version_dir)
             else:
                 source = tfds.data_source("fashion_mnist", split=split, data_dir=str(data_dir),
                                           download=False)
                 records = source.__getitems__(range(len(source)))
-                images = np.stack([r["image"] for r in records])
-                labels = np.array([r["label"] for r in records])
+                images_NxHxWx1 = np.stack([r["image"] for r in records])
+                labels_N = np.array([r["label"] for r in records])
     except FmnistError:
         raise
     except ImportError as e:  # tfds imports some of its dependencies only while reading
@@ -395,7 +391,8 @@ def _read_split(split: str, data_dir: Path) -> Split:
     except Exception as e:  # array_record: RuntimeError "Corrupted Riegeli/records file", ...
         raise _Damaged(version_dir, f"reading the {split} split failed: "
                                     f"{first_line(e, 160)}") from e
-    return Split(images_NxHxWx1=images.astype(np.uint8), labels_N=labels.astype(np.int32))
+    return Split(images_NxHxWx1=images_NxHxWx1.astype(np.uint8),
+                 labels_N=labels_N.astype(np.int32))
 
 
 def _read_tfrecord(tfds, split: str, data_dir: Path, version_dir: Path):
@@ -417,74 +414,6 @@ def _read_tfrecord(tfds, split: str, data_dir: Path, version_dir: Path):
     return batch["image"], batch["label"]
 
 
-# ---------------------------------------------------------------------------------------
-# The decoded-arrays cache: DATA_DIR/fashion_mnist_arrays/
-
-
-def _cache_key(version_dir: Path) -> str:
-    """What the cache was decoded from: the version folder's name and the hash of its
-    dataset_info.json (which changes whenever tfds rebuilds or upgrades the folder)."""
-    info = (version_dir / "dataset_info.json").read_bytes()
-    return f"{_CACHE_FORMAT}:{version_dir.name}:{hashlib.sha256(info).hexdigest()}"
-
-
-def _cache_files(split: str) -> tuple[str, str]:
-    return f"{split}_images.npy", f"{split}_labels.npy"
-
-
-def _read_cache(data_dir: Path, key: str) -> tuple[Split, Split] | None:
-    """(train, test) from the cache when its manifest matches `key` and every file its
-    sha256 and size; else None (no cache, an old one, or a damaged one: the caller rebuilds)."""
-    cache_dir = data_dir / ARRAYS_DIR
-    try:
-        manifest = json.loads((cache_dir / _MANIFEST).read_text())
-        if manifest.get("key") != key:
-            return None
-        arrays = {}
-        for split in ("train", "test"):
-            for name in _cache_files(split):
-                raw = (cache_dir / name).read_bytes()
-                want = manifest["files"][name]
-                if len(raw) != want["size"] or hashlib.sha256(raw).hexdigest() != want["sha256"]:
-                    return None
-                arrays[name] = np.load(io.BytesIO(raw), allow_pickle=False)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None
-    splits = []
-    for split in ("train", "test"):
-        images_name, labels_name = _cache_files(split)
-        images, labels = arrays[images_name], arrays[labels_name]
-        if (images.dtype != np.uint8 or images.shape[1:] != (28, 28, 1)
-                or labels.dtype != np.int32 or labels.shape != images.shape[:1]):
-            return None  # a manifest written by hand over other arrays
-        splits.append(Split(images_NxHxWx1=images, labels_N=labels))
-    return splits[0], splits[1]
-
-
-def _write_cache(data_dir: Path, key: str, train: Split, test: Split) -> None:
-    """Write the cache: each file to a temporary name, then renamed into place, the manifest
-    last. A reader never sees a half-written file as valid: until the new manifest is in
-    place, the old one's checksums fail on the new files and the reader rebuilds. A cache
-    that cannot be written (read-only or full data dir) leaves a note, and runs go on
-    decoding the PNGs."""
-    cache_dir = data_dir / ARRAYS_DIR
-    files = {}
-    try:
-        cache_dir.mkdir(exist_ok=True)
-        for split, arrays in (("train", train), ("test", test)):
-            for name, array in zip(_cache_files(split), (arrays.images_NxHxWx1, arrays.labels_N)):
-                buffer = io.BytesIO()
-                np.save(buffer, array, allow_pickle=False)
-                raw = buffer.getvalue()
-                files[name] = {"sha256": hashlib.sha256(raw).hexdigest(), "size": len(raw)}
-                write_atomically(cache_dir / name, raw)
-        write_atomically(cache_dir / _MANIFEST,
-                          json.dumps({"key": key, "files": files}, indent=1).encode())
-    except OSError as e:
-        print(f"note: cannot cache the decoded arrays in {cache_dir} ({e.strerror or e}): "
-              f"every run decodes the dataset again (seconds)", file=sys.stderr, flush=True)
-
-
 def _cached(data_dir: Path) -> tuple[Split, Split] | None:
     """The cache of a sound prepared folder, or None. Looks, as `_prepare` does, for every
     split file dataset_info.json lists, so a deleted one is still found and rebuilt."""
@@ -494,7 +423,7 @@ def _cached(data_dir: Path) -> tuple[Split, Split] | None:
             return None
         for version_dir in version_dirs:
             _file_format(version_dir)
-        return _read_cache(data_dir, _cache_key(version_dirs[-1]))
+        return read_cache(data_dir, cache_key(version_dirs[-1]))
     except (_Damaged, OSError):
         return None
 
@@ -509,7 +438,7 @@ def _read_and_cache(data_dir: Path) -> tuple[Split, Split]:
     except BaseException:
         print("failed", flush=True)
         raise
-    _write_cache(data_dir, _cache_key(version_dir), train, test)
+    write_cache(data_dir, cache_key(version_dir), train, test)
     print(f"done in {time.perf_counter() - t0:.1f} s", flush=True)
     return train, test
 

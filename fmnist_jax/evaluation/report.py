@@ -45,22 +45,23 @@ def _calibration_metrics(logits_NxC, labels_N, key, n_resamples) -> dict[str, An
     }
 
 
-def compute_report(logits_NxC, labels_N, val_logits=None, val_labels=None, *, key,
+def compute_report(logits_NxC, labels_N, val_logits_NxC=None, val_labels_N=None, *, key,
                    n_resamples: int = 1000) -> dict[str, Any]:
     """Every number of the report, from test logits and (for T) validation logits."""
     logits_NxC, labels_N = jnp.asarray(logits_NxC), jnp.asarray(labels_N)
-    temperature = 1.0 if val_logits is None else fit_temperature(val_logits, val_labels)
-    probs_before = jax.nn.softmax(logits_NxC)
+    temperature = (1.0 if val_logits_NxC is None
+                   else fit_temperature(val_logits_NxC, val_labels_N))
+    probs_NxC = jax.nn.softmax(logits_NxC)
     scaled_NxC = apply_temperature(logits_NxC, temperature)
     preds_N = jnp.argmax(logits_NxC, -1)
     acc_key, f1_key, cal_key = jax.random.split(key, 3)
     acc = metrics.bootstrap_ci(metrics.accuracy, acc_key, logits_NxC, labels_N,
                                n_resamples=n_resamples)
-    f1 = metrics.bootstrap_ci(_macro_f1, f1_key, probs_before, labels_N, n_resamples=n_resamples)
-    auc_C = metrics.roc_auc_ovr(probs_before, labels_N)
+    f1 = metrics.bootstrap_ci(_macro_f1, f1_key, probs_NxC, labels_N, n_resamples=n_resamples)
+    auc_C = metrics.roc_auc_ovr(probs_NxC, labels_N)
     return {
         "n_test": int(labels_N.shape[0]),
-        "n_validation": 0 if val_labels is None else int(len(val_labels)),
+        "n_validation": 0 if val_labels_N is None else int(len(val_labels_N)),
         "accuracy": float(acc.point), "accuracy_ci95": [float(acc.low), float(acc.high)],
         "macro_f1": float(f1.point), "macro_f1_ci95": [float(f1.low), float(f1.high)],
         "auc_macro": float(jnp.mean(auc_C)),
@@ -168,13 +169,13 @@ def evaluate_run(run_dir: str | Path, *, train: data.Split, test: data.Split,
                               f"earlier report, if any, is kept)")
         return logits_NxC
 
-    test_logits = logits_of(test, "test")
-    val_logits = None if val is None else logits_of(val, "validation")
+    test_logits_NxC = logits_of(test, "test")
+    val_logits_NxC = None if val is None else logits_of(val, "validation")
     key = streams.stream_key(cfg.seed, streams.BOOTSTRAP)
-    report = compute_report(test_logits, test.labels_N, val_logits,
+    report = compute_report(test_logits_NxC, test.labels_N, val_logits_NxC,
                             None if val is None else val.labels_N,
                             key=key, n_resamples=n_resamples)
-    preds_N = np.asarray(jnp.argmax(test_logits, -1))
+    preds_N = np.asarray(jnp.argmax(test_logits_NxC, -1))
     if run.best is not None:
         report["epoch"] = run.best["epoch"]
         report["epochs_trained"] = run.best["epochs_trained"]
@@ -182,7 +183,7 @@ def evaluate_run(run_dir: str | Path, *, train: data.Split, test: data.Split,
     folder.save_report(run_dir, text, report)
     if val is not None:
         folder.save_calibration(run_dir, report["temperature"], report["n_validation"])
-    _write_plots(run_dir, report, test_logits, test.labels_N, run.history)
+    _write_plots(run_dir, report, test_logits_NxC, test.labels_N, run.history)
     log_fn(text.rstrip())
     log_fn(f"wrote {folder.REPORT_TEXT_FILE}, {folder.REPORT_JSON_FILE}, "
            f"{', '.join(folder.PLOT_FILES.values())} to {run_dir}")

@@ -1,7 +1,7 @@
 """One frozen config object holding every hyperparameter, and the named presets.
 
 Each `TrainConfig` field carries its help text and its check once, in its dataclass metadata:
-`validate()`, the command-line flags (`cli.add_config_flags`), `--help` and `config.json`
+`validate()`, the command-line flags (`cli_flags.add_config_flags`), `--help` and `config.json`
 are all made from them, so adding a hyperparameter is adding one field here.
 """
 
@@ -198,82 +198,52 @@ class Preset:
     config: TrainConfig
     about: str
     command: str
-    result: str  # measured with `command`, with the machine and the date
+    result: str  # one line, measured with `command`; the measurement itself in BENCHMARKS.md
 
 
 PRESETS: dict[str, Preset] = {
     "lenet5": Preset(
         config=TrainConfig(),
-        about="LeNet-5 (61,706 parameters) with the LeNet-5 report's recipe: batch 64, Adam "
-              "1e-3, 10 epochs, pixels to [-1, 1]; its PyTorch run reached 88.52% test "
-              "accuracy at epoch 10 (89.68% at 20)",
+        about="LeNet-5 (61,706 parameters), the LeNet-5 report's recipe: batch 64, Adam 1e-3, "
+              "10 epochs, pixels to [-1, 1]",
         command="python scripts/train.py --preset lenet5 --seed S",
-        result="test accuracy at epoch 10: 90.07% (seed 0; 2-core CPU, 2026-11-25); on "
-               "2026-11-22, another 2-core CPU machine: 90.21% (seed 0), 89.31% (1), 89.61% (2)"),
+        result="89.89% test accuracy (seed 0, kept epoch 9), 2-core CPU; see BENCHMARKS.md"),
     "cnn": Preset(
         config=TrainConfig(model="cnn", batch_size=32),
-        about="the tutorial CNN (conv 16 and 32, 3x3; dense 1568-128-10; 206,922 parameters) "
-              "with the tutorial's recipe: batch 32, Adam 1e-3, 10 epochs, pixels to [-1, 1]",
+        about="the tutorial CNN (conv 16 and 32 at 3x3, dense 1568-128-10; 206,922 "
+              "parameters), the tutorial's recipe: batch 32, Adam 1e-3, 10 epochs",
         command="python scripts/train.py --preset cnn --seed 0",
-        result="model kept: epoch 7 (best validation accuracy, 91.58%), test accuracy 91.07% "
-               "(epoch 10: 91.32%); test ECE 3.22% before temperature scaling, 0.85% after "
-               "(T 1.43); 3.7 s a training epoch (median), 54.5 s for the whole command; "
-               "2-core CPU, quiet, 2026-11-30"),
+        result="91.07% test accuracy (seed 0, kept epoch 7), 2-core CPU; see BENCHMARKS.md"),
     "mlp": Preset(
         config=TrainConfig(model="mlp", epochs=5, optimizer="adamw", learning_rate=1e-3,
                            weight_decay=1e-4, weight_decay_params="all", clip_norm=1.0,
                            decay="plateau", val_fraction=0.15, rotation_degrees=10.0,
                            flip_prob=0.1, translate_fraction=0.1, patience=5),
-        about="the notebook's MLP (784-512-256-128-10, BatchNorm (torch's: momentum 0.1, eps "
-              "1e-5, unbiased running variance) and dropout 0.3; Kaiming-normal fan_out "
-              "kernels, zero biases; 569,226 parameters) with its recipe: AdamW 1e-3, weight "
-              "decay 1e-4 on every parameter (torch's AdamW(model.parameters())), batch 64, "
-              "gradients clipped to norm 1, the rate halved as torch's "
-              "ReduceLROnPlateau(patience=3) halves it (at the 4th epoch in a row without a "
-              "lower validation loss), 15% of each class held out, rotation +-10 degrees, flip "
-              "10%, shifts +-10% (nearest pixel, black fill), 5 epochs, early stopping after "
-              "5 epochs without a higher validation accuracy, the best validation epoch kept; "
-              "the notebook reached 82.55% test accuracy (its best epoch, 5, one run)",
+        about="the notebook's MLP (784-512-256-128-10, BatchNorm, dropout 0.3; 569,226 "
+              "parameters), its recipe: AdamW 1e-3 (decay 1e-4 on every parameter), clipping, "
+              "plateau halving, rotation, flip and shifts, 15% held out, 5 epochs",
         command="python scripts/train.py --preset mlp --seeds 10",
-        result="test accuracy of the kept model (best validation epoch: 5 for every seed, so "
-               "also the epoch-5 model's), 10 seeds (0-9) in one run: 81.95-82.56%, mean "
-               "82.25%, std 0.23, 95% CI [82.08%, 82.41%], under the notebook's 82.55% (one "
-               "of 10 seeds reaches it); 17 of the 20 losses and accuracies the notebook "
-               "prints for its epochs lie inside our seeds' range, the other 3 just outside "
-               "and worse (BENCHMARKS.md); one seed at a time (--seed S): 81.57% (0), 82.56% "
-               "(1), 82.33% (2); at epoch 20 (--epochs 20, kept epoch 20): 86.05% (seed 0); "
-               "2-core CPU, 2026-11-30. Before the fidelity fixes of 2026-11-30 (kernels-only decay, optax's plateau count, flax's biased running "
-               "variance, the augmentation's shift filling): 82.20%, 82.06%, 82.36% "
-               "(2026-11-25), 82.34%, 82.33%, 82.53% (2026-11-30); 86.42% at epoch 20"),
+        result="82.25% mean test accuracy of 10 seeds (0-9, kept epoch 5), 95% CI [82.08, "
+               "82.41], 2-core CPU; see BENCHMARKS.md"),
     "lenet5-gap": Preset(
         config=TrainConfig(model="lenet5-gap", epochs=20, optimizer="adamw", learning_rate=3e-3,
                            weight_decay=1e-4, warmup_epochs=2.0, decay="cosine",
                            label_smoothing=0.1, clip_norm=1.0),
-        about="the practice article's LeNet-5 variant (global average pooling in place of "
-              "flatten and the big dense layers: 2,742 parameters) with its practices: AdamW "
-              "3e-3, weight decay 1e-4, 2 warmup epochs then cosine to 0, label smoothing "
-              "0.1, gradients clipped to norm 1, 20 epochs",
+        about="LeNet-5 with global average pooling (2,742 parameters), the practice article's "
+              "recipe: AdamW 3e-3, warmup then cosine, label smoothing 0.1, 20 epochs",
         command="python scripts/train.py --preset lenet5-gap --seed 0",
-        result="test accuracy at epoch 20: 85.32% (seed 0); 2-core CPU, 2026-11-25"),
+        result="85.32% test accuracy (seed 0, epoch 20), 2-core CPU; see BENCHMARKS.md"),
     "lenet5-best": Preset(
         config=TrainConfig(epochs=150, batch_size=128, optimizer="adamw", learning_rate=3e-3,
                            weight_decay=0.05, warmup_epochs=22.0, decay="cosine",
                            crop_padding=2, flip_prob=0.5, normalization="dataset",
                            ema_decay=0.999),
-        about="LeNet-5 unchanged (61,706 parameters), the strongest recipe found for it "
-              "(issue 15, chosen on the validation split, BENCHMARKS.md): pixels standardized "
-              "by the training images' mean and std, a random crop after 2-pixel padding and "
-              "a horizontal flip (p 0.5), AdamW 3e-3 with weight decay 0.05, batch 128, 22 "
-              "warmup epochs then cosine to 0, no label smoothing (it left the model "
-              "miscalibrated after temperature scaling), evaluated and kept as an EMA of the "
-              "weights (0.999), 150 epochs",
+        about="LeNet-5 (61,706 parameters), the strongest recipe found for it: standardized "
+              "pixels, crop and flip, AdamW 3e-3 (decay 0.05), batch 128, warmup then cosine, "
+              "weight EMA 0.999, 150 epochs",
         command="python scripts/train.py --preset lenet5-best --seeds 5",
-        result="test accuracy of each seed's kept model (best validation epoch), seeds 0-4: "
-               "92.75%, 92.66%, 92.67%, 92.55%, 92.79%; mean 92.68%, std 0.09, 95% CI "
-               "[92.57%, 92.80%] (Student t); test ECE (15 bins) 1.30-1.41% before "
-               "temperature scaling, 0.42-0.77% after (T 1.10-1.26); 4,501 s for the 5 "
-               "seeds under vmap with their reports (median 24.2 s an epoch for all 5); "
-               "2-core CPU shared with other jobs, 2026-11-30"),
+        result="92.68% mean test accuracy of 5 seeds (0-4, best validation epoch), 95% CI "
+               "[92.57, 92.80], 2-core CPU; see BENCHMARKS.md"),
 }
 DEFAULT_PRESET = "lenet5"
 

@@ -17,7 +17,7 @@ devices of its group as above. Within a group the members train in lockstep unde
 `jax.vmap` on a GPU, one after another on a CPU (`members_at_once_for`), where every device
 is a group, with spare places, skipped, where the devices do not divide M. On a CPU split
 into a device per core (`cpu_devices_for`), the members train in less time than all on one
-device (BENCHMARKS.md, `scripts/time_seeds.py`).
+device (BENCHMARKS.md, `python -m benchmarks.time_seeds`).
 
 Several hosts (or several processes on one host): `initialize_distributed` starts
 `jax.distributed` before anything touches a device; then `jax.devices()` lists the devices
@@ -146,7 +146,7 @@ def members_at_once_for(platform: str) -> int | None:
     all (None) where one small model leaves the device idle (a GPU); one on a CPU, where K
     members in lockstep hold K times one model's activations, which fall out of the caches,
     and the members one after another (`jax.lax.map`) train faster (BENCHMARKS.md,
-    `scripts/time_seeds.py`)."""
+    `python -m benchmarks.time_seeds`)."""
     return 1 if platform == "cpu" else None
 
 

@@ -39,10 +39,10 @@ def summary_writer_class():
     is not installed (a GPU box given the project with --no-deps): the events are a view of
     the history, so the run goes on without them and says so once.
 
-    tensorboardX's writer module imports torch whenever it is installed (3.2-3.9 s on the
-    2-core CPU machine, BENCHMARKS.md) only to accept torch tensors as values; we pass
-    Python floats. So while it is
-    imported, torch is marked as not importable, unless something already imported it."""
+    tensorboardX's writer module imports torch whenever it is installed (seconds, see
+    BENCHMARKS.md) only to accept torch tensors as values; we pass Python floats. So while
+    it is imported, torch is marked as not importable, unless something already imported
+    it."""
     hide_torch = "torch" not in sys.modules
     if hide_torch:
         sys.modules["torch"] = None  # makes `import torch` raise ImportError

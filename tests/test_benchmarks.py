@@ -1,8 +1,13 @@
+"""benchmarks/: the measurement tools outside the package still run and still measure what
+they say (the timings themselves are not checked)."""
+
 import pytest
 
-from fmnist_jax.run.config import get_config
 from benchmarks.device_split import markdown_table, time_device_split
-from tests.helpers import make_split, one_error_line, run_script
+from benchmarks.profiling import toeplitz_3d_rows_lenet5
+from fmnist_jax.run.config import get_config
+from tests.helpers import (FlaxLeNet5, assert_model_equals_flax, make_split, one_error_line,
+                           run_script)
 
 
 def test_time_device_split_times_every_config_each_round():
@@ -25,3 +30,8 @@ def test_time_device_split_refuses_what_it_cannot_time(tmp_path, flags, message)
     result = run_script("benchmarks.time_device_split", *flags,
                         env={"FMNIST_DATA_DIR": str(tmp_path), "FMNIST_MANUAL_DIR": str(tmp_path)})
     assert message in one_error_line(result)
+
+
+@pytest.mark.slow  # a model no backend picks, kept for comparisons
+def test_toeplitz_3d_rows_lenet5_is_lenet5():
+    assert_model_equals_flax(toeplitz_3d_rows_lenet5(), FlaxLeNet5())

@@ -1,0 +1,68 @@
+"""run/config.py: the presets, overrides, checks and the JSON round trip of TrainConfig."""
+
+import dataclasses
+import json
+
+import pytest
+
+from fmnist_jax import FmnistError
+from fmnist_jax.run.config import PRESETS, TrainConfig, get_config
+
+
+def test_default_preset_is_the_lenet5_report_recipe():
+    cfg = get_config()
+    assert (cfg.model, cfg.batch_size, cfg.optimizer, cfg.learning_rate, cfg.epochs) == (
+        "lenet5", 64, "adam", 1e-3, 10)
+    assert cfg.normalization == "half"
+    assert get_config("cnn").model == "cnn" and get_config("cnn").batch_size == 32
+
+
+def test_overrides_and_json_round_trip():
+    cfg = get_config(epochs=3, clip_norm=None)
+    assert cfg.epochs == 3 and cfg.learning_rate == 1e-3 and cfg.clip_norm is None
+    assert TrainConfig.from_dict(json.loads(cfg.to_json())) == cfg
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.epochs = 5
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"batch_size": 0}, "batch size must be at least 1"),
+    ({"learning_rate": -1e-3}, "learning rate must be positive"),
+    ({"model": "vgg"}, "unknown model 'vgg'"),
+    ({"optimizer": "rmsprop"}, "unknown optimizer"),
+    ({"optimizer": "adam", "weight_decay": 1e-4}, "weight decay 0.0001 is ignored by optimizer .adam."),
+    ({"weight_decay_params": "all"}, "weight decay params 'all' changes nothing without weight decay"),
+    ({"optimizer": "adamw", "weight_decay_params": "biases"}, "unknown weight decay params 'biases'"),
+    ({"warmup_epochs": 11.0}, "warmup epochs 11.0 is longer than the 10 epochs"),
+    ({"decay": "plateau", "val_fraction": 0.0}, "decay plateau needs a validation split"),
+    ({"clip_norm": 0.0}, "clip norm must be positive"),
+    ({"epochs": 0}, "epochs must be at least 1"),
+    ({"epochs": 2.5}, "epochs must be int, got 2.5"),
+    ({"epochs": True}, "epochs must be int, got True"),
+    ({"learning_rate": float("inf")}, "learning rate must be a finite number"),
+    ({"learning_rate": "fast"}, "learning rate must be float, got 'fast'"),
+    ({"clip_norm": "1"}, "clip norm must be float or none"),
+    ({"seed": -1}, r"seed must be in \[0, 4294967296\)"),
+    ({"seed": 2**63}, r"seed must be in \[0, 4294967296\)"),
+    ({"val_fraction": 1.0}, r"val fraction must be in \[0, 1\)"),
+])
+def test_bad_values_are_named(overrides, message):
+    with pytest.raises(FmnistError, match=message):
+        get_config(**overrides)
+
+
+def test_unknown_preset_and_fields():
+    with pytest.raises(FmnistError, match="unknown preset 'nope'.*lenet5"):
+        get_config("nope")
+    with pytest.raises(FmnistError, match="unknown fields"):
+        TrainConfig.from_dict({"epochs": 1, "colour": "red"})
+    with pytest.raises(FmnistError, match=r"unknown config fields \['colour'\]"):
+        get_config(colour="red")
+    with pytest.raises(FmnistError, match="epochs must be int"):
+        TrainConfig.from_dict({"epochs": "10"})  # a hand-edited config.json
+
+
+def test_every_preset_is_valid_and_says_what_it_reached():
+    for name, preset in PRESETS.items():
+        assert preset.config.validate() is preset.config
+        assert preset.command.startswith("python scripts/train.py") and preset.result, name
