@@ -206,8 +206,9 @@ PRESETS: dict[str, Preset] = {
         config=TrainConfig(),
         about="LeNet-5 (61,706 parameters), the LeNet-5 report's recipe: batch 64, Adam 1e-3, "
               "10 epochs, pixels to [-1, 1]",
-        command="python scripts/train.py --preset lenet5 --seed S",
-        result="89.89% test accuracy (seed 0, kept epoch 9), 2-core CPU; see BENCHMARKS.md"),
+        command="python scripts/train.py --preset lenet5 --seeds 3",
+        result="89.79% mean test accuracy of 3 seeds (0-2, kept epochs 9, 8, 8), 95% CI "
+               "[89.56, 90.01], 2-core CPU; see BENCHMARKS.md"),
     "cnn": Preset(
         config=TrainConfig(model="cnn", batch_size=32),
         about="the tutorial CNN (conv 16 and 32 at 3x3, dense 1568-128-10; 206,922 "
@@ -223,8 +224,8 @@ PRESETS: dict[str, Preset] = {
               "parameters), its recipe: AdamW 1e-3 (decay 1e-4 on every parameter), clipping, "
               "plateau halving, rotation, flip and shifts, 15% held out, 5 epochs",
         command="python scripts/train.py --preset mlp --seeds 10",
-        result="82.25% mean test accuracy of 10 seeds (0-9, kept epoch 5), 95% CI [82.08, "
-               "82.41], 2-core CPU; see BENCHMARKS.md"),
+        result="82.18% mean test accuracy of 10 seeds (0-9, kept epoch 5), 95% CI [82.02, "
+               "82.34], 2-core CPU; see BENCHMARKS.md"),
     "lenet5-gap": Preset(
         config=TrainConfig(model="lenet5-gap", epochs=20, optimizer="adamw", learning_rate=3e-3,
                            weight_decay=1e-4, warmup_epochs=2.0, decay="cosine",
@@ -232,7 +233,7 @@ PRESETS: dict[str, Preset] = {
         about="LeNet-5 with global average pooling (2,742 parameters), the practice article's "
               "recipe: AdamW 3e-3, warmup then cosine, label smoothing 0.1, 20 epochs",
         command="python scripts/train.py --preset lenet5-gap --seed 0",
-        result="85.32% test accuracy (seed 0, epoch 20), 2-core CPU; see BENCHMARKS.md"),
+        result="85.44% test accuracy (seed 0, kept epoch 19), 2-core CPU; see BENCHMARKS.md"),
     "lenet5-best": Preset(
         config=TrainConfig(epochs=150, batch_size=128, optimizer="adamw", learning_rate=3e-3,
                            weight_decay=0.05, warmup_epochs=22.0, decay="cosine",
