@@ -462,7 +462,7 @@ import jax, jax.numpy as jnp, numpy as np
 from fmnist_jax import data, streams
 from fmnist_jax.run.config import get_config
 from fmnist_jax.run.compiled import CompiledSeedEpochs, step_options
-from fmnist_jax.run.loop import seed_members
+from fmnist_jax.run.prepare import seed_members
 from tests.helpers import make_split
 cfg = get_config("lenet5", batch_size=32)
 train, test = make_split(384, seed=0), make_split(100, seed=1)

@@ -359,7 +359,7 @@ def test_train_script_prints_the_seed_table_and_reports_each_seed(tmp_path):
 def test_seed_members_stacks_each_seeds_own_split_and_initial_state():
     """The set-up `train.py --seeds` and `seed_timing` share: member k is seed k's split and
     the state `create_train_state` gives seed k alone."""
-    from fmnist_jax.run.loop import seed_members
+    from fmnist_jax.run.prepare import seed_members
 
     train = make_split(200, seed=1)
     cfg = get_config(batch_size=30, val_fraction=0.2)
