@@ -196,10 +196,10 @@ def test_non_finite_weights_are_refused(tmp_path, tiny_run):
 
 
 def test_non_finite_logits_never_replace_a_good_report(run_copy):
+    variables = checkpoints.load_variables(run_copy, tiny_config())
     run = LoadedRun(config=tiny_config(), normalization=folder.load_normalization(run_copy),
                     history=load_history(run_copy),
-                    variables=jax.tree_util.tree_map(lambda w: w * 1e30,
-                                                     checkpoints.load_variables(run_copy, tiny_config())))
+                    variables=jax.tree_util.tree_map(lambda w: w * 1e30, variables))
     with pytest.raises(FmnistError, match="NaN or infinite logits"):
         evaluate_run(run_copy, train=make_split(512), test=make_split(300, seed=1), run=run,
                      log_fn=lambda s: None)  # the tiny run's own data

@@ -133,7 +133,8 @@ def _check_members_equal_single_runs(tmp_path, cfg, *, rtol, atol):
             largest_in_history = max(largest_in_history, *(
                 abs(row[key] - single_row[key]) for key in row))
         assert checkpoints.load_best(member_dir) == checkpoints.load_best(single_dir)
-        kept, single_kept = (checkpoints.load_variables(d, member) for d in (member_dir, single_dir))
+        kept, single_kept = (checkpoints.load_variables(d, member)
+                             for d in (member_dir, single_dir))
         chex.assert_trees_all_close(kept, single_kept, rtol=rtol, atol=atol)
         largest = max(largest, _largest_difference(kept, single_kept))
     print(f"largest difference of the kept variables: {largest:.3g}; of a history value: "

@@ -133,7 +133,7 @@ class LoadedRun:
     variables: dict  # {"params": ...} and "batch_stats" for BatchNorm models
     normalization: data.Normalization
     history: list[dict[str, Any]]
-    best: dict[str, Any] | None = None  # which epoch's parameters (checkpoints.load_best); None: older run
+    best: dict[str, Any] | None = None  # which epoch (checkpoints.load_best); None: unknown
 
 
 def load_run(run_dir: str | Path) -> LoadedRun:
@@ -198,6 +198,7 @@ def _write_plots(run_dir: Path, report, logits_NxC, labels_N, history) -> None:
     after = metrics.reliability_diagram(jax.nn.softmax(apply_temperature(logits_NxC, t)),
                                         labels_N)
     plots.plot_reliability(before, after, report["before_temperature"]["ece"],
-                           report["after_temperature"]["ece"], t, results.plot_path(run_dir, "reliability"))
+                           report["after_temperature"]["ece"], t,
+                           results.plot_path(run_dir, "reliability"))
     if history:
         plots.plot_training_curves(history, results.plot_path(run_dir, "curves"))
