@@ -346,7 +346,7 @@ def test_resume_with_two_processes_is_refused_or_skipped_on_every_process(tmp_pa
 
 
 # On 4 CPU devices: the tiny run's first epoch alone, then its folder made into that of the
-# 2-epoch tiny run killed after epoch 1 (config.json says 2 epochs; no final files), resumed.
+# 2-epoch tiny run killed after epoch 1 (config.json says 2 epochs; no best.json), resumed.
 _RESUME = """
 import dataclasses, shutil, sys
 from pathlib import Path
@@ -417,7 +417,7 @@ def test_seeds_over_two_processes_of_two_devices_train_as_on_one(tmp_path,
 
 def _as_if_killed_after_epoch_1(run_dir, seeds):
     """The finished 1-epoch tiny run (of `seeds` seeds) in `run_dir` made into the folder of
-    the 2-epoch one killed after epoch 1: its configs say 2 epochs, its final files gone."""
+    the 2-epoch one killed after epoch 1: its configs say 2 epochs, its best.json gone."""
     cfg = dataclasses.replace(tiny_config(), seeds=seeds)
     folders = [(run_dir, cfg)]
     if seeds > 1:
