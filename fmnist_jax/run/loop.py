@@ -149,10 +149,10 @@ class Member:
         return bool(self.cfg.patience) and epoch - self.best_epoch >= self.cfg.patience
 
     def record(self, row: dict[str, Any], timing: dict[str, float],
-               host_state: Callable[[], TrainState]) -> str | None:
+               host_state_fn: Callable[[], TrainState]) -> str | None:
         """The bookkeeping of the epoch `row` holds: the history row first (a kill before
         the checkpoint resumes from the earlier one and writes this row again, the same),
-        then the checkpoint (`host_state()` gives it), then the early stop. Returns the
+        then the checkpoint (`host_state_fn()` gives it), then the early stop. Returns the
         early-stop line when the member stops."""
         epoch, every = row["epoch"], self.cfg.checkpoint_every
         self.history.append(row)
@@ -162,7 +162,7 @@ class Member:
         self.log.epoch(row, timing)
         if improved or stopping or epoch == self.cfg.epochs or (every and epoch % every == 0):
             t0 = time.perf_counter()
-            self.checkpoints.save(epoch, host_state(), best_epoch=self.best_epoch)
+            self.checkpoints.save(epoch, host_state_fn(), best_epoch=self.best_epoch)
             self.log.checkpoint_seconds(epoch, time.perf_counter() - t0)
         self.active = not (stopping or epoch == self.cfg.epochs)
         if stopping:
@@ -243,10 +243,10 @@ def _epochs(cfg, state, program, members: list[Member], log_fn, progress, starte
             state = program.plateau(state, [rows[m]["val_loss"] if m in rows else 0.0
                                             for m in range(len(members))], active)
         # Copied off the device once, when the first member saves a checkpoint.
-        host_states = functools.cache(lambda state=state: program.member_states(state))
+        host_states_fn = functools.cache(lambda state=state: program.member_states(state))
         timing = {"train_seconds": train_s, "eval_seconds": eval_s,
                   **({"seeds_trained_together": len(members)} if many else {})}
-        stop_lines = [members[m].record(row, timing, lambda m=m: host_states()[m])
+        stop_lines = [members[m].record(row, timing, lambda m=m: host_states_fn()[m])
                       for m, row in rows.items()]
         bar.update(1)
         bar.set_postfix(loss=f"{_mean(rows, 'train_loss'):.4f}",
