@@ -26,7 +26,7 @@ from fmnist_jax import data, streams
 from fmnist_jax.run import parallel
 from fmnist_jax.run.config import TrainConfig
 from fmnist_jax.run.compiled import CompiledEpochs, CompiledSeedEpochs, step_options
-from fmnist_jax.run.loop import seed_members
+from fmnist_jax.run.prepare import seed_members
 
 
 def time_seeds(cfg: TrainConfig, train: data.Split, seeds_list: list[int],

@@ -29,11 +29,11 @@ def _zero_sums() -> Sums:
     return Sums(loss=jnp.float32(0), correct=jnp.int32(0), count=jnp.int32(0))
 
 
-def over_members(member_fn, shared, member_trees: tuple, live_M: jax.Array,
+def over_members(member_fn, shared, member_trees: tuple, active_M: jax.Array,
                   member_sharding: NamedSharding | None, members_at_once: int | None,
                   gather: bool = True):
-    """`member_fn(shared, live, *member)` over the leading (member) axis M of every leaf of
-    `member_trees` and of `live_M` (False: the member may be skipped);
+    """`member_fn(shared, active, *member)` over the leading (member) axis M of every leaf of
+    `member_trees` and of `active_M` (False: the member may be skipped);
     `shared` (the images) is the same for all. The members run in lockstep under one
     `jax.vmap` (`members_at_once` None), or that many at a time, one slice after another
     (`jax.lax.map`; 1: each member alone, as a single run computes it).
@@ -43,33 +43,33 @@ def over_members(member_fn, shared, member_trees: tuple, live_M: jax.Array,
     `jax.shard_map`: each group computes only its own, in the way above, as a program of its
     own (manual over the seeds axis; a group of several devices splits each batch over them
     as one model's run does). Where the groups do not divide M, spare copies of the last
-    member fill the last group's places, never live: one after another they cost nothing,
+    member fill the last group's places, never active: one after another they cost nothing,
     and while its last member trains alone a device has the cores to itself. The results
     are gathered whole on every device, where the host reads them; or with `gather` False
     left where their groups computed them: (places, ...) with the spares, split over the
     groups by `member_sharding` (the caller gathers them once every device is done: see
     `gather_members`)."""
-    def group_fn(shared, live_G, *group_trees):
-        def one_fn(live, *member):
-            return member_fn(shared, live, *member)
+    def group_fn(shared, active_G, *group_trees):
+        def one_fn(active, *member):
+            return member_fn(shared, active, *member)
 
         # One at a time even for a group of one: only there is a skipped member's branch real.
-        lockstep = members_at_once is None or members_at_once >= max(live_G.shape[0], 2)
+        lockstep = members_at_once is None or members_at_once >= max(active_G.shape[0], 2)
         if lockstep:
-            return jax.vmap(one_fn)(live_G, *group_trees)
-        return jax.lax.map(lambda member: one_fn(*member), (live_G, *group_trees),
+            return jax.vmap(one_fn)(active_G, *group_trees)
+        return jax.lax.map(lambda member: one_fn(*member), (active_G, *group_trees),
                            batch_size=None if members_at_once == 1 else members_at_once)
 
     axis = member_sharding and member_sharding.spec[0]
     if member_sharding is None or member_sharding.mesh.shape[axis] == 1:
-        return group_fn(shared, live_M, *member_trees)  # one group: every member everywhere
+        return group_fn(shared, active_M, *member_trees)  # one group: every member everywhere
     mesh = member_sharding.mesh
-    m, groups = live_M.shape[0], mesh.shape[axis]
+    m, groups = active_M.shape[0], mesh.shape[axis]
     places = -(-m // groups) * groups
-    if places > m:  # spares: the last member again, never live
+    if places > m:  # spares: the last member again, never active
         last_M = jnp.minimum(jnp.arange(places), m - 1)
         member_trees = jax.tree_util.tree_map(lambda x: x[last_M], member_trees)
-        live_M = jnp.concatenate([live_M, jnp.zeros(places - m, bool)])
+        active_M = jnp.concatenate([active_M, jnp.zeros(places - m, bool)])
     # One device per group: manual over the whole mesh, so each device runs exactly the
     # program of a one-device run; else the batch axis stays automatic (split by the
     # members' batch sharding constraints).
@@ -79,7 +79,7 @@ def over_members(member_fn, shared, member_trees: tuple, live_M: jax.Array,
     # the groups, and the two branches of each member's cond must have one type.
     out = jax.shard_map(group_fn, mesh=mesh, in_specs=(PartitionSpec(), spec, *(
         spec for _ in member_trees)), out_specs=spec, axis_names=manual, check_vma=False)(
-            shared, live_M, *member_trees)
+            shared, active_M, *member_trees)
     return gather_members(out, m, mesh) if gather else out
 
 
@@ -165,14 +165,14 @@ def evaluate_seeds(state_M: TrainState, images_NxHxWx1: jax.Array, labels_N: jax
     `active_M` (default: all True) gets zero sums, skipped as `train_epoch_seeds` skips it.
     The members and the batches are shared out to devices, run in lockstep or not, and
     gathered, as in `train_epoch_seeds`."""
-    def member_fn(shared, live, state, norm, *idx_Q):
+    def member_fn(shared, active, state, norm, *idx_Q):
         def compute_fn():
             if idx_MxQ is None:
                 return evaluate(state, *shared, batch_size=batch_size, norm=norm,
                                 batch_sharding=batch_sharding)
             return _evaluate_member(state, *shared, *idx_Q, batch_size, norm, batch_sharding)
 
-        return jax.lax.cond(live, compute_fn, _zero_sums)  # as in `train_epoch_seeds`
+        return jax.lax.cond(active, compute_fn, _zero_sums)  # as in `train_epoch_seeds`
 
     return over_members(member_fn, (images_NxHxWx1, labels_N),
                          (state_M, norm_M) + (() if idx_MxQ is None else (idx_MxQ,)),

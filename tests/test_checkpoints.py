@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from fmnist_jax.run import folder
+from fmnist_jax.run import checkpoints, folder
 from fmnist_jax.run.config import get_config
 from fmnist_jax.errors import FmnistError
 from fmnist_jax.models import get_model
@@ -37,18 +37,25 @@ def _fake_state(value: float):
 
 
 def test_the_latest_and_the_best_checkpoint_both_survive(tmp_path):
-    checkpoints = folder.Checkpoints(tmp_path, keep_best=True)
-    # Epochs 1 and 2 raise the best validation accuracy; 3 and 4 do not.
-    for epoch, new_best in [(1, 0.5), (2, 0.9), (3, None), (4, None)]:
-        checkpoints.save(epoch, _fake_state(epoch), new_best)
-    assert checkpoints.epochs() == [2, 4]
-    assert checkpoints.latest_epoch() == 4
-    restored = checkpoints.restore(2, _fake_state(0))
+    manager = checkpoints.Checkpoints(tmp_path)
+    # Epochs 1 and 2 raise the best validation accuracy; 3 does not.
+    for epoch, best_epoch in [(1, 1), (2, 2), (3, 2)]:
+        manager.save(epoch, _fake_state(epoch), best_epoch=best_epoch)
+    assert manager.epochs() == [2, 3]
+    manager.close()
+    # Taken back (a resume): the best epoch's checkpoint survives the next saves too.
+    manager = checkpoints.Checkpoints(tmp_path)
+    manager.save(4, _fake_state(4), best_epoch=2)
+    assert manager.epochs() == [2, 4]
+    assert manager.latest_epoch() == 4
+    restored = manager.restore(2, _fake_state(0))
     np.testing.assert_array_equal(restored["params"]["w"], np.full((3, 2), 2, np.float32))
     assert int(restored["step"]) == 2
     # Restored onto this machine's first device, wherever it was written (explicit targets).
     assert restored["params"]["w"].sharding.device_set == {jax.local_devices()[0]}
-    checkpoints.close()
+    manager.save(5, _fake_state(5), best_epoch=5)
+    assert manager.epochs() == [5]
+    manager.close()
 
 
 # Run with two CPU devices: saves a state placed on device 1, then restores it onto device 0
@@ -57,17 +64,17 @@ _TWO_DEVICES = """
 import json, sys
 from pathlib import Path
 import jax, numpy as np
-from fmnist_jax.run import folder
+from fmnist_jax.run import checkpoints
 
 device_0, device_1 = jax.devices()
 def placed(value, device):
     return {"params": {"w": jax.device_put(np.full((3, 2), value, np.float32), device)},
             "step": jax.device_put(np.int32(value), device)}
-checkpoints = folder.Checkpoints(Path(sys.argv[1]), keep_best=False)
-checkpoints.save(1, placed(5, device_1))
-restored = {name: checkpoints.restore(1, placed(0, device))
+manager = checkpoints.Checkpoints(Path(sys.argv[1]))
+manager.save(1, placed(5, device_1))
+restored = {name: manager.restore(1, placed(0, device))
             for name, device in (("on_0", device_0), ("on_1", device_1))}
-checkpoints.close()
+manager.close()
 print(json.dumps({name: {"devices": sorted(d.id for leaf in jax.tree_util.tree_leaves(state)
                                            for d in leaf.devices()),
                          "w": state["params"]["w"].tolist(), "step": int(state["step"])}
@@ -94,19 +101,19 @@ def test_a_checkpoint_written_on_another_device_restores_here(tmp_path):
     sharding = json.loads((tmp_path / folder.CHECKPOINTS_DIR / "1" / "default" /
                            "_sharding").read_text())
     assert {json.loads(v)["device_str"] for v in sharding.values()} == {"cpu:1"}
-    checkpoints = folder.Checkpoints(tmp_path, keep_best=False)
-    restored = checkpoints.restore(1, _fake_state(0))
-    checkpoints.close()
+    manager = checkpoints.Checkpoints(tmp_path)
+    restored = manager.restore(1, _fake_state(0))
+    manager.close()
     np.testing.assert_array_equal(restored["params"]["w"], np.full((3, 2), 5, np.float32))
     assert restored["params"]["w"].sharding.device_set == {jax.local_devices()[0]}
 
 
 def test_without_a_validation_split_only_the_latest_is_kept(tmp_path):
-    checkpoints = folder.Checkpoints(tmp_path, keep_best=False)
+    manager = checkpoints.Checkpoints(tmp_path)
     for epoch in (1, 2, 3):
-        checkpoints.save(epoch, _fake_state(epoch))
-    assert checkpoints.epochs() == [3]
-    checkpoints.close()
+        manager.save(epoch, _fake_state(epoch))
+    assert manager.epochs() == [3]
+    manager.close()
 
 
 @pytest.fixture(scope="module")
@@ -118,12 +125,10 @@ def uninterrupted(tmp_path_factory):
 
 
 def _as_if_killed(source, target, *, keep_checkpoints, history_tail=b""):
-    """A copy of the finished run `source` as a kill would have left it: no final files,
+    """A copy of the finished run `source` as a kill would have left it: no best.json,
     only the checkpoints of `keep_checkpoints`, and `history_tail` after the history."""
     shutil.copytree(source, target)
-    for name in (folder.PARAMS_CHECKSUM_FILE, folder.BEST_FILE):
-        (target / name).unlink()
-    shutil.rmtree(target / folder.PARAMS_DIR)
+    (target / folder.BEST_FILE).unlink()
     for step_dir in (target / folder.CHECKPOINTS_DIR).iterdir():
         if int(step_dir.name) not in keep_checkpoints:
             shutil.rmtree(step_dir)
@@ -131,21 +136,30 @@ def _as_if_killed(source, target, *, keep_checkpoints, history_tail=b""):
         f.write(history_tail)
 
 
+def _best_without_sums(run_dir):
+    """best.json less the checksums, which differ between two saves of the same state (orbax
+    names its data files at random and records the time)."""
+    best = checkpoints.load_best(run_dir)
+    assert set(best.pop(folder.CHECKPOINT_SUMS)) >= {"_CHECKPOINT_METADATA",
+                                                      "default/_METADATA"}
+    return best
+
+
 def _assert_same_run(a, b, cfg):
     assert (a / folder.HISTORY_FILE).read_bytes() == (b / folder.HISTORY_FILE).read_bytes()
-    assert (a / folder.BEST_FILE).read_bytes() == (b / folder.BEST_FILE).read_bytes()
+    assert _best_without_sums(a) == _best_without_sums(b)
     # The events too: the resumed run's hold each epoch once, with the same values.
     assert read_tensorboard_scalars(a / folder.TENSORBOARD_DIR) == read_tensorboard_scalars(
         b / folder.TENSORBOARD_DIR)
-    jax.tree_util.tree_map(np.testing.assert_array_equal, folder.load_variables(a, cfg),
-                           folder.load_variables(b, cfg))
+    jax.tree_util.tree_map(np.testing.assert_array_equal, checkpoints.load_variables(a, cfg),
+                           checkpoints.load_variables(b, cfg))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("keep, tail", [
     ((1, 2), b'{"epoch": 3, "learning_ra'),  # killed while writing epoch 3's row
     ((), b""),  # killed before the first checkpoint: starts over in the same folder
-    ((1, 2, 3, 4), b""),  # killed after the last checkpoint, before params/
+    ((1, 2, 3, 4), b""),  # killed after the last checkpoint, before best.json
 ])
 def test_a_resumed_run_ends_as_an_uninterrupted_one(tmp_path, uninterrupted, keep, tail):
     """In-process kills, simulated: the folder as a kill at that moment leaves it (the
@@ -166,27 +180,27 @@ def test_a_resumed_run_ends_as_an_uninterrupted_one(tmp_path, uninterrupted, kee
 @pytest.mark.slow  # `uninterrupted` trains 4 epochs of another shape: shared with the slow tests
 def test_the_run_keeps_the_latest_and_the_best_epoch(uninterrupted):
     run_dir, _, history = uninterrupted
-    best = folder.load_best(run_dir)
+    best = checkpoints.load_best(run_dir)
     best_epoch = max(history, key=lambda row: (row["val_accuracy"], -row["epoch"]))["epoch"]
     assert best["epoch"] == best_epoch and best["chosen_by"] == "val_accuracy"
     assert best["epochs_trained"] == 4 and not best["stopped_early"]
-    checkpoints = folder.Checkpoints(run_dir, keep_best=True)
-    assert checkpoints.epochs() == sorted({best_epoch, 4})
-    # params/ holds the best epoch's parameters, which its checkpoint holds too.
+    manager = checkpoints.Checkpoints(run_dir)
+    assert manager.epochs() == sorted({best_epoch, 4})
+    # The model is the best epoch's checkpoint's parameters.
     cfg = _val_config()
     like = create_train_state(get_model(cfg.model), make_optimizer(cfg, 12),
                               jax.random.key(0), plateau_tx=make_plateau(cfg))
-    stored = checkpoints.restore(best_epoch, like)
-    checkpoints.close()
+    stored = manager.restore(best_epoch, like)
+    manager.close()
     jax.tree_util.tree_map(np.testing.assert_array_equal, stored.params,
-                           folder.load_variables(run_dir, cfg)["params"])
+                           checkpoints.load_variables(run_dir, cfg)["params"])
 
 
 @pytest.mark.slow
 def test_early_stopping_stops_and_keeps_the_best_epoch(tmp_path):
     cfg = _val_config(epochs=12, patience=1, decay="constant")
     _, history = train_quietly(cfg, tmp_path / "run", _splits())
-    best = folder.load_best(tmp_path / "run")
+    best = checkpoints.load_best(tmp_path / "run")
     assert best["stopped_early"] and best["epochs_trained"] == len(history) < 12
     assert len(history) == best["epoch"] + 1  # one epoch without a rise, with patience 1
     assert history[-1]["val_accuracy"] <= best["val_accuracy"]
@@ -258,7 +272,7 @@ def test_report_and_predict_say_which_epoch(tmp_path, uninterrupted):
     run_dir, _, _ = uninterrupted
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
-    best = folder.load_best(copy)
+    best = checkpoints.load_best(copy)
     report = evaluate_run(copy, train=_splits()[0], test=_splits()[1], n_resamples=10,
                           log_fn=lambda s: None)
     assert report["epoch"] == best["epoch"]

@@ -11,7 +11,7 @@ import optax
 import pytest
 
 from fmnist_jax import FmnistError
-from fmnist_jax.run import folder
+from fmnist_jax.run import checkpoints
 from fmnist_jax.run.config import get_config
 from fmnist_jax.data import HALF
 from fmnist_jax.models import get_model
@@ -63,7 +63,7 @@ def test_ema_off_keeps_none_and_the_training_is_the_same_with_it_on():
 def test_a_run_with_ema_evaluates_and_keeps_the_average(tmp_path, tiny_splits):
     cfg = dataclasses.replace(tiny_config(), ema_decay=0.9)
     state, history = _run(cfg, tmp_path, tiny_splits)
-    variables = folder.load_variables(tmp_path, cfg)  # no val split: the last epoch's
+    variables = checkpoints.load_variables(tmp_path, cfg)  # no val split: the last epoch's
     jax.tree_util.tree_map(np.testing.assert_array_equal, variables["params"],
                            state.ema_params)
     test = tiny_splits[1]
@@ -71,7 +71,7 @@ def test_a_run_with_ema_evaluates_and_keeps_the_average(tmp_path, tiny_splits):
                                    jnp.asarray(test.labels_N), batch_size=100, norm=HALF))
     assert history[-1]["test_accuracy"] == float(sums.correct) / float(sums.count)
     # The checkpoint holds the average too, so a resumed run goes on averaging.
-    restored = folder.Checkpoints(tmp_path, keep_best=False).restore(2, state)
+    restored = checkpoints.Checkpoints(tmp_path).restore(2, state)
     chex.assert_trees_all_equal(restored.ema_params, state.ema_params)
 
 

@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 
 from fmnist_jax import FmnistError
-from fmnist_jax.run import folder, parallel
+from fmnist_jax.run import checkpoints, folder, parallel, results
+from fmnist_jax.run.history import load_history
 from tests.helpers import (REPO, make_split, one_error_line, run_script, tiny_config,
                            train_quietly)
 
@@ -74,15 +75,15 @@ def _finish(process, timeout=300) -> dict:
 
 def _assert_same_run(run_dir, reference_dir):
     """Same history (within float rounding) and the same final parameters."""
-    history, reference = folder.load_history(run_dir), folder.load_history(reference_dir)
+    history, reference = load_history(run_dir), load_history(reference_dir)
     assert [row["epoch"] for row in history] == [row["epoch"] for row in reference]
     for row, ref in zip(history, reference):
         assert row.keys() == ref.keys()
         for name in row:
             assert row[name] == pytest.approx(ref[name], abs=ATOL), name
     cfg = tiny_config()
-    chex.assert_trees_all_close(folder.load_variables(run_dir, cfg),
-                                folder.load_variables(reference_dir, cfg), atol=ATOL)
+    chex.assert_trees_all_close(checkpoints.load_variables(run_dir, cfg),
+                                checkpoints.load_variables(reference_dir, cfg), atol=ATOL)
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +98,8 @@ def four_device_run(tmp_path_factory):
 def test_four_devices_train_as_one(four_device_run, tiny_run):
     _assert_same_run(four_device_run, tiny_run[0])
     # Not trivially equal: the two runs did the sums in another order somewhere.
-    four = folder.load_variables(four_device_run, tiny_config())
-    one = folder.load_variables(tiny_run[0], tiny_config())
+    four = checkpoints.load_variables(four_device_run, tiny_config())
+    one = checkpoints.load_variables(tiny_run[0], tiny_config())
     assert any(not np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(four),
                                                         jax.tree_util.tree_leaves(one)))
 
@@ -277,8 +278,8 @@ def test_train_py_with_two_processes_logs_and_writes_once(tmp_path, prepared_dat
     assert "for the evaluation report, run: python scripts/evaluate.py" in results[0][1]
     assert _ours(results[1][1]) == [] and results[1][2] == []
     assert folder.finished(tmp_path / "run")
-    assert len(folder.load_history(tmp_path / "run")) == 1
-    folder.load_variables(tmp_path / "run", folder.load_config(tmp_path / "run"))
+    assert len(load_history(tmp_path / "run")) == 1
+    checkpoints.load_variables(tmp_path / "run", folder.load_config(tmp_path / "run"))
 
 
 @pytest.mark.slow
@@ -333,7 +334,7 @@ def test_resume_with_two_processes_is_refused_or_skipped_on_every_process(tmp_pa
     assert finished[1][1] == "" and finished[1][2] == []
     run_dir = tmp_path / "run"
     shutil.copytree(tiny_run[0], run_dir)
-    (run_dir / folder.PARAMS_CHECKSUM_FILE).unlink()  # as if killed before the end
+    (run_dir / folder.BEST_FILE).unlink()  # as if killed before the end
     with open(run_dir / folder.CONFIG_FILE) as held:
         fcntl.flock(held, fcntl.LOCK_EX)  # as a training of that folder holds it
         refused = _two_train_py(tmp_path / "refused", "--resume", run_dir,
@@ -345,7 +346,7 @@ def test_resume_with_two_processes_is_refused_or_skipped_on_every_process(tmp_pa
 
 
 # On 4 CPU devices: the tiny run's first epoch alone, then its folder made into that of the
-# 2-epoch tiny run killed after epoch 1 (config.json says 2 epochs; no final files), resumed.
+# 2-epoch tiny run killed after epoch 1 (config.json says 2 epochs; no best.json), resumed.
 _RESUME = """
 import dataclasses, shutil, sys
 from pathlib import Path
@@ -356,9 +357,7 @@ from tests.helpers import make_split, tiny_config, train_quietly
 run_dir, splits = Path(sys.argv[1]), (make_split(512, seed=0), make_split(300, seed=1))
 train_quietly(dataclasses.replace(tiny_config(), epochs=1), run_dir, splits)
 (run_dir / folder.CONFIG_FILE).write_text(tiny_config().to_json() + "\\n")
-for name in (folder.PARAMS_CHECKSUM_FILE, folder.BEST_FILE):
-    (run_dir / name).unlink()
-shutil.rmtree(run_dir / folder.PARAMS_DIR)
+(run_dir / folder.BEST_FILE).unlink()
 train_quietly(tiny_config(), folder.reopen(run_dir), splits)
 """
 
@@ -385,8 +384,8 @@ def two_seeds_on_one_device(tmp_path_factory):
 def _assert_same_seeds(run_dir, reference_dir):
     for seed in (4, 5):
         _assert_same_run(folder.member_dir(run_dir, seed), folder.member_dir(reference_dir, seed))
-        assert len(folder.load_history(folder.member_dir(run_dir, seed))) == 2
-    assert folder.load_summary(run_dir)["n"] == 2
+        assert len(load_history(folder.member_dir(run_dir, seed))) == 2
+    assert results.load_summary(run_dir)["n"] == 2
 
 
 @pytest.mark.slow
@@ -418,7 +417,7 @@ def test_seeds_over_two_processes_of_two_devices_train_as_on_one(tmp_path,
 
 def _as_if_killed_after_epoch_1(run_dir, seeds):
     """The finished 1-epoch tiny run (of `seeds` seeds) in `run_dir` made into the folder of
-    the 2-epoch one killed after epoch 1: its configs say 2 epochs, its final files gone."""
+    the 2-epoch one killed after epoch 1: its configs say 2 epochs, its best.json gone."""
     cfg = dataclasses.replace(tiny_config(), seeds=seeds)
     folders = [(run_dir, cfg)]
     if seeds > 1:
@@ -429,9 +428,7 @@ def _as_if_killed_after_epoch_1(run_dir, seeds):
         folders = [(folder.member_dir(run_dir, m.seed), m) for m in cfg.members()]
     for member_run, member_cfg in folders:
         (member_run / folder.CONFIG_FILE).write_text(member_cfg.to_json() + "\n")
-        for name in (folder.PARAMS_CHECKSUM_FILE, folder.BEST_FILE):
-            (member_run / name).unlink()
-        shutil.rmtree(member_run / folder.PARAMS_DIR)
+        (member_run / folder.BEST_FILE).unlink()
 
 
 @pytest.mark.slow
@@ -465,7 +462,7 @@ import jax, jax.numpy as jnp, numpy as np
 from fmnist_jax import data, streams
 from fmnist_jax.run.config import get_config
 from fmnist_jax.run.compiled import CompiledSeedEpochs, step_options
-from fmnist_jax.run.loop import seed_members
+from fmnist_jax.run.prepare import seed_members
 from tests.helpers import make_split
 cfg = get_config("lenet5", batch_size=32)
 train, test = make_split(384, seed=0), make_split(100, seed=1)

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from fmnist_jax import FmnistError
-from fmnist_jax.run import folder
+from fmnist_jax.run import checkpoints, folder, results
 from fmnist_jax.data import CLASS_NAMES
 from fmnist_jax.models import get_model
 from fmnist_jax.evaluation.predict import (load_image, load_images, load_predictor, predict_probs,
@@ -46,7 +46,7 @@ def _save(path, array, mode=None, **kwargs):
 def logits_3xC(run_dir, images_3xHxWx1):
     """The logits through steps.predict_logits directly, as an independent reference."""
     cfg = folder.load_config(run_dir)
-    state = inference_state(get_model(cfg.model), folder.load_variables(run_dir, cfg))
+    state = inference_state(get_model(cfg.model), checkpoints.load_variables(run_dir, cfg))
     return np.asarray(predict_logits(state, images_3xHxWx1, batch_size=3,
                                      norm=folder.load_normalization(run_dir)))
 
@@ -244,7 +244,7 @@ def test_top_k_must_be_1_to_10():
 def test_temperature_softens_the_probabilities_but_keeps_the_ranking(tmp_path, run_dir,
                                                                      images_3xHxWx1, logits_3xC):
     calibrated_dir = shutil.copytree(run_dir, tmp_path / "calibrated")
-    folder.save_calibration(calibrated_dir, 2.0, n_validation=100)
+    results.save_calibration(calibrated_dir, 2.0, n_validation=100)
     plain, calibrated = load_predictor(run_dir), load_predictor(calibrated_dir)
     assert calibrated.calibrated and calibrated.temperature == 2.0
     probs_1 = predict_probs(plain, images_3xHxWx1)
@@ -327,7 +327,7 @@ def _one_error_line(capsys, argv) -> str:
 
 def test_cli_run_folder_without_a_model_is_one_line(tmp_path, run_dir, capsys):
     broken = shutil.copytree(run_dir, tmp_path / "broken")
-    shutil.rmtree(broken / folder.PARAMS_DIR)
+    (broken / folder.BEST_FILE).unlink()
     png = _save(tmp_path / "x.png", np.zeros((28, 28), np.uint8))
     assert "has no model" in _one_error_line(capsys, [str(broken), str(png)])
     assert "not a run folder" in _one_error_line(capsys, [str(tmp_path / "nowhere"), str(png)])

@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from fmnist_jax.run import folder
+from fmnist_jax.run import checkpoints, folder, results
 from fmnist_jax.run.config import get_config
 from fmnist_jax.evaluation.report import evaluate_run
 from fmnist_jax.run.loop import train_and_evaluate
@@ -28,7 +28,7 @@ def evaluated_run(tmp_path_factory):
 def test_report_agrees_with_training_and_writes_its_files(evaluated_run):
     run_dir, report, history, test = evaluated_run
     # The report is about the best epoch's parameters (by validation accuracy): best.json.
-    assert report["epoch"] == folder.load_best(run_dir)["epoch"]
+    assert report["epoch"] == checkpoints.load_best(run_dir)["epoch"]
     assert report["accuracy"] == pytest.approx(history[report["epoch"] - 1]["test_accuracy"],
                                                abs=1e-9)
     low, high = report["accuracy_ci95"]
@@ -40,7 +40,7 @@ def test_report_agrees_with_training_and_writes_its_files(evaluated_run):
                  folder.CALIBRATION_FILE):
         assert (run_dir / name).stat().st_size > 0, name
     assert json.loads((run_dir / folder.REPORT_JSON_FILE).read_text())["temperature"] == report["temperature"]
-    assert folder.load_temperature(run_dir) == report["temperature"] > 0
+    assert results.load_temperature(run_dir) == report["temperature"] > 0
     text = (run_dir / folder.REPORT_TEXT_FILE).read_text()
     assert "Ankle boot" in text and "macro avg" in text and "ECE" in text
 

@@ -1,5 +1,5 @@
-"""The run folder (folder.py): claiming it, saving and verifying the parameters, and a folder
-edited or damaged by hand, through the commands a user folder."""
+"""The run folder (run/folder.py, run/checkpoints.py): claiming it, verifying the model's
+checkpoint, and a folder edited or damaged by hand, through the commands a user runs."""
 
 import errno
 import json
@@ -15,7 +15,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from fmnist_jax import FmnistError
-from fmnist_jax.run import folder
+from fmnist_jax.run import checkpoints, folder
+from fmnist_jax.run.history import load_history
 from fmnist_jax.evaluation.report import LoadedRun, evaluate_run
 from tests.helpers import REPO, make_split, one_error_line, run_script, tiny_config
 
@@ -34,9 +35,10 @@ def _untouched(run_dir):
     assert (run_dir / folder.CALIBRATION_FILE).read_text() == '{"temperature": 1.5}\n'
 
 
-def _largest_params_file(run_dir):
-    return max((p for p in (run_dir / folder.PARAMS_DIR).rglob("*") if p.is_file()),
-               key=lambda p: p.stat().st_size)
+def _largest_model_file(run_dir):
+    """The largest file of the checkpoint best.json names (the model's weights are in it)."""
+    model_dir = run_dir / folder.CHECKPOINTS_DIR / str(checkpoints.load_best(run_dir)["epoch"])
+    return max((p for p in model_dir.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
 
 
 # --- claiming the folder -------------------------------------------------------------------
@@ -108,53 +110,48 @@ def test_default_run_names_differ_between_processes():
     assert str(here) != there and str(here).startswith("runs/lenet5-seed0-")
 
 
-# --- saving the parameters -----------------------------------------------------------------
+# --- the model: the best epoch's checkpoint, guarded by the checksums in best.json ------------
 
-def test_a_full_disk_while_saving_keeps_the_model_elsewhere(tmp_path, tiny_run, monkeypatch):
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    variables = {"params": tiny_run[1].params}
-    real_save = ocp.StandardCheckpointer.save
+def test_a_full_disk_while_saving_a_checkpoint_is_one_line_saying_resume(tmp_path, tiny_run,
+                                                                         monkeypatch):
+    manager = checkpoints.Checkpoints(tmp_path)
 
-    def save_on_a_full_disk(self, directory, *args, **kwargs):
-        if str(directory).startswith(str(run_dir)):  # orbax's temporary folder, then no space
-            (run_dir / f"{folder.PARAMS_DIR}.orbax-checkpoint-tmp").mkdir()
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real_save(self, directory, *args, **kwargs)
+    def save_on_a_full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(ocp.StandardCheckpointer, "save", save_on_a_full_disk)
-    with pytest.raises(FmnistError, match="no space left on device") as error:
-        folder.save_variables(run_dir, variables)
-    assert os.listdir(run_dir) == []  # no temporary folder, no partial checkpoint
-    message = str(error.value)
-    fallback = message.split("they were saved to ")[1].split(" instead")[0]
-    try:
-        for name in (folder.PARAMS_DIR, folder.PARAMS_CHECKSUM_FILE):  # what the message says
-            shutil.move(os.path.join(fallback, name), run_dir / name)
-        restored = folder.load_variables(run_dir, tiny_config())
-        jax.tree_util.tree_map(np.testing.assert_array_equal, restored, variables)
-    finally:
-        shutil.rmtree(fallback, ignore_errors=True)
+    monkeypatch.setattr(ocp.CheckpointManager, "save", save_on_a_full_disk)
+    with pytest.raises(FmnistError, match="No space left on device.*free some space, then "
+                                          "continue with --resume"):
+        manager.save(3, tiny_run[1])
+    manager.close()
 
-
-# --- a damaged or edited run folder --------------------------------------------------------
 
 @pytest.mark.parametrize("damage", ["flip", "truncate"])
-def test_a_damaged_parameter_file_is_detected(run_copy, damage):
-    path = _largest_params_file(run_copy)
+def test_a_damaged_checkpoint_file_of_the_model_is_detected(run_copy, damage):
+    path = _largest_model_file(run_copy)
     data = bytearray(path.read_bytes())
     if damage == "flip":
-        data[len(data) // 2: len(data) // 2 + 4] = bytes(b ^ 0xFF for b in
-                                                         data[len(data) // 2: len(data) // 2 + 4])
+        data[len(data) // 2] ^= 0x01
     else:
         del data[len(data) // 2:]
     path.write_bytes(bytes(data))
-    with pytest.raises(FmnistError, match="does not match its checksum"):
-        folder.load_variables(run_copy, tiny_config())
+    with pytest.raises(FmnistError, match="does not match its checksum") as error:
+        checkpoints.load_variables(run_copy, tiny_config())
+    assert "\n" not in str(error.value)
 
 
-def test_predict_on_a_truncated_parameter_file_prints_one_line(run_copy, tmp_path):
-    path = _largest_params_file(run_copy)
+def test_every_file_of_the_model_checkpoint_is_guarded(run_copy):
+    best = checkpoints.load_best(run_copy)
+    model_dir = run_copy / folder.CHECKPOINTS_DIR / str(best["epoch"])
+    assert set(best[folder.CHECKPOINT_SUMS]) == {
+        str(p.relative_to(model_dir)) for p in model_dir.rglob("*") if p.is_file()}
+    (model_dir / "default" / "extra").write_text("x")
+    with pytest.raises(FmnistError, match="default/extra is damaged, missing or extra"):
+        checkpoints.load_variables(run_copy, tiny_config())
+
+
+def test_predict_on_a_truncated_checkpoint_file_prints_one_line(run_copy, tmp_path):
+    path = _largest_model_file(run_copy)
     path.write_bytes(path.read_bytes()[:1000])
     np.save(tmp_path / "x.npy", make_split(1).images_NxHxWx1)
     result = run_script("predict.py", run_copy, tmp_path / "x.npy")
@@ -162,18 +159,47 @@ def test_predict_on_a_truncated_parameter_file_prints_one_line(run_copy, tmp_pat
     assert result.stdout == ""
 
 
+def _as_an_earlier_version_wrote_it(run_dir):
+    """`run_dir` as versions that kept the model in params/ too left it: params/ and
+    params.sha256 beside the checkpoints, best.json without checksums."""
+    best = checkpoints.load_best(run_dir)
+    del best[folder.CHECKPOINT_SUMS]
+    (run_dir / folder.BEST_FILE).write_text(json.dumps(best))
+    (run_dir / folder.OLD_PARAMS_DIR).mkdir()
+    (run_dir / folder.OLD_PARAMS_CHECKSUM_FILE).write_text('{"sha256": {}}')
+
+
+def test_a_folder_of_an_earlier_version_loads_from_its_best_checkpoint(run_copy, tiny_run):
+    _as_an_earlier_version_wrote_it(run_copy)
+    assert folder.finished(run_copy)
+    variables = checkpoints.load_variables(run_copy, tiny_config())  # no checksums: read as is
+    jax.tree_util.tree_map(np.testing.assert_array_equal, variables["params"],
+                           tiny_run[1].params)
+    shutil.rmtree(run_copy / folder.CHECKPOINTS_DIR / "2")
+    with pytest.raises(FmnistError, match="keeps its model in params/, which this version no "
+                                          "longer reads.*train the run again"):
+        checkpoints.load_variables(run_copy, tiny_config())
+
+
 def test_non_finite_weights_are_refused(tmp_path, tiny_run):
-    params = jax.tree_util.tree_map(lambda w: w.at[(0,) * w.ndim].set(np.nan), tiny_run[1].params)
-    folder.save_variables(tmp_path, {"params": params})
+    state = tiny_run[1]
+    state = state.replace(params=jax.tree_util.tree_map(
+        lambda w: w.at[(0,) * w.ndim].set(np.nan), state.params))
+    manager = checkpoints.Checkpoints(tmp_path)
+    manager.save(2, state)
+    manager.close()
+    checkpoints.save_best(tmp_path, {"epoch": 2, "chosen_by": "last epoch", "val_accuracy": None,
+                                     "epochs_trained": 2, "stopped_early": False})
+    assert folder.finished(tmp_path)
     with pytest.raises(FmnistError, match="NaN or infinite weights"):
-        folder.load_variables(tmp_path, tiny_config())
+        checkpoints.load_variables(tmp_path, tiny_config())
 
 
 def test_non_finite_logits_never_replace_a_good_report(run_copy):
+    variables = checkpoints.load_variables(run_copy, tiny_config())
     run = LoadedRun(config=tiny_config(), normalization=folder.load_normalization(run_copy),
-                    history=folder.load_history(run_copy),
-                    variables=jax.tree_util.tree_map(lambda w: w * 1e30,
-                                                     folder.load_variables(run_copy, tiny_config())))
+                    history=load_history(run_copy),
+                    variables=jax.tree_util.tree_map(lambda w: w * 1e30, variables))
     with pytest.raises(FmnistError, match="NaN or infinite logits"):
         evaluate_run(run_copy, train=make_split(512), test=make_split(300, seed=1), run=run,
                      log_fn=lambda s: None)  # the tiny run's own data

@@ -11,7 +11,8 @@ import pytest
 from scipy import stats
 
 from fmnist_jax import streams
-from fmnist_jax.run import folder, parallel
+from fmnist_jax.run import checkpoints, folder, parallel, results
+from fmnist_jax.run.history import load_history
 from fmnist_jax.run.config import get_config
 from fmnist_jax.data import HALF, Normalization, train_val_indices
 from fmnist_jax.errors import FmnistError
@@ -108,6 +109,14 @@ def _splits():
 EXACT = parallel.members_at_once_for(jax.default_backend()) == 1
 
 
+def _best_without_sums(run_dir):
+    """best.json less the checksums of the model's checkpoint, which differ between two
+    saves of the same state (orbax names its data files at random and records the time)."""
+    best = checkpoints.load_best(run_dir)
+    assert best.pop(folder.CHECKPOINT_SUMS)
+    return best
+
+
 def _check_members_equal_single_runs(tmp_path, cfg, *, rtol, atol):
     """Train `cfg` (seeds > 1), then each member's config alone; compare every history
     value, best.json and the kept parameters (bit for bit where `EXACT`, else within `rtol`
@@ -124,15 +133,16 @@ def _check_members_equal_single_runs(tmp_path, cfg, *, rtol, atol):
         _, single_history = train_quietly(member, single_dir, _splits())
         assert folder.load_config(member_dir) == member
         assert [row["epoch"] for row in histories[m]] == [row["epoch"] for row in single_history]
-        assert folder.load_history(member_dir) == histories[m]
+        assert load_history(member_dir) == histories[m]
         for row, single_row in zip(histories[m], single_history):
             assert row.keys() == single_row.keys()
             np.testing.assert_allclose(list(row.values()), list(single_row.values()),
                                        rtol=rtol, atol=atol)
             largest_in_history = max(largest_in_history, *(
                 abs(row[key] - single_row[key]) for key in row))
-        assert folder.load_best(member_dir) == folder.load_best(single_dir)
-        kept, single_kept = (folder.load_variables(d, member) for d in (member_dir, single_dir))
+        assert _best_without_sums(member_dir) == _best_without_sums(single_dir)
+        kept, single_kept = (checkpoints.load_variables(d, member)
+                             for d in (member_dir, single_dir))
         chex.assert_trees_all_close(kept, single_kept, rtol=rtol, atol=atol)
         largest = max(largest, _largest_difference(kept, single_kept))
     print(f"largest difference of the kept variables: {largest:.3g}; of a history value: "
@@ -153,20 +163,19 @@ def test_members_equal_single_runs_and_stop_early_on_their_own(tmp_path):
     steps_per_epoch = int(state_M.step[0]) // epochs_M[0]
     assert [int(step) for step in state_M.step] == [e * steps_per_epoch for e in epochs_M]
     for m, member in enumerate(cfg.members()):  # each final state is its last checkpoint's
-        checkpoints = folder.Checkpoints(folder.member_dir(tmp_path / "seeds", member.seed),
-                                       keep_best=True)
+        manager = checkpoints.Checkpoints(folder.member_dir(tmp_path / "seeds", member.seed))
         member_state = jax.tree_util.tree_map(lambda leaf, m=m: leaf[m], state_M)
-        stored = checkpoints.restore(epochs_M[m], member_state)
-        checkpoints.close()
+        stored = manager.restore(epochs_M[m], member_state)
+        manager.close()
         jax.tree_util.tree_map(np.testing.assert_array_equal, stored.params, member_state.params)
-    # A member folder is an ordinary run: one killed before its parameters were saved is
+    # A member folder is an ordinary run: one killed before its best.json was written is
     # resumed alone from the checkpoints the vmapped run wrote, and ends the same.
     member_dir = folder.member_dir(tmp_path / "seeds", 5)
-    kept = folder.load_variables(member_dir, cfg.members()[1])
-    (member_dir / folder.PARAMS_CHECKSUM_FILE).unlink()
+    kept = checkpoints.load_variables(member_dir, cfg.members()[1])
+    (member_dir / folder.BEST_FILE).unlink()
     train_quietly(cfg.members()[1], folder.reopen(member_dir), _splits())
     jax.tree_util.tree_map(np.testing.assert_array_equal,
-                           folder.load_variables(member_dir, cfg.members()[1]), kept)
+                           checkpoints.load_variables(member_dir, cfg.members()[1]), kept)
     _check_the_folder_resumes_whole(tmp_path, cfg, state_M, epochs_M)
 
 
@@ -174,16 +183,16 @@ def _check_the_folder_resumes_whole(tmp_path, cfg, state_M, epochs_M):
     """The whole folder resumed, as a kill during the last epoch's saves leaves it: seed 4
     without its last checkpoint (so behind the others), seed 5 with all (finished, but no
     summary yet), seed 6 with none (from the start). It ends as the uninterrupted run: the
-    same history and best.json bytes, parameters and summary, and final states."""
+    same history, best.json (but the checksums of checkpoints written again), parameters
+    and summary, and final states."""
     source, target = tmp_path / "seeds", tmp_path / "resumed"
     shutil.copytree(source, target)
     (target / folder.SUMMARY_FILE).unlink()
     starts = []
     for m, member in enumerate(cfg.members()):
         member_dir = folder.member_dir(target, member.seed)
-        for name in (folder.PARAMS_CHECKSUM_FILE, folder.BEST_FILE):
-            (member_dir / name).unlink()
-        shutil.rmtree(member_dir / folder.PARAMS_DIR)
+        if m != 1:  # seed 5 finished: its best.json stays
+            (member_dir / folder.BEST_FILE).unlink()
         kept = sorted(int(step_dir.name) for step_dir in (member_dir / folder.CHECKPOINTS_DIR).iterdir())
         keep = {0: kept[:-1], 1: kept, 2: []}[m]
         for epoch in set(kept) - set(keep):
@@ -197,11 +206,11 @@ def _check_the_folder_resumes_whole(tmp_path, cfg, state_M, epochs_M):
     assert [len(history) for history in histories] == epochs_M
     for member in cfg.members():
         a, b = (folder.member_dir(run_dir, member.seed) for run_dir in (source, target))
-        for name in (folder.HISTORY_FILE, folder.BEST_FILE):
-            assert (a / name).read_bytes() == (b / name).read_bytes(), (member.seed, name)
-        jax.tree_util.tree_map(np.testing.assert_array_equal, folder.load_variables(a, member),
-                               folder.load_variables(b, member))
-    assert folder.load_summary(target) == folder.load_summary(source)
+        assert (a / folder.HISTORY_FILE).read_bytes() == (b / folder.HISTORY_FILE).read_bytes()
+        assert _best_without_sums(a) == _best_without_sums(b), member.seed
+        jax.tree_util.tree_map(np.testing.assert_array_equal, checkpoints.load_variables(a, member),
+                               checkpoints.load_variables(b, member))
+    assert results.load_summary(target) == results.load_summary(source)
     jax.tree_util.tree_map(np.testing.assert_array_equal, resumed_M.params, state_M.params)
     jax.tree_util.tree_map(np.testing.assert_array_equal, resumed_M.opt_state,
                            state_M.opt_state)
@@ -317,7 +326,7 @@ def test_train_script_prints_the_seed_table_and_reports_each_seed(tmp_path):
                         tmp_path / "train.csv", "--test-csv", tmp_path / "test.csv",
                         "--compile-cache", "none", timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    summary = folder.load_summary(tmp_path / "run")
+    summary = results.load_summary(tmp_path / "run")
     assert [row["seed"] for row in summary["seeds"]] == [4, 5, 6]
     lines = result.stdout.splitlines()
     assert "seed  epochs  kept epoch  val acc  test acc" in lines
@@ -340,7 +349,7 @@ def test_train_script_prints_the_seed_table_and_reports_each_seed(tmp_path):
             f"after epoch 0") in resumed.stdout
     assert "epoch   1  mean of 1 seeds" in resumed.stdout
     assert "early stop" not in resumed.stdout
-    assert folder.load_summary(tmp_path / "run") == summary
+    assert results.load_summary(tmp_path / "run") == summary
     again = run_script("train.py", "--resume", tmp_path / "run")
     assert again.returncode == 0 and "already finished training" in again.stdout
     # evaluate.py on the folder: a report for every seed.
@@ -357,7 +366,7 @@ def test_train_script_prints_the_seed_table_and_reports_each_seed(tmp_path):
 def test_seed_members_stacks_each_seeds_own_split_and_initial_state():
     """The set-up `train.py --seeds` and `seed_timing` share: member k is seed k's split and
     the state `create_train_state` gives seed k alone."""
-    from fmnist_jax.run.loop import seed_members
+    from fmnist_jax.run.prepare import seed_members
 
     train = make_split(200, seed=1)
     cfg = get_config(batch_size=30, val_fraction=0.2)

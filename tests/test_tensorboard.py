@@ -8,6 +8,7 @@ import sys
 import numpy as np
 
 from fmnist_jax.run import folder
+from fmnist_jax.run.history import EpochLog, load_history
 from tests.helpers import REPO, read_tensorboard_scalars
 
 
@@ -39,15 +40,15 @@ def _row(epoch: int, shift: float = 0.0):
 
 
 def test_a_resumed_log_holds_each_epoch_once(tmp_path):
-    with folder.EpochLog(tmp_path) as log:  # killed after epoch 3, its checkpoint of epoch 1
+    with EpochLog(tmp_path) as log:  # killed after epoch 3, its checkpoint of epoch 1
         for epoch in (1, 2, 3):
             log.epoch(_row(epoch), {})
     # As if written seconds before the resume (tensorboardX names files by the second).
     for path in (tmp_path / folder.TENSORBOARD_DIR).glob("*/events.out.tfevents.*"):
         path.rename(path.with_name("events.out.tfevents.1000000000.killed"))
-    with folder.EpochLog(tmp_path, resume_after=1) as log:
+    with EpochLog(tmp_path, resume_after=1) as log:
         log.epoch(_row(2, shift=0.01), {})  # epoch 2 again (other numbers, to tell them apart)
-    history = folder.load_history(tmp_path)
+    history = load_history(tmp_path)
     assert history == [_row(1), _row(2, shift=0.01)]
     assert read_tensorboard_scalars(tmp_path / folder.TENSORBOARD_DIR) == _as_events(history)
 
@@ -79,10 +80,10 @@ def test_without_tensorboardx_a_run_logs_its_history_and_says_so_once(tmp_path, 
     tensorboard._say_no_tensorboardx.cache_clear()
     for seed_dir in (tmp_path / "seed-0", tmp_path / "seed-1"):
         seed_dir.mkdir()
-        with folder.EpochLog(seed_dir) as log:
+        with EpochLog(seed_dir) as log:
             log.epoch(_row(1), {})
             log.epoch(_row(2), {})
-        assert folder.load_history(seed_dir) == [_row(1), _row(2)]
+        assert load_history(seed_dir) == [_row(1), _row(2)]
         assert not list((seed_dir / folder.TENSORBOARD_DIR).glob("**/events.out.tfevents.*"))
     err = capsys.readouterr().err
     assert err == ("note: tensorboardX is not installed, so this run writes no TensorBoard "

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from fmnist_jax.run import folder
+from fmnist_jax.run import checkpoints, folder, results
 from fmnist_jax.run.config import TrainConfig
 from fmnist_jax.data import CLASS_NAMES, Normalization
 from fmnist_jax.errors import FmnistError
@@ -269,10 +269,10 @@ def load_predictor(run_dir: str | Path) -> Predictor:
     """The model of a run folder written by scripts/train.py; FmnistError if it is not one,
     has no parameters, or its parameters belong to another model than its config.json says."""
     cfg = folder.load_config(run_dir)
-    variables = folder.load_variables(run_dir, cfg)
+    variables = checkpoints.load_variables(run_dir, cfg)
     norm = folder.load_normalization(run_dir)
-    temperature = folder.load_temperature(run_dir)
-    best = folder.load_best(run_dir)
+    temperature = results.load_temperature(run_dir)
+    best = checkpoints.load_best(run_dir)
     return Predictor(config=cfg, variables=variables, normalization=norm,
                      temperature=1.0 if temperature is None else temperature,
                      calibrated=temperature is not None,

@@ -1,7 +1,7 @@
 """Evaluate a run folder: metrics with confidence intervals, temperature scaling, PNGs.
 
 `evaluate_run(run_dir, ...)` computes the logits once per split, fits the temperature on the
-run's validation split (never the test set), and writes into the run folder (through `run.folder`)
+run's validation split (never the test set), and writes into the run folder (through `run.results`)
 the report as text (sklearn-style classification report and the summary) and as JSON, the
 temperature, and three plots: confusion matrix, reliability diagram, training curves.
 """
@@ -18,7 +18,8 @@ import numpy as np
 
 from fmnist_jax import data, metrics, streams
 from fmnist_jax.evaluation import plots
-from fmnist_jax.run import folder
+from fmnist_jax.run import checkpoints, folder, results
+from fmnist_jax.run.history import load_history
 from fmnist_jax.evaluation.calibration import apply_temperature, fit_temperature
 from fmnist_jax.run.config import TrainConfig
 from fmnist_jax.errors import FmnistError
@@ -133,7 +134,7 @@ class LoadedRun:
     variables: dict  # {"params": ...} and "batch_stats" for BatchNorm models
     normalization: data.Normalization
     history: list[dict[str, Any]]
-    best: dict[str, Any] | None = None  # which epoch's parameters (folder.load_best); None: older run
+    best: dict[str, Any] | None = None  # which epoch (checkpoints.load_best); None: unknown
 
 
 def load_run(run_dir: str | Path) -> LoadedRun:
@@ -141,8 +142,8 @@ def load_run(run_dir: str | Path) -> LoadedRun:
     missing or damaged."""
     cfg = folder.load_config(run_dir)
     return LoadedRun(config=cfg, normalization=folder.load_normalization(run_dir),
-                     history=folder.load_history(run_dir), best=folder.load_best(run_dir),
-                     variables=folder.load_variables(run_dir, cfg))
+                     history=load_history(run_dir), best=checkpoints.load_best(run_dir),
+                     variables=checkpoints.load_variables(run_dir, cfg))
 
 
 def evaluate_run(run_dir: str | Path, *, train: data.Split, test: data.Split,
@@ -180,9 +181,9 @@ def evaluate_run(run_dir: str | Path, *, train: data.Split, test: data.Split,
         report["epoch"] = run.best["epoch"]
         report["epochs_trained"] = run.best["epochs_trained"]
     text = format_report(report, preds_N, test.labels_N, run_dir, run.best)
-    folder.save_report(run_dir, text, report)
+    results.save_report(run_dir, text, report)
     if val is not None:
-        folder.save_calibration(run_dir, report["temperature"], report["n_validation"])
+        results.save_calibration(run_dir, report["temperature"], report["n_validation"])
     _write_plots(run_dir, report, test_logits_NxC, test.labels_N, run.history)
     log_fn(text.rstrip())
     log_fn(f"wrote {folder.REPORT_TEXT_FILE}, {folder.REPORT_JSON_FILE}, "
@@ -192,12 +193,13 @@ def evaluate_run(run_dir: str | Path, *, train: data.Split, test: data.Split,
 
 def _write_plots(run_dir: Path, report, logits_NxC, labels_N, history) -> None:
     plots.plot_confusion_matrix(np.array(report["confusion_matrix"]), data.CLASS_NAMES,
-                                folder.plot_path(run_dir, "confusion_matrix"))
+                                results.plot_path(run_dir, "confusion_matrix"))
     t = report["temperature"]
     before = metrics.reliability_diagram(jax.nn.softmax(logits_NxC), labels_N)
     after = metrics.reliability_diagram(jax.nn.softmax(apply_temperature(logits_NxC, t)),
                                         labels_N)
     plots.plot_reliability(before, after, report["before_temperature"]["ece"],
-                           report["after_temperature"]["ece"], t, folder.plot_path(run_dir, "reliability"))
+                           report["after_temperature"]["ece"], t,
+                           results.plot_path(run_dir, "reliability"))
     if history:
-        plots.plot_training_curves(history, folder.plot_path(run_dir, "curves"))
+        plots.plot_training_curves(history, results.plot_path(run_dir, "curves"))

@@ -72,8 +72,8 @@ class TrainConfig:
                                                          "positive, or none"))
     ema_decay: float = _field(0.0, "keep an exponential moving average of the weights, "
                               "after every step: ema = decay ema + (1 - decay) weights; when "
-                              "on, the validation and test metrics, the best epoch, params/ "
-                              "and the report all use the average; 0: off",
+                              "on, the validation and test metrics, the best epoch, the model "
+                              "kept and the report all use the average; 0: off",
                               check=(lambda v: 0 <= v < 1, "in [0, 1)"))
     label_smoothing: float = _field(0.0, "train on targets (1 - a) one-hot + a / 10 "
                                     "(reported train loss is the smoothed one)",
@@ -108,7 +108,8 @@ class TrainConfig:
                         check=(lambda v: v >= 1, "at least 1"))
     checkpoint_every: int = _field(1, "save the whole training state to RUN_DIR/checkpoints/ "
                                    "every this many epochs (and at the best and the last "
-                                   "epoch), so --resume can continue; 0: no checkpoints",
+                                   "epoch), so --resume can continue; 0: only at the best and the "
+                                   "last epoch (the model kept)",
                                    check=(lambda v: v >= 0, ">= 0"))
     patience: int = _field(0, "early stopping: stop after this many epochs without a higher "
                            "validation accuracy (the model kept is the best epoch's); 0: off",

@@ -1,4 +1,6 @@
-"""The run folder: every file in it is named, written and read here, and nowhere else.
+"""The run folder: its file names, claiming it (claim, reopen, abandon), its config,
+normalization and data fingerprints. Each file of a run folder is named here and written and
+read by the modules of `run` (history, checkpoints, results), and nowhere else.
 
 A run folder holds:
 
@@ -9,11 +11,11 @@ A run folder holds:
 | data.json                             | training, at the start  | fingerprints of its train/test data   |
 | history.jsonl                         | training, every epoch   | losses and accuracies (reproducible)  |
 | timing.jsonl                          | training, every epoch   | compile, start-up, train, eval seconds|
-| checkpoints/EPOCH/                    | training, every epoch   | the whole training state (orbax)      |
+| checkpoints/EPOCH/                    | training                | the whole training state (orbax) of   |
+|                                       |                         | the latest and the best epoch         |
 | tensorboard/{train,val,test}/         | training, every epoch   | the history as TensorBoard events     |
-| best.json                             | training, at the end    | which epoch's parameters params/ holds|
-| params/                               | training, at the end    | parameters and BatchNorm statistics   |
-| params.sha256                         | training, at the end    | sha256 of every file under params/    |
+| best.json                             | training, at the end    | which epoch's checkpoint is the model,|
+|                                       |                         | sha256 of each of its files           |
 | calibration.json                      | evaluation              | the temperature fit on validation     |
 | report.txt, report.json, *.png        | evaluation              | the report and its plots              |
 
@@ -26,59 +28,44 @@ A run of several seeds (`--seeds K`, K > 1) is a folder of ordinary run folders,
 | summary.json                          | training, at the end    | each seed's test accuracy, mean, std, |
 |                                       |                         | 95% confidence interval               |
 
-Timings live apart from the history, so that the same seed writes the same history bytes.
 An existing run is never overwritten: a run claims its folder by creating config.json with
 O_EXCL (`claim`), so of two trainings started on one folder exactly one gets it, and a folder
 holding anything else is refused. `reopen` takes an interrupted run back for --resume.
 
 With several processes (`parallel`), process 0 alone claims the folder and writes its files;
-the others only take part in orbax's collective saves of checkpoints/ and params/ (orbax
-writes each array once, from the replicas it picks, and syncs the processes).
+the others only take part in orbax's collective saves of checkpoints/ (orbax writes each
+array once, from the replicas it picks, and syncs the processes).
 
-A run is finished once params.sha256 exists: it is written last. checkpoints/ keeps the
-latest epoch's state and, with a validation split, the best epoch's (by validation accuracy);
-params/ holds the best epoch's variables (the last epoch's without a validation split), and
-best.json says which epoch that is.
+A run is finished once best.json holds the checksums of its model's checkpoint: it is written
+last (`checkpoints.save_best`). Folders written by earlier versions kept the model in params/
+as well, with params.sha256 written last; they count as finished too, and their model is read
+from the checkpoint their best.json names.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import fcntl
-import functools
-import hashlib
 import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import orbax.checkpoint as ocp  # checkpoints every epoch need it from the start anyway
-
-from fmnist_jax.run.config import TrainConfig
 from fmnist_jax.data import Normalization, Split, fingerprint
 from fmnist_jax.errors import FmnistError
-from fmnist_jax.files import first_line, quiet_absl, write_atomically
-from fmnist_jax.models import get_model
+from fmnist_jax.files import write_atomically
+from fmnist_jax.run.config import TrainConfig
 from fmnist_jax.run.parallel import is_writer
-from fmnist_jax.steps import init_variables
-from fmnist_jax.run.tensorboard import TensorBoardLog
 
 CONFIG_FILE = "config.json"
 NORMALIZATION_FILE = "normalization.json"
 DATA_FILE = "data.json"
 HISTORY_FILE = "history.jsonl"
 TIMING_FILE = "timing.jsonl"
-PARAMS_DIR = "params"
-PARAMS_CHECKSUM_FILE = "params.sha256"
 CHECKPOINTS_DIR = "checkpoints"
 TENSORBOARD_DIR = "tensorboard"
 BEST_FILE = "best.json"
@@ -89,6 +76,10 @@ SEEDS_FILE = "seeds.json"
 SUMMARY_FILE = "summary.json"
 PLOT_FILES = {"confusion_matrix": "confusion_matrix.png", "reliability": "reliability.png",
               "curves": "curves.png"}
+CHECKPOINT_SUMS = "checkpoint_sha256"  # best.json's field: the model checkpoint's checksums
+# What earlier versions wrote at the end beside the checkpoints: read no more, never written.
+OLD_PARAMS_DIR = "params"
+OLD_PARAMS_CHECKSUM_FILE = "params.sha256"
 
 
 # ---------------------------------------------------------------------------------------
@@ -224,12 +215,18 @@ def _lock(run_dir: Path, *, wait: bool):
 
 
 def finished(run_dir: str | Path) -> bool:
-    """Whether the run's training finished: its parameters and their checksum were written
-    (for the folder of a run of several seeds: its summary.json, written after every seed's)."""
+    """Whether the run's training finished: best.json with its model's checksums was written
+    (by an earlier version: params.sha256); for the folder of a run of several seeds, its
+    summary.json, written after every seed's."""
     run_dir = Path(run_dir)
     if _holds_seeds(run_dir):
         return (run_dir / SUMMARY_FILE).is_file()
-    return (run_dir / PARAMS_CHECKSUM_FILE).is_file()
+    if (run_dir / OLD_PARAMS_CHECKSUM_FILE).is_file():
+        return True
+    try:
+        return CHECKPOINT_SUMS in json.loads((run_dir / BEST_FILE).read_text())
+    except (OSError, ValueError, TypeError):  # none, or cut by a kill: not finished
+        return False
 
 
 def seed_run_dirs(run_dir: str | Path) -> list[Path] | None:
@@ -255,8 +252,8 @@ def reopen(run_dir: str | Path) -> Claim:
 
     The folder of a run of several seeds is taken back whole, while its summary.json is
     missing: every seed's folder, each of which must hold the config seeds.json gives that
-    seed. One a kill left finished (before summary.json was written) is taken back too: its
-    params/ are redone from its checkpoints."""
+    seed. One a kill left finished (before summary.json was written) is taken back too: it
+    trains no more, and its best.json is written again, the same."""
     run_dir = Path(run_dir)
     if not is_writer():
         return _claim_of_another_process(run_dir, stored_config(run_dir), resumed=True)
@@ -266,8 +263,7 @@ def reopen(run_dir: str | Path) -> Claim:
     if finished(run_dir):
         raise FmnistError(f"{run_dir} has finished training: nothing to resume")
     lock = _lock_to_resume(run_dir)
-    # Whatever a kill during the final save left of params/ is redone from the checkpoints.
-    _remove_params(run_dir.absolute())
+    _remove_old_params(run_dir)
     return Claim(path=run_dir, config=cfg, made_folder=False, resumed=True, lock=lock)
 
 
@@ -288,10 +284,19 @@ def _reopen_seeds(run_dir: Path) -> Claim:
         for member in members:
             member.release()
         raise
-    for member in members:  # finished or not (a kill before summary.json): redone
-        _remove_params(member.path.absolute())
+    for member in members:
+        _remove_old_params(member.path)
     return Claim(path=run_dir, config=cfg, made_folder=False, resumed=True,
                  members=tuple(members))
+
+
+def _remove_old_params(run_dir: Path) -> None:
+    """What an earlier version left of params/ in a run taken back: its model will be the
+    checkpoint best.json names."""
+    for partial in [run_dir / OLD_PARAMS_DIR,
+                    *run_dir.glob(f"{OLD_PARAMS_DIR}.orbax-checkpoint-tmp*")]:
+        shutil.rmtree(partial, ignore_errors=True)
+    (run_dir / OLD_PARAMS_CHECKSUM_FILE).unlink(missing_ok=True)
 
 
 def _lock_to_resume(run_dir: Path):
@@ -333,7 +338,7 @@ def _remove_unstarted(run: Claim) -> None:
             run.path.rmdir()
 
 
-def _write_text(path: Path, text: str) -> None:
+def write_text(path: Path, text: str) -> None:
     """Write to a temporary file, then rename: a crash or a full disk never leaves a half
     file in place of a good one. Only process 0 writes (see the module's docstring)."""
     if not is_writer():
@@ -345,11 +350,11 @@ def _write_text(path: Path, text: str) -> None:
                           f"folder's permissions, then run again") from e
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    _write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+def write_json(path: Path, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def _read_json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
     """A JSON file of the run; a hand-edited or truncated one is an FmnistError."""
     try:
         return json.loads(path.read_text())
@@ -358,7 +363,7 @@ def _read_json(path: Path) -> Any:
 
 
 # ---------------------------------------------------------------------------------------
-# What training writes
+# What training writes at the start
 
 
 def load_config(run_dir: str | Path) -> TrainConfig:
@@ -372,7 +377,7 @@ def load_config(run_dir: str | Path) -> TrainConfig:
     if not path.is_file():
         raise FmnistError(f"{run_dir} is not a run folder (no {CONFIG_FILE}): pass the folder "
                           f"that scripts/train.py wrote")
-    return _config_from(path, _read_json(path), "not a JSON object")
+    return _config_from(path, read_json(path), "not a JSON object")
 
 
 def stored_config(run_dir: str | Path) -> TrainConfig:
@@ -381,7 +386,7 @@ def stored_config(run_dir: str | Path) -> TrainConfig:
     path = Path(run_dir) / SEEDS_FILE
     if not _holds_seeds(Path(run_dir)):
         return load_config(run_dir)
-    fields = _read_json(path)
+    fields = read_json(path)
     return _config_from(path, fields.get("config") if isinstance(fields, dict) else None,
                         "no config object")
 
@@ -396,7 +401,7 @@ def _config_from(path: Path, fields: Any, malformed: str) -> TrainConfig:
 
 
 def save_normalization(run_dir: Path, norm: Normalization) -> None:
-    _write_json(run_dir / NORMALIZATION_FILE, norm._asdict())
+    write_json(run_dir / NORMALIZATION_FILE, norm._asdict())
 
 
 def load_normalization(run_dir: str | Path) -> Normalization:
@@ -404,7 +409,7 @@ def load_normalization(run_dir: str | Path) -> Normalization:
     if not path.is_file():
         raise FmnistError(f"{run_dir} has no {NORMALIZATION_FILE}: the training did not "
                           f"finish; train again")
-    fields = _read_json(path)
+    fields = read_json(path)
     try:
         if not isinstance(fields, dict) or not all(
                 type(fields[k]) in (int, float) for k in ("mean", "std")):
@@ -424,7 +429,7 @@ def save_data_fingerprints(run_dir: Path | list[Path], train: Split, test: Split
     record = {"train_sha256": fingerprint(train), "test_sha256": fingerprint(test),
               "n_train": len(train), "n_test": len(test)}
     for path in [run_dir] if isinstance(run_dir, Path) else run_dir:
-        _write_json(path / DATA_FILE, record)
+        write_json(path / DATA_FILE, record)
 
 
 def check_data(run_dir: str | Path, train: Split, test: Split) -> None:
@@ -433,7 +438,7 @@ def check_data(run_dir: str | Path, train: Split, test: Split) -> None:
     path = Path(run_dir) / DATA_FILE
     if not path.is_file():
         return
-    stored = _read_json(path)
+    stored = read_json(path)
     if not isinstance(stored, dict):
         raise FmnistError(f"{path} is malformed (not a JSON object): restore it from the run")
     for name, split in (("train", train), ("test", test)):
@@ -441,386 +446,3 @@ def check_data(run_dir: str | Path, train: Split, test: Split) -> None:
             raise FmnistError(f"the {name} images given are not the ones {run_dir} was trained "
                               f"on ({len(split)} images here, {stored.get(f'n_{name}')} then): "
                               f"pass the same data (the same tfds folder, or the same CSV files)")
-
-
-class EpochLog:
-    """history.jsonl and timing.jsonl, appended to and flushed once per epoch, and the
-    history's values as TensorBoard events in tensorboard/ (see `tensorboard_log`).
-
-    Use as a context manager: `with folder.EpochLog(run_dir) as log: log.epoch(row, seconds)`.
-    `resume_after=k` continues a run from its checkpoint of epoch k: the first k history
-    lines are kept byte for byte, and whatever was written after them (epochs past the
-    checkpoint, a line cut by a kill) is dropped, to be written again the same way. The
-    event files are written anew from the k kept lines, so they too hold each epoch once.
-    """
-
-    def __init__(self, run_dir: Path, *, resume_after: int | None = None):
-        if not is_writer():  # the other processes of a run log nowhere
-            self._history, self._timing = open(os.devnull, "w"), open(os.devnull, "w")
-            self._events = None
-            return
-        if resume_after is None:
-            self._history = open(run_dir / HISTORY_FILE, "w")
-            self._timing = open(run_dir / TIMING_FILE, "w")
-            self._events = TensorBoardLog(run_dir / TENSORBOARD_DIR)
-            return
-        _truncate_history(run_dir, resume_after)
-        self._history = open(run_dir / HISTORY_FILE, "a")
-        self._timing = open(run_dir / TIMING_FILE, "a")
-        self._timing.write(json.dumps({"resumed_after_epoch": resume_after}) + "\n")
-        self._timing.flush()
-        self._events = TensorBoardLog(run_dir / TENSORBOARD_DIR)
-        self._events.replay(load_history(run_dir))
-
-    def compile_seconds(self, seconds: float, *, startup_seconds: float | None = None) -> None:
-        """The first line: compile seconds, and the command's seconds to its first epoch."""
-        row = {"compile_seconds": seconds}
-        if startup_seconds is not None:
-            row["startup_seconds"] = startup_seconds
-        self._timing.write(json.dumps(row) + "\n")
-        self._timing.flush()
-
-    def checkpoint_seconds(self, epoch: int, seconds: float) -> None:
-        """How long the checkpoint after `epoch` took (to return, when asynchronous)."""
-        self._timing.write(json.dumps({"epoch": epoch, "checkpoint_seconds": seconds}) + "\n")
-        self._timing.flush()
-
-    def epoch(self, row: dict[str, Any], timing: dict[str, float]) -> None:
-        """One epoch: its metrics `row` (with "epoch") to the history and the events,
-        `timing` apart."""
-        self._history.write(json.dumps(row) + "\n")
-        self._history.flush()
-        if self._events is not None:
-            self._events.epoch(row)
-        self._timing.write(json.dumps({"epoch": row["epoch"], **timing}) + "\n")
-        self._timing.flush()
-
-    def __enter__(self) -> EpochLog:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._history.close()
-        self._timing.close()
-        if self._events is not None:
-            self._events.close()
-
-
-def _truncate_history(run_dir: Path, epochs: int) -> None:
-    """Keep the first `epochs` lines of history.jsonl (they must be epochs 1..epochs)."""
-    path = run_dir / HISTORY_FILE
-    lines = path.read_bytes().split(b"\n") if path.is_file() else []
-    kept = lines[:epochs]
-    try:
-        ok = len(kept) == epochs and all(json.loads(line)["epoch"] == number
-                                         for number, line in enumerate(kept, start=1))
-    except (ValueError, KeyError, TypeError):
-        ok = False
-    if not ok:
-        raise FmnistError(f"{path} does not hold epochs 1 to {epochs}, the ones its checkpoint "
-                          f"has: it was edited or damaged; train again in a new folder")
-    _write_text(path, b"".join(line + b"\n" for line in kept).decode())
-
-
-def load_history(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The per-epoch metrics of a run (empty if it has no history yet)."""
-    path = Path(run_dir) / HISTORY_FILE
-    if not path.is_file():
-        return []
-    rows = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise FmnistError(f"{path} line {number} is malformed ({e.msg}): restore it from "
-                              f"the run or delete the line") from e
-        if not (isinstance(row, dict) and type(row.get("epoch")) is int and all(
-                type(v) in (int, float) for v in row.values())):
-            raise FmnistError(f"{path} line {number} is not an epoch's metrics (an object of "
-                              f"numbers with an integer epoch): restore it from the run or "
-                              f"delete the line")
-        if rows and row.keys() != rows[0].keys():
-            raise FmnistError(f"{path} line {number} has other fields than line 1: restore it "
-                              f"from the run or delete the line")
-        rows.append(row)
-    return rows
-
-
-def _checkpointer():
-    # orbax takes ~0.4 s to import: imported when the parameters are saved or loaded, not
-    # before a run's first epoch.
-    import orbax.checkpoint as ocp
-
-    return ocp.StandardCheckpointer()
-
-
-def _file_digests(folder: Path) -> dict[str, str]:
-    """sha256 of every file under `folder`, by path relative to it."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def _write_params(run_dir: Path, params) -> None:
-    """The orbax checkpoint, then the checksum of its files (what `load_variables` verifies)."""
-    with quiet_absl(), _checkpointer() as checkpointer:
-        checkpointer.save(run_dir / PARAMS_DIR, params)
-        checkpointer.wait_until_finished()  # on every process: all files are written
-    if is_writer():
-        _write_json(run_dir / PARAMS_CHECKSUM_FILE,
-                    {"sha256": _file_digests(run_dir / PARAMS_DIR)})
-
-
-def _remove_params(run_dir: Path) -> None:
-    """Whatever a failed save left: orbax's temporary folder, a partial params/, the sum."""
-    for partial in [run_dir / PARAMS_DIR, *run_dir.glob(f"{PARAMS_DIR}.orbax-checkpoint-tmp*")]:
-        shutil.rmtree(partial, ignore_errors=True)
-    (run_dir / PARAMS_CHECKSUM_FILE).unlink(missing_ok=True)
-
-
-def save_variables(run_dir: Path, params) -> None:
-    """The trained variables ({"params": ...}, and "batch_stats" for BatchNorm models) into
-    the run folder, with their checksum. When that fails (a
-    full disk is the usual cause) the partial files are removed and the parameters are
-    saved to a fresh folder under the system's temporary folder instead, so the trained
-    model survives; the FmnistError says where and what to do."""
-    run_dir = Path(run_dir).absolute()
-    try:
-        _write_params(run_dir, params)
-        return
-    except Exception as e:  # orbax raises ValueError (tensorstore) or OSError
-        _remove_params(run_dir)
-        reason = ("no space left on device" if "No space left" in str(e) or getattr(
-            e, "errno", None) == errno.ENOSPC else f"{type(e).__name__}: {first_line(e)}")
-        failure = e
-    fallback = Path(tempfile.mkdtemp(prefix="fmnist_jax-params-"))
-    try:
-        _write_params(fallback, params)
-    except Exception:
-        shutil.rmtree(fallback, ignore_errors=True)
-        raise FmnistError(f"saving the parameters to {run_dir / PARAMS_DIR} failed ({reason}) "
-                          f"and so did saving them to {fallback.parent}: free some space and "
-                          f"train again") from failure
-    raise FmnistError(f"saving the parameters to {run_dir / PARAMS_DIR} failed ({reason}); "
-                      f"they were saved to {fallback} instead: free some space, then move "
-                      f"{PARAMS_DIR}/ and {PARAMS_CHECKSUM_FILE} from there into {run_dir}"
-                      ) from failure
-
-
-def _verify_params_files(run_dir: Path, path: Path) -> None:
-    """Compare every file under params/ with the checksum written at save time, before orbax
-    reads any of them: a truncated or flipped file is one clear error, never a half-read
-    checkpoint (whose pending reads also print asyncio tracebacks at exit). Runs saved
-    before checksums existed have no checksum file and are read as they are."""
-    sum_path = run_dir / PARAMS_CHECKSUM_FILE
-    if not sum_path.is_file():
-        return
-    stored = _read_json(sum_path)
-    if not (isinstance(stored, dict) and isinstance(stored.get("sha256"), dict)):
-        raise FmnistError(f"{sum_path} is malformed: restore it from the run")
-    found = _file_digests(path)
-    changed = sorted(name for name in stored["sha256"].keys() | found.keys()
-                     if stored["sha256"].get(name) != found.get(name))
-    if changed:
-        raise FmnistError(f"{path} does not match its checksum ({PARAMS_CHECKSUM_FILE}): "
-                          f"{changed[0]} is damaged, missing or extra; the checkpoint cannot "
-                          f"be trusted: restore the run folder from a copy or train again")
-
-
-def load_variables(run_dir: str | Path, cfg: TrainConfig) -> dict:
-    """The run's variables, verified against their checksum, checked against the structure
-    and shapes of `cfg.model`'s, and finite."""
-    path = Path(run_dir).absolute() / PARAMS_DIR
-    if not path.is_dir():
-        raise FmnistError(f"{run_dir} has no model ({PARAMS_DIR}/ is missing): the training did "
-                          f"not finish; train again")
-    _verify_params_files(Path(run_dir).absolute(), path)
-    abstract = {name: tree for name, tree in jax.eval_shape(
-        functools.partial(init_variables, get_model(cfg.model)), jax.random.key(0)).items()
-        if tree}
-    with quiet_absl(), _checkpointer() as checkpointer:
-        try:
-            stored = checkpointer.metadata(path).item_metadata.tree  # shapes, no data
-            if _shapes(stored) != _shapes(abstract):
-                raise FmnistError(f"{path} holds parameters of another model than {cfg.model!r} "
-                                  f"(config.json): use the run folder the checkpoint came from")
-            variables = checkpointer.restore(path, abstract)
-        except FmnistError:
-            raise
-        except Exception as e:  # orbax raises many types for a damaged folder
-            raise FmnistError(f"{path} could not be read ({type(e).__name__}): the checkpoint "
-                              f"is damaged; train again") from e
-    if not all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree_util.tree_leaves(variables)):
-        raise FmnistError(f"{path} holds NaN or infinite weights: the training diverged or the "
-                          f"checkpoint is damaged; train again")
-    return variables
-
-
-def _shapes(tree):
-    return jax.tree_util.tree_map(lambda leaf: tuple(leaf.shape), tree)
-
-
-# ---------------------------------------------------------------------------------------
-# Checkpoints
-
-
-class Checkpoints:
-    """checkpoints/: the whole training state of some epochs, through orbax's
-    CheckpointManager (one folder per epoch, written to a temporary folder and renamed, so a
-    kill mid-save leaves the earlier checkpoints intact and no half one that counts).
-
-    It keeps the latest epoch and, when `val_accuracy` is given to `save`, the epoch with the
-    best one: orbax's best-only keeping would delete the latest, so the preservation policy
-    keeps whatever either rule keeps. The state is stored as
-    `flax.serialization.to_state_dict(state)` (step, params, opt_state with the plateau
-    schedule, batch_stats, the weights' moving average), with the epoch; `restore` puts it
-    back into a state of the same structure, each array with the sharding of the state it is
-    given (a checkpoint written elsewhere, on a GPU say, restores here on whatever devices
-    this machine has).
-    """
-
-    def __init__(self, run_dir: Path, *, keep_best: bool, async_save: bool = False):
-        from orbax.checkpoint.checkpoint_managers import preservation_policy as keep
-
-        policies = [keep.LatestN(n=1)]
-        if keep_best:
-            policies.append(keep.BestN(get_metric_fn=lambda m: m["val_accuracy"], n=1,
-                                       keep_checkpoints_without_metrics=False))
-        options = ocp.CheckpointManagerOptions(
-            preservation_policy=keep.AnyPreservationPolicy(policies),
-            enable_async_checkpointing=async_save, cleanup_tmp_directories=True, create=True)
-        self.path = Path(run_dir).absolute() / CHECKPOINTS_DIR
-        with quiet_absl():
-            self._manager = ocp.CheckpointManager(self.path, options=options)
-
-    def epochs(self) -> list[int]:
-        """The epochs with a finished checkpoint, oldest first."""
-        return sorted(self._manager.all_steps())
-
-    def latest_epoch(self) -> int | None:
-        return self._manager.latest_step()
-
-    def save(self, epoch: int, state, new_best_val_accuracy: float | None = None) -> None:
-        """Save `state` as `epoch`'s checkpoint. Pass `new_best_val_accuracy` only when this
-        epoch raised the best validation accuracy: only such checkpoints carry the metric,
-        so the best kept is the earliest epoch of the best accuracy (orbax would break a tie
-        its own way) and the one the training reports."""
-        from flax import serialization
-
-        tree = {"epoch": np.int32(epoch), "state": serialization.to_state_dict(state)}
-        metrics = (None if new_best_val_accuracy is None
-                   else {"val_accuracy": new_best_val_accuracy})
-        try:
-            with quiet_absl():
-                self._manager.save(epoch, args=ocp.args.StandardSave(tree), metrics=metrics,
-                                   force=True)
-        except Exception as e:  # orbax raises ValueError (tensorstore) or OSError
-            raise FmnistError(f"saving the checkpoint of epoch {epoch} to {self.path} failed "
-                              f"({type(e).__name__}: {first_line(e)}): free some space, then "
-                              f"continue with --resume") from e
-
-    def restore(self, epoch: int, like):
-        """The state saved at `epoch`, in the structure, dtypes and shardings of the state
-        `like` (its host values, numpy arrays and Python numbers, go to this process's first
-        local device)."""
-        from flax import serialization
-
-        first_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-
-        def target_of(x):
-            # Explicit target shardings: orbax would otherwise place each array as the
-            # checkpoint's metadata says, on devices this machine may not have (a GPU's).
-            sharding = x.sharding if isinstance(x, jax.Array) else first_device
-            return jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x), sharding=sharding)
-
-        target = jax.tree_util.tree_map(
-            target_of, {"epoch": np.int32(0), "state": serialization.to_state_dict(like)})
-        try:
-            with quiet_absl():
-                self.wait()
-                tree = self._manager.restore(epoch, args=ocp.args.StandardRestore(target))
-        except Exception as e:
-            raise FmnistError(f"the checkpoint of epoch {epoch} in {self.path} could not be "
-                              f"read ({type(e).__name__}): delete that epoch's folder to resume "
-                              f"from an earlier one") from e
-        if int(tree["epoch"]) != epoch:
-            raise FmnistError(f"{self.path}/{epoch} holds epoch {int(tree['epoch'])}: it was "
-                              f"moved by hand; put it back")
-        return serialization.from_state_dict(like, tree["state"])
-
-    def wait(self) -> None:
-        """Block until an asynchronous save is on disk."""
-        self._manager.wait_until_finished()
-
-    def close(self) -> None:
-        with quiet_absl():
-            self._manager.close()
-
-
-def save_best(run_dir: Path, record: dict[str, Any]) -> None:
-    """Which epoch's variables params/ holds and why (see `load_best`)."""
-    _write_json(run_dir / BEST_FILE, record)
-
-
-def load_best(run_dir: str | Path) -> dict[str, Any] | None:
-    """{"epoch", "chosen_by", "val_accuracy", "epochs_trained", "stopped_early"}, or None for
-    a run trained before best.json existed (its params/ are the last epoch's)."""
-    path = Path(run_dir) / BEST_FILE
-    if not path.is_file():
-        return None
-    record = _read_json(path)
-    if not (isinstance(record, dict) and type(record.get("epoch")) is int
-            and type(record.get("epochs_trained")) is int):
-        raise FmnistError(f"{path} is malformed (needs integers epoch and epochs_trained): "
-                          f"restore it from the run")
-    return record
-
-
-def save_summary(run_dir: Path, summary: dict[str, Any]) -> None:
-    """The results of a run of several seeds (see `train`): written last, once every seed's
-    run folder is complete."""
-    _write_json(Path(run_dir) / SUMMARY_FILE, summary)
-
-
-def load_summary(run_dir: str | Path) -> dict[str, Any]:
-    path = Path(run_dir) / SUMMARY_FILE
-    if not path.is_file():
-        raise FmnistError(f"{run_dir} has no {SUMMARY_FILE}: it is no finished run of several "
-                          f"seeds")
-    return _read_json(path)
-
-
-# ---------------------------------------------------------------------------------------
-# What evaluation writes
-
-
-def save_calibration(run_dir: Path, temperature: float, n_validation: int) -> None:
-    _write_json(run_dir / CALIBRATION_FILE, {"temperature": temperature, "fit_on": "validation",
-                                             "n_validation": n_validation})
-
-
-def load_temperature(run_dir: str | Path) -> float | None:
-    """The calibrated temperature, or None when the run was not calibrated."""
-    path = Path(run_dir) / CALIBRATION_FILE
-    if not path.is_file():
-        return None
-    fields = _read_json(path)
-    try:
-        temperature = float(fields["temperature"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise FmnistError(f"{path} is malformed (needs a number temperature): calibrate again "
-                          f"or delete it") from e
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise FmnistError(f"{path} has temperature {temperature}, not a positive number: "
-                          f"calibrate again or delete it")
-    return temperature
-
-
-def save_report(run_dir: Path, text: str, report: dict[str, Any]) -> None:
-    _write_text(run_dir / REPORT_TEXT_FILE, text)
-    _write_json(run_dir / REPORT_JSON_FILE, report)
-
-
-def plot_path(run_dir: Path, plot: str) -> Path:
-    """Where the evaluation's `plot` (a key of PLOT_FILES) goes."""
-    return run_dir / PLOT_FILES[plot]

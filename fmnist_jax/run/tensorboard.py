@@ -1,6 +1,6 @@
 """TensorBoard event files of a run, written with tensorboardX (no TensorFlow at run time).
 
-`folder.EpochLog` owns the folder (RUN/tensorboard/) and calls `TensorBoardLog.epoch` with each
+`history.EpochLog` owns the folder (RUN/tensorboard/) and calls `TensorBoardLog.epoch` with each
 history row. One sub-folder per data split, so that TensorBoard draws train, validation and
 test on one chart per metric:
 

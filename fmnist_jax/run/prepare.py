@@ -1,0 +1,222 @@
+"""Everything before a run's first epoch, for one model or the M members of a run of several
+seeds: the validation split, the checks that need the data, the normalization, the initial
+states, and the compiled epochs as the host loop drives them (`OneModel`, `SeedModels`).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fmnist_jax import data, streams
+from fmnist_jax.errors import FmnistError
+from fmnist_jax.models import get_model
+from fmnist_jax.optim import make_lr_schedule, make_optimizer, make_plateau
+from fmnist_jax.run import folder
+from fmnist_jax.run.compiled import CompiledEpochs, CompiledSeedEpochs, rates, step_options
+from fmnist_jax.run.config import TrainConfig
+from fmnist_jax.run.parallel import describe_devices
+from fmnist_jax.seeds import plateau_update_seeds
+from fmnist_jax.steps import TrainState, create_train_state, plateau_update
+
+
+class OneModel:
+    """One run's compiled epochs as the host loop sees them: per member (here one), the
+    train and eval (loss, accuracy), the learning rate, and the member's state. `active` is
+    a list of one bool: whether the member trains this epoch (always, for one model)."""
+
+    def __init__(self, compiled: CompiledEpochs, lr_fn):
+        self.compiled, self.eval_sets, self.lr_fn = compiled, compiled.eval_sets, lr_fn
+
+    def train(self, state, seeds, epoch, active):
+        state, sums, seconds = self.compiled.train(state,
+                                                   streams.epoch_shuffle_key(seeds[0], epoch))
+        return state, [rates(sums)], seconds
+
+    def evaluate(self, state, name, active):
+        return [rates(self.compiled.evaluate(state, name))]
+
+    def plateau(self, state, val_losses, active):
+        return plateau_update(state, val_losses[0])
+
+    def learning_rates(self, state):
+        """The rate the next step uses: the schedule's, times the plateau schedule's scale."""
+        scale = 1.0 if state.plateau is None else float(state.plateau.scale)
+        return [float(self.lr_fn(int(state.step))) * scale]
+
+    def member_states(self, state):
+        return [state]
+
+    def with_member_states(self, state, member_states):
+        """`state` with each member's replaced by `member_states` (restored checkpoints)."""
+        return member_states[0]
+
+
+class SeedModels(OneModel):
+    """`CompiledSeedEpochs` as the host loop sees it: M members, one state with a leading
+    axis M, `active` a list of M bools (False: the member does not train this epoch, its
+    state is kept)."""
+
+    def train(self, state_M, seeds, epoch, active):
+        key_M = jnp.stack([streams.epoch_shuffle_key(seed, epoch) for seed in seeds])
+        state_M, sums, seconds = self.compiled.train(state_M, key_M, jnp.asarray(active))
+        return state_M, _member_rates(sums), seconds
+
+    def evaluate(self, state_M, name, active):
+        """Each member's (loss, accuracy) on `name`; None for one not active (not evaluated)."""
+        return _member_rates(self.compiled.evaluate(state_M, name, jnp.asarray(active)))
+
+    def plateau(self, state_M, val_losses, active):
+        # float32 on the host as the one-model path's Python float becomes float32 in jit.
+        return plateau_update_seeds(state_M, np.asarray(val_losses, np.float32),
+                                    jnp.asarray(active))
+
+    def learning_rates(self, state_M):
+        steps = jax.device_get(state_M.step)
+        scales = (np.ones(len(steps)) if state_M.plateau is None
+                  else jax.device_get(state_M.plateau.scale))
+        rate_of = functools.cache(lambda step: float(self.lr_fn(step)))  # members share steps
+        return [rate_of(int(step)) * float(scale) for step, scale in zip(steps, scales)]
+
+    def member_states(self, state_M):
+        """Each member's state on the host (one copy off the device for all of them)."""
+        host = jax.device_get(state_M)
+        return [jax.tree_util.tree_map(lambda leaf, m=m: leaf[m], host)
+                for m in range(len(host.step))]
+
+    def with_member_states(self, state_M, member_states):
+        return jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *member_states)
+
+
+def _member_rates(sums) -> list[tuple[float, float] | None]:
+    """[(mean loss, accuracy)] per member from sums of shape (M,), read in one transfer and
+    divided as `rates` divides (Python floats); None for a member that was skipped (not
+    active: nothing counted)."""
+    loss_M, correct_M, count_M = jax.device_get(sums)
+    return [(float(loss) / float(count), float(correct) / float(count)) if count else None
+            for loss, correct, count in zip(loss_M, correct_M, count_M)]
+
+
+def set_up(cfg: TrainConfig, run: folder.Claim, train: data.Split, test: data.Split,
+           log_fn: Callable[[str], Any]) -> tuple[TrainState, OneModel]:
+    """The initial state and the compiled program of the run `run` claims: `set_up_one`, or
+    `set_up_seeds` for a run of several seeds."""
+    if run.members:
+        return set_up_seeds(cfg, run, train, test, log_fn)
+    return set_up_one(cfg, run, train, test, log_fn)
+
+
+def set_up_one(cfg: TrainConfig, run: folder.Claim, train: data.Split, test: data.Split,
+               log_fn: Callable[[str], Any]) -> tuple[TrainState, OneModel]:
+    """One model: the split, the checks that need the data, the normalization, the initial
+    state, the compilation."""
+    n_given = len(train)
+    if run.resumed:  # the epochs left need the images the run started with
+        folder.check_data(run.path, train, test)
+    folder.save_data_fingerprints(run.path, train, test)
+    train, val = data.split_train_val(train, cfg.val_fraction, cfg.seed)
+    _check_one_batch_fits(cfg, n_given, len(train), len(val) if val else 0)
+    _log_device_and_config(cfg, log_fn)
+
+    norm = data.normalization_for(cfg.normalization, train.images_NxHxWx1)
+    folder.save_normalization(run.path, norm)
+    steps_per_epoch = len(train) // cfg.batch_size
+    state = create_train_state(get_model(cfg.model), make_optimizer(cfg, steps_per_epoch),
+                               streams.stream_key(cfg.seed, streams.INIT),
+                               plateau_tx=make_plateau(cfg), ema_decay=cfg.ema_decay)
+    # Host arrays: CompiledEpochs puts them on every device.
+    eval_sets = {"test": (test.images_NxHxWx1, test.labels_N)}
+    if val is not None:
+        eval_sets = {"val": (val.images_NxHxWx1, val.labels_N), **eval_sets}
+    log_fn(f"images: {len(train)} train, {len(val) if val else 0} validation (held out), "
+           f"{len(test)} test")
+
+    compiled = CompiledEpochs(state, (train.images_NxHxWx1, train.labels_N),
+                              eval_sets, batch_size=cfg.batch_size,
+                              eval_batch_size=cfg.eval_batch_size, norm=norm,
+                              key=streams.epoch_shuffle_key(cfg.seed, 1),
+                              options=step_options(cfg))
+    log_fn(f"compiled train epoch and eval in {compiled.compile_seconds:.2f} s "
+           f"({steps_per_epoch} steps of {cfg.batch_size} per epoch)")
+    return state, OneModel(compiled, make_lr_schedule(cfg, steps_per_epoch))
+
+
+def _check_one_batch_fits(cfg: TrainConfig, n_given: int, n_train: int, n_val: int) -> None:
+    if cfg.batch_size > n_train:
+        if n_val and cfg.batch_size <= n_given:  # the split left too few images
+            raise FmnistError(
+                f"val fraction {cfg.val_fraction} holds out {n_val} of the {n_given} "
+                f"training images and leaves {n_train}, fewer than one batch of "
+                f"{cfg.batch_size}: lower --val-fraction (or --batch-size)")
+        raise FmnistError(f"batch size {cfg.batch_size} is larger than the {n_train} training "
+                          f"images: lower --batch-size")
+
+
+def _log_device_and_config(cfg: TrainConfig, log_fn: Callable[[str], Any]) -> None:
+    log_fn(f"device: {describe_devices(cfg.seeds)}, jax {jax.__version__}")
+    log_fn(f"config: {json.dumps(json.loads(cfg.to_json()))}")
+
+
+def seed_members(cfg: TrainConfig, labels_N: np.ndarray, seeds: list[int]):
+    """The M members of a run of several seeds before training (`train.py --seeds` and the
+    seed timing of benchmarks/ share it): each member's (train, validation) indices into the
+    training images, drawn from its seed (stratified per class, so every member's split has
+    the same sizes); their initial states stacked, a leading axis M on every leaf; the steps
+    per epoch."""
+    splits = [data.train_val_indices(labels_N, cfg.val_fraction, seed) for seed in seeds]
+    steps_per_epoch = len(splits[0][0]) // cfg.batch_size
+    # One model and optimizer object for all: the stacked states' static fields must match.
+    model, tx = get_model(cfg.model), make_optimizer(cfg, steps_per_epoch)
+    plateau_tx = make_plateau(cfg)
+    state_M = jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *[
+        create_train_state(model, tx, streams.stream_key(seed, streams.INIT),
+                           plateau_tx=plateau_tx, ema_decay=cfg.ema_decay)
+        for seed in seeds])
+    return splits, state_M, steps_per_epoch
+
+
+def set_up_seeds(cfg: TrainConfig, run: folder.Claim, train: data.Split, test: data.Split,
+                 log_fn: Callable[[str], Any]) -> tuple[TrainState, SeedModels]:
+    """`set_up_one` for the M members of a run of several seeds: each its own validation
+    split (indices into the one copy of the training images on the device), normalization
+    and initial state (stacked: a leading axis M on every leaf), all compiled as one
+    program."""
+    member_cfgs = [member.config for member in run.members]
+    splits, state_M, steps_per_epoch = seed_members(cfg, train.labels_N,
+                                                    [member.seed for member in member_cfgs])
+    n_train, n_val = len(splits[0][0]), 0 if splits[0][1] is None else len(splits[0][1])
+    _check_one_batch_fits(cfg, len(train), n_train, n_val)
+    _log_device_and_config(cfg, log_fn)
+    if run.resumed:  # the epochs left need the images the run started with
+        for member in run.members:
+            folder.check_data(member.path, train, test)
+    folder.save_data_fingerprints([member.path for member in run.members], train, test)
+    norms = [data.normalization_for(cfg.normalization, train.images_NxHxWx1[train_idx])
+             for train_idx, _ in splits]
+    for member, norm in zip(run.members, norms):
+        folder.save_normalization(member.path, norm)
+    norm_M = data.Normalization(*(np.asarray(values, np.float32) for values in zip(*norms)))
+    train_xy = jax.device_put((train.images_NxHxWx1, train.labels_N))
+    eval_sets = {"test": (*jax.device_put((test.images_NxHxWx1, test.labels_N)), None)}
+    if n_val:
+        val_idx_MxQ = jax.device_put(np.stack([val_idx for _, val_idx in splits]).astype(np.int32))
+        eval_sets = {"val": (*train_xy, val_idx_MxQ), **eval_sets}
+    log_fn(f"images: {n_train} train, {n_val} validation (held out), {len(test)} test; "
+           f"{len(member_cfgs)} seeds ({member_cfgs[0].seed}..{member_cfgs[-1].seed}), each "
+           f"with its own validation split")
+    compiled = CompiledSeedEpochs(
+        state_M, train_xy,
+        jax.device_put(np.stack([train_idx for train_idx, _ in splits]).astype(np.int32)),
+        eval_sets, batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size,
+        norm_M=norm_M, key_M=jnp.stack([streams.epoch_shuffle_key(member.seed, 1)
+                                        for member in member_cfgs]),
+        active_M=jnp.ones(len(member_cfgs), bool), options=step_options(cfg))
+    log_fn(f"compiled train epoch and eval of {len(member_cfgs)} seeds in "
+           f"{compiled.compile_seconds:.2f} s ({steps_per_epoch} steps of {cfg.batch_size} "
+           f"per epoch)")
+    return state_M, SeedModels(compiled, make_lr_schedule(cfg, steps_per_epoch))
