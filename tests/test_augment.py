@@ -8,7 +8,7 @@ import pytest
 from fmnist_jax.augment import NONE, Augment, affine, augment_batch
 from fmnist_jax.data import HALF
 from fmnist_jax.models import get_model
-from fmnist_jax.steps import StepOptions, create_train_state, train_epoch, train_step
+from fmnist_jax.steps import StepOptions, create_train_state, train_epoch
 from tests.helpers import STEP_BATCH, jitted_train_step, make_split
 
 NOTEBOOK = Augment(rotation_degrees=10, flip_prob=0.1, translate_fraction=0.1)

@@ -27,9 +27,8 @@ from fmnist_jax.run.parallel import is_writer
 from fmnist_jax.steps import TrainState
 
 # Orbax's asynchronous save: the state is copied off the device, then written while the next
-# epoch trains. Off: a synchronous checkpoint is already a small share of a CPU epoch
-# (BENCHMARKS.md has no async measurement yet), and a background writer would race the epoch
-# that donates the state's buffers.
+# epoch trains. Off: a synchronous checkpoint is a small share of a CPU epoch (BENCHMARKS.md),
+# and a background writer would race the epoch that donates the state's buffers.
 ASYNC_CHECKPOINTS = False
 
 
