@@ -19,7 +19,7 @@ QUICK_COMPILE_FLAG = "--xla_backend_optimization_level=0"
 def pytest_configure(config):
     """The fast set (`-m "not slow"`) compiles with LLVM's optimizations off. Its tests are
     mostly XLA compiling small programs that then run for milliseconds, and this takes about
-    30% off the set's time (README). The whole suite, as CI runs it, keeps XLA's defaults,
+    30% off the set's time (BENCHMARKS.md). The whole suite, as CI runs it, keeps XLA's defaults,
     so every test also runs as a user's programs compile. XLA reads the flags when the
     backend starts, which no import here does; subprocesses inherit them (pytest-xdist's
     workers too, which run this hook again: hence the check that the flag is there)."""
