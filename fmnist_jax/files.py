@@ -1,9 +1,10 @@
-"""Small helpers that several layers share: an atomic file write, quieting absl's logs, and an
-exception's first line for a one-line error."""
+"""Small helpers that several layers share: an atomic file write, an exclusive file lock,
+quieting absl's logs, and an exception's first line for a one-line error."""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 from pathlib import Path
 from typing import Iterator
@@ -24,6 +25,16 @@ def write_atomically(path: Path, data: bytes | str) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def lock_file(handle, *, wait: bool) -> bool:
+    """An exclusive flock on the open file `handle`, held until it is closed or unlocked.
+    `wait` False: False at once when another process holds it."""
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        return False
+    return True
 
 
 @contextlib.contextmanager

@@ -23,7 +23,6 @@ started together on a fresh data dir wait for one another instead of racing tfds
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import io
 import json
 import os
@@ -40,7 +39,7 @@ import numpy as np
 from fmnist_jax.data.arrays_cache import ARRAYS_DIR, cache_key, read_cache, write_cache
 from fmnist_jax.data.splits import Split
 from fmnist_jax.errors import FmnistError
-from fmnist_jax.files import first_line, quiet_absl
+from fmnist_jax.files import first_line, lock_file, quiet_absl
 
 MANUAL_FILES = (
     "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
@@ -227,16 +226,11 @@ def _data_dir_lock(data_dir: Path):
     except OSError:
         yield
         return
-    with lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+    with lock:  # closing the file releases the lock
+        if not lock_file(lock, wait=False):
             print(f"waiting for another process preparing {data_dir}...", flush=True)
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+            lock_file(lock, wait=True)
+        yield
 
 
 def prepare(data_dir: str | os.PathLike | None = None,

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import json
 import math
 import os
@@ -57,7 +56,7 @@ from typing import Any
 
 from fmnist_jax.data import Normalization, Split, fingerprint
 from fmnist_jax.errors import FmnistError
-from fmnist_jax.files import write_atomically
+from fmnist_jax.files import lock_file, write_atomically
 from fmnist_jax.run.config import TrainConfig
 from fmnist_jax.run.parallel import is_writer
 
@@ -206,9 +205,7 @@ def _lock(run_dir: Path, *, wait: bool):
     """Hold an exclusive flock on the folder's config.json (no new file needed); None when
     another process holds it and `wait` is False."""
     handle = open(run_dir / CONFIG_FILE)
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-    except BlockingIOError:
+    if not lock_file(handle, wait=wait):
         handle.close()
         return None
     return handle
