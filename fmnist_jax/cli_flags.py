@@ -210,7 +210,29 @@ def use_compile_cache(choice: str | None) -> Path | None:
     # runs started together can read an entry half written; jax then warns and compiles)
     # and evict the least recently used entries, so the folder cannot grow without end.
     jax.config.update("jax_compilation_cache_max_size", COMPILE_CACHE_MAX_BYTES)
+    give_cache_entries_an_access_time(path)
     return path
+
+
+def give_cache_entries_an_access_time(path: Path) -> None:
+    """Write the access-time file of every entry of the compile cache `path` that lacks one,
+    under jax's own lock of that folder.
+
+    With a size limit, jax's cache reads every entry's `KEY-atime` before each write, and one
+    entry without it (a process killed between jax's two writes, or one that ran without the
+    limit) makes every later write fail with a warning, so nothing new is cached
+    (https://github.com/jax-ml/jax/issues/39880, fixed upstream in a jax release newer than
+    Python 3.11 can install). Such an entry is then the least recently used one."""
+    import filelock
+
+    try:
+        with filelock.FileLock(path / ".lockfile", timeout=10):
+            for entry in path.glob("*-cache"):
+                atime = entry.with_name(entry.name.removesuffix("-cache") + "-atime")
+                if not atime.exists():
+                    atime.write_bytes((0).to_bytes(8, "little"))
+    except (filelock.Timeout, OSError):
+        pass  # a cache that cannot be mended only compiles again, as jax says when it writes
 
 
 def load_data(args: argparse.Namespace):

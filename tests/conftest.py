@@ -2,7 +2,9 @@
 Helpers that tests import live in tests/helpers.py."""
 
 import os
+import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import jax
@@ -16,7 +18,32 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 QUICK_COMPILE_FLAG = "--xla_backend_optimization_level=0"
 
 
+# Set in the environment by the first pytest process (xdist's workers inherit them).
+TEST_HOME_ENV = "FMNIST_TESTS_HOME"
+USER_HOME_ENV = "FMNIST_TESTS_USER_HOME"
+
+
+def _isolate_home(config) -> None:
+    """Give this test session, and every process its tests start, a HOME of its own: the
+    compile cache, tfds's default folder and any library's cache or config then land there,
+    never in the user's (a test that kills a process could otherwise damage the user's
+    compile cache). Removed when the session ends."""
+    if TEST_HOME_ENV in os.environ:  # an xdist worker: its controller made one
+        return
+    home = tempfile.mkdtemp(prefix="fmnist-tests-home-")
+    os.environ[USER_HOME_ENV] = os.environ.get("HOME", "")
+    os.environ.update({TEST_HOME_ENV: home, "HOME": home,
+                       "XDG_CACHE_HOME": f"{home}/.cache", "XDG_CONFIG_HOME": f"{home}/.config"})
+    os.environ.pop("FMNIST_COMPILE_CACHE", None)  # the default, inside this HOME
+    config.add_cleanup(lambda: shutil.rmtree(home, ignore_errors=True))
+
+
 def pytest_configure(config):
+    _isolate_home(config)
+    _quick_compiles_in_the_fast_set(config)
+
+
+def _quick_compiles_in_the_fast_set(config):
     """The fast set (`-m "not slow"`) compiles with LLVM's optimizations off. Its tests are
     mostly XLA compiling small programs that then run for milliseconds, and this takes about
     30% off the set's time (BENCHMARKS.md). The whole suite, as CI runs it, keeps XLA's defaults,

@@ -1,10 +1,16 @@
 """cli_flags.py: the command-line flags made from TrainConfig's fields."""
 
 import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
 
+from fmnist_jax import cli_flags
 from fmnist_jax.cli import train_parser
 from fmnist_jax.cli_flags import config_from_args
 from fmnist_jax.run.config import PRESETS, TrainConfig
+from tests.helpers import REPO
 
 
 def test_every_config_field_has_a_flag_with_its_default_and_help():
@@ -23,3 +29,32 @@ def test_flags_override_only_what_is_given():
     args = train_parser().parse_args(["--clip-norm", "2.5", "--model", "cnn"])
     cfg = config_from_args(args)
     assert (cfg.clip_norm, cfg.model, cfg.batch_size) == (2.5, "cnn", 64)
+
+
+# --- the compile cache and the user's files -------------------------------------------------
+
+def test_processes_a_test_starts_keep_out_of_the_users_home():
+    """conftest gives the session a HOME of its own: a process a test starts resolves the
+    compile cache (and every other per-user folder) inside it, never in the user's."""
+    from tests.conftest import TEST_HOME_ENV, USER_HOME_ENV
+
+    code = ("from pathlib import Path; from fmnist_jax.cli_flags import DEFAULT_COMPILE_CACHE; "
+            "print(Path(DEFAULT_COMPILE_CACHE).expanduser())")
+    cache = Path(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                check=True, timeout=60,
+                                env={**os.environ, "PYTHONPATH": str(REPO)}).stdout.strip())
+    assert cache.is_relative_to(os.environ[TEST_HOME_ENV])
+    user_home = os.environ[USER_HOME_ENV]
+    assert not user_home or not cache.is_relative_to(user_home)
+
+
+def test_an_entry_without_access_time_no_longer_stops_jax_caching(tmp_path):
+    """jax's size-limited cache reads every entry's -atime before a write: an entry without
+    one made every later write fail (jax issue 39880). After the repair, jax writes again."""
+    from jax._src.lru_cache import LRUCache
+
+    (tmp_path / "orphan-cache").write_bytes(b"x" * 10)  # as a kill between jax's two writes
+    cli_flags.give_cache_entries_an_access_time(tmp_path)
+    assert (tmp_path / "orphan-atime").is_file()
+    LRUCache(str(tmp_path), max_size=1 << 20).put("fresh", b"y" * 10)
+    assert (tmp_path / "fresh-cache").read_bytes() == b"y" * 10
