@@ -58,3 +58,30 @@ def test_an_entry_without_access_time_no_longer_stops_jax_caching(tmp_path):
     assert (tmp_path / "orphan-atime").is_file()
     LRUCache(str(tmp_path), max_size=1 << 20).put("fresh", b"y" * 10)
     assert (tmp_path / "fresh-cache").read_bytes() == b"y" * 10
+
+
+# --- sizes checked before anything is allocated ----------------------------------------------
+
+def test_too_many_cpu_devices_are_refused_before_jax_starts(tmp_path):
+    """100,000 CPU devices took 4 GB as jax started them, before any check: now the count is
+    refused first (also from $FMNIST_CPU_DEVICES), and no run folder is made. One child
+    process runs train.py's main twice, with the flag, then with the variable."""
+    code = ("import os, sys\n"
+            "from jax._src import xla_bridge\n"
+            "from fmnist_jax.cli import train_main\n"
+            "for argv, variable in ([['--cpu-devices', '100000'], None], [[], '100000']):\n"
+            "    if variable:\n        os.environ['FMNIST_CPU_DEVICES'] = variable\n"
+            "    try:\n        train_main(argv + ['--workdir', sys.argv[1]])\n"
+            "    except SystemExit:\n        pass\n"
+            "    print(xla_bridge.backends_are_initialized())\n")
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run")],
+                            capture_output=True, text=True, timeout=60, cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    cores, most = len(os.sched_getaffinity(0)), max(256, os.cpu_count())
+    assert result.stderr.strip().splitlines() == [
+        f"error: {flag} 100000 is more than {most}, the most the CPU is split "
+        f"into (devices beyond its {cores} cores only emulate a mesh, and each takes memory "
+        f"as jax starts): pass at most {most} ({cores}, one per core, trains "
+        f"fastest)" for flag in ("--cpu-devices", "$FMNIST_CPU_DEVICES")], result.stderr[-3000:]
+    assert result.stdout.split() == ["False", "False"]  # jax never started its devices
+    assert not (tmp_path / "run").exists()

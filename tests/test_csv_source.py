@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import pytest
 from fmnist_jax.data.csv_source import HEADER, read_csv_split, write_csv_split
 from fmnist_jax.data import Split
 from fmnist_jax.errors import FmnistError
-from tests.helpers import SHARED_MANUAL_DIR
+from tests.helpers import REPO, SHARED_MANUAL_DIR
 
 OFFICIAL_DIR = Path(os.environ.get("FMNIST_MANUAL_DIR", SHARED_MANUAL_DIR))  # the .gz files
 N_PIXELS = 28 * 28
@@ -299,11 +300,100 @@ def test_unreadable_file(tmp_path, monkeypatch):
     """Root ignores chmod 000, so the OS refusal is simulated at the one read."""
     path = _write_rows(tmp_path / "locked.csv", _rows(1))
 
-    def refuse(self):
+    def refuse(self, *args, **kwargs):
         raise PermissionError(13, "Permission denied", str(self))
 
-    monkeypatch.setattr(Path, "read_bytes", refuse)
+    monkeypatch.setattr(Path, "open", refuse)
     assert f"{path} cannot be read (Permission denied)" in _error(path)
+
+
+def _read_in_child(path: Path, timeout: float = 20) -> str:
+    """`read_csv_split(path)` in a child process, its memory capped at 2 GiB: what it printed
+    (the error, or "read"); a read that hangs or grows without end fails the test instead of
+    stopping it."""
+    code = ("import resource, sys\n"
+            "resource.setrlimit(resource.RLIMIT_DATA, (2 << 30, 2 << 30))\n"
+            "from fmnist_jax.data.csv_source import read_csv_split\n"
+            "from fmnist_jax.errors import FmnistError\n"
+            "try:\n    read_csv_split(sys.argv[1]); print('read')\n"
+            "except FmnistError as e:\n    print(e)\n"
+            "except MemoryError:\n    print('out of memory')\n")
+    try:
+        result = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True,
+                                text=True, timeout=timeout,
+                                env={**os.environ, "PYTHONPATH": str(REPO)})
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"reading {path} did not end within {timeout} s")
+    return result.stdout.strip() or result.stderr[-2000:]
+
+
+def test_a_named_pipe_is_refused_not_waited_on(tmp_path):
+    fifo = tmp_path / "train.csv"
+    os.mkfifo(fifo)
+    assert _read_in_child(fifo) == (f"{fifo} is a named pipe, not a regular file: pass the "
+                                    f"path of a Fashion-MNIST CSV file such as "
+                                    f"fashion-mnist_train.csv")
+
+
+def test_a_device_is_refused_not_read_without_end():
+    assert _read_in_child(Path("/dev/zero")).startswith(
+        "/dev/zero is a device, not a regular file: pass the path of a Fashion-MNIST CSV")
+
+
+def test_a_file_larger_than_any_fashion_mnist_csv_is_refused_unread(tmp_path, monkeypatch):
+    from fmnist_jax.data import csv_source
+
+    path = write_csv_split_for_test(tmp_path)
+    monkeypatch.setattr(csv_source, "MAX_FILE_BYTES", path.stat().st_size - 1)
+    monkeypatch.setattr(Path, "open", lambda *a, **k: pytest.fail("the file was opened"))
+    assert "more than a Fashion-MNIST CSV of 340,000 images holds" in _error(path)
+
+
+def test_a_sparse_file_of_more_than_1_gib_is_refused_at_once(tmp_path):
+    """Its size alone refuses it: nothing is read (in a child, so that the unchecked read,
+    a GiB of zeros, cannot slow the other tests)."""
+    path = tmp_path / "huge.csv"
+    with path.open("wb") as f:
+        f.write((",".join(HEADER) + "\n").encode())
+        f.truncate((1 << 30) + 1)
+    assert _read_in_child(path, timeout=10) == (
+        f"{path} is over 1 GiB, more than a Fashion-MNIST CSV of 340,000 images holds "
+        f"(Kaggle's training file is 133 MB): pass the path of a Fashion-MNIST CSV file such "
+        f"as fashion-mnist_train.csv")
+
+
+def test_a_bad_header_is_refused_before_the_body_is_read(tmp_path):
+    """Only the first 64 KiB are read: a misnamed header over 300 MB of zeros (a sparse
+    file) is refused without the process reading them (its peak memory stays put)."""
+    path = tmp_path / "foreign.csv"
+    with path.open("wb") as f:
+        f.write(b"id,name,value\n1,a,2\n")
+        f.truncate(300 << 20)
+    code = ("import resource, sys\n"
+            "from fmnist_jax.data.csv_source import read_csv_split, _pyarrow\n"
+            "_pyarrow('')\n"
+            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "try:\n    read_csv_split(sys.argv[1])\n"
+            "except Exception as e:\n    print(e)\n"
+            "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) >> 10)\n")
+    result = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True,
+                            text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
+    message, grown_mib = result.stdout.strip().splitlines()
+    assert message.startswith(f"{path}: line 1 (the header), column 1: found 'id' where label "
+                              f"belongs"), result.stderr[-2000:]
+    assert int(grown_mib) < 50
+
+
+def test_a_first_line_without_end_is_refused_after_64_kib(tmp_path):
+    path = tmp_path / "one-line.csv"
+    long_line = (",".join(HEADER) + ",0" * 20_000).encode()  # 46,953 bytes: read whole
+    path.write_bytes(long_line)
+    assert "line 1 (the header) has 20785 columns" in _error(path)
+    path.write_bytes(long_line * 2)
+    assert (f"{path}: line 1 (the header) runs on past 64 KiB without a line break; the header "
+            f"is 6953 bytes") in _error(path)
+    path.write_bytes(b"label,pixel1,pixel3" + b",0" * 40_000)  # a wrong name comes first
+    assert "column 3: found 'pixel3' where pixel2 belongs" in _error(path)
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import subprocess
 
 import chex
 import jax
@@ -266,6 +267,47 @@ def test_a_seeds_folder_claims_one_run_folder_per_seed_and_gives_them_back(tmp_p
 def test_seeds_past_the_largest_seed_are_refused():
     with pytest.raises(FmnistError, match="lower --seed or --seeds"):
         get_config(seed=2**32 - 2, seeds=3)
+
+
+def test_more_seeds_than_one_run_can_hold_are_refused_before_any_folder(tmp_path):
+    """--seeds 100000 made every member's folder and split, silently, for minutes: now it is
+    refused with the config, before the devices, the run folder or the data."""
+    with pytest.raises(FmnistError, match="seeds 1001 is more than the 1000 one run can train"):
+        get_config(seeds=1001)
+    assert get_config(seeds=1000).seeds == 1000
+    try:
+        result = run_script("train.py", "--seeds", "100000", "--workdir", tmp_path / "run",
+                            timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("--seeds 100000 was not refused within 60 s")
+    assert one_error_line(result) == (
+        "error: seeds 100000 is more than the 1000 one run can train (their models and "
+        "optimizer states are held together, and each seed writes a run folder every "
+        "epoch): lower --seeds, or split the seeds over several runs with --seed")
+    assert not (tmp_path / "run").exists()
+
+
+def test_seeds_that_do_not_fit_in_memory_are_refused_before_they_are_built(monkeypatch):
+    """The members' states and splits are estimated from one member's shapes against the
+    machine's memory, before any member is built (one state, traced, for its shapes)."""
+    from fmnist_jax.run import prepare
+
+    train = make_split(200, seed=1)
+    cfg = get_config(batch_size=30)  # lenet5: 740,484 bytes of state, Adam's moments included
+    per_member = 4 * 740_484 + 16 * 200
+    monkeypatch.setattr(prepare, "host_memory_bytes", lambda: 2 * per_member + 1)
+    built = []
+    real_create = prepare.create_train_state
+    monkeypatch.setattr(prepare, "create_train_state",
+                        lambda *a, **k: built.append(1) or real_create(*a, **k))
+    with pytest.raises(FmnistError) as info:
+        prepare.seed_members(cfg, train.labels_N, list(range(1000)))
+    assert str(info.value) == (
+        f"--seeds 1000 of lenet5 need about {1000 * per_member / 2**30:.1f} GiB (their "
+        f"weights, optimizer states and splits), more than this machine's "
+        f"{(2 * per_member + 1) / 2**30:.1f} GiB of memory: pass --seeds 2 or fewer, and the "
+        f"other seeds in another run with --seed")
+    assert len(built) == 1  # under jax.eval_shape: no member's arrays were made
 
 
 @pytest.fixture

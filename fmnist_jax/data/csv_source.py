@@ -15,12 +15,16 @@ Two passes, so that a valid file is fast and a broken one is reported exactly:
   the file, the line and the header column of the first bad cell.
 Nothing is skipped or replaced. Line endings may be LF, CRLF (Windows) or CR; a final line
 break and a UTF-8 byte-order mark are optional.
+
+Before the body is read, the path must be a regular file (a pipe or a device could hang or
+never end), no larger than `MAX_FILE_BYTES`, and its first line the header.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -32,11 +36,19 @@ HEIGHT = WIDTH = 28
 NUM_CLASSES = 10
 HEADER = ("label",) + tuple(f"pixel{k}" for k in range(1, HEIGHT * WIDTH + 1))
 _HEADER_TEXT = "label,pixel1,...,pixel784"
+_LINE_HEADER = ",".join(HEADER)
 _BOM = b"\xef\xbb\xbf"
 _LINE_BREAK = re.compile(rb"\r\n|\r|\n")  # what pyarrow splits lines on, so line numbers agree
 _CHUNK_ROWS = 1024  # lines the diagnostic pass re-reads at once (see _raise_first_error)
 _SIGNED_INT = re.compile(rb"-?[0-9]+")  # in a message, "-1" is out of range, not a non-integer
 _SHOWN_CHARS = 20  # a cell quoted in a message is cut to this, so the message stays one line
+# A line is at most 3,139 bytes (a label, 784 pixels of 3 digits, their commas, CRLF), so 1 GiB
+# holds over 340,000 images, five times Fashion-MNIST's 70,000 (Kaggle's training file is
+# 133 MB); the reader needs several times a file's size in memory, so a larger file is
+# something else, refused before it is read.
+MAX_FILE_BYTES = 1 << 30
+_HEADER_READ = 1 << 16  # the header is 6,953 bytes: its line must end within this
+_FIX = "pass the path of a Fashion-MNIST CSV file such as fashion-mnist_train.csv"
 
 
 def read_csv_split(path: str | os.PathLike) -> Split:
@@ -46,12 +58,10 @@ def read_csv_split(path: str | os.PathLike) -> Split:
     """
     path = Path(path)
     _pyarrow(path)
-    data = _read_bytes(path)
-    body_start = _check_header(path, data)
-    if body_start == len(data):
+    body = _read_body(path)
+    if not body:
         raise FmnistError(f"{path} has the header but no data rows (line 2 is missing): "
                           f"expected one line per image after the header")
-    body = data[body_start:]
     columns_DxN = _parse_rows(body)
     if columns_DxN is None:
         _raise_first_error(path, body)
@@ -86,41 +96,77 @@ def write_csv_split(split: Split, path: str | os.PathLike, *, eol: str = "\n") -
         pacsv.write_csv(table, f, pacsv.WriteOptions(include_header=False, eol=eol))
 
 
-def _read_bytes(path: Path) -> bytes:
-    """The whole file; a missing, folder, unreadable or empty path becomes one FmnistError."""
-    fix = "pass the path of a Fashion-MNIST CSV file such as fashion-mnist_train.csv"
-    if not path.exists():
-        raise FmnistError(f"{path} does not exist: {fix}")
-    if path.is_dir():
-        raise FmnistError(f"{path} is a folder, not a CSV file: {fix}")
+def _read_body(path: Path) -> bytes:
+    """The data rows of the file, read once its kind, its size and its header are checked; a
+    missing, folder, special, too large, unreadable or empty path becomes one FmnistError."""
     try:
-        data = path.read_bytes()
+        info = path.stat()
+    except FileNotFoundError:
+        raise FmnistError(f"{path} does not exist: {_FIX}") from None
     except OSError as e:
         raise FmnistError(f"{path} cannot be read ({e.strerror or e}): check its permissions, "
-                          f"or {fix}") from e
-    if len(data) < 64 and not data.strip(_BOM + b" \t\r\n"):  # a header alone is longer
-        raise FmnistError(f"{path} is empty: expected Kaggle's Fashion-MNIST CSV, a header "
-                          f"{_HEADER_TEXT} and one line per image")
-    return data
+                          f"or {_FIX}") from e
+    if stat.S_ISDIR(info.st_mode):
+        raise FmnistError(f"{path} is a folder, not a CSV file: {_FIX}")
+    if not stat.S_ISREG(info.st_mode):
+        raise FmnistError(f"{path} is {_special_kind(info.st_mode)}, not a regular file: "
+                          f"{_FIX}")
+    _check_size(path, info.st_size)
+    try:
+        with path.open("rb") as f:
+            head = f.read(_HEADER_READ)
+            if len(head) < 64 and not head.strip(_BOM + b" \t\r\n"):  # a header is longer
+                raise FmnistError(f"{path} is empty: expected Kaggle's Fashion-MNIST CSV, a "
+                                  f"header {_HEADER_TEXT} and one line per image")
+            f.seek(_check_header(path, head, whole=len(head) < _HEADER_READ))
+            body = f.read(MAX_FILE_BYTES + 1)  # bounded: the file may grow while it is read
+    except OSError as e:
+        raise FmnistError(f"{path} cannot be read ({e.strerror or e}): check its permissions, "
+                          f"or {_FIX}") from e
+    _check_size(path, len(body))
+    return body
 
 
-def _check_header(path: Path, data: bytes) -> int:
-    """Where the data rows start, after a header that must be exactly `HEADER`.
+def _special_kind(mode: int) -> str:
+    """What a path that is neither a regular file nor a folder is, for a message."""
+    if stat.S_ISFIFO(mode):
+        return "a named pipe"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "a special file"
+
+
+def _check_size(path: Path, size: int) -> None:
+    if size > MAX_FILE_BYTES:
+        raise FmnistError(f"{path} is over {MAX_FILE_BYTES >> 30} GiB, more than a "
+                          f"Fashion-MNIST CSV of 340,000 images holds (Kaggle's training file "
+                          f"is 133 MB): {_FIX}")
+
+
+def _check_header(path: Path, head: bytes, *, whole: bool) -> int:
+    """Where the data rows start, after a header that must be exactly `HEADER`, from `head`:
+    the file's first bytes (`whole`: all of them).
 
     A file without a header would otherwise lose its first image or fail with a confusing
     "label is not an integer"; a misspelled name means a different format, so it is fatal.
     """
-    start = len(_BOM) if data.startswith(_BOM) else 0
-    found = _LINE_BREAK.search(data, start)
-    end, body_start = (found.start(), found.end()) if found else (len(data), len(data))
-    names = data[start:end].decode("utf-8", "replace").split(",")
+    start = len(_BOM) if head.startswith(_BOM) else 0
+    found = _LINE_BREAK.search(head, start)
+    end, body_start = (found.start(), found.end()) if found else (len(head), len(head))
+    names = head[start:end].decode("utf-8", "replace").split(",")
     where = f"{path}: line 1 (the header)"
     fix = f"the first line must be the header {_HEADER_TEXT}"
-    for k, (got, want) in enumerate(zip(names, HEADER), start=1):
+    cut = not found and not whole  # the first line runs on past `head`
+    for k, (got, want) in enumerate(zip(names[:-1] if cut else names, HEADER), start=1):
         if got != want:
             no_header = " (the file has no header line?)" if got.strip().isdigit() else ""
             raise FmnistError(f"{where}, column {k}: found {_show(got)} where {want} belongs"
                               f"{no_header}: {fix}")
+    if cut:
+        raise FmnistError(f"{where} runs on past {_HEADER_READ // 1024} KiB without a line "
+                          f"break; the header is {len(_LINE_HEADER)} bytes: {fix}")
     if len(names) < len(HEADER):
         raise FmnistError(f"{where} has {len(names)} columns, {len(HEADER)} expected: column "
                           f"{HEADER[len(names)]} is missing: {fix}")

@@ -19,6 +19,12 @@ from fmnist_jax.models import MODELS
 from fmnist_jax.optim import DECAYED_PARAMS, DECAYING_OPTIMIZERS, DECAYS, OPTIMIZERS
 
 MAX_SEED = 2**32  # jax.random.key takes a 32-bit seed without surprises
+# --seeds trains its members as one program on one process, their states (weights, optimizer
+# moments, the average) and validation splits stacked on one device, and gives each its own
+# run folder, checkpointed every epoch: a thousand mlp members already hold about 7 GB of
+# weights and Adam moments and write a thousand checkpoints an epoch, so more is no run one
+# machine can carry (`prepare.check_members_fit` checks the memory of those it allows).
+MAX_SEEDS = 1000
 
 
 def _field(default: Any, help: str, *, choices: tuple[str, ...] | None = None,
@@ -104,7 +110,8 @@ class TrainConfig:
                         "compiled program (jax.vmap over the models), each model its own run "
                         "folder WORKDIR/seed-S, trained as a run with --seed S is (the same "
                         "keys and batches; another float summation order); then each seed's "
-                        "test accuracy and their mean with a 95% confidence interval",
+                        "test accuracy and their mean with a 95% confidence interval; at most "
+                        f"{MAX_SEEDS}",
                         check=(lambda v: v >= 1, "at least 1"))
     checkpoint_every: int = _field(1, "save the whole training state to RUN_DIR/checkpoints/ "
                                    "every this many epochs (and at the best and the last "
@@ -136,6 +143,11 @@ class TrainConfig:
                               f"nothing without weight decay: pass --weight-decay (with "
                               f"--optimizer adamw), or drop --weight-decay-params (pass "
                               f"--weight-decay-params kernels where a preset sets it)")
+        if self.seeds > MAX_SEEDS:
+            raise FmnistError(f"seeds {self.seeds} is more than the {MAX_SEEDS} one run can "
+                              f"train (their models and optimizer states are held together, "
+                              f"and each seed writes a run folder every epoch): lower --seeds, "
+                              f"or split the seeds over several runs with --seed")
         if self.seed + self.seeds > MAX_SEED:
             raise FmnistError(f"seeds {self.seed}..{self.seed + self.seeds - 1} go past the "
                               f"largest seed {MAX_SEED - 1}: lower --seed or --seeds")

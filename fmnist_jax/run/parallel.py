@@ -231,10 +231,19 @@ def _int_or_error(text: str, what: str) -> int:
         raise FmnistError(f"{what} must be an integer, got {text!r}") from None
 
 
+def max_cpu_devices() -> int:
+    """The most CPU devices `use_cpu_devices` sets up: 256, or one per core where there are
+    more. Devices beyond the cores only emulate a mesh (the tests, benchmarks/), each batch
+    must split over all of them, and jax builds every one as it starts, before any check of
+    ours can run (100,000 took 4 GB)."""
+    return max(256, os.cpu_count() or 1)
+
+
 def use_cpu_devices(count: int | str | None, *, default: int | None = None) -> None:
     """Split the CPU into `count` XLA devices (default ${FMNIST_CPU_DEVICES}, else `default`;
     none: jax's default, one). Only the CPU backend is affected: on a GPU machine the GPUs
     stay the devices. Must run before jax starts its backend."""
+    flag = "--cpu-devices" if count is not None else f"${CPU_DEVICES_ENV}"
     if count is None:
         count = os.environ.get(CPU_DEVICES_ENV)
         if not count:
@@ -250,6 +259,12 @@ def use_cpu_devices(count: int | str | None, *, default: int | None = None) -> N
         count = _int_or_error(count, "--cpu-devices")
     if count < 1:
         raise FmnistError(f"--cpu-devices must be at least 1, got {count}")
+    if count > max_cpu_devices():
+        cores = len(os.sched_getaffinity(0))  # the cores this process may use
+        raise FmnistError(f"{flag} {count} is more than {max_cpu_devices()}, the most the CPU "
+                          f"is split into (devices beyond its {cores} cores only emulate a "
+                          f"mesh, and each takes memory as jax starts): pass at most "
+                          f"{max_cpu_devices()} ({cores}, one per core, trains fastest)")
     try:
         jax.config.update("jax_num_cpu_devices", count)
     except RuntimeError as e:  # jax refuses once its backend runs

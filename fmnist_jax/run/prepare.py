@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from typing import Any, Callable
 
 import jax
@@ -167,17 +168,53 @@ def seed_members(cfg: TrainConfig, labels_N: np.ndarray, seeds: list[int]):
     seed timing of benchmarks/ share it): each member's (train, validation) indices into the
     training images, drawn from its seed (stratified per class, so every member's split has
     the same sizes); their initial states stacked, a leading axis M on every leaf; the steps
-    per epoch."""
-    splits = [data.train_val_indices(labels_N, cfg.val_fraction, seed) for seed in seeds]
-    steps_per_epoch = len(splits[0][0]) // cfg.batch_size
+    per epoch. The first member alone is checked (one batch fits its split, all M fit in
+    memory: `check_members_fit`) before the others are built."""
+    first = data.train_val_indices(labels_N, cfg.val_fraction, seeds[0])
+    n_train, n_val = len(first[0]), 0 if first[1] is None else len(first[1])
+    _check_one_batch_fits(cfg, len(labels_N), n_train, n_val)
+    steps_per_epoch = n_train // cfg.batch_size
     # One model and optimizer object for all: the stacked states' static fields must match.
     model, tx = get_model(cfg.model), make_optimizer(cfg, steps_per_epoch)
     plateau_tx = make_plateau(cfg)
-    state_M = jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *[
-        create_train_state(model, tx, streams.stream_key(seed, streams.INIT),
-                           plateau_tx=plateau_tx, ema_decay=cfg.ema_decay)
-        for seed in seeds])
+
+    def initial_state(seed: int) -> TrainState:
+        return create_train_state(model, tx, streams.stream_key(seed, streams.INIT),
+                                  plateau_tx=plateau_tx, ema_decay=cfg.ema_decay)
+
+    check_members_fit(cfg, len(seeds), jax.eval_shape(lambda: initial_state(seeds[0])),
+                      len(labels_N))
+    splits = [first] + [data.train_val_indices(labels_N, cfg.val_fraction, seed)
+                        for seed in seeds[1:]]
+    state_M = jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves),
+                                     *[initial_state(seed) for seed in seeds])
     return splits, state_M, steps_per_epoch
+
+
+def host_memory_bytes() -> int:
+    """This machine's physical memory."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_members_fit(cfg: TrainConfig, members: int, one_state: TrainState,
+                      n_images: int) -> None:
+    """FmnistError unless `members` states shaped as `one_state` (a jax.eval_shape) and
+    their splits of `n_images` fit this machine's memory, estimated from below: each state
+    is held about four times (the member's own while they are stacked, the stacked copy, the
+    new one an epoch computes, and the copy on the host each checkpoint reads), and each
+    split as 16 bytes an image (the host's int64 indices, the device's int32 copy, an
+    epoch's shuffled order)."""
+    state_bytes = sum(leaf.size * leaf.dtype.itemsize
+                      for leaf in jax.tree_util.tree_leaves(one_state))
+    per_member = 4 * state_bytes + 16 * n_images
+    available = host_memory_bytes()
+    if members * per_member > available:
+        raise FmnistError(
+            f"--seeds {members} of {cfg.model} need about "
+            f"{members * per_member / 2**30:.1f} GiB (their weights, optimizer states and "
+            f"splits), more than this machine's {available / 2**30:.1f} GiB of memory: pass "
+            f"--seeds {max(1, available // per_member)} or fewer, and the other seeds in "
+            f"another run with --seed")
 
 
 def set_up_seeds(cfg: TrainConfig, run: folder.Claim, train: data.Split, test: data.Split,
@@ -190,7 +227,6 @@ def set_up_seeds(cfg: TrainConfig, run: folder.Claim, train: data.Split, test: d
     splits, state_M, steps_per_epoch = seed_members(cfg, train.labels_N,
                                                     [member.seed for member in member_cfgs])
     n_train, n_val = len(splits[0][0]), 0 if splits[0][1] is None else len(splits[0][1])
-    _check_one_batch_fits(cfg, len(train), n_train, n_val)
     _log_device_and_config(cfg, log_fn)
     if run.resumed:  # the epochs left need the images the run started with
         for member in run.members:
