@@ -84,6 +84,8 @@ def train_main(argv: list[str] | None = None) -> int:
         # Process 0 speaks for the run (the data's notes included); the others print only
         # their errors, on stderr.
         sys.stdout = open(os.devnull, "w")
+    # The first line names the device, so a run that expected a GPU shows at once where it is.
+    print(f"device: {parallel.describe_devices(cfg.seeds)}, jax {jax.__version__}", flush=True)
 
     parallel.check_batch_sizes(cfg.batch_size, cfg.eval_batch_size, jax.device_count(),
                                cfg.seeds)
@@ -281,7 +283,7 @@ def bench_parser() -> Parser:
     bench.add_argument("--overwrite", action="store_true",
                        help="replace an existing --out file")
     add_compile_cache_flag(bench)
-    add_device_flags(parser, distributed=False, seeds=False)
+    add_device_flags(parser, distributed=False, seeds=False, device=False)
     add_data_flags(parser)
     return parser
 

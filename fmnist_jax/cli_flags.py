@@ -22,6 +22,9 @@ from fmnist_jax.run.config import DEFAULT_PRESET, PRESETS, TrainConfig, get_conf
 COMPILE_CACHE_ENV = "FMNIST_COMPILE_CACHE"
 DEFAULT_COMPILE_CACHE = "~/.cache/fmnist_jax/xla"
 COMPILE_CACHE_MAX_BYTES = 1 << 30  # a run's entries take under 1 MB
+DEVICE_ENV = "FMNIST_DEVICE"
+DEVICES = ("auto", "cpu", "cuda")
+CUDA_INSTALL = 'pip install -e ".[cuda12]" (or ".[cuda13]" for a CUDA 13 driver)'
 
 
 class Parser(argparse.ArgumentParser):
@@ -120,6 +123,11 @@ def add_data_flags(parser: argparse.ArgumentParser) -> None:
                        "files (train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
                        "t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz), for machines "
                        "without internet; default $FMNIST_MANUAL_DIR")
+    group.add_argument("--data-source", choices=("auto", "tfds", "idx"), default="auto",
+                       help="how to read the official release: tfds's prepared folder, or "
+                       "the four .gz files of --manual-dir with numpy alone (idx: no "
+                       "tensorflow-datasets needed; the same arrays, in the same order); "
+                       "default auto: tfds where it can read or build its folder, else idx")
     group.add_argument("--train-csv", metavar="FILE", help="Kaggle's fashion-mnist_train.csv "
                        "(header label,pixel1,...,pixel784): read instead of the tfds folder; "
                        "needs --test-csv")
@@ -135,7 +143,7 @@ def add_compile_cache_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def add_device_flags(parser: argparse.ArgumentParser, *, distributed: bool,
-                      seeds: bool) -> None:
+                      seeds: bool, device: bool = True) -> None:
     seeds_text = (". With --seeds K the devices are first shared out to groups of seeds (on "
                   "a CPU, every device a group; on a GPU, G groups, G the greatest common "
                   "divisor of K and the device count), and each batch is split over the "
@@ -143,6 +151,12 @@ def add_device_flags(parser: argparse.ArgumentParser, *, distributed: bool,
     group = parser.add_argument_group(
         "devices", "every batch is split over all devices (data parallel); the batch sizes "
                    "must be multiples of the device count" + seeds_text)
+    if device:  # bench has a --device of its own, for both frameworks, read the same way
+        group.add_argument("--device", choices=DEVICES, default=None,
+                           help="the kind of device to train on: cuda (an NVIDIA GPU: stop with "
+                                "one line, not fall back to the CPU, when jax has none), cpu (even "
+                                "where a GPU is), or auto (jax's choice: a GPU when its plugin is "
+                                f"installed); default ${DEVICE_ENV}, else auto")
     group.add_argument("--cpu-devices", type=int, metavar="N",
                        help="split the CPU into N XLA devices (no effect where a GPU is the "
                             "device); default $FMNIST_CPU_DEVICES, else 1" + (
@@ -163,19 +177,56 @@ def add_device_flags(parser: argparse.ArgumentParser, *, distributed: bool,
 
 
 def start_devices(args: argparse.Namespace, *, members: int = 1):
-    """Set up the devices the flags ask for, before jax starts its backend: the CPU device
-    count (for a run of `members` seeds on one process, one device per core by default:
-    `parallel.cpu_devices_for`), then (with several processes) join the others through
-    jax.distributed. Returns the distributed settings."""
+    """Set up the devices the flags ask for, before jax starts its backend: the kind of
+    device (`use_device`), the CPU device count (for a run of `members` seeds on one process,
+    one device per core by default: `parallel.cpu_devices_for`), then (with several
+    processes) join the others through jax.distributed. Returns the distributed settings."""
     from fmnist_jax.run import parallel
 
     settings = parallel.distributed_settings(getattr(args, "coordinator_address", None),
                                              getattr(args, "num_processes", None),
                                              getattr(args, "process_id", None))
+    asked = use_device(getattr(args, "device", None))
     parallel.use_cpu_devices(args.cpu_devices, default=(
         parallel.cpu_devices_for(members) if settings.num_processes == 1 else None))
     parallel.initialize_distributed(settings)
+    check_device(asked)
     return settings
+
+
+def use_device(choice: str | None) -> str | None:
+    """Point jax at the kind of device `choice` (else $FMNIST_DEVICE) names; return what asked
+    for a GPU ("--device cuda", "JAX_PLATFORMS=cuda"), or None."""
+    chosen = (choice or os.environ.get(DEVICE_ENV) or "auto").strip().lower()
+    if chosen not in DEVICES:
+        raise FmnistError(f"{DEVICE_ENV}={chosen} is not one of {', '.join(DEVICES)}")
+    if chosen != "auto":
+        import jax
+
+        jax.config.update("jax_platforms", chosen)
+        return "--device cuda" if chosen == "cuda" else None
+    platforms = os.environ.get("JAX_PLATFORMS", "").lower()
+    if "cuda" in platforms or "gpu" in platforms:
+        return f"JAX_PLATFORMS={platforms}"
+    return None
+
+
+def check_device(asked: str | None) -> None:
+    """Start jax's backend; where `asked` wanted a GPU and jax has none, one line saying how
+    to install for one. jax itself answers an unknown platform with a bare AssertionError
+    or a RuntimeError about another backend (ROCm), and never with the install command."""
+    import jax
+
+    try:
+        platform = jax.devices()[0].platform
+    except (RuntimeError, AssertionError):
+        if asked is None:
+            raise
+        platform = None
+    if asked is not None and platform != "gpu":
+        raise FmnistError(f"{asked} asks for a CUDA GPU, but jax {jax.__version__} finds none "
+                          f"(its CUDA plugin is not installed, or no GPU is visible): on a GPU "
+                          f"machine, {CUDA_INSTALL}; or pass --device cpu")
 
 
 def use_compile_cache(choice: str | None) -> Path | None:
@@ -239,4 +290,5 @@ def load_data(args: argparse.Namespace):
     from fmnist_jax import data
 
     return data.load(data_dir=args.data_dir, manual_dir=args.manual_dir,
-                     train_csv=args.train_csv, test_csv=args.test_csv)
+                     train_csv=args.train_csv, test_csv=args.test_csv,
+                     source=args.data_source)

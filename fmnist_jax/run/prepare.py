@@ -21,7 +21,6 @@ from fmnist_jax.optim import make_lr_schedule, make_optimizer, make_plateau
 from fmnist_jax.run import folder
 from fmnist_jax.run.compiled import CompiledEpochs, CompiledSeedEpochs, rates, step_options
 from fmnist_jax.run.config import TrainConfig
-from fmnist_jax.run.parallel import describe_devices
 from fmnist_jax.seeds import plateau_update_seeds
 from fmnist_jax.steps import TrainState, create_train_state, plateau_update
 
@@ -122,7 +121,7 @@ def set_up_one(cfg: TrainConfig, run: folder.Claim, train: data.Split, test: dat
     folder.save_data_fingerprints(run.path, train, test)
     train, val = data.split_train_val(train, cfg.val_fraction, cfg.seed)
     _check_one_batch_fits(cfg, n_given, len(train), len(val) if val else 0)
-    _log_device_and_config(cfg, log_fn)
+    _log_config(cfg, log_fn)
 
     norm = data.normalization_for(cfg.normalization, train.images_NxHxWx1)
     folder.save_normalization(run.path, norm)
@@ -158,8 +157,8 @@ def _check_one_batch_fits(cfg: TrainConfig, n_given: int, n_train: int, n_val: i
                           f"images: lower --batch-size")
 
 
-def _log_device_and_config(cfg: TrainConfig, log_fn: Callable[[str], Any]) -> None:
-    log_fn(f"device: {describe_devices(cfg.seeds)}, jax {jax.__version__}")
+def _log_config(cfg: TrainConfig, log_fn: Callable[[str], Any]) -> None:
+    """The config (the command's first line named the device: `describe_devices`)."""
     log_fn(f"config: {json.dumps(json.loads(cfg.to_json()))}")
 
 
@@ -227,7 +226,7 @@ def set_up_seeds(cfg: TrainConfig, run: folder.Claim, train: data.Split, test: d
     splits, state_M, steps_per_epoch = seed_members(cfg, train.labels_N,
                                                     [member.seed for member in member_cfgs])
     n_train, n_val = len(splits[0][0]), 0 if splits[0][1] is None else len(splits[0][1])
-    _log_device_and_config(cfg, log_fn)
+    _log_config(cfg, log_fn)
     if run.resumed:  # the epochs left need the images the run started with
         for member in run.members:
             folder.check_data(member.path, train, test)

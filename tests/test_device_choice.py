@@ -1,0 +1,42 @@
+"""The device a command trains on: named first, and a GPU asked for but missing in one line.
+Each runs in its own process: choosing a platform in this one would change every later test."""
+
+import importlib.util
+
+import pytest
+
+from tests.helpers import one_error_line, run_script
+
+no_cuda_plugin = pytest.mark.skipif(
+    any(importlib.util.find_spec(name) for name in ("jax_cuda12_plugin", "jax_cuda13_plugin")),
+    reason="a CUDA plugin is installed: the GPU may be there")
+
+
+@no_cuda_plugin
+@pytest.mark.parametrize("flags, env, asker", [
+    (["--device", "cuda"], {}, "--device cuda"),
+    ([], {"JAX_PLATFORMS": "cuda"}, "JAX_PLATFORMS=cuda"),
+    ([], {"FMNIST_DEVICE": "cuda"}, "--device cuda"),
+])
+def test_a_gpu_asked_for_and_missing_is_one_line_with_the_install_command(tmp_path, flags, env,
+                                                                          asker):
+    result = run_script("train.py", "--workdir", tmp_path / "run", "--compile-cache", "none",
+                        *flags, env=env)
+    line = one_error_line(result)
+    assert line.startswith(f"error: {asker} asks for a CUDA GPU") and '".[cuda12]"' in line
+    assert not (tmp_path / "run").exists()  # refused before the run folder is made
+
+
+def test_an_unknown_device_is_refused(tmp_path):
+    result = run_script("train.py", "--workdir", tmp_path / "run", env={"FMNIST_DEVICE": "tpu"})
+    assert "FMNIST_DEVICE=tpu is not one of auto, cpu, cuda" in one_error_line(result)
+
+
+@pytest.mark.parametrize("flags", [[], ["--device", "cpu"]])
+def test_the_first_line_of_a_training_names_the_device(tmp_path, flags):
+    bad_csv = tmp_path / "bad.csv"
+    bad_csv.write_text("not,a,header\n")
+    result = run_script("train.py", "--workdir", tmp_path / "run", "--compile-cache", "none",
+                        "--train-csv", bad_csv, "--test-csv", bad_csv, *flags)
+    assert result.stdout.splitlines()[0].startswith("device: cpu (cpu), jax ")
+    assert "bad.csv" in one_error_line(result)  # the data come after the device line
