@@ -61,7 +61,7 @@ def train_main(argv: list[str] | None = None) -> int:
     from fmnist_jax.run import parallel
 
     settings = parallel.distributed_settings(args.coordinator_address, args.num_processes,
-                                             args.process_id)
+                                             args.process_id, args.connect_timeout)
     several = settings.num_processes > 1
     if several and not (args.workdir or args.resume):
         raise FmnistError("several processes need --workdir: the same run folder for all, on "
@@ -77,7 +77,7 @@ def train_main(argv: list[str] | None = None) -> int:
     start_devices(args, members=cfg.seeds)
     import jax
 
-    from fmnist_jax.run import folder
+    from fmnist_jax.run import folder, peers
     from fmnist_jax.run.loop import train_and_evaluate
 
     if not parallel.is_writer():
@@ -102,6 +102,7 @@ def train_main(argv: list[str] | None = None) -> int:
     if not parallel.process_0_agrees(refused is None):
         raise refused or FmnistError(f"process 0 refused the run folder "
                                      f"{args.resume or args.workdir}: see its error")
+    peers.PeerWatch.run_folder = str(run.path)  # a process that stops: how to go on
     try:
         train, test = load_data(args)
     except BaseException:

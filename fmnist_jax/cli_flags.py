@@ -44,6 +44,8 @@ def user_errors_exit_1(main_fn: Callable[[list[str] | None], int | None]):
                 code = main_fn(argv)
                 interrupts.raise_if_pending()  # swallowed before the command's last check
         except FmnistError as e:
+            if "fmnist_jax.run.peers" in sys.modules:  # several processes: ends them here
+                sys.modules["fmnist_jax.run.peers"].leave_with_error(str(e))
             print(f"error: {e}", file=sys.stderr)
             sys.exit(1)
         except KeyboardInterrupt:
@@ -173,7 +175,11 @@ def add_device_flags(parser: argparse.ArgumentParser, *, distributed: bool,
                             "run folder); default $FMNIST_PROCESS_ID")
     group.add_argument("--coordinator-address", metavar="HOST:PORT",
                        help="where process 0 listens for the others (a free port on its "
-                            "host); default $FMNIST_COORDINATOR_ADDRESS")
+                            "host; an IPv6 address in brackets, [::1]:PORT); default "
+                            "$FMNIST_COORDINATOR_ADDRESS")
+    group.add_argument("--connect-timeout", type=int, metavar="SECONDS",
+                       help="how long each process waits for all the others to join before "
+                            "it gives up with one line; default 300")
 
 
 def start_devices(args: argparse.Namespace, *, members: int = 1):
@@ -185,7 +191,8 @@ def start_devices(args: argparse.Namespace, *, members: int = 1):
 
     settings = parallel.distributed_settings(getattr(args, "coordinator_address", None),
                                              getattr(args, "num_processes", None),
-                                             getattr(args, "process_id", None))
+                                             getattr(args, "process_id", None),
+                                             getattr(args, "connect_timeout", None))
     asked = use_device(getattr(args, "device", None))
     parallel.use_cpu_devices(args.cpu_devices, default=(
         parallel.cpu_devices_for(members) if settings.num_processes == 1 else None))

@@ -41,6 +41,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from fmnist_jax.errors import FmnistError
+from fmnist_jax.run import peers
 
 DATA_AXIS = "data"
 SEEDS_AXIS = "seeds"
@@ -279,14 +280,17 @@ class Distributed:
     coordinator_address: str | None
     num_processes: int
     process_id: int
+    connect_timeout: int = peers.DEFAULT_CONNECT_TIMEOUT_S
 
 
 def distributed_settings(coordinator_address: str | None = None,
                          num_processes: int | None = None,
-                         process_id: int | None = None) -> Distributed:
+                         process_id: int | None = None,
+                         connect_timeout: int | None = None) -> Distributed:
     """The distributed settings from the flags, else from $FMNIST_COORDINATOR_ADDRESS,
     $FMNIST_NUM_PROCESSES and $FMNIST_PROCESS_ID; one process when none is given. Checked
-    here, cheaply, before anything starts."""
+    here, cheaply, before anything starts (the coordinator's address: HOST:PORT, a host that
+    resolves, `peers.check_address`)."""
     env = os.environ
     address = coordinator_address or env.get(COORDINATOR_ENV) or None
     if num_processes is None and env.get(NUM_PROCESSES_ENV):
@@ -306,21 +310,29 @@ def distributed_settings(coordinator_address: str | None = None,
     if process_id is None or not 0 <= process_id < num_processes:
         raise FmnistError(f"--process-id must be in [0, {num_processes}) for "
                           f"--num-processes {num_processes}, got {process_id}")
-    return Distributed(address, num_processes, process_id)
+    if connect_timeout is None:
+        connect_timeout = peers.DEFAULT_CONNECT_TIMEOUT_S
+    if connect_timeout < 1:
+        raise FmnistError(f"--connect-timeout must be at least 1 (seconds), got "
+                          f"{connect_timeout}")
+    peers.check_address(address, "--coordinator-address" if coordinator_address
+                        else f"${COORDINATOR_ENV}")
+    return Distributed(address, num_processes, process_id, connect_timeout)
 
 
 def initialize_distributed(settings: Distributed) -> None:
-    """Join the run's other processes through `jax.distributed` (nothing with one process).
-    Must run before jax starts its backend; every process of the run calls it, and each
-    blocks until all have joined."""
+    """Join the run's other processes through `jax.distributed` (nothing with one process),
+    waiting up to `settings.connect_timeout` seconds for them (`peers.join`; then a watch
+    on them ends this process with one line if one stops). Must run before jax starts its
+    backend; every process of the run calls it, and each blocks until all have joined."""
     if settings.num_processes == 1:
         return
     # CPU devices of several processes talk through gloo (the GPU and TPU backends bring
     # their own collectives and ignore this setting).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
-        jax.distributed.initialize(settings.coordinator_address, settings.num_processes,
-                                   settings.process_id)
+        peers.join(settings.coordinator_address, settings.num_processes, settings.process_id,
+                   settings.connect_timeout)
     except RuntimeError as e:
         raise FmnistError(f"process {settings.process_id} of {settings.num_processes} could "
                           f"not join the coordinator at {settings.coordinator_address} "
