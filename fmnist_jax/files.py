@@ -53,6 +53,11 @@ def quiet_absl(level: str = "fatal") -> Iterator[None]:
 
 
 def first_line(e: BaseException, limit: int = 200) -> str:
-    """The first line of an exception's message (its type's name when it has none), cut at
-    `limit` characters: the part worth quoting in a one-line error."""
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:limit]
+    """The first line of an exception's message (its type's name when it has none), cut
+    after the last whole word within `limit` characters, with " ..." marking the cut: the
+    part worth quoting in a one-line error, with no path or word broken off mid-way."""
+    line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    if len(line) <= limit:
+        return line
+    cut = line.rfind(" ", 0, limit + 1)
+    return line[:cut if cut > 0 else limit].rstrip() + " ..."

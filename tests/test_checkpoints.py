@@ -116,6 +116,174 @@ def test_without_a_validation_split_only_the_latest_is_kept(tmp_path):
     manager.close()
 
 
+# ---------------------------------------------------------------------------------------
+# Each checkpoint's manifest (sha256.json), checked before a resume trusts the checkpoint
+
+
+def _checkpoint_files(path):
+    return {str(p.relative_to(path)) for p in path.rglob("*")
+            if p.is_file() and p.name != checkpoints.MANIFEST}
+
+
+def _largest_file(path):
+    return max((p for p in path.rglob("*") if p.is_file() and p.name != checkpoints.MANIFEST),
+               key=lambda p: p.stat().st_size)
+
+
+def _flip_a_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _save_best_1_and_latest_3(run_dir):
+    manager = checkpoints.Checkpoints(run_dir)
+    for epoch, best_epoch in [(1, 1), (2, 1)]:
+        manager.save(epoch, _fake_state(epoch), best_epoch=best_epoch)
+    manager.close()
+    manager = checkpoints.Checkpoints(run_dir)  # taken back, as a resume does
+    manager.save(3, _fake_state(3), best_epoch=1)
+    assert manager.epochs() == [1, 3]
+    manager.close()
+
+
+def test_every_checkpoint_has_a_manifest_that_later_saves_leave_true(tmp_path):
+    _save_best_1_and_latest_3(tmp_path)
+    for epoch in (1, 3):
+        path = tmp_path / folder.CHECKPOINTS_DIR / str(epoch)
+        sums = json.loads((path / checkpoints.MANIFEST).read_text())
+        assert set(sums) == _checkpoint_files(path)
+        assert "_CHECKPOINT_METADATA" in sums
+    checkpoints.check_checkpoints(tmp_path)  # orbax changed no file of epoch 1 since its save
+
+
+@pytest.mark.parametrize("damage", ["flip", "delete"])
+@pytest.mark.parametrize("epoch, to_delete", [(3, (3,)), (1, (1, 3))])
+def test_a_damaged_checkpoint_is_refused_before_it_is_restored(tmp_path, damage, epoch,
+                                                               to_delete):
+    """The latest (which a resume restores) or the best (which it keeps as the model): one
+    line naming the file, and the folders to delete so that the resume goes on from before
+    the damaged one."""
+    _save_best_1_and_latest_3(tmp_path)
+    checkpoints_dir = tmp_path / folder.CHECKPOINTS_DIR
+    path = _largest_file(checkpoints_dir / str(epoch))
+    name = str(path.relative_to(checkpoints_dir / str(epoch)))
+    if damage == "flip":
+        _flip_a_byte(path)
+    else:
+        path.unlink()
+    folders = " and ".join(str(checkpoints_dir / str(e)) for e in to_delete)
+    expected = (f"the checkpoint of epoch {epoch} in {checkpoints_dir} is damaged ({name} "
+                f"{'does not match its checksum' if damage == 'flip' else 'is missing'}): "
+                f"delete {folders} and resume from an earlier epoch")
+    with pytest.raises(FmnistError) as error:
+        checkpoints.check_checkpoints(tmp_path)
+    assert str(error.value) == expected
+    manager = checkpoints.Checkpoints(tmp_path)
+    with pytest.raises(FmnistError) as error:
+        manager.restore(epoch, _fake_state(0))
+    manager.close()
+    assert str(error.value) == expected
+
+
+def test_a_checkpoint_without_a_manifest_still_restores(tmp_path):
+    """As versions before the manifests wrote them."""
+    _save_best_1_and_latest_3(tmp_path)
+    for manifest in (tmp_path / folder.CHECKPOINTS_DIR).glob(f"*/{checkpoints.MANIFEST}"):
+        manifest.unlink()
+    checkpoints.check_checkpoints(tmp_path)
+    manager = checkpoints.Checkpoints(tmp_path)
+    restored = manager.restore(3, _fake_state(0))
+    manager.close()
+    np.testing.assert_array_equal(restored["params"]["w"], np.full((3, 2), 3, np.float32))
+
+
+def _killed_copy_of_the_tiny_run(tiny_run, target):
+    """The finished tiny run (no validation split: its one checkpoint, epoch 2, is the
+    latest and the model) as a kill just before best.json leaves it."""
+    shutil.copytree(tiny_run[0], target)
+    (target / folder.BEST_FILE).unlink()
+    return target / folder.CHECKPOINTS_DIR / "2"
+
+
+def test_resume_refuses_a_damaged_latest_checkpoint_before_training(tmp_path, tiny_run,
+                                                                    tiny_splits):
+    latest = _killed_copy_of_the_tiny_run(tiny_run, tmp_path / "run")
+    _flip_a_byte(_largest_file(latest))
+    run = folder.reopen(tmp_path / "run")
+    with pytest.raises(FmnistError, match=f"the checkpoint of epoch 2 in {latest.parent} is "
+                                          f"damaged .*: delete {latest} and resume"):
+        train_quietly(run.config, run, tiny_splits)
+    folder.reopen(tmp_path / "run").release()  # refused, the run was given back
+
+
+@pytest.mark.slow  # the resume compiles the epoch
+def test_non_finite_weights_are_never_handed_on_by_a_resume(tmp_path, tiny_run, tiny_splits):
+    """A resume whose latest checkpoint is the model (no epoch left to train), with NaN
+    weights that match their manifest: refused where best.json would be written."""
+    latest = _killed_copy_of_the_tiny_run(tiny_run, tmp_path / "run")
+    state = tiny_run[1].replace(params=jax.tree_util.tree_map(
+        lambda w: w.at[(0,) * w.ndim].set(np.nan), tiny_run[1].params))
+    shutil.rmtree(latest)
+    manager = checkpoints.Checkpoints(tmp_path / "run")
+    manager.save(2, state)
+    manager.close()
+    run = folder.reopen(tmp_path / "run")
+    with pytest.raises(FmnistError, match=f"{latest} holds NaN or infinite weights"):
+        train_quietly(run.config, run, tiny_splits)
+    assert not (tmp_path / "run" / folder.BEST_FILE).exists()
+
+
+# Under a file size limit (a full disk's stand-in that needs no root): saves of many arrays,
+# each ended by its first failed write while the others are still under way (whose reports
+# came in most tries before the fix; three saves, so that one of them shows them). The first
+# save's error is printed, as the command line would.
+_FULL_DISK = """
+import resource, signal, sys
+from pathlib import Path
+import numpy as np
+from fmnist_jax.errors import FmnistError
+from fmnist_jax.run import checkpoints
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+manager = checkpoints.Checkpoints(Path(sys.argv[1]))
+resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))
+rng = np.random.default_rng(0)  # incompressible: the data files outgrow the limit
+state = {f"w{i}": rng.random(2000, np.float32) for i in range(300)}
+errors = []
+for epoch in (1, 2, 3):
+    try:
+        manager.save(epoch, state)
+    except FmnistError as e:
+        errors.append(e)
+manager.close()
+print(f"error: {errors[0]}", file=sys.stderr)
+sys.exit(len(errors) == 3)
+"""
+
+
+def test_a_save_on_a_full_disk_ends_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", _FULL_DISK, str(tmp_path)], cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
+                            text=True, timeout=120)
+    assert one_error_line(result) == (
+        f"error: saving the checkpoint of epoch 1 to {tmp_path / folder.CHECKPOINTS_DIR} "
+        f"failed (File too large): free some space, then continue with --resume")
+
+
+def test_a_long_first_line_is_cut_between_words():
+    from fmnist_jax.files import first_line
+
+    message = "Error writing local file " + '"/a/very/long/path/to/the/checkpoint" ' * 8
+    line = first_line(ValueError(message), 100)
+    assert line == 'Error writing local file "/a/very/long/path/to/the/checkpoint" ' + (
+        '"/a/very/long/path/to/the/checkpoint" ...')
+    assert first_line(ValueError("short")) == "short"
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     """(run_dir, state, history) of the 4-epoch validation run, never interrupted."""

@@ -188,9 +188,15 @@ def test_non_finite_weights_are_refused(tmp_path, tiny_run):
     manager = checkpoints.Checkpoints(tmp_path)
     manager.save(2, state)
     manager.close()
-    checkpoints.save_best(tmp_path, {"epoch": 2, "chosen_by": "last epoch", "val_accuracy": None,
-                                     "epochs_trained": 2, "stopped_early": False})
-    assert folder.finished(tmp_path)
+    record = {"epoch": 2, "chosen_by": "last epoch", "val_accuracy": None, "epochs_trained": 2,
+              "stopped_early": False}
+    # The training never hands them on: best.json is not written.
+    with pytest.raises(FmnistError, match="NaN or infinite weights"):
+        checkpoints.save_best(tmp_path, record, tiny_config())
+    assert not (tmp_path / folder.BEST_FILE).exists()
+    # A run an earlier version finished with them (best.json without checksums) is refused
+    # where it is read.
+    (tmp_path / folder.BEST_FILE).write_text(json.dumps(record))
     with pytest.raises(FmnistError, match="NaN or infinite weights"):
         checkpoints.load_variables(tmp_path, tiny_config())
 

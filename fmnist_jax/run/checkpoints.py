@@ -5,13 +5,25 @@ The model a finished run hands to evaluation, prediction and the bench is read f
 checkpoint best.json names (the best validation epoch; the last without a validation
 split): the moving average's params when the run kept one, else the params, and BatchNorm's
 statistics. best.json records the sha256 of every file of that checkpoint and is written
-last, so a run is finished once it holds them (`folder.finished`).
+last, so a run is finished once it holds them (`folder.finished`), and only once that
+checkpoint's weights are read back finite.
+
+Each checkpoint's folder also holds its own manifest, sha256.json (the sha256 of its other
+files, written once orbax has finished the save): a resume compares every checkpoint with
+it before it trusts one, so a damaged file is one line, never a run trained on from garbage.
+Checkpoints of versions before the manifests have none and are read as they are.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import json
+import logging
+import os
+import re
+import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +33,15 @@ import numpy as np
 import orbax.checkpoint as ocp  # checkpoints every epoch need it from the start anyway
 
 from fmnist_jax.errors import FmnistError
-from fmnist_jax.files import first_line, quiet_absl
+from fmnist_jax.files import first_line, quiet_absl, write_atomically
 from fmnist_jax.models import get_model
 from fmnist_jax.run.config import TrainConfig
 from fmnist_jax.run.folder import (BEST_FILE, CHECKPOINT_SUMS, CHECKPOINTS_DIR, OLD_PARAMS_DIR,
                                    read_json, write_json)
 from fmnist_jax.run.parallel import is_writer
 from fmnist_jax.steps import init_variables
+
+MANIFEST = "sha256.json"  # in each checkpoint's folder: the sha256 of its other files
 
 
 class _KeepEpochs:
@@ -57,7 +71,9 @@ class Checkpoints:
     """
 
     def __init__(self, run_dir: Path, *, async_save: bool = False):
+        _quiet_writes_of_failed_saves()
         self._keep = _KeepEpochs()
+        self._async, self._unsealed = async_save, []
         options = ocp.CheckpointManagerOptions(
             preservation_policy=self._keep, enable_async_checkpointing=async_save,
             cleanup_tmp_directories=True, create=True)
@@ -79,13 +95,28 @@ class Checkpoints:
 
         self._keep.epochs = {epoch, best_epoch}
         tree = {"epoch": np.int32(epoch), "state": serialization.to_state_dict(state)}
+        self._unsealed.append(epoch)
         try:
             with quiet_absl():
                 self._manager.save(epoch, args=ocp.args.StandardSave(tree), force=True)
+            if not self._async:
+                self._seal()
         except Exception as e:  # orbax raises ValueError (tensorstore) or OSError
             raise FmnistError(f"saving the checkpoint of epoch {epoch} to {self.path} failed "
-                              f"({type(e).__name__}: {first_line(e)}): free some space, then "
-                              f"continue with --resume") from e
+                              f"({_reason(e)}): free some space, then continue with "
+                              f"--resume") from e
+
+    def _seal(self) -> None:
+        """Write the manifest of each checkpoint saved since the last call, once orbax has
+        finished it (a checkpoint already deleted by a later save needs none)."""
+        with quiet_absl():
+            self._manager.wait_until_finished()
+        while self._unsealed:
+            path = self.path / str(self._unsealed[0])
+            if is_writer() and path.is_dir():
+                sums = _file_digests(path, skip=MANIFEST)
+                write_atomically(path / MANIFEST, json.dumps(sums, indent=1, sort_keys=True) + "\n")
+            self._unsealed.pop(0)
 
     def restore(self, epoch: int, like):
         """The state saved at `epoch`, in the structure, dtypes and shardings of the state
@@ -103,9 +134,10 @@ class Checkpoints:
 
         target = jax.tree_util.tree_map(
             target_of, {"epoch": np.int32(0), "state": serialization.to_state_dict(like)})
+        self.wait()
+        _check_manifest(self.path, epoch)
         try:
             with quiet_absl():
-                self.wait()
                 tree = self._manager.restore(epoch, args=ocp.args.StandardRestore(target))
         except Exception as e:
             raise FmnistError(f"the checkpoint of epoch {epoch} in {self.path} could not be "
@@ -117,28 +149,125 @@ class Checkpoints:
         return serialization.from_state_dict(like, tree["state"])
 
     def wait(self) -> None:
-        """Block until an asynchronous save is on disk."""
-        self._manager.wait_until_finished()
+        """Block until an asynchronous save is on disk, with its manifest."""
+        self._seal()
 
     def close(self) -> None:
         with quiet_absl():
             self._manager.close()
 
 
-def _file_digests(folder: Path) -> dict[str, str]:
-    """sha256 of every file under `folder`, by path relative to it."""
+def _reason(e: BaseException) -> str:
+    """Why a save failed, in a few words: the operating system's reason when there is one
+    (TensorStore gives it only as os_error_code in a long message), else the message's
+    first line."""
+    cause = e
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.errno:
+            return cause.strerror or os.strerror(cause.errno)
+        code = re.search(r"os_error_code='?(\d+)", str(cause))
+        if code:
+            return os.strerror(int(code.group(1)))
+        cause = cause.__cause__ or cause.__context__
+    return f"{type(e).__name__}: {first_line(e)}"
+
+
+_quieted = False
+
+
+def _quiet_writes_of_failed_saves() -> None:
+    """Drop the reports of the writes that outlive a failed save, which the save's own
+    error already covers. When one of a save's TensorStore writes fails (a full disk),
+    orbax closes its event loop with the others still in flight (asyncio.gather does not
+    wait for them); as each ends, TensorStore's callback meets the closed loop and Python
+    prints RuntimeError "Event loop is closed" through sys.unraisablehook (the hazard
+    cpython's docs note for call_soon_threadsafe, https://github.com/python/cpython/pull/27688),
+    and the tasks that failed too log "Task exception was never retrieved" to the asyncio
+    logger when collected, up to a few hundred lines after the one-line error."""
+    global _quieted
+    if _quieted:
+        return
+    _quieted = True
+    hook = sys.unraisablehook
+
+    def unraisablehook(unraisable):
+        e = unraisable.exc_value
+        if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed" and any(
+                frame.f_code.co_name == "call_soon_threadsafe"
+                for frame, _ in traceback.walk_tb(unraisable.exc_traceback))):
+            hook(unraisable)
+
+    sys.unraisablehook = unraisablehook
+    logging.getLogger("asyncio").addFilter(
+        lambda record: not (record.getMessage().startswith("Task exception was never retrieved")
+                            and f"{os.sep}orbax{os.sep}checkpoint{os.sep}" in record.getMessage()))
+
+
+def _file_digests(folder: Path, *, skip: str | None = None) -> dict[str, str]:
+    """sha256 of every file under `folder` (but `skip`), by path relative to it."""
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != skip}
+
+
+def _differing(path: Path, sums: dict[str, str], *, skip: str | None = None) -> list[str]:
+    """The files of the folder `path` (but `skip`) whose sha256 differs from `sums`, and
+    those missing from either, sorted."""
+    found = _file_digests(path, skip=skip)
+    return sorted(name for name in sums.keys() | found.keys()
+                  if sums.get(name) != found.get(name))
+
+
+def _check_manifest(checkpoints_dir: Path, epoch: int) -> None:
+    """Compare every file of the checkpoint of `epoch` with its manifest, before orbax reads
+    any (a checkpoint without one, from an earlier version, is read as it is). Damaged: one
+    line naming the file, and the folders to delete (that epoch's and any later one's: a
+    resume goes on from the latest checkpoint, which must come before the damaged one)."""
+    path = checkpoints_dir / str(epoch)
+    manifest = path / MANIFEST
+    if not manifest.is_file():
+        return
+    try:
+        sums = json.loads(manifest.read_text())
+        if not (isinstance(sums, dict) and all(isinstance(v, str) for v in sums.values())):
+            raise ValueError
+    except ValueError:
+        problem = f"{MANIFEST} is malformed"
+    else:
+        differ = _differing(path, sums, skip=MANIFEST)
+        if not differ:
+            return
+        name = differ[0]
+        problem = (f"{name} is missing" if not (path / name).is_file() else
+                   f"{name} was added" if name not in sums else
+                   f"{name} does not match its checksum")
+    later = sorted(int(p.name) for p in checkpoints_dir.iterdir()
+                   if p.name.isdigit() and int(p.name) > epoch)
+    folders = " and ".join(str(checkpoints_dir / str(e)) for e in (epoch, *later))
+    raise FmnistError(f"the checkpoint of epoch {epoch} in {checkpoints_dir} is damaged "
+                      f"({problem}): delete {folders} and resume from an earlier epoch")
+
+
+def check_checkpoints(run_dir: str | Path) -> None:
+    """Compare every checkpoint of the run folder `run_dir` with its manifest (see
+    `_check_manifest`): a resume calls it before the data goes to the device, and before it
+    restores the latest checkpoint or keeps the best one."""
+    checkpoints_dir = Path(run_dir).absolute() / CHECKPOINTS_DIR
+    if checkpoints_dir.is_dir():
+        for epoch in sorted(int(p.name) for p in checkpoints_dir.iterdir()
+                            if p.name.isdigit() and p.is_dir()):
+            _check_manifest(checkpoints_dir, epoch)
 
 
 def _model_checkpoint(run_dir: Path, epoch: int) -> Path:
     return run_dir / CHECKPOINTS_DIR / str(epoch)
 
 
-def save_best(run_dir: Path, record: dict[str, Any]) -> None:
+def save_best(run_dir: Path, record: dict[str, Any], cfg: TrainConfig) -> None:
     """best.json: `record` ({"epoch", "chosen_by", "val_accuracy", "epochs_trained",
     "stopped_early"}) and the sha256 of every file of that epoch's checkpoint. The last
-    file a training writes: call it once every save is on disk."""
+    file a training writes: call it once every save is on disk. Written only once that
+    checkpoint matches its manifest and its weights (`cfg.model`'s) read back finite: no
+    damaged or diverged model is ever handed on."""
     run_dir = Path(run_dir).absolute()
     if not is_writer():
         return
@@ -146,6 +275,8 @@ def save_best(run_dir: Path, record: dict[str, Any]) -> None:
     if not path.is_dir():
         raise FmnistError(f"{path} is missing: the checkpoint of the run's model was deleted "
                           f"during the training; train again")
+    _check_manifest(path.parent, record["epoch"])
+    _read_model(path, cfg)
     write_json(run_dir / BEST_FILE, {**record, CHECKPOINT_SUMS: _file_digests(path)})
 
 
@@ -170,9 +301,7 @@ def _verify(path: Path, sums: dict[str, str]) -> None:
     """Compare every file of the checkpoint `path` with its checksum, before orbax reads any
     of them: a truncated or flipped file is one clear error, never a half-read checkpoint
     (whose pending reads also print asyncio tracebacks at exit)."""
-    found = _file_digests(path)
-    changed = sorted(name for name in sums.keys() | found.keys()
-                     if sums.get(name) != found.get(name))
+    changed = _differing(path, sums)
     if changed:
         raise FmnistError(f"{path} does not match its checksum ({BEST_FILE}): {changed[0]} is "
                           f"damaged, missing or extra; the checkpoint cannot be trusted: "
@@ -199,6 +328,12 @@ def load_variables(run_dir: str | Path, cfg: TrainConfig) -> dict:
                           f"restore the run folder from a copy or train again")
     if CHECKPOINT_SUMS in best:
         _verify(path, best[CHECKPOINT_SUMS])
+    return _read_model(path, cfg)
+
+
+def _read_model(path: Path, cfg: TrainConfig) -> dict:
+    """The model's variables from the checkpoint folder `path`, checked against the
+    structure and shapes of `cfg.model`'s, and finite."""
     abstract = {name: tree for name, tree in jax.eval_shape(
         functools.partial(init_variables, get_model(cfg.model)), jax.random.key(0)).items()
         if tree}
@@ -223,7 +358,8 @@ def load_variables(run_dir: str | Path, cfg: TrainConfig) -> dict:
                               f"is damaged; train again") from e
     variables = {"params": state["ema_params" if cfg.ema_decay else "params"],
                  **({"batch_stats": state["batch_stats"]} if "batch_stats" in wanted else {})}
-    if not all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree_util.tree_leaves(variables)):
+    # numpy: the arrays are read as numpy, and a jax.numpy check would compile per shape.
+    if not all(np.isfinite(leaf).all() for leaf in jax.tree_util.tree_leaves(variables)):
         raise FmnistError(f"{path} holds NaN or infinite weights: the training diverged or the "
                           f"checkpoint is damaged; train again")
     return variables

@@ -83,6 +83,9 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | Path | folder.Claim, *,
         raise ValueError("the run folder was claimed for another config")
     try:
         try:
+            if run.resumed:  # before the data goes to the device: a damaged one is refused
+                for claim in run.members or (run,):
+                    checkpoints.check_checkpoints(claim.path)
             state, program = prepare.set_up(cfg, run, train, test, log_fn)
             interrupts.raise_if_pending()  # Ctrl-C while compiling, swallowed: give it back
         except BaseException:
@@ -180,7 +183,7 @@ class Member:
         checkpoints.save_best(self.path, {
             "epoch": chosen, "chosen_by": "val_accuracy" if self.has_val else "last epoch",
             "val_accuracy": val_accuracy, "epochs_trained": self.trained_until,
-            "stopped_early": self.trained_until < self.cfg.epochs})
+            "stopped_early": self.trained_until < self.cfg.epochs}, self.cfg)
         test_accuracy = self.history[chosen - 1]["test_accuracy"]  # resumed rows were read back
         which = (f"the best validation accuracy ({val_accuracy:.4f})" if self.has_val
                  else "the last")
