@@ -17,6 +17,9 @@ project's CPU costs more than it saves, BENCHMARKS.md).
 from __future__ import annotations
 
 import statistics
+import time
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +37,15 @@ def time_seeds(cfg: TrainConfig, train: data.Split, seeds_list: list[int],
     """Time `epochs` rounds of every K in `seeds_list` (in lockstep on one device, and as
     `train.py --seeds K` runs it) and of the one-model epoch; returns the markdown table, one
     row per program."""
+    return markdown_table(seed_rows(cfg, train, seeds_list, epochs))
+
+
+def seed_rows(cfg: TrainConfig, train: data.Split, seeds_list: list[int], epochs: int, *,
+              time_left: Callable[[], float] | None = None) -> list[dict[str, Any]]:
+    """`time_seeds`'s measurements, one dict per program (K = 0: the one-model epoch).
+    With `time_left` (seconds), a program is set up only while more than its predecessor
+    took to set up is left, and a round only while a round's time is left; the programs
+    left out are not in the rows."""
     devices = jax.devices()
     configs = [(0, devices[:1], None)]  # (K, devices, members at once); K = 0: one model
     for k in seeds_list:
@@ -43,27 +55,46 @@ def time_seeds(cfg: TrainConfig, train: data.Split, seeds_list: list[int],
         at_once = parallel.members_at_once_for(devices[0].platform)
         if (len(as_train_py), at_once) != (1, None):
             configs.append((k, as_train_py, at_once))
-    programs = [_Program(k, cfg, train, program_devices, at_once)
-                for k, program_devices, at_once in configs]
+    programs, setup_s = [], 0.0
+    for k, program_devices, at_once in configs:
+        if time_left is not None and programs and time_left() < 2 * setup_s:
+            break
+        t0 = time.perf_counter()
+        programs.append(_Program(k, cfg, train, program_devices, at_once))
+        setup_s = time.perf_counter() - t0
     seconds = [[] for _ in programs]
     for epoch in range(1, epochs + 1):  # round by round: a change of load hits every K
+        t0 = time.perf_counter()
         for i, program in enumerate(programs):
             seconds[i].append(program.train(epoch))
+        if time_left is not None and time_left() < time.perf_counter() - t0:
+            break
+    rows = []
+    for (k, program_devices, at_once), program, times in zip(configs, programs, seconds):
+        d = len(program_devices)
+        rows.append({"seeds": k, "devices": d, "groups": parallel.seed_groups(k, d, at_once),
+                     "members_at_once": at_once, "train_images_per_seed": program.n_train,
+                     "compile_s": program.compile_seconds, "epoch_s": times,
+                     "epoch_s_median": statistics.median(times)})
+    return rows
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """One markdown row per program of `seed_rows`, against the first row (one model)."""
     lines = ["| seeds K | devices | members | train images per seed | compile s | s/epoch "
              "(median) | epoch time / one run | per seed / one run |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    baseline = statistics.median(seconds[0])
-    for (k, program_devices, at_once), program, times in zip(configs, programs, seconds):
-        median = statistics.median(times)
+    baseline = rows[0]["epoch_s_median"]
+    for row in rows:
+        k, d, at_once, groups = row["seeds"], row["devices"], row["members_at_once"], row["groups"]
+        median, times = row["epoch_s_median"], row["epoch_s"]
         label = "1 (one model, no vmap)" if k == 0 else str(k)
-        d = len(program_devices)
-        groups = parallel.seed_groups(k, d, at_once)
         spares = -k % groups
         where = str(d) if d == 1 else f"{d} ({groups} groups of seeds{_spares(spares)})"
         members = ("" if k == 0 else "in lockstep (vmap)" if at_once is None else
                    "one after another" if at_once == 1 else f"{at_once} at a time")
-        lines.append(f"| {label} | {where} | {members} | {program.n_train} | "
-                     f"{program.compile_seconds:.2f} | "
+        lines.append(f"| {label} | {where} | {members} | {row['train_images_per_seed']} | "
+                     f"{row['compile_s']:.2f} | "
                      f"{median:.2f} ({', '.join(f'{s:.2f}' for s in times)}) | "
                      f"{median / baseline:.2f}x | {median / baseline / max(k, 1):.2f}x |")
     return "\n".join(lines)

@@ -121,3 +121,15 @@ def test_a_bad_out_is_refused_before_the_benchmark(tmp_path, run_main):
     assert existing.read_text() == "earlier results"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old.json"]  # no probe left behind
     bench.check_out(existing, overwrite=True)  # --overwrite lets it through
+
+
+def test_bench_stops_after_a_seed_when_told_and_says_how_many_ran():
+    train, test = make_split(64, seed=0), make_split(50, seed=1)
+    settings = bench.BenchSettings(config=bench.bench_config("lenet5", epochs=1, batch_size=32),
+                                   num_seeds=3, pipelines=("jax",))
+    seen = []
+    result = bench.run_bench(train, test, settings, log_fn=lambda s: None,
+                             after_seed=lambda partial: seen.append(partial["seeds_run"]) or False)
+    assert seen == [1] and result["seeds_run"] == 1
+    assert len(result["raw"]["jax"]["test_accuracy"]) == 1
+    assert "(1 seeds)" in bench.markdown_table(result)

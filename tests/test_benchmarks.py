@@ -1,13 +1,16 @@
 """benchmarks/: the measurement tools outside the package still run and still measure what
 they say (the timings themselves are not checked)."""
 
+import json
+import os
+
 import pytest
 
 from benchmarks.device_split import markdown_table, time_device_split
 from benchmarks.profiling import toeplitz_3d_rows_lenet5
 from fmnist_jax.run.config import get_config
-from tests.helpers import (FlaxLeNet5, assert_model_equals_flax, make_split, one_error_line,
-                           run_script)
+from tests.helpers import (REPO, FlaxLeNet5, assert_model_equals_flax, make_split,
+                           one_error_line, run_script)
 
 
 def test_time_device_split_times_every_config_each_round():
@@ -35,3 +38,64 @@ def test_time_device_split_refuses_what_it_cannot_time(tmp_path, flags, message)
 @pytest.mark.slow  # a model no backend picks, kept for comparisons
 def test_toeplitz_3d_rows_lenet5_is_lenet5():
     assert_model_equals_flax(toeplitz_3d_rows_lenet5(), FlaxLeNet5())
+
+
+# Makes tensorflow, tensorflow_datasets and tensorboardX unimportable in every process that has
+# its folder on PYTHONPATH, as on a GPU machine that lacks them. importlib.util.find_spec still
+# finds a spec (without an origin, which torch's import-time scan of module paths skips): a
+# finder that raised there would break that scan, and the check asks for the idx data source.
+_HIDE_TF = """
+import importlib.machinery
+import sys
+
+class _Absent:
+    def create_module(self, spec):
+        raise ModuleNotFoundError(f"No module named {spec.name!r}", name=spec.name)
+
+    def exec_module(self, module):
+        pass
+
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {"tensorflow", "tensorflow_datasets", "tensorboardX"}:
+            return importlib.machinery.ModuleSpec(name, self, origin=None)
+        return None
+
+sys.meta_path.insert(0, _Absent())
+"""
+
+
+@pytest.mark.slow  # a dozen processes that each start jax and compile: minutes on 2 cores
+def test_gpu_check_smoke_writes_both_files_without_tensorflow(tmp_path, manual_dir):
+    from benchmarks.gpu_check import SHARES
+    from benchmarks.gpu_report import TITLES
+
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(_HIDE_TF)
+    out = tmp_path / "out"
+    result = run_script("benchmarks.gpu_check", "--smoke", "--out", out, "--manual-dir",
+                        manual_dir, "--budget-s", 900, timeout=1200,
+                        env={"PYTHONPATH": f"{REPO}{os.pathsep}{shim}"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "gpu_check.json").read_text())
+    page = (out / "gpu_check.md").read_text()
+    assert set(report["parts"]) == set(SHARES) == set(TITLES)
+    assert all(f"## {title}" in page for title in TITLES.values())
+    for name in ("environment", "tests", "conv_formulations", "bench_lenet5", "train_run",
+                 "seeds"):
+        assert report["parts"][name]["status"] == "ok", report["parts"][name]
+    assert report["parts"]["tests"]["passed"] == 2
+    checkpoint = report["parts"]["train_run"]["checkpoint"]
+    assert checkpoint["same_sha256"] and checkpoint["arrays_equal"]
+    env = report["parts"]["environment"]["result"]
+    assert env["versions"]["jax"] and env["python"]
+    if not report["gpu"]:
+        assert report["parts"]["precision"]["status"] == "skipped: no GPU"
+        assert page.count("skipped: no GPU") >= 3  # precision, conv's GPU choice, torch-CUDA
+
+
+def test_gpu_check_wants_the_official_files_before_any_work(tmp_path):
+    result = run_script("benchmarks.gpu_check", "--out", tmp_path / "out", "--manual-dir",
+                        tmp_path)
+    assert "lacks train-images-idx3-ubyte.gz" in one_error_line(result)
+    assert not (tmp_path / "out").exists()

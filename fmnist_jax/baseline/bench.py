@@ -217,8 +217,13 @@ class _TorchRun:
 
 
 def run_bench(train: data.Split, test: data.Split, s: BenchSettings,
-              log_fn: Callable[[str], Any] = print) -> dict[str, Any]:
-    """Train every pipeline of `s` for every seed; return raw numbers and their summary."""
+              log_fn: Callable[[str], Any] = print,
+              after_seed: Callable[[dict[str, Any]], bool] | None = None) -> dict[str, Any]:
+    """Train every pipeline of `s` for every seed; return raw numbers and their summary.
+
+    `after_seed`, when given, gets the result so far after each seed and returns whether to
+    go on (a caller with a time budget stops at a seed's end); `seeds_run` says how many ran.
+    """
     check_settings(s)
     epochs = s.config.epochs
     train_xy = jax.device_put((train.images_NxHxWx1, train.labels_N))
@@ -243,9 +248,17 @@ def run_bench(train: data.Split, test: data.Split, s: BenchSettings,
             raw[p]["test_accuracy"].append(run.test_accuracy())
             raw[p]["peak_bytes"].append(run.peak_bytes())
             log_fn(f"seed {seed} {p:17s} test accuracy {raw[p]['test_accuracy'][-1]:.4f}")
+        if after_seed is not None and seed + 1 < s.num_seeds and not after_seed(
+                _result(s, train, test, raw, seed + 1)):
+            break
+    return _result(s, train, test, raw, seed + 1)
+
+
+def _result(s: BenchSettings, train: data.Split, test: data.Split, raw: dict,
+            seeds_run: int) -> dict[str, Any]:
     images_per_epoch = (len(train) // s.config.batch_size) * s.config.batch_size
     return {"settings": dataclasses.asdict(s), "environment": environment(s),
-            "n_train": len(train), "n_test": len(test), "raw": raw,
+            "n_train": len(train), "n_test": len(test), "seeds_run": seeds_run, "raw": raw,
             "summary": summarize(raw, images_per_epoch, len(train))}
 
 
@@ -292,7 +305,8 @@ def environment(s: BenchSettings) -> dict[str, Any]:
 
 
 def markdown_table(result: dict[str, Any]) -> str:
-    cfg, n_seeds = result["settings"]["config"], result["settings"]["num_seeds"]
+    cfg = result["settings"]["config"]
+    n_seeds = result.get("seeds_run", result["settings"]["num_seeds"])
     lines = [
         f"| pipeline | warm-up s | s/epoch median (min-max) | images/s | {cfg['epochs']} epochs s "
         f"| test acc mean +- std ({n_seeds} seeds) | peak MiB | epoch time / JAX |",
