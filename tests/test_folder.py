@@ -292,8 +292,8 @@ def test_resume_refuses_an_edited_config_naming_the_change(run_copy, run_main):
         assert one_error_line(run_main("train.py", "--resume", run, *flags,
                                        "--data-dir", "/nonexistent")) == (
             f"error: {run / folder.CONFIG_FILE} was edited after the run began (model "
-            f"\"lenet5\" -> \"cnn\", learning_rate 0.001 -> 0.01): set it back; a resumed run keeps its "
-            f"config (start a new run for another)")
+            f"\"lenet5\" -> \"cnn\", learning_rate 0.001 -> 0.01): set it back; a resumed run "
+            f"keeps its config (start a new run for another)")
     with pytest.raises(FmnistError, match="was edited after the run began"):
         folder.reopen(run)  # the library's resume too
 
