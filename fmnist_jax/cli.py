@@ -134,6 +134,8 @@ def _resumed_config(args: argparse.Namespace, *, speak: bool = True) -> TrainCon
         raise FmnistError("--preset cannot change a resumed run (it uses its stored config): "
                           "drop --preset")
     stored = folder.stored_config(args.resume)
+    if not folder.finished(args.resume):  # an edit, before the flags are compared with it
+        folder.check_config_unchanged(args.resume)
     for field in dataclasses.fields(TrainConfig):
         if hasattr(args, field.name) and getattr(args, field.name) != getattr(stored,
                                                                               field.name):
@@ -194,8 +196,8 @@ def predict_parser() -> Parser:
     parser = Parser(
         prog="predict.py",
         description="Predict the Fashion-MNIST class of images with a trained run folder.",
-        epilog="Images: PNG, JPEG, BMP, GIF, TIFF, WEBP or PPM/PGM pictures (any size up to "
-               "64 megapixels, colour or grey), "
+        epilog="Images: PNG, JPEG, BMP, GIF, TIFF, WEBP or PPM/PGM pictures (from 8x8 "
+               "up to 64 megapixels, colour or grey), "
                "or .npy arrays of shape (28, 28), (28, 28, 1), (N, 28, 28) or (N, 28, 28, 1), "
                "uint8 or floats in [0, 1]. Fashion-MNIST garments are light on black: pass "
                "--dark-on-light for photos on a white background.")

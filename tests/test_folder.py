@@ -1,6 +1,7 @@
 """The run folder (run/folder.py, run/checkpoints.py): claiming it, verifying the model's
 checkpoint, and a folder edited or damaged by hand, through the commands a user runs."""
 
+import dataclasses
 import errno
 import json
 import os
@@ -15,6 +16,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from fmnist_jax import FmnistError
+from fmnist_jax.data import write_csv_split
 from fmnist_jax.run import checkpoints, folder
 from fmnist_jax.run.history import load_history
 from fmnist_jax.evaluation.report import LoadedRun, evaluate_run
@@ -241,3 +243,141 @@ def test_predict_on_a_config_with_wrong_types_prints_one_line(run_copy, tmp_path
     np.save(tmp_path / "x.npy", make_split(1).images_NxHxWx1)
     assert "batch size must be int" in one_error_line(
         run_main("predict.py", run_copy, tmp_path / "x.npy"))
+
+
+# --- an interrupted run is continued with --resume; its config stays the one it began with ----
+
+def _interrupted(run_copy):
+    """The tiny run as a kill after its last checkpoint leaves it: no best.json."""
+    (run_copy / folder.BEST_FILE).unlink()
+    return run_copy
+
+
+@pytest.mark.parametrize("script,args", [
+    ("evaluate.py", ["{run}", "--data-dir", "/nonexistent"]),
+    ("predict.py", ["{run}", "x.npy"]),
+])
+def test_evaluate_and_predict_of_an_unfinished_run_name_the_resume(run_copy, script, args,
+                                                                   run_main):
+    run = _interrupted(run_copy)
+    assert one_error_line(run_main(script, *[a.format(run=run) for a in args])) == (
+        f"error: {run} holds an unfinished run (checkpoints up to epoch 2): continue it with "
+        f"`python scripts/train.py --resume {run}`")
+    _untouched(run)
+
+
+def test_train_on_the_workdir_of_an_unfinished_run_names_the_resume(run_copy, run_main):
+    run = _interrupted(run_copy)
+    assert one_error_line(run_main("train.py", "--workdir", run, "--data-dir", "/nonexistent")) \
+        == (f"error: {run} already holds a run, unfinished (checkpoints up to epoch 2): continue "
+            f"it with `python scripts/train.py --resume {run}`, or pass another --workdir")
+    held = folder.reopen(run)  # trained now by another process: no advice to resume
+    try:
+        assert "being trained by another process: pass another --workdir" in one_error_line(
+            run_main("train.py", "--workdir", run, "--data-dir", "/nonexistent"))
+        assert "is still being trained by another process: wait for it" in one_error_line(
+            run_main("evaluate.py", run, "--data-dir", "/nonexistent"))
+    finally:
+        held.release()
+
+
+def _edit_config(run_dir, name=folder.CONFIG_FILE, **changes):
+    path = run_dir / name
+    fields = json.loads(path.read_text())
+    config = fields["config"] if name == folder.SEEDS_FILE else fields
+    config.update(changes)
+    path.write_text(json.dumps(fields, indent=4))  # reformatted too: only values count
+
+
+def test_resume_refuses_an_edited_config_naming_the_change(run_copy, run_main):
+    run = _interrupted(run_copy)
+    _edit_config(run)  # the same values, written another way: not an edit
+    folder.check_config_unchanged(run)
+    _edit_config(run, learning_rate=0.01, model="cnn")
+    for flags in ([], ["--learning-rate", "0.001"]):  # checked before the flags are compared
+        assert one_error_line(run_main("train.py", "--resume", run, *flags,
+                                       "--data-dir", "/nonexistent")) == (
+            f"error: {run / folder.CONFIG_FILE} was edited after the run began (model "
+            f"\"lenet5\" -> \"cnn\", learning_rate 0.001 -> 0.01): set it back; a resumed run "
+            f"keeps its config (start a new run for another)")
+    with pytest.raises(FmnistError, match="was edited after the run began"):
+        folder.reopen(run)  # the library's resume too
+
+
+def test_a_folder_without_claim_json_still_resumes(run_copy, tmp_path, run_main):
+    run = _interrupted(run_copy)
+    (run / folder.CLAIM_FILE).unlink()  # as versions before it wrote the folder
+    write_csv_split(make_split(512, seed=0), tmp_path / "train.csv")  # the tiny run's data
+    write_csv_split(make_split(300, seed=1), tmp_path / "test.csv")
+    result = run_main("train.py", "--resume", run, "--train-csv", tmp_path / "train.csv",
+                      "--test-csv", tmp_path / "test.csv", "--no-report", "--no-progress")
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert folder.finished(run)
+
+
+# --- data.json: the record of the images a run was trained on -------------------------------
+
+def test_evaluate_refuses_a_run_whose_data_json_is_missing(run_copy, run_main):
+    (run_copy / folder.DATA_FILE).unlink()  # as if trained on CSV files: tfds's would differ
+    # No data dir: refused before any data loads, the report kept.
+    assert one_error_line(run_main("evaluate.py", run_copy, "--data-dir", "/nonexistent")) == (
+        f"error: {run_copy / folder.DATA_FILE} is missing: without it the images given cannot be "
+        f"checked against those {run_copy} was trained on (CSV files, say): restore it from a "
+        f"copy of the run")
+    _untouched(run_copy)
+    with pytest.raises(FmnistError, match="data.json is missing"):
+        folder.reopen(_interrupted(run_copy))
+
+
+def test_a_run_from_before_data_json_is_evaluated_without_it(run_copy):
+    (run_copy / folder.DATA_FILE).unlink()
+    (run_copy / folder.CLAIM_FILE).unlink()
+    _as_an_earlier_version_wrote_it(run_copy)
+    folder.check_data_file(run_copy)
+    folder.check_data(run_copy, make_split(4), make_split(4))  # nothing to check against
+
+
+# --- the folder of a --seeds run, one seed's folder damaged ----------------------------------
+
+@pytest.fixture
+def seeds_copy(tiny_run, tmp_path):
+    """A finished --seeds 2 run (seeds 4 and 5) made of two copies of the tiny run."""
+    cfg = dataclasses.replace(tiny_config(), seeds=2)
+    whole = tmp_path / "seeds"
+    whole.mkdir()
+    (whole / folder.SEEDS_FILE).write_text(json.dumps(
+        {"config": json.loads(cfg.to_json()), "runs": ["seed-4", "seed-5"]}))
+    for member in cfg.members():
+        path = shutil.copytree(tiny_run[0], folder.member_dir(whole, member.seed))
+        (path / folder.CONFIG_FILE).write_text(member.to_json())
+        (path / folder.CLAIM_FILE).write_text(json.dumps({"config": json.loads(
+            member.to_json())}))
+    (whole / folder.SUMMARY_FILE).write_text("{}")
+    return whole
+
+
+@pytest.mark.parametrize("script,args", [
+    ("evaluate.py", ["{run}", "--data-dir", "/nonexistent"]),
+    ("predict.py", ["{run}/seed-5", "x.npy"]),
+    ("train.py", ["--resume", "{run}", "--data-dir", "/nonexistent"]),
+])
+def test_a_missing_seed_folder_is_named_as_part_of_the_seeds_run(seeds_copy, script, args,
+                                                                 run_main):
+    shutil.rmtree(seeds_copy / "seed-5")
+    (seeds_copy / folder.SUMMARY_FILE).unlink()  # unfinished: --resume reads every seed
+    assert one_error_line(run_main(script, *[a.format(run=seeds_copy) for a in args])) == (
+        f"error: {seeds_copy / 'seed-5'} is missing from the --seeds 2 run {seeds_copy} "
+        f"(seeds.json lists it): restore it from a copy of the run")
+
+
+def test_an_unfinished_seed_names_the_resume_of_the_whole_run(seeds_copy, run_main):
+    (seeds_copy / folder.SUMMARY_FILE).unlink()
+    _interrupted(seeds_copy / "seed-5")
+    assert one_error_line(run_main("evaluate.py", seeds_copy, "--data-dir", "/nonexistent")) == (
+        f"error: {seeds_copy / 'seed-5'} holds an unfinished run (checkpoints up to epoch 2): "
+        f"continue it with `python scripts/train.py --resume {seeds_copy}`")
+    _edit_config(seeds_copy, folder.SEEDS_FILE, batch_size=64)
+    assert one_error_line(run_main("train.py", "--resume", seeds_copy, "--data-dir",
+                                   "/nonexistent")) == (
+        f"error: {seeds_copy / folder.SEEDS_FILE} was edited after the run began (batch_size 32 "
+        f"-> 64): set it back; a resumed run keeps its config (start a new run for another)")

@@ -156,8 +156,9 @@ def test_two_trainings_on_one_workdir_one_gets_it(tmp_path, prepared_data_dir):
     codes = sorted(code for code, _, _ in results)
     assert codes == [0, 1], results
     loser_err = next(err for code, _, err in results if code == 1)
-    assert loser_err.strip().splitlines() == [f"error: {workdir} already holds a run: pass "
-                                              f"another --workdir or delete it"]
+    assert loser_err.strip().splitlines() == [f"error: {workdir} already holds a run, being "
+                                              f"trained by another process: pass another "
+                                              f"--workdir"]
     assert checkpoints.load_variables(workdir, folder.load_config(workdir)) is not None
 
 

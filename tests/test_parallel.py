@@ -352,7 +352,7 @@ def test_resume_with_two_processes_is_refused_or_skipped_on_every_process(tmp_pa
 # On 4 CPU devices: the tiny run's first epoch alone, then its folder made into that of the
 # 2-epoch tiny run killed after epoch 1 (config.json says 2 epochs; no best.json), resumed.
 _RESUME = """
-import dataclasses, shutil, sys
+import dataclasses, json, shutil, sys
 from pathlib import Path
 from fmnist_jax.run import parallel
 parallel.use_cpu_devices(4)
@@ -361,6 +361,8 @@ from tests.helpers import make_split, tiny_config, train_quietly
 run_dir, splits = Path(sys.argv[1]), (make_split(512, seed=0), make_split(300, seed=1))
 train_quietly(dataclasses.replace(tiny_config(), epochs=1), run_dir, splits)
 (run_dir / folder.CONFIG_FILE).write_text(tiny_config().to_json() + "\\n")
+(run_dir / folder.CLAIM_FILE).write_text(
+    json.dumps({"config": json.loads(tiny_config().to_json())}))
 (run_dir / folder.BEST_FILE).unlink()
 train_quietly(tiny_config(), folder.reopen(run_dir), splits)
 """
@@ -421,7 +423,8 @@ def test_seeds_over_two_processes_of_two_devices_train_as_on_one(tmp_path,
 
 def _as_if_killed_after_epoch_1(run_dir, seeds):
     """The finished 1-epoch tiny run (of `seeds` seeds) in `run_dir` made into the folder of
-    the 2-epoch one killed after epoch 1: its configs say 2 epochs, its best.json gone."""
+    the 2-epoch one killed after epoch 1: its configs (and their records in claim.json) say 2
+    epochs, its best.json gone."""
     cfg = dataclasses.replace(tiny_config(), seeds=seeds)
     folders = [(run_dir, cfg)]
     if seeds > 1:
@@ -432,6 +435,8 @@ def _as_if_killed_after_epoch_1(run_dir, seeds):
         folders = [(folder.member_dir(run_dir, m.seed), m) for m in cfg.members()]
     for member_run, member_cfg in folders:
         (member_run / folder.CONFIG_FILE).write_text(member_cfg.to_json() + "\n")
+        (member_run / folder.CLAIM_FILE).write_text(json.dumps(
+            {"config": json.loads(member_cfg.to_json())}))
         (member_run / folder.BEST_FILE).unlink()
 
 

@@ -60,7 +60,7 @@ def logits_3xC(run_dir, images_3xHxWx1):
     ("rgb.jpg", "RGB", (300, 200, 3)),
     ("grey.jpg", "L", (17, 50)),
     ("rgb.bmp", "RGB", (64, 64, 3)),
-    ("grey.bmp", "L", (5, 120)),
+    ("grey.bmp", "L", (8, 120)),  # the thinnest accepted
     ("rgb.gif", "RGB", (30, 40, 3)),
     ("grey.tiff", "L", (33, 28)),
     ("rgb.webp", "RGB", (40, 40, 3)),
@@ -206,6 +206,33 @@ def test_cli_refuses_a_hostile_npy_and_still_predicts_the_others(tmp_path, run_d
     assert captured.out.count(str(tmp_path / "three.npy")) == 3
 
 
+@pytest.mark.parametrize("shape", [(1, 1), (7, 7), (7, 200), (300, 3)])
+def test_a_picture_too_small_to_show_a_garment_is_refused(tmp_path, shape):
+    path = _save(tmp_path / "tiny.png", np.full(shape, 200, np.uint8))
+    height, width = shape
+    with pytest.raises(FmnistError) as error:
+        load_images(path)
+    assert str(error.value) == (f"{path}: the picture is {width}x{height} pixels, too small to "
+                                f"show a garment: pass one at least 8x8 (the model sees 28x28; "
+                                f"enlarging a smaller one adds no detail)")
+    assert load_images(_save(tmp_path / "small.png", np.full((8, 8), 200, np.uint8))).shape == (
+        1, 28, 28, 1)
+
+
+def test_cli_refuses_a_1x1_picture_and_still_predicts_the_others(tmp_path, run_dir, capsys,
+                                                                 images_3xHxWx1):
+    tiny = _save(tmp_path / "pixel.png", np.zeros((1, 1), np.uint8))
+    good = _save(tmp_path / "good.png", images_3xHxWx1[0, :, :, 0])
+    with pytest.raises(SystemExit) as exit_:
+        predict_main([str(run_dir), str(tiny), str(good)])
+    assert exit_.value.code == 1
+    captured = capsys.readouterr()
+    assert captured.err == (f"error: {tiny}: the picture is 1x1 pixels, too small to show a "
+                            f"garment: pass one at least 8x8 (the model sees 28x28; enlarging "
+                            f"a smaller one adds no detail)\n")
+    assert str(tiny) not in captured.out and captured.out.count(str(good)) == 1
+
+
 def test_load_image_refuses_a_batch(tmp_path, images_3xHxWx1):
     np.save(tmp_path / "three.npy", images_3xHxWx1)
     with pytest.raises(FmnistError, match="holds 3 images"):
@@ -327,9 +354,11 @@ def _one_error_line(capsys, argv) -> str:
 
 def test_cli_run_folder_without_a_model_is_one_line(tmp_path, run_dir, capsys):
     broken = shutil.copytree(run_dir, tmp_path / "broken")
-    (broken / folder.BEST_FILE).unlink()
+    (broken / folder.BEST_FILE).unlink()  # interrupted after its last checkpoint: resumable
     png = _save(tmp_path / "x.png", np.zeros((28, 28), np.uint8))
-    assert "has no model" in _one_error_line(capsys, [str(broken), str(png)])
+    assert _one_error_line(capsys, [str(broken), str(png)]) == (
+        f"error: {broken} holds an unfinished run (checkpoints up to epoch 2): continue it "
+        f"with `python scripts/train.py --resume {broken}`\n")
     assert "not a run folder" in _one_error_line(capsys, [str(tmp_path / "nowhere"), str(png)])
 
 

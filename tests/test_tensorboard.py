@@ -1,15 +1,19 @@
 """TensorBoard event files: they hold the history, each epoch once, also after a resume."""
 
+import errno
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 
+from fmnist_jax.data import write_csv_split
 from fmnist_jax.run import folder
 from fmnist_jax.run.history import EpochLog, load_history
-from tests.helpers import REPO, read_tensorboard_scalars
+from tests.helpers import REPO, make_split, read_tensorboard_scalars
 
 
 def _as_events(history):
@@ -88,3 +92,58 @@ def test_without_tensorboardx_a_run_logs_its_history_and_says_so_once(tmp_path, 
     err = capsys.readouterr().err
     assert err == ("note: tensorboardX is not installed, so this run writes no TensorBoard "
                    "events (history.jsonl has every value): pip install tensorboardX\n")
+
+
+def _unwritable(tmp_path, how, monkeypatch):
+    """RUN/tensorboard made unwritable: a file or a dangling link in its place, or (as root
+    writes into any folder, a folder that refuses) every event file refused."""
+    from fmnist_jax.run import tensorboard
+
+    events = tmp_path / folder.TENSORBOARD_DIR
+    shutil.rmtree(events)
+    if how == "file":
+        events.write_text("mine")
+    elif how == "dangling link":
+        events.symlink_to(tmp_path / "nowhere")
+    else:
+        class ReadOnly:
+            def __init__(self, logdir, **kwargs):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), logdir)
+
+        monkeypatch.setattr(tensorboard, "summary_writer_class", lambda: ReadOnly)
+
+
+@pytest.mark.parametrize("how", ["file", "dangling link", "read-only"])
+def test_an_unwritable_tensorboard_folder_is_one_note_and_the_run_goes_on(tmp_path, how,
+                                                                          monkeypatch, capsys):
+    with EpochLog(tmp_path) as log:  # killed after epoch 3, its checkpoint of epoch 1
+        for epoch in (1, 2, 3):
+            log.epoch(_row(epoch), {})
+    _unwritable(tmp_path, how, monkeypatch)
+    capsys.readouterr()
+    with EpochLog(tmp_path, resume_after=1) as log:
+        log.epoch(_row(2), {})
+        log.epoch(_row(3), {})
+    assert load_history(tmp_path) == [_row(1), _row(2), _row(3)]
+    err = capsys.readouterr().err
+    assert err.startswith(f"note: cannot write TensorBoard events in "
+                          f"{tmp_path / folder.TENSORBOARD_DIR} (") and err.count("\n") == 1, err
+    if how == "file":  # the user's file is kept
+        assert (tmp_path / folder.TENSORBOARD_DIR).read_text() == "mine"
+
+
+def test_resume_with_a_file_in_place_of_tensorboard_finishes_with_one_note(tiny_run, tmp_path,
+                                                                            run_main):
+    run_dir = shutil.copytree(tiny_run[0], tmp_path / "run")
+    (run_dir / folder.BEST_FILE).unlink()  # killed after its last checkpoint
+    shutil.rmtree(run_dir / folder.TENSORBOARD_DIR)
+    (run_dir / folder.TENSORBOARD_DIR).write_text("mine")
+    write_csv_split(make_split(512, seed=0), tmp_path / "train.csv")  # the tiny run's data
+    write_csv_split(make_split(300, seed=1), tmp_path / "test.csv")
+    result = run_main("train.py", "--resume", run_dir, "--train-csv", tmp_path / "train.csv",
+                      "--test-csv", tmp_path / "test.csv", "--no-report", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.startswith("note: cannot write TensorBoard events in ")
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert folder.finished(run_dir)
+    assert load_history(run_dir) == tiny_run[2]

@@ -46,6 +46,10 @@ PICTURE_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM")
 # A picture larger than this is refused from its header, before decoding: 64 megapixels is
 # more than any camera photo, and a 13000x13000 16-bit PNG would take gigabytes to decode.
 MAX_PICTURE_PIXELS = 64_000_000
+# A picture with a side under this is refused: enlarged to the 28x28 the model sees, it gains
+# no detail, and a garment's shape (sleeves, straps, a heel) needs more pixels than that to
+# be drawn at all; such files are icons, tracking pixels or mistakes.
+MIN_PICTURE_SIDE = 8
 NPY_ACCEPTED = ("uint8 (or integers in 0..255) or floats in [0, 1], of shape (28, 28), "
                 "(28, 28, 1), (N, 28, 28) or (N, 28, 28, 1)")
 
@@ -69,8 +73,8 @@ def load_image(path: str | Path, *, dark_on_light: bool = False) -> np.ndarray:
 def load_images(path: str | Path, *, dark_on_light: bool = False) -> np.ndarray:
     """The images of one file as uint8 (N, 28, 28, 1), in Fashion-MNIST's convention.
 
-    A picture in one of PICTURE_FORMATS (PNG, JPEG, BMP, GIF, TIFF, WEBP, PPM/PGM; up to
-    MAX_PICTURE_PIXELS; colour, grey or with alpha) gives
+    A picture in one of PICTURE_FORMATS (PNG, JPEG, BMP, GIF, TIFF, WEBP, PPM/PGM; each
+    side at least MIN_PICTURE_SIDE, up to MAX_PICTURE_PIXELS; colour, grey or with alpha) gives
     N = 1. A NumPy `.npy` file (recognised by its header, not its name) gives its N images;
     see NPY_ACCEPTED. `dark_on_light=True` inverts every image (255 - x), .npy included:
     pass it for photos of garments on a light background. Every problem with the file is an
@@ -122,6 +126,11 @@ def _picture(path: Path, dark_on_light: bool) -> np.ndarray:
             width, height = img.size  # from the header: nothing is decoded yet
             if width * height > MAX_PICTURE_PIXELS:
                 raise FmnistError(f"{too_large} ({width}x{height})")
+            if min(width, height) < MIN_PICTURE_SIDE:
+                raise FmnistError(f"{path}: the picture is {width}x{height} pixels, too small "
+                                  f"to show a garment: pass one at least {MIN_PICTURE_SIDE}x"
+                                  f"{MIN_PICTURE_SIDE} (the model sees 28x28; enlarging a "
+                                  f"smaller one adds no detail)")
             img.load()  # decode now: a truncated or damaged file fails here, not later
             img = ImageOps.exif_transpose(img)  # phone photos store their rotation in EXIF
             grey_HxW = _grey(img, background=255 if dark_on_light else 0)
@@ -269,6 +278,7 @@ def load_predictor(run_dir: str | Path) -> Predictor:
     """The model of a run folder written by scripts/train.py; FmnistError if it is not one,
     has no parameters, or its parameters belong to another model than its config.json says."""
     cfg = folder.load_config(run_dir)
+    folder.check_finished(run_dir)  # an unfinished run is continued, not trained again
     variables = checkpoints.load_variables(run_dir, cfg)
     norm = folder.load_normalization(run_dir)
     temperature = results.load_temperature(run_dir)

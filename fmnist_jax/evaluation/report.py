@@ -141,6 +141,8 @@ def load_run(run_dir: str | Path) -> LoadedRun:
     """The run's config, variables, normalization and history; FmnistError if any is
     missing or damaged."""
     cfg = folder.load_config(run_dir)
+    folder.check_finished(run_dir)  # an unfinished run is continued, not trained again
+    folder.check_data_file(run_dir)
     return LoadedRun(config=cfg, normalization=folder.load_normalization(run_dir),
                      history=load_history(run_dir), best=checkpoints.load_best(run_dir),
                      variables=checkpoints.load_variables(run_dir, cfg))

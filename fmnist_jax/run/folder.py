@@ -1,12 +1,15 @@
-"""The run folder: its file names, claiming it (claim, reopen, abandon), its config,
-normalization and data fingerprints. Each file of a run folder is named here and written and
-read by the modules of `run` (history, checkpoints, results), and nowhere else.
+"""The run folder: its file names, claiming it (claim, reopen, abandon), its normalization
+and data fingerprints (its config is read back by `folder_config`). Each file of a run folder
+is named here and written and read by the modules of `run` (history, checkpoints, results),
+and nowhere else.
 
 A run folder holds:
 
 | file                                  | written by              | what                                  |
 | ------------------------------------- | ----------------------- | ------------------------------------- |
 | config.json                           | training, at the start  | the full TrainConfig                  |
+| claim.json                            | training, at the start  | config.json as the run began: a       |
+|                                       |                         | resume refuses an edited config.json  |
 | normalization.json                    | training, at the start  | the pixel mean/std the model saw      |
 | data.json                             | training, at the start  | fingerprints of its train/test data   |
 | history.jsonl                         | training, every epoch   | losses and accuracies (reproducible)  |
@@ -31,6 +34,7 @@ A run of several seeds (`--seeds K`, K > 1) is a folder of ordinary run folders,
 An existing run is never overwritten: a run claims its folder by creating config.json with
 O_EXCL (`claim`), so of two trainings started on one folder exactly one gets it, and a folder
 holding anything else is refused. `reopen` takes an interrupted run back for --resume.
+Folders written before claim.json existed have none; they resume unchecked.
 
 With several processes (`parallel`), process 0 alone claims the folder and writes its files;
 the others only take part in orbax's collective saves of checkpoints/ (orbax writes each
@@ -58,9 +62,13 @@ from fmnist_jax.data import Normalization, Split, fingerprint
 from fmnist_jax.errors import FmnistError
 from fmnist_jax.files import lock_file, write_atomically
 from fmnist_jax.run.config import TrainConfig
+# The config files, read back: `folder_config` (this module hands its names on).
+from fmnist_jax.run.folder_config import (CLAIM_FILE, CONFIG_FILE, SEEDS_FILE,  # noqa: F401
+                                          check_config_unchanged, holds_seeds, load_config,
+                                          member_dir, read_json, seed_run_dirs, seeds_run_of,
+                                          stored_config)
 from fmnist_jax.run.parallel import is_writer
 
-CONFIG_FILE = "config.json"
 NORMALIZATION_FILE = "normalization.json"
 DATA_FILE = "data.json"
 HISTORY_FILE = "history.jsonl"
@@ -71,7 +79,6 @@ BEST_FILE = "best.json"
 CALIBRATION_FILE = "calibration.json"
 REPORT_TEXT_FILE = "report.txt"
 REPORT_JSON_FILE = "report.json"
-SEEDS_FILE = "seeds.json"
 SUMMARY_FILE = "summary.json"
 PLOT_FILES = {"confusion_matrix": "confusion_matrix.png", "reliability": "reliability.png",
               "curves": "curves.png"}
@@ -117,11 +124,6 @@ def default_workdir(preset: str, seed: int, seeds: int = 1) -> Path:
     return Path("runs") / f"{preset}-{name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
 
 
-def member_dir(run_dir: str | Path, seed: int) -> Path:
-    """The run folder of `seed` inside the folder of a run of several seeds."""
-    return Path(run_dir) / f"seed-{seed}"
-
-
 def claim(workdir: str | Path, cfg: TrainConfig) -> Claim:
     """Claim `workdir` for a new run of `cfg`: make it (parents too) unless it exists, refuse a
     folder holding anything, then create its config.json with O_EXCL, the atomic step that
@@ -150,8 +152,13 @@ def claim(workdir: str | Path, cfg: TrainConfig) -> Claim:
             raise
         return Claim(path=run_dir, config=cfg, made_folder=made_folder, members=tuple(claimed))
     _create_exclusively(run_dir, CONFIG_FILE, cfg.to_json() + "\n")
-    return Claim(path=run_dir, config=cfg, made_folder=made_folder,
-                 lock=_lock(run_dir, wait=True))
+    run = Claim(path=run_dir, config=cfg, made_folder=made_folder, lock=_lock(run_dir, wait=True))
+    try:
+        write_json(run_dir / CLAIM_FILE, {"config": json.loads(cfg.to_json())})
+    except BaseException:
+        abandon(run)
+        raise
+    return run
 
 
 def _claim_of_another_process(run_dir: Path, cfg: TrainConfig, *, resumed: bool = False) -> Claim:
@@ -175,7 +182,7 @@ def _empty_folder(run_dir: Path) -> bool:
         raise FmnistError(f"cannot make the run folder {run_dir} ({e.strerror}): pass another "
                           f"--workdir") from e
     if CONFIG_FILE in entries or HISTORY_FILE in entries or SEEDS_FILE in entries:
-        raise _already_a_run(run_dir)
+        raise _already_a_run(run_dir, probe=True)
     if entries:
         shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
         raise FmnistError(f"--workdir {run_dir} already holds files that are not a run "
@@ -188,7 +195,7 @@ def _create_exclusively(run_dir: Path, name: str, text: str) -> None:
     try:
         fd = os.open(run_dir / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     except FileExistsError as e:  # another training claimed it since the listing above
-        raise _already_a_run(run_dir) from e
+        raise _already_a_run(run_dir, probe=False) from e
     except OSError as e:
         raise FmnistError(f"cannot write in the run folder {run_dir} ({e.strerror}): pass a "
                           f"writable --workdir") from e
@@ -216,7 +223,7 @@ def finished(run_dir: str | Path) -> bool:
     (by an earlier version: params.sha256); for the folder of a run of several seeds, its
     summary.json, written after every seed's."""
     run_dir = Path(run_dir)
-    if _holds_seeds(run_dir):
+    if holds_seeds(run_dir):
         return (run_dir / SUMMARY_FILE).is_file()
     if (run_dir / OLD_PARAMS_CHECKSUM_FILE).is_file():
         return True
@@ -226,24 +233,12 @@ def finished(run_dir: str | Path) -> bool:
         return False
 
 
-def seed_run_dirs(run_dir: str | Path) -> list[Path] | None:
-    """Each seed's run folder, in seed order, when `run_dir` is the folder of a run of
-    several seeds; None for any other folder."""
-    run_dir = Path(run_dir)
-    if not _holds_seeds(run_dir):
-        return None
-    return [member_dir(run_dir, member.seed) for member in stored_config(run_dir).members()]
-
-
-def _holds_seeds(run_dir: Path) -> bool:
-    """Whether `run_dir` is the folder of a run of several seeds (seeds.json, no config.json)."""
-    return (run_dir / SEEDS_FILE).is_file() and not (run_dir / CONFIG_FILE).is_file()
-
-
 def reopen(run_dir: str | Path) -> Claim:
     """Take back an interrupted run (it holds config.json, maybe a history and checkpoints)
     to continue it with its stored config. FmnistError when it is no run, when it finished
-    (see `finished`: check that first to say so kindly) or when another process trains in it.
+    (see `finished`: check that first to say so kindly), when its config was edited since it
+    began (`check_config_unchanged`), when its data.json is gone (`check_data_file`) or when
+    another process trains in it.
     With several processes, process 0 alone takes the folder back; the others get a claim of
     the same shape that touches nothing.
 
@@ -254,11 +249,13 @@ def reopen(run_dir: str | Path) -> Claim:
     run_dir = Path(run_dir)
     if not is_writer():
         return _claim_of_another_process(run_dir, stored_config(run_dir), resumed=True)
-    if _holds_seeds(run_dir):
+    if holds_seeds(run_dir):
         return _reopen_seeds(run_dir)
     cfg = load_config(run_dir)
     if finished(run_dir):
         raise FmnistError(f"{run_dir} has finished training: nothing to resume")
+    check_config_unchanged(run_dir)
+    check_data_file(run_dir)
     lock = _lock_to_resume(run_dir)
     _remove_old_params(run_dir)
     return Claim(path=run_dir, config=cfg, made_folder=False, resumed=True, lock=lock)
@@ -268,6 +265,7 @@ def _reopen_seeds(run_dir: Path) -> Claim:
     cfg = stored_config(run_dir)
     if finished(run_dir):
         raise FmnistError(f"{run_dir} has finished training: nothing to resume")
+    check_config_unchanged(run_dir)
     members: list[Claim] = []
     try:
         for member_cfg in cfg.members():
@@ -275,6 +273,7 @@ def _reopen_seeds(run_dir: Path) -> Claim:
             if load_config(path) != member_cfg:
                 raise FmnistError(f"{path / CONFIG_FILE} is not the config {run_dir / SEEDS_FILE} "
                                   f"gives seed {member_cfg.seed}: restore it from the run")
+            check_data_file(path)
             members.append(Claim(path=path, config=member_cfg, made_folder=False, resumed=True,
                                  lock=_lock_to_resume(path)))
     except BaseException:
@@ -304,8 +303,58 @@ def _lock_to_resume(run_dir: Path):
     return lock
 
 
-def _already_a_run(run_dir: Path) -> FmnistError:
+def _already_a_run(run_dir: Path, *, probe: bool) -> FmnistError:
+    """The refusal of a --workdir holding a run; an unfinished one can be continued, and
+    (`probe`) one that no process trains now is told so."""
+    try:
+        if not finished(run_dir):
+            if not probe or _being_trained(run_dir):
+                return FmnistError(f"{run_dir} already holds a run, being trained by another "
+                                   f"process: pass another --workdir")
+            return FmnistError(f"{run_dir} already holds a run, unfinished "
+                               f"({_progress(run_dir)}): continue it with `python "
+                               f"scripts/train.py --resume {run_dir}`, or pass another --workdir")
+    except FmnistError:  # a damaged seeds.json: the plain answer
+        pass
     return FmnistError(f"{run_dir} already holds a run: pass another --workdir or delete it")
+
+
+def check_finished(run_dir: str | Path) -> None:
+    """FmnistError unless the run in `run_dir` finished training; an unfinished one names
+    the command that continues it (for a seed's folder, the resume of the whole run)."""
+    run_dir = Path(run_dir)
+    if finished(run_dir):
+        return
+    if _being_trained(run_dir):
+        raise FmnistError(f"{run_dir} is still being trained by another process: wait for it "
+                          f"to finish")
+    whole = seeds_run_of(run_dir) or run_dir
+    raise FmnistError(f"{run_dir} holds an unfinished run ({_progress(run_dir)}): continue it "
+                      f"with `python scripts/train.py --resume {whole}`")
+
+
+def _progress(run_dir: Path) -> str:
+    """How far an unfinished run got: its latest checkpoint (of a run of several seeds, the
+    earliest of its seeds' latest)."""
+    def latest(path: Path) -> int:
+        epochs = [int(p.name) for p in (path / CHECKPOINTS_DIR).glob("*") if p.name.isdigit()]
+        return max(epochs, default=0)
+
+    epoch = min(latest(path) for path in seed_run_dirs(run_dir) or [run_dir])
+    return f"checkpoints up to epoch {epoch}" if epoch else "no checkpoint yet"
+
+
+def _being_trained(run_dir: Path) -> bool:
+    """Whether a process holds the lock of the run (of any of its seeds' runs) now."""
+    for path in seed_run_dirs(run_dir) or [run_dir]:
+        try:
+            lock = _lock(path, wait=False)
+        except OSError:  # no config.json: nobody trains there
+            continue
+        if lock is None:
+            return True
+        lock.close()
+    return False
 
 
 def abandon(run: Claim) -> None:
@@ -328,7 +377,7 @@ def _remove_unstarted(run: Claim) -> None:
             return
     if run.resumed or not is_writer() or (run.path / HISTORY_FILE).exists():
         return
-    for name in (NORMALIZATION_FILE, DATA_FILE, CONFIG_FILE, SEEDS_FILE):
+    for name in (NORMALIZATION_FILE, DATA_FILE, CLAIM_FILE, CONFIG_FILE, SEEDS_FILE):
         (run.path / name).unlink(missing_ok=True)
     if run.made_folder:
         with contextlib.suppress(OSError):  # not empty: someone put files there meanwhile
@@ -351,50 +400,8 @@ def write_json(path: Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def read_json(path: Path) -> Any:
-    """A JSON file of the run; a hand-edited or truncated one is an FmnistError."""
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise FmnistError(f"{path} is malformed ({e.msg}): restore it from the run") from e
-
-
 # ---------------------------------------------------------------------------------------
 # What training writes at the start
-
-
-def load_config(run_dir: str | Path) -> TrainConfig:
-    """The config of one model's run folder (for the folder of several seeds, the error
-    names one of its seeds' folders)."""
-    path = Path(run_dir) / CONFIG_FILE
-    if _holds_seeds(Path(run_dir)):
-        first = member_dir(run_dir, stored_config(run_dir).seed)
-        raise FmnistError(f"{run_dir} holds the runs of several seeds, one folder each: pass "
-                          f"one of them, e.g. {first}")
-    if not path.is_file():
-        raise FmnistError(f"{run_dir} is not a run folder (no {CONFIG_FILE}): pass the folder "
-                          f"that scripts/train.py wrote")
-    return _config_from(path, read_json(path), "not a JSON object")
-
-
-def stored_config(run_dir: str | Path) -> TrainConfig:
-    """The config a run folder was started with: config.json's, or for the folder of a run
-    of several seeds the one in seeds.json (with `seeds`)."""
-    path = Path(run_dir) / SEEDS_FILE
-    if not _holds_seeds(Path(run_dir)):
-        return load_config(run_dir)
-    fields = read_json(path)
-    return _config_from(path, fields.get("config") if isinstance(fields, dict) else None,
-                        "no config object")
-
-
-def _config_from(path: Path, fields: Any, malformed: str) -> TrainConfig:
-    if not isinstance(fields, dict):
-        raise FmnistError(f"{path} is malformed ({malformed}): restore it from the run")
-    try:
-        return TrainConfig.from_dict(fields)
-    except FmnistError as e:  # name the file: the user did not type these values
-        raise FmnistError(f"{path}: {e}: restore it from the run") from e
 
 
 def save_normalization(run_dir: Path, norm: Normalization) -> None:
@@ -403,9 +410,8 @@ def save_normalization(run_dir: Path, norm: Normalization) -> None:
 
 def load_normalization(run_dir: str | Path) -> Normalization:
     path = Path(run_dir) / NORMALIZATION_FILE
-    if not path.is_file():
-        raise FmnistError(f"{run_dir} has no {NORMALIZATION_FILE}: the training did not "
-                          f"finish; train again")
+    if not path.is_file():  # a finished run wrote it before its first epoch
+        raise FmnistError(f"{path} is missing: restore it from a copy of the run")
     fields = read_json(path)
     try:
         if not isinstance(fields, dict) or not all(
@@ -431,8 +437,10 @@ def save_data_fingerprints(run_dir: Path | list[Path], train: Split, test: Split
 
 def check_data(run_dir: str | Path, train: Split, test: Split) -> None:
     """FmnistError unless `train` and `test` are the images (in the same order) the run was
-    trained on: its validation split is only held out of those. Runs without data.json pass."""
+    trained on: its validation split is only held out of those. Runs written before data.json
+    existed pass without it; a missing one that must be there is refused (`check_data_file`)."""
     path = Path(run_dir) / DATA_FILE
+    check_data_file(run_dir)
     if not path.is_file():
         return
     stored = read_json(path)
@@ -443,3 +451,21 @@ def check_data(run_dir: str | Path, train: Split, test: Split) -> None:
             raise FmnistError(f"the {name} images given are not the ones {run_dir} was trained "
                               f"on ({len(split)} images here, {stored.get(f'n_{name}')} then): "
                               f"pass the same data (the same tfds folder, or the same CSV files)")
+
+
+def check_data_file(run_dir: str | Path) -> None:
+    """FmnistError when the run's data.json is missing though the version that wrote the run
+    wrote one (claim.json, and best.json's checksums, came after it) before
+    normalization.json: the images it was trained on (CSV files, say) cannot be checked.
+    Cheap: call it before any data loads."""
+    run_dir = Path(run_dir)
+    if (run_dir / DATA_FILE).is_file() or not (run_dir / NORMALIZATION_FILE).is_file():
+        return
+    try:
+        recent = CHECKPOINT_SUMS in json.loads((run_dir / BEST_FILE).read_text())
+    except (OSError, ValueError, TypeError):
+        recent = False
+    if recent or (run_dir / CLAIM_FILE).is_file():
+        raise FmnistError(f"{run_dir / DATA_FILE} is missing: without it the images given "
+                          f"cannot be checked against those {run_dir} was trained on (CSV "
+                          f"files, say): restore it from a copy of the run")

@@ -11,11 +11,15 @@ test on one chart per metric:
 The step of every event is the epoch. The history (history.jsonl) stays the source of truth:
 a resumed run cuts its history back to the checkpoint's epoch, so it deletes the event files
 and writes the kept epochs again from the history into new ones (`replay`), then goes on;
-the events then hold exactly the history's epochs, each once.
+the events then hold exactly the history's epochs, each once. A tensorboard/ that cannot be
+written (a file or a dangling link in its place, a read-only folder) costs the run its events
+only: one `note:` line, and the training goes on; nothing there is deleted but the log's own
+folder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import shutil
 import sys
@@ -83,14 +87,27 @@ class TensorBoardLog:
         if self._writer_class is None:
             return
         step = row["epoch"]
-        for split in SPLITS:
-            for metric in METRICS:
-                if f"{split}_{metric}" in row:
-                    self._writer(split).add_scalar(metric, row[f"{split}_{metric}"], step)
-        if LEARNING_RATE in row:
-            self._writer("train").add_scalar(LEARNING_RATE, row[LEARNING_RATE], step)
-        for writer in self._writers.values():
-            writer.flush()
+        try:
+            for split in SPLITS:
+                for metric in METRICS:
+                    if f"{split}_{metric}" in row:
+                        self._writer(split).add_scalar(metric, row[f"{split}_{metric}"], step)
+            if LEARNING_RATE in row:
+                self._writer("train").add_scalar(LEARNING_RATE, row[LEARNING_RATE], step)
+            for writer in self._writers.values():
+                writer.flush()
+        except OSError as e:  # makedirs or open of an event file, in the writer's constructor
+            self._give_up(e)
+
+    def _give_up(self, error: OSError) -> None:
+        """No more events from this log: the history has every value, so say so once and let
+        the training go on."""
+        print(f"note: cannot write TensorBoard events in {self.folder} "
+              f"({error.strerror or error}): this run writes none (history.jsonl has every "
+              f"value)", file=sys.stderr, flush=True)
+        self._writer_class = None
+        self.close()
+        self._writers = {}
 
     def replay(self, rows: list[dict[str, Any]]) -> None:
         """Write the events of `rows` (the epochs a resumed run keeps) again."""
@@ -99,4 +116,5 @@ class TensorBoardLog:
 
     def close(self) -> None:
         for writer in self._writers.values():
-            writer.close()
+            with contextlib.suppress(OSError):  # what it could not write is in the history
+                writer.close()

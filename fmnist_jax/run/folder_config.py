@@ -1,0 +1,132 @@
+"""The config of a run folder, read back: config.json, seeds.json of a run of several seeds,
+and claim.json, the config recorded as the run began (see `folder` for the whole folder).
+
+A run claims its folder by creating config.json and records the same config in claim.json;
+a --resume refuses a config.json (or seeds.json) that differs from that record, naming the
+fields, since a resumed run keeps its config. Folders written before claim.json existed
+have none, and resume unchecked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from fmnist_jax.errors import FmnistError
+from fmnist_jax.run.config import TrainConfig
+
+CONFIG_FILE = "config.json"
+CLAIM_FILE = "claim.json"
+SEEDS_FILE = "seeds.json"
+
+
+def member_dir(run_dir: str | Path, seed: int) -> Path:
+    """The run folder of `seed` inside the folder of a run of several seeds."""
+    return Path(run_dir) / f"seed-{seed}"
+
+
+def seed_run_dirs(run_dir: str | Path) -> list[Path] | None:
+    """Each seed's run folder, in seed order, when `run_dir` is the folder of a run of
+    several seeds; None for any other folder."""
+    run_dir = Path(run_dir)
+    if not holds_seeds(run_dir):
+        return None
+    return [member_dir(run_dir, member.seed) for member in stored_config(run_dir).members()]
+
+
+def holds_seeds(run_dir: Path) -> bool:
+    """Whether `run_dir` is the folder of a run of several seeds (seeds.json, no config.json)."""
+    return (run_dir / SEEDS_FILE).is_file() and not (run_dir / CONFIG_FILE).is_file()
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file of the run; a hand-edited or truncated one is an FmnistError."""
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise FmnistError(f"{path} is malformed ({e.msg}): restore it from the run") from e
+
+
+def load_config(run_dir: str | Path) -> TrainConfig:
+    """The config of one model's run folder (for the folder of several seeds, the error
+    names one of its seeds' folders)."""
+    path = Path(run_dir) / CONFIG_FILE
+    if holds_seeds(Path(run_dir)):
+        first = member_dir(run_dir, stored_config(run_dir).seed)
+        raise FmnistError(f"{run_dir} holds the runs of several seeds, one folder each: pass "
+                          f"one of them, e.g. {first}")
+    if not path.is_file():
+        whole = seeds_run_of(Path(run_dir))
+        if whole is not None:  # the user's own --seeds run, damaged: not "no run folder"
+            seeds = f"the --seeds {stored_config(whole).seeds} run {whole}"
+            if not Path(run_dir).is_dir():
+                raise FmnistError(f"{run_dir} is missing from {seeds} ({SEEDS_FILE} lists it): "
+                                  f"restore it from a copy of the run")
+            raise FmnistError(f"{path} is missing, in a seed's folder of {seeds}: restore it "
+                              f"from a copy of the run")
+        raise FmnistError(f"{run_dir} is not a run folder (no {CONFIG_FILE}): pass the folder "
+                          f"that scripts/train.py wrote")
+    return _config_from(path, read_json(path), "not a JSON object")
+
+
+def seeds_run_of(run_dir: Path) -> Path | None:
+    """The folder of the run of several seeds that `run_dir` is a seed's folder of (by name,
+    as its seeds.json gives them), else None."""
+    whole = run_dir.parent if run_dir.parent != Path(".") else run_dir.absolute().parent
+    if not holds_seeds(whole):
+        return None
+    try:
+        members = stored_config(whole).members()
+    except FmnistError:  # a damaged seeds.json: it names no seed's folder
+        return None
+    return whole if run_dir.name in {member_dir(whole, m.seed).name for m in members} else None
+
+
+def check_config_unchanged(run_dir: str | Path) -> None:
+    """FmnistError, naming what changed, when the config of the run in `run_dir` (of each of
+    its seeds', and its seeds.json) is not the one recorded in claim.json as it began: a
+    resumed run keeps its config. Folders without claim.json pass."""
+    run_dir = Path(run_dir)
+    for path in seed_run_dirs(run_dir) or [run_dir]:
+        record = path / CLAIM_FILE
+        if not record.is_file():
+            continue
+        fields = read_json(record)
+        began = _config_from(record, fields.get("config") if isinstance(fields, dict) else None,
+                             "no config object")
+        now = load_config(path)
+        if now != began:
+            raise _edited(path / CONFIG_FILE, began, now)
+        given = {member.seed: member for member in stored_config(run_dir).members()}
+        if path != run_dir and given.get(began.seed) != began:
+            raise _edited(run_dir / SEEDS_FILE, began, given.get(began.seed, began))
+
+
+def _edited(path: Path, began: TrainConfig, now: TrainConfig) -> FmnistError:
+    changes = ", ".join(f"{name} {json.dumps(value)} -> {json.dumps(getattr(now, name))}"
+                        for name, value in dataclasses.asdict(began).items()
+                        if getattr(now, name) != value)
+    return FmnistError(f"{path} was edited after the run began ({changes}): set it back; a "
+                       f"resumed run keeps its config (start a new run for another)")
+
+
+def stored_config(run_dir: str | Path) -> TrainConfig:
+    """The config a run folder was started with: config.json's, or for the folder of a run
+    of several seeds the one in seeds.json (with `seeds`)."""
+    path = Path(run_dir) / SEEDS_FILE
+    if not holds_seeds(Path(run_dir)):
+        return load_config(run_dir)
+    fields = read_json(path)
+    return _config_from(path, fields.get("config") if isinstance(fields, dict) else None,
+                        "no config object")
+
+
+def _config_from(path: Path, fields: Any, malformed: str) -> TrainConfig:
+    if not isinstance(fields, dict):
+        raise FmnistError(f"{path} is malformed ({malformed}): restore it from the run")
+    try:
+        return TrainConfig.from_dict(fields)
+    except FmnistError as e:  # name the file: the user did not type these values
+        raise FmnistError(f"{path}: {e}: restore it from the run") from e
