@@ -222,7 +222,8 @@ def conv_and_pool_impl(backend: str | None = None,
     redundant arithmetic makes a training step no faster, or slower, than im2col
     (`python -m benchmarks.profile_step --cnn-formulations`, BENCHMARKS.md). Anything else
     (GPU, TPU): XLA's convolution and reduce_window pool, i.e. nn.Conv and nn.max_pool,
-    which cuDNN and friends already do well.
+    which cuDNN and friends already do well. Within `portable_formulations()` (an export),
+    XLA's on every backend.
     """
     backend = backend or jax.default_backend()
     if backend != "cpu" or _PORTABLE.get():
