@@ -17,7 +17,7 @@ from fmnist_jax.evaluation import export, export_onnx, predict
 from fmnist_jax.models import MODELS, get_model
 from fmnist_jax.run.config import get_config
 from fmnist_jax.steps import init_variables
-from tests.helpers import REPO
+from tests.helpers import REPO, one_error_line, run_script
 
 
 @pytest.fixture(scope="module")
@@ -76,11 +76,14 @@ def test_stablehlo_of_a_run_is_reproducible_and_runs_with_jax_alone(tiny_run, tm
                           "--logits")[0] == 0
     assert first.read_bytes() == again.read_bytes()
     assert (export.meta_path(first).read_bytes() == export.meta_path(again).read_bytes())
+    # From another caller too: no source location (a path, a line) goes into the file.
+    predictor = predict.load_predictor(run_dir)
+    assert export.export_stablehlo(predictor, logits=True) == first.read_bytes()
     meta = json.loads(export.meta_path(first).read_text())
     assert meta["format"] == "stablehlo" and meta["model"] == "lenet5"
     assert meta["temperature"] == 1.0 and meta["calibrated"] is False  # no validation split
     assert len(meta["class_names"]) == 10 and meta["input"]["shape"] == ["N", 28, 28, 1]
-    assert meta["params_sha256"] == export.params_sha256(predict.load_predictor(run_dir).variables)
+    assert meta["params_sha256"] == export.params_sha256(predictor.variables)
     np.save(tmp_path / "images.npy", images_37)
     # A fresh process that imports only jax and numpy: the file is all it needs.
     loader = ("import sys, jax, numpy as np\n"
@@ -161,41 +164,39 @@ def run_copy(tiny_run, tmp_path):
     return copy
 
 
-def test_an_unfinished_run_is_refused(run_copy, capsys):
+def test_an_unfinished_run_is_refused(run_copy, run_main):
     (run_copy / "best.json").unlink()
-    code, err = run_export(capsys, run_copy, "--format", "stablehlo")
-    assert code == 1 and err.startswith("error: ") and err.count("\n") == 1
-    assert "has not finished training (no best.json)" in err and "--resume" in err
+    line = one_error_line(run_main("export.py", run_copy, "--format", "stablehlo"))
+    assert "has not finished training (no best.json)" in line and "--resume" in line
 
 
-def test_torch_refuses_a_model_the_baseline_lacks(run_copy, capsys):
+def test_torch_refuses_a_model_the_baseline_lacks(run_copy, run_main):
     config = json.loads((run_copy / "config.json").read_text())
     (run_copy / "config.json").write_text(json.dumps({**config, "model": "mlp"}))
-    code, err = run_export(capsys, run_copy, "--format", "torch")
-    assert code == 1 and err.count("\n") == 1
-    assert "cannot carry the 'mlp' model" in err and "stablehlo or onnx" in err
+    line = one_error_line(run_main("export.py", run_copy, "--format", "torch"))
+    assert "cannot carry the 'mlp' model" in line and "stablehlo or onnx" in line
     assert not (run_copy / "model.pt").exists()
 
 
-def test_an_existing_out_is_kept_without_overwrite(run_copy, capsys):
+def test_an_existing_out_is_kept_without_overwrite(run_copy, run_main):
     out = run_copy / "model.stablehlo"
     out.write_bytes(b"mine")
-    code, err = run_export(capsys, run_copy, "--format", "stablehlo")
-    assert code == 1 and "already exists" in err and "--overwrite" in err
+    line = one_error_line(run_main("export.py", run_copy, "--format", "stablehlo"))
+    assert "already exists" in line and "--overwrite" in line
     assert out.read_bytes() == b"mine"
-    assert run_export(capsys, run_copy, "--format", "stablehlo", "--overwrite")[0] == 0
+    assert run_main("export.py", run_copy, "--format", "stablehlo",
+                    "--overwrite").returncode == 0
     assert out.read_bytes() != b"mine"
 
 
-def test_a_missing_onnx_names_the_extra(run_copy, capsys, monkeypatch):
+def test_a_missing_onnx_names_the_extra(run_copy, run_main, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx now raises ImportError
-    code, err = run_export(capsys, run_copy, "--format", "onnx")
-    assert code == 1 and err.count("\n") == 1 and "pip install 'fmnist_jax[onnx]'" in err
+    line = one_error_line(run_main("export.py", run_copy, "--format", "onnx"))
+    assert "pip install 'fmnist_jax[onnx]'" in line
+    assert not (run_copy / "model.onnx").exists()
 
 
 def test_predict_refuses_a_stablehlo_file_without_its_json(tmp_path):
-    from tests.helpers import one_error_line, run_script
-
     (tmp_path / "m.stablehlo").write_bytes(b"not one")
     line = one_error_line(run_script("predict.py", tmp_path / "m.stablehlo",
                                      REPO / "pyproject.toml"))

@@ -57,11 +57,10 @@ def check_request(run_dir: str | Path, fmt: str, out: str | Path | None, *,
     RUN/model.SUFFIX)."""
     if fmt not in FORMATS:
         raise FmnistError(f"unknown export format {fmt!r}: choose one of {', '.join(FORMATS)}")
-    cfg = folder.load_config(run_dir)  # a --seeds folder: names one of its members
+    folder.load_config(run_dir)  # not a run: one line; a --seeds folder: names a member
     if checkpoints.load_best(run_dir) is None:
         raise FmnistError(f"{run_dir} has not finished training (no {checkpoints.BEST_FILE}): "
                           f"finish it with scripts/train.py --resume {run_dir}, then export")
-    del cfg
     path = Path(out) if out else Path(run_dir) / f"model{SUFFIXES[fmt]}"
     if path.is_dir():
         raise FmnistError(f"--out {path} is a folder: pass a file name, e.g. "
