@@ -1,4 +1,4 @@
-"""The four commands: train, evaluate, predict, bench. The scripts in scripts/ call these.
+"""The five commands: train, evaluate, predict, export, bench. The scripts in scripts/ call these.
 
 Each turns a user error (FmnistError, or a bad flag) into one `error: ...` line on stderr and
 exit status 1, never a traceback (`cli_flags`, with the flags the commands share). Cheap
@@ -201,7 +201,9 @@ def predict_parser() -> Parser:
                "or .npy arrays of shape (28, 28), (28, 28, 1), (N, 28, 28) or (N, 28, 28, 1), "
                "uint8 or floats in [0, 1]. Fashion-MNIST garments are light on black: pass "
                "--dark-on-light for photos on a white background.")
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="run folder written by scripts/train.py")
+    parser.add_argument("run_dir", metavar="RUN_DIR",
+                        help="run folder written by scripts/train.py, or a .stablehlo file "
+                             "written by scripts/export.py (with its .json beside it)")
     parser.add_argument("files", metavar="FILE", nargs="+", help="image or .npy files")
     parser.add_argument("--top-k", type=int, default=3, metavar="K",
                         help=f"how many classes to show per image, 1..{NUM_CLASSES} (default 3)")
@@ -225,7 +227,12 @@ def predict_main(argv: list[str] | None = None) -> int:
 
     from fmnist_jax.evaluation import predict
 
-    predictor = predict.load_predictor(args.run_dir)
+    if Path(args.run_dir).is_file():  # an exported StableHLO file
+        from fmnist_jax.evaluation.export import load_exported
+
+        predictor = load_exported(args.run_dir)
+    else:
+        predictor = predict.load_predictor(args.run_dir)
     loaded: list[tuple[str, np.ndarray]] = []  # (file as given, its images (N, 28, 28, 1))
     errors: list[dict[str, str]] = []
     for file in args.files:
@@ -249,6 +256,51 @@ def predict_main(argv: list[str] | None = None) -> int:
     else:
         print(predict.format_text(args.run_dir, predictor, results))
     return 1 if errors else 0
+
+
+# ---------------------------------------------------------------------------------------
+# export
+
+
+def export_parser() -> Parser:
+    parser = Parser(prog="export.py",
+                    description="Export a run's model: stablehlo (jax.export: the whole "
+                                "inference, uint8 images in, calibrated probabilities out, "
+                                "run by jax alone), onnx (the same function as an ONNX graph), "
+                                "or torch (a state_dict for the PyTorch baseline's model). A "
+                                "JSON beside the file says what it holds.")
+    parser.add_argument("run_dir", metavar="RUN_DIR",
+                        help="a finished run folder (of a --seeds run: one seed's, RUN/seed-S)")
+    parser.add_argument("--format", required=True, choices=("stablehlo", "onnx", "torch"))
+    parser.add_argument("--out", metavar="FILE",
+                        help="the file to write (default RUN_DIR/model.stablehlo, .onnx or "
+                             ".pt); its JSON goes to FILE.json")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --out file and its JSON")
+    parser.add_argument("--logits", action="store_true",
+                        help="stablehlo and onnx: return the logits too, after the "
+                             "probabilities")
+    return parser
+
+
+@user_errors_exit_1
+def export_main(argv: list[str] | None = None) -> int:
+    args = export_parser().parse_args(argv)
+    from fmnist_jax.evaluation import export
+
+    exporters = {}
+    if args.format == "torch":
+        from fmnist_jax.baseline.export_torch import export_torch
+
+        exporters["torch"] = export_torch
+    elif args.format == "onnx":
+        from fmnist_jax.evaluation.export_onnx import export_onnx
+
+        exporters["onnx"] = export_onnx
+    path = export.export_run(args.run_dir, args.format, args.out, overwrite=args.overwrite,
+                             logits=args.logits, exporters=exporters)
+    print(f"wrote {path} and {export.meta_path(path)}")
+    return 0
 
 
 # ---------------------------------------------------------------------------------------

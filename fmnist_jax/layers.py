@@ -8,6 +8,10 @@ nn.max_pool). `conv_and_pool_impl` is the one place that chooses. Measurements: 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from typing import Iterator
+
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
@@ -192,6 +196,20 @@ def conv2d_lax(x_BxHxWxF: jax.Array, kernel_YxXxIxO: jax.Array, padding: int) ->
 
 CONV_IMPLS = {"toeplitz": conv2d_toeplitz, "im2col": conv2d_im2col, "lax": conv2d_lax}
 POOL_IMPLS = {"select": max_pool_2x2, "lax": max_pool_2x2_lax}
+# Set while a model is traced for export: the function then holds XLA's own convolution and
+# reduce_window on every backend, so it runs, and converts, on any platform.
+_PORTABLE = contextvars.ContextVar("portable_formulations", default=False)
+
+
+@contextlib.contextmanager
+def portable_formulations() -> Iterator[None]:
+    """Within this block the layers trace XLA's convolution and reduce_window pool (the
+    formulations of a GPU, with the same outputs) whatever the backend."""
+    token = _PORTABLE.set(True)
+    try:
+        yield
+    finally:
+        _PORTABLE.reset(token)
 
 
 def conv_and_pool_impl(backend: str | None = None,
@@ -204,10 +222,11 @@ def conv_and_pool_impl(backend: str | None = None,
     redundant arithmetic makes a training step no faster, or slower, than im2col
     (`python -m benchmarks.profile_step --cnn-formulations`, BENCHMARKS.md). Anything else
     (GPU, TPU): XLA's convolution and reduce_window pool, i.e. nn.Conv and nn.max_pool,
-    which cuDNN and friends already do well.
+    which cuDNN and friends already do well. Within `portable_formulations()` (an export),
+    XLA's on every backend.
     """
     backend = backend or jax.default_backend()
-    if backend != "cpu":
+    if backend != "cpu" or _PORTABLE.get():
         return "lax", "lax"
     kh, kw, c_in, c_out = kernel_shape
     toeplitz = kh * kw * c_in >= 25 and c_in * c_out <= 96

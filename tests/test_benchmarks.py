@@ -4,6 +4,7 @@ they say (the timings themselves are not checked)."""
 import json
 import os
 
+import numpy as np
 import pytest
 
 from benchmarks.device_split import markdown_table, time_device_split
@@ -99,3 +100,13 @@ def test_gpu_check_wants_the_official_files_before_any_work(tmp_path):
                         tmp_path)
     assert "lacks train-images-idx3-ubyte.gz" in one_error_line(result)
     assert not (tmp_path / "out").exists()
+
+
+def test_check_export_rows_of_every_format_agree_with_predict(tiny_run, tmp_path):
+    from benchmarks.check_export import check_run, markdown
+
+    images = np.random.default_rng(0).integers(0, 256, (50, 28, 28, 1)).astype(np.uint8)
+    rows = check_run(tiny_run[0], images, tmp_path)
+    assert [r["format"].split()[0] for r in rows] == ["predict", "stablehlo", "onnx", "torch"]
+    assert all(r["diff"] < 1e-5 for r in rows[1:]) and rows[1]["batch_1"] > 0
+    assert markdown(rows).count("\n") == len(rows) + 1

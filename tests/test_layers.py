@@ -156,3 +156,12 @@ def test_backend_choice_is_made_in_one_place():
 
 def test_max_pool_2x2_is_the_select_pool():
     assert POOL_IMPLS["select"] is max_pool_2x2
+
+
+def test_portable_formulations_trace_xla_conv_and_pool_on_a_cpu():
+    from fmnist_jax.layers import conv_and_pool_impl, portable_formulations
+
+    assert conv_and_pool_impl("cpu") != ("lax", "lax")
+    with portable_formulations():
+        assert conv_and_pool_impl("cpu") == ("lax", "lax")
+    assert conv_and_pool_impl("cpu") != ("lax", "lax")

@@ -273,6 +273,10 @@ class Predictor:
     calibrated: bool  # whether `temperature` came from the run's calibration.json
     epoch: int | None = None  # the epoch whose parameters these are (None: an older run)
 
+    @property
+    def model_name(self) -> str:
+        return self.config.model
+
 
 def load_predictor(run_dir: str | Path) -> Predictor:
     """The model of a run folder written by scripts/train.py; FmnistError if it is not one,
@@ -314,6 +318,8 @@ def predict_probs(predictor: Predictor, images_NxHxWx1: np.ndarray) -> np.ndarra
     n = len(images_NxHxWx1)
     if n == 0:
         return np.zeros((0, len(CLASS_NAMES)), np.float32)
+    if not isinstance(predictor, Predictor):  # a StableHLO file (export.ExportedModel)
+        return predictor.probs(images_NxHxWx1)
     batch_size = min(predictor.config.eval_batch_size, _next_power_of_two(n))
     padded = -n % batch_size
     images_PxHxWx1 = np.pad(images_NxHxWx1, ((0, padded), (0, 0), (0, 0), (0, 0)))
@@ -351,7 +357,7 @@ def format_text(run_dir, predictor: Predictor, results: list[dict[str, Any]]) ->
     Each result: {"file", "index", "images_in_file", "predictions": [(class, prob), ...]}.
     """
     epoch = "" if predictor.epoch is None else f" (epoch {predictor.epoch})"
-    lines = [f"model {predictor.config.model}{epoch} from {run_dir}, "
+    lines = [f"model {predictor.model_name}{epoch} from {run_dir}, "
              f"{calibration_words(predictor)}"]
     width = max(len(name) for name in CLASS_NAMES)
     for result in results:
@@ -366,7 +372,7 @@ def format_json(run_dir, predictor: Predictor, results: list[dict[str, Any]],
     """The predictions and the files that failed as one JSON document."""
     document = {
         "run_dir": str(run_dir),
-        "model": predictor.config.model,
+        "model": predictor.model_name,
         "epoch": predictor.epoch,
         "temperature": predictor.temperature,
         "calibrated": predictor.calibrated,
