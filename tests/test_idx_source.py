@@ -16,7 +16,7 @@ from tests.helpers import SHARED_MANUAL_DIR, make_split, one_error_line, run_scr
 
 def _write_idx(path, magic, array):
     header = struct.pack(">i", magic) + b"".join(struct.pack(">i", d) for d in array.shape)
-    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
+    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes(), mtime=0))
 
 
 @pytest.fixture
@@ -90,14 +90,17 @@ def test_a_bad_file_is_named(fake_release, how, expected):
         data.load_idx(folder, sums)
 
 
+def _labels_gz(magic, count, body):
+    return gzip.compress(struct.pack(">ii", magic, count) + body, mtime=0)
+
+
 @pytest.mark.parametrize("content, expected", [
     (b"not gzip at all", "is not a readable .gz file"),
-    (gzip.compress(struct.pack(">ii", 2051, 300)), "is not an idx file of labels"),
-    (gzip.compress(struct.pack(">ii", 2049, 301) + bytes(300)), "holds 300 bytes after its "
-                                                                 "header, not the 301 items"),
-    (gzip.compress(struct.pack(">ii", 2049, 299) + bytes(299)), "holds 300 images but"),
-    (gzip.compress(struct.pack(">ii", 2049, 300) + bytes([12] * 300)), "holds a label 12"),
-])
+    (_labels_gz(2051, 300, b""), "is not an idx file of labels"),
+    (_labels_gz(2049, 301, bytes(300)), "holds 300 bytes after its header, not the 301 items"),
+    (_labels_gz(2049, 299, bytes(299)), "holds 300 images but"),
+    (_labels_gz(2049, 300, bytes([12] * 300)), "holds a label 12"),
+], ids=["not-gzip", "images-magic", "short-body", "count-mismatch", "label-12"])
 def test_a_file_that_passes_its_checksum_but_is_not_the_release_is_named(fake_release, content,
                                                                         expected):
     folder, sums, _, _ = fake_release
