@@ -123,6 +123,7 @@ def test_a_bad_out_is_refused_before_the_benchmark(tmp_path, run_main):
     bench.check_out(existing, overwrite=True)  # --overwrite lets it through
 
 
+@pytest.mark.slow
 def test_bench_stops_after_a_seed_when_told_and_says_how_many_ran():
     train, test = make_split(64, seed=0), make_split(50, seed=1)
     settings = bench.BenchSettings(config=bench.bench_config("lenet5", epochs=1, batch_size=32),

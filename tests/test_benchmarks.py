@@ -102,6 +102,7 @@ def test_gpu_check_wants_the_official_files_before_any_work(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_check_export_rows_of_every_format_agree_with_predict(tiny_run, tmp_path):
     from benchmarks.check_export import check_run, markdown
 

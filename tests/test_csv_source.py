@@ -335,6 +335,7 @@ def test_a_named_pipe_is_refused_not_waited_on(tmp_path):
                                     f"fashion-mnist_train.csv")
 
 
+@pytest.mark.slow
 def test_a_device_is_refused_not_read_without_end():
     assert _read_in_child(Path("/dev/zero")).startswith(
         "/dev/zero is a device, not a regular file: pass the path of a Fashion-MNIST CSV")
@@ -349,6 +350,7 @@ def test_a_file_larger_than_any_fashion_mnist_csv_is_refused_unread(tmp_path, mo
     assert "more than a Fashion-MNIST CSV of 340,000 images holds" in _error(path)
 
 
+@pytest.mark.slow
 def test_a_sparse_file_of_more_than_1_gib_is_refused_at_once(tmp_path):
     """Its size alone refuses it: nothing is read (in a child, so that the unchecked read,
     a GiB of zeros, cannot slow the other tests)."""
@@ -362,6 +364,7 @@ def test_a_sparse_file_of_more_than_1_gib_is_refused_at_once(tmp_path):
         f"as fashion-mnist_train.csv")
 
 
+@pytest.mark.slow
 def test_a_bad_header_is_refused_before_the_body_is_read(tmp_path):
     """Only the first 64 KiB are read: a misnamed header over 300 MB of zeros (a sparse
     file) is refused without the process reading them (its peak memory stays put)."""

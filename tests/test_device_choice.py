@@ -15,8 +15,8 @@ no_cuda_plugin = pytest.mark.skipif(
 @no_cuda_plugin
 @pytest.mark.parametrize("flags, env, asker", [
     (["--device", "cuda"], {}, "--device cuda"),
-    ([], {"JAX_PLATFORMS": "cuda"}, "JAX_PLATFORMS=cuda"),
-    ([], {"FMNIST_DEVICE": "cuda"}, "--device cuda"),
+    pytest.param([], {"JAX_PLATFORMS": "cuda"}, "JAX_PLATFORMS=cuda", marks=pytest.mark.slow),
+    pytest.param([], {"FMNIST_DEVICE": "cuda"}, "--device cuda", marks=pytest.mark.slow),
 ])
 def test_a_gpu_asked_for_and_missing_is_one_line_with_the_install_command(tmp_path, flags, env,
                                                                           asker):
@@ -27,12 +27,19 @@ def test_a_gpu_asked_for_and_missing_is_one_line_with_the_install_command(tmp_pa
     assert not (tmp_path / "run").exists()  # refused before the run folder is made
 
 
-def test_an_unknown_device_is_refused(tmp_path):
-    result = run_script("train.py", "--workdir", tmp_path / "run", env={"FMNIST_DEVICE": "tpu"})
-    assert "FMNIST_DEVICE=tpu is not one of auto, cpu, cuda" in one_error_line(result)
+def test_an_unknown_device_is_refused_before_jax_is_told(monkeypatch):
+    import jax
+
+    from fmnist_jax import FmnistError, cli_flags
+
+    monkeypatch.setenv(cli_flags.DEVICE_ENV, "tpu")
+    platforms = jax.config.jax_platforms
+    with pytest.raises(FmnistError, match="FMNIST_DEVICE=tpu is not one of auto, cpu, cuda"):
+        cli_flags.use_device(None)
+    assert jax.config.jax_platforms == platforms
 
 
-@pytest.mark.parametrize("flags", [[], ["--device", "cpu"]])
+@pytest.mark.parametrize("flags", [[], pytest.param(["--device", "cpu"], marks=pytest.mark.slow)])
 def test_the_first_line_of_a_training_names_the_device(tmp_path, flags):
     bad_csv = tmp_path / "bad.csv"
     bad_csv.write_text("not,a,header\n")

@@ -146,6 +146,7 @@ def test_the_flag_reaches_the_reader(fake_release, monkeypatch):
     assert len(train) == 300
 
 
+@pytest.mark.slow
 def test_a_bad_file_is_one_line_from_the_script(fake_release, tmp_path):
     folder, _, _, _ = fake_release
     result = run_script("train.py", "--workdir", tmp_path / "run", "--data-source", "idx",

@@ -49,6 +49,7 @@ def test_a_connect_timeout_below_one_second_is_refused():
         parallel.distributed_settings("127.0.0.1:1", 2, 0, connect_timeout=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("address,message", [
     ("hostA:abc", "the port must be a number from 1 to 65535, got 'abc'"),  # was a segfault
     ("no-such-host.invalid:12345", "the host no-such-host.invalid does not resolve"),
@@ -61,6 +62,7 @@ def test_train_py_refuses_a_malformed_address_in_one_line(tmp_path, address, mes
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_a_process_started_alone_gives_up_after_the_connect_timeout(tmp_path):
     """Its peers never come: a note says what it waits for, then one line at the timeout
     (it was jax's C++ check failure after 300 s)."""

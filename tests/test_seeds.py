@@ -287,6 +287,7 @@ def test_more_seeds_than_one_run_can_hold_are_refused_before_any_folder(tmp_path
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_seeds_that_do_not_fit_in_memory_are_refused_before_they_are_built(monkeypatch):
     """The members' states and splits are estimated from one member's shapes against the
     machine's memory, before any member is built (one state, traced, for its shapes)."""
