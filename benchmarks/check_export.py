@@ -6,7 +6,6 @@ image at batch 1 and batch 1,000, beside predict's in this process. onnx needs o
 torch needs torch (a run whose model the baseline lacks gets no torch row)."""
 
 import argparse
-import gzip
 import json
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fmnist_jax.data import resolve_manual_dir
+from fmnist_jax.data import load_idx, resolve_manual_dir
 from fmnist_jax.evaluation import export, predict
 
 # Run in a fresh process: jax and numpy only, as a user of the file would.
@@ -40,8 +39,7 @@ print(json.dumps(times))
 
 
 def test_images(manual_dir) -> np.ndarray:
-    with gzip.open(resolve_manual_dir(manual_dir) / "t10k-images-idx3-ubyte.gz") as f:
-        return np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28, 1)
+    return load_idx(resolve_manual_dir(manual_dir))[1].images_NxHxWx1
 
 
 def predict_times(predictor, images) -> dict[str, float]:

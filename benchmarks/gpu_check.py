@@ -303,21 +303,13 @@ class Check:
 
 
 def _tiny_csv(manual_dir: Path, folder: Path, n_train: int = 512, n_test: int = 256) -> None:
-    """The first images of the official files as Kaggle-format CSV files (train.csv,
-    test.csv): the smoke run's train.py data, small enough to train in seconds."""
-    import gzip
-
-    import numpy as np
+    """The first images of the official files (in tfds's order) as Kaggle-format CSV files
+    (train.csv, test.csv): the smoke run's train.py data, small enough to train in seconds."""
+    from fmnist_jax.data import Split, load_idx, write_csv_split
 
     folder.mkdir(parents=True, exist_ok=True)
-    header = ",".join(["label", *(f"pixel{k}" for k in range(1, 785))])
-    for name, prefix, n in (("train.csv", "train", n_train), ("test.csv", "t10k", n_test)):
-        with gzip.open(manual_dir / f"{prefix}-images-idx3-ubyte.gz") as f:
-            images = np.frombuffer(f.read(16 + 784 * n)[16:], np.uint8).reshape(n, 784)
-        with gzip.open(manual_dir / f"{prefix}-labels-idx1-ubyte.gz") as f:
-            labels = np.frombuffer(f.read(8 + n)[8:], np.uint8)
-        np.savetxt(folder / name, np.column_stack([labels, images]), fmt="%d", delimiter=",",
-                   header=header, comments="")
+    for name, split, n in zip(("train.csv", "test.csv"), load_idx(manual_dir), (n_train, n_test)):
+        write_csv_split(Split(split.images_NxHxWx1[:n], split.labels_N[:n]), folder / name)
 
 
 def _train_split(run_dir: Path, ran: dict) -> dict:
