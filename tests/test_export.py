@@ -201,3 +201,15 @@ def test_predict_refuses_a_stablehlo_file_without_its_json(tmp_path):
     line = one_error_line(run_script("predict.py", tmp_path / "m.stablehlo",
                                      REPO / "pyproject.toml"))
     assert "has no m.stablehlo.json beside it" in line
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--format", "torch", "--logits"], "--logits is for stablehlo and onnx"),
+    (["--format", "stablehlo", "--out", "{run}"], "is a folder"),
+    (["--format", "stablehlo", "--out", "{run}/nowhere/m.stablehlo"], "does not exist"),
+])
+def test_a_bad_export_request_is_one_line_and_writes_nothing(run_copy, run_main, flags, message):
+    before = sorted(p.name for p in run_copy.iterdir())
+    flags = [flag.replace("{run}", str(run_copy)) for flag in flags]
+    assert message in one_error_line(run_main("export.py", run_copy, *flags))
+    assert sorted(p.name for p in run_copy.iterdir()) == before
