@@ -269,15 +269,15 @@ def save_best(run_dir: Path, record: dict[str, Any], cfg: TrainConfig) -> None:
     checkpoint matches its manifest and its weights (`cfg.model`'s) read back finite: no
     damaged or diverged model is ever handed on."""
     run_dir = Path(run_dir).absolute()
-    if not is_writer():
-        return
     path = _model_checkpoint(run_dir, record["epoch"])
     if not path.is_dir():
         raise FmnistError(f"{path} is missing: the checkpoint of the run's model was deleted "
                           f"during the training; train again")
     _check_manifest(path.parent, record["epoch"])
+    # Every process reads it back: orbax's restore waits at a barrier of all the processes.
     _read_model(path, cfg)
-    write_json(run_dir / BEST_FILE, {**record, CHECKPOINT_SUMS: _file_digests(path)})
+    if is_writer():
+        write_json(run_dir / BEST_FILE, {**record, CHECKPOINT_SUMS: _file_digests(path)})
 
 
 def load_best(run_dir: str | Path) -> dict[str, Any] | None:
