@@ -141,6 +141,9 @@ class PeerWatch:
         self.stopping = threading.Event()
         self.last: dict[int, str | None] = dict.fromkeys(self.others)
         self.changed = dict.fromkeys(self.others, time.monotonic())  # when last[p] changed
+        # The same, never moved forward when this process was held up: what
+        # `hear_from_others` needs to know that a process has beaten since.
+        self.heard = dict(self.changed)
 
     def start(self) -> None:
         import atexit
@@ -173,8 +176,12 @@ class PeerWatch:
             except Exception:  # the coordination service is gone: jax ends this process
                 values = {}
             for peer in self.others:
-                if values.get(peer) != self.last[peer]:
-                    self.last[peer], self.changed[peer] = values.get(peer), now
+                # A key missing (the store unreadable, or a stopped process's key dropped)
+                # is no beat.
+                value = values.get(peer)
+                if value is not None and value != self.last[peer]:
+                    self.last[peer], self.changed[peer] = value, now
+                    self.heard[peer] = now
             for peer in self.others:
                 failed = self.last[peer] == _FAILED and now - self.changed[peer] > GRACE_S
                 silent = (self.last[peer] not in (_DONE, _FAILED)
@@ -203,9 +210,11 @@ class PeerWatch:
         error of this process may be a process that stopped, seen from here (a collective
         or a barrier that failed): that is then the line to print."""
         asked = time.monotonic()
-        deadline = asked + SILENCE_S + 3 * BEAT_S
+        # Twice the silence: the watch restarts its clocks when this process was held up
+        # (a loaded machine), and must still be able to judge a stopped process first.
+        deadline = asked + 2 * SILENCE_S + 3 * BEAT_S
         while time.monotonic() < deadline:
-            if all(self.changed[p] > asked or self.last[p] in (_DONE, _FAILED)
+            if all(self.heard[p] > asked or self.last[p] in (_DONE, _FAILED)
                    for p in self.others):
                 return
             time.sleep(0.1)
