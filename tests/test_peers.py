@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -124,3 +125,61 @@ def test_a_process_killed_while_training_ends_the_other_with_one_line(tmp_path):
     for out, err_file in logs:
         out.close()
         err_file.close()
+
+
+class _Store:
+    """The coordination service's key-value store as the watch uses it, with process 1's
+    heartbeat set by the test."""
+
+    def __init__(self):
+        self.values = {f"{peers._KEY}1": "5"}
+
+    def key_value_set(self, key, value, allow_overwrite):
+        self.values[key] = value
+
+    def key_value_dir_get(self, prefix):
+        return [(k, v) for k, v in list(self.values.items()) if k.startswith(prefix)]
+
+
+def _watch(monkeypatch):
+    monkeypatch.setattr(peers, "BEAT_S", 0.05)
+    monkeypatch.setattr(peers, "SILENCE_S", 1.0)
+    left = []
+    monkeypatch.setattr(peers, "_leave", left.append)  # instead of os._exit
+    store = _Store()
+    watch = peers.PeerWatch(store, 2, 0)
+    monkeypatch.setattr(peers, "_watch_uncaught_exceptions", lambda: None)
+    monkeypatch.setattr("atexit.register", lambda fn, *a: None)
+    watch.start()
+    return watch, store, left
+
+
+def test_the_last_beat_of_a_killed_process_is_not_news_from_it(monkeypatch):
+    """Process 1 beat once more just before it was killed, and the watch reads that beat only
+    after this process's collective failed: hear_from_others must still wait for the watch
+    to find process 1 silent (then its line is the one printed), not return at once."""
+    watch, store, left = _watch(monkeypatch)
+    time.sleep(0.3)  # the watch has read "5"
+    store.values[f"{peers._KEY}1"] = "6"  # the last beat, not read yet
+    watch.hear_from_others()
+    watch._leave_as(peers._DONE)
+    assert left and left[0].startswith("process 1 of 2 stopped")
+
+
+def test_a_process_that_beats_is_heard_at_once(monkeypatch):
+    watch, store, left = _watch(monkeypatch)
+    beating = threading.Event()
+
+    def beat():
+        count = 6
+        while not beating.wait(0.05):
+            store.values[f"{peers._KEY}1"] = str(count)
+            count += 1
+
+    threading.Thread(target=beat, daemon=True).start()
+    started = time.monotonic()
+    watch.hear_from_others()
+    took = time.monotonic() - started
+    beating.set()
+    watch._leave_as(peers._DONE)
+    assert not left and took < 0.9

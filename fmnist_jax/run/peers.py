@@ -141,9 +141,9 @@ class PeerWatch:
         self.stopping = threading.Event()
         self.last: dict[int, str | None] = dict.fromkeys(self.others)
         self.changed = dict.fromkeys(self.others, time.monotonic())  # when last[p] changed
-        # The same, never moved forward when this process was held up: what
-        # `hear_from_others` needs to know that a process has beaten since.
-        self.heard = dict(self.changed)
+        # How many changes of each other's heartbeat this watch has seen: what
+        # `hear_from_others` counts (a clock can be restarted, a count cannot).
+        self.beats_seen = dict.fromkeys(self.others, 0)
 
     def start(self) -> None:
         import atexit
@@ -181,7 +181,7 @@ class PeerWatch:
                 value = values.get(peer)
                 if value is not None and value != self.last[peer]:
                     self.last[peer], self.changed[peer] = value, now
-                    self.heard[peer] = now
+                    self.beats_seen[peer] += 1
             for peer in self.others:
                 failed = self.last[peer] == _FAILED and now - self.changed[peer] > GRACE_S
                 silent = (self.last[peer] not in (_DONE, _FAILED)
@@ -209,12 +209,14 @@ class PeerWatch:
         where one has stopped, the watch ends this process first (within SILENCE_S). An
         error of this process may be a process that stopped, seen from here (a collective
         or a barrier that failed): that is then the line to print."""
-        asked = time.monotonic()
+        # Two changes, not one: the watch reads the store once a BEAT_S, so the first change
+        # it sees after this call may be the last beat of a process killed just before.
+        wanted = {p: self.beats_seen[p] + 2 for p in self.others}
         # Twice the silence: the watch restarts its clocks when this process was held up
         # (a loaded machine), and must still be able to judge a stopped process first.
-        deadline = asked + 2 * SILENCE_S + 3 * BEAT_S
+        deadline = time.monotonic() + 2 * SILENCE_S + 3 * BEAT_S
         while time.monotonic() < deadline:
-            if all(self.heard[p] > asked or self.last[p] in (_DONE, _FAILED)
+            if all(self.beats_seen[p] >= wanted[p] or self.last[p] in (_DONE, _FAILED)
                    for p in self.others):
                 return
             time.sleep(0.1)
