@@ -20,6 +20,8 @@ Equal-mass bins split the examples sorted by confidence (a stable sort) as numpy
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -63,17 +65,31 @@ def equal_mass_ece(probs_NxC: jax.Array, labels_N: jax.Array, *,
     return jnp.sum(jnp.abs(gap_B)) / labels_N.shape[0]
 
 
+_EXACT_PRODUCTS = 46340  # n * n fits in int32
+
+
 def ece_sweep(probs_NxC: jax.Array, labels_N: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(ECE_sweep, its number of bins): equal-mass ECE with b bins, b the last of 1, 2, ...
     before the first whose bin accuracies are not non-decreasing in confidence (the sweep
     stops there, as Roelofs et al.'s). At most N bins."""
     n = labels_N.shape[0]
     confidence_N, hits_N = _sorted_top1(probs_NxC, labels_N)
+    hits_before_N1 = jnp.concatenate([jnp.zeros(1, jnp.int32),
+                                      jnp.cumsum(hits_N.astype(jnp.int32))])  # exact
+    k_N1 = jnp.arange(n + 1)
 
     def monotone(b):
-        count_N, hits_per_bin_N, _ = _equal_mass_sums(confidence_N, hits_N, b, n)
-        acc_N = hits_per_bin_N / jnp.maximum(count_N, 1.0)
-        return jnp.all((acc_N[1:] >= acc_N[:-1]) | (jnp.arange(1, n) >= b))  # bins < b
+        # Bin k of b starts at k * (n // b) + min(k, n % b); acc_k+1 >= acc_k is compared as
+        # hits_k+1 * size_k >= hits_k * size_k+1 in integers, where float32 ratios can tie.
+        starts_N1 = jnp.minimum(k_N1 * (n // b) + jnp.minimum(k_N1, n % b), n)
+        size_N = starts_N1[1:] - starts_N1[:-1]
+        hits_per_bin_N = hits_before_N1[starts_N1[1:]] - hits_before_N1[starts_N1[:-1]]
+        if n <= _EXACT_PRODUCTS:
+            ok_Nm1 = hits_per_bin_N[1:] * size_N[:-1] >= hits_per_bin_N[:-1] * size_N[1:]
+        else:
+            acc_N = hits_per_bin_N / jnp.maximum(size_N, 1)
+            ok_Nm1 = acc_N[1:] >= acc_N[:-1]
+        return jnp.all(ok_Nm1 | (jnp.arange(1, n) >= b))  # only the pairs of bins < b
 
     b = jax.lax.while_loop(lambda b: (b < n) & monotone(b + 1), lambda b: b + 1, 1)
     _, _, gap_N = _equal_mass_sums(confidence_N, hits_N, b, n)
@@ -116,34 +132,44 @@ _SIGMA_EPS = 0.001  # relplot.smECE's eps: a bandwidth below it stops the search
 _REFINE = 10  # relplot's halvings of the bandwidth interval
 _E_MAX = (round(20 / (2 / 2 ** _REFINE)) // 2) + 1  # the smallest bandwidth tried is 2^-9
 _M_MAX = round(10 / (2 / 2 ** _REFINE))
-_HALF_WIDTH = 500  # kernel half-width in grid points: all of E = 1001, > 40 sigma beyond
+# Two static grids: E = 1001 (sigma >= 0.01) with the whole kernel, and E up to _E_MAX with
+# the kernel cut at 128 grid points, which is 12 sigma there (sigma * (E - 1) is about 10):
+# the cut-off weights are below exp(-72), and the smoothing costs a tenth.
+_WIDE = (1001, 500)
+_NARROW = (_E_MAX, 128)
 
 
 def _smooth_at(f_N, r_N, t_M, sigma):
     """relplot's ReflectedGaussianKernel(sigma).smooth(f, r, t): kernel regression of r on
-    the grid, reflected at 0 and 1, at the first m of t_M; and the density there."""
+    the grid, reflected at 0 and 1, at t_M; and the density there."""
     e = jnp.maximum(2000, jnp.round(20.0 / sigma).astype(jnp.int32)) // 2 + 1
+    return jax.lax.cond(e == _WIDE[0], functools.partial(_smooth_on_grid, *_WIDE),
+                        functools.partial(_smooth_on_grid, *_NARROW), f_N, r_N, t_M, sigma, e)
+
+
+def _smooth_on_grid(e_max, half_width, f_N, r_N, t_M, sigma, e):
+    """`_smooth_at` on a grid of e <= e_max points, the kernel cut at half_width points."""
     scale = (e - 1).astype(jnp.float32)
     bin_N = jnp.clip((f_N * scale).astype(jnp.int32), 0, e - 2)
     frac_N = f_N * scale - bin_N
 
     def splat(values_N):
-        grid = jnp.zeros(_E_MAX, jnp.float32).at[bin_N].add((1 - frac_N) * values_N)
+        grid = jnp.zeros(e_max, jnp.float32).at[bin_N].add((1 - frac_N) * values_N)
         return grid.at[bin_N + 1].add(frac_N * values_N)
 
     grid_2xE = jnp.stack([splat(r_N), splat(jnp.ones_like(r_N))])
     # A symmetric kernel, so relplot's np.convolve is a correlation; for an even e its
     # centre falls half a grid step off, hence `shift`.
-    j_K = jnp.arange(-_HALF_WIDTH, _HALF_WIDTH + 1)
+    j_K = jnp.arange(-half_width, half_width + 1)
     c = (e - 1) - e // 2
     shift = jnp.where(e % 2 == 0, 0.5, 0.0)
     x_K = (j_K - shift) / scale
     kernel_K = jnp.where((j_K >= -c) & (j_K <= e - 1 - c),
                          jnp.exp(-x_K * x_K / (2 * sigma * sigma))
                          / (np.sqrt(2 * np.pi) * sigma), 0.0)
-    p = jnp.arange(_E_MAX + 2 * _HALF_WIDTH) - _HALF_WIDTH  # grid index, reflected into [0, e)
+    p = jnp.arange(e_max + 2 * half_width) - half_width  # grid index, reflected into [0, e)
     p = jnp.where(p < 0, -p, jnp.where(p >= e, 2 * e - 2 - p, p))
-    padded_2xP = grid_2xE[:, jnp.clip(p, 0, _E_MAX - 1)]
+    padded_2xP = grid_2xE[:, jnp.clip(p, 0, e_max - 1)]
     smoothed_2xE = jax.vmap(lambda g: jnp.correlate(
         g, kernel_K, "valid", precision=jax.lax.Precision.HIGHEST))(padded_2xP)
     ind_M = jnp.clip((t_M * scale).astype(jnp.int32), 0, e - 2)
