@@ -216,31 +216,43 @@ def max_calibration_error(probs_NxC: jax.Array, labels_N: jax.Array, *,
 
 
 class Interval(NamedTuple):
-    """A point estimate and its bootstrap percentile interval (same pytree shape each)."""
+    """A point estimate and its bootstrap interval (same pytree shape each)."""
 
     point: Any
     low: Any
     high: Any
 
 
-@functools.partial(jax.jit, static_argnames=("metric_fn", "n_resamples", "level", "batch_size"))
+BOOTSTRAP_METHODS = ("percentile", "basic")
+
+
+@functools.partial(jax.jit, static_argnames=("metric_fn", "n_resamples", "level", "batch_size",
+                                             "method"))
 def bootstrap_ci(metric_fn: Callable[..., Any], key: jax.Array, *arrays: jax.Array,
                  n_resamples: int = 1000, level: float = 0.95,
-                 batch_size: int = 50) -> Interval:
-    """Percentile bootstrap interval of `metric_fn(*arrays)`, resampling examples (axis 0).
+                 batch_size: int = 50, method: str = "percentile") -> Interval:
+    """Bootstrap interval of `metric_fn(*arrays)`, resampling examples (axis 0).
 
     Resample r draws N indices with replacement using `split(key, n_resamples)[r]`: the
     result depends on `key` and `n_resamples` only. `batch_size` resamples at a time are
     vmapped (`lax.map`), which bounds memory (a (50, N, C) gather) and is no slower on CPU
-    than vmapping all of them. The interval is numpy's linear-interpolation percentiles of
-    the resampled values at (1 - level) / 2 and (1 + level) / 2. `metric_fn` is static:
-    pass the same function object to reuse the compiled code (a new lambda recompiles).
-    A metric that is NaN on some resample makes its bounds NaN.
+    than vmapping all of them. q_lo, q_hi are numpy's linear-interpolation percentiles of
+    the resampled values at (1 - level) / 2 and (1 + level) / 2, and the interval is
+    method="percentile": [q_lo, q_hi]; method="basic" (the pivotal interval, Davison &
+    Hinkley 1997, ch. 5): [2 point - q_hi, 2 point - q_lo], which moves the interval
+    against the estimator's bias as the resamples show it (their shift from the point
+    estimate stands in for the point estimate's shift from the truth): use it for a biased
+    estimator such as a binned ECE, whose resamples all sit above it.
+    `metric_fn` is static: pass the same function object to reuse the compiled code (a new
+    lambda recompiles). A metric that is NaN on some resample makes its bounds NaN.
 
     Cost: an accuracy is cheap to resample; sort-based metrics are much dearer:
     `roc_auc_ovr` sorts every class of every resample, which is why the report gives AUC
     without an interval.
     """
+    if method not in BOOTSTRAP_METHODS:
+        raise FmnistError(f"bootstrap method must be one of {BOOTSTRAP_METHODS}, "
+                          f"got {method!r}")
     n = arrays[0].shape[0]
 
     def one_fn(resample_key):
@@ -250,8 +262,12 @@ def bootstrap_ci(metric_fn: Callable[..., Any], key: jax.Array, *arrays: jax.Arr
     stats = jax.lax.map(one_fn, jax.random.split(key, n_resamples), batch_size=batch_size)
     q = 50.0 * jnp.array([1.0 - level, 1.0 + level])
     bounds = jax.tree_util.tree_map(lambda s: jnp.percentile(s, q, axis=0), stats)
-    return Interval(point=metric_fn(*arrays),
-                    low=jax.tree_util.tree_map(lambda b: b[0], bounds),
+    point = metric_fn(*arrays)
+    if method == "basic":
+        return Interval(point=point,
+                        low=jax.tree_util.tree_map(lambda p, b: 2 * p - b[1], point, bounds),
+                        high=jax.tree_util.tree_map(lambda p, b: 2 * p - b[0], point, bounds))
+    return Interval(point=point, low=jax.tree_util.tree_map(lambda b: b[0], bounds),
                     high=jax.tree_util.tree_map(lambda b: b[1], bounds))
 
 

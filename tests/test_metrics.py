@@ -326,6 +326,29 @@ def test_bootstrap_ci_narrows_with_more_data_and_ignores_batching(big_case):
     assert tuple(map(float, rebatched)) == tuple(map(float, small))
 
 
+def _top1_ece(probs_NxC, labels_N):
+    return metrics.expected_calibration_error(probs_NxC, labels_N)
+
+
+def test_basic_bootstrap_ci_reflects_the_percentiles_about_the_estimate():
+    """A calibrated model's 15-bin ECE is biased upwards: its percentile interval leans above
+    the estimate (centred above it); the basic interval (2 point - q) is centred below it."""
+    rng = np.random.default_rng(4)
+    probs_NxC = jax.nn.softmax(jnp.asarray(rng.normal(size=(2000, C)) * 2, jnp.float32))
+    labels_N = jnp.asarray((np.asarray(probs_NxC).cumsum(1) > rng.random((2000, 1))).argmax(1))
+    key = jax.random.key(0)
+    pct = metrics.bootstrap_ci(_top1_ece, key, probs_NxC, labels_N, n_resamples=200)
+    basic = metrics.bootstrap_ci(_top1_ece, key, probs_NxC, labels_N, n_resamples=200,
+                                 method="basic")
+    point = float(pct.point)
+    assert float(basic.point) == point < (float(pct.low) + float(pct.high)) / 2
+    assert float(basic.low) == pytest.approx(2 * float(pct.point) - float(pct.high), abs=1e-7)
+    assert float(basic.high) == pytest.approx(2 * float(pct.point) - float(pct.low), abs=1e-7)
+    assert (float(basic.low) + float(basic.high)) / 2 < point
+    with pytest.raises(FmnistError, match="bootstrap method"):
+        metrics.bootstrap_ci(_top1_ece, key, probs_NxC, labels_N, method="bca")
+
+
 def _number_or_word(word):
     try:
         return float(word)

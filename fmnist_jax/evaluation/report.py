@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fmnist_jax import data, metrics, streams
+from fmnist_jax import calibration_metrics, data, metrics, streams
 from fmnist_jax.evaluation import plots
 from fmnist_jax.run import checkpoints, folder, results
 from fmnist_jax.run.history import load_history
@@ -31,19 +31,42 @@ def _macro_f1(probs_NxC, labels_N):
     return metrics.precision_recall_f1(jnp.argmax(probs_NxC, -1), labels_N, average="macro").f1
 
 
-def _ece(probs_NxC, labels_N):
-    return metrics.expected_calibration_error(probs_NxC, labels_N)
+def _calibration_errors(probs_NxC, labels_N) -> dict[str, jax.Array]:
+    """Every calibration error of the report, one pytree so one bootstrap resamples them all."""
+    sweep, sweep_bins = calibration_metrics.ece_sweep(probs_NxC, labels_N)
+    smooth, sigma = calibration_metrics.smooth_ece(probs_NxC, labels_N)
+    return {
+        "ece": metrics.expected_calibration_error(probs_NxC, labels_N),
+        "ece_equal_mass": calibration_metrics.equal_mass_ece(probs_NxC, labels_N),
+        "ece_sweep": sweep, "ece_sweep_bins": sweep_bins,
+        "debiased_l2_ce": calibration_metrics.debiased_l2_ce(probs_NxC, labels_N),
+        "classwise_ece": calibration_metrics.classwise_ece(probs_NxC, labels_N),
+        "smooth_ece": smooth, "smooth_ece_sigma": sigma,
+    }
+
+
+# The calibration errors' bootstrap intervals are basic (2 point - q), not percentile:
+# binned errors are biased upwards, so their resamples sit above the estimate.
+CALIBRATION_INTERVALS = ("ece", "ece_equal_mass", "ece_sweep", "debiased_l2_ce",
+                         "classwise_ece", "smooth_ece")
 
 
 def _calibration_metrics(logits_NxC, labels_N, key, n_resamples) -> dict[str, Any]:
     probs_NxC = jax.nn.softmax(logits_NxC)
-    ece = metrics.bootstrap_ci(_ece, key, probs_NxC, labels_N, n_resamples=n_resamples)
-    return {
+    errors = metrics.bootstrap_ci(_calibration_errors, key, probs_NxC, labels_N,
+                                  n_resamples=n_resamples, method="basic")
+    out: dict[str, Any] = {
         "nll": float(metrics.nll(logits_NxC, labels_N)),
         "brier": float(metrics.brier_score(probs_NxC, labels_N)),
-        "ece": float(ece.point), "ece_ci95": [float(ece.low), float(ece.high)],
         "mce": float(metrics.max_calibration_error(probs_NxC, labels_N)),
+        "ece_sweep_bins": int(errors.point["ece_sweep_bins"]),
+        "smooth_ece_sigma": float(errors.point["smooth_ece_sigma"]),
     }
+    for name in CALIBRATION_INTERVALS:  # an error is >= 0, and so is its interval
+        out[name] = float(errors.point[name])
+        out[name + "_ci95"] = [max(0.0, float(errors.low[name])),
+                               max(0.0, float(errors.high[name]))]
+    return out
 
 
 def compute_report(logits_NxC, labels_N, val_logits_NxC=None, val_labels_N=None, *, key,
@@ -74,6 +97,7 @@ def compute_report(logits_NxC, labels_N, val_logits_NxC=None, val_labels_N=None,
         "before_temperature": _calibration_metrics(logits_NxC, labels_N, cal_key, n_resamples),
         "after_temperature": _calibration_metrics(scaled_NxC, labels_N, cal_key, n_resamples),
         "bootstrap_resamples": n_resamples,
+        "calibration_interval": "basic",
     }
 
 
@@ -114,11 +138,22 @@ def format_report(report: dict[str, Any], preds_N, labels_N, run_dir,
         f"calibration    before T    after T   ({t_note})",
         f"NLL            {b['nll']:8.4f}   {a['nll']:8.4f}",
         f"Brier          {b['brier']:8.4f}   {a['brier']:8.4f}",
-        f"ECE (15 bins)  {pct(b['ece']):>8}   {pct(a['ece']):>8}",
-        f"  95% CI       {ci_pair(b['ece_ci95'])}   {ci_pair(a['ece_ci95'])}",
         f"MCE            {pct(b['mce']):>8}   {pct(a['mce']):>8}",
     ]
+    for name, label in CALIBRATION_ROWS:
+        lines += [f"{label:<15}{pct(b[name]):>8}   {pct(a[name]):>8}",
+                  f"  95% CI       {ci_pair(b[name + '_ci95'])}   {ci_pair(a[name + '_ci95'])}"]
+    lines += [f"(ECE_sweep bins: {b['ece_sweep_bins']} before T, {a['ece_sweep_bins']} after; "
+              f"SmoothECE bandwidth: {b['smooth_ece_sigma']:.4f} before, "
+              f"{a['smooth_ece_sigma']:.4f} after)",
+              "(calibration errors: basic bootstrap intervals, 2 x estimate - percentiles, "
+              "which correct for their upward bias and may lie below the estimate)"]
     return "\n".join(lines) + "\n"
+
+
+CALIBRATION_ROWS = (("ece", "ECE (15 bins)"), ("ece_equal_mass", "ECE equal-mass"),
+                    ("ece_sweep", "ECE_sweep"), ("debiased_l2_ce", "debiased l2-CE"),
+                    ("classwise_ece", "classwise ECE"), ("smooth_ece", "SmoothECE"))
 
 
 def ci_pair(bounds) -> str:

@@ -1,0 +1,193 @@
+"""Each calibration error of fmnist_jax.calibration_metrics equals an independent float64 numpy
+version of its paper's definition within 1e-6, on random and on trained-model logits; SmoothECE
+also equals relplot's smECE where relplot is installed."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fmnist_jax import calibration_metrics as cm
+from fmnist_jax import metrics
+
+TOL = 1e-6
+
+
+def _top1(probs, labels):
+    probs = np.asarray(probs, np.float32)
+    return probs.max(1).astype(np.float64), (probs.argmax(1) == labels).astype(np.float64)
+
+
+def _bins(conf, n_bins):
+    return np.array_split(np.argsort(conf, kind="stable"), n_bins)
+
+
+def ref_equal_mass_ece(probs, labels, n_bins=15):
+    conf, hit = _top1(probs, labels)
+    return sum(abs(np.sum(hit[b] - conf[b])) for b in _bins(conf, n_bins)) / len(conf)
+
+
+def ref_ece_sweep(probs, labels):
+    conf, hit = _top1(probs, labels)
+    best = 1
+    for b in range(2, len(conf) + 1):
+        acc = [hit[idx].mean() for idx in _bins(conf, b)]
+        if np.any(np.diff(acc) < 0):
+            break
+        best = b
+    return ref_equal_mass_ece(probs, labels, best), best
+
+
+def ref_debiased_l2(probs, labels, n_bins=15):
+    conf, hit = _top1(probs, labels)
+    total = 0.0
+    for idx in _bins(conf, n_bins):
+        if len(idx) >= 2:
+            acc = hit[idx].mean()
+            total += len(idx) / len(conf) * (
+                (acc - conf[idx].mean()) ** 2 - acc * (1 - acc) / (len(idx) - 1))
+    return np.sqrt(max(total, 0.0))
+
+
+def ref_classwise_ece(probs, labels, n_bins=15):
+    probs = np.asarray(probs, np.float32)
+    n, c = probs.shape
+    edges = metrics.bin_edges(n_bins)
+    total = 0.0
+    for k in range(c):
+        p = probs[:, k].astype(np.float64)
+        target = (labels == k).astype(np.float64)
+        which = np.searchsorted(edges, probs[:, k], side="right") - 1
+        total += sum(abs(np.sum(target[which == b] - p[which == b])) for b in range(n_bins + 1))
+    return total / (n * c)
+
+
+def ref_smooth_ece(probs, labels):
+    """relplot 1.0.3's smECE(f, y, return_width=True), written out: a reflected-Gaussian kernel
+    regression of f - y on a grid, and the bandwidth search for smECE_sigma = sigma."""
+    f, y = _top1(probs, labels)
+
+    def apply(values_at, sigma, t):
+        e = max(2000, round(20 / sigma)) // 2 + 1
+        grid = np.zeros(e)
+        b = (f * (e - 1)).astype(int).clip(0, e - 2)
+        frac = f * (e - 1) - b
+        np.add.at(grid, b, (1 - frac) * values_at)
+        np.add.at(grid, b + 1, frac * values_at)
+        x = np.linspace(0, 1, e)
+        kernel = np.exp(-(x - 0.5) ** 2 / (2 * sigma ** 2)) / (np.sqrt(2 * np.pi) * sigma)
+        ext = np.concatenate([np.flip(grid)[:-1], grid, np.flip(grid)[1:]])
+        smoothed = np.convolve(ext, kernel, "valid")[e // 2: e // 2 + e]
+        ind = (t * (e - 1)).astype(int).clip(0, e - 2)
+        r = (t - ind / (e - 1)) * (e - 1)
+        return smoothed[ind] * (1 - r) + smoothed[ind + 1] * r
+
+    def at(sigma):
+        t = np.linspace(0, 1, max(round(10 / sigma), 200))
+        dens = apply(np.ones_like(f), sigma, t) + 0.0001
+        rs = apply(f - y, sigma, t) / dens
+        return np.sum(np.abs(rs) * dens) / np.sum(dens)
+
+    def wide(alpha):
+        return alpha < 0.001 or alpha < at(alpha)
+
+    start, end = 1.0, 0.0
+    if not wide(1.0):
+        for _ in range(10):
+            mid = (start + end) / 2
+            start, end = (start, mid) if wide(mid) else (mid, end)
+    return at(start), start
+
+
+def _random_case(seed, n=2000, c=10, scale=3.0):
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(n, c)).astype(np.float32) * scale
+    labels = rng.integers(0, c, n)
+    # Half the labels follow the logits, so accuracies and confidences are not unrelated.
+    follow = rng.random(n) < 0.5
+    labels[follow] = logits[follow].argmax(1)
+    return np.asarray(jax.nn.softmax(jnp.asarray(logits))), labels
+
+
+@pytest.fixture(scope="module")
+def trained_case(tiny_run):
+    """Probabilities of the session's tiny trained LeNet-5 on 300 held-out images."""
+    from fmnist_jax.run import folder
+    from fmnist_jax.steps import predict_logits
+    from tests.helpers import make_split
+
+    run_dir, state, _ = tiny_run
+    test = make_split(300, seed=1)
+    logits = predict_logits(state, jnp.asarray(test.images_NxHxWx1), batch_size=100,
+                            norm=folder.load_normalization(run_dir))
+    return np.asarray(jax.nn.softmax(logits)), np.asarray(test.labels_N)
+
+
+CASES = [("random", 0), ("random", 1), ("random-10k", 2), ("trained", None)]
+
+
+@pytest.fixture(params=CASES, ids=[c[0] + str(c[1]) for c in CASES])
+def case(request):
+    kind, seed = request.param
+    if kind == "trained":
+        return request.getfixturevalue("trained_case")
+    return _random_case(seed, n=10_000 if kind == "random-10k" else 2000)
+
+
+def test_equal_mass_ece_matches_reference(case):
+    probs, labels = case
+    got = jax.jit(cm.equal_mass_ece)(probs, labels)
+    assert float(got) == pytest.approx(ref_equal_mass_ece(probs, labels), abs=TOL)
+
+
+def test_ece_sweep_matches_reference(case):
+    probs, labels = case
+    got, bins = jax.jit(cm.ece_sweep)(probs, labels)
+    want, want_bins = ref_ece_sweep(probs, labels)
+    assert int(bins) == want_bins
+    assert float(got) == pytest.approx(want, abs=TOL)
+
+
+def test_debiased_l2_matches_reference(case):
+    probs, labels = case
+    got = jax.jit(cm.debiased_l2_ce)(probs, labels)
+    assert float(got) == pytest.approx(ref_debiased_l2(probs, labels), abs=TOL)
+
+
+def test_classwise_ece_matches_reference(case):
+    probs, labels = case
+    got = jax.jit(cm.classwise_ece)(probs, labels)
+    assert float(got) == pytest.approx(ref_classwise_ece(probs, labels), abs=TOL)
+
+
+def test_smooth_ece_matches_reference(case):
+    probs, labels = case
+    got, sigma = jax.jit(cm.smooth_ece)(probs, labels)
+    want, want_sigma = ref_smooth_ece(probs, labels)
+    assert float(sigma) == pytest.approx(want_sigma, abs=1e-9)
+    assert float(got) == pytest.approx(want, abs=TOL)
+
+
+def test_smooth_ece_matches_relplot(case):
+    relplot = pytest.importorskip("relplot")
+    probs, labels = case
+    f, y = _top1(probs, labels)
+    want, want_sigma = relplot.smECE(f, y, return_width=True)
+    got, sigma = jax.jit(cm.smooth_ece)(probs, labels)
+    assert float(sigma) == pytest.approx(want_sigma, abs=1e-9)
+    assert float(got) == pytest.approx(want, abs=TOL)
+
+
+def test_a_calibrated_model_scores_near_zero_and_a_miscalibrated_one_does_not():
+    """Labels drawn from the model's own probabilities: every error is small; sharpening the
+    same probabilities makes the model overconfident and every error grows."""
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(10_000, 10)).astype(np.float32) * 2
+    probs = np.asarray(jax.nn.softmax(jnp.asarray(logits)))
+    labels = (probs.cumsum(1) > rng.random((10_000, 1))).argmax(1)
+    sharp = np.asarray(jax.nn.softmax(jnp.asarray(logits) * 3))
+    for fn in (cm.equal_mass_ece, cm.debiased_l2_ce, cm.classwise_ece,
+               lambda p, y: cm.ece_sweep(p, y)[0], lambda p, y: cm.smooth_ece(p, y)[0]):
+        calibrated, overconfident = float(fn(probs, labels)), float(fn(sharp, labels))
+        assert calibrated < 0.02 and overconfident > max(0.05, 5 * calibrated), (
+            calibrated, overconfident)
