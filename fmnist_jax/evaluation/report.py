@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fmnist_jax import calibration_metrics, data, metrics, streams
+from fmnist_jax import data, metrics, streams
 from fmnist_jax.evaluation import plots
 from fmnist_jax.run import checkpoints, folder, results
 from fmnist_jax.run.history import load_history
@@ -33,14 +33,14 @@ def _macro_f1(probs_NxC, labels_N):
 
 def _calibration_errors(probs_NxC, labels_N) -> dict[str, jax.Array]:
     """Every calibration error of the report, one pytree so one bootstrap resamples them all."""
-    sweep, sweep_bins = calibration_metrics.ece_sweep(probs_NxC, labels_N)
-    smooth, sigma = calibration_metrics.smooth_ece(probs_NxC, labels_N)
+    sweep, sweep_bins = metrics.ece_sweep(probs_NxC, labels_N)
+    smooth, sigma = metrics.smooth_ece(probs_NxC, labels_N)
     return {
         "ece": metrics.expected_calibration_error(probs_NxC, labels_N),
-        "ece_equal_mass": calibration_metrics.equal_mass_ece(probs_NxC, labels_N),
+        "ece_equal_mass": metrics.equal_mass_ece(probs_NxC, labels_N),
         "ece_sweep": sweep, "ece_sweep_bins": sweep_bins,
-        "debiased_l2_ce": calibration_metrics.debiased_l2_ce(probs_NxC, labels_N),
-        "classwise_ece": calibration_metrics.classwise_ece(probs_NxC, labels_N),
+        "debiased_l2_ce": metrics.debiased_l2_ce(probs_NxC, labels_N),
+        "classwise_ece": metrics.classwise_ece(probs_NxC, labels_N),
         "smooth_ece": smooth, "smooth_ece_sigma": sigma,
     }
 

@@ -13,6 +13,8 @@ checked against tools everyone knows; the tests compare them within 1e-6. Conven
 - ECE/MCE bin the top-1 confidence exactly as torchmetrics' MulticlassCalibrationError
   (edges, edge rule and the extra bin for confidence 1.0: see `reliability_diagram`).
 - AUC-ROC is one-vs-rest on the scores, ties counted half, as sklearn's `roc_auc_score`.
+- The calibration errors of later work (equal-mass ECE, ECE_sweep, a debiased l2 error,
+  classwise ECE, SmoothECE) live in `calibration_errors` and are re-exported here.
 
 Functions taking `num_classes`/`average`/`n_bins` need them static under `jax.jit`. Host-side
 helpers (`classification_report_*`) return Python values. Internals trust their inputs
@@ -31,6 +33,8 @@ import numpy as np
 import optax
 
 from fmnist_jax.errors import FmnistError
+from fmnist_jax.metrics.calibration_errors import (  # noqa: F401 (re-exported)
+    bin_edges, classwise_ece, debiased_l2_ce, ece_sweep, equal_mass_ece, smooth_ece)
 from fmnist_jax.models import NUM_CLASSES
 
 AVERAGES = (None, "macro", "weighted")
@@ -152,19 +156,6 @@ def brier_score(probs_NxC: jax.Array, labels_N: jax.Array) -> jax.Array:
     brier_score_loss; some texts divide by C or score only the true class instead."""
     onehot_NxC = jax.nn.one_hot(labels_N, probs_NxC.shape[1], dtype=probs_NxC.dtype)
     return jnp.mean(jnp.sum((probs_NxC - onehot_NxC) ** 2, axis=1))
-
-
-def bin_edges(n_bins: int) -> np.ndarray:
-    """The n_bins + 1 float32 edges torch.linspace(0, 1, n_bins + 1) makes on CPU.
-
-    They are not always the float32 nearest to k / n_bins (for 15 bins the edge at 0.4 is
-    0.40000004): torch rounds step * k below halfway and 1 - step * (n_bins - k) from there,
-    once each, with step = float32(1 / n_bins). Matching them only matters for a confidence
-    exactly on an edge; checked against torch 2.13 (x86) for n_bins up to 399.
-    """
-    step = float(np.float32(1.0) / np.float32(n_bins))  # exact in float64, as are the products
-    k = np.arange(n_bins + 1)
-    return np.where(k < (n_bins + 1) // 2, step * k, 1.0 - step * (n_bins - k)).astype(np.float32)
 
 
 class Reliability(NamedTuple):

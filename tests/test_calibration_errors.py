@@ -1,4 +1,4 @@
-"""Each calibration error of fmnist_jax.calibration_metrics equals an independent float64 numpy
+"""Each calibration error of fmnist_jax.metrics equals an independent float64 numpy
 version of its paper's definition within 1e-6, on random and on trained-model logits; SmoothECE
 also equals relplot's smECE where relplot is installed."""
 
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fmnist_jax import calibration_metrics as cm
+from fmnist_jax import metrics as cm
 from fmnist_jax import metrics
 
 TOL = 1e-6

@@ -1,7 +1,7 @@
 """Calibration errors beyond the 15 equal-width bins of `metrics.expected_calibration_error`.
 
 Pure, jittable JAX functions of probabilities (N, C) and int labels (N,), each equal to an
-independent numpy reference in tests/test_calibration_metrics.py within 1e-6:
+independent numpy reference in tests/test_calibration_errors.py within 1e-6:
 
 - `equal_mass_ece`: top-1 ECE over bins holding equally many examples (Nixon et al. 2019,
   "Measuring calibration in deep learning"; Roelofs et al. 2022's ECE_EM).
@@ -26,7 +26,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fmnist_jax.metrics import bin_edges
+
+
+def bin_edges(n_bins: int) -> np.ndarray:
+    """The n_bins + 1 float32 edges torch.linspace(0, 1, n_bins + 1) makes on CPU.
+
+    They are not always the float32 nearest to k / n_bins (for 15 bins the edge at 0.4 is
+    0.40000004): torch rounds step * k below halfway and 1 - step * (n_bins - k) from there,
+    once each, with step = float32(1 / n_bins). Matching them only matters for a confidence
+    exactly on an edge; checked against torch 2.13 (x86) for n_bins up to 399.
+    """
+    step = float(np.float32(1.0) / np.float32(n_bins))  # exact in float64, as are the products
+    k = np.arange(n_bins + 1)
+    return np.where(k < (n_bins + 1) // 2, step * k, 1.0 - step * (n_bins - k)).astype(np.float32)
 
 
 def _top1(probs_NxC: jax.Array, labels_N: jax.Array) -> tuple[jax.Array, jax.Array]:
