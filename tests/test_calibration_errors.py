@@ -191,3 +191,33 @@ def test_a_calibrated_model_scores_near_zero_and_a_miscalibrated_one_does_not():
         calibrated, overconfident = float(fn(probs, labels)), float(fn(sharp, labels))
         assert calibrated < 0.02 and overconfident > max(0.05, 5 * calibrated), (
             calibrated, overconfident)
+
+
+def test_smooth_reliability_matches_relplot(case):
+    """The curve of the reliability figure, at the case's own SmoothECE bandwidth, is relplot's
+    kernel smoother of hits on confidences."""
+    pytest.importorskip("relplot")
+    from relplot.estimators import KernelSmoother
+    from relplot.kernels import ReflectedGaussianKernel
+
+    probs, labels = case
+    f, y = _top1(probs, labels)
+    _, sigma = jax.jit(cm.smooth_ece)(probs, labels)
+    got = jax.jit(cm.smooth_reliability)(probs, labels, sigma)
+    t = np.linspace(0, 1, cm.SMOOTH_CURVE_POINTS).reshape(-1, 1)
+    want = KernelSmoother(ReflectedGaussianKernel(float(sigma))).fit(f.reshape(-1, 1), y).predict(t)
+    np.testing.assert_allclose(np.asarray(got), want, atol=TOL, rtol=0)
+
+
+def test_a_bootstrap_passes_its_constants_to_every_resample():
+    probs, labels = _random_case(4, n=500)
+    sigma = jnp.float32(0.05)
+    key = jax.random.PRNGKey(0)
+    given = cm.bootstrap_ci(cm.smooth_reliability, key, probs, labels, constants=(sigma,),
+                            n_resamples=20)
+    closed = cm.bootstrap_ci(lambda p, y: cm.smooth_reliability(p, y, sigma), key, probs,
+                             labels, n_resamples=20)
+    for a, b in zip(given, closed):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=TOL)  # sigma folded in
+    wider = cm.smooth_reliability(probs, labels, jnp.float32(0.3))
+    assert np.max(np.abs(np.asarray(given.point) - np.asarray(wider))) > 1e-3

@@ -76,6 +76,35 @@ def test_report_gives_every_calibration_error_with_an_interval(evaluated_run):
     assert saved["after_temperature"]["smooth_ece"] == report["after_temperature"]["smooth_ece"]
 
 
+def test_the_reliability_figure_has_the_smooth_curve_and_its_band(evaluated_run):
+    """report.json keeps the curve the figure draws: relplot's smoother of the test set at
+    the SmoothECE bandwidth, inside its own band where the images are."""
+    import jax
+    import jax.numpy as jnp
+
+    from fmnist_jax import metrics
+    from fmnist_jax.evaluation.report import load_run
+    from fmnist_jax.models import get_model
+    from fmnist_jax.steps import inference_state, predict_logits
+
+    run_dir, report, _, test = evaluated_run
+    run = load_run(run_dir)
+    logits_NxC = predict_logits(inference_state(get_model(run.config.model), run.variables),
+                                jnp.asarray(test.images_NxHxWx1), batch_size=128,
+                                norm=run.normalization)
+    section = report["before_temperature"]
+    curve = section["smooth_reliability"]
+    want = metrics.smooth_reliability(jax.nn.softmax(logits_NxC), jnp.asarray(test.labels_N),
+                                      jnp.float32(section["smooth_ece_sigma"]))
+    np.testing.assert_allclose(curve["accuracy"], np.asarray(want), atol=1e-6)
+    t, low, high = (np.asarray(curve[k]) for k in ("confidence", "ci95_low", "ci95_high"))
+    assert len(t) == metrics.SMOOTH_CURVE_POINTS and np.all(low <= high + 1e-7)
+    seen = (t >= curve["seen"][0]) & (t <= curve["seen"][1])
+    inside = (low - 1e-6 <= want) & (want <= high + 1e-6)
+    assert np.mean(inside[seen]) > 0.9
+    assert curve["seen"][0] >= 0.1 - 1e-6  # the top-1 confidence of 10 classes
+
+
 def test_calibration_intervals_correct_the_bias_of_a_calibrated_model():
     """Labels drawn from the model's own probabilities: the 15-bin ECE is pure upward bias.
     A percentile interval would lean above the estimate; the basic interval leans below."""

@@ -38,16 +38,20 @@ def plot_confusion_matrix(cm_CxC: np.ndarray, class_names: Sequence[str], path: 
     plt.close(fig)
 
 
-def plot_reliability(before: Reliability, after: Reliability, ece_before: float,
-                     ece_after: float, temperature: float, path: Path) -> None:
-    """Accuracy against mean confidence per bin, before and after temperature scaling.
+def plot_reliability(panels: Sequence[tuple[Reliability, dict, str]], path: Path) -> None:
+    """Accuracy against confidence, one panel per (bins, calibration section of the report,
+    title): before and after calibration.
 
-    Bars at each non-empty bin's mean confidence; the diagonal is perfect calibration.
+    Bars at each non-empty bin's mean confidence, and the SmoothECE curve (the kernel
+    regression at the SmoothECE bandwidth) with its 95% bootstrap band; the diagonal is
+    perfect calibration.
     """
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5.5), sharey=True)
-    panels = [(before, f"before: T = 1, ECE {100 * ece_before:.2f}%"),
-              (after, f"after: T = {temperature:.3f}, ECE {100 * ece_after:.2f}%")]
-    for ax, (rel, title) in zip(axes, panels):
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 5.5), sharey=True)
+    axes = np.atleast_1d(axes)
+    titled = [(rel, section, f"{name}, ECE {100 * section['ece']:.2f}%, SmoothECE "
+                             f"{100 * section['smooth_ece']:.2f}%")
+              for rel, section, name in panels]
+    for ax, (rel, section, title) in zip(axes, titled):
         count = np.asarray(rel.count)
         lower = np.asarray(rel.lower)
         shown = count > 0
@@ -62,6 +66,14 @@ def plot_reliability(before: Reliability, after: Reliability, ece_before: float,
                      padding=2)  # how many images each bar stands on
         ax.plot(np.asarray(rel.confidence)[shown], np.asarray(rel.accuracy)[shown], "o",
                 color="C3", label="(mean confidence, accuracy)")
+        smooth = {k: np.asarray(v) for k, v in section["smooth_reliability"].items()}
+        seen = ((smooth["confidence"] >= smooth["seen"][0])  # no curve where no image is
+                & (smooth["confidence"] <= smooth["seen"][1]))
+        ax.fill_between(smooth["confidence"][seen], smooth["ci95_low"][seen],
+                        smooth["ci95_high"][seen], color="C2", alpha=0.25, linewidth=0,
+                        label="95% bootstrap band")
+        ax.plot(smooth["confidence"][seen], smooth["accuracy"][seen], color="C2",
+                label=f"smooth (bandwidth {section['smooth_ece_sigma']:.3f})")
         ax.plot([0, 1], [0, 1], "k--", label="perfect calibration")
         ax.axvline(1.0, color="grey", linewidth=0.8)
         ax.set_xlim(0, 1 + width)

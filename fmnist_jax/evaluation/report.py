@@ -66,6 +66,18 @@ def _calibration_metrics(logits_NxC, labels_N, key, n_resamples) -> dict[str, An
         out[name] = float(errors.point[name])
         out[name + "_ci95"] = [max(0.0, float(errors.low[name])),
                                max(0.0, float(errors.high[name]))]
+    # The curve whose gap to the diagonal SmoothECE measures, with a pointwise percentile
+    # band of the resampled curves at the same bandwidth, as relplot draws it (and from as
+    # many resamples as relplot's default: a band to look at, not a number to report).
+    curve = metrics.bootstrap_ci(metrics.smooth_reliability, jax.random.fold_in(key, 1),
+                                 probs_NxC, labels_N, n_resamples=min(n_resamples, 200),
+                                 constants=(errors.point["smooth_ece_sigma"],))
+    confidence_N = jnp.max(probs_NxC, axis=-1)
+    out["smooth_reliability"] = {
+        "confidence": np.linspace(0.0, 1.0, metrics.SMOOTH_CURVE_POINTS).tolist(),
+        "seen": [float(jnp.min(confidence_N)), float(jnp.max(confidence_N))],
+        "accuracy": np.asarray(curve.point).tolist(),
+        "ci95_low": np.asarray(curve.low).tolist(), "ci95_high": np.asarray(curve.high).tolist()}
     return out
 
 
@@ -235,8 +247,8 @@ def _write_plots(run_dir: Path, report, logits_NxC, labels_N, history) -> None:
     before = metrics.reliability_diagram(jax.nn.softmax(logits_NxC), labels_N)
     after = metrics.reliability_diagram(jax.nn.softmax(apply_temperature(logits_NxC, t)),
                                         labels_N)
-    plots.plot_reliability(before, after, report["before_temperature"]["ece"],
-                           report["after_temperature"]["ece"], t,
+    plots.plot_reliability([(before, report["before_temperature"], "before: T = 1"),
+                            (after, report["after_temperature"], f"after: T = {t:.3f}")],
                            results.plot_path(run_dir, "reliability"))
     if history:
         plots.plot_training_curves(history, results.plot_path(run_dir, "curves"))

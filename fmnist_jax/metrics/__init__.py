@@ -34,7 +34,8 @@ import optax
 
 from fmnist_jax.errors import FmnistError
 from fmnist_jax.metrics.calibration_errors import (  # noqa: F401 (re-exported)
-    bin_edges, classwise_ece, debiased_l2_ce, ece_sweep, equal_mass_ece, smooth_ece)
+    SMOOTH_CURVE_POINTS, bin_edges, classwise_ece, debiased_l2_ce, ece_sweep, equal_mass_ece,
+    smooth_ece, smooth_reliability)
 from fmnist_jax.models import NUM_CLASSES
 
 AVERAGES = (None, "macro", "weighted")
@@ -221,8 +222,10 @@ BOOTSTRAP_METHODS = ("percentile", "basic")
                                              "method"))
 def bootstrap_ci(metric_fn: Callable[..., Any], key: jax.Array, *arrays: jax.Array,
                  n_resamples: int = 1000, level: float = 0.95,
-                 batch_size: int = 50, method: str = "percentile") -> Interval:
-    """Bootstrap interval of `metric_fn(*arrays)`, resampling examples (axis 0).
+                 batch_size: int = 50, method: str = "percentile",
+                 constants: tuple = ()) -> Interval:
+    """Bootstrap interval of `metric_fn(*arrays, *constants)`, resampling the examples (axis
+    0) of `arrays`; `constants` (e.g. a bandwidth) are passed to every resample unchanged.
 
     Resample r draws N indices with replacement using `split(key, n_resamples)[r]`: the
     result depends on `key` and `n_resamples` only. `batch_size` resamples at a time are
@@ -248,12 +251,12 @@ def bootstrap_ci(metric_fn: Callable[..., Any], key: jax.Array, *arrays: jax.Arr
 
     def one_fn(resample_key):
         idx_N = jax.random.randint(resample_key, (n,), 0, n)
-        return metric_fn(*(a[idx_N] for a in arrays))
+        return metric_fn(*(a[idx_N] for a in arrays), *constants)
 
     stats = jax.lax.map(one_fn, jax.random.split(key, n_resamples), batch_size=batch_size)
     q = 50.0 * jnp.array([1.0 - level, 1.0 + level])
     bounds = jax.tree_util.tree_map(lambda s: jnp.percentile(s, q, axis=0), stats)
-    point = metric_fn(*arrays)
+    point = metric_fn(*arrays, *constants)
     if method == "basic":
         return Interval(point=point,
                         low=jax.tree_util.tree_map(lambda p, b: 2 * p - b[1], point, bounds),

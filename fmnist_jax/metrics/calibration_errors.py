@@ -13,6 +13,8 @@ independent numpy reference in tests/test_calibration_errors.py within 1e-6:
   (Kull et al. 2019, "Beyond temperature scaling"), 15 equal-width bins.
 - `smooth_ece`: SmoothECE with its bandwidth (Blasiok & Nakkiran 2024, "Smooth ECE"),
   computed as their reference implementation `relplot.smECE` computes it.
+- `smooth_reliability`: the curve of their reliability diagram, accuracy against confidence
+  by the same kernel regression (relplot's `KernelSmoother`), at a given bandwidth.
 
 Equal-mass bins split the examples sorted by confidence (a stable sort) as numpy's
 `array_split` does: the first N % B bins hold one example more. `n_bins` is static under jit.
@@ -220,3 +222,17 @@ def smooth_ece(probs_NxC: jax.Array, labels_N: jax.Array) -> tuple[jax.Array, ja
     start, _ = jax.lax.fori_loop(0, _REFINE, halve, (jnp.float32(1.0), jnp.float32(0.0)))
     sigma = jnp.where(too_wide(jnp.float32(1.0)), 1.0, start)
     return _smooth_ece_at(f_N, y_N, sigma), sigma
+
+
+SMOOTH_CURVE_POINTS = 201  # the confidences 0, 0.005, ..., 1 at which the curve is drawn
+
+
+def smooth_reliability(probs_NxC: jax.Array, labels_N: jax.Array, sigma: jax.Array, *,
+                       n_points: int = SMOOTH_CURVE_POINTS) -> jax.Array:
+    """(n_points,) the expected top-1 hit at confidences linspace(0, 1, n_points): the
+    reflected-Gaussian kernel regression of hits on confidences with bandwidth `sigma` (the
+    SmoothECE bandwidth draws the curve whose gap to the diagonal SmoothECE measures), as
+    relplot.estimators.KernelSmoother(ReflectedGaussianKernel(sigma)).predict."""
+    f_N, y_N = _top1(probs_NxC, labels_N)
+    curve_M, _ = _smooth_at(f_N, y_N, jnp.linspace(0.0, 1.0, n_points), sigma)
+    return curve_M
