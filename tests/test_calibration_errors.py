@@ -221,3 +221,17 @@ def test_a_bootstrap_passes_its_constants_to_every_resample():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=TOL)  # sigma folded in
     wider = cm.smooth_reliability(probs, labels, jnp.float32(0.3))
     assert np.max(np.abs(np.asarray(given.point) - np.asarray(wider))) > 1e-3
+
+
+def test_equal_width_bins_of_values_on_and_beside_every_edge_are_searchsorted_bins():
+    """The bins of classwise ECE: floor(p * n_bins), corrected, is searchsorted, for every
+    float32 on and beside every edge (floor alone misses both ways, e.g. at 4/7 and 3/7)."""
+    bin_fn = jax.jit(cm.calibration_errors.equal_width_bin, static_argnames="n_bins")
+    for n_bins in range(1, 60):
+        edges = cm.bin_edges(n_bins)
+        near = np.concatenate([edges, np.nextafter(edges, np.float32(-1)),
+                               np.nextafter(edges, np.float32(2))]).astype(np.float32)
+        near = near[(near >= 0) & (near <= 1)]
+        np.testing.assert_array_equal(np.asarray(bin_fn(near, n_bins=n_bins)),
+                                      np.searchsorted(edges, near, side="right") - 1,
+                                      err_msg=f"{n_bins} bins")

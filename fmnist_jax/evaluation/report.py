@@ -32,14 +32,15 @@ def _macro_f1(probs_NxC, labels_N):
 
 
 def _calibration_errors(probs_NxC, labels_N) -> dict[str, jax.Array]:
-    """Every calibration error of the report, one pytree so one bootstrap resamples them all."""
-    sweep, sweep_bins = metrics.ece_sweep(probs_NxC, labels_N)
+    """Every calibration error of the report, one pytree so one bootstrap resamples them all;
+    the examples come sorted by confidence (`metrics.sort_by_confidence`)."""
+    sweep, sweep_bins = metrics.ece_sweep(probs_NxC, labels_N, presorted=True)
     smooth, sigma = metrics.smooth_ece(probs_NxC, labels_N)
     return {
         "ece": metrics.expected_calibration_error(probs_NxC, labels_N),
-        "ece_equal_mass": metrics.equal_mass_ece(probs_NxC, labels_N),
+        "ece_equal_mass": metrics.equal_mass_ece(probs_NxC, labels_N, presorted=True),
         "ece_sweep": sweep, "ece_sweep_bins": sweep_bins,
-        "debiased_l2_ce": metrics.debiased_l2_ce(probs_NxC, labels_N),
+        "debiased_l2_ce": metrics.debiased_l2_ce(probs_NxC, labels_N, presorted=True),
         "classwise_ece": metrics.classwise_ece(probs_NxC, labels_N),
         "smooth_ece": smooth, "smooth_ece_sigma": sigma,
     }
@@ -53,8 +54,10 @@ CALIBRATION_INTERVALS = ("ece", "ece_equal_mass", "ece_sweep", "debiased_l2_ce",
 
 def _calibration_metrics(logits_NxC, labels_N, key, n_resamples) -> dict[str, Any]:
     probs_NxC = jax.nn.softmax(logits_NxC)
-    errors = metrics.bootstrap_ci(_calibration_errors, key, probs_NxC, labels_N,
-                                  n_resamples=n_resamples, method="basic")
+    # Sorted once: every resample keeps the order, and the equal-mass errors skip their sort.
+    errors = metrics.bootstrap_ci(_calibration_errors, key,
+                                  *metrics.sort_by_confidence(probs_NxC, labels_N),
+                                  n_resamples=n_resamples, method="basic", ordered=True)
     out: dict[str, Any] = {
         "nll": float(metrics.nll(logits_NxC, labels_N)),
         "brier": float(metrics.brier_score(probs_NxC, labels_N)),

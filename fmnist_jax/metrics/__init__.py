@@ -35,7 +35,7 @@ import optax
 from fmnist_jax.errors import FmnistError
 from fmnist_jax.metrics.calibration_errors import (  # noqa: F401 (re-exported)
     SMOOTH_CURVE_POINTS, bin_edges, classwise_ece, debiased_l2_ce, ece_sweep, equal_mass_ece,
-    smooth_ece, smooth_reliability)
+    smooth_ece, smooth_reliability, sort_by_confidence)
 from fmnist_jax.models import NUM_CLASSES
 
 AVERAGES = (None, "macro", "weighted")
@@ -219,13 +219,16 @@ BOOTSTRAP_METHODS = ("percentile", "basic")
 
 
 @functools.partial(jax.jit, static_argnames=("metric_fn", "n_resamples", "level", "batch_size",
-                                             "method"))
+                                             "method", "ordered"))
 def bootstrap_ci(metric_fn: Callable[..., Any], key: jax.Array, *arrays: jax.Array,
                  n_resamples: int = 1000, level: float = 0.95,
                  batch_size: int = 50, method: str = "percentile",
-                 constants: tuple = ()) -> Interval:
+                 constants: tuple = (), ordered: bool = False) -> Interval:
     """Bootstrap interval of `metric_fn(*arrays, *constants)`, resampling the examples (axis
     0) of `arrays`; `constants` (e.g. a bandwidth) are passed to every resample unchanged.
+    ordered=True hands each resample's examples to `metric_fn` in ascending index order (the
+    same draws, counted and laid out again in O(N)), so arrays sorted along axis 0 stay
+    sorted and a metric that sorts by a key (equal-mass bins) can skip its sort.
 
     Resample r draws N indices with replacement using `split(key, n_resamples)[r]`: the
     result depends on `key` and `n_resamples` only. `batch_size` resamples at a time are
@@ -251,6 +254,9 @@ def bootstrap_ci(metric_fn: Callable[..., Any], key: jax.Array, *arrays: jax.Arr
 
     def one_fn(resample_key):
         idx_N = jax.random.randint(resample_key, (n,), 0, n)
+        if ordered:
+            counts_N = jnp.zeros(n, jnp.int32).at[idx_N].add(1)
+            idx_N = jnp.repeat(jnp.arange(n), counts_N, total_repeat_length=n)
         return metric_fn(*(a[idx_N] for a in arrays), *constants)
 
     stats = jax.lax.map(one_fn, jax.random.split(key, n_resamples), batch_size=batch_size)
