@@ -54,6 +54,19 @@ def predict_times(predictor, images) -> dict[str, float]:
     return times
 
 
+def torch_calibrated(z, cal_map: dict):
+    """The JSON's calibration map applied in torch, as its "load" field spells it."""
+    import torch
+
+    params = {k: torch.tensor(v, dtype=torch.float32) for k, v in cal_map.items()
+              if k in ("temperature", "w", "b", "W")}
+    if cal_map["kind"] == "temperature":
+        return z / params["temperature"]
+    if cal_map["kind"] == "vector":
+        return z * params["w"] + params["b"]
+    return torch.log_softmax(z, dim=1) @ params["W"].T + params["b"]
+
+
 def check_run(run_dir: Path, images: np.ndarray, tmp: Path) -> list[dict]:
     predictor = predict.load_predictor(run_dir)
     want_NxC = predict.predict_probs(predictor, images)
@@ -104,7 +117,8 @@ def check_run(run_dir: Path, images: np.ndarray, tmp: Path) -> list[dict]:
         norm = meta["normalization"]
         x = ((torch.from_numpy(images.copy()).float() / 255 - norm["mean"]) / norm["std"])
         with torch.no_grad():
-            probs = torch.softmax(net(x.permute(0, 3, 1, 2)) / meta["temperature"], 1).numpy()
+            probs = torch.softmax(torch_calibrated(net(x.permute(0, 3, 1, 2)),
+                                                   meta["calibration"]), 1).numpy()
         rows.append({"model": model, "format": "torch (state_dict)",
                      "bytes": out.stat().st_size,
                      "diff": float(np.abs(probs - want_NxC).max())})
@@ -121,7 +135,7 @@ def markdown(rows: list[dict]) -> str:
     for r in rows:
         size = f"{r['bytes'] / 1024:,.0f} KiB" if "bytes" in r else ""
         diff = f"{r['diff']:.2e}" if "diff" in r else ""
-        temperature = f"{r['T']:.4g}" if "T" in r else ""
+        temperature = f"{r['T']:.4g}" if r.get("T") is not None else ""
         lines.append(f"| {r['model']} | {r['format']} | {temperature} | {size} | {diff} | "
                      f"{us(r, 'batch_1')} | {us(r, 'batch_1000')} |")
     return "\n".join(lines)

@@ -20,7 +20,8 @@ import os  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from fmnist_jax.cli_flags import (Parser, add_compile_cache_flag, add_config_flags,  # noqa: E402
+from fmnist_jax.cli_flags import (Parser, add_calibration_flag,  # noqa: E402
+                                  add_compile_cache_flag, add_config_flags,
                                   add_data_flags, add_device_flags, add_preset_flag,
                                   config_from_args, load_data, start_devices,
                                   use_compile_cache, user_errors_exit_1)
@@ -49,6 +50,7 @@ def train_parser() -> Parser:
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--no-report", action="store_true",
                      help="skip the evaluation report at the end (scripts/evaluate.py)")
+    add_calibration_flag(run)
     add_compile_cache_flag(run)
     add_device_flags(parser, distributed=True, seeds=True)
     add_data_flags(parser)
@@ -119,7 +121,7 @@ def train_main(argv: list[str] | None = None) -> int:
         from fmnist_jax.evaluation.report import evaluate_run
 
         for member in run.members or (run,):
-            evaluate_run(member.path, train=train, test=test)
+            evaluate_run(member.path, train=train, test=test, calibration=args.calibration)
     return 0
 
 
@@ -157,12 +159,13 @@ def _resumed_config(args: argparse.Namespace, *, speak: bool = True) -> TrainCon
 def evaluate_parser() -> Parser:
     parser = Parser(prog="evaluate.py",
                     description="Evaluate a run folder: classification report, confidence "
-                                "intervals, calibration before and after temperature scaling, "
+                                "intervals, calibration maps fit on validation, "
                                 "PNGs.")
     parser.add_argument("run_dir", help="a folder written by scripts/train.py (the folder of a "
                                         "--seeds run: every seed's run is evaluated)")
     parser.add_argument("--resamples", type=int, default=1000,
                         help="bootstrap resamples for the 95%% intervals (default 1000)")
+    add_calibration_flag(parser)
     add_compile_cache_flag(parser)
     add_data_flags(parser)
     return parser
@@ -182,7 +185,8 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     loaded = [load_run(run_dir) for run_dir in run_dirs]  # damaged ones fail before the data
     train, test = load_data(args)
     for run_dir, run in zip(run_dirs, loaded):
-        evaluate_run(run_dir, train=train, test=test, n_resamples=args.resamples, run=run)
+        evaluate_run(run_dir, train=train, test=test, n_resamples=args.resamples, run=run,
+                     calibration=args.calibration)
     return 0
 
 

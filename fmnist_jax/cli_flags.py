@@ -136,6 +136,20 @@ def add_data_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--test-csv", metavar="FILE", help="Kaggle's fashion-mnist_test.csv")
 
 
+# As run.results.CALIBRATION_KINDS (not imported: the flags parse before jax loads).
+CALIBRATIONS = ("temperature", "vector", "dirichlet")
+
+
+def add_calibration_flag(parser) -> None:
+    """--calibration: the map the evaluation fits on validation and predict/export apply. An
+    evaluation choice, not part of TrainConfig: a resumed run compares configs, not this."""
+    parser.add_argument("--calibration", choices=CALIBRATIONS, default="temperature",
+                        help="calibration map fit on the validation split, written to "
+                             "calibration.json and applied by predict and export: "
+                             "temperature (default), vector (scaling) or dirichlet (ODIR); "
+                             "the report compares all three either way")
+
+
 def add_compile_cache_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile-cache", metavar="DIR|none",
                         help=f"folder of XLA's persistent compilation cache: a later run with "

@@ -42,7 +42,8 @@ def random_predictor(model: str) -> predict.Predictor:
         stats["mean"] = rng.normal(0, 0.5, stats["mean"].shape).astype(np.float32)
         stats["var"] = rng.uniform(0.5, 2.0, stats["var"].shape).astype(np.float32)
     return predict.Predictor(config=get_config(model=model), variables=variables,
-                             normalization=Normalization(0.29, 0.35), temperature=1.7,
+                             normalization=Normalization(0.29, 0.35),
+                             calibration={"kind": "temperature", "temperature": 1.7},
                              calibrated=True, epoch=3)
 
 

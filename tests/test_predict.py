@@ -271,7 +271,8 @@ def test_top_k_must_be_1_to_10():
 def test_temperature_softens_the_probabilities_but_keeps_the_ranking(tmp_path, run_dir,
                                                                      images_3xHxWx1, logits_3xC):
     calibrated_dir = shutil.copytree(run_dir, tmp_path / "calibrated")
-    results.save_calibration(calibrated_dir, 2.0, n_validation=100)
+    results.save_calibration(calibrated_dir, {"kind": "temperature", "temperature": 2.0},
+                             n_validation=100)
     plain, calibrated = load_predictor(run_dir), load_predictor(calibrated_dir)
     assert calibrated.calibrated and calibrated.temperature == 2.0
     probs_1 = predict_probs(plain, images_3xHxWx1)

@@ -40,7 +40,10 @@ def test_report_agrees_with_training_and_writes_its_files(evaluated_run):
                  folder.CALIBRATION_FILE):
         assert (run_dir / name).stat().st_size > 0, name
     assert json.loads((run_dir / folder.REPORT_JSON_FILE).read_text())["temperature"] == report["temperature"]
-    assert results.load_temperature(run_dir) == report["temperature"] > 0
+    # The default map is temperature: calibration.json holds the report's T.
+    assert results.load_calibration(run_dir) == {"kind": "temperature",
+                                                 "temperature": report["temperature"]}
+    assert report["temperature"] > 0 and report["calibration"]["chosen"] == "temperature"
     text = (run_dir / folder.REPORT_TEXT_FILE).read_text()
     assert "Ankle boot" in text and "macro avg" in text and "ECE" in text
 
@@ -122,3 +125,23 @@ def test_calibration_intervals_correct_the_bias_of_a_calibrated_model():
     for name in ("ece", "ece_equal_mass"):
         low, high = before[name + "_ci95"]
         assert (low + high) / 2 < before[name], name
+
+
+def test_the_report_compares_every_map_fit_on_validation(evaluated_run):
+    """Each map's CV NLL on validation and its test numbers; "after" is the chosen map
+    (temperature by default), whose test NLL equals its row of the comparison."""
+    run_dir, report, _, _ = evaluated_run
+    calibration = report["calibration"]
+    table = calibration["maps"]
+    assert set(table) == {"none", "temperature", "vector", "dirichlet"}
+    for kind, row in table.items():
+        assert row["cv_nll_validation"] >= 0 and 0 <= row["accuracy"] <= 1, kind
+        assert {"nll", "brier", "ece", "smooth_ece", "predictions_changed"} <= set(row)
+    assert table["temperature"]["predictions_changed"] == 0  # T never changes an argmax
+    assert table["none"]["accuracy"] == pytest.approx(report["accuracy"], abs=1e-9)
+    assert report["after_temperature"]["nll"] == pytest.approx(table["temperature"]["nll"],
+                                                               rel=1e-5)
+    assert calibration["recommended"] == min(
+        ("temperature", "vector", "dirichlet"), key=lambda k: table[k]["cv_nll_validation"])
+    text = (run_dir / folder.REPORT_TEXT_FILE).read_text()
+    assert "CV NLL" in text and "the map to recommend: " + calibration["recommended"] in text

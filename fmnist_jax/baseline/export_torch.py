@@ -4,7 +4,8 @@ The weights go through the baseline's exchange (`exchange.flax_to_torch_state_di
 and are saved with `torch.save` so that `torch.load(path, weights_only=True)` reads them; the
 JSON beside the file names the class of `torch_models` to load them into. The torch model
 takes normalized float images (N, 1, 28, 28) and returns logits: the JSON gives the
-normalization and the temperature to apply around it.
+normalization and the calibration map to apply around them ("calibration", applied as
+`calibration.apply_calibration` does; "load" spells it out in torch).
 """
 
 from __future__ import annotations
@@ -14,6 +15,11 @@ from typing import Any
 
 from fmnist_jax.baseline import TORCH_MODELS, require_torch
 from fmnist_jax.errors import FmnistError
+
+
+# The calibration map in torch, on the model's logits z, with the JSON's "calibration" fields.
+TORCH_MAPS = {"temperature": "z / temperature", "vector": "z * w + b",
+              "dirichlet": "log_softmax(z, dim=1) @ W.T + b"}
 
 
 def check(model: str, logits: bool) -> None:
@@ -46,7 +52,8 @@ def export_torch(predictor, logits: bool = False) -> tuple[bytes, dict[str, Any]
                   "meaning": "normalized pixels (pixels / 255 - mean) / std, NCHW"},
         "outputs": ["logits"],
         "load": "model.load_state_dict(torch.load(path, weights_only=True)); "
-                "probabilities = softmax(model(x) / temperature, dim=1)"}
+                "probabilities = softmax(" + TORCH_MAPS[predictor.calibration["kind"]]
+                + ", dim=1)"}
 
 
 export_torch.check = check

@@ -2,8 +2,9 @@
 format (`jax.export`), and the JSON written beside each exported file.
 
 The StableHLO file is the whole inference as one serialized function: uint8 images
-(N, 28, 28, 1), N symbolic, in; the run's normalization, its model and its temperature T
-inside; softmax(logits / T) out (and the logits with `logits=True`). The parameters are
+(N, 28, 28, 1), N symbolic, in; the run's normalization, its model and its calibration map
+inside (`calibration.apply_calibration`, as predict applies it); the calibrated probabilities
+out (and the raw logits with `logits=True`). The parameters are
 constants of the function, so the file is all a user needs, with jax alone:
 
     import jax, numpy as np
@@ -29,7 +30,9 @@ import numpy as np
 
 from fmnist_jax.data import CLASS_NAMES
 from fmnist_jax.errors import FmnistError
-from fmnist_jax.evaluation.predict import Predictor, load_predictor
+from fmnist_jax.evaluation.calibration import identity_map
+from fmnist_jax.evaluation.predict import (Predictor, calibrated_probs, load_predictor,
+                                           temperature_of)
 from fmnist_jax.files import write_atomically
 from fmnist_jax.layers import portable_formulations
 from fmnist_jax.models import get_model
@@ -108,7 +111,8 @@ def metadata_of(predictor: Predictor, fmt: str, file_bytes: bytes, **extra: Any)
         "model": predictor.config.model,
         "epoch": predictor.epoch,
         "class_names": list(CLASS_NAMES),
-        "temperature": predictor.temperature,
+        "temperature": predictor.temperature,  # None unless the map is a temperature
+        "calibration": predictor.calibration,
         "calibrated": predictor.calibrated,
         "normalization": {"mean": predictor.normalization.mean,
                           "std": predictor.normalization.std,
@@ -132,13 +136,13 @@ def write_export(path: Path, file_bytes: bytes, meta: dict) -> None:
 
 def inference_fn(predictor: Predictor, *, logits: bool = False) -> Callable:
     """uint8 images (N, 28, 28, 1) -> probabilities (N, 10) [, logits (N, 10)]: the
-    function predict computes, with the weights, normalization and T as constants."""
+    function predict computes, with the weights, normalization and map as constants."""
     state = inference_state(get_model(predictor.config.model), predictor.variables)
-    norm, temperature = predictor.normalization, jnp.float32(predictor.temperature)
+    norm, cal_map = predictor.normalization, predictor.calibration
 
     def infer(images_NxHxWx1):
         logits_NxC = predict_logits_step(state, images_NxHxWx1, norm)
-        probs_NxC = jax.nn.softmax(logits_NxC / temperature, axis=-1)
+        probs_NxC = calibrated_probs(cal_map, logits_NxC)
         return (probs_NxC, logits_NxC) if logits else probs_NxC
 
     return infer
@@ -198,8 +202,16 @@ class ExportedModel:
     # What predict's output names, as a run folder's Predictor has it.
     model_name = property(lambda self: str(self.meta.get("model")))
     epoch = property(lambda self: self.meta.get("epoch"))
-    temperature = property(lambda self: float(self.meta.get("temperature", 1.0)))
     calibrated = property(lambda self: bool(self.meta.get("calibrated")))
+
+    @property
+    def calibration(self) -> dict:
+        """The map inside the file; an older JSON names only its temperature."""
+        if "calibration" in self.meta:
+            return self.meta["calibration"]
+        return {**identity_map(), "temperature": float(self.meta.get("temperature", 1.0))}
+
+    temperature = property(lambda self: temperature_of(self.calibration))
 
     def probs(self, images_NxHxWx1: np.ndarray, batch_size: int = 1024) -> np.ndarray:
         """Probabilities (N, 10), batch by batch; N padded to a power of two (up to

@@ -2,7 +2,8 @@
 
 The same function as the StableHLO export: uint8 images (N, 28, 28, 1) in, the run's
 normalization, the model in evaluation mode (BatchNorm's running statistics, no dropout) and
-softmax(logits / T) inside, probabilities (N, 10) out ("logits" too on request). Every model
+the run's calibration map inside (`calibration.apply_calibration` as ONNX operators),
+probabilities (N, 10) out (the raw "logits" too on request). Every model
 of `models.MODELS` is a short chain of standard operators (Conv, Relu, MaxPool, Gemm,
 GlobalAveragePool, Softmax), so the graph is built layer by layer from the parameters, with
 no converter between (jax2onnx's wheels pin an orbax-checkpoint older than the one the run
@@ -109,6 +110,22 @@ BUILDERS: dict[str, Callable[..., str]] = {"lenet5": _lenet5, "cnn": _cnn,
                                            "lenet5-gap": _lenet5_gap, "mlp": _mlp}
 
 
+def _calibrate(g: _Graph, logits: str, cal_map: dict) -> str:
+    """`calibration.apply_calibration` as operators (tests check the two agree)."""
+    kind = cal_map["kind"]
+    if kind == "temperature":
+        return g.op("Div", [logits, g.const("temperature", cal_map["temperature"])])
+    if kind == "vector":
+        scaled = g.op("Mul", [logits, g.const("calibration.w", cal_map["w"])])
+        return g.op("Add", [scaled, g.const("calibration.b", cal_map["b"])])
+    if kind == "dirichlet":  # log_softmax(logits) @ W.T + b
+        log_probs = g.op("LogSoftmax", [logits], axis=1)
+        weights_CxC = np.asarray(cal_map["W"], np.float32).T
+        return g.op("Gemm", [log_probs, g.const("calibration.W_T", weights_CxC),
+                             g.const("calibration.b", cal_map["b"])])
+    raise FmnistError(f"the onnx export knows no calibration map {kind!r}")
+
+
 def check(model: str, logits: bool) -> None:
     """Before any weight is read: the model has a graph here, and onnx is installed."""
     del logits
@@ -133,8 +150,8 @@ def export_onnx(predictor, logits: bool = False) -> tuple[bytes, dict[str, Any]]
     x = g.op("Div", [x, g.const("norm.std", predictor.normalization.std)])
     x = g.op("Transpose", [x], perm=[0, 3, 1, 2])  # NHWC -> NCHW, ONNX's layout
     logits_name = g.op("Identity", [BUILDERS[model](g, x, params, stats)], out="logits")
-    scaled = g.op("Div", [logits_name, g.const("temperature", predictor.temperature)])
-    g.op("Softmax", [scaled], out="probabilities", axis=1)
+    g.op("Softmax", [_calibrate(g, logits_name, predictor.calibration)], out="probabilities",
+         axis=1)
 
     def value(name, dtype, shape):
         return helper.make_tensor_value_info(name, dtype, shape)

@@ -11,9 +11,11 @@ so the garment keeps its aspect ratio, resized to 28x28); `dark_on_light=True` i
 ordinary photos and product shots, whose garment is darker than their white background.
 The model still sees nothing like a photo in training, so expect lower confidence there.
 
-Probabilities are softmax(logits / T) with the run's calibrated temperature T (fit on its
-validation split by the evaluation); without one, T = 1 and the probabilities are the raw softmax, which
-is usually overconfident. Dividing by T never changes the ranking of the classes.
+Probabilities are the softmax of the run's calibration map applied to the logits (the map
+in calibration.json, fit on its validation split by the evaluation: temperature, vector or
+Dirichlet, see `calibration.apply_calibration`); without one they are the raw softmax, which
+is usually overconfident. A temperature never changes the ranking of the classes; vector and
+Dirichlet maps can.
 """
 
 from __future__ import annotations
@@ -27,13 +29,13 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from fmnist_jax.run import checkpoints, folder, results
 from fmnist_jax.run.config import TrainConfig
 from fmnist_jax.data import CLASS_NAMES, Normalization
+from fmnist_jax.evaluation.calibration import apply_calibration, identity_map
 from fmnist_jax.errors import FmnistError
 from fmnist_jax.models import get_model
 from fmnist_jax.steps import inference_state, predict_logits
@@ -269,13 +271,22 @@ class Predictor:
     config: TrainConfig
     variables: dict  # {"params": ...} and "batch_stats" for BatchNorm models
     normalization: Normalization  # the mean/std the model was trained with
-    temperature: float  # divides the logits; 1.0 when the run was not calibrated
-    calibrated: bool  # whether `temperature` came from the run's calibration.json
+    calibration: dict  # the map applied to the logits (identity_map() when not calibrated)
+    calibrated: bool  # whether `calibration` came from the run's calibration.json
     epoch: int | None = None  # the epoch whose parameters these are (None: an older run)
 
     @property
     def model_name(self) -> str:
         return self.config.model
+
+    @property
+    def temperature(self) -> float | None:
+        """T of a temperature map; None for the other maps."""
+        return temperature_of(self.calibration)
+
+
+def temperature_of(cal_map: dict) -> float | None:
+    return float(cal_map["temperature"]) if cal_map["kind"] == "temperature" else None
 
 
 def load_predictor(run_dir: str | Path) -> Predictor:
@@ -285,17 +296,17 @@ def load_predictor(run_dir: str | Path) -> Predictor:
     folder.check_finished(run_dir)  # an unfinished run is continued, not trained again
     variables = checkpoints.load_variables(run_dir, cfg)
     norm = folder.load_normalization(run_dir)
-    temperature = results.load_temperature(run_dir)
+    cal_map = results.load_calibration(run_dir)
     best = checkpoints.load_best(run_dir)
     return Predictor(config=cfg, variables=variables, normalization=norm,
-                     temperature=1.0 if temperature is None else temperature,
-                     calibrated=temperature is not None,
+                     calibration=identity_map() if cal_map is None else cal_map,
+                     calibrated=cal_map is not None,
                      epoch=None if best is None else best["epoch"])
 
 
-@jax.jit
-def _softmax_with_temperature(logits_NxC: jax.Array, temperature: jax.Array) -> jax.Array:
-    return jax.nn.softmax(logits_NxC / temperature, axis=-1)
+def calibrated_probs(cal_map: dict, logits_NxC: jax.Array) -> jax.Array:
+    """softmax of the calibrated logits: what predict and every export compute."""
+    return jax.nn.softmax(apply_calibration(cal_map, logits_NxC), axis=-1)
 
 
 def _next_power_of_two(n: int) -> int:
@@ -303,7 +314,7 @@ def _next_power_of_two(n: int) -> int:
 
 
 def predict_probs(predictor: Predictor, images_NxHxWx1: np.ndarray) -> np.ndarray:
-    """Class probabilities float32 (N, 10): softmax(logits / T), batch by batch.
+    """Class probabilities float32 (N, 10): softmax(calibrated logits), batch by batch.
 
     N is padded to a power of two (up to the run's eval batch size, then to whole batches),
     so that calls with different numbers of images reuse a handful of compilations.
@@ -326,7 +337,7 @@ def predict_probs(predictor: Predictor, images_NxHxWx1: np.ndarray) -> np.ndarra
     state = inference_state(get_model(predictor.config.model), predictor.variables)
     logits_PxC = predict_logits(state, images_PxHxWx1, batch_size=batch_size,
                                 norm=predictor.normalization)
-    probs_PxC = _softmax_with_temperature(logits_PxC, jnp.float32(predictor.temperature))
+    probs_PxC = calibrated_probs(predictor.calibration, logits_PxC)  # a few small ops
     return np.asarray(probs_PxC)[:n]
 
 
@@ -346,9 +357,13 @@ def top_k(probs_NxC: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
 
 
 def calibration_words(predictor: Predictor) -> str:
-    if predictor.calibrated:
-        return f"calibrated (T={predictor.temperature:.4g})"
-    return "uncalibrated (T=1: raw softmax, often overconfident)"
+    """The map in a few words, for predict's first line: its kind, and T for a temperature."""
+    if not predictor.calibrated:
+        return "uncalibrated (T=1: raw softmax, often overconfident)"
+    kind = predictor.calibration["kind"]
+    if kind == "temperature":
+        return f"calibrated (temperature scaling, T={predictor.temperature:.4g})"
+    return f"calibrated ({'vector scaling' if kind == 'vector' else 'Dirichlet map'})"
 
 
 def format_text(run_dir, predictor: Predictor, results: list[dict[str, Any]]) -> str:
@@ -375,6 +390,7 @@ def format_json(run_dir, predictor: Predictor, results: list[dict[str, Any]],
         "model": predictor.model_name,
         "epoch": predictor.epoch,
         "temperature": predictor.temperature,
+        "calibration": predictor.calibration,
         "calibrated": predictor.calibrated,
         "dark_on_light": dark_on_light,
         "results": [{"file": r["file"], "index": r["index"],
@@ -383,3 +399,4 @@ def format_json(run_dir, predictor: Predictor, results: list[dict[str, Any]],
         "errors": errors,
     }
     return json.dumps(document, indent=2)
+

@@ -1,9 +1,10 @@
-"""Evaluate a run folder: metrics with confidence intervals, temperature scaling, PNGs.
+"""Evaluate a run folder: metrics with confidence intervals, calibration maps, PNGs.
 
-`evaluate_run(run_dir, ...)` computes the logits once per split, fits the temperature on the
-run's validation split (never the test set), and writes into the run folder (through `run.results`)
-the report as text (sklearn-style classification report and the summary) and as JSON, the
-temperature, and three plots: confusion matrix, reliability diagram, training curves.
+`evaluate_run(run_dir, ...)` computes the logits once per split, fits every calibration map
+(temperature, vector, Dirichlet) on the run's validation split (never the test set), and writes
+into the run folder (through `run.results`) the report as text (sklearn-style classification
+report and the summary) and as JSON, the chosen map (calibration.json), and three plots:
+confusion matrix, reliability diagram (before and after temperature scaling), training curves.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from fmnist_jax import data, metrics, streams
 from fmnist_jax.evaluation import plots
 from fmnist_jax.run import checkpoints, folder, results
 from fmnist_jax.run.history import load_history
-from fmnist_jax.evaluation.calibration import apply_temperature, fit_temperature
+from fmnist_jax.evaluation.calibration import (CV_FOLDS, apply_calibration,
+                                               fit_and_score, identity_map)
+from fmnist_jax.run.results import CALIBRATION_KINDS
 from fmnist_jax.run.config import TrainConfig
 from fmnist_jax.errors import FmnistError
 from fmnist_jax.models import get_model
@@ -84,14 +87,59 @@ def _calibration_metrics(logits_NxC, labels_N, key, n_resamples) -> dict[str, An
     return out
 
 
+_point_errors = jax.jit(lambda probs_NxC, labels_N: _calibration_errors(
+    *metrics.sort_by_confidence(probs_NxC, labels_N)))
+
+
+def compare_maps(logits_NxC, labels_N, val_logits_NxC, val_labels_N) -> dict[str, Any]:
+    """Every calibration map fit on the validation split, then scored on the test split.
+
+    Per map (and "none", the raw logits): its k-fold cross-validated NLL on the validation
+    split (the number to choose a map by, without the test set), and on the test split its
+    NLL, Brier score, point calibration errors, accuracy and how many test predictions it
+    changed (temperature never changes one). "recommended" is the map of lowest
+    cross-validated NLL."""
+    preds_N = jnp.argmax(logits_NxC, -1)
+    maps, rows = {}, {}
+    for kind in ("none",) + CALIBRATION_KINDS:
+        if kind == "none":
+            cal_map, cv_nll = identity_map(), float(metrics.nll(val_logits_NxC, val_labels_N))
+        else:
+            cal_map, cv_nll = fit_and_score(kind, val_logits_NxC, val_labels_N, k=CV_FOLDS)
+            maps[kind] = cal_map
+        mapped_NxC = apply_calibration(cal_map, logits_NxC)
+        probs_NxC = jax.nn.softmax(mapped_NxC)
+        errors = _point_errors(probs_NxC, labels_N)
+        rows[kind] = {"cv_nll_validation": cv_nll,
+                      "nll": float(metrics.nll(mapped_NxC, labels_N)),
+                      "brier": float(metrics.brier_score(probs_NxC, labels_N)),
+                      **{name: float(errors[name]) for name in CALIBRATION_INTERVALS},
+                      "accuracy": float(metrics.accuracy(mapped_NxC, labels_N)),
+                      "predictions_changed": int(jnp.sum(jnp.argmax(mapped_NxC, -1) != preds_N))}
+    recommended = min(CALIBRATION_KINDS, key=lambda kind: rows[kind]["cv_nll_validation"])
+    return {"maps": maps, "table": rows, "recommended": recommended, "cv_folds": CV_FOLDS}
+
+
 def compute_report(logits_NxC, labels_N, val_logits_NxC=None, val_labels_N=None, *, key,
-                   n_resamples: int = 1000) -> dict[str, Any]:
-    """Every number of the report, from test logits and (for T) validation logits."""
+                   n_resamples: int = 1000, calibration: str = "temperature") -> dict[str, Any]:
+    """Every number of the report, from test logits and (for the maps) validation logits.
+
+    "before_temperature" and "after_temperature" keep their names from when temperature was
+    the only map: "after" is after the chosen map (`calibration`), named in
+    report["calibration"]["chosen"]."""
+    if calibration not in CALIBRATION_KINDS:  # before anything compiles
+        raise FmnistError(f"unknown calibration map {calibration!r}: choose one of "
+                          f"{', '.join(CALIBRATION_KINDS)}")
     logits_NxC, labels_N = jnp.asarray(logits_NxC), jnp.asarray(labels_N)
-    temperature = (1.0 if val_logits_NxC is None
-                   else fit_temperature(val_logits_NxC, val_labels_N))
+    if val_logits_NxC is None:
+        compared, chosen = None, identity_map()
+    else:
+        compared = compare_maps(logits_NxC, labels_N, jnp.asarray(val_logits_NxC),
+                                jnp.asarray(val_labels_N))
+        chosen = compared["maps"][calibration]
+    temperature = 1.0 if compared is None else compared["maps"]["temperature"]["temperature"]
     probs_NxC = jax.nn.softmax(logits_NxC)
-    scaled_NxC = apply_temperature(logits_NxC, temperature)
+    scaled_NxC = apply_calibration(chosen, logits_NxC)
     preds_N = jnp.argmax(logits_NxC, -1)
     acc_key, f1_key, cal_key = jax.random.split(key, 3)
     acc = metrics.bootstrap_ci(metrics.accuracy, acc_key, logits_NxC, labels_N,
@@ -109,6 +157,11 @@ def compute_report(logits_NxC, labels_N, val_logits_NxC=None, val_labels_N=None,
             preds_N, labels_N, data.CLASS_NAMES),
         "confusion_matrix": np.asarray(metrics.confusion_matrix(preds_N, labels_N)).tolist(),
         "temperature": temperature,
+        "calibration": {"chosen": calibration if compared else None, "map": chosen,
+                        **({} if compared is None else {
+                            "recommended": compared["recommended"],
+                            "cv_folds": compared["cv_folds"],
+                            "maps": compared["table"]})},
         "before_temperature": _calibration_metrics(logits_NxC, labels_N, cal_key, n_resamples),
         "after_temperature": _calibration_metrics(scaled_NxC, labels_N, cal_key, n_resamples),
         "bootstrap_resamples": n_resamples,
@@ -138,8 +191,9 @@ def format_report(report: dict[str, Any], preds_N, labels_N, run_dir,
         return f"[{pct(low)}, {pct(high)}]"
 
     b, a = report["before_temperature"], report["after_temperature"]
-    t_note = (f"T = {report['temperature']:.4f}, fit on {report['n_validation']} validation images"
-              if report["n_validation"] else "no validation split (val_fraction 0): T = 1")
+    chosen = report["calibration"]["chosen"]
+    t_note = (f"{map_words(report['calibration']['map'])}, fit on {report['n_validation']} "
+              f"validation images" if chosen else "no validation split (val_fraction 0): T = 1")
     lines = [
         f"run: {run_dir}   test images: {report['n_test']}",
         _model_words(best),
@@ -150,7 +204,7 @@ def format_report(report: dict[str, Any], preds_N, labels_N, run_dir,
         f"AUC-ROC (OvR)  {report['auc_macro']:.4f} (macro)",
         f"(bootstrap percentile intervals, {report['bootstrap_resamples']} resamples of the test set)",
         "",
-        f"calibration    before T    after T   ({t_note})",
+        f"calibration    before      after     ({t_note})",
         f"NLL            {b['nll']:8.4f}   {a['nll']:8.4f}",
         f"Brier          {b['brier']:8.4f}   {a['brier']:8.4f}",
         f"MCE            {pct(b['mce']):>8}   {pct(a['mce']):>8}",
@@ -158,12 +212,24 @@ def format_report(report: dict[str, Any], preds_N, labels_N, run_dir,
     for name, label in CALIBRATION_ROWS:
         lines += [f"{label:<15}{pct(b[name]):>8}   {pct(a[name]):>8}",
                   f"  95% CI       {ci_pair(b[name + '_ci95'])}   {ci_pair(a[name + '_ci95'])}"]
-    lines += [f"(ECE_sweep bins: {b['ece_sweep_bins']} before T, {a['ece_sweep_bins']} after; "
+    lines += [f"(ECE_sweep bins: {b['ece_sweep_bins']} before, {a['ece_sweep_bins']} after; "
               f"SmoothECE bandwidth: {b['smooth_ece_sigma']:.4f} before, "
               f"{a['smooth_ece_sigma']:.4f} after)",
               "(calibration errors: basic bootstrap intervals, 2 x estimate - percentiles, "
               "which correct for their upward bias and may lie below the estimate)"]
+    if "maps" in report["calibration"]:
+        lines += [""] + _comparison_lines(report["calibration"], report["n_validation"])
     return "\n".join(lines) + "\n"
+
+
+def map_words(cal_map: dict[str, Any]) -> str:
+    """A map in a few words: "T = 0.9376", "vector scaling", "Dirichlet (ODIR lambda 0.1)"."""
+    if cal_map["kind"] == "temperature":
+        return f"T = {cal_map['temperature']:.4f}"
+    if cal_map["kind"] == "vector":
+        return "vector scaling"
+    lam = cal_map.get("odir_lambda")
+    return "Dirichlet" + ("" if lam is None else f" (ODIR lambda = mu = {lam:g})")
 
 
 CALIBRATION_ROWS = (("ece", "ECE (15 bins)"), ("ece_equal_mass", "ECE equal-mass"),
@@ -173,6 +239,29 @@ CALIBRATION_ROWS = (("ece", "ECE (15 bins)"), ("ece_equal_mass", "ECE equal-mass
 
 def ci_pair(bounds) -> str:
     return f"[{100 * bounds[0]:.2f}, {100 * bounds[1]:.2f}]%"
+
+
+_SHORT = {"ece": "ECE", "ece_equal_mass": "ECE-em", "ece_sweep": "ECE_sw",
+          "debiased_l2_ce": "dl2-CE", "classwise_ece": "cw-ECE", "smooth_ece": "SmECE"}
+
+
+def _comparison_lines(calibration: dict[str, Any], n_validation: int) -> list[str]:
+    """The maps side by side: CV NLL on validation, point values on the test split."""
+    lines = [f"calibration maps, each fit on the {n_validation} validation images; CV NLL is "
+             f"{calibration['cv_folds']}-fold cross-validated on validation, the rest on test "
+             f"(ECE-em: equal-mass, ECE_sw: sweep, dl2: debiased l2, cw: classwise, "
+             f"SmECE: SmoothECE)",
+             f"{'map':<12}{'CV NLL':>8}{'NLL':>8}{'Brier':>8}"
+             + "".join(f"{_SHORT[name]:>8}" for name, _ in CALIBRATION_ROWS)
+             + f"{'accuracy':>10}{'changed':>9}"]
+    for kind, row in calibration["maps"].items():
+        lines.append(f"{kind:<12}{row['cv_nll_validation']:8.4f}{row['nll']:8.4f}"
+                     f"{row['brier']:8.4f}"
+                     + "".join(f"{100 * row[name]:7.2f}%" for name, _ in CALIBRATION_ROWS)
+                     + f"{100 * row['accuracy']:9.2f}%{row['predictions_changed']:9d}")
+    lines.append(f"chosen (--calibration): {calibration['chosen']}; lowest CV NLL on "
+                 f"validation, the map to recommend: {calibration['recommended']}")
+    return lines
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,7 +289,7 @@ def load_run(run_dir: str | Path) -> LoadedRun:
 
 def evaluate_run(run_dir: str | Path, *, train: data.Split, test: data.Split,
                  n_resamples: int = 1000, log_fn: Callable[[str], Any] = print,
-                 run: LoadedRun | None = None) -> dict:
+                 run: LoadedRun | None = None, calibration: str = "temperature") -> dict:
     """Evaluate the run in `run_dir` on `test` (and its validation split, held out of `train`
     as the run did), write the report files there and return the report.
 
@@ -227,7 +316,7 @@ def evaluate_run(run_dir: str | Path, *, train: data.Split, test: data.Split,
     key = streams.stream_key(cfg.seed, streams.BOOTSTRAP)
     report = compute_report(test_logits_NxC, test.labels_N, val_logits_NxC,
                             None if val is None else val.labels_N,
-                            key=key, n_resamples=n_resamples)
+                            key=key, n_resamples=n_resamples, calibration=calibration)
     preds_N = np.asarray(jnp.argmax(test_logits_NxC, -1))
     if run.best is not None:
         report["epoch"] = run.best["epoch"]
@@ -235,7 +324,7 @@ def evaluate_run(run_dir: str | Path, *, train: data.Split, test: data.Split,
     text = format_report(report, preds_N, test.labels_N, run_dir, run.best)
     results.save_report(run_dir, text, report)
     if val is not None:
-        results.save_calibration(run_dir, report["temperature"], report["n_validation"])
+        results.save_calibration(run_dir, report["calibration"]["map"], report["n_validation"])
     _write_plots(run_dir, report, test_logits_NxC, test.labels_N, run.history)
     log_fn(text.rstrip())
     log_fn(f"wrote {folder.REPORT_TEXT_FILE}, {folder.REPORT_JSON_FILE}, "
@@ -246,12 +335,15 @@ def evaluate_run(run_dir: str | Path, *, train: data.Split, test: data.Split,
 def _write_plots(run_dir: Path, report, logits_NxC, labels_N, history) -> None:
     plots.plot_confusion_matrix(np.array(report["confusion_matrix"]), data.CLASS_NAMES,
                                 results.plot_path(run_dir, "confusion_matrix"))
-    t = report["temperature"]
+    cal_map = report["calibration"]["map"]  # the chosen map, fit on validation
+    after_words = {"temperature": f"T = {cal_map.get('temperature', 1.0):.3f}",
+                   "vector": "vector scaling",
+                   "dirichlet": "Dirichlet map"}[cal_map["kind"]]
     before = metrics.reliability_diagram(jax.nn.softmax(logits_NxC), labels_N)
-    after = metrics.reliability_diagram(jax.nn.softmax(apply_temperature(logits_NxC, t)),
+    after = metrics.reliability_diagram(jax.nn.softmax(apply_calibration(cal_map, logits_NxC)),
                                         labels_N)
-    plots.plot_reliability([(before, report["before_temperature"], "before: T = 1"),
-                            (after, report["after_temperature"], f"after: T = {t:.3f}")],
+    plots.plot_reliability([(before, report["before_temperature"], "before: raw softmax"),
+                            (after, report["after_temperature"], f"after: {after_words}")],
                            results.plot_path(run_dir, "reliability"))
     if history:
         plots.plot_training_curves(history, results.plot_path(run_dir, "curves"))

@@ -3,11 +3,13 @@ the evaluation writes (calibration.json, report.txt, report.json, the plots)."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from fmnist_jax.errors import FmnistError
+from fmnist_jax.models import NUM_CLASSES
 from fmnist_jax.run.folder import (CALIBRATION_FILE, PLOT_FILES, REPORT_JSON_FILE,
                                    REPORT_TEXT_FILE, SUMMARY_FILE, read_json, write_json,
                                    write_text)
@@ -27,26 +29,48 @@ def load_summary(run_dir: str | Path) -> dict[str, Any]:
     return read_json(path)
 
 
-def save_calibration(run_dir: Path, temperature: float, n_validation: int) -> None:
-    write_json(run_dir / CALIBRATION_FILE, {"temperature": temperature, "fit_on": "validation",
-                                            "n_validation": n_validation})
+# The calibration maps (fit and applied by evaluation.calibration) and their parameters:
+# name -> shape, with C the number of classes. A map is {"kind": ..., parameter: values}.
+CALIBRATION_KINDS = ("temperature", "vector", "dirichlet")
+_MAP_PARAMS = {"temperature": {"temperature": lambda c: ()},
+               "vector": {"w": lambda c: (c,), "b": lambda c: (c,)},
+               "dirichlet": {"W": lambda c: (c, c), "b": lambda c: (c,)}}
 
 
-def load_temperature(run_dir: str | Path) -> float | None:
-    """The calibrated temperature, or None when the run was not calibrated."""
+def save_calibration(run_dir: Path, cal_map: dict[str, Any], n_validation: int) -> None:
+    """calibration.json: the map fit on the validation split, and how many images it saw."""
+    write_json(Path(run_dir) / CALIBRATION_FILE, {**cal_map, "fit_on": "validation",
+                                                  "n_validation": n_validation})
+
+
+def load_calibration(run_dir: str | Path) -> dict[str, Any] | None:
+    """The run's calibration map ({"kind": ..., its parameters}), or None when the run was not
+    calibrated. A file of older versions, with only a temperature, is a temperature map."""
     path = Path(run_dir) / CALIBRATION_FILE
     if not path.is_file():
         return None
     fields = read_json(path)
-    try:
-        temperature = float(fields["temperature"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise FmnistError(f"{path} is malformed (needs a number temperature): calibrate again "
-                          f"or delete it") from e
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise FmnistError(f"{path} has temperature {temperature}, not a positive number: "
-                          f"calibrate again or delete it")
-    return temperature
+    fix = "calibrate again (scripts/evaluate.py) or delete it"
+    kind = fields.get("kind", "temperature") if isinstance(fields, dict) else None
+    if kind not in _MAP_PARAMS:
+        raise FmnistError(f"{path} is malformed (its kind {kind!r} is none of "
+                          f"{', '.join(CALIBRATION_KINDS)}): {fix}")
+    cal_map: dict[str, Any] = {"kind": kind}
+    for name, shape_of in _MAP_PARAMS[kind].items():
+        shape = shape_of(NUM_CLASSES)
+        try:
+            values = np.asarray(fields[name], dtype=np.float64)
+        except (KeyError, TypeError, ValueError) as e:
+            raise FmnistError(f"{path} is malformed (a {kind} map needs {name}, numbers of "
+                              f"shape {shape}): {fix}") from e
+        if values.shape != shape or not np.all(np.isfinite(values)):
+            raise FmnistError(f"{path} is malformed ({name} of a {kind} map must be finite "
+                              f"numbers of shape {shape}, got shape {values.shape}): {fix}")
+        cal_map[name] = values.tolist()
+    if kind == "temperature" and not cal_map["temperature"] > 0:
+        raise FmnistError(f"{path} has temperature {cal_map['temperature']}, not a positive "
+                          f"number: {fix}")
+    return cal_map
 
 
 def save_report(run_dir: Path, text: str, report: dict[str, Any]) -> None:
