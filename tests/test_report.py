@@ -63,7 +63,8 @@ def test_report_gives_every_calibration_error_with_an_interval(evaluated_run):
     from fmnist_jax.evaluation.report import CALIBRATION_INTERVALS
 
     run_dir, report, _, _ = evaluated_run
-    assert report["calibration_interval"] == "basic"
+    assert report["calibration_interval"] == {**dict.fromkeys(CALIBRATION_INTERVALS, "basic"),
+                                              "debiased_l2_ce": "percentile"}
     for side in ("before_temperature", "after_temperature"):
         numbers = report[side]
         for name in CALIBRATION_INTERVALS:

@@ -49,10 +49,13 @@ def _calibration_errors(probs_NxC, labels_N) -> dict[str, jax.Array]:
     }
 
 
-# The calibration errors' bootstrap intervals are basic (2 point - q), not percentile:
-# binned errors are biased upwards, so their resamples sit above the estimate.
 CALIBRATION_INTERVALS = ("ece", "ece_equal_mass", "ece_sweep", "debiased_l2_ce",
                          "classwise_ece", "smooth_ece")
+# The bootstrap interval of each: basic (2 point - q) for the plug-in errors, which are biased
+# upwards, so that their resamples sit above the estimate; percentile for the debiased
+# estimator, whose resamples carry no such bias (a basic interval would correct it twice).
+INTERVAL_METHODS = {name: "percentile" if name == "debiased_l2_ce" else "basic"
+                    for name in CALIBRATION_INTERVALS}
 
 
 def _calibration_metrics(logits_NxC, labels_N, key, n_resamples) -> dict[str, Any]:
@@ -60,7 +63,7 @@ def _calibration_metrics(logits_NxC, labels_N, key, n_resamples) -> dict[str, An
     # Sorted once: every resample keeps the order, and the equal-mass errors skip their sort.
     errors = metrics.bootstrap_ci(_calibration_errors, key,
                                   *metrics.sort_by_confidence(probs_NxC, labels_N),
-                                  n_resamples=n_resamples, method="basic", ordered=True)
+                                  n_resamples=n_resamples, ordered=True)
     out: dict[str, Any] = {
         "nll": float(metrics.nll(logits_NxC, labels_N)),
         "brier": float(metrics.brier_score(probs_NxC, labels_N)),
@@ -69,9 +72,11 @@ def _calibration_metrics(logits_NxC, labels_N, key, n_resamples) -> dict[str, An
         "smooth_ece_sigma": float(errors.point["smooth_ece_sigma"]),
     }
     for name in CALIBRATION_INTERVALS:  # an error is >= 0, and so is its interval
-        out[name] = float(errors.point[name])
-        out[name + "_ci95"] = [max(0.0, float(errors.low[name])),
-                               max(0.0, float(errors.high[name]))]
+        point, low, high = (float(bound[name]) for bound in errors)
+        if INTERVAL_METHODS[name] == "basic":
+            low, high = 2 * point - high, 2 * point - low
+        out[name] = point
+        out[name + "_ci95"] = [max(0.0, low), max(0.0, high)]
     # The curve whose gap to the diagonal SmoothECE measures, with a pointwise percentile
     # band of the resampled curves at the same bandwidth, as relplot draws it (and from as
     # many resamples as relplot's default: a band to look at, not a number to report).
@@ -165,7 +170,7 @@ def compute_report(logits_NxC, labels_N, val_logits_NxC=None, val_labels_N=None,
         "before_temperature": _calibration_metrics(logits_NxC, labels_N, cal_key, n_resamples),
         "after_temperature": _calibration_metrics(scaled_NxC, labels_N, cal_key, n_resamples),
         "bootstrap_resamples": n_resamples,
-        "calibration_interval": "basic",
+        "calibration_interval": INTERVAL_METHODS,
     }
 
 
@@ -216,7 +221,8 @@ def format_report(report: dict[str, Any], preds_N, labels_N, run_dir,
               f"SmoothECE bandwidth: {b['smooth_ece_sigma']:.4f} before, "
               f"{a['smooth_ece_sigma']:.4f} after)",
               "(calibration errors: basic bootstrap intervals, 2 x estimate - percentiles, "
-              "which correct for their upward bias and may lie below the estimate)"]
+              "which correct for their upward bias and may lie below the estimate; debiased "
+              "l2-CE: percentile, being debiased already)"]
     if "maps" in report["calibration"]:
         lines += [""] + _comparison_lines(report["calibration"], report["n_validation"])
     return "\n".join(lines) + "\n"
