@@ -150,6 +150,9 @@ def _watch(monkeypatch):
     watch = peers.PeerWatch(store, 2, 0)
     monkeypatch.setattr(peers, "_watch_uncaught_exceptions", lambda: None)
     monkeypatch.setattr("atexit.register", lambda fn, *a: None)
+    # start() makes it the process's watch: undone after the test, or a later test's error
+    # in this worker would end the worker as a process of a run that lost a peer.
+    monkeypatch.setattr(peers.PeerWatch, "current", None)
     watch.start()
     return watch, store, left
 
