@@ -2,13 +2,14 @@
 version of its paper's definition within 1e-6, on random and on trained-model logits; SmoothECE
 also equals relplot's smECE where relplot is installed."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from fmnist_jax import metrics as cm
-from fmnist_jax import metrics
 
 TOL = 1e-6
 
@@ -52,7 +53,7 @@ def ref_debiased_l2(probs, labels, n_bins=15):
 def ref_classwise_ece(probs, labels, n_bins=15):
     probs = np.asarray(probs, np.float32)
     n, c = probs.shape
-    edges = metrics.bin_edges(n_bins)
+    edges = cm.bin_edges(n_bins)
     total = 0.0
     for k in range(c):
         p = probs[:, k].astype(np.float64)
@@ -134,10 +135,13 @@ def case(request):
     return _random_case(seed, n=10_000 if kind == "random-10k" else 2000)
 
 
-def test_equal_mass_ece_matches_reference(case):
+@pytest.mark.parametrize("metric_fn,ref_fn", [
+    (cm.equal_mass_ece, ref_equal_mass_ece), (cm.debiased_l2_ce, ref_debiased_l2),
+    (cm.classwise_ece, ref_classwise_ece)], ids=["equal_mass", "debiased_l2", "classwise"])
+def test_error_matches_reference(case, metric_fn, ref_fn):
     probs, labels = case
-    got = jax.jit(cm.equal_mass_ece)(probs, labels)
-    assert float(got) == pytest.approx(ref_equal_mass_ece(probs, labels), abs=TOL)
+    assert float(jax.jit(metric_fn)(probs, labels)) == pytest.approx(ref_fn(probs, labels),
+                                                                     abs=TOL)
 
 
 def test_ece_sweep_matches_reference(case):
@@ -148,16 +152,21 @@ def test_ece_sweep_matches_reference(case):
     assert float(got) == pytest.approx(want, abs=TOL)
 
 
-def test_debiased_l2_matches_reference(case):
-    probs, labels = case
-    got = jax.jit(cm.debiased_l2_ce)(probs, labels)
-    assert float(got) == pytest.approx(ref_debiased_l2(probs, labels), abs=TOL)
-
-
-def test_classwise_ece_matches_reference(case):
-    probs, labels = case
-    got = jax.jit(cm.classwise_ece)(probs, labels)
-    assert float(got) == pytest.approx(ref_classwise_ece(probs, labels), abs=TOL)
+def test_the_equal_mass_errors_of_presorted_examples_skip_the_sort_and_agree():
+    """What the report's bootstrap hands them: the examples sorted once, every resample laid
+    out in that order (bootstrap_ci(..., ordered=True)), the same errors as unsorted."""
+    probs, labels = _random_case(5, n=3000)
+    sorted_probs, sorted_labels = cm.sort_by_confidence(jnp.asarray(probs), jnp.asarray(labels))
+    for fn in (cm.equal_mass_ece, cm.debiased_l2_ce, lambda p, y, **kw: cm.ece_sweep(p, y, **kw)[0]):
+        assert float(fn(sorted_probs, sorted_labels, presorted=True)) == pytest.approx(
+            float(fn(probs, labels)), abs=1e-7)
+    key = jax.random.PRNGKey(3)
+    ordered = cm.bootstrap_ci(functools.partial(cm.equal_mass_ece, presorted=True), key,
+                              sorted_probs, sorted_labels, n_resamples=50, ordered=True)
+    plain = cm.bootstrap_ci(cm.equal_mass_ece, key, sorted_probs, sorted_labels,
+                            n_resamples=50)
+    for a, b in zip(ordered, plain):  # the same draws, laid out in order: no sort needed
+        assert float(a) == pytest.approx(float(b), abs=1e-6)
 
 
 def test_smooth_ece_matches_reference(case):
