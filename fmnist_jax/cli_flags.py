@@ -117,6 +117,8 @@ def add_preset_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def add_data_flags(parser: argparse.ArgumentParser) -> None:
+    from fmnist_jax.data import DATA_SOURCES
+
     group = parser.add_argument_group(
         "data", "the official release through tfds (default), or Kaggle's two CSV files")
     group.add_argument("--data-dir", help="tfds data dir holding (or to hold) the prepared "
@@ -125,7 +127,7 @@ def add_data_flags(parser: argparse.ArgumentParser) -> None:
                        "files (train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
                        "t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz), for machines "
                        "without internet; default $FMNIST_MANUAL_DIR")
-    group.add_argument("--data-source", choices=("auto", "tfds", "idx"), default="auto",
+    group.add_argument("--data-source", choices=DATA_SOURCES, default="auto",
                        help="how to read the official release: tfds's prepared folder, or "
                        "the four .gz files of --manual-dir with numpy alone (idx: no "
                        "tensorflow-datasets needed; the same arrays, in the same order); "

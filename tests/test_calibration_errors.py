@@ -187,6 +187,7 @@ def test_smooth_ece_matches_relplot(case):
     assert float(got) == pytest.approx(want, abs=TOL)
 
 
+@pytest.mark.slow  # five errors of 10,000 images, each compiled twice: about 12 s
 def test_a_calibrated_model_scores_near_zero_and_a_miscalibrated_one_does_not():
     """Labels drawn from the model's own probabilities: every error is small; sharpening the
     same probabilities makes the model overconfident and every error grows."""
