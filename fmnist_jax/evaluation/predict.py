@@ -399,4 +399,3 @@ def format_json(run_dir, predictor: Predictor, results: list[dict[str, Any]],
         "errors": errors,
     }
     return json.dumps(document, indent=2)
-
