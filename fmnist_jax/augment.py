@@ -32,7 +32,8 @@ ERASE_ASPECT = (0.3, 3.3)
 
 
 class Augment(NamedTuple):
-    """Strengths of each augmentation; all 0 is none. Hashable: jit takes it as static."""
+    """Strengths of each augmentation; all 0 is none. Hashable: jit takes it as static. In a
+    sweep, `train_step` fills in arrays, each member's own strengths."""
 
     rotation_degrees: float = 0.0
     flip_prob: float = 0.0
@@ -58,7 +59,7 @@ def augment_batch(images_BxHxWx1: jax.Array, key: jax.Array, aug: Augment) -> ja
 def _augment_one(image_HxW: jax.Array, key: jax.Array, aug: Augment) -> jax.Array:
     h, w = image_HxW.shape
     rot_key, flip_key, shift_key, crop_key, erase_key = jax.random.split(key, 5)
-    max_angle = math.radians(aug.rotation_degrees)
+    max_angle = aug.rotation_degrees * (math.pi / 180)  # math.radians's; works on arrays too
     angle = jax.random.uniform(rot_key, minval=-max_angle, maxval=max_angle)
     flip = jax.random.bernoulli(flip_key, aug.flip_prob)
     translate_2 = jnp.round(jax.random.uniform(shift_key, (2,), minval=-1.0, maxval=1.0) * (
@@ -66,7 +67,7 @@ def _augment_one(image_HxW: jax.Array, key: jax.Array, aug: Augment) -> jax.Arra
     crop_2 = jax.random.randint(crop_key, (2,), -aug.crop_padding,
                                 aug.crop_padding + 1).astype(jnp.float32)
     image_HxW = affine(image_HxW, angle, flip, translate_2, crop_2)
-    if aug.erasing_prob > 0:
+    if not isinstance(aug.erasing_prob, (int, float)) or aug.erasing_prob > 0:  # an array: swept
         image_HxW = _erase(image_HxW, erase_key, aug.erasing_prob)
     return image_HxW
 

@@ -76,7 +76,8 @@ def train_main(argv: list[str] | None = None) -> int:
     else:
         cfg = config_from_args(args)  # bad flags fail before joining
     use_compile_cache(args.compile_cache)
-    start_devices(args, members=cfg.seeds)
+    members = len(cfg.members()) if cfg.many else 1
+    start_devices(args, members=members)
     import jax
 
     from fmnist_jax.run import folder, peers
@@ -87,10 +88,10 @@ def train_main(argv: list[str] | None = None) -> int:
         # their errors, on stderr.
         sys.stdout = open(os.devnull, "w")
     # The first line names the device, so a run that expected a GPU shows at once where it is.
-    print(f"device: {parallel.describe_devices(cfg.seeds)}, jax {jax.__version__}", flush=True)
+    print(f"device: {parallel.describe_devices(members)}, jax {jax.__version__}", flush=True)
 
     parallel.check_batch_sizes(cfg.batch_size, cfg.eval_batch_size, jax.device_count(),
-                               cfg.seeds)
+                               members)
     # Claim the run folder (or take back the one --resume names) before the data loads: a
     # bad or taken folder fails at once. With several processes only process 0 claims it
     # (`folder.claim`, `folder.reopen`); the others learn its verdict.
@@ -98,7 +99,7 @@ def train_main(argv: list[str] | None = None) -> int:
     try:
         run = folder.reopen(args.resume) if args.resume else folder.claim(
             args.workdir or folder.default_workdir(args.preset or DEFAULT_PRESET, cfg.seed,
-                                                 cfg.seeds), cfg)
+                                                 cfg.seeds, bool(cfg.sweep)), cfg)
     except FmnistError as e:
         refused = e
     if not parallel.process_0_agrees(refused is None):

@@ -17,7 +17,8 @@ from typing import Any, Callable, NoReturn
 
 from fmnist_jax.errors import FmnistError
 from fmnist_jax.run import interrupts
-from fmnist_jax.run.config import DEFAULT_PRESET, PRESETS, TrainConfig, get_config
+from fmnist_jax.run.config import (DEFAULT_PRESET, PRESETS, TrainConfig, canonical_sweep,
+                                   get_config)
 
 COMPILE_CACHE_ENV = "FMNIST_COMPILE_CACHE"
 DEFAULT_COMPILE_CACHE = "~/.cache/fmnist_jax/xla"
@@ -80,6 +81,15 @@ def _flag_type(hint: Any) -> Callable[[str], Any]:
     return allowed[0]  # int, float or str
 
 
+class _SweepAction(argparse.Action):
+    """--sweep NAME=V1,V2,...: each flag adds a field to the grid, kept as the config stores
+    it (`canonical_sweep`)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parts = [getattr(namespace, self.dest, ""), values]
+        setattr(namespace, self.dest, canonical_sweep([part for part in parts if part]))
+
+
 def add_config_flags(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] = ()) -> None:
     """One flag per TrainConfig field (`batch_size` -> `--batch-size`), with its help text and
     the default preset's value. A flag the user does not give is absent from the parsed
@@ -96,6 +106,12 @@ def add_config_flags(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] =
         metavar = ("{" + ",".join(choices) + "}" if choices else
                    {int: "N", float: "X", _float_or_none: "X|none"}.get(flag_type, "TEXT"))
         default = getattr(default_cfg, field.name)
+        if field.name == "sweep":  # repeated, one field each time
+            group.add_argument("--sweep", dest="sweep", action=_SweepAction,
+                               default=argparse.SUPPRESS, metavar="NAME=V1,V2,...",
+                               help=f"{field.metadata['help']} (default none)".replace(
+                                   "%", "%%"))
+            continue
         group.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name, type=flag_type,
                            default=argparse.SUPPRESS, metavar=metavar,
                            help=f"{field.metadata['help']} (default "

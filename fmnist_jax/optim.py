@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Protocol
 
 import jax
+import jax.numpy as jnp
 import optax
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "nesterov")
@@ -31,24 +32,30 @@ class OptimizerSpec(Protocol):
     epochs: int
 
 
-def make_lr_schedule(cfg: OptimizerSpec, steps_per_epoch: int) -> optax.Schedule:
+def make_lr_schedule(cfg: OptimizerSpec, steps_per_epoch: int,
+                     peak: float | jax.Array | None = None) -> optax.Schedule:
     """Linear warmup from 0 over `warmup_epochs`, then constant or cosine decay to 0.
 
     The cosine's `decay_steps` counts the warmup too (optax's convention), so the rate
     reaches 0 exactly at the last step of the last epoch. "plateau" is constant here: its
     reductions are `make_plateau`'s, applied once per epoch on the validation loss.
+    `peak` (an array in a sweep) replaces `cfg.learning_rate`.
     """
+    peak = cfg.learning_rate if peak is None else peak
     total_steps = cfg.epochs * steps_per_epoch
     warmup_steps = int(round(cfg.warmup_epochs * steps_per_epoch))
     if cfg.decay == "cosine":
-        return optax.warmup_cosine_decay_schedule(
-            init_value=0.0, peak_value=cfg.learning_rate, warmup_steps=warmup_steps,
-            decay_steps=max(total_steps, warmup_steps + 1), end_value=0.0)
+        # optax.warmup_cosine_decay_schedule(0, peak, warmup, decay, end_value=0) written
+        # out: it asks `peak == 0` in Python, which an array peak (a sweep's) cannot answer.
+        return optax.join_schedules(
+            [optax.linear_schedule(0.0, peak, warmup_steps),
+             optax.cosine_decay_schedule(peak, max(total_steps, warmup_steps + 1)
+                                         - warmup_steps, alpha=0.0)], [warmup_steps])
     if warmup_steps == 0:
-        return optax.constant_schedule(cfg.learning_rate)
+        return optax.constant_schedule(peak)
     return optax.join_schedules(
-        [optax.linear_schedule(0.0, cfg.learning_rate, warmup_steps),
-         optax.constant_schedule(cfg.learning_rate)], boundaries=[warmup_steps])
+        [optax.linear_schedule(0.0, peak, warmup_steps),
+         optax.constant_schedule(peak)], boundaries=[warmup_steps])
 
 
 def decay_mask(params):
@@ -57,13 +64,47 @@ def decay_mask(params):
     return jax.tree_util.tree_map(lambda leaf: leaf.ndim > 1, params)
 
 
-def make_optimizer(cfg: OptimizerSpec, steps_per_epoch: int) -> optax.GradientTransformation:
-    """The config's optimizer, with clipping by global norm first when `clip_norm` is set."""
-    lr_fn = make_lr_schedule(cfg, steps_per_epoch)
+SWEPT_BY_OPTIMIZER = ("learning_rate", "weight_decay")  # the fields kept in its state in a sweep
+
+
+def make_optimizer(cfg: OptimizerSpec, steps_per_epoch: int,
+                   swept: tuple[str, ...] = ()) -> optax.GradientTransformation:
+    """The config's optimizer, with clipping by global norm first when `clip_norm` is set.
+
+    `swept` (names of SWEPT_BY_OPTIMIZER): those values become arrays in the optimizer's
+    state (`optax.inject_hyperparams`, `opt_state.hyperparams`), so the members of a sweep,
+    stacked, each carry their own: set them with `with_hyperparams`. Only those are
+    injected: Adam's b1, b2 and eps injected as float32 arrays would change its arithmetic
+    from the plain optimizer's (optax#1532, optax#583), and a sweep's member would no longer
+    equal the single run of its point.
+    """
+    swept = tuple(name for name in SWEPT_BY_OPTIMIZER if name in swept)
+    if not swept:
+        return _optimizer(cfg, steps_per_epoch, cfg.learning_rate, cfg.weight_decay)
+
+    # Named parameters: inject_hyperparams finds the hyperparameters in the signature.
+    def injected(learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay):
+        return _optimizer(cfg, steps_per_epoch, learning_rate, weight_decay)
+
+    return optax.inject_hyperparams(injected)(**{name: getattr(cfg, name) for name in swept})
+
+
+def with_hyperparams(opt_state, values: dict[str, float]):
+    """`opt_state` of `make_optimizer(..., swept)` holding `values` (of the swept fields;
+    others are ignored) in place of its own."""
+    hyperparams = dict(opt_state.hyperparams)
+    for name in hyperparams:
+        if name in values:
+            hyperparams[name] = jnp.asarray(values[name], hyperparams[name].dtype)
+    return opt_state._replace(hyperparams=hyperparams)
+
+
+def _optimizer(cfg: OptimizerSpec, steps_per_epoch: int, peak, weight_decay):
+    lr_fn = make_lr_schedule(cfg, steps_per_epoch, peak)
     if cfg.optimizer == "adamw":
         # "all": no mask, every parameter decays, as torch.optim.AdamW(model.parameters()).
         mask = decay_mask if cfg.weight_decay_params == "kernels" else None
-        tx = optax.adamw(lr_fn, weight_decay=cfg.weight_decay, mask=mask)
+        tx = optax.adamw(lr_fn, weight_decay=weight_decay, mask=mask)
     elif cfg.optimizer in ("sgd", "nesterov"):
         tx = optax.sgd(lr_fn, momentum=cfg.momentum or None,
                        nesterov=cfg.optimizer == "nesterov")

@@ -42,6 +42,10 @@ class TrainState(train_state.TrainState):
     - `ema_params`: an exponential moving average of `params` (None when off), moved by
       `ema_decay` towards the new params after every step: ema <- decay ema + (1 - decay)
       params. It starts at the initial params. `evaluation_state` swaps it in for evaluating.
+    - `hparams`: in a sweep (`--sweep`), the member's own values of the swept fields that
+      live outside the optimizer (`HPARAMS`: label smoothing, EMA decay, augmentation
+      strengths), scalars that replace the step options' values; None otherwise. (The swept
+      learning rate and weight decay live in the optimizer's state: `optim.make_optimizer`.)
     """
 
     batch_stats: Any = struct.field(default_factory=dict)
@@ -51,6 +55,11 @@ class TrainState(train_state.TrainState):
     plateau: Any = None
     ema_decay: float = struct.field(pytree_node=False, default=0.0)
     ema_params: Any = None
+    hparams: Any = None
+
+    def hparam(self, name: str, static):
+        """The member's own value of `name` in a sweep that varies it, else `static`."""
+        return static if self.hparams is None else self.hparams.get(name, static)
 
     def apply_gradients(self, *, grads, **kwargs) -> TrainState:
         if self.plateau is None:
@@ -64,7 +73,11 @@ class TrainState(train_state.TrainState):
         if self.ema_params is None:
             return new
         return new.replace(ema_params=optax.incremental_update(
-            new.params, self.ema_params, step_size=1.0 - self.ema_decay))
+            new.params, self.ema_params, step_size=1.0 - self.hparam("ema_decay", self.ema_decay)))
+
+
+# The fields a sweep may give each member outside the optimizer: TrainState.hparams' keys.
+HPARAMS = ("label_smoothing", "ema_decay", *Augment._fields)
 
 
 class StepOptions(NamedTuple):
@@ -110,7 +123,7 @@ def init_params(model: nn.Module, key: jax.Array):
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation, key: jax.Array, *,
                        plateau_tx: optax.GradientTransformationExtraArgs | None = None,
-                       ema_decay: float = 0.0) -> TrainState:
+                       ema_decay: float = 0.0, hparams: dict | None = None) -> TrainState:
     """A fresh TrainState: `model`'s variables initialized from `key`, and `tx`'s state.
 
     The model contract: any Flax linen module whose `__call__(x)` maps normalized float images
@@ -119,6 +132,7 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, key: 
     BatchNorm statistics in the "batch_stats" collection, and draws dropout from the "dropout"
     rng. `plateau_tx` (optax.contrib.reduce_on_plateau) scales every update by its `scale`.
     `ema_decay` > 0 keeps an exponential moving average of the params (`ema_params`).
+    `hparams`: a sweep member's values of HPARAMS fields (see TrainState).
     """
     variables = init_variables(model, key)
     plateau = None if plateau_tx is None else plateau_tx.init(variables["params"])
@@ -128,7 +142,8 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, key: 
     return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
                              batch_stats=variables.get("batch_stats", {}),
                              takes_train=takes_train_flag(model), plateau_tx=plateau_tx,
-                             plateau=plateau, ema_decay=ema_decay, ema_params=ema_params)
+                             plateau=plateau, ema_decay=ema_decay, ema_params=ema_params,
+                             hparams=hparams)
 
 
 def evaluation_state(state: TrainState) -> TrainState:
@@ -170,7 +185,8 @@ def _loss_and_sums(params, state, images_BxHxWx1, labels_B, key, norm, options: 
     logits_BxC, batch_stats = _logits(state, params, images_BxHxWx1, norm, train=True, key=key)
     if options.label_smoothing:
         targets_BxC = optax.smooth_labels(jax.nn.one_hot(labels_B, logits_BxC.shape[-1]),
-                                          options.label_smoothing)
+                                          state.hparam("label_smoothing",
+                                                       options.label_smoothing))
         losses_B = optax.softmax_cross_entropy(logits_BxC, targets_BxC)
     else:
         losses_B = optax.softmax_cross_entropy_with_integer_labels(logits_BxC, labels_B)
@@ -184,10 +200,13 @@ def train_step(state: TrainState, images_BxHxWx1: jax.Array, labels_B: jax.Array
                options: StepOptions = StepOptions()) -> tuple[TrainState, Sums]:
     """One optimizer step on the mean cross-entropy of the batch. Pure; jit it yourself or
     use `train_step_jit`. `key` feeds dropout, and augmentation when `options` asks for it
-    (images then go through `augment.augment_batch` first)."""
+    (images then go through `augment.augment_batch` first). In a sweep, the options say
+    which parts run (label smoothing, augmentation) and the state's `hparams` how strong."""
     if options.augment.active:
         key, augment_key = jax.random.split(key)
-        images_BxHxWx1 = augment_batch(images_BxHxWx1, augment_key, options.augment)
+        augment = options.augment._replace(**{
+            name: state.hparam(name, value) for name, value in options.augment._asdict().items()})
+        images_BxHxWx1 = augment_batch(images_BxHxWx1, augment_key, augment)
     grad_fn = jax.value_and_grad(_loss_and_sums, has_aux=True)
     (_, (sums, batch_stats)), grads = grad_fn(state.params, state, images_BxHxWx1, labels_B,
                                               key, norm, options)

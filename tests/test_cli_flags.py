@@ -20,7 +20,8 @@ def test_every_config_field_has_a_flag_with_its_default_and_help():
         assert flag in help_text, flag
         default = getattr(PRESETS["lenet5"].config, field.name)
         words = " ".join(field.metadata["help"].split())
-        assert f"{words} (default {'none' if default is None else default})" in help_text, flag
+        shown = 'none' if default in (None, '') else default  # --sweep's empty grid: none
+        assert f"{words} (default {shown})" in help_text, flag
 
 
 def test_flags_override_only_what_is_given():

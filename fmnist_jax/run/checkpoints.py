@@ -94,7 +94,7 @@ class Checkpoints:
         from flax import serialization
 
         self._keep.epochs = {epoch, best_epoch}
-        tree = {"epoch": np.int32(epoch), "state": serialization.to_state_dict(state)}
+        tree = {"epoch": np.int32(epoch), "state": _stored(serialization.to_state_dict(state))}
         self._unsealed.append(epoch)
         try:
             with quiet_absl():
@@ -132,8 +132,9 @@ class Checkpoints:
             sharding = x.sharding if isinstance(x, jax.Array) else first_device
             return jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x), sharding=sharding)
 
+        like_dict = serialization.to_state_dict(like)
         target = jax.tree_util.tree_map(
-            target_of, {"epoch": np.int32(0), "state": serialization.to_state_dict(like)})
+            target_of, {"epoch": np.int32(0), "state": _stored(like_dict)})
         self.wait()
         _check_manifest(self.path, epoch)
         try:
@@ -146,7 +147,7 @@ class Checkpoints:
         if int(tree["epoch"]) != epoch:
             raise FmnistError(f"{self.path}/{epoch} holds epoch {int(tree['epoch'])}: it was "
                               f"moved by hand; put it back")
-        return serialization.from_state_dict(like, tree["state"])
+        return serialization.from_state_dict(like, {**like_dict, **tree["state"]})
 
     def wait(self) -> None:
         """Block until an asynchronous save is on disk, with its manifest."""
@@ -155,6 +156,17 @@ class Checkpoints:
     def close(self) -> None:
         with quiet_absl():
             self._manager.close()
+
+
+# The state's fields stored only when set: checkpoints of runs without them keep the layout
+# they had before the fields existed, so those runs resume across versions.
+_STORED_WHEN_SET = ("hparams",)
+
+
+def _stored(state_dict: dict) -> dict:
+    """The state's dict as a checkpoint holds it: without the unset _STORED_WHEN_SET fields."""
+    return {name: value for name, value in state_dict.items()
+            if not (name in _STORED_WHEN_SET and value is None)}
 
 
 def _reason(e: BaseException) -> str:

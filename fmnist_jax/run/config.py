@@ -8,6 +8,7 @@ are all made from them, so adding a hyperparameter is adding one field here.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import typing
@@ -25,6 +26,13 @@ MAX_SEED = 2**32  # jax.random.key takes a 32-bit seed without surprises
 # weights and Adam moments and write a thousand checkpoints an epoch, so more is no run one
 # machine can carry (`prepare.check_members_fit` checks the memory of those it allows).
 MAX_SEEDS = 1000
+# The fields `--sweep` can vary within one compiled program: each member carries its own value
+# as an array (the optimizer's in its state, `optim.make_optimizer`; the others in the
+# TrainState's `hparams`), with the short name its folder takes. Any other field changes the
+# program's shapes or structure.
+SWEEPABLE = {"learning_rate": "lr", "weight_decay": "wd", "label_smoothing": "ls",
+             "ema_decay": "ema", "rotation_degrees": "rot", "flip_prob": "flip",
+             "translate_fraction": "shift", "crop_padding": "crop", "erasing_prob": "erase"}
 
 
 def _field(default: Any, help: str, *, choices: tuple[str, ...] | None = None,
@@ -118,6 +126,12 @@ class TrainConfig:
                                    "epoch), so --resume can continue; 0: only at the best and the "
                                    "last epoch (the model kept)",
                                    check=(lambda v: v >= 0, ">= 0"))
+    sweep: str = _field("", "a grid of hyperparameters trained together as one program, "
+                        "NAME=V1,V2,... for each field swept (the flag repeats; in the config "
+                        "the fields are joined by ';'): each grid point times --seeds is a "
+                        "member with its own run folder WORKDIR/POINT/seed-S, then sweep.json "
+                        "with each point's validation accuracy and the point chosen by it; "
+                        "fields: " + ", ".join(SWEEPABLE))
     patience: int = _field(0, "early stopping: stop after this many epochs without a higher "
                            "validation accuracy (the model kept is the best epoch's); 0: off",
                            check=(lambda v: v >= 0, ">= 0"))
@@ -143,11 +157,20 @@ class TrainConfig:
                               f"nothing without weight decay: pass --weight-decay (with "
                               f"--optimizer adamw), or drop --weight-decay-params (pass "
                               f"--weight-decay-params kernels where a preset sets it)")
+        grid = parse_sweep(self.sweep)
+        points = math.prod(len(values) for values in grid.values())
         if self.seeds > MAX_SEEDS:
             raise FmnistError(f"seeds {self.seeds} is more than the {MAX_SEEDS} one run can "
                               f"train (their models and optimizer states are held together, "
                               f"and each seed writes a run folder every epoch): lower --seeds, "
                               f"or split the seeds over several runs with --seed")
+        if self.seeds * points > MAX_SEEDS:
+            raise FmnistError(f"{self.seeds} seeds x {points} grid points make "
+                              f"{self.seeds * points} models, more than the {MAX_SEEDS} one run "
+                              f"can train (their models and optimizer states are held "
+                              f"together, and each writes a run folder every epoch): lower "
+                              f"--seeds or the grid, or split the seeds over several runs "
+                              f"with --seed")
         if self.seed + self.seeds > MAX_SEED:
             raise FmnistError(f"seeds {self.seed}..{self.seed + self.seeds - 1} go past the "
                               f"largest seed {MAX_SEED - 1}: lower --seed or --seeds")
@@ -160,13 +183,41 @@ class TrainConfig:
         if self.patience and self.val_fraction == 0:
             raise FmnistError("patience needs a validation split to watch: pass "
                               "--val-fraction > 0, or --patience 0")
+        if grid and self.val_fraction == 0:
+            raise FmnistError("a sweep chooses its point by validation accuracy: pass "
+                              "--val-fraction > 0")
+        if grid:
+            for member in self.members():
+                member.validate()  # a point the config cannot train (wd without adamw, say)
         return self
 
+    @property
+    def many(self) -> bool:
+        """Whether the run trains several models, each with its own run folder: several
+        seeds, or a sweep."""
+        return self.seeds > 1 or bool(self.sweep)
+
+    def grid(self) -> dict[str, tuple[float | int, ...]]:
+        """The sweep's fields and their values ({} without a sweep)."""
+        return parse_sweep(self.sweep)
+
+    def points(self) -> list[dict[str, float | int]]:
+        """The sweep's grid points, the first field's values varying slowest ([{}]: none)."""
+        grid = self.grid()
+        return [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+
     def members(self) -> list[TrainConfig]:
-        """The config of each seed's run of `--seeds`: seed, seed+1, ..., each with seeds 1,
-        so each equals the config of a single run with that --seed."""
-        return [dataclasses.replace(self, seed=self.seed + k, seeds=1)
-                for k in range(self.seeds)]
+        """The config of each model of a run of several: for each grid point of the sweep
+        (one, without a sweep), seed, seed+1, ..., each with seeds 1 and no sweep, so each
+        equals the config of a single run with that point and --seed."""
+        return [dataclasses.replace(self, **point, seed=self.seed + k, seeds=1, sweep="")
+                for point in self.points() for k in range(self.seeds)]
+
+    def member_names(self) -> list[str]:
+        """Each member's run folder, relative to the run's (`members`' order): seed-S, or
+        POINT/seed-S in a sweep (POINT as `point_name`)."""
+        return [(f"{point_name(point)}/" if point else "") + f"seed-{self.seed + k}"
+                for point in self.points() for k in range(self.seeds)]
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -180,6 +231,53 @@ class TrainConfig:
             raise FmnistError(f"config has unknown fields {unknown}: it was written by another "
                               f"version")
         return cls(**fields).validate()
+
+
+def parse_sweep(text: str) -> dict[str, tuple[float | int, ...]]:
+    """The grid of a config's `sweep` ("learning_rate=0.001,0.003;weight_decay=0.0"): each
+    field's values, in order. FmnistError naming the bad part: a field that cannot be swept,
+    one given twice, a value that is no number of the field's type, a repeated value."""
+    grid: dict[str, tuple[float | int, ...]] = {}
+    hints = typing.get_type_hints(TrainConfig)
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        name, _, values_text = part.partition("=")
+        name = name.strip().replace("-", "_")
+        if name not in SWEEPABLE:
+            raise FmnistError(f"--sweep {part!r}: {flag_words(name) or 'no field'} cannot be "
+                              f"swept (it changes the compiled program, or is no field): sweep "
+                              f"one of {', '.join(SWEEPABLE)}")
+        if name in grid:
+            raise FmnistError(f"--sweep gives {name} twice: give all its values in one "
+                              f"--sweep {name}=V1,V2,...")
+        kind = int if hints[name] is int else float
+        try:
+            values = tuple(kind(v) for v in values_text.split(","))
+        except ValueError:
+            raise FmnistError(f"--sweep {part!r}: {name} takes {kind.__name__} values, "
+                              f"NAME=V1,V2,...") from None
+        names = [_value_name(v) for v in values]
+        if len(set(names)) < len(names):
+            raise FmnistError(f"--sweep {part!r} repeats a value (as its folder names it: "
+                              f"{', '.join(names)}): give each value once")
+        grid[name] = values
+    return grid
+
+
+def canonical_sweep(parts: list[str]) -> str:
+    """`--sweep` flags as the config stores them: fields joined by ';', values as Python
+    writes them (so a resumed run's flags compare equal however they were typed)."""
+    grid = parse_sweep(";".join(parts))
+    return ";".join(f"{name}=" + ",".join(repr(v) for v in values)
+                    for name, values in grid.items())
+
+
+def _value_name(value: float | int) -> str:
+    return f"{value:g}"
+
+
+def point_name(point: dict[str, float | int]) -> str:
+    """A grid point as its folder is named: lr=0.003,wd=0.0005."""
+    return ",".join(f"{SWEEPABLE[name]}={_value_name(v)}" for name, v in point.items())
 
 
 def flag_words(name: str) -> str:

@@ -31,6 +31,11 @@ A run of several seeds (`--seeds K`, K > 1) is a folder of ordinary run folders,
 | summary.json                          | training, at the end    | each seed's test accuracy, mean, std, |
 |                                       |                         | 95% confidence interval               |
 
+A sweep (`--sweep`) is the same with one folder per grid point and seed, `POINT/seed-S/`
+(POINT as `config.point_name`: lr=0.003,wd=0.0005), each an ordinary run folder of that
+point's config, and sweep.json (each point's validation accuracy over its seeds, the point
+chosen by it, its test accuracy) and sweep.png in place of summary.json.
+
 An existing run is never overwritten: a run claims its folder by creating config.json with
 O_EXCL (`claim`), so of two trainings started on one folder exactly one gets it, and a folder
 holding anything else is refused. `reopen` takes an interrupted run back for --resume.
@@ -65,7 +70,7 @@ from fmnist_jax.run.config import TrainConfig
 # The config files, read back: `folder_config` (this module hands its names on).
 from fmnist_jax.run.folder_config import (CLAIM_FILE, CONFIG_FILE, SEEDS_FILE,  # noqa: F401
                                           check_config_unchanged, holds_seeds, load_config,
-                                          member_dir, read_json, seed_run_dirs, seeds_run_of,
+                                          member_dir, member_dirs, read_json, seed_run_dirs, seeds_run_of,
                                           stored_config)
 from fmnist_jax.run.parallel import is_writer
 
@@ -80,6 +85,8 @@ CALIBRATION_FILE = "calibration.json"
 REPORT_TEXT_FILE = "report.txt"
 REPORT_JSON_FILE = "report.json"
 SUMMARY_FILE = "summary.json"
+SWEEP_FILE = "sweep.json"
+SWEEP_PLOT_FILE = "sweep.png"
 PLOT_FILES = {"confusion_matrix": "confusion_matrix.png", "reliability": "reliability.png",
               "curves": "curves.png"}
 CHECKPOINT_SUMS = "checkpoint_sha256"  # best.json's field: the model checkpoint's checksums
@@ -116,11 +123,12 @@ class Claim:
                 claim.lock.close()
 
 
-def default_workdir(preset: str, seed: int, seeds: int = 1) -> Path:
-    """runs/PRESET-seedN-TIMESTAMP-PID (runs/PRESET-seedsN-M-... for seeds N..M): the pid
-    keeps apart two runs started in the same second (the exclusive claim refuses any
-    collision that is left)."""
+def default_workdir(preset: str, seed: int, seeds: int = 1, sweep: bool = False) -> Path:
+    """runs/PRESET-seedN-TIMESTAMP-PID (runs/PRESET-seedsN-M-... for seeds N..M; -sweep-
+    after PRESET for a sweep): the pid keeps apart two runs started in the same second (the
+    exclusive claim refuses any collision that is left)."""
     name = f"seed{seed}" if seeds == 1 else f"seeds{seed}-{seed + seeds - 1}"
+    name = f"sweep-{name}" if sweep else name
     return Path("runs") / f"{preset}-{name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
 
 
@@ -131,21 +139,21 @@ def claim(workdir: str | Path, cfg: TrainConfig) -> Claim:
     before loading any data, so that a bad --workdir fails within a second. Processes other
     than process 0 of a run with several get a claim that touches nothing.
 
-    With `cfg.seeds` > 1 the file created exclusively is seeds.json, and then each seed's
-    run folder `seed-S/` inside is claimed for its own config (`TrainConfig.members`)."""
+    With `cfg.seeds` > 1 or a sweep the file created exclusively is seeds.json, and then
+    each member's run folder inside (`member_dirs`) is claimed for its own config
+    (`TrainConfig.members`)."""
     run_dir = Path(workdir)
     if not is_writer():
         return _claim_of_another_process(run_dir, cfg)
     made_folder = _empty_folder(run_dir)
-    if cfg.seeds > 1:
+    if cfg.many:
         members = cfg.members()
         _create_exclusively(run_dir, SEEDS_FILE, json.dumps(
-            {"config": json.loads(cfg.to_json()),
-             "runs": [member_dir(".", m.seed).name for m in members]}, indent=2) + "\n")
+            {"config": json.loads(cfg.to_json()), "runs": cfg.member_names()}, indent=2) + "\n")
         claimed: list[Claim] = []
         try:
-            for member in members:
-                claimed.append(claim(member_dir(run_dir, member.seed), member))
+            for member, path in zip(members, member_dirs(run_dir, cfg)):
+                claimed.append(claim(path, member))
         except BaseException:
             abandon(Claim(path=run_dir, config=cfg, made_folder=made_folder,
                           members=tuple(claimed)))
@@ -165,8 +173,9 @@ def _claim_of_another_process(run_dir: Path, cfg: TrainConfig, *, resumed: bool 
     """What a process other than process 0 gets from `claim` and `reopen`: a claim of the
     shape process 0's has (so it runs the same loop) that touches nothing."""
     return Claim(path=run_dir, config=cfg, made_folder=False, resumed=resumed, members=tuple(
-        Claim(path=member_dir(run_dir, member.seed), config=member, made_folder=False,
-              resumed=resumed) for member in (cfg.members() if cfg.seeds > 1 else ())))
+        Claim(path=path, config=member, made_folder=False, resumed=resumed)
+        for member, path in (zip(cfg.members(), member_dirs(run_dir, cfg)) if cfg.many
+                             else ())))
 
 
 def _empty_folder(run_dir: Path) -> bool:
@@ -224,7 +233,7 @@ def finished(run_dir: str | Path) -> bool:
     summary.json, written after every seed's."""
     run_dir = Path(run_dir)
     if holds_seeds(run_dir):
-        return (run_dir / SUMMARY_FILE).is_file()
+        return (run_dir / SUMMARY_FILE).is_file() or (run_dir / SWEEP_FILE).is_file()
     if (run_dir / OLD_PARAMS_CHECKSUM_FILE).is_file():
         return True
     try:
@@ -268,11 +277,10 @@ def _reopen_seeds(run_dir: Path) -> Claim:
     check_config_unchanged(run_dir)
     members: list[Claim] = []
     try:
-        for member_cfg in cfg.members():
-            path = member_dir(run_dir, member_cfg.seed)
+        for member_cfg, path in zip(cfg.members(), member_dirs(run_dir, cfg)):
             if load_config(path) != member_cfg:
                 raise FmnistError(f"{path / CONFIG_FILE} is not the config {run_dir / SEEDS_FILE} "
-                                  f"gives seed {member_cfg.seed}: restore it from the run")
+                                  f"gives {path.relative_to(run_dir)}: restore it from the run")
             check_data_file(path)
             members.append(Claim(path=path, config=member_cfg, made_folder=False, resumed=True,
                                  lock=_lock_to_resume(path)))
@@ -375,6 +383,10 @@ def _remove_unstarted(run: Claim) -> None:
             _remove_unstarted(member)
         if any((member.path / HISTORY_FILE).exists() for member in run.members):
             return
+        if run.made_folder or not run.resumed:  # a sweep's point folders, if left empty
+            for point_dir in {m.path.parent for m in run.members} - {run.path}:
+                with contextlib.suppress(OSError):
+                    point_dir.rmdir()
     if run.resumed or not is_writer() or (run.path / HISTORY_FILE).exists():
         return
     for name in (NORMALIZATION_FILE, DATA_FILE, CLAIM_FILE, CONFIG_FILE, SEEDS_FILE):

@@ -1,5 +1,5 @@
-"""The config of a run folder, read back: config.json, seeds.json of a run of several seeds,
-and claim.json, the config recorded as the run began (see `folder` for the whole folder).
+"""The config of a run folder, read back: config.json, seeds.json of a run of several seeds
+(or a sweep), and claim.json, the config recorded as the run began (see `folder` for the whole folder).
 
 A run claims its folder by creating config.json and records the same config in claim.json;
 a --resume refuses a config.json (or seeds.json) that differs from that record, naming the
@@ -23,21 +23,28 @@ SEEDS_FILE = "seeds.json"
 
 
 def member_dir(run_dir: str | Path, seed: int) -> Path:
-    """The run folder of `seed` inside the folder of a run of several seeds."""
+    """The run folder of `seed` inside the folder of a run of several seeds (no sweep)."""
     return Path(run_dir) / f"seed-{seed}"
 
 
+def member_dirs(run_dir: str | Path, cfg: TrainConfig) -> list[Path]:
+    """The run folder of each member of `cfg` (`TrainConfig.members`' order) inside the
+    folder of its run of several seeds or sweep: seed-S, or POINT/seed-S."""
+    return [Path(run_dir) / name for name in cfg.member_names()]
+
+
 def seed_run_dirs(run_dir: str | Path) -> list[Path] | None:
-    """Each seed's run folder, in seed order, when `run_dir` is the folder of a run of
-    several seeds; None for any other folder."""
+    """Each member's run folder (`member_dirs`) when `run_dir` is the folder of a run of
+    several seeds or of a sweep; None for any other folder."""
     run_dir = Path(run_dir)
     if not holds_seeds(run_dir):
         return None
-    return [member_dir(run_dir, member.seed) for member in stored_config(run_dir).members()]
+    return member_dirs(run_dir, stored_config(run_dir))
 
 
 def holds_seeds(run_dir: Path) -> bool:
-    """Whether `run_dir` is the folder of a run of several seeds (seeds.json, no config.json)."""
+    """Whether `run_dir` is the folder of a run of several seeds or of a sweep (seeds.json,
+    no config.json)."""
     return (run_dir / SEEDS_FILE).is_file() and not (run_dir / CONFIG_FILE).is_file()
 
 
@@ -54,9 +61,10 @@ def load_config(run_dir: str | Path) -> TrainConfig:
     names one of its seeds' folders)."""
     path = Path(run_dir) / CONFIG_FILE
     if holds_seeds(Path(run_dir)):
-        first = member_dir(run_dir, stored_config(run_dir).seed)
-        raise FmnistError(f"{run_dir} holds the runs of several seeds, one folder each: pass "
-                          f"one of them, e.g. {first}")
+        whole = stored_config(run_dir)
+        raise FmnistError(f"{run_dir} holds the runs of "
+                          f"{'a sweep' if whole.sweep else 'several seeds'}, one folder each: "
+                          f"pass one of them, e.g. {member_dirs(run_dir, whole)[0]}")
     if not path.is_file():
         whole = seeds_run_of(Path(run_dir))
         if whole is not None:  # the user's own --seeds run, damaged: not "no run folder"
@@ -72,16 +80,19 @@ def load_config(run_dir: str | Path) -> TrainConfig:
 
 
 def seeds_run_of(run_dir: Path) -> Path | None:
-    """The folder of the run of several seeds that `run_dir` is a seed's folder of (by name,
-    as its seeds.json gives them), else None."""
-    whole = run_dir.parent if run_dir.parent != Path(".") else run_dir.absolute().parent
-    if not holds_seeds(whole):
-        return None
-    try:
-        members = stored_config(whole).members()
-    except FmnistError:  # a damaged seeds.json: it names no seed's folder
-        return None
-    return whole if run_dir.name in {member_dir(whole, m.seed).name for m in members} else None
+    """The folder of the run of several seeds (or sweep) that `run_dir` is a member's
+    folder of (by name, as its seeds.json gives them), else None."""
+    for depth in (1, 2):  # seed-S, or a sweep's POINT/seed-S
+        near = run_dir if len(run_dir.parts) > depth else run_dir.absolute()
+        whole = near.parents[depth - 1]
+        if not holds_seeds(whole):
+            continue
+        try:
+            names = stored_config(whole).member_names()
+        except FmnistError:  # a damaged seeds.json: it names no member's folder
+            return None
+        return whole if "/".join(near.parts[-depth:]) in names else None
+    return None
 
 
 def check_config_unchanged(run_dir: str | Path) -> None:
@@ -89,7 +100,9 @@ def check_config_unchanged(run_dir: str | Path) -> None:
     its seeds', and its seeds.json) is not the one recorded in claim.json as it began: a
     resumed run keeps its config. Folders without claim.json pass."""
     run_dir = Path(run_dir)
-    for path in seed_run_dirs(run_dir) or [run_dir]:
+    dirs = seed_run_dirs(run_dir)
+    given = dict(zip(dirs, stored_config(run_dir).members())) if dirs else {}
+    for path in dirs or [run_dir]:
         record = path / CLAIM_FILE
         if not record.is_file():
             continue
@@ -99,9 +112,8 @@ def check_config_unchanged(run_dir: str | Path) -> None:
         now = load_config(path)
         if now != began:
             raise _edited(path / CONFIG_FILE, began, now)
-        given = {member.seed: member for member in stored_config(run_dir).members()}
-        if path != run_dir and given.get(began.seed) != began:
-            raise _edited(run_dir / SEEDS_FILE, began, given.get(began.seed, began))
+        if path != run_dir and given[path] != began:
+            raise _edited(run_dir / SEEDS_FILE, began, given[path])
 
 
 def _edited(path: Path, began: TrainConfig, now: TrainConfig) -> FmnistError:

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from fmnist_jax import data, metrics
 from fmnist_jax.errors import FmnistError
-from fmnist_jax.run import checkpoints, folder, history, interrupts, prepare, results
+from fmnist_jax.run import checkpoints, folder, history, interrupts, prepare, results, sweep
 from fmnist_jax.run.config import TrainConfig
 from fmnist_jax.run.parallel import is_writer
 from fmnist_jax.steps import TrainState
@@ -94,7 +94,7 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | Path | folder.Claim, *,
         has_val = "val" in program.eval_sets
         with contextlib.ExitStack() as stack:
             members = [stack.enter_context(Member(claim, cfg, resumed=run.resumed,
-                                                  has_val=has_val))
+                                                  has_val=has_val, label=_label(run, claim)))
                        for claim in run.members or (run,)]
             state = _resume(state, program, members, run.path, log_fn)
             state = _epochs(cfg, state, program, members, log_fn, progress, started)
@@ -103,8 +103,21 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | Path | folder.Claim, *,
         run.release()
     if not run.members:
         return state, members[0].history
-    _summarize(run.path, kept, has_val, log_fn)
+    if cfg.sweep:
+        sweep.summarize(run.path, cfg, kept, log_fn)
+    else:
+        _summarize(run.path, kept, has_val, log_fn)
     return state, [member.history for member in members]
+
+
+def _label(run: folder.Claim, claim: folder.Claim) -> str:
+    """How the log lines name a member: "" for a single run, "seed S" in a run of several
+    seeds, "POINT/seed-S" in a sweep."""
+    if not run.members:
+        return ""
+    if not run.config.sweep:
+        return f"seed {claim.config.seed}"
+    return claim.path.relative_to(run.path).as_posix()
 
 
 class Member:
@@ -112,9 +125,10 @@ class Member:
     checkpoints and early stopping. `active`: it still trains (not stopped early, epochs
     left). A context manager: its logs and checkpoints close on the way out."""
 
-    def __init__(self, claim: folder.Claim, cfg: TrainConfig, *, resumed: bool, has_val: bool):
+    def __init__(self, claim: folder.Claim, cfg: TrainConfig, *, resumed: bool, has_val: bool,
+                 label: str = ""):
         self.path, self.seed, self.cfg, self.has_val = claim.path, claim.config.seed, cfg, has_val
-        self.prefix = f"seed {self.seed}: " if cfg.seeds > 1 else ""
+        self.prefix = f"{label}: " if label else ""
         self.checkpoints = checkpoints.Checkpoints(claim.path, async_save=ASYNC_CHECKPOINTS)
         try:
             # Each member goes on from its own latest checkpoint: a kill during an epoch's
@@ -253,7 +267,8 @@ def _epochs(cfg, state, program, members: list[Member], log_fn, progress, starte
         bar.update(1)
         bar.set_postfix(loss=f"{_mean(rows, 'train_loss'):.4f}",
                         test_acc=f"{_mean(rows, 'test_accuracy'):.4f}")
-        log_fn(_epoch_line(epoch, rows, program.eval_sets, train_s, eval_s, len(members)))
+        log_fn(_epoch_line(epoch, rows, program.eval_sets, train_s, eval_s, len(members),
+                           "models" if cfg.sweep else "seeds"))
         for line in filter(None, stop_lines):
             log_fn(line)
     bar.close()
@@ -264,14 +279,15 @@ def _mean(rows: dict[int, dict[str, Any]], key: str) -> float:
     return sum(row[key] for row in rows.values()) / len(rows)
 
 
-def _epoch_line(epoch, rows, eval_sets, train_s, eval_s, n_members) -> str:
-    """The epoch's log line: one run's metrics, or the means over the seeds that trained."""
+def _epoch_line(epoch, rows, eval_sets, train_s, eval_s, n_members, what="seeds") -> str:
+    """The epoch's log line: one run's metrics, or the means over the members (`what`:
+    seeds, or a sweep's models) that trained."""
     names = ["train", *eval_sets]
     metrics_text = "  ".join(f"{name} loss {_mean(rows, f'{name}_loss'):.4f} acc "
                              f"{_mean(rows, f'{name}_accuracy'):.4f}" for name in names)
     if n_members == 1:
         return f"epoch {epoch:3d}  {metrics_text}  {train_s:.2f} s (+{eval_s:.2f} s eval)"
-    return (f"epoch {epoch:3d}  mean of {len(rows)} seeds  {metrics_text}  {train_s:.2f} s "
+    return (f"epoch {epoch:3d}  mean of {len(rows)} {what}  {metrics_text}  {train_s:.2f} s "
             f"(+{eval_s:.2f} s eval) for all {n_members}")
 
 

@@ -5,6 +5,7 @@ states, and the compiled epochs as the host loop drives them (`OneModel`, `SeedM
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -17,12 +18,13 @@ import numpy as np
 from fmnist_jax import data, streams
 from fmnist_jax.errors import FmnistError
 from fmnist_jax.models import get_model
-from fmnist_jax.optim import make_lr_schedule, make_optimizer, make_plateau
+from fmnist_jax.optim import (SWEPT_BY_OPTIMIZER, make_lr_schedule, make_optimizer, make_plateau,
+                              with_hyperparams)
 from fmnist_jax.run import folder
 from fmnist_jax.run.compiled import CompiledEpochs, CompiledSeedEpochs, rates, step_options
 from fmnist_jax.run.config import TrainConfig
 from fmnist_jax.seeds import plateau_update_seeds
-from fmnist_jax.steps import TrainState, create_train_state, plateau_update
+from fmnist_jax.steps import HPARAMS, TrainState, create_train_state, plateau_update
 
 
 class OneModel:
@@ -60,7 +62,12 @@ class OneModel:
 class SeedModels(OneModel):
     """`CompiledSeedEpochs` as the host loop sees it: M members, one state with a leading
     axis M, `active` a list of M bools (False: the member does not train this epoch, its
-    state is kept)."""
+    state is kept). `lr_fns`: each member's learning-rate schedule (a sweep's members may
+    have their own peaks)."""
+
+    def __init__(self, compiled: CompiledSeedEpochs, lr_fns: list):
+        super().__init__(compiled, lr_fns[0])
+        self.lr_fns = lr_fns
 
     def train(self, state_M, seeds, epoch, active):
         key_M = jnp.stack([streams.epoch_shuffle_key(seed, epoch) for seed in seeds])
@@ -80,8 +87,10 @@ class SeedModels(OneModel):
         steps = jax.device_get(state_M.step)
         scales = (np.ones(len(steps)) if state_M.plateau is None
                   else jax.device_get(state_M.plateau.scale))
-        rate_of = functools.cache(lambda step: float(self.lr_fn(step)))  # members share steps
-        return [rate_of(int(step)) * float(scale) for step, scale in zip(steps, scales)]
+        # Members share steps and, but in a sweep of the rate, schedules.
+        rate_of = functools.cache(lambda lr_fn, step: float(lr_fn(step)))
+        return [rate_of(lr_fn, int(step)) * float(scale)
+                for lr_fn, step, scale in zip(self.lr_fns, steps, scales)]
 
     def member_states(self, state_M):
         """Each member's state on the host (one copy off the device for all of them)."""
@@ -126,9 +135,12 @@ def set_up_one(cfg: TrainConfig, run: folder.Claim, train: data.Split, test: dat
     norm = data.normalization_for(cfg.normalization, train.images_NxHxWx1)
     folder.save_normalization(run.path, norm)
     steps_per_epoch = len(train) // cfg.batch_size
-    state = create_train_state(get_model(cfg.model), make_optimizer(cfg, steps_per_epoch),
-                               streams.stream_key(cfg.seed, streams.INIT),
-                               plateau_tx=make_plateau(cfg), ema_decay=cfg.ema_decay)
+    # A sweep's member resumed alone goes on as the sweep trained it: its state as the
+    # sweep's (the swept values as arrays), in the sweep's program.
+    sweep = _sweep_of(run)
+    whole = sweep or cfg
+    state = member_state(whole, member_optimizers(whole, steps_per_epoch), cfg.seed,
+                         member_point(whole, cfg))
     # Host arrays: CompiledEpochs puts them on every device.
     eval_sets = {"test": (test.images_NxHxWx1, test.labels_N)}
     if val is not None:
@@ -140,10 +152,19 @@ def set_up_one(cfg: TrainConfig, run: folder.Claim, train: data.Split, test: dat
                               eval_sets, batch_size=cfg.batch_size,
                               eval_batch_size=cfg.eval_batch_size, norm=norm,
                               key=streams.epoch_shuffle_key(cfg.seed, 1),
-                              options=step_options(cfg))
+                              options=step_options(program_config(whole)))
     log_fn(f"compiled train epoch and eval in {compiled.compile_seconds:.2f} s "
            f"({steps_per_epoch} steps of {cfg.batch_size} per epoch)")
     return state, OneModel(compiled, make_lr_schedule(cfg, steps_per_epoch))
+
+
+def _sweep_of(run: folder.Claim) -> TrainConfig | None:
+    """The config of the sweep whose member `run` is, resumed alone; else None."""
+    if not run.resumed:
+        return None
+    whole = folder.seeds_run_of(run.path)
+    sweep = None if whole is None else folder.stored_config(whole)
+    return sweep if sweep is not None and sweep.sweep else None
 
 
 def _check_one_batch_fits(cfg: TrainConfig, n_given: int, n_train: int, n_val: int) -> None:
@@ -162,32 +183,74 @@ def _log_config(cfg: TrainConfig, log_fn: Callable[[str], Any]) -> None:
     log_fn(f"config: {json.dumps(json.loads(cfg.to_json()))}")
 
 
-def seed_members(cfg: TrainConfig, labels_N: np.ndarray, seeds: list[int]):
-    """The M members of a run of several seeds before training (`train.py --seeds` and the
-    seed timing of benchmarks/ share it): each member's (train, validation) indices into the
-    training images, drawn from its seed (stratified per class, so every member's split has
-    the same sizes); their initial states stacked, a leading axis M on every leaf; the steps
-    per epoch. The first member alone is checked (one batch fits its split, all M fit in
-    memory: `check_members_fit`) before the others are built."""
+def program_config(cfg: TrainConfig) -> TrainConfig:
+    """The config whose compiled program trains every member of `cfg`: `cfg` itself, but in
+    a sweep each swept field outside the optimizer at its largest value, so the parts it
+    needs are in the program (label smoothing, the moving average, each augmentation) while
+    each member's own value comes from its state (`TrainState.hparams`)."""
+    largest = {name: max(values) for name, values in cfg.grid().items()
+               if name not in SWEPT_BY_OPTIMIZER}
+    return dataclasses.replace(cfg, **largest)
+
+
+def member_point(cfg: TrainConfig, member: TrainConfig) -> dict[str, float | int]:
+    """The values of `cfg`'s swept fields in `member` ({} without a sweep)."""
+    return {name: getattr(member, name) for name in cfg.grid()}
+
+
+def member_optimizers(cfg: TrainConfig, steps_per_epoch: int):
+    """(tx, plateau_tx) of every member of `cfg`: made for `program_config(cfg)`, the grid's
+    fields swept. One pair for all: the stacked states' static fields must match."""
+    program = program_config(cfg)
+    return (make_optimizer(program, steps_per_epoch, swept=tuple(cfg.grid())),
+            make_plateau(program))
+
+
+def member_state(cfg: TrainConfig, optimizers, seed: int,
+                 point: dict[str, float | int]) -> TrainState:
+    """The initial state of `cfg`'s member of `seed` and grid `point` (see `seed_members`),
+    with `optimizers` (`member_optimizers`): the swept values in its optimizer's state and
+    in its `hparams`."""
+    program, (tx, plateau_tx) = program_config(cfg), optimizers
+    hparams = {name: jnp.asarray(value, jnp.int32 if isinstance(value, int) else jnp.float32)
+               for name, value in point.items() if name in HPARAMS}
+    state = create_train_state(get_model(cfg.model), tx, streams.stream_key(seed, streams.INIT),
+                               plateau_tx=plateau_tx, ema_decay=program.ema_decay,
+                               hparams=hparams or None)
+    if any(name in SWEPT_BY_OPTIMIZER for name in point):
+        state = state.replace(opt_state=with_hyperparams(state.opt_state, point))
+    return state
+
+
+def seed_members(cfg: TrainConfig, labels_N: np.ndarray, seeds: list[int],
+                 points: list[dict[str, float | int]] | None = None):
+    """The M members of a run of several seeds, or of a sweep, before training (`train.py
+    --seeds`, `--sweep` and the seed timing of benchmarks/ share it): each member's (train,
+    validation) indices into the training images, drawn from its seed (stratified per
+    class, so every member's split has the same sizes); their initial states stacked, a
+    leading axis M on every leaf, each holding its grid point's values (`points`, one per
+    member, of `cfg.grid()`'s fields; none without a sweep); the steps per epoch. The
+    first member alone is checked (one batch fits its split, all M fit in memory:
+    `check_members_fit`) before the others are built."""
+    points = points or [{} for _ in seeds]
     first = data.train_val_indices(labels_N, cfg.val_fraction, seeds[0])
     n_train, n_val = len(first[0]), 0 if first[1] is None else len(first[1])
     _check_one_batch_fits(cfg, len(labels_N), n_train, n_val)
     steps_per_epoch = n_train // cfg.batch_size
     # One model and optimizer object for all: the stacked states' static fields must match.
-    model, tx = get_model(cfg.model), make_optimizer(cfg, steps_per_epoch)
-    plateau_tx = make_plateau(cfg)
+    initial_state = functools.partial(member_state, cfg,
+                                      member_optimizers(cfg, steps_per_epoch))
 
-    def initial_state(seed: int) -> TrainState:
-        return create_train_state(model, tx, streams.stream_key(seed, streams.INIT),
-                                  plateau_tx=plateau_tx, ema_decay=cfg.ema_decay)
-
-    check_members_fit(cfg, len(seeds), jax.eval_shape(lambda: initial_state(seeds[0])),
+    check_members_fit(cfg, len(seeds), jax.eval_shape(lambda: initial_state(seeds[0],
+                                                                            points[0])),
                       len(labels_N))
-    splits = [first] + [data.train_val_indices(labels_N, cfg.val_fraction, seed)
-                        for seed in seeds[1:]]
-    state_M = jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves),
-                                     *[initial_state(seed) for seed in seeds])
-    return splits, state_M, steps_per_epoch
+    split_of = {seeds[0]: first}  # members of one seed share its split
+    for seed in seeds[1:]:
+        if seed not in split_of:
+            split_of[seed] = data.train_val_indices(labels_N, cfg.val_fraction, seed)
+    state_M = jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *[
+        initial_state(seed, point) for seed, point in zip(seeds, points)])
+    return [split_of[seed] for seed in seeds], state_M, steps_per_epoch
 
 
 def host_memory_bytes() -> int:
@@ -223,16 +286,21 @@ def set_up_seeds(cfg: TrainConfig, run: folder.Claim, train: data.Split, test: d
     and initial state (stacked: a leading axis M on every leaf), all compiled as one
     program."""
     member_cfgs = [member.config for member in run.members]
-    splits, state_M, steps_per_epoch = seed_members(cfg, train.labels_N,
-                                                    [member.seed for member in member_cfgs])
+    splits, state_M, steps_per_epoch = seed_members(
+        cfg, train.labels_N, [member.seed for member in member_cfgs],
+        [member_point(cfg, member) for member in member_cfgs])
     n_train, n_val = len(splits[0][0]), 0 if splits[0][1] is None else len(splits[0][1])
     _log_config(cfg, log_fn)
     if run.resumed:  # the epochs left need the images the run started with
         for member in run.members:
             folder.check_data(member.path, train, test)
     folder.save_data_fingerprints([member.path for member in run.members], train, test)
-    norms = [data.normalization_for(cfg.normalization, train.images_NxHxWx1[train_idx])
-             for train_idx, _ in splits]
+    norm_of: dict[int, data.Normalization] = {}  # one per seed's split
+    for member, (train_idx, _) in zip(member_cfgs, splits):
+        if member.seed not in norm_of:
+            norm_of[member.seed] = data.normalization_for(cfg.normalization,
+                                                          train.images_NxHxWx1[train_idx])
+    norms = [norm_of[member.seed] for member in member_cfgs]
     for member, norm in zip(run.members, norms):
         folder.save_normalization(member.path, norm)
     norm_M = data.Normalization(*(np.asarray(values, np.float32) for values in zip(*norms)))
@@ -241,17 +309,20 @@ def set_up_seeds(cfg: TrainConfig, run: folder.Claim, train: data.Split, test: d
     if n_val:
         val_idx_MxQ = jax.device_put(np.stack([val_idx for _, val_idx in splits]).astype(np.int32))
         eval_sets = {"val": (*train_xy, val_idx_MxQ), **eval_sets}
+    seeds = (f"{cfg.seeds} seed{'s' if cfg.seeds > 1 else ''} ({cfg.seed}.."
+             f"{cfg.seed + cfg.seeds - 1}), each with its own validation split")
     log_fn(f"images: {n_train} train, {n_val} validation (held out), {len(test)} test; "
-           f"{len(member_cfgs)} seeds ({member_cfgs[0].seed}..{member_cfgs[-1].seed}), each "
-           f"with its own validation split")
+           + (f"{len(cfg.points())} grid points x {seeds}" if cfg.sweep else seeds))
     compiled = CompiledSeedEpochs(
         state_M, train_xy,
         jax.device_put(np.stack([train_idx for train_idx, _ in splits]).astype(np.int32)),
         eval_sets, batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size,
         norm_M=norm_M, key_M=jnp.stack([streams.epoch_shuffle_key(member.seed, 1)
                                         for member in member_cfgs]),
-        active_M=jnp.ones(len(member_cfgs), bool), options=step_options(cfg))
-    log_fn(f"compiled train epoch and eval of {len(member_cfgs)} seeds in "
+        active_M=jnp.ones(len(member_cfgs), bool), options=step_options(program_config(cfg)))
+    log_fn(f"compiled train epoch and eval of {len(member_cfgs)} models in "
            f"{compiled.compile_seconds:.2f} s ({steps_per_epoch} steps of {cfg.batch_size} "
            f"per epoch)")
-    return state_M, SeedModels(compiled, make_lr_schedule(cfg, steps_per_epoch))
+    lr_fn_of = functools.cache(lambda peak: make_lr_schedule(cfg, steps_per_epoch, peak))
+    return state_M, SeedModels(compiled, [lr_fn_of(member.learning_rate)
+                                          for member in member_cfgs])

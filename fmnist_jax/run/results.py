@@ -11,14 +11,20 @@ import numpy as np
 from fmnist_jax.errors import FmnistError
 from fmnist_jax.models import NUM_CLASSES
 from fmnist_jax.run.folder import (CALIBRATION_FILE, PLOT_FILES, REPORT_JSON_FILE,
-                                   REPORT_TEXT_FILE, SUMMARY_FILE, read_json, write_json,
-                                   write_text)
+                                   REPORT_TEXT_FILE, SUMMARY_FILE, SWEEP_FILE, read_json,
+                                   write_json, write_text)
 
 
 def save_summary(run_dir: Path, summary: dict[str, Any]) -> None:
     """The results of a run of several seeds (see `loop.train_and_evaluate`): written last,
     once every seed's run folder is complete."""
     write_json(Path(run_dir) / SUMMARY_FILE, summary)
+
+
+def save_sweep(run_dir: Path, summary: dict[str, Any]) -> None:
+    """The results of a sweep (see `sweep.summarize`): written last, once every member's run
+    folder is complete."""
+    write_json(Path(run_dir) / SWEEP_FILE, summary)
 
 
 def load_summary(run_dir: str | Path) -> dict[str, Any]:
