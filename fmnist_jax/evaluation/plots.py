@@ -112,4 +112,3 @@ def plot_training_curves(history: list[dict], path: Path) -> None:
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
