@@ -104,7 +104,7 @@ def plot_sweep(summary: dict[str, Any], path: Path) -> None:
 def _plot_panels(panels: list[tuple[str, dict]], path: Path) -> None:
     """One panel per swept field (name, {line label: [(value, mean, interval or None)]}):
     mean validation accuracy against the field's values, with error bars where there is an
-    interval; a log axis where the values are positive and span more than a factor of 10."""
+    interval; a log axis where the values are positive and span a factor of 10 or more."""
     import matplotlib  # about a second to import: only here
 
     matplotlib.use("Agg")  # files only, no display
@@ -124,7 +124,7 @@ def _plot_panels(panels: list[tuple[str, dict]], path: Path) -> None:
             else:
                 ax.plot(x, y, "o-", label=label or None)
         values = [p[0] for points in lines.values() for p in points]
-        if min(values) > 0 and max(values) > 10 * min(values):
+        if min(values) > 0 and max(values) >= 10 * min(values):
             ax.set_xscale("log")
         ax.set_xlabel(name)
         ax.set_ylabel("validation accuracy (mean over seeds)")
