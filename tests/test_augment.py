@@ -77,6 +77,7 @@ def test_erasing_blacks_out_one_rectangle():
         assert area == (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
 
 
+@pytest.mark.slow
 def test_augmented_training_runs_in_the_epoch_scan_and_changes_the_step():
     split = make_split(128)
     images, labels = jnp.asarray(split.images_NxHxWx1), jnp.asarray(split.labels_N)

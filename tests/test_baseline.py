@@ -186,7 +186,7 @@ def test_compiled_model_state_dict_is_accepted():
 # ---------------------------------------------------------------- same steps in both frameworks
 
 
-@pytest.mark.parametrize("model,batch", [("lenet5", 64), ("cnn", 32)])  # their presets' batches
+@pytest.mark.parametrize("model,batch", [("lenet5", 64), pytest.param("cnn", 32, marks=pytest.mark.slow)])  # their presets' batches
 def test_torch_and_jax_take_the_same_adam_steps(model, batch):
     images, labels = random_images(5 * batch + 30, seed=3)  # 5 steps; 30 dropped
     key = jax.random.key(21)

@@ -74,6 +74,7 @@ def test_bench_accepts_the_cnn_with_a_torch_pipeline(tmp_path, run_main):
     assert "train-images-idx3-ubyte.gz is missing" in one_error_line(result)
 
 
+@pytest.mark.slow
 def test_bench_trains_the_cnn_in_both_frameworks_from_the_same_start():
     train, test = make_split(256, seed=0), make_split(200, seed=1)
     settings = bench.BenchSettings(config=bench.bench_config("cnn", epochs=2), num_seeds=1,

@@ -152,6 +152,7 @@ def test_ece_sweep_matches_reference(case):
     assert float(got) == pytest.approx(want, abs=TOL)
 
 
+@pytest.mark.slow
 def test_the_equal_mass_errors_of_presorted_examples_skip_the_sort_and_agree():
     """What the report's bootstrap hands them: the examples sorted once, every resample laid
     out in that order (bootstrap_ci(..., ordered=True)), the same errors as unsorted."""
@@ -220,6 +221,7 @@ def test_smooth_reliability_matches_relplot(case):
     np.testing.assert_allclose(np.asarray(got), want, atol=2e-6, rtol=0)
 
 
+@pytest.mark.slow
 def test_a_bootstrap_passes_its_constants_to_every_resample():
     probs, labels = _random_case(4, n=500)
     sigma = jnp.float32(0.05)
@@ -234,6 +236,7 @@ def test_a_bootstrap_passes_its_constants_to_every_resample():
     assert np.max(np.abs(np.asarray(given.point) - np.asarray(wider))) > 1e-3
 
 
+@pytest.mark.slow
 def test_equal_width_bins_of_values_on_and_beside_every_edge_are_searchsorted_bins():
     """The bins of classwise ECE: floor(p * n_bins), corrected, is searchsorted, for every
     float32 on and beside every edge (floor alone misses both ways, e.g. at 4/7 and 3/7)."""

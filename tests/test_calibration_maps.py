@@ -43,8 +43,8 @@ def random_map(kind, seed=0):
 
 # --- fitting -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kind", ["temperature", "vector",
-                                  pytest.param("dirichlet", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("kind", ["temperature", *(pytest.param(kind, marks=pytest.mark.slow)
+                                                   for kind in ("vector", "dirichlet"))])
 def test_each_map_lowers_the_validation_nll_and_fits_to_the_same_bytes(kind):
     logits_NxC, labels_N = miscalibrated()
     cal_map, cv_nll = calibration.fit_and_score(kind, logits_NxC, labels_N)
@@ -156,7 +156,7 @@ def images_9():
     return np.random.default_rng(4).integers(0, 256, (9, 28, 28, 1)).astype(np.uint8)
 
 
-@pytest.mark.parametrize("kind", ["vector", "dirichlet"])
+@pytest.mark.parametrize("kind", ["vector", pytest.param("dirichlet", marks=pytest.mark.slow)])
 def test_predict_and_every_export_apply_the_map(kind, images_9):
     ort = pytest.importorskip("onnxruntime")
     base = random_predictor("lenet5")

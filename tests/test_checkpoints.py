@@ -82,6 +82,7 @@ print(json.dumps({name: {"devices": sorted(d.id for leaf in jax.tree_util.tree_l
 """
 
 
+@pytest.mark.slow
 def test_a_checkpoint_written_on_another_device_restores_here(tmp_path):
     """As a checkpoint written on a GPU restores on a CPU-only machine: the saved sharding
     names a device, and `restore` places each array as the target state says instead."""

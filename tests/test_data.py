@@ -38,6 +38,7 @@ def test_missing_manual_dir_names_the_option(tmp_path):
         data.prepare(tmp_path / "tfds", tmp_path / "nowhere")
 
 
+@pytest.mark.slow
 def test_truncated_file_fails_its_checksum(copied_manual_dir, tmp_path):
     path = copied_manual_dir / "t10k-images-idx3-ubyte.gz"
     path.write_bytes(path.read_bytes()[:100_000])

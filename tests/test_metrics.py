@@ -290,6 +290,7 @@ def big_case():
     return logits_NxC, labels_N, preds_N
 
 
+@pytest.mark.slow
 def test_bootstrap_ci_is_deterministic_and_brackets_the_estimate(big_case):
     logits_NxC, labels_N, preds_N = big_case
     key = jax.random.key(0)

@@ -16,7 +16,7 @@ from fmnist_jax.run import checkpoints, folder
 from fmnist_jax.run.config import canonical_sweep, get_config, parse_sweep
 from fmnist_jax.run.history import load_history
 from fmnist_jax.run.sweep import table_lines
-from tests.helpers import make_split, one_error_line, run_script, train_quietly
+from tests.helpers import make_split, one_error_line, train_quietly
 
 
 def test_the_grid_gives_each_point_and_seed_a_member_with_its_folder():
@@ -54,9 +54,8 @@ def test_a_sweep_needs_a_validation_split():
         get_config(sweep="learning_rate=0.001,0.003", val_fraction=0.0)
 
 
-def test_train_refuses_a_program_changing_field_in_one_line(tmp_path):
-    result = run_script("train.py", "--sweep", "epochs=5,10", "--workdir", tmp_path / "run",
-                        env={"HOME": str(tmp_path)})
+def test_train_refuses_a_program_changing_field_in_one_line(tmp_path, run_main):
+    result = run_main("train.py", "--sweep", "epochs=5,10", "--workdir", tmp_path / "run")
     assert result.returncode == 1
     assert one_error_line(result).startswith("error: --sweep 'epochs=5,10': epochs cannot be "
                                              "swept")
