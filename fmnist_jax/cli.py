@@ -75,6 +75,10 @@ def train_main(argv: list[str] | None = None) -> int:
             return 0
     else:
         cfg = config_from_args(args)  # bad flags fail before joining
+    if cfg.teacher:  # its folders, before any data loads
+        from fmnist_jax.run.teacher import teacher_dirs
+
+        teacher_dirs(cfg)
     use_compile_cache(args.compile_cache)
     members = len(cfg.members()) if cfg.many else 1
     start_devices(args, members=members)
@@ -167,6 +171,10 @@ def evaluate_parser() -> Parser:
     parser.add_argument("--resamples", type=int, default=1000,
                         help="bootstrap resamples for the 95%% intervals (default 1000)")
     add_calibration_flag(parser)
+    parser.add_argument("--tta", choices=("none", "flip"), default="none",
+                        help="flip: also report the test accuracy with each image's "
+                             "probabilities averaged with its mirror image's, apart from the "
+                             "model's own (twice the inference cost); default none")
     add_compile_cache_flag(parser)
     add_data_flags(parser)
     return parser
@@ -187,7 +195,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     train, test = load_data(args)
     for run_dir, run in zip(run_dirs, loaded):
         evaluate_run(run_dir, train=train, test=test, n_resamples=args.resamples, run=run,
-                     calibration=args.calibration)
+                     calibration=args.calibration, tta=args.tta)
     return 0
 
 

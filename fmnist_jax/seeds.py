@@ -106,7 +106,8 @@ def train_epoch_seeds(state_M: TrainState, images_NxHxWx1: jax.Array, labels_N: 
                       batch_sharding: jax.sharding.Sharding | None = None,
                       member_sharding: NamedSharding | None = None,
                       members_at_once: int | None = None,
-                      gather: bool = True) -> tuple[TrainState, Sums]:
+                      gather: bool = True,
+                      teacher_NxC: jax.Array | None = None) -> tuple[TrainState, Sums]:
     """One epoch of M independent models (`--seeds`) as one program: the epoch mapped over
     the members (in lockstep under `jax.vmap`, or one after another: `members_at_once`) and
     their states (every leaf of `state_M` has a leading M axis), their training
@@ -124,19 +125,21 @@ def train_epoch_seeds(state_M: TrainState, images_NxHxWx1: jax.Array, labels_N: 
     batches over the devices of its group, as in `train_epoch`; `members_at_once` is how
     many of a group's members run in lockstep (None: all, one vmap; see `over_members` and
     `parallel.members_at_once_for`). `gather` False leaves the results with the groups
-    (`gather_members`).
+    (`gather_members`). `teacher_NxC`, shared by the members: see `train_epoch`.
     """
     def member_fn(shared, active, state, idx_Q, key, norm):
+        images, labels, teacher = shared
         # One member after another (`jax.lax.map`) the cond is a real branch: a stopped
         # member (or a spare place) costs nothing. In lockstep, under vmap, it becomes a
         # select: both branches run and the stopped member's new state is thrown away.
-        return jax.lax.cond(active, lambda: scan_epoch(state, *shared, idx_Q, key, batch_size,
-                                                   norm, options, batch_sharding),
+        return jax.lax.cond(active, lambda: scan_epoch(state, images, labels, idx_Q, key,
+                                                       batch_size, norm, options,
+                                                       batch_sharding, teacher),
                             lambda: (state, _zero_sums()))
 
-    return over_members(member_fn, (images_NxHxWx1, labels_N), (state_M, idx_MxQ, key_M,
-                                                                 norm_M), active_M,
-                         member_sharding, members_at_once, gather)
+    return over_members(member_fn, (images_NxHxWx1, labels_N, teacher_NxC),
+                        (state_M, idx_MxQ, key_M, norm_M), active_M,
+                        member_sharding, members_at_once, gather)
 
 
 @jax.jit

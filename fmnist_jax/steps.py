@@ -85,6 +85,11 @@ class StepOptions(NamedTuple):
 
     label_smoothing: float = 0.0  # targets (1 - a) one-hot + a / classes
     augment: Augment = NONE  # on-device augmentation of each training batch
+    # With a teacher (`teacher_BxC` given to the step): the loss is distill_weight times
+    # KL(teacher || student) at distill_temperature, times its square, plus (1 - weight)
+    # times the cross-entropy.
+    distill_weight: float = 0.5
+    distill_temperature: float = 4.0
 
 
 class Sums(NamedTuple):
@@ -181,7 +186,18 @@ def _logits(state: TrainState, params, images_BxHxWx1: jax.Array, norm: Normaliz
     return state.apply_fn(variables, x_BxHxWx1, rngs=rngs, **kwargs), state.batch_stats
 
 
-def _loss_and_sums(params, state, images_BxHxWx1, labels_B, key, norm, options: StepOptions):
+def distillation_loss(logits_BxC: jax.Array, teacher_BxC: jax.Array,
+                      temperature: float) -> jax.Array:
+    """KL(teacher_T || student_T) * T^2 per example: `teacher_BxC` the teacher's
+    log-probabilities at temperature T, the student's from `logits_BxC / T`. The T^2 keeps
+    its gradient's scale as T changes (Hinton et al., 2015)."""
+    student_BxC = jax.nn.log_softmax(logits_BxC / temperature)
+    kl_B = jnp.sum(jnp.exp(teacher_BxC) * (teacher_BxC - student_BxC), axis=-1)
+    return kl_B * temperature ** 2
+
+
+def _loss_and_sums(params, state, images_BxHxWx1, labels_B, key, norm, options: StepOptions,
+                   teacher_BxC=None):
     logits_BxC, batch_stats = _logits(state, params, images_BxHxWx1, norm, train=True, key=key)
     if options.label_smoothing:
         targets_BxC = optax.smooth_labels(jax.nn.one_hot(labels_B, logits_BxC.shape[-1]),
@@ -190,6 +206,11 @@ def _loss_and_sums(params, state, images_BxHxWx1, labels_B, key, norm, options: 
         losses_B = optax.softmax_cross_entropy(logits_BxC, targets_BxC)
     else:
         losses_B = optax.softmax_cross_entropy_with_integer_labels(logits_BxC, labels_B)
+    if teacher_BxC is not None:
+        weight = options.distill_weight
+        losses_B = (weight * distillation_loss(logits_BxC, teacher_BxC,
+                                               options.distill_temperature)
+                    + (1 - weight) * losses_B)
     correct = jnp.sum(jnp.argmax(logits_BxC, axis=-1) == labels_B)
     sums = Sums(loss=jnp.sum(losses_B), correct=correct, count=jnp.asarray(labels_B.shape[0]))
     return jnp.mean(losses_B), (sums, batch_stats)
@@ -197,11 +218,14 @@ def _loss_and_sums(params, state, images_BxHxWx1, labels_B, key, norm, options: 
 
 def train_step(state: TrainState, images_BxHxWx1: jax.Array, labels_B: jax.Array,
                key: jax.Array, norm: Normalization,
-               options: StepOptions = StepOptions()) -> tuple[TrainState, Sums]:
+               options: StepOptions = StepOptions(),
+               teacher_BxC: jax.Array | None = None) -> tuple[TrainState, Sums]:
     """One optimizer step on the mean cross-entropy of the batch. Pure; jit it yourself or
     use `train_step_jit`. `key` feeds dropout, and augmentation when `options` asks for it
     (images then go through `augment.augment_batch` first). In a sweep, the options say
-    which parts run (label smoothing, augmentation) and the state's `hparams` how strong."""
+    which parts run (label smoothing, augmentation) and the state's `hparams` how strong.
+    `teacher_BxC`, a teacher's log-probabilities at `options.distill_temperature` for the
+    batch's images: the loss mixes in the distillation's KL (`distillation_loss`)."""
     if options.augment.active:
         key, augment_key = jax.random.split(key)
         augment = options.augment._replace(**{
@@ -209,7 +233,7 @@ def train_step(state: TrainState, images_BxHxWx1: jax.Array, labels_B: jax.Array
         images_BxHxWx1 = augment_batch(images_BxHxWx1, augment_key, augment)
     grad_fn = jax.value_and_grad(_loss_and_sums, has_aux=True)
     (_, (sums, batch_stats)), grads = grad_fn(state.params, state, images_BxHxWx1, labels_B,
-                                              key, norm, options)
+                                              key, norm, options, teacher_BxC)
     return state.apply_gradients(grads=grads, batch_stats=batch_stats), sums
 
 
@@ -259,20 +283,22 @@ def split_over_devices(batch, batch_sharding: jax.sharding.Sharding | None):
 def train_epoch(state: TrainState, images_NxHxWx1: jax.Array, labels_N: jax.Array,
                 key: jax.Array, *, batch_size: int, norm: Normalization,
                 options: StepOptions = StepOptions(),
-                batch_sharding: jax.sharding.Sharding | None = None) -> tuple[TrainState, Sums]:
+                batch_sharding: jax.sharding.Sharding | None = None,
+                teacher_NxC: jax.Array | None = None) -> tuple[TrainState, Sums]:
     """One epoch: shuffle with `key`, then every full batch as one `lax.scan` of `train_step`.
 
     The N % batch_size examples left over by the shuffle are skipped this epoch (fixed
     shapes, no retracing); a new shuffle picks others next epoch. Returns summed metrics.
     `batch_sharding` splits each batch over devices (`parallel.DataParallel`): the same
-    numbers within float rounding.
+    numbers within float rounding. `teacher_NxC`: a teacher's log-probabilities for each
+    of the N images (see `train_step`).
     """
     return scan_epoch(state, images_NxHxWx1, labels_N, None, key, batch_size, norm, options,
-                      batch_sharding)
+                      batch_sharding, teacher_NxC)
 
 
 def scan_epoch(state, images_NxHxWx1, labels_N, idx_Q, key, batch_size, norm, options,
-               batch_sharding=None):
+               batch_sharding=None, teacher_NxC=None):
     """`train_epoch` on all N examples (`idx_Q` None), or on the Q examples `idx_Q` of them:
     then the batches, keys and steps are those of `train_epoch` on `images_NxHxWx1[idx_Q]`
     (the shuffle permutes positions in `idx_Q`), without copying those images."""
@@ -285,9 +311,10 @@ def scan_epoch(state, images_NxHxWx1, labels_N, idx_Q, key, batch_size, norm, op
 
     def body(state, xs):
         idx_B, key = xs
-        images_BxHxWx1, labels_B = split_over_devices(
-            (images_NxHxWx1[idx_B], labels_N[idx_B]), batch_sharding)
-        return train_step(state, images_BxHxWx1, labels_B, key, norm, options)
+        teacher_BxC = None if teacher_NxC is None else teacher_NxC[idx_B]
+        images_BxHxWx1, labels_B, teacher_BxC = split_over_devices(
+            (images_NxHxWx1[idx_B], labels_N[idx_B], teacher_BxC), batch_sharding)
+        return train_step(state, images_BxHxWx1, labels_B, key, norm, options, teacher_BxC)
 
     state, sums_S = jax.lax.scan(body, state, (batches_SxB, jax.random.split(step_key, steps)))
     return state, jax.tree_util.tree_map(jnp.sum, sums_S)

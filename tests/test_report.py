@@ -21,8 +21,34 @@ def evaluated_run(tmp_path_factory):
     _, history = train_and_evaluate(cfg, run_dir, train=train, test=test,
                                     log_fn=lambda s: None, progress=False)
     report = evaluate_run(run_dir, train=train, test=test, n_resamples=200,
-                          log_fn=lambda s: None)
+                          log_fn=lambda s: None, tta="flip")
     return run_dir, report, history, test
+
+
+def test_flip_tta_is_reported_apart(evaluated_run):
+    run_dir, report, _, test = evaluated_run
+    tta = report["flip_tta"]
+    assert tta["accuracy_without"] == report["accuracy"]
+    assert 0 <= tta["accuracy"] <= 1 and tta["nll"] > 0
+    assert "flip test-time augmentation (apart" in (run_dir / "report.txt").read_text()
+
+
+def test_flip_tta_averages_each_image_with_its_mirror():
+    from fmnist_jax.evaluation.report import flip_tta
+
+    rng = np.random.default_rng(0)
+    logits, flipped = rng.normal(size=(2, 50, 10)).astype(np.float32) * 3
+    labels = rng.integers(0, 10, 50)
+
+    def softmax(x):
+        e = np.exp(x - x.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+
+    probs = (softmax(logits) + softmax(flipped)) / 2
+    got = flip_tta(logits, flipped, labels)
+    assert got["accuracy"] == pytest.approx(np.mean(probs.argmax(-1) == labels))
+    assert got["nll"] == pytest.approx(-np.mean(np.log(probs[np.arange(50), labels])), rel=1e-5)
+    assert got["accuracy_without"] == pytest.approx(np.mean(logits.argmax(-1) == labels))
 
 
 def test_report_agrees_with_training_and_writes_its_files(evaluated_run):

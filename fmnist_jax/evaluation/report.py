@@ -225,6 +225,11 @@ def format_report(report: dict[str, Any], preds_N, labels_N, run_dir,
               "l2-CE: percentile, being debiased already)"]
     if "maps" in report["calibration"]:
         lines += [""] + _comparison_lines(report["calibration"], report["n_validation"])
+    if "flip_tta" in report:
+        tta = report["flip_tta"]
+        lines += ["", f"flip test-time augmentation (apart: twice the inference cost): accuracy "
+                      f"{pct(tta['accuracy'])} (without: {pct(tta['accuracy_without'])}), NLL "
+                      f"{tta['nll']:.4f}"]
     return "\n".join(lines) + "\n"
 
 
@@ -295,9 +300,11 @@ def load_run(run_dir: str | Path) -> LoadedRun:
 
 def evaluate_run(run_dir: str | Path, *, train: data.Split, test: data.Split,
                  n_resamples: int = 1000, log_fn: Callable[[str], Any] = print,
-                 run: LoadedRun | None = None, calibration: str = "temperature") -> dict:
+                 run: LoadedRun | None = None, calibration: str = "temperature",
+                 tta: str = "none") -> dict:
     """Evaluate the run in `run_dir` on `test` (and its validation split, held out of `train`
-    as the run did), write the report files there and return the report.
+    as the run did), write the report files there and return the report. `tta` "flip" adds
+    the accuracy with flip test-time augmentation, apart (`flip_tta`).
 
     Nothing is written unless every input is sound: a damaged run folder or a model whose
     logits are not finite leaves the earlier report and calibration as they were."""
@@ -324,6 +331,10 @@ def evaluate_run(run_dir: str | Path, *, train: data.Split, test: data.Split,
                             None if val is None else val.labels_N,
                             key=key, n_resamples=n_resamples, calibration=calibration)
     preds_N = np.asarray(jnp.argmax(test_logits_NxC, -1))
+    if tta == "flip":
+        flipped = data.Split(test.images_NxHxWx1[:, :, ::-1, :], test.labels_N)
+        report["flip_tta"] = flip_tta(test_logits_NxC, logits_of(flipped, "flipped test"),
+                                      test.labels_N)
     if run.best is not None:
         report["epoch"] = run.best["epoch"]
         report["epochs_trained"] = run.best["epochs_trained"]
@@ -336,6 +347,20 @@ def evaluate_run(run_dir: str | Path, *, train: data.Split, test: data.Split,
     log_fn(f"wrote {folder.REPORT_TEXT_FILE}, {folder.REPORT_JSON_FILE}, "
            f"{', '.join(folder.PLOT_FILES.values())} to {run_dir}")
     return report
+
+
+def flip_tta(logits_NxC, flipped_logits_NxC, labels_N) -> dict[str, Any]:
+    """Flip test-time augmentation: each image's class probabilities averaged with those of
+    its mirror image. Reported apart from the model's own figures: it doubles the inference
+    cost, and the headline accuracy is without it."""
+    probs_NxC = (jax.nn.softmax(logits_NxC) + jax.nn.softmax(flipped_logits_NxC)) / 2
+    labels_N = jnp.asarray(labels_N)
+    hits_N = jnp.argmax(probs_NxC, -1) == labels_N
+    nll = -jnp.mean(jnp.log(jnp.take_along_axis(probs_NxC, labels_N[:, None], -1)))
+    return {"accuracy": float(jnp.mean(hits_N)), "nll": float(nll),
+            "accuracy_without": float(metrics.accuracy(logits_NxC, labels_N)),
+            "note": "probabilities of each image and its mirror image averaged; twice the "
+                    "inference cost; not the model's headline figure"}
 
 
 def _write_plots(run_dir: Path, report, logits_NxC, labels_N, history) -> None:

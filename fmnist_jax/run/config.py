@@ -35,6 +35,9 @@ SWEEPABLE = {"learning_rate": "lr", "weight_decay": "wd", "label_smoothing": "ls
              "translate_fraction": "shift", "crop_padding": "crop", "erasing_prob": "erase"}
 
 
+_DEFAULT_DISTILL, _DEFAULT_TEMPERATURE = 0.5, 4.0  # the distillation's weight and temperature
+
+
 def _field(default: Any, help: str, *, choices: tuple[str, ...] | None = None,
            check: tuple[Callable[[Any], bool], str] | None = None) -> Any:
     """A config field: its default, its --help text, and either its allowed names (`choices`)
@@ -92,6 +95,16 @@ class TrainConfig:
     label_smoothing: float = _field(0.0, "train on targets (1 - a) one-hot + a / 10 "
                                     "(reported train loss is the smoothed one)",
                                     check=(lambda v: 0 <= v < 1, "in [0, 1)"))
+    teacher: str = _field("", "distill from these finished runs (comma-separated run folders; "
+                          "a folder of several seeds counts each): their probabilities at "
+                          "distill_temperature on every training image, averaged, computed "
+                          "once before training without augmentation; none: no teacher")
+    distill_weight: float = _field(_DEFAULT_DISTILL, "with a teacher, the loss is w KL(teacher_T || "
+                                   "student_T) T^2 + (1 - w) cross-entropy",
+                                   check=(lambda v: 0 <= v <= 1, "in [0, 1]"))
+    distill_temperature: float = _field(_DEFAULT_TEMPERATURE, "the temperature T of both sides of the "
+                                        "distillation's KL", check=(lambda v: v > 0,
+                                                                     "positive"))
     rotation_degrees: float = _field(0.0, "augmentation: rotate each training image by up to "
                                      "+- this many degrees", check=(lambda v: 0 <= v <= 180,
                                                                     "in [0, 180]"))
@@ -183,6 +196,10 @@ class TrainConfig:
         if self.patience and self.val_fraction == 0:
             raise FmnistError("patience needs a validation split to watch: pass "
                               "--val-fraction > 0, or --patience 0")
+        if not self.teacher and (self.distill_weight != _DEFAULT_DISTILL
+                                 or self.distill_temperature != _DEFAULT_TEMPERATURE):
+            raise FmnistError("distill weight and distill temperature change nothing without a "
+                              "teacher: pass --teacher RUN_DIR, or drop them")
         if grid and self.val_fraction == 0:
             raise FmnistError("a sweep chooses its point by validation accuracy: pass "
                               "--val-fraction > 0")

@@ -1,0 +1,66 @@
+"""The teacher of a distillation (`--teacher`): finished runs of this project, read once before
+training; their probabilities at the distillation's temperature on every training image,
+averaged over the runs, become the log-probabilities the student's loss is pulled towards
+(`steps.distillation_loss`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fmnist_jax import data
+from fmnist_jax.errors import FmnistError
+from fmnist_jax.models import get_model
+from fmnist_jax.run import checkpoints, folder
+from fmnist_jax.run.config import TrainConfig
+from fmnist_jax.steps import inference_state, predict_logits
+
+
+def teacher_dirs(cfg: TrainConfig) -> list[Path]:
+    """The run folders of `cfg.teacher`: each comma-separated folder, or each member's of a
+    folder of several seeds (or of a sweep). Cheap, and checked: each must hold a finished
+    run (FmnistError naming the folder and the fix)."""
+    dirs: list[Path] = []
+    for part in filter(None, (p.strip() for p in cfg.teacher.split(","))):
+        path = Path(part)
+        if not path.is_dir():
+            raise FmnistError(f"--teacher {part}: no such folder: pass the folder of a finished "
+                              f"run of scripts/train.py")
+        dirs.extend(folder.seed_run_dirs(path) or [path])
+    if not dirs:
+        raise FmnistError("--teacher names no folder: pass run folders, comma-separated")
+    for path in dirs:
+        folder.load_config(path)  # a run folder, with a config this version reads
+        folder.check_finished(path)
+    return dirs
+
+
+def teacher_logprobs(cfg: TrainConfig, train: data.Split, test: data.Split) -> np.ndarray:
+    """(N, C) float32: log of the teachers' mean probability, at `cfg.distill_temperature`,
+    of each class for each of the N training images `train` (before the validation split is
+    held out: the student indexes these images). Each teacher must have been trained on
+    these same images (`folder.check_data`), so none has seen the test images, and is
+    evaluated as it was trained (its own model, normalization, and weights' average)."""
+    logprobs_KxNxC = []
+    dirs = teacher_dirs(cfg)
+    images_NxHxWx1 = jnp.asarray(train.images_NxHxWx1)
+    for path in dirs:
+        folder.check_data(path, train, test)
+        teacher_cfg = folder.load_config(path)
+        state = inference_state(get_model(teacher_cfg.model),
+                                checkpoints.load_variables(path, teacher_cfg))
+        logits_NxC = predict_logits(state, images_NxHxWx1, batch_size=1000,
+                                    norm=folder.load_normalization(path))
+        logprobs_KxNxC.append(jax.nn.log_softmax(logits_NxC / cfg.distill_temperature))
+    # The mean of the probabilities, in logs: finite where a probability underflows to 0.
+    mean_NxC = jax.nn.logsumexp(jnp.stack(logprobs_KxNxC), axis=0) - jnp.log(len(dirs))
+    return np.asarray(mean_NxC, np.float32)
+
+
+def agreement(teacher_NxC: np.ndarray, labels_N: np.ndarray) -> float:
+    """The share of the images whose most probable class under the teacher is their label."""
+    return float(np.mean(np.argmax(teacher_NxC, axis=-1) == labels_N))
