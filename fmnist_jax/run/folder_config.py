@@ -68,7 +68,9 @@ def load_config(run_dir: str | Path) -> TrainConfig:
     if not path.is_file():
         whole = seeds_run_of(Path(run_dir))
         if whole is not None:  # the user's own --seeds run, damaged: not "no run folder"
-            seeds = f"the --seeds {stored_config(whole).seeds} run {whole}"
+            whole_cfg = stored_config(whole)
+            seeds = (f"the sweep {whole}" if whole_cfg.sweep
+                     else f"the --seeds {whole_cfg.seeds} run {whole}")
             if not Path(run_dir).is_dir():
                 raise FmnistError(f"{run_dir} is missing from {seeds} ({SEEDS_FILE} lists it): "
                                   f"restore it from a copy of the run")
