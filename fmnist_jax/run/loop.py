@@ -61,7 +61,8 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | Path | folder.Claim, *,
     sums run in another order, so the numbers agree to the last bits at first and drift
     apart over many steps, as on another machine); one that stops early keeps its state
     while the others go on. summary.json in `workdir` then gets each seed's test accuracy
-    and their mean with a 95% interval.
+    and their mean with a 95% interval. A sweep (`cfg.sweep`) is the same with a member per
+    grid point and seed (`TrainConfig.members`), and sweep.json at the end (`sweep`).
 
     `started`, a `time.perf_counter()` reading taken when the command started: timing.jsonl
     then records `startup_seconds`, the time from it to the first epoch.
