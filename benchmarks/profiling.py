@@ -269,16 +269,19 @@ def _conv_program(impl: str, shape: tuple, batch: int, iters: int) -> Callable[[
     params = module.init(jax.random.key(2), x)
     cot = jax.random.normal(jax.random.key(3), jax.eval_shape(module.apply, params, x).shape)
 
-    def loss(p, x):
-        return jnp.sum(module.apply(p, x) * cot)
+    def loss(p, x, scale):
+        return jnp.sum(module.apply(p, x * scale) * (cot * scale))
 
     def run(p, x):
-        def body(_, carry):
+        def body(i, carry):
+            # an input and output gradient that change each pass, as a training step's do:
+            # constant ones would let XLA hoist their patches (or rows) out of the loop
             p, acc = carry
+            scale = 1.0 + 1e-6 * i.astype(jnp.float32)
             if c_in == 1:
-                g, gx = jax.grad(loss)(p, x), 0.0
+                g, gx = jax.grad(loss)(p, x, scale), 0.0
             else:
-                g, gx = jax.grad(loss, argnums=(0, 1))(p, x)
+                g, gx = jax.grad(loss, argnums=(0, 1))(p, x, scale)
                 gx = jnp.sum(gx)
             return jax.tree_util.tree_map(lambda a, b: a - 1e-4 * b, p, g), acc + gx
         return jax.lax.fori_loop(0, iters, body, (p, jnp.float32(0.0)))

@@ -259,13 +259,12 @@ def _im2col_stride1_bwd(pads, precision, saved, grad_y_BxHxWxO):
     """The kernel's gradient from the saved patches; the input's as a conv of the output's
     gradient with the flipped kernel, itself an im2col matmul: autodiff's col2im instead
     adds kh*kw shifted slices of a (B x Ho x Wo, kh x kw x I) matrix, which on a CPU took
-    twice the time of the matmuls with many channels (32 -> 64, 5x5)."""
+    longer than all the layer's matmuls with many channels (32 -> 64, 5x5)."""
     patches_BxHxWxL, kernel_YxXxIxO = saved
     kh, kw, c_in, f = kernel_YxXxIxO.shape
     b, ho, wo, _ = patches_BxHxWxL.shape
-    grad_y_NxO = grad_y_BxHxWxO.reshape(b * ho * wo, f)
-    grad_kernel_LxO = jnp.matmul(patches_BxHxWxL.reshape(b * ho * wo, -1).T, grad_y_NxO,
-                                 precision=precision)
+    grad_kernel_LxO = jnp.matmul(patches_BxHxWxL.reshape(b * ho * wo, -1).T,
+                                 grad_y_BxHxWxO.reshape(b * ho * wo, f), precision=precision)
     (h_lo, h_hi), (w_lo, w_hi) = pads
     # x's row r is seen by output rows r + lo - kh + 1 .. r + lo: pad (or crop, where a pad
     # is wider than the kernel) the output's gradient so that each input row has kh of them.
@@ -328,20 +327,21 @@ def conv_and_pool_impl(backend: str | None = None,
     CPU: the select-gradient pool, and the conv form of the lower cost. The row-Toeplitz form
     does (columns it sees) / kw times im2col's arithmetic and reads far less memory, so it
     wins where im2col's matmul is memory-bound: few output channels. Measured over 14 layer
-    shapes (`python -m benchmarks.profile_step --layer-formulations`, BENCHMARKS.md), the
-    Toeplitz form is the faster exactly where Cout x (columns seen) / kw <= 80 and the kernel
-    sees at least 25 values per output (LeNet-5's two layers: 38 and 45; a 7x7 first layer
-    of 16 filters: 78), and im2col elsewhere (3x3 kernels; 32 or more filters; 1x1). Anything
-    else (GPU, TPU): XLA's convolution and reduce_window pool, i.e. nn.Conv and
-    nn.max_pool, which cuDNN and friends already do well. Within `portable_formulations()`
-    (an export), XLA's on every backend.
+    shapes, forward and backward (`python -m benchmarks.profile_step --layer-formulations`,
+    BENCHMARKS.md), the Toeplitz form is the faster exactly where Cout x (columns seen) / kw
+    is at most 91 (LeNet-5's layers: 38 and 45; 7x7 kernels of 16 and 32 filters: 78 and 91)
+    and im2col where it is 155 or more (3x3 kernels of 16 or more filters, 32 or more
+    filters, 1x1): the rule cuts at 120, and wants the kernel to see at least 25 values per
+    output. Anything else (GPU, TPU): XLA's convolution and reduce_window pool, i.e. nn.Conv
+    and nn.max_pool, which cuDNN and friends already do well. Within
+    `portable_formulations()` (an export), XLA's on every backend.
     """
     backend = backend or jax.default_backend()
     if backend != "cpu" or _PORTABLE.get():
         return "lax", "lax"
     kh, kw, c_in, c_out = kernel_shape
     columns_seen = (padded_width - kw) // strides[1] * strides[1] + kw
-    toeplitz = kh * kw * c_in >= 25 and c_out * columns_seen <= 80 * kw
+    toeplitz = kh * kw * c_in >= 25 and c_out * columns_seen <= 120 * kw
     return ("toeplitz" if toeplitz else "im2col"), "select"
 
 

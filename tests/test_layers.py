@@ -159,6 +159,8 @@ def test_backend_choice_is_made_in_one_place():
     assert conv_and_pool_impl("cpu", (5, 5, 1, 32), padded_width=32)[0] == "im2col"
     assert conv_and_pool_impl("cpu", (5, 5, 32, 64), padded_width=18)[0] == "im2col"
     assert conv_and_pool_impl("cpu", (7, 7, 1, 16), padded_width=34)[0] == "toeplitz"
+    assert conv_and_pool_impl("cpu", (7, 7, 16, 32), padded_width=20)[0] == "toeplitz"
+    assert conv_and_pool_impl("cpu", (3, 3, 8, 16), (2, 2), padded_width=29)[0] == "im2col"
     assert conv_and_pool_impl("gpu") == ("lax", "lax")
     assert conv_and_pool_impl("tpu") == ("lax", "lax")
     assert conv_and_pool_impl() == conv_and_pool_impl(jax.default_backend())
