@@ -154,7 +154,7 @@ def _model_program(model_name: str, combo: tuple[str, str] | None, images: int, 
     xy = jax.device_put((images_NxHxWx1, labels_N))
     chosen = layers.conv_and_pool_impl
     if combo is not None:  # read by the layers while tracing, i.e. inside lower()
-        layers.conv_and_pool_impl = lambda backend=None, kernel_shape=None: combo
+        layers.conv_and_pool_impl = lambda backend=None, kernel_shape=None, **_: combo
     try:
         state = create_train_state(get_model(model_name), optax.adam(1e-3), jax.random.key(0))
         t0 = time.perf_counter()

@@ -5,6 +5,7 @@
     python -m benchmarks.profile_step --impl im2col    # im2col in both layers
     python -m benchmarks.profile_step --compare-3d-rows   # also the conv on 3-D rows
     python -m benchmarks.profile_step --cnn-formulations  # the tutorial CNN's choice
+    python -m benchmarks.profile_step --layer-formulations  # one conv layer, each form
 
 Part 1 (benchmarks.profiling.step_costs): per batch size, a scan of K train steps
 (steps.train_epoch on random uint8 images, compile excluded) and torch_train.train_epoch_tensors
@@ -17,7 +18,7 @@ per XLA thunk, labelled with the layer each came from.
 import argparse
 
 from fmnist_jax import layers, models
-from benchmarks.profiling import cnn_formulations, op_breakdown, step_costs
+from benchmarks.profiling import cnn_formulations, layer_formulations, op_breakdown, step_costs
 
 
 def main() -> None:
@@ -38,12 +39,18 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=15)
     ap.add_argument("--cnn-formulations", action="store_true",
                     help="only time the tutorial CNN with each per-layer conv formulation")
+    ap.add_argument("--layer-formulations", action="store_true",
+                    help="only time one conv layer (forward and backward) per formulation, "
+                         "for a grid of shapes (benchmarks.profiling.LAYER_SHAPES)")
     a = ap.parse_args()
+    if a.layer_formulations:
+        layer_formulations(rounds=a.rounds)
+        return
     if a.cnn_formulations:
         cnn_formulations(rounds=a.rounds)
         return
     if a.impl:
-        layers.conv_and_pool_impl = lambda backend=None, kernel_shape=None, _i=a.impl: (
+        layers.conv_and_pool_impl = lambda backend=None, kernel_shape=None, _i=a.impl, **_: (
             _i, "select")
     lenet = models.LeNet5()
     jax_models = {"jax": lenet}

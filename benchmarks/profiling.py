@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -163,14 +164,14 @@ class _Im2colLeNet5(nn.Module):
 
     @nn.compact
     def __call__(self, x, *, train: bool = False):
-        from fmnist_jax.layers import Conv2D
+        from fmnist_jax.layers import Conv
 
         def pool(x):
             b, h, w, c = x.shape
             return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
-        x = pool(nn.relu(Conv2D(6, (5, 5), padding=2, impl="im2col", name="conv1")(x)))
-        x = pool(nn.relu(Conv2D(16, (5, 5), impl="im2col", name="conv2")(x)))
+        x = pool(nn.relu(Conv(6, (5, 5), padding=2, impl="im2col", name="conv1")(x)))
+        x = pool(nn.relu(Conv(16, (5, 5), padding="VALID", impl="im2col", name="conv2")(x)))
         return _lenet5_dense_head(x)
 
 
@@ -185,22 +186,24 @@ class _Toeplitz3dRowsLeNet5(nn.Module):
 
     @nn.compact
     def __call__(self, x, *, train: bool = False):
-        from fmnist_jax.layers import Conv2D, _banded_kernel, _toeplitz_rows, max_pool_2x2
+        from fmnist_jax.layers import Conv, _banded_kernel, _toeplitz_rows, max_pool_2x2
 
-        class ConvPool(Conv2D):
+        class ConvPool(Conv):
             @nn.compact
             def __call__(self, x):
-                kernel, bias = self.params_of(x.shape[-1])
+                _, pads = self._matmul_case(x)
+                x, kernel, bias = self._params(x)
+                (kh, kw, _, f), ((p, _), _) = kernel.shape, pads
                 b, h, w, _ = x.shape
-                p, (kh, kw, _, f) = self.padding, kernel.shape
                 ho, wo = h + 2 * p - kh + 1, w + 2 * p - kw + 1
-                rows_BxHxL = _toeplitz_rows(x, kh, p).reshape(b, ho, -1)
+                padded = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+                rows_BxHxL = _toeplitz_rows(padded, kh, ho, 1).reshape(b, ho, -1)
                 conv_BxHxWxF = (rows_BxHxL @ _banded_kernel(kernel, w + 2 * p, list(range(wo)))
                                 ).reshape(b, ho, wo, f)
                 return nn.relu(max_pool_2x2(conv_BxHxWxF) + bias.reshape(1, 1, 1, -1))
 
         x = ConvPool(6, (5, 5), padding=2, name="conv1")(x)
-        x = ConvPool(16, (5, 5), name="conv2")(x)
+        x = ConvPool(16, (5, 5), padding=0, name="conv2")(x)
         return _lenet5_dense_head(x)
 
 
@@ -241,3 +244,80 @@ def cnn_formulations(batch_size: int = 32, *, images_per_run: int = 2048, rounds
     for k, v in us.items():
         log(f"tutorial CNN, batch {batch_size}, conv1+conv2 {k}: {v:.1f} us/img")
     return us
+
+
+# (H=W, Cin, Cout, kernel, stride, padding): the models' layers, the user model's
+# (benchmarks.user_model) and strided, 1x1 and 7x7 ones.
+LAYER_SHAPES = [(28, 1, 6, 5, 1, 2), (14, 6, 16, 5, 1, "VALID"), (28, 1, 16, 3, 1, 1),
+                (14, 16, 32, 3, 1, 1), (28, 1, 32, 5, 1, "SAME"), (14, 32, 64, 5, 1, "SAME"),
+                (28, 1, 32, 5, 2, "SAME"), (28, 8, 16, 3, 2, "SAME"), (14, 32, 64, 3, 2, "SAME"),
+                (14, 32, 64, 1, 1, "VALID"), (28, 1, 16, 7, 1, "SAME"),
+                (14, 16, 32, 7, 1, "SAME"), (14, 6, 16, 3, 1, "SAME"), (14, 4, 24, 5, 1, "SAME")]
+
+
+def _conv_program(impl: str, shape: tuple, batch: int, iters: int) -> Callable[[], float]:
+    """run() -> seconds of a jitted loop of `iters` forward+backward passes of one
+    `layers.Conv` forced to `impl`, its parameters updated each pass as a training step
+    would (and the input's gradient taken unless the layer is a first one, Cin = 1)."""
+    import jax.numpy as jnp
+
+    from fmnist_jax.layers import Conv
+
+    hw, c_in, c_out, k, stride, padding = shape
+    module = Conv(c_out, (k, k), strides=stride, padding=padding, impl=impl)
+    x = jax.random.normal(jax.random.key(1), (batch, hw, hw, c_in))
+    params = module.init(jax.random.key(2), x)
+    cot = jax.random.normal(jax.random.key(3), jax.eval_shape(module.apply, params, x).shape)
+
+    def loss(p, x, scale):
+        return jnp.sum(module.apply(p, x * scale) * (cot * scale))
+
+    def run(p, x):
+        def body(i, carry):
+            # an input and output gradient that change each pass, as a training step's do:
+            # constant ones would let XLA hoist their patches (or rows) out of the loop
+            p, acc = carry
+            scale = 1.0 + 1e-6 * i.astype(jnp.float32)
+            if c_in == 1:
+                g, gx = jax.grad(loss)(p, x, scale), 0.0
+            else:
+                g, gx = jax.grad(loss, argnums=(0, 1))(p, x, scale)
+                gx = jnp.sum(gx)
+            return jax.tree_util.tree_map(lambda a, b: a - 1e-4 * b, p, g), acc + gx
+        return jax.lax.fori_loop(0, iters, body, (p, jnp.float32(0.0)))
+
+    compiled = jax.jit(run).lower(params, x).compile()
+    jax.block_until_ready(compiled(params, x))  # first run: allocations
+
+    def timed() -> float:
+        t = time.perf_counter()
+        jax.block_until_ready(compiled(params, x))
+        return time.perf_counter() - t
+    return timed
+
+
+def layer_formulations(shapes=LAYER_SHAPES, batch_size: int = 64, *, iters: int = 10,
+                       rounds: int = 3, impls=("toeplitz", "im2col", "lax"),
+                       log: Callable[[str], object] = print) -> list[dict]:
+    """Median microseconds per image of one conv layer's forward and backward pass, per
+    formulation, interleaved round by round in this process; and which one
+    `layers.conv_and_pool_impl` picks on a CPU."""
+    import jax.numpy as jnp
+
+    from fmnist_jax.layers import Conv, conv_and_pool_impl
+
+    rows = []
+    for shape in shapes:
+        hw, c_in, c_out, k, stride, padding = shape
+        runners = {impl: _conv_program(impl, shape, batch_size, iters) for impl in impls}
+        times = interleaved(runners, rounds)
+        us = {impl: statistics.median(t) / (iters * batch_size) * 1e6 for impl, t in times.items()}
+        module = Conv(c_out, (k, k), strides=stride, padding=padding)
+        _, pads = module._matmul_case(jnp.zeros((1, hw, hw, c_in)))
+        picked = conv_and_pool_impl("cpu", (k, k, c_in, c_out), (stride, stride),
+                                    hw + sum(pads[1]))[0]
+        rows.append({"shape": shape, "us": us, "picked": picked})
+        log(f"{hw}x{hw} {c_in:2d}->{c_out:2d} {k}x{k} stride {stride} {str(padding):5s}: "
+            + "  ".join(f"{impl} {v:7.1f}" for impl, v in us.items())
+            + f"  us/img; fastest {min(us, key=us.get)}, picked {picked}")
+    return rows

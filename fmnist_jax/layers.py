@@ -1,35 +1,47 @@
-"""The convolution and max-pool layers of the models, with the formulation chosen per backend.
+"""Convolution and max-pool layers that compute what nn.Conv and nn.max_pool do, with the
+formulation chosen per backend.
 
-On a CPU the convolutions run as 2-D matrix products (row-Toeplitz or im2col) and the pool's
-gradient as one select; on a GPU or TPU, XLA's own convolution and reduce_window (nn.Conv and
-nn.max_pool). `conv_and_pool_impl` is the one place that chooses. Measurements: BENCHMARKS.md,
-`python -m benchmarks.profile_step`.
+`Conv` takes nn.Conv's arguments and has its parameters ("kernel" (kh, kw, Cin, Cout), "bias"
+(Cout,)), so a Flax model swaps `nn.Conv` for it and `nn.max_pool` for `max_pool` and keeps its
+checkpoints. On a CPU the 2-D convolutions run as 2-D matrix products (row-Toeplitz or im2col)
+and the 2x2 pool's gradient as one select; on a GPU or TPU, and for every case the matrix forms
+do not cover, nn.Conv's and nn.max_pool's own computation. `conv_and_pool_impl` is the one
+place that chooses. Measurements: BENCHMARKS.md, `python -m benchmarks.profile_step`,
+`python -m benchmarks.user_model`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
+from collections.abc import Sequence
 from typing import Iterator
 
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
 import numpy as np
+from flax.linen.linear import canonicalize_padding
+
+from fmnist_jax.errors import FmnistError
 
 # Why these formulations on a CPU (measurements: BENCHMARKS.md, `python -m
-# benchmarks.profile_step`): LeNet-5's channel counts are tiny (1 -> 6 -> 16), so XLA's CPU
-# convolution is slow and an im2col matmul with 6 output columns is memory-bound (its patch
-# matrix is written and read several times a step). The row-Toeplitz form turns each conv into
-# one well-shaped matmul per image row, rows (B x Ho, kh x Wp x I) @ T (kh x Wp x I, Wo x O),
-# T the kernel laid out as a banded matrix: more flops (T's zeros), far less memory traffic.
-# Every conv matmul is 2-D (batch and image rows flattened together), which keeps XLA:CPU from
-# fusing a strided transpose into the pool's gradient. The pool's gradient is a custom VJP: one
-# elementwise select giving each window's gradient to its first maximum, as nn.max_pool's
-# select-and-scatter does (jnp's max gradient splits ties instead). A LeNet-5 conv and its pool
-# run in one layout (`conv_pool_toeplitz`: a window's four values in contiguous blocks).
-# On GPU/TPU none of this applies: `conv_and_pool_impl` picks lax's convolution (nn.Conv's,
-# cuDNN) and reduce_window max pooling (nn.max_pool's) there.
+# benchmarks.profile_step`): with few channels XLA's CPU convolution is slow and an im2col
+# matmul with a handful of output columns is memory-bound (its patch matrix is written and
+# read several times a step). The row-Toeplitz form turns each conv into one well-shaped
+# matmul per image row, rows (B x Ho, kh x Wp x I) @ T (kh x Wp x I, Wo x O), T the kernel
+# laid out as a banded matrix: more flops (T's zeros), far less memory traffic. With many
+# channels im2col's matmul is well shaped and the Toeplitz form's extra flops cost more than
+# they save. Every conv matmul is 2-D (batch and image rows flattened together), which keeps
+# XLA:CPU from fusing a strided transpose into the pool's gradient. The pool's gradient is a
+# custom VJP: one elementwise select giving each window's gradient to its first maximum, as
+# nn.max_pool's select-and-scatter does (jnp's max gradient splits ties instead). A conv and
+# its pool can run in one layout (`conv_pool_toeplitz`: a window's four values in contiguous
+# blocks). On GPU/TPU none of this applies: `conv_and_pool_impl` picks lax's convolution
+# (nn.Conv's, cuDNN) and reduce_window max pooling (nn.max_pool's) there.
+
+Pads = tuple[tuple[int, int], tuple[int, int]]  # (low, high) zeros of H and of W
 
 
 def _first_max_grads(window_values: list[jax.Array], window_max: jax.Array,
@@ -42,7 +54,7 @@ def _first_max_grads(window_values: list[jax.Array], window_max: jax.Array,
     for values in window_values:
         first = (values == window_max) & ~taken
         taken = taken | first
-        grads.append(jnp.where(first, grad_pooled, 0.0))
+        grads.append(jnp.where(first, grad_pooled, jnp.zeros((), grad_pooled.dtype)))
     return grads
 
 
@@ -100,13 +112,29 @@ def _max_of_2x2_bwd(saved, grad_pooled_BxHxR):
 _max_of_2x2.defvjp(_max_of_2x2_fwd, _max_of_2x2_bwd)
 
 
+def _pad_hw(x_BxHxWxF: jax.Array, pads: Pads, value: float = 0.0) -> jax.Array:
+    if not any(lo or hi for lo, hi in pads):
+        return x_BxHxWxF
+    return jnp.pad(x_BxHxWxF, ((0, 0), *pads, (0, 0)), constant_values=value)
+
+
+def max_pool_2x2_select(x_BxHxWxF: jax.Array) -> jax.Array:
+    """`nn.max_pool(x, (2, 2), strides=(2, 2))` for any H and W: the select-gradient pool on
+    the even part (a last odd row or column is in no window, as with nn.max_pool)."""
+    _, h, w, _ = x_BxHxWxF.shape
+    return max_pool_2x2(x_BxHxWxF[:, : h - h % 2, : w - w % 2, :])
+
+
 def max_pool_2x2_lax(x_BxHxWxF: jax.Array) -> jax.Array:
     """nn.max_pool's own formulation (reduce_window max): the GPU/TPU choice."""
     return nn.max_pool(x_BxHxWxF, (2, 2), strides=(2, 2))
 
 
-def _pad_hw(x_BxHxWxF: jax.Array, p: int) -> jax.Array:
-    return jnp.pad(x_BxHxWxF, ((0, 0), (p, p), (p, p), (0, 0))) if p else x_BxHxWxF
+def _as_pads(padding: int | Sequence) -> Pads:
+    """An int or two (low, high) pairs or ints, as nn.Conv reads them (flax's own
+    canonicalization), as two (low, high) pairs."""
+    (h_lo, h_hi), (w_lo, w_hi) = canonicalize_padding(padding, 2)
+    return (int(h_lo), int(h_hi)), (int(w_lo), int(w_hi))
 
 
 def _banded_kernel(kernel_YxXxIxO: jax.Array, wp: int, out_columns: list[int]) -> jax.Array:
@@ -114,44 +142,56 @@ def _banded_kernel(kernel_YxXxIxO: jax.Array, wp: int, out_columns: list[int]) -
     block k computes output column `out_columns[k]`; T[i, (w', c), (k, f)] =
     kernel[i, w' - w, c, f] with w = out_columns[k] where 0 <= w' - w < kw, else 0."""
     kh, kw, c_in, f = kernel_YxXxIxO.shape
-    band = np.zeros((wp, len(out_columns), kw), np.float32)  # band[w', k, j] = (w' == w + j)
+    band = np.zeros((wp, len(out_columns), kw), kernel_YxXxIxO.dtype)  # (w' == w + j)
     for k, w in enumerate(out_columns):
-        band[w + np.arange(kw), k, np.arange(kw)] = 1.0
+        band[w + np.arange(kw), k, np.arange(kw)] = 1
     return jnp.einsum("pwj,ijcf->ipcwf", band, kernel_YxXxIxO,
                       precision=jax.lax.Precision.HIGHEST).reshape(kh * wp * c_in, -1)
 
 
-def _toeplitz_rows(x_BxHxWxF: jax.Array, kh: int, padding: int) -> jax.Array:
-    """(B x Ho, kh x padded width x I): output row (b, h) sees padded rows h .. h + kh - 1."""
-    padded_BxHxWxF = _pad_hw(x_BxHxWxF, padding)
+def _toeplitz_rows(padded_BxHxWxF: jax.Array, kh: int, ho: int, row_stride: int) -> jax.Array:
+    """(B x Ho, kh x padded width x I): output row (b, h) sees padded rows
+    h x stride .. h x stride + kh - 1."""
     b, hp, wp, c_in = padded_BxHxWxF.shape
-    ho = hp - kh + 1
     x_rows = padded_BxHxWxF.reshape(b, hp, wp * c_in)  # each padded row flattened to (W, I)
-    return jnp.concatenate([x_rows[:, i:i + ho, :] for i in range(kh)], axis=-1).reshape(b * ho, -1)
+    last = (ho - 1) * row_stride + 1
+    return jnp.concatenate([x_rows[:, i:i + last:row_stride, :] for i in range(kh)],
+                           axis=-1).reshape(b * ho, -1)
 
 
-def conv2d_toeplitz(x_BxHxWxF: jax.Array, kernel_YxXxIxO: jax.Array, padding: int) -> jax.Array:
-    """Stride-1 conv, no bias, as one matmul per image row against a banded kernel matrix.
+def _out_size(padded: int, k: int, stride: int) -> int:
+    return (padded - k) // stride + 1
 
-    out[b, h, (w, f)] = sum_i xpad[b, h + i, (w', c)] T[i, (w', c), (w, f)], with
-    T[i, (w', c), (w, f)] = kernel[i, w' - w, c, f] where 0 <= w' - w < kw, else 0.
+
+def conv2d_toeplitz(x_BxHxWxF: jax.Array, kernel_YxXxIxO: jax.Array, pads: int | Pads,
+                    strides: tuple[int, int] = (1, 1), precision=None) -> jax.Array:
+    """2-D conv, no bias, as one matmul per output row against a banded kernel matrix.
+
+    out[b, h, (w, f)] = sum_i xpad[b, h sh + i, (w', c)] T[i, (w', c), (w, f)], with
+    T[i, (w', c), (w, f)] = kernel[i, w' - w sw, c, f] where 0 <= w' - w sw < kw, else 0:
+    a stride takes every other output row (the rows gathered) and column (T's columns).
     """
     kh, kw, _, f = kernel_YxXxIxO.shape
-    b, h, w, _ = x_BxHxWxF.shape
-    ho, wo = h + 2 * padding - kh + 1, w + 2 * padding - kw + 1
-    banded = _banded_kernel(kernel_YxXxIxO, w + 2 * padding, list(range(wo)))
-    return (_toeplitz_rows(x_BxHxWxF, kh, padding) @ banded).reshape(b, ho, wo, f)
+    (sh, sw) = strides
+    padded_BxHxWxF = _pad_hw(x_BxHxWxF, _as_pads(pads))
+    b, hp, wp, _ = padded_BxHxWxF.shape
+    ho, wo = _out_size(hp, kh, sh), _out_size(wp, kw, sw)
+    w_used = (wo - 1) * sw + kw  # columns past the last window are seen by none
+    banded = _banded_kernel(kernel_YxXxIxO, w_used, [w * sw for w in range(wo)])
+    rows = _toeplitz_rows(padded_BxHxWxF[:, :, :w_used, :], kh, ho, sh)
+    return jnp.matmul(rows, banded, precision=precision).reshape(b, ho, wo, f)
 
 
-def conv_pool_toeplitz(x_BxHxWxF: jax.Array, kernel_YxXxIxO: jax.Array, padding: int,
-                       column_groups: int = 2) -> jax.Array:
-    """max_pool_2x2(conv2d_toeplitz(x, kernel, padding)) in one layout (Ho, Wo even).
+def conv_pool_toeplitz(x_BxHxWxF: jax.Array, kernel_YxXxIxO: jax.Array, pads: int | Pads,
+                       column_groups: int = 2, precision=None) -> jax.Array:
+    """max_pool_2x2_select(conv2d_toeplitz(x, kernel, pads)) (stride 1) in one layout.
 
     The banded matrix's columns come even output columns first, then odd ones, so each
     matmul row is [even w's (w, f) | odd w's (w, f)] and rows alternate even and odd h: a
     2x2 window's four values are the same element of four contiguous blocks, and the pooled
     row comes out as (w, f), the layout the next layer's rows want. The max and its gradient
     (`_max_of_2x2`) are contiguous, where the NHWC pool's are strided by the channel count.
+    An odd last conv row or column, which no pool window holds, is not computed.
 
     The output columns are split into `column_groups` groups of even width, each its own
     matmul against the input columns it sees: a narrower banded matrix has fewer zeros
@@ -159,43 +199,106 @@ def conv_pool_toeplitz(x_BxHxWxF: jax.Array, kernel_YxXxIxO: jax.Array, padding:
     default, the faster on a CPU (BENCHMARKS.md).
     """
     kh, kw, _, f = kernel_YxXxIxO.shape
-    padded_BxHxWxF = _pad_hw(x_BxHxWxF, padding)
+    padded_BxHxWxF = _pad_hw(x_BxHxWxF, _as_pads(pads))
     b, hp, wp, _ = padded_BxHxWxF.shape
-    ho, wo = hp - kh + 1, wp - kw + 1
+    ho, wo = (hp - kh + 1) // 2 * 2, (wp - kw + 1) // 2 * 2  # the conv rows the pool reads
+    padded_BxHxWxF = padded_BxHxWxF[:, :ho + kh - 1]
     pooled = []
     for pairs in np.array_split(np.arange(wo // 2), min(column_groups, wo // 2)):
         start, stop = 2 * int(pairs[0]), 2 * int(pairs[-1]) + 2  # its output columns
         w_in = stop - start + kw - 1  # the input columns they see
         parity_order = list(range(0, stop - start, 2)) + list(range(1, stop - start, 2))
         banded = _banded_kernel(kernel_YxXxIxO, w_in, parity_order)
-        rows = _toeplitz_rows(padded_BxHxWxF[:, :, start:start + w_in, :], kh, 0)
-        conv_BxHx2x2xR = (rows @ banded).reshape(b, ho // 2, 2, 2, (stop - start) // 2 * f)
+        rows = _toeplitz_rows(padded_BxHxWxF[:, :, start:start + w_in, :], kh, ho, 1)
+        conv_BxHx2x2xR = jnp.matmul(rows, banded, precision=precision).reshape(
+            b, ho // 2, 2, 2, (stop - start) // 2 * f)
         pooled.append(_max_of_2x2(conv_BxHx2x2xR))
     return jnp.concatenate(pooled, axis=-1).reshape(b, ho // 2, wo // 2, f)
 
 
-def conv2d_im2col(x_BxHxWxF: jax.Array, kernel_YxXxIxO: jax.Array, padding: int) -> jax.Array:
-    """Stride-1 conv, no bias, as im2col: kh*kw shifted slices, concatenated, one matmul."""
+def _im2col_patches(padded_BxHxWxF: jax.Array, kh: int, kw: int,
+                    strides: tuple[int, int]) -> jax.Array:
+    """(B, Ho, Wo, kh x kw x I): every output's window, kh*kw shifted (strided) slices."""
+    (sh, sw) = strides
+    _, hp, wp, _ = padded_BxHxWxF.shape
+    ho, wo = _out_size(hp, kh, sh), _out_size(wp, kw, sw)
+    h_last, w_last = (ho - 1) * sh + 1, (wo - 1) * sw + 1
+    return jnp.concatenate([padded_BxHxWxF[:, i:i + h_last:sh, j:j + w_last:sw, :]
+                            for i in range(kh) for j in range(kw)], axis=-1)
+
+
+def _im2col_valid(padded_BxHxWxF: jax.Array, kernel_YxXxIxO: jax.Array,
+                  strides: tuple[int, int], precision) -> jax.Array:
+    """A 'VALID' conv as one matmul of the im2col patches and the flattened kernel."""
     kh, kw, c_in, f = kernel_YxXxIxO.shape
-    padded_BxHxWxF = _pad_hw(x_BxHxWxF, padding)
-    ho, wo = padded_BxHxWxF.shape[1] - kh + 1, padded_BxHxWxF.shape[2] - kw + 1
-    patches_BxHxWxL = jnp.concatenate(
-        [padded_BxHxWxF[:, i:i + ho, j:j + wo, :] for i in range(kh) for j in range(kw)],
-        axis=-1)
-    b = padded_BxHxWxF.shape[0]
-    return (patches_BxHxWxL.reshape(b * ho * wo, kh * kw * c_in)
-            @ kernel_YxXxIxO.reshape(kh * kw * c_in, f)).reshape(b, ho, wo, f)
+    patches_BxHxWxL = _im2col_patches(padded_BxHxWxF, kh, kw, strides)
+    b, ho, wo, _ = patches_BxHxWxL.shape
+    return jnp.matmul(patches_BxHxWxL.reshape(b * ho * wo, kh * kw * c_in),
+                      kernel_YxXxIxO.reshape(kh * kw * c_in, f),
+                      precision=precision).reshape(b, ho, wo, f)
 
 
-def conv2d_lax(x_BxHxWxF: jax.Array, kernel_YxXxIxO: jax.Array, padding: int) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _im2col_stride1(x_BxHxWxF: jax.Array, kernel_YxXxIxO: jax.Array, pads: Pads,
+                    precision) -> jax.Array:
+    return _im2col_valid(_pad_hw(x_BxHxWxF, pads), kernel_YxXxIxO, (1, 1), precision)
+
+
+def _im2col_stride1_fwd(x_BxHxWxF, kernel_YxXxIxO, pads, precision):
+    patches_BxHxWxL = _im2col_patches(_pad_hw(x_BxHxWxF, pads), *kernel_YxXxIxO.shape[:2],
+                                      (1, 1))
+    kh, kw, c_in, f = kernel_YxXxIxO.shape
+    b, ho, wo, _ = patches_BxHxWxL.shape
+    y_BxHxWxF = jnp.matmul(patches_BxHxWxL.reshape(b * ho * wo, kh * kw * c_in),
+                           kernel_YxXxIxO.reshape(kh * kw * c_in, f),
+                           precision=precision).reshape(b, ho, wo, f)
+    return y_BxHxWxF, (patches_BxHxWxL, kernel_YxXxIxO)
+
+
+def _im2col_stride1_bwd(pads, precision, saved, grad_y_BxHxWxO):
+    """The kernel's gradient from the saved patches; the input's as a conv of the output's
+    gradient with the flipped kernel, itself an im2col matmul: autodiff's col2im instead
+    adds kh*kw shifted slices of a (B x Ho x Wo, kh x kw x I) matrix, which on a CPU took
+    longer than all the layer's matmuls with many channels (32 -> 64, 5x5)."""
+    patches_BxHxWxL, kernel_YxXxIxO = saved
+    kh, kw, c_in, f = kernel_YxXxIxO.shape
+    b, ho, wo, _ = patches_BxHxWxL.shape
+    grad_kernel_LxO = jnp.matmul(patches_BxHxWxL.reshape(b * ho * wo, -1).T,
+                                 grad_y_BxHxWxO.reshape(b * ho * wo, f), precision=precision)
+    (h_lo, h_hi), (w_lo, w_hi) = pads
+    # x's row r is seen by output rows r + lo - kh + 1 .. r + lo: pad (or crop, where a pad
+    # is wider than the kernel) the output's gradient so that each input row has kh of them.
+    grad_padded_BxHxWxO = jax.lax.pad(grad_y_BxHxWxO, jnp.zeros((), grad_y_BxHxWxO.dtype),
+                                      [(0, 0, 0), (kh - 1 - h_lo, kh - 1 - h_hi, 0),
+                                       (kw - 1 - w_lo, kw - 1 - w_hi, 0), (0, 0, 0)])
+    flipped_YxXxOxI = jnp.flip(kernel_YxXxIxO, (0, 1)).transpose(0, 1, 3, 2)
+    grad_x_BxHxWxI = _im2col_valid(grad_padded_BxHxWxO, flipped_YxXxOxI, (1, 1), precision)
+    return grad_x_BxHxWxI, grad_kernel_LxO.reshape(kernel_YxXxIxO.shape)
+
+
+_im2col_stride1.defvjp(_im2col_stride1_fwd, _im2col_stride1_bwd)
+
+
+def conv2d_im2col(x_BxHxWxF: jax.Array, kernel_YxXxIxO: jax.Array, pads: int | Pads,
+                  strides: tuple[int, int] = (1, 1), precision=None) -> jax.Array:
+    """2-D conv, no bias, as im2col: kh*kw shifted (strided) slices, concatenated, one matmul.
+    At stride 1 the input's gradient is a second im2col matmul (`_im2col_stride1_bwd`)."""
+    pads = _as_pads(pads)
+    if tuple(strides) == (1, 1):
+        return _im2col_stride1(x_BxHxWxF, kernel_YxXxIxO, pads, precision)
+    return _im2col_valid(_pad_hw(x_BxHxWxF, pads), kernel_YxXxIxO, tuple(strides), precision)
+
+
+def conv2d_lax(x_BxHxWxF: jax.Array, kernel_YxXxIxO: jax.Array, pads: int | Pads,
+               strides: tuple[int, int] = (1, 1), precision=None) -> jax.Array:
     """nn.Conv's own formulation (XLA convolution; cuDNN on GPU)."""
-    p = padding
-    return jax.lax.conv_general_dilated(x_BxHxWxF, kernel_YxXxIxO, (1, 1), [(p, p), (p, p)],
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return jax.lax.conv_general_dilated(x_BxHxWxF, kernel_YxXxIxO, strides, _as_pads(pads),
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                        precision=precision)
 
 
 CONV_IMPLS = {"toeplitz": conv2d_toeplitz, "im2col": conv2d_im2col, "lax": conv2d_lax}
-POOL_IMPLS = {"select": max_pool_2x2, "lax": max_pool_2x2_lax}
+POOL_IMPLS = {"select": max_pool_2x2_select, "lax": max_pool_2x2_lax}
 # Set while a model is traced for export: the function then holds XLA's own convolution and
 # reduce_window on every backend, so it runs, and converts, on any platform.
 _PORTABLE = contextvars.ContextVar("portable_formulations", default=False)
@@ -213,73 +316,173 @@ def portable_formulations() -> Iterator[None]:
 
 
 def conv_and_pool_impl(backend: str | None = None,
-                       kernel_shape: tuple[int, ...] = (5, 5, 1, 6)) -> tuple[str, str]:
+                       kernel_shape: tuple[int, ...] = (5, 5, 1, 6),
+                       strides: tuple[int, int] = (1, 1),
+                       padded_width: int = 32) -> tuple[str, str]:
     """THE place where the conv and pool formulations are chosen, per backend and layer.
 
-    CPU: the select-gradient pool; the row-Toeplitz conv for LeNet-5's layers (5x5 kernels,
-    at most 96 input x output channels), whose banded matrix stays small, and im2col for the
-    rest: on the tutorial CNN's 3x3 layers (16 and 32 channels) the Toeplitz form's 5-10x
-    redundant arithmetic makes a training step no faster, or slower, than im2col
-    (`python -m benchmarks.profile_step --cnn-formulations`, BENCHMARKS.md). Anything else
-    (GPU, TPU): XLA's convolution and reduce_window pool, i.e. nn.Conv and nn.max_pool,
-    which cuDNN and friends already do well. Within `portable_formulations()` (an export),
-    XLA's on every backend.
+    `kernel_shape` (kh, kw, Cin, Cout), `strides` and `padded_width` (the input's width with
+    its padding) describe the conv layer; the defaults are LeNet-5's first layer.
+
+    CPU: the select-gradient pool, and the conv form of the lower cost. The row-Toeplitz form
+    does (columns it sees) / kw times im2col's arithmetic and reads far less memory, so it
+    wins where im2col's matmul is memory-bound: few output channels. Measured over 14 layer
+    shapes, forward and backward (`python -m benchmarks.profile_step --layer-formulations`,
+    BENCHMARKS.md), the Toeplitz form is the faster exactly where Cout x (columns seen) / kw
+    is at most 91 (LeNet-5's layers: 38 and 45; 7x7 kernels of 16 and 32 filters: 78 and 91)
+    and im2col where it is 155 or more (3x3 kernels of 16 or more filters, 32 or more
+    filters, 1x1): the rule cuts at 120, and wants the kernel to see at least 25 values per
+    output. Anything else (GPU, TPU): XLA's convolution and reduce_window pool, i.e. nn.Conv
+    and nn.max_pool, which cuDNN and friends already do well. Within
+    `portable_formulations()` (an export), XLA's on every backend.
     """
     backend = backend or jax.default_backend()
     if backend != "cpu" or _PORTABLE.get():
         return "lax", "lax"
     kh, kw, c_in, c_out = kernel_shape
-    toeplitz = kh * kw * c_in >= 25 and c_in * c_out <= 96
+    columns_seen = (padded_width - kw) // strides[1] * strides[1] + kw
+    toeplitz = kh * kw * c_in >= 25 and c_out * columns_seen <= 120 * kw
     return ("toeplitz" if toeplitz else "im2col"), "select"
 
 
-class Conv2D(nn.Module):
-    """Stride-1 2D convolution + bias, with the formulation picked by `conv_and_pool_impl`.
+def _pair(value: None | int | Sequence[int]) -> tuple[int, ...]:
+    """nn.Conv's reading of strides and dilations: None is 1, an int is the same on every axis."""
+    value = 1 if value is None else value
+    return (value, value) if isinstance(value, int) else tuple(value)
 
-    Same parameters as `nn.Conv` (`kernel` (kh, kw, Cin, Cout) lecun-normal, `bias` zeros)
-    and the same outputs. `impl` forces one of CONV_IMPLS (tests compare them).
+
+class Conv(nn.Conv):
+    """nn.Conv with the formulation picked by `conv_and_pool_impl`: a drop-in replacement.
+
+    Same constructor arguments, same parameters ("kernel" (kh, kw, Cin, Cout) from
+    `kernel_init`, "bias" (Cout,) from `bias_init`, in `param_dtype`) and the same outputs and
+    gradients within float rounding: a params pytree moves between the two unchanged. The
+    matrix-product forms cover 2-D convolutions of one batch axis (B, H, W, Cin) with any
+    kernel size, strides 1 or 2, 'SAME', 'VALID' or explicit non-negative padding, no
+    dilation, one feature group and no mask; anything else, and any backend but a CPU, runs
+    nn.Conv's own computation. `impl` forces one of CONV_IMPLS where the case is covered
+    (tests and benchmarks compare them).
     """
 
-    features: int
-    kernel_size: tuple[int, int]
-    padding: int = 0  # zeros on each side of H and W
     impl: str | None = None
 
-    def params_of(self, c_in: int) -> tuple[jax.Array, jax.Array]:
-        kh, kw = self.kernel_size
-        kernel = self.param("kernel", nn.initializers.lecun_normal(),
-                            (kh, kw, c_in, self.features))
-        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
-        return kernel, bias
+    def _matmul_case(self, inputs: jax.Array) -> tuple[tuple[int, int], Pads] | None:
+        """(strides, pads) where the matrix-product forms compute this layer, else None."""
+        kernel_size = ((self.kernel_size,) if isinstance(self.kernel_size, int)
+                       else tuple(self.kernel_size))
+        if self.impl is not None and self.impl not in CONV_IMPLS:
+            raise FmnistError(f"unknown conv impl {self.impl!r}: choose one of "
+                              f"{', '.join(CONV_IMPLS)}, or None for conv_and_pool_impl's choice")
+        strides = _pair(self.strides)
+        if (len(kernel_size) != 2 or inputs.ndim != 4 or self.feature_group_count != 1
+                or _pair(self.input_dilation) != (1, 1) or _pair(self.kernel_dilation) != (1, 1)
+                or self.mask is not None or self.conv_general_dilated is not None
+                or self.conv_general_dilated_cls is not None
+                or not all(s in (1, 2) for s in strides)):
+            return None
+        if isinstance(self.padding, str):
+            if self.padding.upper() not in ("SAME", "VALID", "SAME_LOWER"):
+                return None  # CIRCULAR, REFLECT, CAUSAL: nn.Conv pads them itself
+            pads = jax.lax.padtype_to_pads(inputs.shape[1:3], kernel_size, strides,
+                                           self.padding)
+        else:
+            pads = canonicalize_padding(self.padding, 2)
+        pads = tuple((int(lo), int(hi)) for lo, hi in pads)
+        if any(p < 0 for pair in pads for p in pair):
+            return None
+        if any(n + lo + hi < k for n, (lo, hi), k in zip(inputs.shape[1:3], pads, kernel_size)):
+            return None  # no output: nn.Conv says what it says
+        return strides, pads
 
-    def conv(self, x_BxHxWxF: jax.Array, kernel: jax.Array) -> jax.Array:
-        impl = self.impl or conv_and_pool_impl(kernel_shape=kernel.shape)[0]
-        return CONV_IMPLS[impl](x_BxHxWxF, kernel, self.padding)
+    def _params(self, inputs: jax.Array):
+        """kernel and bias (None without one) as nn.Conv makes them, promoted as it does."""
+        kh, kw = self.kernel_size
+        kernel = self.param("kernel", self.kernel_init, (kh, kw, inputs.shape[-1], self.features),
+                            self.param_dtype)
+        bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+                if self.use_bias else None)
+        return self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+
+    def _conv_impl(self, inputs: jax.Array, strides: tuple[int, int], pads: Pads) -> str:
+        kh, kw = self.kernel_size
+        return self.impl or conv_and_pool_impl(
+            kernel_shape=(kh, kw, inputs.shape[-1], self.features), strides=strides,
+            padded_width=inputs.shape[2] + sum(pads[1]))[0]
 
     @nn.compact
-    def __call__(self, x_BxHxWxF: jax.Array) -> jax.Array:
-        kernel, bias = self.params_of(x_BxHxWxF.shape[-1])
-        return self.conv(x_BxHxWxF, kernel) + bias.reshape(1, 1, 1, -1)
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        case = self._matmul_case(inputs)
+        if case is None or self._conv_impl(inputs, *case) == "lax":
+            return super().__call__(inputs)
+        strides, pads = case
+        x_BxHxWxF, kernel_YxXxIxO, bias_O = self._params(inputs)
+        y_BxHxWxF = CONV_IMPLS[self._conv_impl(inputs, strides, pads)](
+            x_BxHxWxF, kernel_YxXxIxO, pads, strides, self.precision)
+        return y_BxHxWxF if bias_O is None else y_BxHxWxF + bias_O.reshape(1, 1, 1, -1)
 
 
-class ConvReluPool(Conv2D):
-    """max_pool_2x2(relu(conv(x) + bias)), computed as relu(pool(conv(x)) + bias).
+def _select_pool_pads(inputs: jax.Array, window_shape, strides, padding) -> Pads | None:
+    """The pads of a max_pool the select-gradient pool computes (a 2x2 window, stride 2,
+    over (B, H, W, F) floats), else None."""
+    if (inputs.ndim != 4 or tuple(window_shape) != (2, 2) or strides is None
+            or tuple(strides) != (2, 2) or not jnp.issubdtype(inputs.dtype, jnp.floating)):
+        return None
+    if isinstance(padding, str):
+        pads = jax.lax.padtype_to_pads(inputs.shape[1:3], (2, 2), (2, 2), padding)
+    else:
+        pads = tuple(map(tuple, padding))
+        if len(pads) != 2 or any(len(pair) != 2 for pair in pads):
+            return None
+    pads = tuple((int(lo), int(hi)) for lo, hi in pads)
+    return None if any(p < 0 for pair in pads for p in pair) else pads
+
+
+def max_pool(inputs: jax.Array, window_shape: Sequence[int], strides: Sequence[int] | None = None,
+             padding: str | Sequence[tuple[int, int]] = "VALID") -> jax.Array:
+    """nn.max_pool, drop-in: the same arguments, values and gradient (to the first maximum of
+    each window). A 2x2 window with stride 2 over (B, H, W, F) runs as the select-gradient
+    pool where `conv_and_pool_impl` picks it (a CPU); everything else is nn.max_pool. As
+    with nn.max_pool, `strides` defaults to 1 (overlapping windows), not to the window."""
+    pads = _select_pool_pads(inputs, window_shape, strides, padding)
+    if pads is None or conv_and_pool_impl()[1] != "select":
+        return nn.max_pool(inputs, tuple(window_shape), None if strides is None
+                           else tuple(strides), padding)
+    # padding pads with -inf, as reduce_window's init: it is never a window's first maximum
+    # ahead of a value of the input, which comes before it in the window
+    return max_pool_2x2_select(_pad_hw(inputs, pads, -jnp.inf))
+
+
+class ConvReluPool(Conv):
+    """max_pool(relu(conv(x) + bias), (2, 2), (2, 2)), computed as relu(pool(conv(x)) + bias).
 
     The same values (max commutes with adding a per-channel constant and with relu) and the
-    same gradients, with the bias add and relu on 4x fewer elements. Parameters as Conv2D.
-    `pool_impl` forces one of POOL_IMPLS. The Toeplitz conv with the select pool runs as
-    one layout (`conv_pool_toeplitz`).
+    same gradients, with the bias add and relu on 4x fewer elements. Arguments and
+    parameters as `Conv` (nn.Conv's); `pool_impl` forces one of POOL_IMPLS. A stride-1
+    Toeplitz conv with the select pool runs as one layout (`conv_pool_toeplitz`).
     """
 
     pool_impl: str | None = None
 
     @nn.compact
-    def __call__(self, x_BxHxWxF: jax.Array) -> jax.Array:
-        kernel, bias = self.params_of(x_BxHxWxF.shape[-1])
-        conv_impl = self.impl or conv_and_pool_impl(kernel_shape=kernel.shape)[0]
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        if self.pool_impl is not None and self.pool_impl not in POOL_IMPLS:
+            raise FmnistError(f"unknown pool impl {self.pool_impl!r}: choose one of "
+                              f"{', '.join(POOL_IMPLS)}, or None for conv_and_pool_impl's choice")
+        case = self._matmul_case(inputs)
         pool_impl = self.pool_impl or conv_and_pool_impl()[1]
-        if (conv_impl, pool_impl) == ("toeplitz", "select"):
-            pooled = conv_pool_toeplitz(x_BxHxWxF, kernel, self.padding)
+        if case is None:  # nn.Conv's computation, bias included, then the pool
+            return nn.relu(POOL_IMPLS[pool_impl](super().__call__(inputs)))
+        strides, pads = case
+        conv_impl = self._conv_impl(inputs, strides, pads)
+        x_BxHxWxF, kernel_YxXxIxO, bias_O = self._params(inputs)
+        fused = (conv_impl, pool_impl, strides) == ("toeplitz", "select", (1, 1))
+        if fused and all(n + lo + hi - k >= 1 for n, (lo, hi), k in  # a pool window across
+                         zip(inputs.shape[1:3], pads, self.kernel_size)):
+            pooled_BxHxWxF = conv_pool_toeplitz(x_BxHxWxF, kernel_YxXxIxO, pads,
+                                                precision=self.precision)
         else:
-            pooled = POOL_IMPLS[pool_impl](CONV_IMPLS[conv_impl](x_BxHxWxF, kernel, self.padding))
-        return nn.relu(pooled + bias.reshape(1, 1, 1, -1))
+            pooled_BxHxWxF = POOL_IMPLS[pool_impl](CONV_IMPLS[conv_impl](
+                x_BxHxWxF, kernel_YxXxIxO, pads, strides, self.precision))
+        if bias_O is not None:
+            pooled_BxHxWxF = pooled_BxHxWxF + bias_O.reshape(1, 1, 1, -1)
+        return nn.relu(pooled_BxHxWxF)

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from fmnist_jax.errors import FmnistError
-from fmnist_jax.layers import Conv2D, ConvReluPool
+from fmnist_jax.layers import Conv, ConvReluPool
 
 NUM_CLASSES = 10
 
@@ -31,7 +31,7 @@ class LeNet5(nn.Module):
     def __call__(self, x_BxHxWx1: jax.Array, *, train: bool = False) -> jax.Array:
         del train  # no dropout or batch norm: the same function in training and evaluation
         x = ConvReluPool(6, (5, 5), padding=2, name="conv1")(x_BxHxWx1)  # (B, 14, 14, 6)
-        x = ConvReluPool(16, (5, 5), name="conv2")(x)  # (B, 5, 5, 16)
+        x = ConvReluPool(16, (5, 5), padding="VALID", name="conv2")(x)  # (B, 5, 5, 16)
         x = x.reshape(x.shape[0], -1)  # (B, 400), flattened in H, W, C order
         x = nn.relu(nn.Dense(120, name="fc1")(x))
         x = nn.relu(nn.Dense(84, name="fc2")(x))
@@ -64,7 +64,7 @@ class LeNet5GAP(nn.Module):
     def __call__(self, x_BxHxWx1: jax.Array, *, train: bool = False) -> jax.Array:
         del train
         x = ConvReluPool(6, (5, 5), padding=2, name="conv1")(x_BxHxWx1)  # (B, 14, 14, 6)
-        x = nn.relu(Conv2D(16, (5, 5), name="conv2")(x))  # (B, 10, 10, 16)
+        x = nn.relu(Conv(16, (5, 5), padding="VALID", name="conv2")(x))  # (B, 10, 10, 16)
         x = jnp.mean(x, axis=(1, 2))  # (B, 16)
         return nn.Dense(self.num_classes, name="fc")(x)
 

@@ -111,3 +111,14 @@ def test_check_export_rows_of_every_format_agree_with_predict(tiny_run, tmp_path
     assert [r["format"].split()[0] for r in rows] == ["predict", "stablehlo", "onnx", "torch"]
     assert all(r["diff"] < 1e-5 for r in rows[1:]) and rows[1]["batch_1"] > 0
     assert markdown(rows).count("\n") == len(rows) + 1
+
+
+def test_user_model_smoke_times_the_three_pipelines():
+    result = run_script("benchmarks.user_model", "--smoke", timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    assert len(table) == 5, result.stdout  # header, rule, three pipelines
+    assert [line.split(" | ")[0] for line in table[2:]] == [
+        "| flax-nn-conv (scaled from 8 images)", "| fmnist-conv", "| torch"]
+    assert table[-1].endswith("| 1.00 |") and "83,466 parameters" in result.stdout
+    assert "load average" in result.stdout
