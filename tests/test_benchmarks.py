@@ -113,6 +113,7 @@ def test_check_export_rows_of_every_format_agree_with_predict(tiny_run, tmp_path
     assert markdown(rows).count("\n") == len(rows) + 1
 
 
+@pytest.mark.slow  # torch and jax start, three pipelines compile: about 14 s
 def test_user_model_smoke_times_the_three_pipelines():
     result = run_script("benchmarks.user_model", "--smoke", timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -1,6 +1,8 @@
 """Distillation (`--teacher`): the loss in the pure step against a direct computation, a
 run taught by a finished run, the teacher checked before any data loads."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,7 +16,7 @@ from fmnist_jax.run.config import get_config
 from fmnist_jax.run.history import load_history
 from fmnist_jax.run.teacher import teacher_logprobs
 from fmnist_jax.steps import StepOptions, create_train_state, predict_logits_step, train_step
-from tests.helpers import SHARED_ADAM, one_error_line, step_batch, train_quietly
+from tests.helpers import SHARED_ADAM, one_error_line, step_batch, tiny_config, train_quietly
 
 
 def _log_softmax(x):
@@ -56,22 +58,19 @@ def test_a_missing_or_unfinished_teacher_is_one_line_before_the_data(tmp_path, r
 
 
 def test_a_run_taught_by_a_finished_run(tmp_path, tiny_run, tiny_splits):
-    """The tiny run teaches a student on the same images: its log-probabilities are the
-    teacher's model's at T; the student's history differs from the same run untaught; a
-    teacher trained on other images is refused."""
-    teacher_dir, teacher_state, _ = tiny_run
+    """The tiny run teaches a student of its own config on the same images: the teacher's
+    log-probabilities are its model's at T; the student's history differs from the tiny
+    run's own (untaught); a teacher trained on other images is refused."""
+    teacher_dir, teacher_state, untaught_rows = tiny_run
     train, test = tiny_splits
-    cfg = get_config(epochs=2, batch_size=32, eval_batch_size=100, val_fraction=0.2, seed=4,
-                     teacher=str(teacher_dir), distill_weight=0.5, distill_temperature=2.0)
+    cfg = dataclasses.replace(tiny_config(), teacher=str(teacher_dir), distill_weight=0.5,
+                              distill_temperature=2.0)
     got_NxC = teacher_logprobs(cfg, train, test)
     logits = predict_logits_step(teacher_state, jnp.asarray(train.images_NxHxWx1),
                                  folder.load_normalization(teacher_dir))
     np.testing.assert_allclose(got_NxC, jax.nn.log_softmax(logits / 2.0), atol=1e-5)
-    train_quietly(cfg, tmp_path / "taught", tiny_splits)
-    untaught = cfg.__class__(**{**cfg.__dict__, "teacher": "", "distill_weight": 0.5,
-                                "distill_temperature": 4.0})
-    train_quietly(untaught, tmp_path / "untaught", tiny_splits)
-    taught_rows, untaught_rows = (load_history(tmp_path / name) for name in ("taught", "untaught"))
+    _, taught_rows = train_quietly(cfg, tmp_path / "taught", tiny_splits)
+    assert [row["epoch"] for row in taught_rows] == [row["epoch"] for row in untaught_rows]
     assert taught_rows[0]["train_loss"] != untaught_rows[0]["train_loss"]
     other = (data.Split(train.images_NxHxWx1[::-1].copy(), train.labels_N[::-1].copy()), test)
     with pytest.raises(FmnistError, match="not the ones .* was trained on"):
