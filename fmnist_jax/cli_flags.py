@@ -115,7 +115,8 @@ def add_config_flags(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] =
         group.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name, type=flag_type,
                            default=argparse.SUPPRESS, metavar=metavar,
                            help=f"{field.metadata['help']} (default "
-                                f"{'none' if default in (None, '') else default})".replace("%", "%%"))
+                                f"{'none' if default in (None, '') else default})".replace(
+                                    "%", "%%"))
 
 
 def config_from_args(args: argparse.Namespace, **fixed: Any) -> TrainConfig:

@@ -36,7 +36,8 @@ class CompiledEpochs:
     """`train_epoch` on one training set and `evaluate` on named eval sets, all on the device.
 
     `train_xy` and each of `eval_sets` are (images_NxHxWx1, labels_N) arrays, on the host or
-    on a device (with `teacher_NxC`, a teacher's log-probabilities of the training images): they are replicated over `parallel`'s mesh (default: every device, see
+    on a device (and `teacher_NxC` a teacher's log-probabilities of the training images, or
+    None): they are replicated over `parallel`'s mesh (default: every device, see
     `parallel`), and each batch is split over its devices. The batch sizes must be multiples
     of the device count (`parallel.check_batch_sizes`). States passed in are replicated
     there too, so a state restored from a checkpoint can be given as it is.

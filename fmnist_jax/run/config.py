@@ -99,12 +99,12 @@ class TrainConfig:
                           "a folder of several seeds counts each): their probabilities at "
                           "distill_temperature on every training image, averaged, computed "
                           "once before training without augmentation; none: no teacher")
-    distill_weight: float = _field(_DEFAULT_DISTILL, "with a teacher, the loss is w KL(teacher_T || "
-                                   "student_T) T^2 + (1 - w) cross-entropy",
+    distill_weight: float = _field(_DEFAULT_DISTILL, "with a teacher, the loss is w "
+                                   "KL(teacher_T || student_T) T^2 + (1 - w) cross-entropy",
                                    check=(lambda v: 0 <= v <= 1, "in [0, 1]"))
-    distill_temperature: float = _field(_DEFAULT_TEMPERATURE, "the temperature T of both sides of the "
-                                        "distillation's KL", check=(lambda v: v > 0,
-                                                                     "positive"))
+    distill_temperature: float = _field(_DEFAULT_TEMPERATURE, "the temperature T of both "
+                                        "sides of the distillation's KL",
+                                        check=(lambda v: v > 0, "positive"))
     rotation_degrees: float = _field(0.0, "augmentation: rotate each training image by up to "
                                      "+- this many degrees", check=(lambda v: 0 <= v <= 180,
                                                                     "in [0, 180]"))
