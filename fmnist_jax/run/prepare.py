@@ -172,8 +172,9 @@ def _teacher(cfg: TrainConfig, train: data.Split, test: data.Split,
     if not cfg.teacher:
         return None
     t0 = time.perf_counter()
-    all_NxC = teacher.teacher_logprobs(cfg, train, test)
-    log_fn(f"teacher: {len(teacher.teacher_dirs(cfg))} run(s), their most probable class is the "
+    dirs = teacher.teacher_dirs(cfg)
+    all_NxC = teacher.teacher_logprobs(cfg, train, test, dirs)
+    log_fn(f"teacher: {len(dirs)} run(s), their most probable class is the "
            f"label of {teacher.agreement(all_NxC, train.labels_N):.2%} of the training "
            f"images; read in {time.perf_counter() - t0:.2f} s")
     return all_NxC if rows is None else all_NxC[rows]

@@ -39,14 +39,16 @@ def teacher_dirs(cfg: TrainConfig) -> list[Path]:
     return dirs
 
 
-def teacher_logprobs(cfg: TrainConfig, train: data.Split, test: data.Split) -> np.ndarray:
+def teacher_logprobs(cfg: TrainConfig, train: data.Split, test: data.Split,
+                     dirs: list[Path] | None = None) -> np.ndarray:
     """(N, C) float32: log of the teachers' mean probability, at `cfg.distill_temperature`,
     of each class for each of the N training images `train` (before the validation split is
     held out: the student indexes these images). Each teacher must have been trained on
     these same images (`folder.check_data`), so none has seen the test images, and is
-    evaluated as it was trained (its own model, normalization, and weights' average)."""
+    evaluated as it was trained (its own model, normalization, and weights' average).
+    `dirs`: `teacher_dirs(cfg)`, when the caller has them already."""
     logprobs_KxNxC = []
-    dirs = teacher_dirs(cfg)
+    dirs = dirs or teacher_dirs(cfg)
     images_NxHxWx1 = jnp.asarray(train.images_NxHxWx1)
     for path in dirs:
         folder.check_data(path, train, test)
