@@ -233,8 +233,8 @@ def cnn_formulations(batch_size: int = 32, *, images_per_run: int = 2048, rounds
     """Median microseconds per image of a tutorial-CNN training step for each per-layer choice
     of conv formulation (conv1+conv2), interleaved in this process."""
     images_NxHxWx1, labels_N = random_images(images_per_run)
-    pairs = [("im2col", "im2col"), ("toeplitz", "im2col"), ("toeplitz", "toeplitz"),
-             ("lax", "lax")]
+    pairs = [("im2col", "im2col"), ("im2col", "shifted"), ("toeplitz", "im2col"),
+             ("toeplitz", "toeplitz"), ("lax", "lax")]
     runners = {f"{a}+{b}": JaxEpoch(_TutorialCNNWith(a, b), images_NxHxWx1, labels_N,
                                     batch_size).run
                for a, b in pairs}
@@ -247,12 +247,15 @@ def cnn_formulations(batch_size: int = 32, *, images_per_run: int = 2048, rounds
 
 
 # (H=W, Cin, Cout, kernel, stride, padding): the models' layers, the user model's
-# (benchmarks.user_model) and strided, 1x1 and 7x7 ones.
+# (benchmarks.user_model), strided, 1x1 and 7x7 ones, and shallow to deep kh x Cin (where
+# the shifted form starts to pay).
 LAYER_SHAPES = [(28, 1, 6, 5, 1, 2), (14, 6, 16, 5, 1, "VALID"), (28, 1, 16, 3, 1, 1),
                 (14, 16, 32, 3, 1, 1), (28, 1, 32, 5, 1, "SAME"), (14, 32, 64, 5, 1, "SAME"),
                 (28, 1, 32, 5, 2, "SAME"), (28, 8, 16, 3, 2, "SAME"), (14, 32, 64, 3, 2, "SAME"),
                 (14, 32, 64, 1, 1, "VALID"), (28, 1, 16, 7, 1, "SAME"),
-                (14, 16, 32, 7, 1, "SAME"), (14, 6, 16, 3, 1, "SAME"), (14, 4, 24, 5, 1, "SAME")]
+                (14, 16, 32, 7, 1, "SAME"), (14, 6, 16, 3, 1, "SAME"), (14, 4, 24, 5, 1, "SAME"),
+                (28, 4, 32, 3, 1, "SAME"), (28, 3, 32, 5, 1, "SAME"), (14, 8, 32, 3, 1, "SAME"),
+                (14, 16, 64, 5, 1, "SAME")]
 
 
 def _conv_program(impl: str, shape: tuple, batch: int, iters: int) -> Callable[[], float]:
@@ -297,7 +300,7 @@ def _conv_program(impl: str, shape: tuple, batch: int, iters: int) -> Callable[[
 
 
 def layer_formulations(shapes=LAYER_SHAPES, batch_size: int = 64, *, iters: int = 10,
-                       rounds: int = 3, impls=("toeplitz", "im2col", "lax"),
+                       rounds: int = 3, impls=("toeplitz", "im2col", "shifted", "lax"),
                        log: Callable[[str], object] = print) -> list[dict]:
     """Median microseconds per image of one conv layer's forward and backward pass, per
     formulation, interleaved round by round in this process; and which one

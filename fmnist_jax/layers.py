@@ -3,8 +3,8 @@ formulation chosen per backend.
 
 `Conv` takes nn.Conv's arguments and has its parameters ("kernel" (kh, kw, Cin, Cout), "bias"
 (Cout,)), so a Flax model swaps `nn.Conv` for it and `nn.max_pool` for `max_pool` and keeps its
-checkpoints. On a CPU the 2-D convolutions run as 2-D matrix products (row-Toeplitz or im2col)
-and the 2x2 pool's gradient as one select; on a GPU or TPU, and for every case the matrix forms
+checkpoints. On a CPU the 2-D convolutions run as 2-D matrix products (row-Toeplitz, im2col or
+im2col over the kernel's rows with shifted outputs) and the 2x2 pool's gradient as one select; on a GPU or TPU, and for every case the matrix forms
 do not cover, nn.Conv's and nn.max_pool's own computation. `conv_and_pool_impl` is the one
 place that chooses. Measurements: BENCHMARKS.md, `python -m benchmarks.profile_step`,
 `python -m benchmarks.user_model`.
@@ -33,7 +33,12 @@ from fmnist_jax.errors import FmnistError
 # matmul per image row, rows (B x Ho, kh x Wp x I) @ T (kh x Wp x I, Wo x O), T the kernel
 # laid out as a banded matrix: more flops (T's zeros), far less memory traffic. With many
 # channels im2col's matmul is well shaped and the Toeplitz form's extra flops cost more than
-# they save. Every conv matmul is 2-D (batch and image rows flattened together), which keeps
+# they save. Between the two, with many input channels, im2col's patch matrices (kh x kw
+# times the input, and times the output's gradient in the backward pass) cost about as much
+# to build as the matmuls themselves: the shifted form builds patches of the kernel's rows
+# only and sums kw shifted slices of its output, kw times less to build for Wp / Wo more
+# flops. XLA's own CPU convolution is no way out inside a training loop: there its kernel
+# gradient leaves Eigen for a slow emitter (jax#12868). Every conv matmul is 2-D (batch and image rows flattened together), which keeps
 # XLA:CPU from fusing a strided transpose into the pool's gradient. The pool's gradient is a
 # custom VJP: one elementwise select giving each window's gradient to its first maximum, as
 # nn.max_pool's select-and-scatter does (jnp's max gradient splits ties instead). A conv and
@@ -289,6 +294,30 @@ def conv2d_im2col(x_BxHxWxF: jax.Array, kernel_YxXxIxO: jax.Array, pads: int | P
     return _im2col_valid(_pad_hw(x_BxHxWxF, pads), kernel_YxXxIxO, tuple(strides), precision)
 
 
+def conv2d_shifted(x_BxHxWxF: jax.Array, kernel_YxXxIxO: jax.Array, pads: int | Pads,
+                   strides: tuple[int, int] = (1, 1), precision=None) -> jax.Array:
+    """2-D conv, no bias, as im2col over the kernel's rows only: one matmul of the row
+    patches (B x Ho x Wp, kh x I) and the kernel laid out (kh x I, kw x O), then the sum of
+    kw column-shifted slices of its output.
+
+    out[b, h, w, f] = sum_j y[b, h, w sw + j, j, f], y = rows @ kernel: the patch matrix is
+    kh, not kh x kw, times the input, and every backward piece stays a fused slice or pad
+    around two matmuls. It computes Wp columns where Wo are kept (Wp / Wo the extra flops).
+    """
+    kh, kw, c_in, f = kernel_YxXxIxO.shape
+    (sh, sw) = strides
+    padded_BxHxWxF = _pad_hw(x_BxHxWxF, _as_pads(pads))
+    b, hp, wp, _ = padded_BxHxWxF.shape
+    ho, wo = _out_size(hp, kh, sh), _out_size(wp, kw, sw)
+    h_last, w_last = (ho - 1) * sh + 1, (wo - 1) * sw + 1
+    rows_BxHxWxL = jnp.concatenate([padded_BxHxWxF[:, i:i + h_last:sh] for i in range(kh)],
+                                   axis=-1)
+    kernel_LxXO = kernel_YxXxIxO.transpose(0, 2, 1, 3).reshape(kh * c_in, kw * f)
+    y_BxHxWxXxO = jnp.matmul(rows_BxHxWxL.reshape(b * ho * wp, kh * c_in), kernel_LxXO,
+                             precision=precision).reshape(b, ho, wp, kw, f)
+    return sum(y_BxHxWxXxO[:, :, j:j + w_last:sw, j, :] for j in range(kw))
+
+
 def conv2d_lax(x_BxHxWxF: jax.Array, kernel_YxXxIxO: jax.Array, pads: int | Pads,
                strides: tuple[int, int] = (1, 1), precision=None) -> jax.Array:
     """nn.Conv's own formulation (XLA convolution; cuDNN on GPU)."""
@@ -297,7 +326,8 @@ def conv2d_lax(x_BxHxWxF: jax.Array, kernel_YxXxIxO: jax.Array, pads: int | Pads
                                         precision=precision)
 
 
-CONV_IMPLS = {"toeplitz": conv2d_toeplitz, "im2col": conv2d_im2col, "lax": conv2d_lax}
+CONV_IMPLS = {"toeplitz": conv2d_toeplitz, "im2col": conv2d_im2col, "shifted": conv2d_shifted,
+              "lax": conv2d_lax}
 POOL_IMPLS = {"select": max_pool_2x2_select, "lax": max_pool_2x2_lax}
 # Set while a model is traced for export: the function then holds XLA's own convolution and
 # reduce_window on every backend, so it runs, and converts, on any platform.
@@ -313,6 +343,12 @@ def portable_formulations() -> Iterator[None]:
         yield
     finally:
         _PORTABLE.reset(token)
+
+
+# The shifted form's matmul depth (kh x Cin) from which it beats im2col on a CPU: with a
+# shallow one its output, kw times the conv's, costs more than im2col's patches save
+# (BENCHMARKS.md, `python -m benchmarks.profile_step --layer-formulations`).
+SHIFTED_MIN_DEPTH = 32
 
 
 def conv_and_pool_impl(backend: str | None = None,
@@ -332,17 +368,22 @@ def conv_and_pool_impl(backend: str | None = None,
     is at most 91 (LeNet-5's layers: 38 and 45; 7x7 kernels of 16 and 32 filters: 78 and 91)
     and im2col where it is 155 or more (3x3 kernels of 16 or more filters, 32 or more
     filters, 1x1): the rule cuts at 120, and wants the kernel to see at least 25 values per
-    output. Anything else (GPU, TPU): XLA's convolution and reduce_window pool, i.e. nn.Conv
-    and nn.max_pool, which cuDNN and friends already do well. Within
-    `portable_formulations()` (an export), XLA's on every backend.
+    output. Past the Toeplitz form's range, the shifted form (`conv2d_shifted`) where its
+    matmul is deep enough, kh x Cin >= SHIFTED_MIN_DEPTH, at stride 1 across the width and a
+    kernel wider than 1; im2col for the rest. Anything else (GPU, TPU): XLA's convolution and
+    reduce_window pool, i.e. nn.Conv and nn.max_pool, which cuDNN and friends already do
+    well. Within `portable_formulations()` (an export), XLA's on every backend.
     """
     backend = backend or jax.default_backend()
     if backend != "cpu" or _PORTABLE.get():
         return "lax", "lax"
     kh, kw, c_in, c_out = kernel_shape
     columns_seen = (padded_width - kw) // strides[1] * strides[1] + kw
-    toeplitz = kh * kw * c_in >= 25 and c_out * columns_seen <= 120 * kw
-    return ("toeplitz" if toeplitz else "im2col"), "select"
+    if kh * kw * c_in >= 25 and c_out * columns_seen <= 120 * kw:
+        return "toeplitz", "select"
+    if strides[1] == 1 and kw > 1 and kh * c_in >= SHIFTED_MIN_DEPTH:
+        return "shifted", "select"
+    return "im2col", "select"
 
 
 def _pair(value: None | int | Sequence[int]) -> tuple[int, ...]:

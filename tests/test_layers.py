@@ -154,10 +154,13 @@ def test_backend_choice_is_made_in_one_place():
     assert conv_and_pool_impl("cpu") == ("toeplitz", "select")  # LeNet-5's first layer
     assert conv_and_pool_impl("cpu", (5, 5, 6, 16), padded_width=14) == ("toeplitz", "select")
     assert conv_and_pool_impl("cpu", (3, 3, 1, 16), padded_width=30) == ("im2col", "select")
-    assert conv_and_pool_impl("cpu", (3, 3, 16, 32), padded_width=16) == ("im2col", "select")
+    assert conv_and_pool_impl("cpu", (3, 3, 16, 32), padded_width=16) == ("shifted", "select")
     # the user model of benchmarks.user_model; a 7x7 first layer of 16 filters
     assert conv_and_pool_impl("cpu", (5, 5, 1, 32), padded_width=32)[0] == "im2col"
-    assert conv_and_pool_impl("cpu", (5, 5, 32, 64), padded_width=18)[0] == "im2col"
+    assert conv_and_pool_impl("cpu", (5, 5, 32, 64), padded_width=18)[0] == "shifted"
+    assert conv_and_pool_impl("cpu", (5, 5, 32, 64), (1, 2), padded_width=18)[0] == "im2col"
+    assert conv_and_pool_impl("cpu", (1, 1, 32, 64), padded_width=14)[0] == "im2col"
+    assert conv_and_pool_impl("cpu", (3, 3, 8, 32), padded_width=16)[0] == "im2col"
     assert conv_and_pool_impl("cpu", (7, 7, 1, 16), padded_width=34)[0] == "toeplitz"
     assert conv_and_pool_impl("cpu", (7, 7, 16, 32), padded_width=20)[0] == "toeplitz"
     assert conv_and_pool_impl("cpu", (3, 3, 8, 16), (2, 2), padded_width=29)[0] == "im2col"
@@ -203,7 +206,7 @@ def _check_conv(hw, c_in, c_out, k, stride, padding):
     x = jax.random.normal(jax.random.key(1), (2, hw, hw + 2, c_in))  # H != W, both odd
     ref = nn.Conv(c_out, (k, k), strides=stride, padding=padding)
     ours = [Conv(c_out, (k, k), strides=stride, padding=padding, impl=impl)
-            for impl in ("toeplitz", "im2col")]
+            for impl in sorted(CONV_IMPLS) if impl != "lax"]
     params = ref.init(jax.random.key(2), x)
     jax.tree_util.tree_map(np.testing.assert_array_equal, params,
                            ours[0].init(jax.random.key(2), x))  # same names, shapes, init
@@ -364,9 +367,10 @@ def test_max_pool_takes_the_select_pool_on_a_cpu_only_where_it_covers():
 
 def test_conv_relu_pool_with_odd_outputs_and_strides():
     """ConvReluPool where the conv output has an odd side (its last row is in no window):
-    the fused Toeplitz layout, and im2col at stride 2, against nn.Conv, relu, nn.max_pool."""
+    the fused Toeplitz layout, the shifted form, and im2col at stride 2, against nn.Conv,
+    relu, nn.max_pool."""
     x = jax.random.normal(jax.random.key(1), (2, 11, 13, 3))
-    for impl, stride in [("toeplitz", 1), ("im2col", 2)]:
+    for impl, stride in [("toeplitz", 1), ("shifted", 1), ("im2col", 2)]:
         ours = ConvReluPool(6, (4, 4), strides=stride, padding="SAME", impl=impl,
                             pool_impl="select")
         conv = nn.Conv(6, (4, 4), strides=stride, padding="SAME")
