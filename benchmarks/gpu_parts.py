@@ -112,16 +112,19 @@ def _layer_program(conv: str, pool: str, layer: tuple, batch: int, iters: int):
     cot = jax.random.normal(jax.random.key(3), jax.eval_shape(module.apply, params, x).shape)
     first = c_in == 1  # a model's first layer needs no gradient for its input
 
-    def loss(p, x):
-        return jnp.sum(module.apply(p, x) * cot)
+    def loss(p, x, scale):
+        return jnp.sum(module.apply(p, x * scale) * (cot * scale))
 
     def run(p, x):
-        def body(_, carry):
+        def body(i, carry):
+            # an input and output gradient that change each pass, as a training step's do:
+            # constant ones would let XLA hoist their patches (or rows) out of the loop
             p, acc = carry
+            scale = 1.0 + 1e-6 * i.astype(jnp.float32)
             if first:
-                g, gx = jax.grad(loss)(p, x), 0.0
+                g, gx = jax.grad(loss)(p, x, scale), 0.0
             else:
-                g, gx = jax.grad(loss, argnums=(0, 1))(p, x)
+                g, gx = jax.grad(loss, argnums=(0, 1))(p, x, scale)
                 gx = jnp.sum(gx)
             return jax.tree_util.tree_map(lambda a, b: a - 1e-4 * b, p, g), acc + gx
         return jax.lax.fori_loop(0, iters, body, (p, jnp.float32(0.0)))
@@ -215,7 +218,8 @@ def conv_formulations(opts: dict, save: Callable, time_left: Callable) -> dict:
         us = {f: statistics.median(t) / (iters * batch) * 1e6 for f, t in times.items()}
         result["layers"].append({
             "layer": name, "batch": batch, "input": [hw, hw, c_in], "features": c_out,
-            "kernel": k, "chosen": "+".join(conv_and_pool_impl(backend, (k, k, c_in, c_out))),
+            "kernel": k, "chosen": "+".join(conv_and_pool_impl(
+                backend, (k, k, c_in, c_out), padded_width=hw + 2 * pad)),
             "compile_s": {f: round(p[0], 3) for f, p in programs.items()},
             "us_per_image": us, "fastest": min(us, key=us.get) if us else None})
         save(result)

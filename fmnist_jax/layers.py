@@ -294,6 +294,71 @@ def conv2d_im2col(x_BxHxWxF: jax.Array, kernel_YxXxIxO: jax.Array, pads: int | P
     return _im2col_valid(_pad_hw(x_BxHxWxF, pads), kernel_YxXxIxO, tuple(strides), precision)
 
 
+def _shifted_rows(padded_BxHxWxF: jax.Array, kh: int, ho: int, row_stride: int) -> jax.Array:
+    """(B, Ho, Wp, kh x I): output row h's patch of the kernel's rows, h x stride + i."""
+    h_last = (ho - 1) * row_stride + 1
+    return jnp.concatenate([padded_BxHxWxF[:, i:i + h_last:row_stride] for i in range(kh)],
+                           axis=-1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv_shifted(x_BxHxWxF: jax.Array, kernel_YxXxIxO: jax.Array, pads: Pads,
+                  strides: tuple[int, int], precision) -> jax.Array:
+    return _conv_shifted_fwd(x_BxHxWxF, kernel_YxXxIxO, pads, strides, precision)[0]
+
+
+def _conv_shifted_fwd(x_BxHxWxF, kernel_YxXxIxO, pads, strides, precision):
+    kh, kw, c_in, f = kernel_YxXxIxO.shape
+    (sh, sw) = strides
+    padded_BxHxWxF = _pad_hw(x_BxHxWxF, pads)
+    b, hp, wp, _ = padded_BxHxWxF.shape
+    ho, wo = _out_size(hp, kh, sh), _out_size(wp, kw, sw)
+    rows_BxHxWxL = _shifted_rows(padded_BxHxWxF, kh, ho, sh)
+    kernel_LxXO = kernel_YxXxIxO.transpose(0, 2, 1, 3).reshape(kh * c_in, kw * f)
+    y_BxHxWxXxO = jnp.matmul(rows_BxHxWxL.reshape(b * ho * wp, kh * c_in), kernel_LxXO,
+                             precision=precision).reshape(b, ho, wp, kw, f)
+    w_last = (wo - 1) * sw + 1
+    out_BxHxWxO = sum(y_BxHxWxXxO[:, :, j:j + w_last:sw, j, :] for j in range(kw))
+    return out_BxHxWxO, (rows_BxHxWxL, kernel_LxXO, x_BxHxWxF.shape)
+
+
+def _conv_shifted_bwd(pads, strides, precision, saved, grad_out_BxHxWxO):
+    """The output's gradient spread to the kw shifted slices in one stack of pads (autodiff
+    adds kw arrays of the whole (B, Ho, Wp, kw, O) shape, mostly zeros, which on a CPU took
+    as long as a matmul), then the two matmuls, and the rows' gradient back to the input."""
+    rows_BxHxWxL, kernel_LxXO, x_shape = saved
+    (sh, sw) = strides
+    (h_lo, h_hi), (w_lo, w_hi) = pads
+    b, ho, wp, _ = rows_BxHxWxL.shape
+    _, _, wo, f = grad_out_BxHxWxO.shape
+    kw = kernel_LxXO.shape[1] // f
+    c_in = x_shape[-1]
+    kh = kernel_LxXO.shape[0] // c_in
+    zero = jnp.zeros((), grad_out_BxHxWxO.dtype)
+    w_last = (wo - 1) * sw + 1
+    grad_y_BxHxWxXxO = jnp.stack(
+        [jax.lax.pad(grad_out_BxHxWxO, zero, [(0, 0, 0), (0, 0, 0),
+                                               (j, wp - j - w_last, sw - 1), (0, 0, 0)])
+         for j in range(kw)], axis=3)
+    grad_y_MxXO = grad_y_BxHxWxXxO.reshape(b * ho * wp, kw * f)
+    grad_kernel_LxXO = jnp.matmul(rows_BxHxWxL.reshape(b * ho * wp, -1).T, grad_y_MxXO,
+                                  precision=precision)
+    grad_rows_BxHxWxL = jnp.matmul(grad_y_MxXO, kernel_LxXO.T,
+                                   precision=precision).reshape(b, ho, wp, kh * c_in)
+    hp = x_shape[1] + h_lo + h_hi
+    h_last = (ho - 1) * sh + 1
+    grad_padded_BxHxWxF = sum(
+        jax.lax.pad(grad_rows_BxHxWxL[..., i * c_in:(i + 1) * c_in], zero,
+                    [(0, 0, 0), (i, hp - i - h_last, sh - 1), (0, 0, 0), (0, 0, 0)])
+        for i in range(kh))
+    grad_x_BxHxWxF = grad_padded_BxHxWxF[:, h_lo:hp - h_hi, w_lo:wp - w_hi]
+    grad_kernel_YxXxIxO = grad_kernel_LxXO.reshape(kh, c_in, kw, f).transpose(0, 2, 1, 3)
+    return grad_x_BxHxWxF, grad_kernel_YxXxIxO
+
+
+_conv_shifted.defvjp(_conv_shifted_fwd, _conv_shifted_bwd)
+
+
 def conv2d_shifted(x_BxHxWxF: jax.Array, kernel_YxXxIxO: jax.Array, pads: int | Pads,
                    strides: tuple[int, int] = (1, 1), precision=None) -> jax.Array:
     """2-D conv, no bias, as im2col over the kernel's rows only: one matmul of the row
@@ -301,21 +366,11 @@ def conv2d_shifted(x_BxHxWxF: jax.Array, kernel_YxXxIxO: jax.Array, pads: int | 
     kw column-shifted slices of its output.
 
     out[b, h, w, f] = sum_j y[b, h, w sw + j, j, f], y = rows @ kernel: the patch matrix is
-    kh, not kh x kw, times the input, and every backward piece stays a fused slice or pad
-    around two matmuls. It computes Wp columns where Wo are kept (Wp / Wo the extra flops).
+    kh, not kh x kw, times the input, and the backward pass is two matmuls between a stack
+    of pads and a sum of pads (`_conv_shifted_bwd`). It computes Wp columns where Wo are
+    kept (Wp / Wo the extra flops).
     """
-    kh, kw, c_in, f = kernel_YxXxIxO.shape
-    (sh, sw) = strides
-    padded_BxHxWxF = _pad_hw(x_BxHxWxF, _as_pads(pads))
-    b, hp, wp, _ = padded_BxHxWxF.shape
-    ho, wo = _out_size(hp, kh, sh), _out_size(wp, kw, sw)
-    h_last, w_last = (ho - 1) * sh + 1, (wo - 1) * sw + 1
-    rows_BxHxWxL = jnp.concatenate([padded_BxHxWxF[:, i:i + h_last:sh] for i in range(kh)],
-                                   axis=-1)
-    kernel_LxXO = kernel_YxXxIxO.transpose(0, 2, 1, 3).reshape(kh * c_in, kw * f)
-    y_BxHxWxXxO = jnp.matmul(rows_BxHxWxL.reshape(b * ho * wp, kh * c_in), kernel_LxXO,
-                             precision=precision).reshape(b, ho, wp, kw, f)
-    return sum(y_BxHxWxXxO[:, :, j:j + w_last:sw, j, :] for j in range(kw))
+    return _conv_shifted(x_BxHxWxF, kernel_YxXxIxO, _as_pads(pads), tuple(strides), precision)
 
 
 def conv2d_lax(x_BxHxWxF: jax.Array, kernel_YxXxIxO: jax.Array, pads: int | Pads,
@@ -348,7 +403,7 @@ def portable_formulations() -> Iterator[None]:
 # The shifted form's matmul depth (kh x Cin) from which it beats im2col on a CPU: with a
 # shallow one its output, kw times the conv's, costs more than im2col's patches save
 # (BENCHMARKS.md, `python -m benchmarks.profile_step --layer-formulations`).
-SHIFTED_MIN_DEPTH = 32
+SHIFTED_MIN_DEPTH = 12
 
 
 def conv_and_pool_impl(backend: str | None = None,
