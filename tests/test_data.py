@@ -97,6 +97,17 @@ def damaged_copy(prepared_data_dir, tmp_path):
     return copy.parent, version_dir
 
 
+@pytest.fixture
+def folder_to_damage(request, tmp_path):
+    """(data dir, version folder) to damage: "real", a copy of the prepared folder (slow: the
+    session prepares it once, about 30 s); "fake", `_fake_prepared_dir`'s folder, which has
+    the real one's file names and passes the same checks until tfds reads a split."""
+    if request.param == "real":
+        return request.getfixturevalue("damaged_copy")
+    return tmp_path / "tfds", _fake_prepared_dir(tmp_path / "tfds")
+
+
+
 def _damage(version_dir, how):
     train_file = version_dir / "fashion_mnist-train.array_record-00000-of-00001"
     if how == "truncated":
@@ -107,10 +118,16 @@ def _damage(version_dir, how):
         (version_dir / "dataset_info.json").unlink()
 
 
-@pytest.mark.parametrize("how", ["truncated", "split file deleted", "dataset_info.json deleted"])
-def test_a_damaged_prepared_folder_gets_one_line_saying_how_to_rebuild(damaged_copy, how,
+# A truncated split file shows only when tfds reads it: the real folder. A deleted file shows
+# in the folder's listing: the fake one, in the fast set, too.
+@pytest.mark.parametrize("folder_to_damage,how", [
+    *(pytest.param("real", how, marks=pytest.mark.slow)
+      for how in ("truncated", "split file deleted", "dataset_info.json deleted")),
+    ("fake", "split file deleted"), ("fake", "dataset_info.json deleted")],
+    indirect=["folder_to_damage"])
+def test_a_damaged_prepared_folder_gets_one_line_saying_how_to_rebuild(folder_to_damage, how,
                                                                       tmp_path, run_main):
-    data_dir, version_dir = damaged_copy
+    data_dir, version_dir = folder_to_damage
     _damage(version_dir, how)
     # Through the command: the claimed run folder is given back when the data fails.
     result = run_main("train.py", "--data-dir", data_dir, "--workdir", tmp_path / "run",
@@ -121,8 +138,12 @@ def test_a_damaged_prepared_folder_gets_one_line_saying_how_to_rebuild(damaged_c
     assert not (tmp_path / "run").exists()
 
 
+# tfds.data_source is replaced: the fake folder, whose split files are never read, stands
+# for the real one in the fast set.
+@pytest.mark.parametrize("folder_to_damage", [pytest.param("real", marks=pytest.mark.slow),
+                                              "fake"], indirect=True)
 @pytest.mark.parametrize("raised", ["named", "renamed by tfds"])
-def test_a_missing_dependency_of_tfds_is_named_and_the_folder_kept(damaged_copy, manual_dir,
+def test_a_missing_dependency_of_tfds_is_named_and_the_folder_kept(folder_to_damage, manual_dir,
                                                                   monkeypatch, tmp_path,
                                                                   run_main, raised):
     """A GPU box given tfds without all of its dependencies: tfds imports dm-tree only while
@@ -130,7 +151,7 @@ def test_a_missing_dependency_of_tfds_is_named_and_the_folder_kept(damaged_copy,
     the folder is neither deleted nor rebuilt, even with a manual dir to rebuild it from."""
     import tensorflow_datasets as tfds
 
-    data_dir, version_dir = damaged_copy
+    data_dir, version_dir = folder_to_damage
     before = {p.name: p.stat().st_mtime_ns for p in version_dir.iterdir()}
 
     def data_source_without_tree(*args, **kwargs):
