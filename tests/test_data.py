@@ -47,15 +47,26 @@ def test_truncated_file_fails_its_checksum(copied_manual_dir, tmp_path):
     assert not data.is_prepared(tmp_path / "tfds")
 
 
-def test_no_internet_and_no_manual_dir_fails_fast_with_one_line(tmp_path):
-    """The CLI path end to end: one line naming --manual-dir and exit 1 (the subprocess's
-    timeout stands for "fast": tfds alone would retry for minutes)."""
-    code = ("import fmnist_jax.data.tfds_source as d; d.DOWNLOAD_HOST = 'fashion-mnist.invalid'; "
-            "from fmnist_jax.cli import train_main; train_main(['--epochs', '1', "
-            f"'--data-dir', {str(tmp_path / 'tfds')!r}, '--workdir', {str(tmp_path / 'run')!r}])")
-    env = {k: v for k, v in __import__("os").environ.items() if k != data.MANUAL_DIR_ENV}
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            env=env, cwd=REPO, timeout=60)
+@pytest.mark.parametrize("process", ["this", pytest.param("real", marks=pytest.mark.slow)])
+def test_no_internet_and_no_manual_dir_fails_fast_with_one_line(tmp_path, process, run_main,
+                                                                monkeypatch):
+    """The CLI path end to end: one line naming --manual-dir and exit 1. In a real process
+    (slow) the subprocess's timeout stands for "fast": tfds alone would retry for minutes."""
+    from fmnist_jax.data import tfds_source
+
+    args = ["--epochs", "1", "--data-dir", str(tmp_path / "tfds"), "--workdir",
+            str(tmp_path / "run")]
+    if process == "this":
+        monkeypatch.setattr(tfds_source, "DOWNLOAD_HOST", "fashion-mnist.invalid")
+        monkeypatch.delenv(data.MANUAL_DIR_ENV, raising=False)
+        result = run_main("train.py", *args)
+    else:
+        code = ("import fmnist_jax.data.tfds_source as d; "
+                "d.DOWNLOAD_HOST = 'fashion-mnist.invalid'; "
+                f"from fmnist_jax.cli import train_main; train_main({args!r})")
+        env = {k: v for k, v in os.environ.items() if k != data.MANUAL_DIR_ENV}
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                env=env, cwd=REPO, timeout=60)
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "--manual-dir" in lines[0] and "Traceback" not in result.stderr
