@@ -25,8 +25,10 @@ def test_time_device_split_times_every_config_each_round():
     assert markdown_table(rows).count("\n") == 2  # header, rule, one row
 
 
-@pytest.mark.parametrize("flags,message", [
-    (["--devices", "1,2"], "asks for 2 devices and this process has 1: pass --cpu-devices 2"),
+@pytest.mark.parametrize("flags,message", [  # a process each: the second in the fast set
+    pytest.param(["--devices", "1,2"],
+                 "asks for 2 devices and this process has 1: pass --cpu-devices 2",
+                 marks=pytest.mark.slow),
     (["--cpu-devices", "2", "--batch-sizes", "63"],
      "--batch-size 63 does not split over the 2 devices"),
 ])

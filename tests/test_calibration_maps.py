@@ -180,7 +180,7 @@ def test_predict_and_every_export_apply_the_map(kind, images_9):
     assert meta["calibration"] == predictor.calibration and meta["temperature"] is None
 
 
-@pytest.mark.parametrize("kind", ["vector", "dirichlet"])
+@pytest.mark.parametrize("kind", ["vector", pytest.param("dirichlet", marks=pytest.mark.slow)])
 def test_torch_export_carries_the_map_that_predict_applies(kind, tiny_run, tmp_path, images_9,
                                                            run_main):
     torch = pytest.importorskip("torch")

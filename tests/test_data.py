@@ -47,15 +47,26 @@ def test_truncated_file_fails_its_checksum(copied_manual_dir, tmp_path):
     assert not data.is_prepared(tmp_path / "tfds")
 
 
-def test_no_internet_and_no_manual_dir_fails_fast_with_one_line(tmp_path):
-    """The CLI path end to end: one line naming --manual-dir and exit 1 (the subprocess's
-    timeout stands for "fast": tfds alone would retry for minutes)."""
-    code = ("import fmnist_jax.data.tfds_source as d; d.DOWNLOAD_HOST = 'fashion-mnist.invalid'; "
-            "from fmnist_jax.cli import train_main; train_main(['--epochs', '1', "
-            f"'--data-dir', {str(tmp_path / 'tfds')!r}, '--workdir', {str(tmp_path / 'run')!r}])")
-    env = {k: v for k, v in __import__("os").environ.items() if k != data.MANUAL_DIR_ENV}
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            env=env, cwd=REPO, timeout=60)
+@pytest.mark.parametrize("process", ["this", pytest.param("real", marks=pytest.mark.slow)])
+def test_no_internet_and_no_manual_dir_fails_fast_with_one_line(tmp_path, process, run_main,
+                                                                monkeypatch):
+    """The CLI path end to end: one line naming --manual-dir and exit 1. In a real process
+    (slow) the subprocess's timeout stands for "fast": tfds alone would retry for minutes."""
+    from fmnist_jax.data import tfds_source
+
+    args = ["--epochs", "1", "--data-dir", str(tmp_path / "tfds"), "--workdir",
+            str(tmp_path / "run")]
+    if process == "this":
+        monkeypatch.setattr(tfds_source, "DOWNLOAD_HOST", "fashion-mnist.invalid")
+        monkeypatch.delenv(data.MANUAL_DIR_ENV, raising=False)
+        result = run_main("train.py", *args)
+    else:
+        code = ("import fmnist_jax.data.tfds_source as d; "
+                "d.DOWNLOAD_HOST = 'fashion-mnist.invalid'; "
+                f"from fmnist_jax.cli import train_main; train_main({args!r})")
+        env = {k: v for k, v in os.environ.items() if k != data.MANUAL_DIR_ENV}
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                env=env, cwd=REPO, timeout=60)
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "--manual-dir" in lines[0] and "Traceback" not in result.stderr
@@ -97,6 +108,17 @@ def damaged_copy(prepared_data_dir, tmp_path):
     return copy.parent, version_dir
 
 
+@pytest.fixture
+def folder_to_damage(request, tmp_path):
+    """(data dir, version folder) to damage: "real", a copy of the prepared folder (slow: the
+    session prepares it once, about 30 s); "fake", `_fake_prepared_dir`'s folder, which has
+    the real one's file names and passes the same checks until tfds reads a split."""
+    if request.param == "real":
+        return request.getfixturevalue("damaged_copy")
+    return tmp_path / "tfds", _fake_prepared_dir(tmp_path / "tfds")
+
+
+
 def _damage(version_dir, how):
     train_file = version_dir / "fashion_mnist-train.array_record-00000-of-00001"
     if how == "truncated":
@@ -107,10 +129,16 @@ def _damage(version_dir, how):
         (version_dir / "dataset_info.json").unlink()
 
 
-@pytest.mark.parametrize("how", ["truncated", "split file deleted", "dataset_info.json deleted"])
-def test_a_damaged_prepared_folder_gets_one_line_saying_how_to_rebuild(damaged_copy, how,
+# A truncated split file shows only when tfds reads it: the real folder. A deleted file shows
+# in the folder's listing: the fake one, in the fast set, too.
+@pytest.mark.parametrize("folder_to_damage,how", [
+    *(pytest.param("real", how, marks=pytest.mark.slow)
+      for how in ("truncated", "split file deleted", "dataset_info.json deleted")),
+    ("fake", "split file deleted"), ("fake", "dataset_info.json deleted")],
+    indirect=["folder_to_damage"])
+def test_a_damaged_prepared_folder_gets_one_line_saying_how_to_rebuild(folder_to_damage, how,
                                                                       tmp_path, run_main):
-    data_dir, version_dir = damaged_copy
+    data_dir, version_dir = folder_to_damage
     _damage(version_dir, how)
     # Through the command: the claimed run folder is given back when the data fails.
     result = run_main("train.py", "--data-dir", data_dir, "--workdir", tmp_path / "run",
@@ -121,8 +149,12 @@ def test_a_damaged_prepared_folder_gets_one_line_saying_how_to_rebuild(damaged_c
     assert not (tmp_path / "run").exists()
 
 
+# tfds.data_source is replaced: the fake folder, whose split files are never read, stands
+# for the real one in the fast set.
+@pytest.mark.parametrize("folder_to_damage", [pytest.param("real", marks=pytest.mark.slow),
+                                              "fake"], indirect=True)
 @pytest.mark.parametrize("raised", ["named", "renamed by tfds"])
-def test_a_missing_dependency_of_tfds_is_named_and_the_folder_kept(damaged_copy, manual_dir,
+def test_a_missing_dependency_of_tfds_is_named_and_the_folder_kept(folder_to_damage, manual_dir,
                                                                   monkeypatch, tmp_path,
                                                                   run_main, raised):
     """A GPU box given tfds without all of its dependencies: tfds imports dm-tree only while
@@ -130,7 +162,7 @@ def test_a_missing_dependency_of_tfds_is_named_and_the_folder_kept(damaged_copy,
     the folder is neither deleted nor rebuilt, even with a manual dir to rebuild it from."""
     import tensorflow_datasets as tfds
 
-    data_dir, version_dir = damaged_copy
+    data_dir, version_dir = folder_to_damage
     before = {p.name: p.stat().st_mtime_ns for p in version_dir.iterdir()}
 
     def data_source_without_tree(*args, **kwargs):

@@ -39,11 +39,18 @@ def test_an_unknown_device_is_refused_before_jax_is_told(monkeypatch):
     assert jax.config.jax_platforms == platforms
 
 
+# Without --device the platform is left alone: that case runs in this process (run_main);
+# --device cpu chooses one, so it runs in its own process (slow).
 @pytest.mark.parametrize("flags", [[], pytest.param(["--device", "cpu"], marks=pytest.mark.slow)])
-def test_the_first_line_of_a_training_names_the_device(tmp_path, flags):
+def test_the_first_line_of_a_training_names_the_device(tmp_path, flags, run_main, monkeypatch):
     bad_csv = tmp_path / "bad.csv"
     bad_csv.write_text("not,a,header\n")
-    result = run_script("train.py", "--workdir", tmp_path / "run", "--compile-cache", "none",
-                        "--train-csv", bad_csv, "--test-csv", bad_csv, *flags)
+    args = ["--workdir", tmp_path / "run", "--compile-cache", "none", "--train-csv", bad_csv,
+            "--test-csv", bad_csv, *flags]
+    if flags:
+        result = run_script("train.py", *args)
+    else:
+        monkeypatch.delenv("FMNIST_DEVICE", raising=False)
+        result = run_main("train.py", *args)
     assert result.stdout.splitlines()[0].startswith("device: cpu (cpu), jax ")
     assert "bad.csv" in one_error_line(result)  # the data come after the device line

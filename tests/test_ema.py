@@ -60,6 +60,7 @@ def test_ema_off_keeps_none_and_the_training_is_the_same_with_it_on():
     chex.assert_trees_all_equal(evaluation_state(on).params, on.ema_params)
 
 
+@pytest.mark.slow  # a whole tiny run (its own compiled epochs); the arithmetic above is fast
 def test_a_run_with_ema_evaluates_and_keeps_the_average(tmp_path, tiny_splits):
     cfg = dataclasses.replace(tiny_config(), ema_decay=0.9)
     state, history = _run(cfg, tmp_path, tiny_splits)

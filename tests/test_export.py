@@ -17,7 +17,7 @@ from fmnist_jax.evaluation import export, export_onnx, predict
 from fmnist_jax.models import MODELS, get_model
 from fmnist_jax.run.config import get_config
 from fmnist_jax.steps import init_variables
-from tests.helpers import REPO, one_error_line, run_script
+from tests.helpers import REPO, one_error_line
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,10 @@ def test_every_model_has_an_onnx_graph():
     assert set(export_onnx.BUILDERS) == set(MODELS)
 
 
-@pytest.mark.parametrize("model", sorted(MODELS))
+# Fast: LeNet-5 (the default) and the MLP (BatchNorm's statistics in the graph); the other
+# models' graphs are slow, CI runs them.
+@pytest.mark.parametrize("model", [pytest.param(m, marks=() if m in ("lenet5", "mlp")
+                                                else pytest.mark.slow) for m in sorted(MODELS)])
 def test_stablehlo_and_onnx_equal_predict_for_every_model(model, images_37):
     ort = pytest.importorskip("onnxruntime")
     predictor = random_predictor(model)
@@ -197,10 +200,10 @@ def test_a_missing_onnx_names_the_extra(run_copy, run_main, monkeypatch):
     assert not (run_copy / "model.onnx").exists()
 
 
-def test_predict_refuses_a_stablehlo_file_without_its_json(tmp_path):
+def test_predict_refuses_a_stablehlo_file_without_its_json(tmp_path, run_main):
     (tmp_path / "m.stablehlo").write_bytes(b"not one")
-    line = one_error_line(run_script("predict.py", tmp_path / "m.stablehlo",
-                                     REPO / "pyproject.toml"))
+    line = one_error_line(run_main("predict.py", tmp_path / "m.stablehlo",
+                                   REPO / "pyproject.toml"))
     assert "has no m.stablehlo.json beside it" in line
 
 

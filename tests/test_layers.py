@@ -31,15 +31,17 @@ CONV_SHAPES = [
 POOL_SHAPES = [(28, 6), (10, 16), (28, 16), (14, 32)]
 
 
-def _impl_and_conv_shapes():
-    """Every conv formulation with every conv shape, for parametrize. A formulation that no
-    backend picks for that layer (`conv_and_pool_impl`: kept for comparisons) is marked
-    slow: CI runs it, the fast set keeps the ones that train."""
-    picked = {name: {conv_and_pool_impl(backend, (k, k, c_in, c_out))[0]
-                     for backend in ("cpu", "gpu")}
+def _impl_and_conv_shapes(fast):
+    """Every conv formulation with every conv shape, for parametrize. The fast set keeps, for
+    the layers named in `fast`, the form a CPU trains that layer with (`conv_and_pool_impl`:
+    a matrix form); the rest is marked slow, CI runs it. "lax", the GPU's choice, is XLA's
+    convolution, nn.Conv's own; a form no backend picks for a layer is kept for comparisons;
+    every layer in its CPU form is in test_models' whole models, gradients included."""
+    picked = {name: conv_and_pool_impl("cpu", (k, k, c_in, c_out))[0]
               for name, _, c_in, c_out, k, _ in CONV_SHAPES}
     return [pytest.param(impl, *shape, id=f"{shape[0]}-{impl}",
-                         marks=() if impl in picked[shape[0]] else pytest.mark.slow)
+                         marks=() if shape[0] in fast and impl == picked[shape[0]]
+                         else pytest.mark.slow)
             for shape in CONV_SHAPES for impl in sorted(CONV_IMPLS)]
 
 
@@ -53,7 +55,8 @@ def _output_loss_and_grads(apply, cot, argnums=(0, 1)):
     return jax.jit(jax.value_and_grad(loss, argnums=argnums, has_aux=True))
 
 
-@pytest.mark.parametrize("impl,name,hw,c_in,c_out,k,pad", _impl_and_conv_shapes())
+@pytest.mark.parametrize("impl,name,hw,c_in,c_out,k,pad",
+                         _impl_and_conv_shapes(fast={"lenet5.conv1", "cnn.conv2"}))
 def test_conv_outputs_and_grads_equal_flax_conv(impl, name, hw, c_in, c_out, k, pad):
     x = jax.random.normal(jax.random.key(1), (3, hw, hw, c_in))
     ours = Conv(c_out, (k, k), padding=pad, impl=impl)
@@ -71,8 +74,13 @@ def test_conv_outputs_and_grads_equal_flax_conv(impl, name, hw, c_in, c_out, k, 
     assert_trees_close_to_scale(g_ours, g_ref)  # d/dkernel, d/dbias and d/dinput
 
 
-@pytest.mark.parametrize("impl", sorted(POOL_IMPLS))
-@pytest.mark.parametrize("hw,c", POOL_SHAPES)
+# The fast set: the select pool (a CPU's) on LeNet-5's first pool and the CNN's second; "lax"
+# (the GPU's choice) is nn.max_pool itself. The rest is slow, CI runs it.
+@pytest.mark.parametrize("impl,hw,c", [
+    pytest.param(impl, hw, c, id=f"{hw}-{c}-{impl}",
+                 marks=() if impl == "select" and (hw, c) in {(28, 6), (14, 32)}
+                 else pytest.mark.slow)
+    for hw, c in POOL_SHAPES for impl in sorted(POOL_IMPLS)])
 def test_pool_outputs_and_grads_equal_flax_max_pool(impl, hw, c):
     x = jax.random.normal(jax.random.key(0), (3, hw, hw, c))
     # ReLU'd half: windows of tied zeros, where the gradient must go to the first max only.
@@ -106,10 +114,14 @@ def test_parity_layout_pool_equals_flax_max_pool_with_ties():
     np.testing.assert_array_equal(g_ours, g_ref)  # one select each: no sums to reorder
 
 
-@pytest.mark.parametrize("groups", [1, 3])
-@pytest.mark.parametrize("name,hw,c_in,c_out,k,pad",
-                         CONV_SHAPES[:2] + [("one-window-wide", 6, 1, 3, 5, 0)],
-                         ids=["conv1", "conv2", "one-window-wide"])
+# The fast set: 3 groups of LeNet-5's conv2 and of one window across; the rest is slow.
+@pytest.mark.parametrize("groups,name,hw,c_in,c_out,k,pad", [
+    pytest.param(groups, *shape, id=f"{id_}-{groups}",
+                 marks=() if (groups, id_) in {(3, "conv2"), (3, "one-window-wide")}
+                 else pytest.mark.slow)
+    for shape, id_ in zip(CONV_SHAPES[:2] + [("one-window-wide", 6, 1, 3, 5, 0)],
+                          ["conv1", "conv2", "one-window-wide"])
+    for groups in (1, 3)])
 def test_conv_pool_toeplitz_any_column_groups(groups, name, hw, c_in, c_out, k, pad):
     """The output columns split into 1 or 3 groups (the models use 2, tested below), also
     where there are fewer pool windows across than groups: the same values and gradients as
@@ -130,7 +142,8 @@ def test_conv_pool_toeplitz_any_column_groups(groups, name, hw, c_in, c_out, k, 
     assert_trees_close_to_scale(g_ours, g_ref)
 
 
-@pytest.mark.parametrize("impl,name,hw,c_in,c_out,k,pad", _impl_and_conv_shapes())
+@pytest.mark.parametrize("impl,name,hw,c_in,c_out,k,pad",
+                         _impl_and_conv_shapes(fast={"lenet5.conv2", "cnn.conv1"}))
 def test_conv_relu_pool_equals_flax(impl, name, hw, c_in, c_out, k, pad):
     """pool(relu(conv + b)) as relu(pool(conv) + b), with each conv formulation (Toeplitz:
     `conv_pool_toeplitz`'s one layout): same values and gradients."""
@@ -220,12 +233,15 @@ def _check_conv(hw, c_in, c_out, k, stride, padding):
 
 
 # (H, Cin, Cout, kernel, stride, padding): every padding kind and stride, kernels 1-7,
-# channels 1-64, odd sizes; the few the fast set runs.
-FAST_CASES = [(9, 1, 6, 5, 1, "SAME"), (7, 3, 8, 3, 2, ((1, 2), 0)),
-              (7, 32, 64, 1, 2, "VALID"), (9, 2, 3, 7, 1, 3)]
+# channels 1-64, odd sizes; the fast set runs the first two, the rest and the full grid
+# below are slow.
+CASES = [(9, 1, 6, 5, 1, "SAME"), (7, 3, 8, 3, 2, ((1, 2), 0)),
+         (7, 32, 64, 1, 2, "VALID"), (9, 2, 3, 7, 1, 3)]
 
 
-@pytest.mark.parametrize("case", FAST_CASES, ids=str)
+@pytest.mark.parametrize("case", [pytest.param(case, id=str(case),
+                                               marks=() if i < 2 else pytest.mark.slow)
+                                  for i, case in enumerate(CASES)])
 def test_conv_equals_nn_conv(case):
     _check_conv(*case)
 
@@ -268,7 +284,9 @@ FALLBACKS = [  # (what the matrix forms lack, Conv's arguments, input shape)
 ]
 
 
-@pytest.mark.parametrize("why,kwargs,shape", FALLBACKS, ids=[f[0] for f in FALLBACKS])
+@pytest.mark.parametrize("why,kwargs,shape", [  # two in the fast set, the rest slow
+    pytest.param(*case, id=case[0], marks=() if case[0] in ("stride 3", "1-D")
+                 else pytest.mark.slow) for case in FALLBACKS])
 def test_what_the_matrix_forms_do_not_cover_is_nn_conv(why, kwargs, shape):
     x = jax.random.normal(jax.random.key(1), shape)
     ours, ref = Conv(**kwargs), nn.Conv(**kwargs)

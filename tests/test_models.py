@@ -9,7 +9,7 @@ import pytest
 
 from fmnist_jax import FmnistError
 from fmnist_jax.models import LeNet5, TutorialCNN, count_params, get_model
-from fmnist_jax.steps import init_params
+from fmnist_jax.steps import init_params, init_variables
 from tests.helpers import FlaxLeNet5, assert_model_equals_flax
 
 LENET5_PARAMS = 61_706  # the report's layer table: 156 + 2,416 + 48,120 + 10,164 + 850
@@ -92,13 +92,16 @@ def test_mlp_batchnorm_keeps_torchs_running_statistics():
     # torch's BatchNorm1d: running = 0.9 running + 0.1 batch (flax would need momentum 0.9,
     # not its default 0.99), with the batch's unbiased variance (flax's BatchNorm uses the
     # biased one); the training output is normalized by the biased variance, eps 1e-5.
+    # The package's jitted init (shared with the other MLP tests) and a jitted training
+    # apply: eagerly, each compiles op by op, about 7 s together.
     x = jax.random.normal(jax.random.key(1), (64, 28, 28, 1))
     model = get_model("mlp")
-    variables = model.init(jax.random.key(0), x[:1])
+    variables = init_variables(model, jax.random.key(0))
     np.testing.assert_array_equal(variables["batch_stats"]["bn1"]["mean"], 0.0)
     np.testing.assert_array_equal(variables["batch_stats"]["bn1"]["var"], 1.0)
-    _, updated = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(2)},
-                             mutable=["batch_stats"])
+    _, updated = jax.jit(lambda v, x: model.apply(v, x, train=True,
+                                                  rngs={"dropout": jax.random.key(2)},
+                                                  mutable=["batch_stats"]))(variables, x)
     fc1 = variables["params"]["fc1"]
     h = (np.asarray(x, np.float64).reshape(64, -1) @ np.asarray(fc1["kernel"], np.float64)
          + np.asarray(fc1["bias"], np.float64))

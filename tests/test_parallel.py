@@ -590,9 +590,36 @@ print(jax.device_count())
 """
 
 
+# The flag and the variable against the default, here with the setting jax is given recorded
+# (this process's jax has started): what the test below shows in real processes.
 @pytest.mark.parametrize("members,flags,env,expected", [
-    (4, [], {}, "cores"), (1, [], {}, 1), (4, ["--cpu-devices", "1"], {}, 1),
-    (4, [], {parallel.CPU_DEVICES_ENV: "1"}, 1)])
+    (4, [], {}, "cores"), (1, [], {}, None), (4, ["--cpu-devices", "1"], {}, 1),
+    (4, [], {parallel.CPU_DEVICES_ENV: "1"}, 1), (4, ["--cpu-devices", "3"],
+                                                  {parallel.CPU_DEVICES_ENV: "1"}, 3)])
+def test_start_devices_asks_for_a_cpu_device_per_core_for_seeds_unless_told(
+        members, flags, env, expected, monkeypatch):
+    from types import SimpleNamespace
+
+    from fmnist_jax import cli
+
+    monkeypatch.delenv(parallel.CPU_DEVICES_ENV, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    asked = []
+    monkeypatch.setattr(parallel, "jax", SimpleNamespace(config=SimpleNamespace(
+        update=lambda name, value: asked.append((name, value)))))
+    cli.start_devices(cli.train_parser().parse_args(flags), members=members)
+    if expected == "cores":  # one device (a one-core machine): jax's default, left alone
+        expected = parallel.cpu_devices_for(members)
+        expected = None if expected == 1 else expected
+    assert asked == ([] if expected is None else [("jax_num_cpu_devices", expected)])
+
+
+# One real process in the fast set: the default, read before jax starts.
+@pytest.mark.parametrize("members,flags,env,expected", [
+    (4, [], {}, "cores"), *(pytest.param(*case, marks=pytest.mark.slow) for case in [
+        (1, [], {}, 1), (4, ["--cpu-devices", "1"], {}, 1),
+        (4, [], {parallel.CPU_DEVICES_ENV: "1"}, 1)])])
 def test_train_py_splits_the_cpu_for_seeds_unless_told(members, flags, env, expected):
     """`train.py --seeds K` on a CPU: a device per core, up to one per seed (here K = 4), unless
     --cpu-devices or $FMNIST_CPU_DEVICES says otherwise; one model: one device."""

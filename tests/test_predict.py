@@ -5,8 +5,6 @@ import json
 import os
 import shutil
 import struct
-import subprocess
-import sys
 import zlib
 
 import jax
@@ -22,7 +20,7 @@ from fmnist_jax.evaluation.predict import (load_image, load_images, load_predict
                                 top_k)
 from fmnist_jax.cli import predict_main
 from fmnist_jax.steps import inference_state, predict_logits
-from tests.helpers import REPO, make_split
+from tests.helpers import make_split
 
 
 @pytest.fixture(scope="module")
@@ -307,11 +305,9 @@ def _mixed_batch(tmp_path, images_3xHxWx1):
 
 
 def test_cli_reports_each_bad_file_and_still_predicts_the_good_one(tmp_path, run_dir,
-                                                                    images_3xHxWx1):
+                                                                    images_3xHxWx1, run_main):
     files = _mixed_batch(tmp_path, images_3xHxWx1)
-    result = subprocess.run([sys.executable, "scripts/predict.py", str(run_dir), *files,
-                             "--top-k", "2"], capture_output=True, text=True, cwd=REPO,
-                            timeout=120)
+    result = run_main("predict.py", run_dir, *files, "--top-k", "2")
     assert result.returncode == 1, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 3 and "Traceback" not in result.stderr

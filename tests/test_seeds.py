@@ -328,8 +328,10 @@ def seeds_folder(tmp_path):
     ("predict.py", ["{run}", "x.png"], "holds the runs of several seeds, one folder each"),
     ("bench.py", ["--seeds", "2"], "unrecognized arguments: --seeds"),
 ])
-def test_bad_seeds_input_is_one_line(seeds_folder, script, args, message):
-    result = run_script(script, *[arg.format(run=seeds_folder) for arg in args])
+def test_bad_seeds_input_is_one_line(seeds_folder, script, args, message, run_main):
+    """In this process: every case fails before the devices start (a real process's exit
+    status: test_loop's bad flag; --seeds refused in time: the test above)."""
+    result = run_main(script, *[arg.format(run=seeds_folder) for arg in args])
     assert message.format(run=seeds_folder) in one_error_line(result)
 
 

@@ -156,11 +156,14 @@ def test_dropout_differs_between_keys_and_is_off_in_evaluation():
     chex.assert_trees_all_equal(a.params, c.params)
     x = normalize(images, HALF)
     variables = {"params": state.params, "batch_stats": state.batch_stats}
-    eval_1 = get_model("mlp").apply(variables, x, train=False)
-    eval_2 = get_model("mlp").apply(variables, x, train=False)
+    # Jitted (eagerly, the MLP's every op compiles on its own: seconds).
+    eval_apply = jax.jit(lambda v, x: get_model("mlp").apply(v, x, train=False))
+    eval_1 = eval_apply(variables, x)
+    eval_2 = eval_apply(variables, x)
     np.testing.assert_array_equal(eval_1, eval_2)
-    train_1 = get_model("mlp").apply(variables, x, train=True, rngs={"dropout": jax.random.key(1)},
-                                     mutable=["batch_stats"])[0]
+    train_1 = jax.jit(lambda v, x: get_model("mlp").apply(
+        v, x, train=True, rngs={"dropout": jax.random.key(1)}, mutable=["batch_stats"])[0])(
+        variables, x)
     assert not np.allclose(train_1, eval_1)
 
 

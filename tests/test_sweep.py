@@ -73,9 +73,9 @@ def _updates_after(tx, opt_state, steps=20):
     return params
 
 
-@pytest.mark.parametrize("preset, overrides", [
-    ("lenet5", {}), ("lenet5-best", {"epochs": 2, "warmup_epochs": 1.0}),
-    ("mlp", {})])
+@pytest.mark.parametrize("preset, overrides", [  # plain Adam slow: the others hold more
+    pytest.param("lenet5", {}, marks=pytest.mark.slow),
+    ("lenet5-best", {"epochs": 2, "warmup_epochs": 1.0}), ("mlp", {})])
 def test_the_swept_optimizer_equals_the_plain_one_bit_for_bit(preset, overrides):
     """Only the swept values are injected, so a member computes what its single run does;
     optax's inject_hyperparams(adam) does not (its b1, b2 and eps become float32 arrays:
