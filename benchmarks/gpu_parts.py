@@ -197,7 +197,8 @@ def conv_formulations(opts: dict, save: Callable, time_left: Callable) -> dict:
     (listed in `skipped`)."""
     import jax
 
-    from fmnist_jax.layers import CONV_IMPLS, POOL_IMPLS, conv_and_pool_impl
+    from fmnist_jax.conv_forms import CONV_IMPLS, POOL_IMPLS
+    from fmnist_jax.layers import conv_and_pool_impl
 
     backend = jax.default_backend()
     smoke = opts["smoke"]

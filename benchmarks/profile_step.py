@@ -17,7 +17,7 @@ per XLA thunk, labelled with the layer each came from.
 
 import argparse
 
-from fmnist_jax import layers, models
+from fmnist_jax import conv_forms, layers, models
 from benchmarks.profiling import cnn_formulations, layer_formulations, op_breakdown, step_costs
 
 
@@ -26,7 +26,7 @@ def main() -> None:
     ap.add_argument("--batch-sizes", default="64,256,1024")
     ap.add_argument("--images", type=int, default=8192, help="images per timed run")
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--impl", choices=sorted(layers.CONV_IMPLS),
+    ap.add_argument("--impl", choices=sorted(conv_forms.CONV_IMPLS),
                     help="force this conv formulation (default: the backend's choice)")
     ap.add_argument("--compare-im2col", action="store_true",
                     help="also time LeNet-5 with the im2col conv and jnp's max pool")

@@ -182,11 +182,12 @@ def im2col_lenet5() -> nn.Module:
 class _Toeplitz3dRowsLeNet5(nn.Module):
     """LeNet-5 with the row-Toeplitz matmul on 3-D rows (B, Ho, L), then the NHWC
     select-gradient pool, bias and ReLU. Same parameters; for comparisons with
-    `layers.conv_pool_toeplitz` (2-D rows, one layout with the pool)."""
+    `conv_forms.conv_pool_toeplitz` (2-D rows, one layout with the pool)."""
 
     @nn.compact
     def __call__(self, x, *, train: bool = False):
-        from fmnist_jax.layers import Conv, _banded_kernel, _toeplitz_rows, max_pool_2x2
+        from fmnist_jax.conv_forms import _banded_kernel, _toeplitz_rows, max_pool_2x2
+        from fmnist_jax.layers import Conv
 
         class ConvPool(Conv):
             @nn.compact

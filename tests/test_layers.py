@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from fmnist_jax.errors import FmnistError
-from fmnist_jax.layers import (CONV_IMPLS, POOL_IMPLS, Conv, ConvReluPool, _max_of_2x2,
-                               conv_and_pool_impl, conv_pool_toeplitz, max_pool,
+from fmnist_jax.conv_forms import CONV_IMPLS, POOL_IMPLS, _max_of_2x2, conv_pool_toeplitz
+from fmnist_jax.layers import (Conv, ConvReluPool, conv_and_pool_impl, max_pool,
                                portable_formulations)
 from tests.helpers import assert_trees_close_to_scale
 

@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "fmnist_jax"
 LAYERS = [
     ("fmnist_jax", "fmnist_jax.errors", "fmnist_jax.files", "fmnist_jax.streams"),
     ("fmnist_jax.data",),
-    ("fmnist_jax.layers", "fmnist_jax.models", "fmnist_jax.augment", "fmnist_jax.optim",
+    ("fmnist_jax.conv_forms", "fmnist_jax.layers", "fmnist_jax.models", "fmnist_jax.augment", "fmnist_jax.optim",
      "fmnist_jax.steps", "fmnist_jax.seeds", "fmnist_jax.metrics"),
     ("fmnist_jax.run",),
     ("fmnist_jax.evaluation",),
