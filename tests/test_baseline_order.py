@@ -13,6 +13,7 @@ from fmnist_jax.steps import TrainState, train_step_jit
 from tests.helpers import make_split, tiny_config
 
 
+@pytest.mark.slow
 def test_order_helpers_reproduce_a_training_run(tiny_run):
     """Stepping by hand from `run_init_params` through `run_epoch_order`'s batches ends where
     `train_and_evaluate` did: the bench feeds torch exactly these."""

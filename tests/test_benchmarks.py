@@ -3,6 +3,7 @@ they say (the timings themselves are not checked)."""
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from tests.helpers import (REPO, FlaxLeNet5, assert_model_equals_flax, make_spli
                            one_error_line, run_script)
 
 
+@pytest.mark.slow
 def test_time_device_split_times_every_config_each_round():
     cfg = get_config(model="mlp", batch_size=32, val_fraction=0.0)  # compiles fastest
     rows = time_device_split(cfg, make_split(64), batch_sizes=[32], device_counts=[1],
@@ -125,3 +127,14 @@ def test_user_model_smoke_times_the_three_pipelines():
         "| flax-nn-conv (scaled from 8 images)", "| fmnist-conv", "| torch"]
     assert table[-1].endswith("| 1.00 |") and "83,466 parameters" in result.stdout
     assert "load average" in result.stdout
+
+
+@pytest.mark.slow  # jax and torch start, a few tiny programs compile
+def test_xla_conv_in_loop_smoke_prints_every_piece():
+    result = run_script("benchmarks.xla_conv_in_loop", "--smoke", timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    pieces = re.findall(r", (\w[\w .]*): [\d.]+ ms as one call, [\d.]+ ms a pass in a loop",
+                        result.stdout)
+    assert pieces == ["forward", "input gradient", "kernel gradient"], result.stdout
+    matmuls = re.findall(r"conv matmuls, ([\w .]+): [\d.]+ ms a step", result.stdout)
+    assert matmuls == ["xla matmuls", "torch.mm", "torch layers"], result.stdout

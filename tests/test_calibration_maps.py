@@ -56,6 +56,7 @@ def test_each_map_lowers_the_validation_nll_and_fits_to_the_same_bytes(kind):
     assert json.dumps(again) == json.dumps((cal_map, cv_nll))  # deterministic to the byte
 
 
+@pytest.mark.slow
 def test_vector_map_beats_temperature_where_classes_are_mis_scaled():
     logits_NxC, labels_N = miscalibrated(1)
     nll_of = {kind: float(metrics.nll(calibration.apply_calibration(
@@ -180,7 +181,8 @@ def test_predict_and_every_export_apply_the_map(kind, images_9):
     assert meta["calibration"] == predictor.calibration and meta["temperature"] is None
 
 
-@pytest.mark.parametrize("kind", ["vector", pytest.param("dirichlet", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["vector", "dirichlet"])
 def test_torch_export_carries_the_map_that_predict_applies(kind, tiny_run, tmp_path, images_9,
                                                            run_main):
     torch = pytest.importorskip("torch")

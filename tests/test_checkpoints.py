@@ -263,6 +263,7 @@ sys.exit(len(errors) == 3)
 """
 
 
+@pytest.mark.slow
 def test_a_save_on_a_full_disk_ends_in_one_line(tmp_path):
     import subprocess
     import sys

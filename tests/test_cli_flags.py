@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from fmnist_jax import cli_flags
 from fmnist_jax.cli import train_parser
 from fmnist_jax.cli_flags import config_from_args
@@ -63,6 +65,7 @@ def test_an_entry_without_access_time_no_longer_stops_jax_caching(tmp_path):
 
 # --- sizes checked before anything is allocated ----------------------------------------------
 
+@pytest.mark.slow
 def test_too_many_cpu_devices_are_refused_before_jax_starts(tmp_path):
     """100,000 CPU devices took 4 GB as jax started them, before any check: now the count is
     refused first (also from $FMNIST_CPU_DEVICES), and no run folder is made. One child

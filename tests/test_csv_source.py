@@ -327,6 +327,7 @@ def _read_in_child(path: Path, timeout: float = 20) -> str:
     return result.stdout.strip() or result.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_a_named_pipe_is_refused_not_waited_on(tmp_path):
     fifo = tmp_path / "train.csv"
     os.mkfifo(fifo)

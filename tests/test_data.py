@@ -184,6 +184,7 @@ def test_a_missing_dependency_of_tfds_is_named_and_the_folder_kept(folder_to_dam
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_a_dependency_that_tfds_hides_at_import_is_named():
     """tfds's __init__ logs a failed import of its core and goes on; the reader then names
     the module in one line (no traceback from tfds's log). In a subprocess: this process has

@@ -66,6 +66,7 @@ def _taught_config(teacher_dir):
                                distill_temperature=2.0)
 
 
+@pytest.mark.slow
 def test_a_finished_run_teaches_its_log_probabilities_at_t(tiny_run, tiny_splits):
     """The tiny run as a teacher of a student of its own config on the same images: the
     teacher's log-probabilities are its model's at T; a teacher trained on other images is

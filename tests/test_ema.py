@@ -45,6 +45,7 @@ def test_ema_equals_the_hand_computed_average_of_the_steps():
     assert not np.allclose(state.ema_params["fc3"]["bias"], state.params["fc3"]["bias"])
 
 
+@pytest.mark.slow
 def test_ema_off_keeps_none_and_the_training_is_the_same_with_it_on():
     # The epoch without the average is test_steps' (same optimizer object, model and shapes):
     # it compiles once for both files.

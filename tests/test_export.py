@@ -71,6 +71,7 @@ def test_stablehlo_and_onnx_equal_predict_for_every_model(model, images_37):
     assert meta["opset"] == export_onnx.OPSET and meta["outputs"] == ["probabilities", "logits"]
 
 
+@pytest.mark.slow
 def test_stablehlo_of_a_run_is_reproducible_and_runs_with_jax_alone(tiny_run, tmp_path,
                                                                      images_37, capsys):
     run_dir = tiny_run[0]

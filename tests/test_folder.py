@@ -103,6 +103,7 @@ def test_of_many_claims_on_one_folder_exactly_one_wins(tmp_path):
     again.release()
 
 
+@pytest.mark.slow
 def test_default_run_names_differ_between_processes():
     here = folder.default_workdir("lenet5", 0)
     there = subprocess.run(
@@ -152,6 +153,7 @@ def test_every_file_of_the_model_checkpoint_is_guarded(run_copy):
         checkpoints.load_variables(run_copy, tiny_config())
 
 
+@pytest.mark.slow
 def test_predict_on_a_truncated_checkpoint_file_prints_one_line(run_copy, tmp_path):
     path = _largest_model_file(run_copy)
     path.write_bytes(path.read_bytes()[:1000])
@@ -304,6 +306,7 @@ def test_resume_refuses_an_edited_config_naming_the_change(run_copy, run_main):
         folder.reopen(run)  # the library's resume too
 
 
+@pytest.mark.slow
 def test_a_folder_without_claim_json_still_resumes(run_copy, tmp_path, run_main):
     run = _interrupted(run_copy)
     (run / folder.CLAIM_FILE).unlink()  # as versions before it wrote the folder

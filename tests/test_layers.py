@@ -384,6 +384,7 @@ def test_max_pool_takes_the_select_pool_on_a_cpu_only_where_it_covers():
         assert "reduce_window" in traced((2, 2), (2, 2))
 
 
+@pytest.mark.slow
 def test_conv_relu_pool_with_odd_outputs_and_strides():
     """ConvReluPool where the conv output has an odd side (its last row is in no window):
     the fused Toeplitz layout, the shifted form, and im2col at stride 2, against nn.Conv,

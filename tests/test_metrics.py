@@ -312,6 +312,7 @@ def test_bootstrap_ci_of_per_class_values(big_case):
     assert bool(jnp.all(per_class.point <= per_class.high))
 
 
+@pytest.mark.slow
 def test_bootstrap_ci_narrows_with_more_data_and_ignores_batching(big_case):
     logits_NxC, labels_N, _ = big_case
     key = jax.random.key(2)

@@ -125,6 +125,7 @@ def test_plateau_matches_torchs_reduce_lr_on_plateau(patience):
     assert _plateau_scales(_LOSSES, plateau_patience=patience) == expected
 
 
+@pytest.mark.slow
 def test_the_plateau_scale_multiplies_every_update():
     from fmnist_jax.data import HALF
     from fmnist_jax.optim import make_plateau

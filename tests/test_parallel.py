@@ -210,6 +210,7 @@ def test_batch_sizes_must_split_over_the_devices():
         parallel.check_batch_sizes(64, 999, 2)
 
 
+@pytest.mark.slow
 def test_an_uneven_batch_is_one_line_before_the_data_loads(tmp_path):
     # No data flags and an empty data dir: the batch check must come first.
     result = run_script("train.py", "--cpu-devices", 4, "--batch-size", 30, "--workdir",

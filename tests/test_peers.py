@@ -157,6 +157,7 @@ def _watch(monkeypatch):
     return watch, store, left
 
 
+@pytest.mark.slow
 def test_the_last_beat_of_a_killed_process_is_not_news_from_it(monkeypatch):
     """Process 1 beat once more just before it was killed, and the watch reads that beat only
     after this process's collective failed: hear_from_others must still wait for the watch

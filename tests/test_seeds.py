@@ -269,6 +269,7 @@ def test_seeds_past_the_largest_seed_are_refused():
         get_config(seed=2**32 - 2, seeds=3)
 
 
+@pytest.mark.slow
 def test_more_seeds_than_one_run_can_hold_are_refused_before_any_folder(tmp_path):
     """--seeds 100000 made every member's folder and split, silently, for minutes: now it is
     refused with the config, before the devices, the run folder or the data."""

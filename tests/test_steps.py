@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from fmnist_jax.data import HALF
 from fmnist_jax.models import get_model
@@ -146,6 +147,7 @@ def test_evaluation_uses_the_running_statistics_not_the_batch():
     np.testing.assert_allclose(one[0], many[0], rtol=1e-5, atol=1e-5)  # batch-independent
 
 
+@pytest.mark.slow
 def test_dropout_differs_between_keys_and_is_off_in_evaluation():
     images, labels = _batch()
     state = _mlp_state()

@@ -132,6 +132,7 @@ def test_an_unwritable_tensorboard_folder_is_one_note_and_the_run_goes_on(tmp_pa
         assert (tmp_path / folder.TENSORBOARD_DIR).read_text() == "mine"
 
 
+@pytest.mark.slow
 def test_resume_with_a_file_in_place_of_tensorboard_finishes_with_one_note(tiny_run, tmp_path,
                                                                             run_main):
     run_dir = shutil.copytree(tiny_run[0], tmp_path / "run")
