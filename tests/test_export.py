@@ -51,9 +51,9 @@ def test_every_model_has_an_onnx_graph():
     assert set(export_onnx.BUILDERS) == set(MODELS)
 
 
-# Fast: LeNet-5 (the default) and the MLP (BatchNorm's statistics in the graph); the other
-# models' graphs are slow, CI runs them.
-@pytest.mark.parametrize("model", [pytest.param(m, marks=() if m in ("lenet5", "mlp")
+# Fast: LeNet-5 (the default); the other models' graphs (the MLP's with BatchNorm's
+# statistics) are slow, CI runs them.
+@pytest.mark.parametrize("model", [pytest.param(m, marks=() if m == "lenet5"
                                                 else pytest.mark.slow) for m in sorted(MODELS)])
 def test_stablehlo_and_onnx_equal_predict_for_every_model(model, images_37):
     ort = pytest.importorskip("onnxruntime")

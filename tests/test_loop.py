@@ -134,6 +134,7 @@ def test_run_folder_records_the_normalization(tiny_run):
     assert folder.load_normalization(tiny_run[0]) == HALF
 
 
+@pytest.mark.slow
 def test_a_val_fraction_that_leaves_no_batch_says_so(tmp_path, tiny_splits):
     with pytest.raises(FmnistError, match=r"val fraction 0.99999 holds out 512 of the 512 "
                                           r"training images and leaves 0, fewer than one batch "

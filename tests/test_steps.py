@@ -125,6 +125,7 @@ def _mlp_state(seed=0):
     return create_train_state(get_model("mlp"), _ADAM, jax.random.key(seed))
 
 
+@pytest.mark.slow
 def test_batchnorm_statistics_move_in_training_and_not_in_evaluation():
     images, labels = _batch()
     state = _mlp_state()
