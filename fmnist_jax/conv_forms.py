@@ -34,13 +34,13 @@ from flax.linen.linear import canonicalize_padding
 # only and sums kw shifted slices of its output, kw times less to build for Wp / Wo more
 # flops. XLA's own CPU convolution is no way out inside a training loop: there its kernel
 # gradient leaves Eigen for a slow emitter (jax#12868). Every conv matmul is 2-D (batch and
-# image rows flattened together), which keeps
-# XLA:CPU from fusing a strided transpose into the pool's gradient. The pool's gradient is a
-# custom VJP: one elementwise select giving each window's gradient to its first maximum, as
-# nn.max_pool's select-and-scatter does (jnp's max gradient splits ties instead). A conv and
-# its pool can run in one layout (`conv_pool_toeplitz`: a window's four values in contiguous
-# blocks). On GPU/TPU none of this applies: `conv_and_pool_impl` picks lax's convolution
-# (nn.Conv's, cuDNN) and reduce_window max pooling (nn.max_pool's) there.
+# image rows flattened together), which keeps XLA:CPU from fusing a strided transpose into the
+# pool's gradient. The pool's gradient is a custom VJP: one elementwise select giving each
+# window's gradient to its first maximum, as nn.max_pool's select-and-scatter does (jnp's max
+# gradient splits ties instead). A conv and its pool can run in one layout
+# (`conv_pool_toeplitz`: a window's four values in contiguous blocks). On GPU/TPU none of this
+# applies: `conv_and_pool_impl` picks lax's convolution (nn.Conv's, cuDNN) and reduce_window
+# max pooling (nn.max_pool's) there.
 
 Pads = tuple[tuple[int, int], tuple[int, int]]  # (low, high) zeros of H and of W
 

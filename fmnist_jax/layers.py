@@ -64,11 +64,12 @@ def conv_and_pool_impl(backend: str | None = None,
     shapes, forward and backward (`python -m benchmarks.profile_step --layer-formulations`,
     BENCHMARKS.md), the Toeplitz form is the faster exactly where Cout x (columns seen) / kw
     is at most 91 (LeNet-5's layers: 38 and 45; 7x7 kernels of 16 and 32 filters: 78 and 91)
-    and im2col where it is 155 or more (3x3 kernels of 16 or more filters, 32 or more
-    filters, 1x1): the rule cuts at 120, and wants the kernel to see at least 25 values per
-    output. Past the Toeplitz form's range, the shifted form (`conv2d_shifted`) where its
-    matmul is deep enough, kh x Cin >= SHIFTED_MIN_DEPTH, at stride 1 across the width and a
-    kernel wider than 1; im2col for the rest. Anything else (GPU, TPU): XLA's convolution and
+    and a matrix form with fewer zeros where it is 155 or more (3x3 kernels of 16 or more
+    filters, 32 or more filters, 1x1): the rule cuts at 120, and wants the kernel to see at
+    least 25 values per output. Past the Toeplitz form's range, the shifted form
+    (`conv2d_shifted`) where its matmul is deep enough, kh x Cin >= SHIFTED_MIN_DEPTH, at
+    stride 1 across the width and a kernel wider than 1 (over 18 shapes it then picks the
+    fastest of the three forms on 16); im2col for the rest. Anything else (GPU, TPU): XLA's convolution and
     reduce_window pool, i.e. nn.Conv and nn.max_pool, which cuDNN and friends already do
     well. Within `portable_formulations()` (an export), XLA's on every backend.
     """
