@@ -15,8 +15,8 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
 from fmnist_jax.data import Normalization
-from fmnist_jax.steps import (StepOptions, Sums, TrainState, eval_step, evaluate, padded_batches,
-                              plateau_update, scan_epoch, split_over_devices)
+from fmnist_jax.steps import (StepOptions, Sums, Teacher, TrainState, eval_step, evaluate,
+                              padded_batches, plateau_update, scan_epoch, split_over_devices)
 
 
 def _keep_where(active: jax.Array, new_tree, old_tree):
@@ -107,7 +107,8 @@ def train_epoch_seeds(state_M: TrainState, images_NxHxWx1: jax.Array, labels_N: 
                       member_sharding: NamedSharding | None = None,
                       members_at_once: int | None = None,
                       gather: bool = True,
-                      teacher_NxC: jax.Array | None = None) -> tuple[TrainState, Sums]:
+                      teacher_NxC: jax.Array | None = None,
+                      teachers: tuple[Teacher, ...] | None = None) -> tuple[TrainState, Sums]:
     """One epoch of M independent models (`--seeds`) as one program: the epoch mapped over
     the members (in lockstep under `jax.vmap`, or one after another: `members_at_once`) and
     their states (every leaf of `state_M` has a leading M axis), their training
@@ -125,19 +126,20 @@ def train_epoch_seeds(state_M: TrainState, images_NxHxWx1: jax.Array, labels_N: 
     batches over the devices of its group, as in `train_epoch`; `members_at_once` is how
     many of a group's members run in lockstep (None: all, one vmap; see `over_members` and
     `parallel.members_at_once_for`). `gather` False leaves the results with the groups
-    (`gather_members`). `teacher_NxC`, shared by the members: see `train_epoch`.
+    (`gather_members`). `teacher_NxC` or `teachers`, shared by the members: see
+    `train_epoch`.
     """
     def member_fn(shared, active, state, idx_Q, key, norm):
-        images, labels, teacher = shared
+        images, labels, teacher, teachers = shared
         # One member after another (`jax.lax.map`) the cond is a real branch: a stopped
         # member (or a spare place) costs nothing. In lockstep, under vmap, it becomes a
         # select: both branches run and the stopped member's new state is thrown away.
         return jax.lax.cond(active, lambda: scan_epoch(state, images, labels, idx_Q, key,
                                                        batch_size, norm, options,
-                                                       batch_sharding, teacher),
+                                                       batch_sharding, teacher, teachers),
                             lambda: (state, _zero_sums()))
 
-    return over_members(member_fn, (images_NxHxWx1, labels_N, teacher_NxC),
+    return over_members(member_fn, (images_NxHxWx1, labels_N, teacher_NxC, teachers),
                         (state_M, idx_MxQ, key_M, norm_M), active_M,
                         member_sharding, members_at_once, gather)
 

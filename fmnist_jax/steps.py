@@ -85,9 +85,9 @@ class StepOptions(NamedTuple):
 
     label_smoothing: float = 0.0  # targets (1 - a) one-hot + a / classes
     augment: Augment = NONE  # on-device augmentation of each training batch
-    # With a teacher (`teacher_BxC` given to the step): the loss is distill_weight times
-    # KL(teacher || student) at distill_temperature, times its square, plus (1 - weight)
-    # times the cross-entropy.
+    # With a teacher (`teacher_BxC` or `teachers` given to the step): the loss is
+    # distill_weight times KL(teacher || student) at distill_temperature, times its square,
+    # plus (1 - weight) times the cross-entropy.
     distill_weight: float = 0.5
     distill_temperature: float = 4.0
 
@@ -186,6 +186,33 @@ def _logits(state: TrainState, params, images_BxHxWx1: jax.Array, norm: Normaliz
     return state.apply_fn(variables, x_BxHxWx1, rngs=rngs, **kwargs), state.batch_stats
 
 
+class Teacher(NamedTuple):
+    """A teacher run inside the step on the batch the student sees (`train_step`'s
+    `teachers`): its state (`inference_state`) and the normalization it was trained with.
+    An ordinary pytree argument of the compiled step, shared by every member."""
+
+    state: TrainState
+    norm: Normalization
+
+
+def mean_logprobs(logits_KxBxC: jax.Array, temperature: float) -> jax.Array:
+    """(B, C): log of the mean over the K teachers of softmax(logits / temperature), the
+    distillation's target. The mean is taken in logs (logsumexp) so that it stays finite
+    where a probability underflows to 0."""
+    logprobs_KxBxC = jax.nn.log_softmax(logits_KxBxC / temperature)
+    return jax.nn.logsumexp(logprobs_KxBxC, axis=0) - jnp.log(logits_KxBxC.shape[0])
+
+
+def teachers_logprobs(teachers: tuple[Teacher, ...], images_BxHxWx1: jax.Array,
+                      temperature: float) -> jax.Array:
+    """`mean_logprobs` of `teachers` on `images_BxHxWx1`, each in evaluation mode (no
+    dropout, BatchNorm's running statistics) with its own normalization: constants of the
+    student's loss (no gradient flows into the teachers)."""
+    logits_KxBxC = jnp.stack([predict_logits_step(teacher.state, images_BxHxWx1, teacher.norm)
+                              for teacher in teachers])
+    return jax.lax.stop_gradient(mean_logprobs(logits_KxBxC, temperature))
+
+
 def distillation_loss(logits_BxC: jax.Array, teacher_BxC: jax.Array,
                       temperature: float) -> jax.Array:
     """KL(teacher_T || student_T) * T^2 per example: `teacher_BxC` the teacher's
@@ -219,18 +246,24 @@ def _loss_and_sums(params, state, images_BxHxWx1, labels_B, key, norm, options: 
 def train_step(state: TrainState, images_BxHxWx1: jax.Array, labels_B: jax.Array,
                key: jax.Array, norm: Normalization,
                options: StepOptions = StepOptions(),
-               teacher_BxC: jax.Array | None = None) -> tuple[TrainState, Sums]:
+               teacher_BxC: jax.Array | None = None,
+               teachers: tuple[Teacher, ...] | None = None) -> tuple[TrainState, Sums]:
     """One optimizer step on the mean cross-entropy of the batch. Pure; jit it yourself or
     use `train_step_jit`. `key` feeds dropout, and augmentation when `options` asks for it
     (images then go through `augment.augment_batch` first). In a sweep, the options say
     which parts run (label smoothing, augmentation) and the state's `hparams` how strong.
     `teacher_BxC`, a teacher's log-probabilities at `options.distill_temperature` for the
-    batch's images: the loss mixes in the distillation's KL (`distillation_loss`)."""
+    batch's images: the loss mixes in the distillation's KL (`distillation_loss`).
+    `teachers`, instead of `teacher_BxC`: the teachers themselves, whose log-probabilities
+    (`teachers_logprobs`) are computed on the batch as the student sees it, after its
+    augmentation: one forward pass of each teacher per step."""
     if options.augment.active:
         key, augment_key = jax.random.split(key)
         augment = options.augment._replace(**{
             name: state.hparam(name, value) for name, value in options.augment._asdict().items()})
         images_BxHxWx1 = augment_batch(images_BxHxWx1, augment_key, augment)
+    if teachers is not None:
+        teacher_BxC = teachers_logprobs(teachers, images_BxHxWx1, options.distill_temperature)
     grad_fn = jax.value_and_grad(_loss_and_sums, has_aux=True)
     (_, (sums, batch_stats)), grads = grad_fn(state.params, state, images_BxHxWx1, labels_B,
                                               key, norm, options, teacher_BxC)
@@ -284,21 +317,22 @@ def train_epoch(state: TrainState, images_NxHxWx1: jax.Array, labels_N: jax.Arra
                 key: jax.Array, *, batch_size: int, norm: Normalization,
                 options: StepOptions = StepOptions(),
                 batch_sharding: jax.sharding.Sharding | None = None,
-                teacher_NxC: jax.Array | None = None) -> tuple[TrainState, Sums]:
+                teacher_NxC: jax.Array | None = None,
+                teachers: tuple[Teacher, ...] | None = None) -> tuple[TrainState, Sums]:
     """One epoch: shuffle with `key`, then every full batch as one `lax.scan` of `train_step`.
 
     The N % batch_size examples left over by the shuffle are skipped this epoch (fixed
     shapes, no retracing); a new shuffle picks others next epoch. Returns summed metrics.
     `batch_sharding` splits each batch over devices (`parallel.DataParallel`): the same
     numbers within float rounding. `teacher_NxC`: a teacher's log-probabilities for each
-    of the N images (see `train_step`).
+    of the N images; or `teachers`, run in every step (see `train_step`).
     """
     return scan_epoch(state, images_NxHxWx1, labels_N, None, key, batch_size, norm, options,
-                      batch_sharding, teacher_NxC)
+                      batch_sharding, teacher_NxC, teachers)
 
 
 def scan_epoch(state, images_NxHxWx1, labels_N, idx_Q, key, batch_size, norm, options,
-               batch_sharding=None, teacher_NxC=None):
+               batch_sharding=None, teacher_NxC=None, teachers=None):
     """`train_epoch` on all N examples (`idx_Q` None), or on the Q examples `idx_Q` of them:
     then the batches, keys and steps are those of `train_epoch` on `images_NxHxWx1[idx_Q]`
     (the shuffle permutes positions in `idx_Q`), without copying those images."""
@@ -314,7 +348,8 @@ def scan_epoch(state, images_NxHxWx1, labels_N, idx_Q, key, batch_size, norm, op
         teacher_BxC = None if teacher_NxC is None else teacher_NxC[idx_B]
         images_BxHxWx1, labels_B, teacher_BxC = split_over_devices(
             (images_NxHxWx1[idx_B], labels_N[idx_B], teacher_BxC), batch_sharding)
-        return train_step(state, images_BxHxWx1, labels_B, key, norm, options, teacher_BxC)
+        return train_step(state, images_BxHxWx1, labels_B, key, norm, options, teacher_BxC,
+                          teachers)
 
     state, sums_S = jax.lax.scan(body, state, (batches_SxB, jax.random.split(step_key, steps)))
     return state, jax.tree_util.tree_map(jnp.sum, sums_S)

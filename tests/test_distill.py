@@ -1,5 +1,6 @@
 """Distillation (`--teacher`): the loss in the pure step against a direct computation, a
-run taught by a finished run, the teacher checked before any data loads."""
+run taught by a finished run, the teacher checked before any data loads; the teachers run
+inside the step on the augmented batch (`--teacher-view augmented`)."""
 
 import dataclasses
 
@@ -9,14 +10,17 @@ import numpy as np
 import pytest
 
 from fmnist_jax import data
+from fmnist_jax.augment import Augment
 from fmnist_jax.errors import FmnistError
 from fmnist_jax.models import get_model
 from fmnist_jax.run import folder
 from fmnist_jax.run.config import get_config
 from fmnist_jax.run.history import load_history
 from fmnist_jax.run.teacher import teacher_logprobs
-from fmnist_jax.steps import StepOptions, create_train_state, predict_logits_step, train_step
-from tests.helpers import SHARED_ADAM, one_error_line, step_batch, tiny_config, train_quietly
+from fmnist_jax.steps import (StepOptions, Teacher, create_train_state, inference_state,
+                              init_variables, predict_logits, predict_logits_step, train_step)
+from tests.helpers import (SHARED_ADAM, assert_trees_close_to_scale, jitted_train_step,
+                           one_error_line, step_batch, tiny_config, train_quietly)
 
 
 def _log_softmax(x):
@@ -101,6 +105,102 @@ def test_taught_seeds_equal_taught_single_runs_and_resume(tmp_path, tiny_run, ti
 
     cfg = get_config(epochs=2, batch_size=32, eval_batch_size=100, val_fraction=0.2, seed=4,
                      seeds=2, teacher=str(tiny_run[0]), distill_weight=0.8)
+    _, histories = train_quietly(cfg, tmp_path / "seeds", tiny_splits)
+    for m, member in enumerate(cfg.members()):
+        _, single = train_quietly(member, tmp_path / f"single-{m}", tiny_splits)
+        for row, single_row in zip(histories[m], single):
+            np.testing.assert_allclose(list(row.values()), list(single_row.values()),
+                                       rtol=1e-5, atol=1e-6)
+    target = tmp_path / "cut"
+    shutil.copytree(tmp_path / "single-0", target)
+    (target / folder.BEST_FILE).unlink()
+    shutil.rmtree(target / folder.CHECKPOINTS_DIR / "2")
+    train_quietly(cfg.members()[0], folder.reopen(target), tiny_splits)
+    assert load_history(target) == load_history(tmp_path / "single-0")
+
+
+def _live_teachers():
+    """Two LeNet-5 teachers with their own weights (doubled, so that their probabilities
+    are far from uniform) and normalizations: the step averages their probabilities."""
+    model = get_model("lenet5")
+    return tuple(
+        Teacher(inference_state(model, jax.tree_util.tree_map(
+            lambda x: 2 * x, init_variables(model, jax.random.key(seed)))), norm)
+        for seed, norm in ((7, data.HALF), (8, data.Normalization(0.3, 0.4))))
+
+
+def _direct_targets(teachers, images_BxHxWx1, temperature):
+    """log of the teachers' mean softmax(logits / T) on the images, in float64 numpy."""
+    probs_KxBxC = []
+    for teacher in teachers:
+        logits = np.asarray(predict_logits(teacher.state, images_BxHxWx1,
+                                           batch_size=len(images_BxHxWx1), norm=teacher.norm),
+                            np.float64)
+        probs_KxBxC.append(np.exp(_log_softmax(logits / temperature)))
+    return np.log(np.mean(probs_KxBxC, axis=0)).astype(np.float32)
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_live_teachers_target_the_batch_the_student_sees(flip):
+    """Without augmentation the teachers run in the step give the step of their fixed
+    log-probabilities of the same images; with every image flipped, the step of the
+    teachers' log-probabilities of the flipped images, not of the clean ones."""
+    images, labels = step_batch()
+    state = create_train_state(get_model("lenet5"), SHARED_ADAM, jax.random.key(0))
+    teachers, key = _live_teachers(), jax.random.key(1)
+    options = StepOptions(distill_weight=0.7, distill_temperature=4.0,
+                          augment=Augment(flip_prob=1.0 if flip else 0.0))
+    seen = images[:, :, ::-1] if flip else images
+
+    def step(**teacher):
+        return jitted_train_step(state, images, labels, key, data.HALF, options, **teacher)
+
+    live_state, live = step(teachers=teachers)
+    fixed_state, fixed = step(teacher_BxC=jnp.asarray(_direct_targets(teachers, seen, 4.0)))
+    assert float(live.loss) == pytest.approx(float(fixed.loss), rel=1e-5)
+    # The gradients (Adam's first moments after one step), not the params: Adam's first step
+    # is near the learning rate's size for any gradient, so it magnifies its rounding.
+    assert_trees_close_to_scale(live_state.opt_state[0].mu, fixed_state.opt_state[0].mu)
+    if flip:
+        _, clean = step(teacher_BxC=jnp.asarray(_direct_targets(teachers, images, 4.0)))
+        assert abs(float(clean.loss) - float(live.loss)) > 1e-3 * float(live.loss)
+
+
+def test_the_augmented_teacher_view_without_a_teacher_is_one_line(tmp_path, run_main):
+    with pytest.raises(FmnistError, match="changes nothing without a teacher"):
+        get_config(teacher_view="augmented")
+    result = run_main("train.py", "--teacher-view", "augmented", "--workdir",
+                      tmp_path / "run", "--data-dir", tmp_path / "no-data")
+    assert "teacher view augmented changes nothing without a teacher" in one_error_line(result)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_a_run_taught_on_clean_batches_by_live_teachers_equals_the_fixed_teacher(
+        tmp_path, tiny_run, tiny_splits):
+    """Without augmentation, the teacher run in every step teaches what its log-probabilities
+    computed once do: the same history, epoch for epoch, within float rounding."""
+    cfg = _taught_config(tiny_run[0])
+    _, fixed = train_quietly(cfg, tmp_path / "fixed", tiny_splits)
+    _, live = train_quietly(dataclasses.replace(cfg, teacher_view="augmented"),
+                            tmp_path / "live", tiny_splits)
+    assert [list(row) for row in live] == [list(row) for row in fixed]
+    for row, fixed_row in zip(live, fixed):
+        np.testing.assert_allclose(list(row.values()), list(fixed_row.values()),
+                                   rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_live_taught_augmented_seeds_equal_single_runs_and_resume(tmp_path, tiny_run,
+                                                                   tiny_splits):
+    """With augmentation and the teacher run in every step: under --seeds the members share
+    the teacher and each equals its single run; a run cut back to its first checkpoint
+    resumes to the same history (the teacher is an input, not state)."""
+    import shutil
+
+    cfg = get_config(epochs=2, batch_size=32, eval_batch_size=100, val_fraction=0.2, seed=4,
+                     seeds=2, teacher=str(tiny_run[0]), distill_weight=0.8,
+                     teacher_view="augmented", flip_prob=0.5, crop_padding=2)
     _, histories = train_quietly(cfg, tmp_path / "seeds", tiny_splits)
     for m, member in enumerate(cfg.members()):
         _, single = train_quietly(member, tmp_path / f"single-{m}", tiny_splits)

@@ -37,21 +37,22 @@ class CompiledEpochs:
 
     `train_xy` and each of `eval_sets` are (images_NxHxWx1, labels_N) arrays, on the host or
     on a device (and `teacher_NxC` a teacher's log-probabilities of the training images, or
-    None): they are replicated over `parallel`'s mesh (default: every device, see
-    `parallel`), and each batch is split over its devices. The batch sizes must be multiples
-    of the device count (`parallel.check_batch_sizes`). States passed in are replicated
-    there too, so a state restored from a checkpoint can be given as it is.
+    `teachers` the teachers run in each step, or neither): they are replicated over
+    `parallel`'s mesh (default: every device, see `parallel`), and each batch is split over
+    its devices. The batch sizes must be multiples of the device count
+    (`parallel.check_batch_sizes`). States passed in are replicated there too, so a state
+    restored from a checkpoint can be given as it is.
     """
 
     def __init__(self, state: TrainState, train_xy, eval_sets: dict[str, tuple], *,
                  batch_size: int, eval_batch_size: int, norm: Normalization, key: jax.Array,
                  options: StepOptions = StepOptions(),
-                 parallel: DataParallel | None = None, teacher_NxC=None):
+                 parallel: DataParallel | None = None, teacher_NxC=None, teachers=None):
         self.parallel = parallel or data_parallel()
         check_batch_sizes(batch_size, eval_batch_size, self.parallel.num_devices)
         place = self.parallel.replicate
         self.train_xy, self.norm = place(train_xy), norm
-        self.teacher_NxC = place(teacher_NxC)
+        self.teacher = {"teacher_NxC": place(teacher_NxC), "teachers": place(teachers)}
         self.eval_sets = {name: place(xy) for name, xy in eval_sets.items()}
         state, key = place((state, key))
         sharding = self.parallel.batch_sharding
@@ -59,7 +60,7 @@ class CompiledEpochs:
         self._epoch_fn = train_epoch.lower(state, *self.train_xy, key, batch_size=batch_size,
                                            norm=norm, options=options,
                                            batch_sharding=sharding,
-                                           teacher_NxC=self.teacher_NxC).compile()
+                                           **self.teacher).compile()
         self._eval_fns = {name: evaluate.lower(state, *xy, batch_size=eval_batch_size,
                                                norm=norm, batch_sharding=sharding).compile()
                           for name, xy in self.eval_sets.items()}
@@ -73,7 +74,7 @@ class CompiledEpochs:
         state, key = self.parallel.replicate((state, key))  # a no-op once it is
         t0 = time.perf_counter()
         state, sums = self._epoch_fn(state, *self.train_xy, key, norm=self.norm,
-                                     teacher_NxC=self.teacher_NxC)
+                                     **self.teacher)
         jax.block_until_ready(sums)
         return state, sums, time.perf_counter() - t0
 
@@ -104,13 +105,13 @@ class CompiledSeedEpochs:
                  eval_sets: dict[str, tuple], *, batch_size: int, eval_batch_size: int,
                  norm_M: Normalization, key_M: jax.Array, active_M: jax.Array,
                  options: StepOptions = StepOptions(),
-                 parallel: DataParallel | None = None, teacher_NxC=None):
+                 parallel: DataParallel | None = None, teacher_NxC=None, teachers=None):
         members = len(active_M)
         self.parallel = parallel or data_parallel(members=members)
         check_batch_sizes(batch_size, eval_batch_size, self.parallel.num_devices, members)
         place = self.parallel.replicate
         self.train_xy, self.train_idx_MxQ = place(train_xy), place(train_idx_MxQ)
-        self.teacher_NxC = place(teacher_NxC)
+        self.teacher = {"teacher_NxC": place(teacher_NxC), "teachers": place(teachers)}
         # Name by name: a tree_map over the dict would sort its names, and the history's
         # columns follow this order.
         self.eval_sets = {name: place(data) for name, data in eval_sets.items()}
@@ -124,7 +125,7 @@ class CompiledSeedEpochs:
         self._epoch_fn = train_epoch_seeds.lower(
             state_M, *self.train_xy, self.train_idx_MxQ, key_M, active_M,
             batch_size=batch_size, norm_M=self.norm_M, options=options,
-            teacher_NxC=self.teacher_NxC, **shardings).compile()
+            **self.teacher, **shardings).compile()
         self._eval_fns = {name: evaluate_seeds.lower(state_M, *data, active_M,
                                                      batch_size=eval_batch_size,
                                                      norm_M=self.norm_M, **shardings).compile()
@@ -146,7 +147,7 @@ class CompiledSeedEpochs:
         t0 = time.perf_counter()
         state_M, sums = self._gathered(self._epoch_fn, self._epoch_fn(
             state_M, *self.train_xy, self.train_idx_MxQ, key_M, active_M, norm_M=self.norm_M,
-            teacher_NxC=self.teacher_NxC))
+            **self.teacher))
         jax.block_until_ready(sums)
         return state_M, sums, time.perf_counter() - t0
 

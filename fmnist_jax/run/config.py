@@ -36,6 +36,7 @@ SWEEPABLE = {"learning_rate": "lr", "weight_decay": "wd", "label_smoothing": "ls
 
 
 _DEFAULT_DISTILL, _DEFAULT_TEMPERATURE = 0.5, 4.0  # the distillation's weight and temperature
+TEACHER_VIEWS = ("clean", "augmented")  # `teacher_view`'s values, the default first
 
 
 def _field(default: Any, help: str, *, choices: tuple[str, ...] | None = None,
@@ -97,14 +98,20 @@ class TrainConfig:
                                     check=(lambda v: 0 <= v < 1, "in [0, 1)"))
     teacher: str = _field("", "distill from these finished runs (comma-separated run folders; "
                           "a folder of several seeds counts each): their probabilities at "
-                          "distill_temperature on every training image, averaged, computed "
-                          "once before training without augmentation; none: no teacher")
+                          "distill_temperature, averaged, on the images teacher_view says; "
+                          "none: no teacher")
     distill_weight: float = _field(_DEFAULT_DISTILL, "with a teacher, the loss is w "
                                    "KL(teacher_T || student_T) T^2 + (1 - w) cross-entropy",
                                    check=(lambda v: 0 <= v <= 1, "in [0, 1]"))
     distill_temperature: float = _field(_DEFAULT_TEMPERATURE, "the temperature T of both "
                                         "sides of the distillation's KL",
                                         check=(lambda v: v > 0, "positive"))
+    teacher_view: str = _field("clean", "the images the teacher's probabilities are of: clean "
+                               "(every training image without augmentation, computed once "
+                               "before training); augmented (each batch as the student sees "
+                               "it, after its augmentation: one forward pass of each teacher "
+                               "per model per step, in evaluation mode)",
+                               choices=TEACHER_VIEWS)
     rotation_degrees: float = _field(0.0, "augmentation: rotate each training image by up to "
                                      "+- this many degrees", check=(lambda v: 0 <= v <= 180,
                                                                     "in [0, 180]"))
@@ -200,6 +207,9 @@ class TrainConfig:
                                  or self.distill_temperature != _DEFAULT_TEMPERATURE):
             raise FmnistError("distill weight and distill temperature change nothing without a "
                               "teacher: pass --teacher RUN_DIR, or drop them")
+        if not self.teacher and self.teacher_view != TEACHER_VIEWS[0]:
+            raise FmnistError(f"teacher view {self.teacher_view} changes nothing without a "
+                              f"teacher: pass --teacher RUN_DIR, or drop --teacher-view")
         if grid and self.val_fraction == 0:
             raise FmnistError("a sweep chooses its point by validation accuracy: pass "
                               "--val-fraction > 0")

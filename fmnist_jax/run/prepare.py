@@ -134,7 +134,7 @@ def set_up_one(cfg: TrainConfig, run: folder.Claim, train: data.Split, test: dat
     _check_one_batch_fits(cfg, n_given, len(train), len(val) if val else 0)
     _log_config(cfg, log_fn)
     # The teacher's log-probabilities of the images the student trains on, in their order.
-    teacher_NxC = _teacher(cfg, given, test, log_fn, data.train_val_indices(
+    taught = _teacher(cfg, given, test, log_fn, data.train_val_indices(
         given.labels_N, cfg.val_fraction, cfg.seed)[0])
 
     norm = data.normalization_for(cfg.normalization, train.images_NxHxWx1)
@@ -157,27 +157,33 @@ def set_up_one(cfg: TrainConfig, run: folder.Claim, train: data.Split, test: dat
                               eval_sets, batch_size=cfg.batch_size,
                               eval_batch_size=cfg.eval_batch_size, norm=norm,
                               key=streams.epoch_shuffle_key(cfg.seed, 1),
-                              options=step_options(program_config(whole)),
-                              teacher_NxC=teacher_NxC)
+                              options=step_options(program_config(whole)), **taught)
     log_fn(f"compiled train epoch and eval in {compiled.compile_seconds:.2f} s "
            f"({steps_per_epoch} steps of {cfg.batch_size} per epoch)")
     return state, OneModel(compiled, make_lr_schedule(cfg, steps_per_epoch))
 
 
 def _teacher(cfg: TrainConfig, train: data.Split, test: data.Split,
-             log_fn: Callable[[str], Any], rows: np.ndarray | None = None) -> np.ndarray | None:
-    """The teacher's log-probabilities (`teacher.teacher_logprobs`) of the training images
-    `train` (all of them, as given: `test` is for checking that the teachers were trained
-    on them), or of its `rows` only, in that order; None without a teacher."""
+             log_fn: Callable[[str], Any], rows: np.ndarray | None = None) -> dict[str, Any]:
+    """The teacher's part of the compiled epochs' arguments: {} without a teacher; with
+    `--teacher-view augmented` the teachers themselves (`teachers`, run in every step);
+    else `teacher_NxC`, their log-probabilities (`teacher.teacher_logprobs`) of the
+    training images `train` (all of them, as given: `test` is for checking that the
+    teachers were trained on them), or of its `rows` only, in that order."""
     if not cfg.teacher:
-        return None
+        return {}
     t0 = time.perf_counter()
     dirs = teacher.teacher_dirs(cfg)
+    if cfg.teacher_view == "augmented":
+        teachers = teacher.load_teachers(cfg, train, test, dirs)
+        log_fn(f"teacher: {len(dirs)} run(s), run in every step on the augmented batch; "
+               f"read in {time.perf_counter() - t0:.2f} s")
+        return {"teachers": teachers}
     all_NxC = teacher.teacher_logprobs(cfg, train, test, dirs)
     log_fn(f"teacher: {len(dirs)} run(s), their most probable class is the "
            f"label of {teacher.agreement(all_NxC, train.labels_N):.2%} of the training "
            f"images; read in {time.perf_counter() - t0:.2f} s")
-    return all_NxC if rows is None else all_NxC[rows]
+    return {"teacher_NxC": all_NxC if rows is None else all_NxC[rows]}
 
 
 def _sweep_of(run: folder.Claim) -> TrainConfig | None:
@@ -335,7 +341,7 @@ def set_up_seeds(cfg: TrainConfig, run: folder.Claim, train: data.Split, test: d
              f"{cfg.seed + cfg.seeds - 1}), each with its own validation split")
     log_fn(f"images: {n_train} train, {n_val} validation (held out), {len(test)} test; "
            + (f"{len(cfg.points())} grid points x {seeds}" if cfg.sweep else seeds))
-    teacher_NxC = _teacher(cfg, train, test, log_fn)  # the members index the whole set
+    taught = _teacher(cfg, train, test, log_fn)  # the members index the whole set
     compiled = CompiledSeedEpochs(
         state_M, train_xy,
         jax.device_put(np.stack([train_idx for train_idx, _ in splits]).astype(np.int32)),
@@ -343,7 +349,7 @@ def set_up_seeds(cfg: TrainConfig, run: folder.Claim, train: data.Split, test: d
         norm_M=norm_M, key_M=jnp.stack([streams.epoch_shuffle_key(member.seed, 1)
                                         for member in member_cfgs]),
         active_M=jnp.ones(len(member_cfgs), bool), options=step_options(program_config(cfg)),
-        teacher_NxC=teacher_NxC)
+        **taught)
     log_fn(f"compiled train epoch and eval of {len(member_cfgs)} models in "
            f"{compiled.compile_seconds:.2f} s ({steps_per_epoch} steps of {cfg.batch_size} "
            f"per epoch)")

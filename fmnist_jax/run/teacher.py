@@ -1,14 +1,14 @@
 """The teacher of a distillation (`--teacher`): finished runs of this project, read once before
-training; their probabilities at the distillation's temperature on every training image,
-averaged over the runs, become the log-probabilities the student's loss is pulled towards
-(`steps.distillation_loss`).
+training; their probabilities at the distillation's temperature, averaged over the runs,
+become the log-probabilities the student's loss is pulled towards
+(`steps.distillation_loss`): on every clean training image once (`teacher_logprobs`), or
+on each augmented batch inside the step (`load_teachers`, `--teacher-view augmented`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -17,7 +17,7 @@ from fmnist_jax.errors import FmnistError
 from fmnist_jax.models import get_model
 from fmnist_jax.run import checkpoints, folder
 from fmnist_jax.run.config import TrainConfig
-from fmnist_jax.steps import inference_state, predict_logits
+from fmnist_jax.steps import Teacher, inference_state, mean_logprobs, predict_logits
 
 
 def teacher_dirs(cfg: TrainConfig) -> list[Path]:
@@ -39,28 +39,34 @@ def teacher_dirs(cfg: TrainConfig) -> list[Path]:
     return dirs
 
 
-def teacher_logprobs(cfg: TrainConfig, train: data.Split, test: data.Split,
-                     dirs: list[Path] | None = None) -> np.ndarray:
-    """(N, C) float32: log of the teachers' mean probability, at `cfg.distill_temperature`,
-    of each class for each of the N training images `train` (before the validation split is
-    held out: the student indexes these images). Each teacher must have been trained on
-    these same images (`folder.check_data`), so none has seen the test images, and is
-    evaluated as it was trained (its own model, normalization, and weights' average).
-    `dirs`: `teacher_dirs(cfg)`, when the caller has them already."""
-    logprobs_KxNxC = []
-    dirs = dirs or teacher_dirs(cfg)
-    images_NxHxWx1 = jnp.asarray(train.images_NxHxWx1)
-    for path in dirs:
+def load_teachers(cfg: TrainConfig, train: data.Split, test: data.Split,
+                  dirs: list[Path] | None = None) -> tuple[Teacher, ...]:
+    """The teachers of `cfg`, each checked to have been trained on these same images
+    `train` (before the validation split is held out) and `test` (`folder.check_data`), so
+    none has seen the test images, and ready to evaluate as it was trained: its own model,
+    normalization, and weights' average. `dirs`: `teacher_dirs(cfg)`, when the caller has
+    them already."""
+    teachers = []
+    for path in dirs or teacher_dirs(cfg):
         folder.check_data(path, train, test)
         teacher_cfg = folder.load_config(path)
         state = inference_state(get_model(teacher_cfg.model),
                                 checkpoints.load_variables(path, teacher_cfg))
-        logits_NxC = predict_logits(state, images_NxHxWx1, batch_size=1000,
-                                    norm=folder.load_normalization(path))
-        logprobs_KxNxC.append(jax.nn.log_softmax(logits_NxC / cfg.distill_temperature))
-    # The mean of the probabilities, in logs: finite where a probability underflows to 0.
-    mean_NxC = jax.nn.logsumexp(jnp.stack(logprobs_KxNxC), axis=0) - jnp.log(len(dirs))
-    return np.asarray(mean_NxC, np.float32)
+        teachers.append(Teacher(state, folder.load_normalization(path)))
+    return tuple(teachers)
+
+
+def teacher_logprobs(cfg: TrainConfig, train: data.Split, test: data.Split,
+                     dirs: list[Path] | None = None) -> np.ndarray:
+    """(N, C) float32: log of the teachers' mean probability, at `cfg.distill_temperature`,
+    of each class for each of the N training images `train` (before the validation split is
+    held out: the student indexes these images), un-augmented (`load_teachers` says which
+    teachers pass)."""
+    images_NxHxWx1 = jnp.asarray(train.images_NxHxWx1)
+    logits_KxNxC = jnp.stack([predict_logits(teacher.state, images_NxHxWx1, batch_size=1000,
+                                             norm=teacher.norm)
+                              for teacher in load_teachers(cfg, train, test, dirs)])
+    return np.asarray(mean_logprobs(logits_KxNxC, cfg.distill_temperature), np.float32)
 
 
 def agreement(teacher_NxC: np.ndarray, labels_N: np.ndarray) -> float:
