@@ -16,7 +16,7 @@ from fmnist_jax.models import get_model
 from fmnist_jax.run import folder
 from fmnist_jax.run.config import get_config
 from fmnist_jax.run.history import load_history
-from fmnist_jax.run.teacher import teacher_logprobs
+from fmnist_jax.run.teacher import load_teachers, teacher_logprobs, teachers_accuracy
 from fmnist_jax.steps import (StepOptions, Teacher, create_train_state, inference_state,
                               init_variables, predict_logits, predict_logits_step, train_step)
 from tests.helpers import (SHARED_ADAM, assert_trees_close_to_scale, jitted_train_step,
@@ -82,6 +82,13 @@ def test_a_finished_run_teaches_its_log_probabilities_at_t(tiny_run, tiny_splits
     logits = predict_logits_step(teacher_state, jnp.asarray(train.images_NxHxWx1),
                                  folder.load_normalization(teacher_dir))
     np.testing.assert_allclose(got_NxC, jax.nn.log_softmax(logits / 2.0), atol=1e-5)
+    test_logits = predict_logits_step(teacher_state, jnp.asarray(test.images_NxHxWx1),
+                                      folder.load_normalization(teacher_dir))
+    hits = np.argmax(np.asarray(test_logits), axis=-1) == test.labels_N
+    teachers = load_teachers(cfg, train, test)
+    assert teachers_accuracy(teachers, test) == pytest.approx(np.mean(hits))
+    # Two copies of one teacher are that teacher: its accuracy as an ensemble too.
+    assert teachers_accuracy(teachers * 2, test) == pytest.approx(np.mean(hits))
     other = (data.Split(train.images_NxHxWx1[::-1].copy(), train.labels_N[::-1].copy()), test)
     with pytest.raises(FmnistError, match="not the ones .* was trained on"):
         teacher_logprobs(cfg, *other)

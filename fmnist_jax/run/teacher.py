@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -56,17 +57,30 @@ def load_teachers(cfg: TrainConfig, train: data.Split, test: data.Split,
     return tuple(teachers)
 
 
+def _logits_KxNxC(teachers: tuple[Teacher, ...], images_NxHxWx1) -> jax.Array:
+    images_NxHxWx1 = jnp.asarray(images_NxHxWx1)
+    return jnp.stack([predict_logits(teacher.state, images_NxHxWx1, batch_size=1000,
+                                     norm=teacher.norm) for teacher in teachers])
+
+
 def teacher_logprobs(cfg: TrainConfig, train: data.Split, test: data.Split,
-                     dirs: list[Path] | None = None) -> np.ndarray:
+                     dirs: list[Path] | None = None,
+                     teachers: tuple[Teacher, ...] | None = None) -> np.ndarray:
     """(N, C) float32: log of the teachers' mean probability, at `cfg.distill_temperature`,
     of each class for each of the N training images `train` (before the validation split is
     held out: the student indexes these images), un-augmented (`load_teachers` says which
-    teachers pass)."""
-    images_NxHxWx1 = jnp.asarray(train.images_NxHxWx1)
-    logits_KxNxC = jnp.stack([predict_logits(teacher.state, images_NxHxWx1, batch_size=1000,
-                                             norm=teacher.norm)
-                              for teacher in load_teachers(cfg, train, test, dirs)])
-    return np.asarray(mean_logprobs(logits_KxNxC, cfg.distill_temperature), np.float32)
+    teachers pass; `teachers`: theirs, when the caller has them already)."""
+    teachers = teachers or load_teachers(cfg, train, test, dirs)
+    return np.asarray(mean_logprobs(_logits_KxNxC(teachers, train.images_NxHxWx1),
+                                    cfg.distill_temperature), np.float32)
+
+
+def teachers_accuracy(teachers: tuple[Teacher, ...], split: data.Split) -> float:
+    """The teachers' accuracy on the images of `split` (the test set) as one model (an ensemble when several):
+    the most probable class of their mean probability at temperature 1. Reported only: no
+    choice of the student's is made by it."""
+    logprobs_NxC = mean_logprobs(_logits_KxNxC(teachers, split.images_NxHxWx1), 1.0)
+    return float(np.mean(np.argmax(np.asarray(logprobs_NxC), axis=-1) == split.labels_N))
 
 
 def agreement(teacher_NxC: np.ndarray, labels_N: np.ndarray) -> float:
