@@ -47,7 +47,7 @@ def main(argv=None) -> int:
             check_batch_sizes(batch_size, batch_size, count)
     cfg = get_config(args.preset)
     train, _ = data.load(data_dir=args.data_dir, manual_dir=args.manual_dir)
-    train, _ = data.split_train_val(train, cfg.val_fraction, cfg.seed)
+    train, _ = data.split_train_val(train, cfg.val_fraction, cfg.split_seed)
     print(f"{len(train)} images, {jax.device_count()} {jax.devices()[0].platform} devices, "
           f"{os.cpu_count()} cores, jax {jax.__version__}, load {os.getloadavg()}", flush=True)
     rows = time_device_split(cfg, train, batch_sizes=batch_sizes, device_counts=device_counts,

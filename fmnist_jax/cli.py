@@ -328,8 +328,8 @@ def bench_parser() -> Parser:
                                 "init, alternating epochs, one run on this machine. Trains on "
                                 "all 60,000 training images (no validation split).")
     add_preset_flag(parser)
-    add_config_flags(parser, skip=("seed", "seeds", "val_fraction", "checkpoint_every",
-                                   "patience"))
+    add_config_flags(parser, skip=("seed", "seeds", "val_fraction", "val_seed",
+                                   "checkpoint_every", "patience"))
     bench = parser.add_argument_group("bench")
     bench.add_argument("--num-seeds", type=int, default=3,
                        help="train each pipeline with seeds 0..N-1 (default 3)")

@@ -74,10 +74,17 @@ def _float_or_none(text: str) -> float | None:
 _float_or_none.__name__ = "float-or-none"  # argparse names the type in its error message
 
 
+def _int_or_none(text: str) -> int | None:
+    return None if text.strip().lower() == "none" else int(text)
+
+
+_int_or_none.__name__ = "int-or-none"
+
+
 def _flag_type(hint: Any) -> Callable[[str], Any]:
     allowed = typing.get_args(hint) or (hint,)
     if type(None) in allowed:
-        return _float_or_none
+        return _int_or_none if int in allowed else _float_or_none
     return allowed[0]  # int, float or str
 
 
@@ -104,7 +111,8 @@ def add_config_flags(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] =
         flag_type = _flag_type(hints[field.name])
         choices = field.metadata["choices"]
         metavar = ("{" + ",".join(choices) + "}" if choices else
-                   {int: "N", float: "X", _float_or_none: "X|none"}.get(flag_type, "TEXT"))
+                   {int: "N", float: "X", _float_or_none: "X|none",
+                    _int_or_none: "N|none"}.get(flag_type, "TEXT"))
         default = getattr(default_cfg, field.name)
         if field.name == "sweep":  # repeated, one field each time
             group.add_argument("--sweep", dest="sweep", action=_SweepAction,

@@ -312,7 +312,7 @@ def evaluate_run(run_dir: str | Path, *, train: data.Split, test: data.Split,
     run = run or load_run(run_dir)
     cfg, norm = run.config, run.normalization
     folder.check_data(run_dir, train, test)
-    _, val = data.split_train_val(train, cfg.val_fraction, cfg.seed)  # the run's own held-out
+    _, val = data.split_train_val(train, cfg.val_fraction, cfg.split_seed)  # as it held out
     state = inference_state(get_model(cfg.model), run.variables)
 
     def logits_of(split, name):

@@ -132,8 +132,15 @@ class TrainConfig:
                                  "(seeded) for validation and temperature scaling; 0: none, "
                                  "train on all 60,000",
                                  check=(lambda v: 0 <= v < 1, "in [0, 1)"))
-    seed: int = _field(0, "the random seed: initialization, validation split, shuffling",
+    seed: int = _field(0, "the random seed: initialization, validation split (unless "
+                       "val_seed), shuffling",
                        check=(lambda v: 0 <= v < MAX_SEED, f"in [0, {MAX_SEED})"))
+    val_seed: int | None = _field(None, "the seed of the held-out validation split (none: the "
+                                  "run's own seed, each member of --seeds its own); teachers "
+                                  "trained with their student's split seed never train on its "
+                                  "validation images",
+                                  check=(lambda v: v is None or 0 <= v < MAX_SEED,
+                                         f"in [0, {MAX_SEED}), or none"))
     seeds: int = _field(1, "train this many models at once, with seeds seed, seed+1, ...: one "
                         "compiled program (jax.vmap over the models), each model its own run "
                         "folder WORKDIR/seed-S, trained as a run with --seed S is (the same "
@@ -197,6 +204,9 @@ class TrainConfig:
         if self.warmup_epochs > self.epochs:
             raise FmnistError(f"warmup epochs {self.warmup_epochs} is longer than the "
                               f"{self.epochs} epochs of training: lower --warmup-epochs")
+        if self.val_seed is not None and self.val_fraction == 0:
+            raise FmnistError(f"val seed {self.val_seed} changes nothing without a validation "
+                              f"split: pass --val-fraction > 0, or drop --val-seed")
         if self.decay == "plateau" and self.val_fraction == 0:
             raise FmnistError("decay plateau needs a validation split to watch: pass "
                               "--val-fraction > 0")
@@ -217,6 +227,12 @@ class TrainConfig:
             for member in self.members():
                 member.validate()  # a point the config cannot train (wd without adamw, say)
         return self
+
+    @property
+    def split_seed(self) -> int:
+        """The seed the run's validation split is drawn from: `val_seed` when given, else the
+        run's own `seed` (each member of a run of several seeds its own)."""
+        return self.seed if self.val_seed is None else self.val_seed
 
     @property
     def many(self) -> bool:

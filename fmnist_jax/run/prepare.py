@@ -130,12 +130,14 @@ def set_up_one(cfg: TrainConfig, run: folder.Claim, train: data.Split, test: dat
         folder.check_data(run.path, train, test)
     folder.save_data_fingerprints(run.path, train, test)
     given = train
-    train, val = data.split_train_val(train, cfg.val_fraction, cfg.seed)
+    train_idx, val_idx = data.train_val_indices(given.labels_N, cfg.val_fraction,
+                                                cfg.split_seed)
+    train, val = data.split_train_val(given, cfg.val_fraction, cfg.split_seed)
     _check_one_batch_fits(cfg, n_given, len(train), len(val) if val else 0)
     _log_config(cfg, log_fn)
     # The teacher's log-probabilities of the images the student trains on, in their order.
-    taught = _teacher(cfg, given, test, log_fn, data.train_val_indices(
-        given.labels_N, cfg.val_fraction, cfg.seed)[0])
+    taught = _teacher(cfg, given, test, log_fn, train_idx,
+                      {} if val_idx is None else {cfg.split_seed: val_idx})
 
     norm = data.normalization_for(cfg.normalization, train.images_NxHxWx1)
     folder.save_normalization(run.path, norm)
@@ -164,17 +166,23 @@ def set_up_one(cfg: TrainConfig, run: folder.Claim, train: data.Split, test: dat
 
 
 def _teacher(cfg: TrainConfig, train: data.Split, test: data.Split,
-             log_fn: Callable[[str], Any], rows: np.ndarray | None = None) -> dict[str, Any]:
+             log_fn: Callable[[str], Any], rows: np.ndarray | None = None,
+             val_of: dict[int, np.ndarray] | None = None) -> dict[str, Any]:
     """The teacher's part of the compiled epochs' arguments: {} without a teacher; with
     `--teacher-view augmented` the teachers themselves (`teachers`, run in every step);
     else `teacher_NxC`, their log-probabilities (`teacher.teacher_logprobs`) of the
     training images `train` (all of them, as given: `test` is for checking that the
-    teachers were trained on them), or of its `rows` only, in that order."""
+    teachers were trained on them), or of its `rows` only, in that order. `val_of`: the
+    student's validation indices into `train` by split seed ({}: none), for the note
+    logged when a teacher trained on some of them (`teacher.validation_note`)."""
     if not cfg.teacher:
         return {}
     t0 = time.perf_counter()
     dirs = teacher.teacher_dirs(cfg)
     teachers = teacher.load_teachers(cfg, train, test, dirs)
+    note = teacher.validation_note(dirs, train.labels_N, val_of or {})
+    if note:
+        log_fn(note)
     accuracy = teacher.teachers_accuracy(teachers, test)  # reported: nothing is chosen by it
     seen = f"teacher: {len(dirs)} run(s), test accuracy {accuracy:.2%} as one model"
     if cfg.teacher_view == "augmented":
@@ -256,14 +264,16 @@ def seed_members(cfg: TrainConfig, labels_N: np.ndarray, seeds: list[int],
                  points: list[dict[str, float | int]] | None = None):
     """The M members of a run of several seeds, or of a sweep, before training (`train.py
     --seeds`, `--sweep` and the seed timing of benchmarks/ share it): each member's (train,
-    validation) indices into the training images, drawn from its seed (stratified per
-    class, so every member's split has the same sizes); their initial states stacked, a
+    validation) indices into the training images, drawn from its split seed (its config's
+    `split_seed`: its own seed, or `cfg.val_seed` for all; stratified per class, so every
+    member's split has the same sizes); their initial states stacked, a
     leading axis M on every leaf, each holding its grid point's values (`points`, one per
     member, of `cfg.grid()`'s fields; none without a sweep); the steps per epoch. The
     first member alone is checked (one batch fits its split, all M fit in memory:
     `check_members_fit`) before the others are built."""
     points = points or [{} for _ in seeds]
-    first = data.train_val_indices(labels_N, cfg.val_fraction, seeds[0])
+    drawn: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
+    first = member_splits(cfg, labels_N, seeds[:1], drawn)[0]
     n_train, n_val = len(first[0]), 0 if first[1] is None else len(first[1])
     _check_one_batch_fits(cfg, len(labels_N), n_train, n_val)
     steps_per_epoch = n_train // cfg.batch_size
@@ -274,13 +284,27 @@ def seed_members(cfg: TrainConfig, labels_N: np.ndarray, seeds: list[int],
     check_members_fit(cfg, len(seeds), jax.eval_shape(lambda: initial_state(seeds[0],
                                                                             points[0])),
                       len(labels_N))
-    split_of = {seeds[0]: first}  # members of one seed share its split
-    for seed in seeds[1:]:
-        if seed not in split_of:
-            split_of[seed] = data.train_val_indices(labels_N, cfg.val_fraction, seed)
+    splits = member_splits(cfg, labels_N, seeds, drawn)
     state_M = jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *[
         initial_state(seed, point) for seed, point in zip(seeds, points)])
-    return [split_of[seed] for seed in seeds], state_M, steps_per_epoch
+    return splits, state_M, steps_per_epoch
+
+
+def member_splits(cfg: TrainConfig, labels_N: np.ndarray, seeds: list[int],
+                  drawn: dict[int, tuple[np.ndarray, np.ndarray | None]] | None = None,
+                  ) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """The (train, validation) indices into the training images (`data.train_val_indices`)
+    of `cfg`'s member of each of `seeds`, drawn from the member's `split_seed`: its own
+    seed, or `cfg.val_seed` for all. Members of one split seed share one pair of arrays;
+    `drawn` holds the splits drawn so far by split seed, and is filled in."""
+    drawn = {} if drawn is None else drawn
+    splits = []
+    for seed in seeds:
+        split_seed = dataclasses.replace(cfg, seed=seed).split_seed
+        if split_seed not in drawn:
+            drawn[split_seed] = data.train_val_indices(labels_N, cfg.val_fraction, split_seed)
+        splits.append(drawn[split_seed])
+    return splits
 
 
 def host_memory_bytes() -> int:
@@ -325,12 +349,12 @@ def set_up_seeds(cfg: TrainConfig, run: folder.Claim, train: data.Split, test: d
         for member in run.members:
             folder.check_data(member.path, train, test)
     folder.save_data_fingerprints([member.path for member in run.members], train, test)
-    norm_of: dict[int, data.Normalization] = {}  # one per seed's split
+    norm_of: dict[int, data.Normalization] = {}  # one per split
     for member, (train_idx, _) in zip(member_cfgs, splits):
-        if member.seed not in norm_of:
-            norm_of[member.seed] = data.normalization_for(cfg.normalization,
-                                                          train.images_NxHxWx1[train_idx])
-    norms = [norm_of[member.seed] for member in member_cfgs]
+        if member.split_seed not in norm_of:
+            norm_of[member.split_seed] = data.normalization_for(
+                cfg.normalization, train.images_NxHxWx1[train_idx])
+    norms = [norm_of[member.split_seed] for member in member_cfgs]
     for member, norm in zip(run.members, norms):
         folder.save_normalization(member.path, norm)
     norm_M = data.Normalization(*(np.asarray(values, np.float32) for values in zip(*norms)))
@@ -340,10 +364,14 @@ def set_up_seeds(cfg: TrainConfig, run: folder.Claim, train: data.Split, test: d
         val_idx_MxQ = jax.device_put(np.stack([val_idx for _, val_idx in splits]).astype(np.int32))
         eval_sets = {"val": (*train_xy, val_idx_MxQ), **eval_sets}
     seeds = (f"{cfg.seeds} seed{'s' if cfg.seeds > 1 else ''} ({cfg.seed}.."
-             f"{cfg.seed + cfg.seeds - 1}), each with its own validation split")
+             f"{cfg.seed + cfg.seeds - 1}), " + (
+                 "each with its own validation split" if cfg.val_seed is None else
+                 f"all holding out the validation split of seed {cfg.val_seed}"))
     log_fn(f"images: {n_train} train, {n_val} validation (held out), {len(test)} test; "
            + (f"{len(cfg.points())} grid points x {seeds}" if cfg.sweep else seeds))
-    taught = _teacher(cfg, train, test, log_fn)  # the members index the whole set
+    taught = _teacher(cfg, train, test, log_fn, val_of={  # the members index the whole set
+        member.split_seed: val_idx for member, (_, val_idx) in zip(member_cfgs, splits)
+        if val_idx is not None})
     compiled = CompiledSeedEpochs(
         state_M, train_xy,
         jax.device_put(np.stack([train_idx for train_idx, _ in splits]).astype(np.int32)),

@@ -57,6 +57,41 @@ def load_teachers(cfg: TrainConfig, train: data.Split, test: data.Split,
     return tuple(teachers)
 
 
+def validation_seen(teacher_cfg: TrainConfig, labels_N: np.ndarray,
+                    val_idx: np.ndarray) -> int:
+    """How many of the student's validation images `val_idx` (indices into the training
+    images, whose labels are `labels_N`) the teacher of config `teacher_cfg` trained on: its
+    own split of the same images, from its val_fraction and split seed."""
+    teacher_train_idx, _ = data.train_val_indices(labels_N, teacher_cfg.val_fraction,
+                                                  teacher_cfg.split_seed)
+    return int(np.isin(val_idx, teacher_train_idx, assume_unique=True).sum())
+
+
+def validation_note(dirs: list[Path], labels_N: np.ndarray,
+                    val_of: dict[int, np.ndarray]) -> str | None:
+    """One `note:` line when a teacher in `dirs` trained on some of the student's validation
+    images (`val_of`: each of its splits' indices by split seed; {}: no validation split),
+    naming the teacher that saw the most; None when none did. Index arithmetic only."""
+    seen = [(validation_seen(folder.load_config(path), labels_N, val_idx), str(path),
+             split_seed, len(val_idx))
+            for path in dirs for split_seed, val_idx in val_of.items()]
+    leaking = {path for n, path, _, _ in seen if n}
+    if not leaking:
+        return None
+    n, path, split_seed, n_val = max(seen, key=lambda row: row[0])
+    others = len(leaking) - 1
+    also = f" (and {others} other teacher{'s' * (others > 1)} on some)" if others else ""
+    if len(val_of) == 1:
+        whose = "this run's"
+        fix = f"train the teachers with --val-seed {split_seed} (the seed of this run's split)"
+    else:  # the members of --seeds hold out their own splits: no teacher avoids them all
+        whose = f"seed {split_seed}'s"
+        fix = ("pass this run --val-seed S, so that its seeds share one split, and train the "
+               "teachers with the same --val-seed S")
+    return (f"note: teacher {path} trained on {n} of {whose} {n_val} validation "
+            f"images{also}: the validation accuracy will read high; {fix}")
+
+
 def _logits_KxNxC(teachers: tuple[Teacher, ...], images_NxHxWx1) -> jax.Array:
     images_NxHxWx1 = jnp.asarray(images_NxHxWx1)
     return jnp.stack([predict_logits(teacher.state, images_NxHxWx1, batch_size=1000,
