@@ -105,13 +105,17 @@ def test_a_run_taught_by_a_finished_run(tmp_path, tiny_run, tiny_splits):
 
 
 @pytest.mark.slow
-def test_taught_seeds_equal_taught_single_runs_and_resume(tmp_path, tiny_run, tiny_splits):
+@pytest.mark.parametrize("view", [{}, dict(teacher_view="augmented", flip_prob=0.5,
+                                           crop_padding=2)], ids=["clean", "augmented"])
+def test_taught_seeds_equal_taught_single_runs_and_resume(tmp_path, tiny_run, tiny_splits,
+                                                          view):
     """Under --seeds the members share the teacher and each equals its single run; a run
-    cut back to its first checkpoint resumes to the same history."""
+    cut back to its first checkpoint resumes to the same history. With the teacher run in
+    every step on augmented batches too (it is an input, not state)."""
     import shutil
 
     cfg = get_config(epochs=2, batch_size=32, eval_batch_size=100, val_fraction=0.2, seed=4,
-                     seeds=2, teacher=str(tiny_run[0]), distill_weight=0.8)
+                     seeds=2, teacher=str(tiny_run[0]), distill_weight=0.8, **view)
     _, histories = train_quietly(cfg, tmp_path / "seeds", tiny_splits)
     for m, member in enumerate(cfg.members()):
         _, single = train_quietly(member, tmp_path / f"single-{m}", tiny_splits)
@@ -195,28 +199,3 @@ def test_a_run_taught_on_clean_batches_by_live_teachers_equals_the_fixed_teacher
     for row, fixed_row in zip(live, fixed):
         np.testing.assert_allclose(list(row.values()), list(fixed_row.values()),
                                    rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.slow
-def test_live_taught_augmented_seeds_equal_single_runs_and_resume(tmp_path, tiny_run,
-                                                                   tiny_splits):
-    """With augmentation and the teacher run in every step: under --seeds the members share
-    the teacher and each equals its single run; a run cut back to its first checkpoint
-    resumes to the same history (the teacher is an input, not state)."""
-    import shutil
-
-    cfg = get_config(epochs=2, batch_size=32, eval_batch_size=100, val_fraction=0.2, seed=4,
-                     seeds=2, teacher=str(tiny_run[0]), distill_weight=0.8,
-                     teacher_view="augmented", flip_prob=0.5, crop_padding=2)
-    _, histories = train_quietly(cfg, tmp_path / "seeds", tiny_splits)
-    for m, member in enumerate(cfg.members()):
-        _, single = train_quietly(member, tmp_path / f"single-{m}", tiny_splits)
-        for row, single_row in zip(histories[m], single):
-            np.testing.assert_allclose(list(row.values()), list(single_row.values()),
-                                       rtol=1e-5, atol=1e-6)
-    target = tmp_path / "cut"
-    shutil.copytree(tmp_path / "single-0", target)
-    (target / folder.BEST_FILE).unlink()
-    shutil.rmtree(target / folder.CHECKPOINTS_DIR / "2")
-    train_quietly(cfg.members()[0], folder.reopen(target), tiny_splits)
-    assert load_history(target) == load_history(tmp_path / "single-0")
