@@ -27,6 +27,10 @@ class Split:
     def __len__(self) -> int:
         return len(self.labels_N)
 
+    def subset(self, idx_K: np.ndarray) -> "Split":
+        """The images and labels at the indices `idx_K`, in that order."""
+        return Split(self.images_NxHxWx1[idx_K], self.labels_N[idx_K])
+
 
 def fingerprint(split: Split) -> str:
     """SHA-256 of the images and labels, in order: the same data (from tfds or CSV) in the same
@@ -44,8 +48,7 @@ def stratified_split(split: Split, fraction: float, key) -> tuple[Split, Split]:
     original order of the images, so the split depends on nothing but the key.
     """
     rest_idx, held_idx = stratified_indices(split.labels_N, fraction, key)
-    return (Split(split.images_NxHxWx1[rest_idx], split.labels_N[rest_idx]),
-            Split(split.images_NxHxWx1[held_idx], split.labels_N[held_idx]))
+    return split.subset(rest_idx), split.subset(held_idx)
 
 
 def stratified_indices(labels_N: np.ndarray, fraction: float, key) -> tuple[np.ndarray,
@@ -73,8 +76,7 @@ def split_train_val(train: Split, val_fraction: float, seed: int) -> tuple[Split
     train_idx, val_idx = train_val_indices(train.labels_N, val_fraction, seed)
     if val_idx is None:
         return train, None
-    return (Split(train.images_NxHxWx1[train_idx], train.labels_N[train_idx]),
-            Split(train.images_NxHxWx1[val_idx], train.labels_N[val_idx]))
+    return train.subset(train_idx), train.subset(val_idx)
 
 
 def train_val_indices(labels_N: np.ndarray, val_fraction: float,

@@ -130,9 +130,11 @@ def set_up_one(cfg: TrainConfig, run: folder.Claim, train: data.Split, test: dat
         folder.check_data(run.path, train, test)
     folder.save_data_fingerprints(run.path, train, test)
     given = train
+    # One draw of the split: the teacher's rows and the validation note need its indices.
     train_idx, val_idx = data.train_val_indices(given.labels_N, cfg.val_fraction,
                                                 cfg.split_seed)
-    train, val = data.split_train_val(given, cfg.val_fraction, cfg.split_seed)
+    train = given.subset(train_idx)
+    val = None if val_idx is None else given.subset(val_idx)
     _check_one_batch_fits(cfg, n_given, len(train), len(val) if val else 0)
     _log_config(cfg, log_fn)
     # The teacher's log-probabilities of the images the student trains on, in their order.
