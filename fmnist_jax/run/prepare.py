@@ -133,8 +133,10 @@ def set_up_one(cfg: TrainConfig, run: folder.Claim, train: data.Split, test: dat
     # One draw of the split: the teacher's rows and the validation note need its indices.
     train_idx, val_idx = data.train_val_indices(given.labels_N, cfg.val_fraction,
                                                 cfg.split_seed)
-    train = given.subset(train_idx)
-    val = None if val_idx is None else given.subset(val_idx)
+    if val_idx is None:  # no copy of the images when nothing is held out
+        val = None
+    else:
+        train, val = given.subset(train_idx), given.subset(val_idx)
     _check_one_batch_fits(cfg, n_given, len(train), len(val) if val else 0)
     _log_config(cfg, log_fn)
     # The teacher's log-probabilities of the images the student trains on, in their order.
