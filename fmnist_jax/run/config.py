@@ -397,8 +397,8 @@ PRESETS: dict[str, Preset] = {
               "pixels, crop and flip, AdamW 3e-3 (decay 0.05), batch 128, warmup then cosine, "
               "weight EMA 0.999, 150 epochs",
         command="python scripts/train.py --preset lenet5-best --seeds 5",
-        result="92.68% mean test accuracy of 5 seeds (0-4, best validation epoch), 95% CI "
-               "[92.57, 92.80], 2-core CPU; see BENCHMARKS.md"),
+        result="92.56% mean test accuracy of 5 seeds (0-4, best validation epoch), 95% CI "
+               "[92.35, 92.77], 2-core CPU; see BENCHMARKS.md"),
 }
 DEFAULT_PRESET = "lenet5"
 
