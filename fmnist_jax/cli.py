@@ -1,4 +1,4 @@
-"""The five commands: train, evaluate, predict, export, bench. The scripts in scripts/ call these.
+"""The six commands: train, evaluate, compare, predict, export, bench. The scripts in scripts/ call these.
 
 Each turns a user error (FmnistError, or a bad flag) into one `error: ...` line on stderr and
 exit status 1, never a traceback (`cli_flags`, with the flags the commands share). Cheap
@@ -127,6 +127,10 @@ def train_main(argv: list[str] | None = None) -> int:
 
         for member in run.members or (run,):
             evaluate_run(member.path, train=train, test=test, calibration=args.calibration)
+        if run.members and not cfg.sweep:
+            from fmnist_jax.evaluation import over_seeds
+
+            over_seeds.write_summary(run.path)
     return 0
 
 
@@ -196,6 +200,47 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     for run_dir, run in zip(run_dirs, loaded):
         evaluate_run(run_dir, train=train, test=test, n_resamples=args.resamples, run=run,
                      calibration=args.calibration, tta=args.tta)
+    if len(run_dirs) > 1 and not folder.stored_config(args.run_dir).sweep:
+        from fmnist_jax.evaluation import over_seeds
+
+        over_seeds.write_summary(args.run_dir)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
+# compare
+
+
+def compare_parser() -> Parser:
+    parser = Parser(prog="compare.py",
+                    description="Compare two runs of several seeds seed by seed: for each "
+                                "figure of their evaluation reports, B - A on every seed they "
+                                "share, and its mean with a paired 95%% interval.",
+                    epilog="Both folders are `--seeds K` runs, evaluated (train.py does it at "
+                           "the end; evaluate.py again, with --tta flip for the flip TTA "
+                           "figures). Pair runs trained with the same --seed and --seeds.")
+    parser.add_argument("run_a", metavar="RUN_A", help="the baseline: a --seeds run folder")
+    parser.add_argument("run_b", metavar="RUN_B", help="the candidate: a --seeds run folder")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON document instead of text")
+    return parser
+
+
+@user_errors_exit_1
+def compare_main(argv: list[str] | None = None) -> int:
+    args = compare_parser().parse_args(argv)
+    import json
+
+    from fmnist_jax.evaluation import over_seeds
+
+    for run_dir in (args.run_a, args.run_b):
+        if not Path(run_dir).is_dir():
+            raise FmnistError(f"{run_dir} is no folder: give two run folders of --seeds runs")
+    comparison = over_seeds.compare(args.run_a, args.run_b)
+    if args.json:
+        print(json.dumps(comparison, indent=2, sort_keys=True))
+    else:
+        print("\n".join(over_seeds.comparison_lines(comparison)))
     return 0
 
 

@@ -383,6 +383,11 @@ def test_train_script_prints_the_seed_table_and_reports_each_seed(tmp_path):
     for seed in (4, 5, 6):  # each seed's folder is a complete run, with its report
         member_dir = folder.member_dir(tmp_path / "run", seed)
         assert folder.finished(member_dir) and (member_dir / folder.REPORT_JSON_FILE).is_file()
+    # and the figures over the seeds: the reports' accuracies are the summary's
+    over = json.loads((tmp_path / "run" / folder.SEEDS_REPORT_FILE).read_text())
+    assert over["metrics"]["accuracy"]["mean"] == pytest.approx(summary["mean"], abs=1e-6)
+    assert "over 3 seeds (4, 5, 6): mean, 95% CI (Student t), then each seed" in lines
+    assert "flip_tta" not in over["metrics"]
     # Killed before summary.json, seed 6 without its checkpoints: --resume of the folder
     # retrains seed 6 alone and writes the same summary.
     (tmp_path / "run" / folder.SUMMARY_FILE).unlink()
@@ -399,15 +404,19 @@ def test_train_script_prints_the_seed_table_and_reports_each_seed(tmp_path):
     assert results.load_summary(tmp_path / "run") == summary
     again = run_script("train.py", "--resume", tmp_path / "run")
     assert again.returncode == 0 and "already finished training" in again.stdout
-    # evaluate.py on the folder: a report for every seed.
+    # evaluate.py on the folder: a report for every seed, and flip TTA over the seeds.
     for seed in (4, 5, 6):
         (folder.member_dir(tmp_path / "run", seed) / folder.REPORT_JSON_FILE).unlink()
-    evaluated = run_script("evaluate.py", tmp_path / "run", "--train-csv", tmp_path / "train.csv",
-                           "--test-csv", tmp_path / "test.csv", "--compile-cache", "none",
-                           timeout=600)
+    evaluated = run_script("evaluate.py", tmp_path / "run", "--tta", "flip", "--train-csv",
+                           tmp_path / "train.csv", "--test-csv", tmp_path / "test.csv",
+                           "--compile-cache", "none", timeout=600)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    flips = []
     for seed in (4, 5, 6):
-        assert (folder.member_dir(tmp_path / "run", seed) / folder.REPORT_JSON_FILE).is_file()
+        report_path = folder.member_dir(tmp_path / "run", seed) / folder.REPORT_JSON_FILE
+        flips.append(json.loads(report_path.read_text())["flip_tta"]["accuracy"])
+    over = json.loads((tmp_path / "run" / folder.SEEDS_REPORT_FILE).read_text())
+    assert over["metrics"]["flip_tta"]["mean"] == pytest.approx(np.mean(flips))
 
 
 def test_seed_members_stacks_each_seeds_own_split_and_initial_state():

@@ -30,6 +30,9 @@ A run of several seeds (`--seeds K`, K > 1) is a folder of ordinary run folders,
 | seeds.json                            | training, at the start  | the config (with `seeds`), the folders|
 | summary.json                          | training, at the end    | each seed's test accuracy, mean, std, |
 |                                       |                         | 95% confidence interval               |
+| seeds_report.json                     | evaluation              | each seed's report figures (accuracy, |
+|                                       |                         | ECE, flip TTA...), their means and    |
+|                                       |                         | 95% intervals                         |
 
 A sweep (`--sweep`) is the same with one folder per grid point and seed, `POINT/seed-S/`
 (POINT as `config.point_name`: lr=0.003,wd=0.0005), each an ordinary run folder of that
@@ -85,6 +88,7 @@ CALIBRATION_FILE = "calibration.json"
 REPORT_TEXT_FILE = "report.txt"
 REPORT_JSON_FILE = "report.json"
 SUMMARY_FILE = "summary.json"
+SEEDS_REPORT_FILE = "seeds_report.json"
 SWEEP_FILE = "sweep.json"
 SWEEP_PLOT_FILE = "sweep.png"
 PLOT_FILES = {"confusion_matrix": "confusion_matrix.png", "reliability": "reliability.png",

@@ -1,5 +1,6 @@
 """The small result files of a run folder: summary.json of a run of several seeds, and what
-the evaluation writes (calibration.json, report.txt, report.json, the plots)."""
+the evaluation writes (calibration.json, report.txt, report.json, the plots, and
+seeds_report.json over the seeds of a run of several)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import numpy as np
 from fmnist_jax.errors import FmnistError
 from fmnist_jax.models import NUM_CLASSES
 from fmnist_jax.run.folder import (CALIBRATION_FILE, PLOT_FILES, REPORT_JSON_FILE,
-                                   REPORT_TEXT_FILE, SUMMARY_FILE, SWEEP_FILE, read_json,
-                                   write_json, write_text)
+                                   REPORT_TEXT_FILE, SEEDS_REPORT_FILE, SUMMARY_FILE,
+                                   SWEEP_FILE, read_json, write_json, write_text)
 
 
 def save_summary(run_dir: Path, summary: dict[str, Any]) -> None:
@@ -82,6 +83,12 @@ def load_calibration(run_dir: str | Path) -> dict[str, Any] | None:
 def save_report(run_dir: Path, text: str, report: dict[str, Any]) -> None:
     write_text(run_dir / REPORT_TEXT_FILE, text)
     write_json(run_dir / REPORT_JSON_FILE, report)
+
+
+def save_seeds_report(run_dir: Path, summary: dict[str, Any]) -> None:
+    """The evaluation's figures over the seeds of a run of several seeds
+    (`evaluation.over_seeds`)."""
+    write_json(run_dir / SEEDS_REPORT_FILE, summary)
 
 
 def plot_path(run_dir: Path, plot: str) -> Path:
