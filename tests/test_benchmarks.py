@@ -138,3 +138,24 @@ def test_xla_conv_in_loop_smoke_prints_every_piece():
     assert pieces == ["forward", "input gradient", "kernel gradient"], result.stdout
     matmuls = re.findall(r"conv matmuls, ([\w .]+): [\d.]+ ms a step", result.stdout)
     assert matmuls == ["xla matmuls", "torch.mm", "torch layers"], result.stdout
+
+
+@pytest.mark.slow
+def test_worker_end_probe_writes_one_line_per_process(tmp_path):
+    """With two workers: the controller's and each worker's line, each a finite time."""
+    import subprocess
+    import sys
+
+    env = {name: value for name, value in os.environ.items()
+           if not name.startswith("PYTEST_XDIST")}  # this test may itself run in a worker
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "benchmarks.worker_end_probe", "-n", "2", "-q",
+         "-p", "no:cacheprovider", "tests/test_over_seeds.py"],
+        capture_output=True, text=True, cwd=REPO, timeout=300,
+        env={**env, "PYTHONPATH": str(REPO), "WORKER_END_DIR": str(tmp_path)})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    lines = sorted(path.read_text() for path in tmp_path.glob("worker-end-*.txt"))
+    assert [line.split("\t")[0] for line in lines] == ["controller", "gw0", "gw1"]
+    for line in lines:
+        seconds = float(re.search(r"cleanups (\S+) s", line).group(1))
+        assert 0 <= seconds < 60 and re.search(r"objects \d+\tone gc.collect \S+ s\n$", line)
