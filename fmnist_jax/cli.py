@@ -1,4 +1,5 @@
-"""The six commands: train, evaluate, compare, predict, export, bench. The scripts in scripts/ call these.
+"""The six commands: train, evaluate, compare, predict, export, bench. The scripts in scripts/
+call these.
 
 Each turns a user error (FmnistError, or a bad flag) into one `error: ...` line on stderr and
 exit status 1, never a traceback (`cli_flags`, with the flags the commands share). Cheap

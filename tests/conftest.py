@@ -127,8 +127,8 @@ def run_main(capsys, monkeypatch):
     from fmnist_jax import cli, cli_flags
 
     mains = {"train.py": cli.train_main, "evaluate.py": cli.evaluate_main,
-             "compare.py": cli.compare_main, "predict.py": cli.predict_main, "export.py": cli.export_main,
-             "bench.py": cli.bench_main}
+             "compare.py": cli.compare_main, "predict.py": cli.predict_main,
+             "export.py": cli.export_main, "bench.py": cli.bench_main}
     monkeypatch.chdir(REPO)
     monkeypatch.setenv(cli_flags.COMPILE_CACHE_ENV, "none")
 

@@ -1,7 +1,7 @@
 """Figures over the seeds of a run of several seeds, read from each seed's report.json: the
 mean of each with its Student-t 95% interval (`summarize`), and two such runs compared seed
 by seed (`compare`), the paired difference telling whether a recipe beats another beyond the
-spread of the seeds. Host-side and small: no jax, no data."""
+spread of the seeds. Host-side and small: it reads the reports, never the data or a model."""
 
 from __future__ import annotations
 
@@ -42,11 +42,11 @@ def seed_reports(run_dir: str | Path) -> dict[int, dict[str, Any]]:
                           f"{folder.SWEEP_FILE}; give the folder of a `--seeds K` run")
     reports = {}
     for member, member_dir in zip(cfg.members(), member_dirs):
-        path = member_dir / folder.REPORT_JSON_FILE
-        if not path.is_file():
+        report = results.load_report(member_dir)
+        if report is None:
             raise FmnistError(f"{member_dir} has no {folder.REPORT_JSON_FILE}: evaluate the run "
                               f"first (python scripts/evaluate.py {run_dir})")
-        reports[member.seed] = folder.read_json(path)
+        reports[member.seed] = report
     return reports
 
 
@@ -114,11 +114,8 @@ def _seed_list(reports: dict[int, Any]) -> str:
 def _check_same_test_set(run_a: str | Path, run_b: str | Path) -> None:
     """A paired difference means something only on the same test images: compare the
     fingerprints the first seed of each run recorded."""
-    fingerprints = []
-    for run_dir in (run_a, run_b):
-        path = folder.seed_run_dirs(run_dir)[0] / folder.DATA_FILE
-        fields = folder.read_json(path) if path.is_file() else {}
-        fingerprints.append(fields.get("test_sha256") if isinstance(fields, dict) else None)
+    fingerprints = [folder.recorded_test_sha256(folder.seed_run_dirs(run_dir)[0])
+                    for run_dir in (run_a, run_b)]
     if None not in fingerprints and fingerprints[0] != fingerprints[1]:
         raise FmnistError(f"{run_a} and {run_b} were tested on different images (the "
                           f"test_sha256 of their data.json differ): compare runs of the same "

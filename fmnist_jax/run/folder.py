@@ -469,6 +469,14 @@ def check_data(run_dir: str | Path, train: Split, test: Split) -> None:
                               f"pass the same data (the same tfds folder, or the same CSV files)")
 
 
+def recorded_test_sha256(run_dir: str | Path) -> str | None:
+    """The fingerprint of the test images the run was evaluated on (data.json's), None when
+    the run has no data.json (written before it existed)."""
+    path = Path(run_dir) / DATA_FILE
+    stored = read_json(path) if path.is_file() else None
+    return stored.get("test_sha256") if isinstance(stored, dict) else None
+
+
 def check_data_file(run_dir: str | Path) -> None:
     """FmnistError when the run's data.json is missing though the version that wrote the run
     wrote one (claim.json, and best.json's checksums, came after it) before

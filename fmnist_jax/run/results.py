@@ -85,6 +85,12 @@ def save_report(run_dir: Path, text: str, report: dict[str, Any]) -> None:
     write_json(run_dir / REPORT_JSON_FILE, report)
 
 
+def load_report(run_dir: str | Path) -> dict[str, Any] | None:
+    """The run's report.json, or None when the run was not evaluated."""
+    path = Path(run_dir) / REPORT_JSON_FILE
+    return read_json(path) if path.is_file() else None
+
+
 def save_seeds_report(run_dir: Path, summary: dict[str, Any]) -> None:
     """The evaluation's figures over the seeds of a run of several seeds
     (`evaluation.over_seeds`)."""
