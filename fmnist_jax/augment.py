@@ -16,6 +16,9 @@ is 0, as when torchvision applies the transforms one after the other (`affine`).
 bilinear sampling (`jax.scipy.ndimage.map_coordinates` order 1): its four gathers and their
 weights cost more on a CPU than the notebook's MLP step itself (BENCHMARKS.md), for no gain
 the notebook's recipe asks for. With every strength 0 the output equals the input.
+
+`mix_batch` mixes the images of a batch in pairs (mixup, cutmix): it acts on the batch, not
+on each image, and the step mixes the targets with the same share (`steps.train_step`).
 """
 
 from __future__ import annotations
@@ -130,3 +133,60 @@ def _erase(image_HxW: jax.Array, key: jax.Array, prob: float) -> jax.Array:
                   & ((cols_W >= left) & (cols_W < left + ew))[None, :])
     erase = jax.random.bernoulli(on_key, prob)
     return jnp.where(erase & inside_HxW, 0.0, image_HxW)
+
+
+class Mix(NamedTuple):
+    """A batch mixed by `mix_batch`: each image i is `share` of its own and 1 - `share` of
+    image `partner_B[i]`'s, and so are its targets."""
+
+    images_BxHxWx1: jax.Array
+    partner_B: jax.Array
+    share: jax.Array  # a scalar in [0, 1], one for the whole batch
+
+
+def mix_batch(images_BxHxWx1: jax.Array, key: jax.Array, mixup_alpha, cutmix_alpha) -> Mix:
+    """Mix each image with another of the batch (a random permutation), one share for the
+    whole batch, as the papers and timm do. mixup (Zhang et al., 2018): the pixels
+    `share x + (1 - share) partner`, share ~ Beta(mixup_alpha, mixup_alpha). cutmix (Yun et
+    al., 2019): a box of the partner pasted over the image, its area 1 - lam of the image for
+    lam ~ Beta(cutmix_alpha, cutmix_alpha), its centre uniform, clipped at the borders; the
+    share is the part of the image left uncovered. With both alphas above 0, each batch takes
+    one of the two with probability 0.5. An alpha of 0 is off: with both 0 (a sweep's member
+    can have them so) the share is 1 and the images come back as they were, as floats.
+    """
+    b, h, w = images_BxHxWx1.shape[:3]
+    images_BxHxWx1 = images_BxHxWx1.astype(jnp.float32)
+    perm_key, which_key, mixup_key, cutmix_key, box_key = jax.random.split(key, 5)
+    partner_B = jax.random.permutation(perm_key, b)
+    partners_BxHxWx1 = images_BxHxWx1[partner_B]
+    mixup_on, cutmix_on = jnp.asarray(mixup_alpha) > 0, jnp.asarray(cutmix_alpha) > 0
+    use_cutmix = jnp.where(mixup_on & cutmix_on, jax.random.bernoulli(which_key, 0.5), cutmix_on)
+
+    mixup_share = _beta_or_one(mixup_key, mixup_alpha)
+    mixed_BxHxWx1 = mixup_share * images_BxHxWx1 + (1.0 - mixup_share) * partners_BxHxWx1
+
+    cut_ratio = jnp.sqrt(1.0 - _beta_or_one(cutmix_key, cutmix_alpha))
+    centre_key_r, centre_key_c = jax.random.split(box_key)
+    centre_r = jax.random.randint(centre_key_r, (), 0, h)
+    centre_c = jax.random.randint(centre_key_c, (), 0, w)
+    half_h = jnp.round(cut_ratio * h).astype(jnp.int32) // 2
+    half_w = jnp.round(cut_ratio * w).astype(jnp.int32) // 2
+    top, bottom = jnp.clip(centre_r - half_h, 0, h), jnp.clip(centre_r + half_h, 0, h)
+    left, right = jnp.clip(centre_c - half_w, 0, w), jnp.clip(centre_c + half_w, 0, w)
+    rows_H, cols_W = jnp.arange(h), jnp.arange(w)
+    box_HxW = (((rows_H >= top) & (rows_H < bottom))[:, None]
+               & ((cols_W >= left) & (cols_W < right))[None, :])
+    cut_BxHxWx1 = jnp.where(box_HxW[None, :, :, None], partners_BxHxWx1, images_BxHxWx1)
+    cutmix_share = 1.0 - (bottom - top) * (right - left) / (h * w)
+
+    return Mix(images_BxHxWx1=jnp.where(use_cutmix, cut_BxHxWx1, mixed_BxHxWx1),
+               partner_B=partner_B,
+               share=jnp.where(use_cutmix, cutmix_share, mixup_share).astype(jnp.float32))
+
+
+def _beta_or_one(key: jax.Array, alpha) -> jax.Array:
+    """A draw of Beta(alpha, alpha), or 1 where alpha is 0 (the mixing off)."""
+    alpha = jnp.asarray(alpha, jnp.float32)
+    on = alpha > 0
+    draw = jax.random.beta(key, jnp.where(on, alpha, 1.0), jnp.where(on, alpha, 1.0))
+    return jnp.where(on, draw, 1.0)

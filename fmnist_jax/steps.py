@@ -26,7 +26,7 @@ from flax import struct
 from flax.training import train_state
 from jax.sharding import NamedSharding
 
-from fmnist_jax.augment import NONE, Augment, augment_batch
+from fmnist_jax.augment import NONE, Augment, Mix, augment_batch, mix_batch
 from fmnist_jax.data import Normalization
 from fmnist_jax.models import NUM_CLASSES
 
@@ -77,7 +77,7 @@ class TrainState(train_state.TrainState):
 
 
 # The fields a sweep may give each member outside the optimizer: TrainState.hparams' keys.
-HPARAMS = ("label_smoothing", "ema_decay", *Augment._fields)
+HPARAMS = ("label_smoothing", "ema_decay", *Augment._fields, "mixup_alpha", "cutmix_alpha")
 
 
 class StepOptions(NamedTuple):
@@ -90,6 +90,19 @@ class StepOptions(NamedTuple):
     # plus (1 - weight) times the cross-entropy.
     distill_weight: float = 0.5
     distill_temperature: float = 4.0
+    # Mixing each batch's images in pairs, and their targets likewise (`augment.mix_batch`),
+    # after the augmentation; 0: off.
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+
+    @property
+    def mixing(self) -> bool:
+        return bool(self.mixup_alpha or self.cutmix_alpha)
+
+
+# `train_step` draws its mixing from fold_in(key, MIX_KEY), leaving the step's key as a step
+# without mixing uses it: a sweep's member whose alphas are 0 trains as its single run does.
+MIX_KEY = 1
 
 
 class Sums(NamedTuple):
@@ -223,16 +236,26 @@ def distillation_loss(logits_BxC: jax.Array, teacher_BxC: jax.Array,
     return kl_B * temperature ** 2
 
 
-def _loss_and_sums(params, state, images_BxHxWx1, labels_B, key, norm, options: StepOptions,
-                   teacher_BxC=None):
-    logits_BxC, batch_stats = _logits(state, params, images_BxHxWx1, norm, train=True, key=key)
+def _cross_entropy(logits_BxC, labels_B, state, options: StepOptions) -> jax.Array:
+    """Per example, against the labels, smoothed when the options say so."""
     if options.label_smoothing:
         targets_BxC = optax.smooth_labels(jax.nn.one_hot(labels_B, logits_BxC.shape[-1]),
                                           state.hparam("label_smoothing",
                                                        options.label_smoothing))
-        losses_B = optax.softmax_cross_entropy(logits_BxC, targets_BxC)
-    else:
-        losses_B = optax.softmax_cross_entropy_with_integer_labels(logits_BxC, labels_B)
+        return optax.softmax_cross_entropy(logits_BxC, targets_BxC)
+    return optax.softmax_cross_entropy_with_integer_labels(logits_BxC, labels_B)
+
+
+def _loss_and_sums(params, state, images_BxHxWx1, labels_B, key, norm, options: StepOptions,
+                   teacher_BxC=None, mix: Mix | None = None):
+    logits_BxC, batch_stats = _logits(state, params, images_BxHxWx1, norm, train=True, key=key)
+    losses_B = _cross_entropy(logits_BxC, labels_B, state, options)
+    if mix is not None:
+        partner_labels_B = labels_B[mix.partner_B]
+        losses_B = (mix.share * losses_B + (1.0 - mix.share)
+                    * _cross_entropy(logits_BxC, partner_labels_B, state, options))
+        # A hit is the label with the larger share: the count stays an integer.
+        labels_B = jnp.where(mix.share >= 0.5, labels_B, partner_labels_B)
     if teacher_BxC is not None:
         weight = options.distill_weight
         losses_B = (weight * distillation_loss(logits_BxC, teacher_BxC,
@@ -256,17 +279,31 @@ def train_step(state: TrainState, images_BxHxWx1: jax.Array, labels_B: jax.Array
     batch's images: the loss mixes in the distillation's KL (`distillation_loss`).
     `teachers`, instead of `teacher_BxC`: the teachers themselves, whose log-probabilities
     (`teachers_logprobs`) are computed on the batch as the student sees it, after its
-    augmentation: one forward pass of each teacher per step."""
+    augmentation: one forward pass of each teacher per step.
+    With mixing on (`options.mixup_alpha`, `cutmix_alpha`), the augmented batch is then
+    mixed in pairs (`augment.mix_batch`, from fold_in(key, MIX_KEY)): the loss is the share
+    times the cross-entropy against each image's labels plus the rest against its partner's,
+    a fixed teacher's probabilities are mixed with the same share, and live teachers see the
+    mixed images."""
     if options.augment.active:
         key, augment_key = jax.random.split(key)
         augment = options.augment._replace(**{
             name: state.hparam(name, value) for name, value in options.augment._asdict().items()})
         images_BxHxWx1 = augment_batch(images_BxHxWx1, augment_key, augment)
+    mix = None
+    if options.mixing:
+        mix = mix_batch(images_BxHxWx1, jax.random.fold_in(key, MIX_KEY),
+                        state.hparam("mixup_alpha", options.mixup_alpha),
+                        state.hparam("cutmix_alpha", options.cutmix_alpha))
+        images_BxHxWx1 = mix.images_BxHxWx1
+        if teacher_BxC is not None:  # probabilities mixed, in logs: log(s p + (1 - s) q)
+            teacher_BxC = jnp.logaddexp(jnp.log(mix.share) + teacher_BxC,
+                                        jnp.log1p(-mix.share) + teacher_BxC[mix.partner_B])
     if teachers is not None:
         teacher_BxC = teachers_logprobs(teachers, images_BxHxWx1, options.distill_temperature)
     grad_fn = jax.value_and_grad(_loss_and_sums, has_aux=True)
     (_, (sums, batch_stats)), grads = grad_fn(state.params, state, images_BxHxWx1, labels_B,
-                                              key, norm, options, teacher_BxC)
+                                              key, norm, options, teacher_BxC, mix)
     return state.apply_gradients(grads=grads, batch_stats=batch_stats), sums
 
 

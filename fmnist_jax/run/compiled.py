@@ -22,11 +22,12 @@ from fmnist_jax.steps import (StepOptions, Sums, TrainState, evaluate, evaluatio
 
 
 def step_options(cfg: TrainConfig) -> StepOptions:
-    """The static options of `cfg`'s training step: label smoothing, augmentation, and the
-    distillation's weight and temperature."""
+    """The static options of `cfg`'s training step: label smoothing, augmentation, mixing,
+    and the distillation's weight and temperature."""
     return StepOptions(
         label_smoothing=cfg.label_smoothing, distill_weight=cfg.distill_weight,
-        distill_temperature=cfg.distill_temperature,
+        distill_temperature=cfg.distill_temperature, mixup_alpha=cfg.mixup_alpha,
+        cutmix_alpha=cfg.cutmix_alpha,
         augment=Augment(rotation_degrees=cfg.rotation_degrees, flip_prob=cfg.flip_prob,
                         translate_fraction=cfg.translate_fraction,
                         crop_padding=cfg.crop_padding, erasing_prob=cfg.erasing_prob))

@@ -32,7 +32,8 @@ MAX_SEEDS = 1000
 # program's shapes or structure.
 SWEEPABLE = {"learning_rate": "lr", "weight_decay": "wd", "label_smoothing": "ls",
              "ema_decay": "ema", "rotation_degrees": "rot", "flip_prob": "flip",
-             "translate_fraction": "shift", "crop_padding": "crop", "erasing_prob": "erase"}
+             "translate_fraction": "shift", "crop_padding": "crop", "erasing_prob": "erase",
+             "mixup_alpha": "mixup", "cutmix_alpha": "cutmix"}
 
 
 _DEFAULT_DISTILL, _DEFAULT_TEMPERATURE = 0.5, 4.0  # the distillation's weight and temperature
@@ -125,6 +126,15 @@ class TrainConfig:
     erasing_prob: float = _field(0.0, "augmentation: probability of erasing a random rectangle "
                                  "(2-33% of the image) to black", check=(
                                      lambda v: 0 <= v <= 1, "in [0, 1]"))
+    mixup_alpha: float = _field(0.0, "mixing: train on each batch's images blended in pairs, "
+                                "x s + partner (1 - s), and their labels with the same share s ~ "
+                                "Beta(alpha, alpha), one s a batch (mixup); with cutmix too, "
+                                "each batch takes one of the two at random; 0: off",
+                                check=(lambda v: v >= 0, ">= 0"))
+    cutmix_alpha: float = _field(0.0, "mixing: paste a box of each image's partner in the "
+                                 "batch over it, the labels shared by area, the box's area 1 - "
+                                 "lam for lam ~ Beta(alpha, alpha), one box a batch (cutmix); 0: "
+                                 "off", check=(lambda v: v >= 0, ">= 0"))
     normalization: str = _field("half", "half: (x/255 - 0.5)/0.5, pixels to [-1, 1]; dataset: "
                                 "the training images' own pixel mean and std",
                                 choices=NORMALIZATIONS)
