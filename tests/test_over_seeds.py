@@ -27,14 +27,20 @@ def _report(accuracy: float, ece_after: float, flip: float | None = None) -> dic
     return report
 
 
-def _seeds_run(path, seed: int, reports: list[dict | None], test_sha: str = TEST_SHA, **config):
+def _seeds_run(path, seed: int, reports: list[dict | None], test_sha: str = TEST_SHA,
+               val_accuracies: list[float] | None = None, **config):
     """A run folder of len(reports) seeds from `seed`, each seed's report.json as given
-    (None: not evaluated) and its data.json with `test_sha`."""
+    (None: not evaluated), its data.json with `test_sha`, and with `val_accuracies` its
+    best.json with that validation accuracy."""
     folder.claim(path, get_config(seed=seed, seeds=len(reports), **config)).release()
-    for member_dir, report in zip(folder.seed_run_dirs(path), reports):
+    for k, (member_dir, report) in enumerate(zip(folder.seed_run_dirs(path), reports)):
         (member_dir / folder.DATA_FILE).write_text(json.dumps({"test_sha256": test_sha}))
         if report is not None:
             (member_dir / folder.REPORT_JSON_FILE).write_text(json.dumps(report))
+        if val_accuracies is not None:
+            (member_dir / folder.BEST_FILE).write_text(json.dumps(
+                {"epoch": 9, "epochs_trained": 10, "chosen_by": "val_accuracy",
+                 "val_accuracy": val_accuracies[k]}))
     return path
 
 
@@ -91,6 +97,29 @@ def test_compare_pairs_the_seeds_both_runs_hold(tmp_path):
     low, high = accuracy["difference"]["interval"]
     assert (low < 0 < high) == (p > 0.05)
     assert "flip_tta" not in comparison["metrics"]  # B was evaluated without it
+
+
+def test_validation_is_summarized_and_compared_only_on_the_same_splits(tmp_path):
+    vals_a, vals_b = [0.915, 0.918, 0.911], [0.921, 0.919, 0.925]
+    reports = [_report(0.92, 0.01)] * 3
+    run_a = _seeds_run(tmp_path / "a", 0, reports, val_accuracies=vals_a)
+    run_b = _seeds_run(tmp_path / "b", 0, reports, val_accuracies=vals_b)
+    validation = over_seeds.summarize(run_a)["metrics"]["val_accuracy"]
+    assert validation["per_seed"] == dict(zip([0, 1, 2], vals_a))
+    assert validation["interval"] == pytest.approx(_t_interval(vals_a))
+    difference = over_seeds.compare(run_a, run_b)["metrics"]["val_accuracy"]["difference"]
+    assert difference["interval"] == pytest.approx(
+        _t_interval(np.subtract(vals_b, vals_a)))
+    # B's seeds all held out the split of seed 7: their validation images are others.
+    run_c = _seeds_run(tmp_path / "c", 0, reports, val_accuracies=vals_b, val_seed=7)
+    comparison = over_seeds.compare(run_a, run_c)
+    assert "val_accuracy" not in comparison["metrics"] and "accuracy" in comparison["metrics"]
+    assert over_seeds.comparison_lines(comparison)[-1] == (
+        "  validation accuracy of the kept model (what chose it; the test set chooses nothing): "
+        "not compared, the runs held out different validation splits (--val-seed)")
+    # Without best.json (a run without a validation split has no figure to show) it is left out.
+    assert "val_accuracy" not in over_seeds.summarize(
+        _seeds_run(tmp_path / "d", 0, reports))["metrics"]
 
 
 def test_compare_script_says_which_run_is_higher_beyond_the_seeds_spread(tmp_path, run_main):

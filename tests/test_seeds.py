@@ -386,6 +386,8 @@ def test_train_script_prints_the_seed_table_and_reports_each_seed(tmp_path):
     # and the figures over the seeds: the reports' accuracies are the summary's
     over = json.loads((tmp_path / "run" / folder.SEEDS_REPORT_FILE).read_text())
     assert over["metrics"]["accuracy"]["mean"] == pytest.approx(summary["mean"], abs=1e-6)
+    assert over["metrics"]["val_accuracy"]["per_seed"] == {
+        str(row["seed"]): pytest.approx(row["val_accuracy"]) for row in summary["seeds"]}
     assert "over 3 seeds (4, 5, 6): mean, 95% CI (Student t), then each seed" in lines
     assert "flip_tta" not in over["metrics"]
     # Killed before summary.json, seed 6 without its checkpoints: --resume of the folder

@@ -1,7 +1,8 @@
-"""Figures over the seeds of a run of several seeds, read from each seed's report.json: the
-mean of each with its Student-t 95% interval (`summarize`), and two such runs compared seed
-by seed (`compare`), the paired difference telling whether a recipe beats another beyond the
-spread of the seeds. Host-side and small: it reads the reports, never the data or a model."""
+"""Figures over the seeds of a run of several seeds, read from each seed's report.json (and
+the validation accuracy that chose its model, from its best.json): the mean of each with its
+Student-t 95% interval (`summarize`), and two such runs compared seed by seed (`compare`), the
+paired difference telling whether a recipe beats another beyond the spread of the seeds.
+Host-side and small: it reads the records, never the data or a model."""
 
 from __future__ import annotations
 
@@ -10,11 +11,18 @@ from typing import Any, Callable
 
 from fmnist_jax import metrics
 from fmnist_jax.errors import FmnistError
-from fmnist_jax.run import folder, results
+from fmnist_jax.run import checkpoints, folder, results
 
-# name -> (what it is, how to read it from a report.json). Flip TTA is there only when the
-# report was made with `--tta flip`; the fractions in IN_PERCENT are shown in percent.
+# A seed's record: its report.json, and under KEPT what chose its model (best.json's
+# validation accuracy) and the seed of the validation split it was chosen on.
+KEPT = "kept"
+
+# name -> (what it is, how to read it from a seed's record). Validation is there only for runs
+# with a validation split, flip TTA only when the report was made with `--tta flip`; the
+# fractions in IN_PERCENT are shown in percent.
 METRICS: dict[str, tuple[str, Callable[[dict], Any]]] = {
+    "val_accuracy": ("validation accuracy of the kept model (what chose it; the test set "
+                     "chooses nothing)", lambda r: r[KEPT]["val_accuracy"]),
     "accuracy": ("test accuracy", lambda r: r["accuracy"]),
     "macro_f1": ("test macro F1", lambda r: r["macro_f1"]),
     "ece_before": ("test ECE (15 bins), before calibration",
@@ -25,12 +33,13 @@ METRICS: dict[str, tuple[str, Callable[[dict], Any]]] = {
     "flip_tta": ("test accuracy with flip TTA (apart: twice the inference cost)",
                  lambda r: r.get("flip_tta", {}).get("accuracy")),
 }
-IN_PERCENT = {"accuracy", "macro_f1", "ece_before", "ece_after", "flip_tta"}
+IN_PERCENT = {"val_accuracy", "accuracy", "macro_f1", "ece_before", "ece_after", "flip_tta"}
 
 
 def seed_reports(run_dir: str | Path) -> dict[int, dict[str, Any]]:
-    """seed -> that seed's report.json, for the folder of a run of several seeds.
-    FmnistError for any other folder, a sweep, or a seed not yet evaluated."""
+    """seed -> that seed's record (its report.json, and KEPT: {"val_accuracy", "split_seed"}),
+    for the folder of a run of several seeds. FmnistError for any other folder, a sweep, or
+    a seed not yet evaluated."""
     run_dir = Path(run_dir)
     member_dirs = folder.seed_run_dirs(run_dir)
     if member_dirs is None:
@@ -46,7 +55,9 @@ def seed_reports(run_dir: str | Path) -> dict[int, dict[str, Any]]:
         if report is None:
             raise FmnistError(f"{member_dir} has no {folder.REPORT_JSON_FILE}: evaluate the run "
                               f"first (python scripts/evaluate.py {run_dir})")
-        reports[member.seed] = report
+        best = checkpoints.load_best(member_dir) or {}
+        reports[member.seed] = {**report, KEPT: {"val_accuracy": best.get("val_accuracy"),
+                                                 "split_seed": member.split_seed}}
     return reports
 
 
@@ -83,7 +94,8 @@ def compare(run_a: str | Path, run_b: str | Path) -> dict[str, Any]:
     """Run B against run A, paired by seed: for each metric both hold, B - A for each seed
     the two share, and the mean difference with its Student-t 95% interval (a paired t
     interval: the seed's own luck cancels out). Both must have been tested on the same
-    images."""
+    images. Validation accuracy is compared only where each shared seed held out the same
+    split in both runs (`--val-seed`); otherwise a note says why it is left out."""
     reports_a, reports_b = seed_reports(run_a), seed_reports(run_b)
     seeds = sorted(set(reports_a) & set(reports_b))
     if len(seeds) < 2:
@@ -92,8 +104,14 @@ def compare(run_a: str | Path, run_b: str | Path) -> dict[str, Any]:
                           f"needs 2 or more; train both with the same --seed and --seeds")
     _check_same_test_set(run_a, run_b)
     comparison: dict[str, Any] = {"a": str(run_a), "b": str(run_b), "seeds": seeds,
-                                  "metrics": {}}
+                                  "metrics": {}, "notes": []}
+    same_splits = all(reports_a[s][KEPT]["split_seed"] == reports_b[s][KEPT]["split_seed"]
+                      for s in seeds)
     for name, (about, _) in METRICS.items():
+        if name == "val_accuracy" and not same_splits:
+            comparison["notes"].append(f"{about}: not compared, the runs held out different "
+                                       f"validation splits (--val-seed)")
+            continue
         values_a = _values({s: reports_a[s] for s in seeds}, name)
         values_b = _values({s: reports_b[s] for s in seeds}, name)
         if values_a is None or values_b is None:
@@ -163,7 +181,7 @@ def comparison_lines(comparison: dict[str, Any]) -> list[str]:
                      f"B {_figure(name, figures['mean_b'])}, B - A "
                      f"{_figure(name, diff['mean'], True)} [{_figure(name, low, True)}, "
                      f"{_figure(name, high, True)}] ({verdict}); {per_seed}")
-    return lines
+    return lines + [f"  {note}" for note in comparison["notes"]]
 
 
 def write_summary(run_dir: str | Path, log_fn: Callable[[str], Any] = print) -> dict[str, Any]:
