@@ -101,7 +101,8 @@ class StepOptions(NamedTuple):
 
 
 # `train_step` draws its mixing from fold_in(key, MIX_KEY), leaving the step's key as a step
-# without mixing uses it: a sweep's member whose alphas are 0 trains as its single run does.
+# without mixing uses it: a sweep's member whose alphas are 0 draws what its single run draws
+# (and computes the same up to float rounding: another program).
 MIX_KEY = 1
 
 
