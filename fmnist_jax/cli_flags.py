@@ -320,8 +320,8 @@ def give_cache_entries_an_access_time(path: Path) -> None:
     With a size limit, jax's cache reads every entry's `KEY-atime` before each write, and one
     entry without it (a process killed between jax's two writes, or one that ran without the
     limit) makes every later write fail with a warning, so nothing new is cached
-    (https://github.com/jax-ml/jax/issues/39880, fixed upstream in a jax release newer than
-    Python 3.11 can install). Such an entry is then the least recently used one."""
+    (https://github.com/jax-ml/jax/issues/39880; jax 0.11.2 and 0.12.1, on Python 3.12, no
+    longer fail so). Such an entry is then the least recently used one."""
     import filelock
 
     try:

@@ -1,5 +1,6 @@
 """Helpers shared by the tests: tiny learnable data, the tiny run's config, paths."""
 
+import importlib.util
 from pathlib import Path
 
 import flax.linen as nn
@@ -7,12 +8,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from fmnist_jax.data import Split
 from fmnist_jax.steps import train_step
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MANUAL_DIR = REPO.parent / "shared" / "datasets" / "fashion_mnist"
+
+
+
+def needs(module: str):
+    """Skip a test of a dependency's own behaviour where it is not installed (a GPU box that
+    got the project with --no-deps: no tensorflow-datasets, no tensorboardX)."""
+    return pytest.mark.skipif(importlib.util.find_spec(module) is None,
+                              reason=f"needs {module}")
+
 
 # The batch size of the unit tests' single steps and augmentations (test_steps, test_augment,
 # test_optim): with one shape across files, a test reuses what another compiled.

@@ -11,7 +11,7 @@ import pytest
 from benchmarks.device_split import markdown_table, time_device_split
 from benchmarks.profiling import toeplitz_3d_rows_lenet5
 from fmnist_jax.run.config import get_config
-from tests.helpers import (REPO, FlaxLeNet5, assert_model_equals_flax, make_split,
+from tests.helpers import (REPO, FlaxLeNet5, assert_model_equals_flax, make_split, needs,
                            one_error_line, run_script)
 
 
@@ -106,6 +106,8 @@ def test_gpu_check_wants_the_official_files_before_any_work(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@needs("onnxruntime")
+@needs("torch")
 @pytest.mark.slow
 def test_check_export_rows_of_every_format_agree_with_predict(tiny_run, tmp_path):
     from benchmarks.check_export import check_run, markdown
@@ -117,6 +119,7 @@ def test_check_export_rows_of_every_format_agree_with_predict(tiny_run, tmp_path
     assert markdown(rows).count("\n") == len(rows) + 1
 
 
+@needs("torch")
 @pytest.mark.slow  # torch and jax start, three pipelines compile: about 14 s
 def test_user_model_smoke_times_the_three_pipelines():
     result = run_script("benchmarks.user_model", "--smoke", timeout=600)
@@ -129,6 +132,7 @@ def test_user_model_smoke_times_the_three_pipelines():
     assert "load average" in result.stdout
 
 
+@needs("torch")
 @pytest.mark.slow  # jax and torch start, a few tiny programs compile
 def test_xla_conv_in_loop_smoke_prints_every_piece():
     result = run_script("benchmarks.xla_conv_in_loop", "--smoke", timeout=600)

@@ -12,7 +12,7 @@ from fmnist_jax import cli_flags
 from fmnist_jax.cli import train_parser
 from fmnist_jax.cli_flags import config_from_args
 from fmnist_jax.run.config import PRESETS, TrainConfig
-from tests.helpers import REPO
+from tests.helpers import REPO, needs
 
 
 def test_every_config_field_has_a_flag_with_its_default_and_help():
@@ -51,6 +51,7 @@ def test_processes_a_test_starts_keep_out_of_the_users_home():
     assert not user_home or not cache.is_relative_to(user_home)
 
 
+@needs("filelock")
 def test_an_entry_without_access_time_no_longer_stops_jax_caching(tmp_path):
     """jax's size-limited cache reads every entry's -atime before a write: an entry without
     one made every later write fail (jax issue 39880). After the repair, jax writes again."""

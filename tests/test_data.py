@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fmnist_jax import FmnistError, data
-from tests.helpers import REPO, one_error_line, run_script
+from tests.helpers import REPO, needs, one_error_line, run_script
 
 
 @pytest.fixture
@@ -131,6 +131,7 @@ def _damage(version_dir, how):
 
 # A truncated split file shows only when tfds reads it: the real folder. A deleted file shows
 # in the folder's listing: the fake one, in the fast set, too.
+@needs("tensorflow_datasets")
 @pytest.mark.parametrize("folder_to_damage,how", [
     *(pytest.param("real", how, marks=pytest.mark.slow)
       for how in ("truncated", "split file deleted", "dataset_info.json deleted")),
@@ -151,6 +152,7 @@ def test_a_damaged_prepared_folder_gets_one_line_saying_how_to_rebuild(folder_to
 
 # tfds.data_source is replaced: the fake folder, whose split files are never read, stands
 # for the real one in the fast set.
+@needs("tensorflow_datasets")
 @pytest.mark.parametrize("folder_to_damage", [pytest.param("real", marks=pytest.mark.slow),
                                               "fake"], indirect=True)
 @pytest.mark.parametrize("raised", ["named", "renamed by tfds"])

@@ -201,6 +201,20 @@ def test_a_missing_onnx_names_the_extra(run_copy, run_main, monkeypatch):
     assert not (run_copy / "model.onnx").exists()
 
 
+def test_a_missing_flatbuffers_is_named_by_export_and_predict(run_copy, tmp_path, run_main,
+                                                              monkeypatch):
+    """jax's export serialization imports flatbuffers without depending on it."""
+    monkeypatch.setitem(sys.modules, "flatbuffers", None)
+    line = one_error_line(run_main("export.py", run_copy, "--format", "stablehlo"))
+    assert "need the flatbuffers package" in line and "pip install flatbuffers" in line
+    assert not (run_copy / "model.stablehlo").exists()
+    (tmp_path / "m.stablehlo").write_bytes(b"bytes")
+    (tmp_path / "m.stablehlo.json").write_text(json.dumps({"format": "stablehlo"}))
+    line = one_error_line(run_main("predict.py", tmp_path / "m.stablehlo",
+                                   REPO / "pyproject.toml"))
+    assert "pip install flatbuffers" in line
+
+
 def test_predict_refuses_a_stablehlo_file_without_its_json(tmp_path, run_main):
     (tmp_path / "m.stablehlo").write_bytes(b"not one")
     line = one_error_line(run_main("predict.py", tmp_path / "m.stablehlo",

@@ -136,6 +136,18 @@ def test_without_tfds_the_files_are_read_with_numpy(fake_release, monkeypatch, c
     assert not (folder / "tfds").exists()  # nothing prepared
 
 
+def test_without_tfds_or_the_files_one_error_says_both(tmp_path, monkeypatch, capsys):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: (
+        None if name == "tensorflow_datasets" else real_find_spec(name, *a)))
+    monkeypatch.delenv(data.MANUAL_DIR_ENV, raising=False)
+    with pytest.raises(FmnistError, match=r"^tensorflow-datasets cannot read or build its "
+                       r"folder here .*, and reading the official .gz files needs .* "
+                       r"--manual-dir DIR"):
+        data.load(data_dir=tmp_path / "tfds")
+    assert capsys.readouterr().err == ""  # the error alone, no note before it
+
+
 def test_the_flag_reaches_the_reader(fake_release, monkeypatch):
     folder, sums, _, _ = fake_release
     monkeypatch.setattr(idx_source, "OFFICIAL_SHA256", sums)

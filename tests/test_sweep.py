@@ -146,8 +146,11 @@ def test_members_equal_single_runs_and_the_sweep_resumes(tmp_path):
         for row, single_row in zip(histories[m], single):
             np.testing.assert_allclose(list(row.values()), list(single_row.values()),
                                        rtol=1e-4, atol=1e-5)
+        # Adam's step does not shrink with its gradient: a weight whose gradient is near 0
+        # moves by up to the learning rate in a direction that rounding picks, so the weights
+        # are compared to a tenth of the larger rate, 0.01.
         jax.tree_util.tree_map(
-            lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4),
+            lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3),
             checkpoints.load_variables(member_dir, member),
             checkpoints.load_variables(tmp_path / f"single-{m}", member))
     # A member killed before its best.json: resumed alone, it ends the same.

@@ -13,7 +13,7 @@ import pytest
 from fmnist_jax.data import write_csv_split
 from fmnist_jax.run import folder
 from fmnist_jax.run.history import EpochLog, load_history
-from tests.helpers import REPO, make_split, read_tensorboard_scalars
+from tests.helpers import REPO, make_split, needs, read_tensorboard_scalars
 
 
 def _as_events(history):
@@ -29,6 +29,7 @@ def _as_events(history):
     return expected
 
 
+@needs("tensorboardX")
 def test_a_run_writes_its_history_as_events(tiny_run):
     run_dir, _, history = tiny_run
     events = read_tensorboard_scalars(run_dir / folder.TENSORBOARD_DIR)
@@ -43,6 +44,7 @@ def _row(epoch: int, shift: float = 0.0):
             "test_loss": 3.0 / epoch, "test_accuracy": 0.3}
 
 
+@needs("tensorboardX")
 def test_a_resumed_log_holds_each_epoch_once(tmp_path):
     with EpochLog(tmp_path) as log:  # killed after epoch 3, its checkpoint of epoch 1
         for epoch in (1, 2, 3):
@@ -57,6 +59,7 @@ def test_a_resumed_log_holds_each_epoch_once(tmp_path):
     assert read_tensorboard_scalars(tmp_path / folder.TENSORBOARD_DIR) == _as_events(history)
 
 
+@needs("tensorboardX")
 def test_writing_events_imports_neither_tensorflow_nor_torch(tmp_path):
     code = ("import json, sys; from pathlib import Path\n"
             "from fmnist_jax.run.tensorboard import TensorBoardLog\n"
@@ -113,6 +116,7 @@ def _unwritable(tmp_path, how, monkeypatch):
         monkeypatch.setattr(tensorboard, "summary_writer_class", lambda: ReadOnly)
 
 
+@needs("tensorboardX")
 @pytest.mark.parametrize("how", ["file", "dangling link", "read-only"])
 def test_an_unwritable_tensorboard_folder_is_one_note_and_the_run_goes_on(tmp_path, how,
                                                                           monkeypatch, capsys):
@@ -132,6 +136,7 @@ def test_an_unwritable_tensorboard_folder_is_one_note_and_the_run_goes_on(tmp_pa
         assert (tmp_path / folder.TENSORBOARD_DIR).read_text() == "mine"
 
 
+@needs("tensorboardX")
 @pytest.mark.slow
 def test_resume_with_a_file_in_place_of_tensorboard_finishes_with_one_note(tiny_run, tmp_path,
                                                                             run_main):

@@ -52,17 +52,21 @@ def load(*, data_dir=None, manual_dir=None, train_csv=None, test_csv=None,
             raise FmnistError(f"--data-source {source} reads the official release, --train-csv "
                               f"Kaggle's CSV files: pass one of them")
         return read_csv_split(train_csv), read_csv_split(test_csv)
+    why = ""
     if source == "auto":
         source = _auto_source(resolve_data_dir(data_dir))
         if source == "idx":
-            print("note: tensorflow-datasets cannot read or build its folder here (not "
-                  "installed, or no TensorFlow): reading the official .gz files with numpy",
-                  file=sys.stderr, flush=True)
+            why = ("tensorflow-datasets cannot read or build its folder here (not installed, "
+                   "or no TensorFlow)")
     if source == "idx":
         chosen = resolve_manual_dir(manual_dir)
         if chosen is None:
-            raise FmnistError(f"reading the official .gz files needs the folder that holds "
-                              f"them: pass --manual-dir DIR (or set {MANUAL_DIR_ENV}=DIR)")
+            raise FmnistError(f"{why + ', and ' if why else ''}reading the official .gz files "
+                              f"needs the folder that holds them: pass --manual-dir DIR (or "
+                              f"set {MANUAL_DIR_ENV}=DIR)")
+        if why:
+            print(f"note: {why}: reading the official .gz files with numpy", file=sys.stderr,
+                  flush=True)
         return load_idx(chosen)
     return load_fashion_mnist(data_dir=data_dir, manual_dir=manual_dir)
 

@@ -60,6 +60,8 @@ def check_request(run_dir: str | Path, fmt: str, out: str | Path | None, *,
     RUN/model.SUFFIX)."""
     if fmt not in FORMATS:
         raise FmnistError(f"unknown export format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    if fmt == "stablehlo":
+        require_flatbuffers()
     folder.load_config(run_dir)  # not a run: one line; a --seeds folder: names a member
     if checkpoints.load_best(run_dir) is None:
         raise FmnistError(f"{run_dir} has not finished training (no {checkpoints.BEST_FILE}): "
@@ -79,6 +81,16 @@ def check_request(run_dir: str | Path, fmt: str, out: str | Path | None, *,
         raise FmnistError(f"--out {path} cannot be written (the folder {path.parent} is not "
                           f"writable): pass another --out")
     return path
+
+
+def require_flatbuffers() -> None:
+    """FmnistError naming the package unless flatbuffers imports: jax's export serialization
+    needs it, yet jax does not depend on it (TensorFlow and onnxruntime bring it)."""
+    try:
+        import flatbuffers  # noqa: F401
+    except ImportError as e:
+        raise FmnistError("StableHLO files need the flatbuffers package, which jax's export "
+                          "serialization imports: pip install flatbuffers") from e
 
 
 def params_sha256(variables: dict) -> str:
@@ -242,6 +254,7 @@ def load_exported(path: str | Path) -> ExportedModel:
     if not isinstance(meta, dict) or meta.get("format") != "stablehlo":
         raise FmnistError(f"{path}: {meta_file.name} is not the JSON of a StableHLO export: "
                           f"pass a run folder or a .stablehlo file from scripts/export.py")
+    require_flatbuffers()
     try:
         exported = jax.export.deserialize(bytearray(path.read_bytes()))
     except Exception as e:  # jax raises several types for bytes that are no export
