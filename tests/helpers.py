@@ -17,7 +17,6 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_MANUAL_DIR = REPO.parent / "shared" / "datasets" / "fashion_mnist"
 
 
-
 def needs(module: str):
     """Skip a test of a dependency's own behaviour where it is not installed (a GPU box that
     got the project with --no-deps: no tensorflow-datasets, no tensorboardX)."""
