@@ -97,48 +97,14 @@ def _first(split, n: int | None):
 
 
 def _layer_program(conv: str, pool: str, layer: tuple, batch: int, iters: int):
-    """A jitted loop of `iters` forward+backward passes of one ConvReluPool with the given
-    formulations, its parameters updated each pass (as a training step would); returns
-    (compile seconds, run() -> seconds)."""
-    import jax
-    import jax.numpy as jnp
-
+    """profiling.layer_program for one ConvReluPool with the given formulations: (compile
+    seconds, run() -> seconds)."""
+    from benchmarks.profiling import layer_program
     from fmnist_jax.layers import ConvReluPool
 
     _, hw, c_in, c_out, k, pad, _ = layer
     module = ConvReluPool(c_out, (k, k), padding=pad, impl=conv, pool_impl=pool)
-    x = jax.random.normal(jax.random.key(1), (batch, hw, hw, c_in))
-    params = module.init(jax.random.key(2), x)
-    cot = jax.random.normal(jax.random.key(3), jax.eval_shape(module.apply, params, x).shape)
-    first = c_in == 1  # a model's first layer needs no gradient for its input
-
-    def loss(p, x, scale):
-        return jnp.sum(module.apply(p, x * scale) * (cot * scale))
-
-    def run(p, x):
-        def body(i, carry):
-            # an input and output gradient that change each pass, as a training step's do:
-            # constant ones would let XLA hoist their patches (or rows) out of the loop
-            p, acc = carry
-            scale = 1.0 + 1e-6 * i.astype(jnp.float32)
-            if first:
-                g, gx = jax.grad(loss)(p, x, scale), 0.0
-            else:
-                g, gx = jax.grad(loss, argnums=(0, 1))(p, x, scale)
-                gx = jnp.sum(gx)
-            return jax.tree_util.tree_map(lambda a, b: a - 1e-4 * b, p, g), acc + gx
-        return jax.lax.fori_loop(0, iters, body, (p, jnp.float32(0.0)))
-
-    t0 = time.perf_counter()
-    compiled = jax.jit(run).lower(params, x).compile()
-    compile_s = time.perf_counter() - t0
-    jax.block_until_ready(compiled(params, x))  # first run: allocations
-
-    def timed() -> float:
-        t = time.perf_counter()
-        jax.block_until_ready(compiled(params, x))
-        return time.perf_counter() - t
-    return compile_s, timed
+    return layer_program(module, batch, hw, c_in, iters)
 
 
 def _model_program(model_name: str, combo: tuple[str, str] | None, images: int, batch: int):

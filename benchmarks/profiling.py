@@ -259,16 +259,12 @@ LAYER_SHAPES = [(28, 1, 6, 5, 1, 2), (14, 6, 16, 5, 1, "VALID"), (28, 1, 16, 3, 
                 (14, 16, 64, 5, 1, "SAME")]
 
 
-def _conv_program(impl: str, shape: tuple, batch: int, iters: int) -> Callable[[], float]:
-    """run() -> seconds of a jitted loop of `iters` forward+backward passes of one
-    `layers.Conv` forced to `impl`, its parameters updated each pass as a training step
-    would (and the input's gradient taken unless the layer is a first one, Cin = 1)."""
-    import jax.numpy as jnp
-
-    from fmnist_jax.layers import Conv
-
-    hw, c_in, c_out, k, stride, padding = shape
-    module = Conv(c_out, (k, k), strides=stride, padding=padding, impl=impl)
+def layer_program(module, batch: int, hw: int, c_in: int, iters: int
+                  ) -> tuple[float, Callable[[], float]]:
+    """(compile seconds, run() -> seconds) of a jitted loop of `iters` forward+backward passes
+    of the conv layer `module` on a (batch, hw, hw, c_in) input, its parameters updated each
+    pass as a training step would (and the input's gradient taken unless the layer is a first
+    one, Cin = 1)."""
     x = jax.random.normal(jax.random.key(1), (batch, hw, hw, c_in))
     params = module.init(jax.random.key(2), x)
     cot = jax.random.normal(jax.random.key(3), jax.eval_shape(module.apply, params, x).shape)
@@ -290,14 +286,25 @@ def _conv_program(impl: str, shape: tuple, batch: int, iters: int) -> Callable[[
             return jax.tree_util.tree_map(lambda a, b: a - 1e-4 * b, p, g), acc + gx
         return jax.lax.fori_loop(0, iters, body, (p, jnp.float32(0.0)))
 
+    t0 = time.perf_counter()
     compiled = jax.jit(run).lower(params, x).compile()
+    compile_s = time.perf_counter() - t0
     jax.block_until_ready(compiled(params, x))  # first run: allocations
 
     def timed() -> float:
         t = time.perf_counter()
         jax.block_until_ready(compiled(params, x))
         return time.perf_counter() - t
-    return timed
+    return compile_s, timed
+
+
+def _conv_program(impl: str, shape: tuple, batch: int, iters: int) -> Callable[[], float]:
+    """run() -> seconds of `layer_program` for one `layers.Conv` forced to `impl`."""
+    from fmnist_jax.layers import Conv
+
+    hw, c_in, c_out, k, stride, padding = shape
+    module = Conv(c_out, (k, k), strides=stride, padding=padding, impl=impl)
+    return layer_program(module, batch, hw, c_in, iters)[1]
 
 
 def layer_formulations(shapes=LAYER_SHAPES, batch_size: int = 64, *, iters: int = 10,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from benchmarks.device_split import markdown_table, time_device_split
-from benchmarks.profiling import toeplitz_3d_rows_lenet5
+from benchmarks.profiling import layer_formulations, toeplitz_3d_rows_lenet5
 from fmnist_jax.run.config import get_config
 from tests.helpers import (REPO, FlaxLeNet5, assert_model_equals_flax, make_split, needs,
                            one_error_line, run_script)
@@ -38,6 +38,16 @@ def test_time_device_split_refuses_what_it_cannot_time(tmp_path, flags, message)
     result = run_script("benchmarks.time_device_split", *flags,
                         env={"FMNIST_DATA_DIR": str(tmp_path), "FMNIST_MANUAL_DIR": str(tmp_path)})
     assert message in one_error_line(result)
+
+
+def test_layer_formulations_times_each_form_of_each_shape_and_names_the_pick():
+    shapes = [(8, 2, 4, 3, 1, "VALID")]  # Cin 2: the input's gradient is taken too
+    lines = []
+    rows = layer_formulations(shapes, batch_size=2, iters=1, rounds=2,
+                              impls=("im2col", "toeplitz"), log=lines.append)
+    assert [r["shape"] for r in rows] == shapes and len(lines) == 1
+    assert set(rows[0]["us"]) == {"im2col", "toeplitz"} and min(rows[0]["us"].values()) > 0
+    assert rows[0]["picked"] in {"toeplitz", "im2col", "shifted"}
 
 
 @pytest.mark.slow  # a model no backend picks, kept for comparisons
