@@ -85,11 +85,12 @@ def _parser(target: str, monkeypatch) -> argparse.ArgumentParser:
     raise AssertionError(f"{target}.main() parsed no arguments")
 
 
-def test_every_command_in_the_docs_uses_flags_and_choices_its_script_knows(monkeypatch):
+def _wrong_flags(pages: dict[str, str], monkeypatch) -> tuple[list[str], int, set[str]]:
+    """(what is wrong, flags seen, scripts seen) in the commands the `pages` show."""
     monkeypatch.syspath_prepend(str(REPO))
     actions: dict[str, dict[str, argparse.Action]] = {}
     wrong, seen = [], 0
-    for page, text in _docs().items():
+    for page, text in pages.items():
         for target, rest in COMMAND.findall(text):
             if target not in actions:
                 actions[target] = {o: a for a in _parser(target, monkeypatch)._actions
@@ -100,20 +101,31 @@ def test_every_command_in_the_docs_uses_flags_and_choices_its_script_knows(monke
                 if action is None:
                     wrong.append(f"{page}: {target} has no {flag}")
                     continue
-                # --preset is checked by get_config, for its own message, not by argparse.
+                # --preset and the config's own choices (shown as the metavar {a,b}) are
+                # checked by the config, for its message, not by argparse.
                 choices = PRESETS if flag == "--preset" else action.choices
+                if choices is None and str(action.metavar).startswith("{"):
+                    choices = str(action.metavar).strip("{}").split(",")
                 if choices and value and value.islower() and value not in choices:
                     wrong.append(f"{page}: {target} {flag} {value}: not one of {list(choices)}")
+    return wrong, seen, set(actions)
+
+
+def test_every_command_in_the_docs_uses_flags_and_choices_its_script_knows(monkeypatch):
+    wrong, seen, targets = _wrong_flags(_docs(), monkeypatch)
     assert seen > 100, "the pattern no longer finds the docs' commands"
-    assert {"scripts/train.py", "benchmarks.gpu_check"} <= set(actions)
+    assert {"scripts/train.py", "benchmarks.gpu_check"} <= targets
     assert wrong == []
 
 
-def test_a_made_up_flag_is_caught(monkeypatch):
-    text = "`python scripts/train.py --preset lenet5-best --no-such-flag 3`"
-    target, rest = COMMAND.findall(text)[0]
-    known = {o for a in _parser(target, monkeypatch)._actions for o in a.option_strings}
-    assert [f for f, _ in FLAG_AND_VALUE.findall(rest) if f not in known] == ["--no-such-flag"]
+def test_a_made_up_flag_preset_or_choice_is_caught(monkeypatch):
+    page = ("`python scripts/train.py --preset lenet6 --no-report --epochz 3 --model cnn2`\n"
+            "`python -m benchmarks.time_seeds --seeds-list 1,8 --no-such-flag`")
+    wrong, seen, _ = _wrong_flags({"page": page}, monkeypatch)
+    assert seen == 6
+    assert [w.split(": ", 1)[1].split(":")[0] for w in wrong] == [
+        "scripts/train.py --preset lenet6", "scripts/train.py has no --epochz",
+        "scripts/train.py --model cnn2", "benchmarks.time_seeds has no --no-such-flag"]
 
 
 @pytest.mark.slow
