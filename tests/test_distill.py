@@ -177,6 +177,42 @@ def test_live_teachers_target_the_batch_the_student_sees(flip):
         assert abs(float(clean.loss) - float(live.loss)) > 1e-3 * float(live.loss)
 
 
+def test_the_flip_tta_teacher_averages_each_image_with_its_mirror():
+    """`--teacher-tta flip`: the log of the mean over the teachers and both views of their
+    probabilities at T, the same for an image and its mirror image; its accuracy is that of
+    the mean at T = 1."""
+    from tests.helpers import make_split
+
+    split = make_split(64, 3)
+    mirror = data.Split(split.images_NxHxWx1[:, :, ::-1, :].copy(), split.labels_N)
+    teachers = _live_teachers()
+    cfg = get_config(teacher="runs", distill_temperature=2.0, teacher_tta="flip")
+    got_NxC = teacher_logprobs(cfg, split, None, teachers=teachers)
+    want_NxC = np.log((np.exp(_direct_targets(teachers, split.images_NxHxWx1, 2.0))
+                       + np.exp(_direct_targets(teachers, mirror.images_NxHxWx1, 2.0))) / 2)
+    np.testing.assert_allclose(got_NxC, want_NxC, atol=1e-5)
+    np.testing.assert_allclose(teacher_logprobs(cfg, mirror, None, teachers=teachers),
+                               got_NxC, atol=1e-5)
+    plain_NxC = teacher_logprobs(dataclasses.replace(cfg, teacher_tta="none"), split, None,
+                                 teachers=teachers)
+    assert np.abs(plain_NxC - got_NxC).max() > 1e-3
+    at_1_NxC = np.log((np.exp(_direct_targets(teachers, split.images_NxHxWx1, 1.0))
+                       + np.exp(_direct_targets(teachers, mirror.images_NxHxWx1, 1.0))) / 2)
+    assert teachers_accuracy(teachers, split, "flip") == pytest.approx(
+        np.mean(np.argmax(at_1_NxC, -1) == split.labels_N))
+
+
+def test_the_teacher_tta_without_a_teacher_or_on_the_augmented_view_is_one_line(tmp_path,
+                                                                               run_main):
+    with pytest.raises(FmnistError, match="teacher tta flip changes nothing without a teacher"):
+        get_config(teacher_tta="flip")
+    result = run_main("train.py", "--teacher", tmp_path / "nowhere", "--teacher-tta", "flip",
+                      "--teacher-view", "augmented", "--workdir", tmp_path / "run",
+                      "--data-dir", tmp_path / "no-data")
+    assert "teacher tta flip is for the clean view" in one_error_line(result)
+    assert not (tmp_path / "run").exists()
+
+
 def test_the_augmented_teacher_view_without_a_teacher_is_one_line(tmp_path, run_main):
     with pytest.raises(FmnistError, match="changes nothing without a teacher"):
         get_config(teacher_view="augmented")

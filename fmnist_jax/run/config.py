@@ -38,6 +38,7 @@ SWEEPABLE = {"learning_rate": "lr", "weight_decay": "wd", "label_smoothing": "ls
 
 _DEFAULT_DISTILL, _DEFAULT_TEMPERATURE = 0.5, 4.0  # the distillation's weight and temperature
 TEACHER_VIEWS = ("clean", "augmented")  # `teacher_view`'s values, the default first
+TEACHER_TTAS = ("none", "flip")  # `teacher_tta`'s values, the default first
 
 
 def _field(default: Any, help: str, *, choices: tuple[str, ...] | None = None,
@@ -113,6 +114,10 @@ class TrainConfig:
                                "it, after its augmentation: one forward pass of each teacher "
                                "per model per step, in evaluation mode)",
                                choices=TEACHER_VIEWS)
+    teacher_tta: str = _field("none", "flip: the clean view's teacher probabilities averaged "
+                              "over each image and its mirror image (as evaluate.py --tta flip "
+                              "does), so that they do not change when the student's image is "
+                              "flipped; none: the image alone", choices=TEACHER_TTAS)
     rotation_degrees: float = _field(0.0, "augmentation: rotate each training image by up to "
                                      "+- this many degrees", check=(lambda v: 0 <= v <= 180,
                                                                     "in [0, 180]"))
@@ -230,6 +235,13 @@ class TrainConfig:
         if not self.teacher and self.teacher_view != TEACHER_VIEWS[0]:
             raise FmnistError(f"teacher view {self.teacher_view} changes nothing without a "
                               f"teacher: pass --teacher RUN_DIR, or drop --teacher-view")
+        if self.teacher_tta != TEACHER_TTAS[0] and not self.teacher:
+            raise FmnistError(f"teacher tta {self.teacher_tta} changes nothing without a "
+                              f"teacher: pass --teacher RUN_DIR, or drop --teacher-tta")
+        if self.teacher_tta != TEACHER_TTAS[0] and self.teacher_view != TEACHER_VIEWS[0]:
+            raise FmnistError(f"teacher tta {self.teacher_tta} is for the clean view: the "
+                              f"augmented view's teachers see each image as the student does; "
+                              f"drop --teacher-tta or --teacher-view {self.teacher_view}")
         if grid and self.val_fraction == 0:
             raise FmnistError("a sweep chooses its point by validation accuracy: pass "
                               "--val-fraction > 0")

@@ -187,8 +187,10 @@ def _teacher(cfg: TrainConfig, train: data.Split, test: data.Split,
     note = teacher.validation_note(dirs, train.labels_N, val_of or {})
     if note:
         log_fn(note)
-    accuracy = teacher.teachers_accuracy(teachers, test)  # reported: nothing is chosen by it
-    seen = f"teacher: {len(dirs)} run(s), test accuracy {accuracy:.2%} as one model"
+    # Reported: nothing is chosen by it.
+    accuracy = teacher.teachers_accuracy(teachers, test, cfg.teacher_tta)
+    seen = (f"teacher: {len(dirs)} run(s), test accuracy {accuracy:.2%} as one model"
+            + " (with flip TTA)" * (cfg.teacher_tta == "flip"))
     if cfg.teacher_view == "augmented":
         log_fn(f"{seen}, run in every step on the augmented batch; read in "
                f"{time.perf_counter() - t0:.2f} s")
@@ -368,9 +370,10 @@ def set_up_seeds(cfg: TrainConfig, run: folder.Claim, train: data.Split, test: d
         val_idx_MxQ = jax.device_put(np.stack([val_idx for _, val_idx in splits]).astype(np.int32))
         eval_sets = {"val": (*train_xy, val_idx_MxQ), **eval_sets}
     seeds = (f"{cfg.seeds} seed{'s' if cfg.seeds > 1 else ''} ({cfg.seed}.."
-             f"{cfg.seed + cfg.seeds - 1}), " + (
-                 "each with its own validation split" if cfg.val_seed is None else
-                 f"all holding out the validation split of seed {cfg.val_seed}"))
+             f"{cfg.seed + cfg.seeds - 1})" + (
+                 "" if not n_val else
+                 ", each with its own validation split" if cfg.val_seed is None else
+                 f", all holding out the validation split of seed {cfg.val_seed}"))
     log_fn(f"images: {n_train} train, {n_val} validation (held out), {len(test)} test; "
            + (f"{len(cfg.points())} grid points x {seeds}" if cfg.sweep else seeds))
     taught = _teacher(cfg, train, test, log_fn, val_of={  # the members index the whole set

@@ -92,10 +92,13 @@ def validation_note(dirs: list[Path], labels_N: np.ndarray,
             f"images{also}: the validation accuracy will read high; {fix}")
 
 
-def _logits_KxNxC(teachers: tuple[Teacher, ...], images_NxHxWx1) -> jax.Array:
+def _logits_VxNxC(teachers: tuple[Teacher, ...], images_NxHxWx1, tta: str) -> jax.Array:
+    """Each teacher's logits of each view of the images (V: the teachers, times two with
+    `tta` "flip": the images, then their mirror images)."""
     images_NxHxWx1 = jnp.asarray(images_NxHxWx1)
-    return jnp.stack([predict_logits(teacher.state, images_NxHxWx1, batch_size=1000,
-                                     norm=teacher.norm) for teacher in teachers])
+    views = [images_NxHxWx1] + ([images_NxHxWx1[:, :, ::-1, :]] if tta == "flip" else [])
+    return jnp.stack([predict_logits(teacher.state, view, batch_size=1000, norm=teacher.norm)
+                      for view in views for teacher in teachers])
 
 
 def teacher_logprobs(cfg: TrainConfig, train: data.Split, test: data.Split,
@@ -103,18 +106,22 @@ def teacher_logprobs(cfg: TrainConfig, train: data.Split, test: data.Split,
                      teachers: tuple[Teacher, ...] | None = None) -> np.ndarray:
     """(N, C) float32: log of the teachers' mean probability, at `cfg.distill_temperature`,
     of each class for each of the N training images `train` (before the validation split is
-    held out: the student indexes these images), un-augmented (`load_teachers` says which
-    teachers pass; `teachers`: theirs, when the caller has them already)."""
+    held out: the student indexes these images), un-augmented, the mean over each image and
+    its mirror image too with `cfg.teacher_tta` "flip" (`load_teachers` says which teachers
+    pass; `teachers`: theirs, when the caller has them already)."""
     teachers = teachers or load_teachers(cfg, train, test, dirs)
-    return np.asarray(mean_logprobs(_logits_KxNxC(teachers, train.images_NxHxWx1),
+    return np.asarray(mean_logprobs(_logits_VxNxC(teachers, train.images_NxHxWx1,
+                                                  cfg.teacher_tta),
                                     cfg.distill_temperature), np.float32)
 
 
-def teachers_accuracy(teachers: tuple[Teacher, ...], split: data.Split) -> float:
-    """The teachers' accuracy on the images of `split` (the test set) as one model (an ensemble when several):
-    the most probable class of their mean probability at temperature 1. Reported only: no
-    choice of the student's is made by it."""
-    logprobs_NxC = mean_logprobs(_logits_KxNxC(teachers, split.images_NxHxWx1), 1.0)
+def teachers_accuracy(teachers: tuple[Teacher, ...], split: data.Split,
+                      tta: str = "none") -> float:
+    """The teachers' accuracy on the images of `split` (the test set) as one model (an
+    ensemble when several, over the mirror images too with `tta` "flip"): the most probable
+    class of their mean probability at temperature 1. Reported only: no choice of the
+    student's is made by it."""
+    logprobs_NxC = mean_logprobs(_logits_VxNxC(teachers, split.images_NxHxWx1, tta), 1.0)
     return float(np.mean(np.argmax(np.asarray(logprobs_NxC), axis=-1) == split.labels_N))
 
 
