@@ -120,6 +120,14 @@ def test_validation_is_summarized_and_compared_only_on_the_same_splits(tmp_path)
     # Without best.json (a run without a validation split has no figure to show) it is left out.
     assert "val_accuracy" not in over_seeds.summarize(
         _seeds_run(tmp_path / "d", 0, reports))["metrics"]
+    # Trained on every image (--val-fraction 0): no validation, and nothing calibrated (T = 1).
+    run_e = _seeds_run(tmp_path / "e", 0, [{**_report(0.92, 0.01), "n_validation": 0}] * 3,
+                       val_fraction=0.0)
+    comparison = over_seeds.compare(run_a, run_e)
+    assert set(comparison["metrics"]) == {"accuracy", "macro_f1", "ece_before"}
+    assert comparison["notes"] == [
+        f"{over_seeds.METRICS[name][0]}: not compared, B held out no validation split "
+        f"(--val-fraction 0)" for name in ("val_accuracy", "ece_after", "nll_after")]
 
 
 def test_compare_script_says_which_run_is_higher_beyond_the_seeds_spread(tmp_path, run_main):

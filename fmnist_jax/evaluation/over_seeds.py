@@ -107,7 +107,14 @@ def compare(run_a: str | Path, run_b: str | Path) -> dict[str, Any]:
                                   "metrics": {}, "notes": []}
     same_splits = all(reports_a[s][KEPT]["split_seed"] == reports_b[s][KEPT]["split_seed"]
                       for s in seeds)
+    # A run without a validation split keeps its last epoch and calibrates nothing (T = 1).
+    unvalidated = " and ".join(name for name, reports in (("A", reports_a), ("B", reports_b))
+                               if any(not reports[s].get("n_validation", 1) for s in seeds))
     for name, (about, _) in METRICS.items():
+        if unvalidated and name in ("val_accuracy", "ece_after", "nll_after"):
+            comparison["notes"].append(f"{about}: not compared, {unvalidated} held out no "
+                                       f"validation split (--val-fraction 0)")
+            continue
         if name == "val_accuracy" and not same_splits:
             comparison["notes"].append(f"{about}: not compared, the runs held out different "
                                        f"validation splits (--val-seed)")
