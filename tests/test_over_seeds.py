@@ -123,6 +123,8 @@ def test_validation_is_summarized_and_compared_only_on_the_same_splits(tmp_path)
     # Trained on every image (--val-fraction 0): no validation, and nothing calibrated (T = 1).
     run_e = _seeds_run(tmp_path / "e", 0, [{**_report(0.92, 0.01), "n_validation": 0}] * 3,
                        val_fraction=0.0)
+    assert set(over_seeds.summarize(run_e)["metrics"]) == {"accuracy", "macro_f1",
+                                                           "ece_before"}
     comparison = over_seeds.compare(run_a, run_e)
     assert set(comparison["metrics"]) == {"accuracy", "macro_f1", "ece_before"}
     assert comparison["notes"] == [

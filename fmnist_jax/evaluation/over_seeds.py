@@ -34,6 +34,9 @@ METRICS: dict[str, tuple[str, Callable[[dict], Any]]] = {
                  lambda r: r.get("flip_tta", {}).get("accuracy")),
 }
 IN_PERCENT = {"val_accuracy", "accuracy", "macro_f1", "ece_before", "ece_after", "flip_tta"}
+# What a run without a validation split (--val-fraction 0) has not: it keeps its last epoch and
+# calibrates nothing (T = 1), so its "after" figures would only repeat its "before" ones.
+NEEDS_VALIDATION = ("val_accuracy", "ece_after", "nll_after")
 
 
 def seed_reports(run_dir: str | Path) -> dict[int, dict[str, Any]]:
@@ -61,6 +64,12 @@ def seed_reports(run_dir: str | Path) -> dict[int, dict[str, Any]]:
     return reports
 
 
+def _validated(reports: dict[int, dict[str, Any]]) -> bool:
+    """Whether every seed held out a validation split (reports older than `n_validation`
+    were all made with one)."""
+    return all(report.get("n_validation", 1) for report in reports.values())
+
+
 def _values(reports: dict[int, dict[str, Any]], name: str) -> dict[int, float] | None:
     """seed -> the metric `name` of each report; None when a report lacks it."""
     values = {}
@@ -83,6 +92,8 @@ def summarize(run_dir: str | Path) -> dict[str, Any]:
         raise FmnistError(f"{run_dir} holds {len(reports)} seed: an interval needs 2 or more")
     summary: dict[str, Any] = {"run": str(run_dir), "seeds": sorted(reports), "metrics": {}}
     for name, (about, _) in METRICS.items():
+        if name in NEEDS_VALIDATION and not _validated(reports):
+            continue
         values = _values(reports, name)
         if values is not None:
             summary["metrics"][name] = {"about": about, "per_seed": values,
@@ -107,11 +118,10 @@ def compare(run_a: str | Path, run_b: str | Path) -> dict[str, Any]:
                                   "metrics": {}, "notes": []}
     same_splits = all(reports_a[s][KEPT]["split_seed"] == reports_b[s][KEPT]["split_seed"]
                       for s in seeds)
-    # A run without a validation split keeps its last epoch and calibrates nothing (T = 1).
     unvalidated = " and ".join(name for name, reports in (("A", reports_a), ("B", reports_b))
-                               if any(not reports[s].get("n_validation", 1) for s in seeds))
+                               if not _validated({s: reports[s] for s in seeds}))
     for name, (about, _) in METRICS.items():
-        if unvalidated and name in ("val_accuracy", "ece_after", "nll_after"):
+        if unvalidated and name in NEEDS_VALIDATION:
             comparison["notes"].append(f"{about}: not compared, {unvalidated} held out no "
                                        f"validation split (--val-fraction 0)")
             continue
