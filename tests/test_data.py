@@ -202,7 +202,8 @@ def test_a_dependency_that_tfds_hides_at_import_is_named():
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout == ("cannot read the prepared dataset under DIR: the module 'toml' is "
                              "missing: pip install toml (tensorflow-datasets needs it); offline, "
-                             "install the wheels README's Data section lists\n")
+                             "install the wheels docs/data.md lists (a prepared tfds folder "
+                             "instead)\n")
     assert "Traceback" not in result.stderr, result.stderr[-2000:]
 
 

@@ -107,8 +107,8 @@ def _missing_module_error(e: ImportError, task: str) -> FmnistError:
     else:
         what = f"the module {module!r} is missing"
         fix = f"pip install {_PACKAGE_OF_MODULE.get(module, module)} (tensorflow-datasets needs it)"
-    return FmnistError(f"cannot {task}: {what}: {fix}; "
-                       f"offline, install the wheels README's Data section lists")
+    return FmnistError(f"cannot {task}: {what}: {fix}; offline, install the wheels "
+                       f"docs/data.md lists (a prepared tfds folder instead)")
 
 
 def _hide_gpus_from_tensorflow() -> None:

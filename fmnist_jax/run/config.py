@@ -157,9 +157,10 @@ class TrainConfig:
                                   check=(lambda v: v is None or 0 <= v < MAX_SEED,
                                          f"in [0, {MAX_SEED}), or none"))
     seeds: int = _field(1, "train this many models at once, with seeds seed, seed+1, ...: one "
-                        "compiled program (jax.vmap over the models), each model its own run "
-                        "folder WORKDIR/seed-S, trained as a run with --seed S is (the same "
-                        "keys and batches; another float summation order); then each seed's "
+                        "compiled program (on a GPU in lockstep with jax.vmap, on a CPU one "
+                        "after another with jax.lax.map), each model its own run folder "
+                        "WORKDIR/seed-S, trained as a run with --seed S is (the same keys and "
+                        "batches; on a GPU another float summation order); then each seed's "
                         "test accuracy and their mean with a 95% confidence interval; at most "
                         f"{MAX_SEEDS}",
                         check=(lambda v: v >= 1, "at least 1"))
