@@ -27,7 +27,7 @@ from fmnist_jax.cli_flags import (Parser, add_calibration_flag,  # noqa: E402
                                   config_from_args, load_data, start_devices,
                                   use_compile_cache, user_errors_exit_1)
 from fmnist_jax.errors import FmnistError  # noqa: E402
-from fmnist_jax.run.config import DEFAULT_PRESET, TrainConfig  # noqa: E402
+from fmnist_jax.run.config import DEFAULT_PRESET, TEACHER_FIELDS, TrainConfig  # noqa: E402
 
 # ---------------------------------------------------------------------------------------
 # train
@@ -375,7 +375,7 @@ def bench_parser() -> Parser:
                                 "all 60,000 training images (no validation split).")
     add_preset_flag(parser)
     add_config_flags(parser, skip=("seed", "seeds", "val_fraction", "val_seed",
-                                   "checkpoint_every", "patience"))
+                                   "checkpoint_every", "patience", *TEACHER_FIELDS))
     bench = parser.add_argument_group("bench")
     bench.add_argument("--num-seeds", type=int, default=3,
                        help="train each pipeline with seeds 0..N-1 (default 3)")

@@ -40,6 +40,9 @@ def test_quick_bench_script_writes_its_table_and_json(flags, rows, tmp_path, pre
     (["--optimizer", "adamw", "--pipelines", "torch-tensors"], "changes optimizer"),
     (["--train-images", "10"], "--train-images must be at least the batch size (64)"),
     (["--seed", "1"], "unrecognized arguments: --seed"),
+    (["--teacher", "runs/x"], "unrecognized arguments: --teacher"),
+    (["--preset", "lenet5-distilled", "--pipelines", "jax"],
+     "preset lenet5-distilled learns from a teacher, and bench.py trains without one"),
 ])
 def test_bench_flags_are_checked_before_any_work(flags, message, run_main):
     assert message in one_error_line(run_main("bench.py", *flags, "--data-dir",
@@ -62,6 +65,9 @@ def test_bench_builds_its_runs_from_a_preset():
     # The notebook's recipe stops early on its validation split; the bench has none.
     mlp = bench.bench_config("mlp", decay="constant")
     assert (mlp.val_fraction, mlp.patience) == (0.0, 0)
+    # A teacher's preset holds out a chosen split (val_seed); the bench holds out none.
+    teacher = bench.bench_config("cnn-teacher")
+    assert (teacher.model, teacher.val_fraction, teacher.val_seed) == ("cnn", 0.0, None)
 
 
 def test_bench_accepts_the_cnn_with_a_torch_pipeline(tmp_path, run_main):

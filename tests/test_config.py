@@ -64,5 +64,23 @@ def test_unknown_preset_and_fields():
 
 def test_every_preset_is_valid_and_says_what_it_reached():
     for name, preset in PRESETS.items():
-        assert preset.config.validate() is preset.config
+        if preset.teacher_preset:  # valid once given its teacher, and its command gives one
+            assert "--teacher " in preset.command, name
+            cfg = get_config(name, teacher="runs/teacher")
+            assert cfg == dataclasses.replace(preset.config, teacher="runs/teacher")
+        else:
+            assert preset.config.validate() is preset.config
         assert preset.command.startswith("python scripts/train.py") and preset.result, name
+
+
+def test_a_taught_preset_wants_its_teacher_which_held_out_the_same_split():
+    with pytest.raises(FmnistError, match="preset lenet5-distilled learns from a teacher: pass "
+                       "--teacher RUN.*--preset cnn-teacher"):
+        get_config("lenet5-distilled")
+    for name, preset in PRESETS.items():
+        if preset.teacher_preset:
+            student = get_config(name, teacher="runs/teacher")
+            teacher = get_config(preset.teacher_preset)
+            assert not teacher.teacher and teacher.val_fraction == student.val_fraction
+            assert teacher.split_seed == student.split_seed == 0, name
+            assert student.model == "lenet5" and student.distill_temperature == 1.0

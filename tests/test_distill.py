@@ -65,6 +65,13 @@ def test_a_missing_or_unfinished_teacher_is_one_line_before_the_data(tmp_path, r
     assert not (tmp_path / "run").exists()
 
 
+def test_the_distilled_preset_without_its_teacher_is_one_line(tmp_path, run_main):
+    result = run_main("train.py", "--preset", "lenet5-distilled", "--workdir", tmp_path / "run",
+                      "--data-dir", tmp_path / "no-data")
+    assert "preset lenet5-distilled learns from a teacher" in one_error_line(result)
+    assert not (tmp_path / "run").exists()
+
+
 def _taught_config(teacher_dir):
     return dataclasses.replace(tiny_config(), teacher=str(teacher_dir), distill_weight=0.5,
                                distill_temperature=2.0)

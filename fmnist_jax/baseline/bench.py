@@ -36,7 +36,7 @@ import optax
 from fmnist_jax import data, streams
 from fmnist_jax.baseline import TORCH_MODELS
 from fmnist_jax.baseline.order import jax_epoch_batch_order, run_epoch_order, run_init_params
-from fmnist_jax.run.config import TrainConfig, get_config
+from fmnist_jax.run.config import PRESETS, TrainConfig, get_config
 from fmnist_jax.run.compiled import CompiledEpochs, step_options
 from fmnist_jax.run.parallel import describe_devices
 from fmnist_jax.errors import FmnistError
@@ -66,8 +66,13 @@ class BenchSettings:
 def bench_config(preset: str, **overrides: Any) -> TrainConfig:
     """The preset's config for the bench: no validation split, so every pipeline trains on all
     60,000 images (the baseline has no validation split to hold out), and so no early
-    stopping either (the bench times every epoch it is asked for)."""
-    return get_config(preset, **{"val_fraction": 0.0, "patience": 0, **overrides})
+    stopping either (the bench times every epoch it is asked for). It runs no teacher."""
+    if preset in PRESETS and PRESETS[preset].teacher_preset:
+        raise FmnistError(f"preset {preset} learns from a teacher, and bench.py trains without "
+                          f"one: bench another preset, or read a taught run's epoch times in "
+                          f"its timing.jsonl")
+    return get_config(preset, **{"val_fraction": 0.0, "val_seed": None, "patience": 0,
+                                 **overrides})
 
 
 def check_settings(s: BenchSettings) -> None:
