@@ -68,6 +68,10 @@ def test_bench_builds_its_runs_from_a_preset():
     # A teacher's preset holds out a chosen split (val_seed); the bench holds out none.
     teacher = bench.bench_config("cnn-teacher")
     assert (teacher.model, teacher.val_fraction, teacher.val_seed) == ("cnn", 0.0, None)
+    # No pipeline runs a teacher: a config that names one is refused, not trained untaught.
+    taught = bench.bench_config("lenet5", teacher="runs/teacher")
+    with pytest.raises(FmnistError, match="trains without a teacher.*'runs/teacher'"):
+        bench.check_settings(bench.BenchSettings(config=taught, pipelines=("jax",)))
 
 
 def test_bench_accepts_the_cnn_with_a_torch_pipeline(tmp_path, run_main):

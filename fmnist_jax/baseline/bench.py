@@ -76,14 +76,18 @@ def bench_config(preset: str, **overrides: Any) -> TrainConfig:
 
 
 def check_settings(s: BenchSettings) -> None:
-    """FmnistError unless the torch pipelines can train `s.config` exactly as JAX does: the
-    baseline has LeNet-5 and the tutorial CNN, trained with constant-rate Adam on pixels
-    normalized to [-1, 1]."""
+    """FmnistError unless every pipeline can train `s.config` as it says (none runs a teacher),
+    and the torch pipelines exactly as JAX does: the baseline has LeNet-5 and the tutorial CNN,
+    trained with constant-rate Adam on pixels normalized to [-1, 1]."""
     unknown = [p for p in s.pipelines if p not in PIPELINES]
     if unknown or not s.pipelines:
         raise FmnistError(f"unknown pipelines {unknown}: choose from {', '.join(PIPELINES)}")
     if s.num_seeds < 1:
         raise FmnistError(f"--num-seeds must be at least 1, got {s.num_seeds}")
+    if s.config.teacher:
+        raise FmnistError(f"the bench trains without a teacher, but this config names "
+                          f"{s.config.teacher!r}: drop teacher, or read a taught run's epoch "
+                          f"times in its timing.jsonl")
     if not any(p.startswith("torch") for p in s.pipelines):
         return
     cfg, plain = s.config, TrainConfig()
