@@ -216,7 +216,7 @@ def compare_parser() -> Parser:
     parser = Parser(prog="compare.py",
                     description="Compare two runs of several seeds seed by seed: for each "
                                 "figure of their evaluation reports, B - A on every seed they "
-                                "share, and its mean with a paired 95%% interval.",
+                                "share, and its mean with a paired 95% interval.",
                     epilog="Both folders are `--seeds K` runs, evaluated (train.py does it at "
                            "the end; evaluate.py again, with --tta flip for the flip TTA "
                            "figures). Pair runs trained with the same --seed and --seeds.")

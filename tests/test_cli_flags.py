@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fmnist_jax import cli_flags
+from fmnist_jax import cli, cli_flags
 from fmnist_jax.cli import train_parser
 from fmnist_jax.cli_flags import config_from_args
 from fmnist_jax.run.config import PRESETS, TrainConfig
@@ -24,6 +24,15 @@ def test_every_config_field_has_a_flag_with_its_default_and_help():
         words = " ".join(field.metadata["help"].split())
         shown = 'none' if default in (None, '') else default  # --sweep's empty grid: none
         assert f"{words} (default {shown})" in help_text, flag
+
+
+@pytest.mark.parametrize("parser", [cli.train_parser, cli.evaluate_parser, cli.compare_parser,
+                                    cli.predict_parser, cli.export_parser, cli.bench_parser])
+def test_every_help_text_shows_a_percent_sign_once(parser):
+    # argparse formats `help` strings with % but prints a parser's description and epilog as
+    # they are: each text needs "%%" in one place and "%" in the other.
+    help_text = parser().format_help()
+    assert "%%" not in help_text
 
 
 def test_flags_override_only_what_is_given():
