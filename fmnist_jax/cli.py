@@ -330,7 +330,8 @@ def export_parser() -> Parser:
                                 "JSON beside the file says what it holds.")
     parser.add_argument("run_dir", metavar="RUN_DIR",
                         help="a finished run folder (of a --seeds run: one seed's, RUN/seed-S)")
-    parser.add_argument("--format", required=True, choices=("stablehlo", "onnx", "torch"))
+    parser.add_argument("--format", required=True, choices=("stablehlo", "onnx", "torch"),
+                        help="one of the three formats described above (required)")
     parser.add_argument("--out", metavar="FILE",
                         help="the file to write (default RUN_DIR/model.stablehlo, .onnx or "
                              ".pt); its JSON goes to FILE.json")
@@ -375,7 +376,7 @@ def bench_parser() -> Parser:
                                 "all 60,000 training images (no validation split).")
     add_preset_flag(parser)
     add_config_flags(parser, skip=("seed", "seeds", "val_fraction", "val_seed",
-                                   "checkpoint_every", "patience", *TEACHER_FIELDS))
+                                   "checkpoint_every", "patience", "sweep", *TEACHER_FIELDS))
     bench = parser.add_argument_group("bench")
     bench.add_argument("--num-seeds", type=int, default=3,
                        help="train each pipeline with seeds 0..N-1 (default 3)")

@@ -145,7 +145,8 @@ def add_data_flags(parser: argparse.ArgumentParser) -> None:
     from fmnist_jax.data import DATA_SOURCES
 
     group = parser.add_argument_group(
-        "data", "the official release through tfds (default), or Kaggle's two CSV files")
+        "data", "the official release (through tfds, or its four .gz files read with "
+        "numpy), or Kaggle's two CSV files")
     group.add_argument("--data-dir", help="tfds data dir holding (or to hold) the prepared "
                        "dataset; default $FMNIST_DATA_DIR or ~/tensorflow_datasets")
     group.add_argument("--manual-dir", help="folder with the four official Fashion-MNIST .gz "

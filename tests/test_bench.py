@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import subprocess
 import sys
@@ -41,6 +42,7 @@ def test_quick_bench_script_writes_its_table_and_json(flags, rows, tmp_path, pre
     (["--train-images", "10"], "--train-images must be at least the batch size (64)"),
     (["--seed", "1"], "unrecognized arguments: --seed"),
     (["--teacher", "runs/x"], "unrecognized arguments: --teacher"),
+    (["--sweep", "learning_rate=1e-3,3e-3"], "unrecognized arguments: --sweep"),
     (["--preset", "lenet5-distilled", "--pipelines", "jax"],
      "preset lenet5-distilled learns from a teacher, and bench.py trains without one"),
 ])
@@ -72,6 +74,9 @@ def test_bench_builds_its_runs_from_a_preset():
     taught = bench.bench_config("lenet5", teacher="runs/teacher")
     with pytest.raises(FmnistError, match="trains without a teacher.*'runs/teacher'"):
         bench.check_settings(bench.BenchSettings(config=taught, pipelines=("jax",)))
+    swept = dataclasses.replace(bench.bench_config("lenet5"), sweep="learning_rate=1e-3,3e-3")
+    with pytest.raises(FmnistError, match="trains one recipe.*sweeps 'learning_rate=1e-3,3e-3'"):
+        bench.check_settings(bench.BenchSettings(config=swept, pipelines=("jax",)))
 
 
 def test_bench_accepts_the_cnn_with_a_torch_pipeline(tmp_path, run_main):

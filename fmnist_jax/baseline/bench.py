@@ -76,9 +76,9 @@ def bench_config(preset: str, **overrides: Any) -> TrainConfig:
 
 
 def check_settings(s: BenchSettings) -> None:
-    """FmnistError unless every pipeline can train `s.config` as it says (none runs a teacher),
-    and the torch pipelines exactly as JAX does: the baseline has LeNet-5 and the tutorial CNN,
-    trained with constant-rate Adam on pixels normalized to [-1, 1]."""
+    """FmnistError unless every pipeline can train `s.config` as it says (none runs a teacher
+    or a sweep), and the torch pipelines exactly as JAX does: the baseline has LeNet-5 and the
+    tutorial CNN, trained with constant-rate Adam on pixels normalized to [-1, 1]."""
     unknown = [p for p in s.pipelines if p not in PIPELINES]
     if unknown or not s.pipelines:
         raise FmnistError(f"unknown pipelines {unknown}: choose from {', '.join(PIPELINES)}")
@@ -88,6 +88,9 @@ def check_settings(s: BenchSettings) -> None:
         raise FmnistError(f"the bench trains without a teacher, but this config names "
                           f"{s.config.teacher!r}: drop teacher, or read a taught run's epoch "
                           f"times in its timing.jsonl")
+    if s.config.sweep:
+        raise FmnistError(f"the bench trains one recipe, but this config sweeps "
+                          f"{s.config.sweep!r}: drop sweep, or bench one point of it")
     if not any(p.startswith("torch") for p in s.pipelines):
         return
     cfg, plain = s.config, TrainConfig()
