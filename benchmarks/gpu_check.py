@@ -12,10 +12,11 @@ checkpoint restored on the CPU and the GPU in other processes; the same seed tra
 highest matmul precision and on the CPU; `--seeds K` epoch time; the bench of the cnn preset.
 
 Each part has a share of `--budget-s` (unused time passes to the next part) and runs in a
-process of its own, killed at its deadline: what it saved is kept, marked "out of time", and
-a part that cannot start in time is "skipped: out of time". Without a GPU the check still runs
-(on the CPU, at small sizes where that makes sense) and marks the parts and comparisons that
-need one "skipped: no GPU". More in docs/gpu_check.md.
+process of its own, stopped at its deadline (Ctrl-C, then a kill): what it saved is kept,
+marked "partial: out of time", and a part that cannot start in time is "skipped: out of
+time". Without a GPU the check still runs (on the CPU, at small sizes where that makes
+sense) and marks the parts and comparisons that need one "skipped: no GPU". More in
+docs/gpu_check.md.
 """
 
 from __future__ import annotations
@@ -40,7 +41,9 @@ from benchmarks.gpu_report import markdown
 REPO = Path(__file__).resolve().parents[1]
 JSON_FILE, MD_FILE = "gpu_check.json", "gpu_check.md"
 NO_GPU = "skipped: no GPU"
-OUT_OF_TIME = "skipped: out of time"
+OUT_OF_TIME = "skipped: out of time"  # no time left to start the part
+STOPPED = "out of time: stopped, nothing saved"  # started, stopped before its first result
+PARTIAL = "partial: out of time"  # started, stopped; what it saved is kept
 # The part names in order, with their shares of the budget (sum 1).
 SHARES = {"environment": 30, "tests": 75, "conv_formulations": 55, "bench_lenet5": 140,
           "train_run": 50, "precision": 55, "seeds": 40, "bench_cnn": 35}
@@ -104,9 +107,11 @@ class Check:
 
     def run(self, command: list[str], deadline: float, *, env: dict | None = None,
             marks: tuple[str, ...] = ()) -> dict:
-        """`command` in a session of its own, killed (with its children) `grace` seconds past
-        `deadline`. Returns rc (None: killed), seconds, the output tails and, for each prefix
-        in `marks`, the seconds at which the first stdout line starting with it came."""
+        """`command` in a session of its own, stopped (with its children) past `deadline`:
+        first Ctrl-C, so that pytest still writes its junit XML and a part its last result,
+        then `grace` seconds past `deadline` a kill. Returns rc (None: killed), timed_out,
+        seconds, the output tails and, for each prefix in `marks`, the seconds at which the
+        first stdout line starting with it came."""
         t0 = time.perf_counter()
         process = subprocess.Popen(command, cwd=REPO, env={**self.env, **(env or {})},
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -123,15 +128,22 @@ class Check:
                    threading.Thread(target=read, args=(process.stderr, err, False))]
         for reader in readers:
             reader.start()
+        timed_out = False
         try:
-            rc = process.wait(timeout=max(1.0, deadline + self.grace - time.time()))
+            rc = process.wait(timeout=max(1.0, deadline + self.grace / 3 - time.time()))
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)  # the session this call started
-            process.wait()
-            rc = None
+            timed_out = True
+            os.killpg(process.pid, signal.SIGINT)  # the session this call started
+            try:
+                rc = process.wait(timeout=max(1.0, deadline + self.grace - time.time()))
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+                rc = None
         for reader in readers:
             reader.join()
-        return {"rc": rc, "seconds": round(time.perf_counter() - t0, 2), "marks": seen,
+        return {"rc": rc, "timed_out": timed_out, "seconds": round(time.perf_counter() - t0, 2),
+                "marks": seen,
                 "first_line": out[0].rstrip() if out else None,
                 "stdout_tail": "".join(out)[-1500:], "stderr_tail": "".join(err)[-1500:]}
 
@@ -147,10 +159,9 @@ class Check:
         result = json.loads(result_file.read_text()) if result_file.exists() else None
         if ran["rc"] == 0:
             return {"status": "ok", "result": result, "seconds": ran["seconds"]}
-        status = ("failed" if ran["rc"] is not None else
-                  "partial: out of time" if result else OUT_OF_TIME)
+        status = (PARTIAL if result else STOPPED) if ran["timed_out"] else "failed"
         return {"status": status, "result": result, "seconds": ran["seconds"],
-                "stderr_tail": ran["stderr_tail"] if ran["rc"] is not None else None}
+                "stderr_tail": None if ran["timed_out"] else ran["stderr_tail"]}
 
     # ------------------------------------------------------------------------ parts
 
@@ -179,14 +190,19 @@ class Check:
         selection = SMOKE_TESTS if self.smoke else [*TEST_FILES, "-k", TEST_SELECTION]
         command = [sys.executable, "-m", "pytest", *selection, "-q", "-rA", "-p",
                    "no:cacheprovider", f"--junitxml={junit}", *workers]
-        ran = self.run(command, deadline)
+        # The tests' tolerances are float32's; XLA runs float32 matmuls and convolutions in
+        # TF32 on this GPU by default, which fails them without any bug
+        # (https://github.com/jax-ml/jax/issues/12008). The precision part measures TF32.
+        env = {"JAX_DEFAULT_MATMUL_PRECISION": "highest"}
+        ran = self.run(command, deadline, env=env)
         entry = {"command": "python -m pytest " + " ".join(command[3:]).replace(
-            str(junit), "JUNIT.xml"), "rc": ran["rc"]}
-        if junit.exists():
+            str(junit), "JUNIT.xml"), "env": env, "rc": ran["rc"]}
+        if junit.exists():  # also when stopped at the deadline: Ctrl-C still writes it
             entry.update(_junit_counts(junit))
-            entry["status"] = "ok" if ran["rc"] == 0 else "failed"
-        else:  # killed at the deadline: the per-test lines printed so far (-rA prints none)
-            entry.update(status=OUT_OF_TIME if ran["rc"] is None else "failed",
+            entry["status"] = ("ok" if ran["rc"] == 0 else PARTIAL if ran["timed_out"]
+                               else "failed")
+        else:
+            entry.update(status=STOPPED if ran["timed_out"] else "failed",
                          output_tail=ran["stdout_tail"][-800:],
                          stderr_tail=ran["stderr_tail"][-800:])
         return entry
@@ -221,10 +237,13 @@ class Check:
 
     def train_run(self, deadline: float) -> dict:
         """scripts/train.py as a user runs it, timed from outside; then its checkpoint read
-        back on the default device and on the CPU, each in a process of its own."""
-        a = self._train("default", {}, deadline, report=not self.smoke)
+        back on the default device and on the CPU, each in a process of its own. The run
+        gets 70% of the time: its report, the slow end, must not cost the restores."""
+        report = not self.smoke
+        train_deadline = (time.time() + 0.7 * (deadline - time.time())) if report else deadline
+        a = self._train("default", {}, train_deadline, report=report)
         entry = {"status": a["status"], "train": a}
-        if a["status"] != "ok":
+        if not (Path(a["run_dir"]) / "best.json").exists():  # no model kept: nothing to restore
             return entry
         restored = {}
         for where, env in (("default", {}), ("cpu", {"JAX_PLATFORMS": "cpu"})):
@@ -248,7 +267,7 @@ class Check:
                 f"written and read on the CPU (GPU to CPU: {NO_GPU}): checks the mechanics"}
         else:
             entry["status"] = "failed" if any(r["status"] == "failed"
-                                              for r in restored.values()) else entry["status"]
+                                              for r in restored.values()) else PARTIAL
         return entry
 
     def precision(self, deadline: float) -> dict:
@@ -259,9 +278,11 @@ class Check:
                                  ("cpu", {}, ["--device", "cpu"])):
             if time.time() > deadline - 10:
                 entry["runs"][name] = {"status": OUT_OF_TIME}
-                entry["status"] = "partial: out of time"
                 continue
             entry["runs"][name] = self._train(name, env, deadline, report=False, flags=flags)
+        statuses = [r["status"] for r in entry["runs"].values()]
+        if any(s != "ok" for s in statuses):
+            entry["status"] = "failed" if "failed" in statuses else PARTIAL
         entry["note"] = ("XLA runs float32 matmuls and convolutions in TF32 on this GPU by "
                          "default; gpu_highest sets JAX_DEFAULT_MATMUL_PRECISION=highest")
         return entry
@@ -293,8 +314,9 @@ class Check:
             "device:", "images:", "compiled", "first epoch starts", "model kept"))
         entry = {"command": " ".join(["python", *command[1:]]).replace(str(self.work), "WORK"),
                  "env": env, "rc": ran["rc"], "wall_s": ran["seconds"],
-                 "status": "ok" if ran["rc"] == 0 else "failed" if ran["rc"] is not None
-                 else OUT_OF_TIME, "run_dir": str(run_dir)}
+                 "status": "ok" if ran["rc"] == 0 else "failed" if not ran["timed_out"]
+                 else PARTIAL if (run_dir / "history.jsonl").exists() else STOPPED,
+                 "run_dir": str(run_dir)}
         if ran["rc"] != 0:
             entry["stderr_tail"] = ran["stderr_tail"]
         entry["device"] = ran["first_line"]  # "device: gpu (NVIDIA H100 ...), jax ..."
@@ -337,6 +359,8 @@ def _train_split(run_dir: Path, ran: dict) -> dict:
     if history:
         split["final"] = {k: history[-1].get(k) for k in ("epoch", "train_loss",
                                                           "test_accuracy", "test_loss")}
+        # Every epoch's, so that a run stopped early is compared with the others at its last.
+        split["test_accuracy_by_epoch"] = [row.get("test_accuracy") for row in history]
     return split
 
 
@@ -344,6 +368,9 @@ def _junit_counts(path: Path) -> dict:
     counts = {"passed": 0, "failed": 0, "errors": 0, "skipped": 0}
     failures = []
     for case in ET.parse(path).getroot().iter("testcase"):
+        if case.get("name") is None:  # a test that Ctrl-C stopped: a nameless entry
+            counts["interrupted"] = counts.get("interrupted", 0) + 1
+            continue
         name = f"{case.get('classname')}::{case.get('name')}"
         kinds = {child.tag for child in case}
         if "failure" in kinds or "error" in kinds:

@@ -222,24 +222,35 @@ def bench(opts: dict, save: Callable, time_left: Callable) -> dict:
 
     pipelines = tuple(opts["pipelines"])
     try:
-        import torch  # noqa: F401
+        import torch
     except ImportError:
         pipelines = ("jax",)
-    device = b.choose_device("cuda" if opts["gpu"] else "cpu")
+    else:  # a torch without CUDA on the GPU box: the JAX side is still worth its time
+        if opts["gpu"] and not torch.cuda.is_available():
+            pipelines = ("jax",)
+    device = b.choose_device("cuda" if opts["gpu"] else "cpu",
+                             torch_pipelines=pipelines != ("jax",))
     train, test = _load(opts)
     train = _first(train, opts.get("train_images"))
     cfg = b.bench_config(opts["preset"], epochs=opts["epochs"])
     settings = b.BenchSettings(config=cfg, num_seeds=opts["num_seeds"], pipelines=pipelines,
                                torch_device=device)
     started = time.perf_counter()
+    done: dict = {"pipelines": list(pipelines)}  # the seeds finished so far
 
     def after_seed(partial: dict) -> bool:
-        save({**partial, "table": b.markdown_table(partial)})
+        done.update(partial, table=b.markdown_table(partial))
+        save(done)
         per_seed = (time.perf_counter() - started) / partial["seeds_run"]
         return time_left() > 1.15 * per_seed
 
-    result = b.run_bench(train, test, settings, log_fn=lambda line: None, after_seed=after_seed)
-    result["table"] = b.markdown_table(result)
+    def after_epoch(seed: int, epoch: int, raw: dict) -> None:
+        save({**done, "in_progress": {"seed": seed, "epoch": epoch, "epoch_s": {
+            p: r["epoch_s"][-epoch:] for p, r in raw.items()}}})
+
+    result = b.run_bench(train, test, settings, log_fn=lambda line: None, after_seed=after_seed,
+                         after_epoch=after_epoch)
+    result.update(pipelines=list(pipelines), table=b.markdown_table(result))
     save(result)
     return result
 
@@ -251,12 +262,15 @@ def seeds(opts: dict, save: Callable, time_left: Callable) -> dict:
 
     train, _ = _load(opts)
     train = _first(train, opts.get("train_images"))
+    def result_of(rows: list[dict]) -> dict:
+        done = {row["seeds"] for row in rows}
+        return {"rows": rows, "table": markdown_table(rows) if rows else "",
+                "skipped": [f"K={k}: skipped: out of time" for k in [0, *opts["seeds_list"]]
+                            if k not in done]}
+
     rows = seed_rows(get_config("lenet5"), train, opts["seeds_list"], opts["rounds"],
-                     time_left=time_left)
-    done = {row["seeds"] for row in rows}
-    result = {"rows": rows, "table": markdown_table(rows) if rows else "",
-              "skipped": [f"K={k}: skipped: out of time" for k in [0, *opts["seeds_list"]]
-                          if k not in done]}
+                     time_left=time_left, on_progress=lambda rows: save(result_of(rows)))
+    result = result_of(rows)
     save(result)
     return result
 

@@ -64,10 +64,12 @@ def _environment(entry, results):
 
 
 def _tests(entry, results):
-    out = ["", f"command: `{entry.get('command')}`"]
+    out = ["", f"command: `{entry.get('command')}`, env {entry.get('env')}"]
     if "passed" in entry:
         out.append(f"passed {entry['passed']}, failed {entry['failed']}, errors "
-                   f"{entry['errors']}, skipped {entry['skipped']}")
+                   f"{entry['errors']}, skipped {entry['skipped']}"
+                   + (f", stopped while running {entry['interrupted']}"
+                      if entry.get("interrupted") else ""))
         out += [f"- FAILED {f['test']}: {f['message'][:200]}" for f in entry["failures"]]
     elif entry.get("output_tail"):
         out += ["", "```", entry["output_tail"].strip(), "```"]
@@ -99,8 +101,15 @@ def _conv(entry, results):
 def _bench(entry, results):
     r = entry.get("result") or {}
     out = ["", f"asked: {entry['asked']}"] if entry.get("asked") else []
+    if r.get("pipelines"):
+        out.append(f"pipelines run: {', '.join(r['pipelines'])}")
     if r.get("table"):
         out += [f"seeds run: {r.get('seeds_run')}", "", r["table"]]
+    if r.get("in_progress"):  # stopped inside a seed: its epochs so far
+        p = r["in_progress"]
+        out += ["", f"stopped in seed {p['seed']} after epoch {p['epoch']}; its epoch "
+                    f"seconds: " + "; ".join(f"{k} {[round(x, 4) for x in v]}"
+                                             for k, v in p["epoch_s"].items())]
     return out
 
 
@@ -134,14 +143,20 @@ def _precision(entry, results):
         return []
     runs = {"gpu (default precision: TF32)": (results["parts"].get("train_run") or {}).get(
         "train", {}), **{k: v for k, v in (entry.get("runs") or {}).items()}}
-    out = ["", "| run | status | final test accuracy | final train loss | epoch s (median) |",
-           "| --- | --- | --- | --- | --- |"]
+    out = ["", "| run | status | epochs | final test accuracy | final train loss | "
+               "epoch s (median) |", "| --- | --- | --- | --- | --- | --- |"]
     for name, r in runs.items():
         final = r.get("final") or {}
         epochs = sorted(r.get("epoch_s") or [])
-        out.append(f"| {name} | {r.get('status')} | {final.get('test_accuracy')} | "
-                   f"{final.get('train_loss')} | "
+        out.append(f"| {name} | {r.get('status')} | {final.get('epoch')} | "
+                   f"{final.get('test_accuracy')} | {final.get('train_loss')} | "
                    f"{epochs[len(epochs) // 2] if epochs else None} |")
+    by_epoch = {name: r["test_accuracy_by_epoch"] for name, r in runs.items()
+                if r.get("test_accuracy_by_epoch")}
+    if len({len(a) for a in by_epoch.values()}) > 1:  # one run stopped early
+        last = min(len(a) for a in by_epoch.values())
+        out += ["", f"at epoch {last}, the last every run reached: test accuracy "
+                    + ", ".join(f"{name} {a[last - 1]}" for name, a in by_epoch.items())]
     return out
 
 

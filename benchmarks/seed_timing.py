@@ -41,11 +41,14 @@ def time_seeds(cfg: TrainConfig, train: data.Split, seeds_list: list[int],
 
 
 def seed_rows(cfg: TrainConfig, train: data.Split, seeds_list: list[int], epochs: int, *,
-              time_left: Callable[[], float] | None = None) -> list[dict[str, Any]]:
+              time_left: Callable[[], float] | None = None,
+              on_progress: Callable[[list[dict[str, Any]]], Any] | None = None
+              ) -> list[dict[str, Any]]:
     """`time_seeds`'s measurements, one dict per program (K = 0: the one-model epoch).
     With `time_left` (seconds), a program is set up only while more than its predecessor
     took to set up is left, and a round only while a round's time is left; the programs
-    left out are not in the rows."""
+    left out are not in the rows. `on_progress` gets the rows so far after every round (a
+    caller that may be stopped saves them)."""
     devices = jax.devices()
     configs = [(0, devices[:1], None)]  # (K, devices, members at once); K = 0: one model
     for k in seeds_list:
@@ -63,20 +66,27 @@ def seed_rows(cfg: TrainConfig, train: data.Split, seeds_list: list[int], epochs
         programs.append(_Program(k, cfg, train, program_devices, at_once))
         setup_s = time.perf_counter() - t0
     seconds = [[] for _ in programs]
+
+    def rows() -> list[dict[str, Any]]:
+        done = []
+        for (k, program_devices, at_once), program, times in zip(configs, programs, seconds):
+            d = len(program_devices)
+            done.append({"seeds": k, "devices": d,
+                         "groups": parallel.seed_groups(k, d, at_once),
+                         "members_at_once": at_once, "train_images_per_seed": program.n_train,
+                         "compile_s": program.compile_seconds, "epoch_s": times,
+                         "epoch_s_median": statistics.median(times)})
+        return done
+
     for epoch in range(1, epochs + 1):  # round by round: a change of load hits every K
         t0 = time.perf_counter()
         for i, program in enumerate(programs):
             seconds[i].append(program.train(epoch))
+        if on_progress is not None:
+            on_progress(rows())
         if time_left is not None and time_left() < time.perf_counter() - t0:
             break
-    rows = []
-    for (k, program_devices, at_once), program, times in zip(configs, programs, seconds):
-        d = len(program_devices)
-        rows.append({"seeds": k, "devices": d, "groups": parallel.seed_groups(k, d, at_once),
-                     "members_at_once": at_once, "train_images_per_seed": program.n_train,
-                     "compile_s": program.compile_seconds, "epoch_s": times,
-                     "epoch_s_median": statistics.median(times)})
-    return rows
+    return rows()
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:

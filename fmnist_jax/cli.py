@@ -385,7 +385,8 @@ def bench_parser() -> Parser:
                             "device, index batches); torch-dataloader (per-sample Dataset and "
                             "DataLoader)")
     bench.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                       help="auto: CUDA when JAX and torch both see a GPU, else CPU")
+                       help="auto: CUDA when JAX (and torch, for its pipelines) sees a GPU, "
+                            "else CPU")
     bench.add_argument("--torch-compile", action="store_true",
                        help="torch.compile the torch-tensors pipeline's model")
     bench.add_argument("--train-images", type=int, help="use only the first N training images")
@@ -430,7 +431,8 @@ def bench_main(argv: list[str] | None = None) -> int:
 
     check_batch_sizes(settings.config.batch_size, settings.config.eval_batch_size,
                       jax.device_count())
-    settings = dataclasses.replace(settings, torch_device=bench.choose_device(args.device))
+    settings = dataclasses.replace(settings, torch_device=bench.choose_device(
+        args.device, torch_pipelines=any(p.startswith("torch") for p in pipelines)))
     train, test = load_data(args)
     if args.train_images:
         from fmnist_jax.data import Split

@@ -45,6 +45,10 @@ def test_quick_bench_script_writes_its_table_and_json(flags, rows, tmp_path, pre
     (["--sweep", "learning_rate=1e-3,3e-3"], "unrecognized arguments: --sweep"),
     (["--preset", "lenet5-distilled", "--pipelines", "jax"],
      "preset lenet5-distilled learns from a teacher, and bench.py trains without one"),
+    (["--preset", "mlp", "--pipelines", "jax"], "preset mlp lowers the learning rate on a "
+     "validation plateau, and the bench holds out no validation split: pass --decay constant"),
+    (["--decay", "plateau", "--pipelines", "jax"], "--decay lowers the learning rate on a "
+     "validation plateau"),
 ])
 def test_bench_flags_are_checked_before_any_work(flags, message, run_main):
     assert message in one_error_line(run_main("bench.py", *flags, "--data-dir",
@@ -144,9 +148,28 @@ def test_bench_stops_after_a_seed_when_told_and_says_how_many_ran():
     train, test = make_split(64, seed=0), make_split(50, seed=1)
     settings = bench.BenchSettings(config=bench.bench_config("lenet5", epochs=1, batch_size=32),
                                    num_seeds=3, pipelines=("jax",))
-    seen = []
+    seen, epochs = [], []
     result = bench.run_bench(train, test, settings, log_fn=lambda s: None,
-                             after_seed=lambda partial: seen.append(partial["seeds_run"]) or False)
+                             after_seed=lambda partial: seen.append(partial["seeds_run"]) or False,
+                             after_epoch=lambda seed, epoch, raw: epochs.append(
+                                 (seed, epoch, len(raw["jax"]["epoch_s"]))))
     assert seen == [1] and result["seeds_run"] == 1
+    assert epochs == [(0, 1, 1)]  # the epoch's time, before the seed ends
     assert len(result["raw"]["jax"]["test_accuracy"]) == 1
     assert "(1 seeds)" in bench.markdown_table(result)
+
+
+def test_the_bench_device_never_sets_jax_on_a_gpu_against_torch_on_a_cpu(monkeypatch):
+    monkeypatch.setattr(bench.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(bench.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(bench, "_torch_has_cuda", lambda: False)
+    for requested in ("auto", "cuda"):
+        with pytest.raises(FmnistError, match="JAX sees a GPU but torch does not"):
+            bench.choose_device(requested)
+        assert bench.choose_device(requested, torch_pipelines=False) == "cuda"
+    monkeypatch.setattr(bench, "_torch_has_cuda", lambda: True)
+    assert bench.choose_device("auto") == "cuda"
+    monkeypatch.setattr(bench.jax, "default_backend", lambda: "cpu")
+    assert bench.choose_device("auto") == "cpu"
+    with pytest.raises(FmnistError, match="--device cuda, but JAX sees no GPU"):
+        bench.choose_device("cuda")

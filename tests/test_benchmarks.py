@@ -173,3 +173,78 @@ def test_worker_end_probe_writes_one_line_per_process(tmp_path):
     for line in lines:
         seconds = float(re.search(r"cleanups (\S+) s", line).group(1))
         assert 0 <= seconds < 60 and re.search(r"objects \d+\tone gc.collect \S+ s\n$", line)
+
+
+_SAVES_ON_CTRL_C = """
+import sys, time
+from pathlib import Path
+try:
+    time.sleep(60)
+except KeyboardInterrupt:
+    Path(sys.argv[1]).write_text("saved")
+"""
+
+
+def _gpu_check(tmp_path, monkeypatch):
+    from benchmarks import gpu_check
+
+    monkeypatch.setattr(gpu_check.tempfile, "mkdtemp", lambda prefix: str(tmp_path / "work"))
+    (tmp_path / "work").mkdir()
+    return gpu_check, gpu_check.Check(tmp_path, tmp_path, smoke=True, budget_s=60)
+
+
+@pytest.mark.slow  # three processes, each left to start before its deadline: 20 s
+def test_gpu_check_stops_a_part_with_ctrl_c_before_killing_it(tmp_path, monkeypatch):
+    """A part past its deadline gets Ctrl-C first (pytest then writes its junit XML, a part
+    its last result); one that ignores it is killed `grace` seconds past the deadline."""
+    import sys
+    import time
+
+    gpu_check, check = _gpu_check(tmp_path, monkeypatch)
+    check.grace = 6
+    saved = tmp_path / "saved.txt"
+    start = time.time()
+    ran = check.run([sys.executable, "-c", _SAVES_ON_CTRL_C, str(saved)], start + 6)
+    assert ran["timed_out"] and ran["rc"] is not None and saved.read_text() == "saved"
+    assert time.time() - start < 11.5  # Ctrl-C at a third of the grace: no kill at its end
+    ignores = "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); time.sleep(60)"
+    start = time.time()
+    ran = check.run([sys.executable, "-c", ignores], start + 6)
+    assert ran["timed_out"] and ran["rc"] is None and 11.9 < time.time() - start < 30
+    ran = check.run([sys.executable, "-c", "pass"], time.time() + 30)
+    assert ran == {**ran, "rc": 0, "timed_out": False}
+
+
+@pytest.mark.slow  # pytest starts in a process of its own and is stopped at its deadline
+def test_gpu_check_tests_part_keeps_the_counts_of_a_run_stopped_at_its_deadline(
+        tmp_path, monkeypatch):
+    import time
+
+    gpu_check, check = _gpu_check(tmp_path, monkeypatch)
+    tests = tmp_path / "test_two.py"
+    tests.write_text("import time\n\ndef test_quick():\n    pass\n\n"
+                     "def test_slow():\n    time.sleep(60)\n")
+    monkeypatch.setattr(gpu_check, "SMOKE_TESTS", [str(tests)])
+    entry = check.tests(time.time() + 25)  # pytest's start, on a loaded machine too
+    assert entry["status"] == gpu_check.PARTIAL, entry
+    assert (entry["passed"], entry["failed"], entry["interrupted"]) == (1, 0, 1)
+    assert entry["env"] == {"JAX_DEFAULT_MATMUL_PRECISION": "highest"}
+
+
+def test_gpu_report_shows_a_bench_stopped_mid_seed_and_accuracy_at_a_common_epoch():
+    from benchmarks.gpu_report import markdown
+
+    results = {"date": "D", "mode": "full", "budget_s": 480, "gpu": True, "parts": {
+        "bench_lenet5": {"status": "partial: out of time", "asked": {"epochs": 10},
+                         "result": {"pipelines": ["jax"], "in_progress": {
+                             "seed": 0, "epoch": 2, "epoch_s": {"jax": [0.123456, 0.1]}}}},
+        "train_run": {"status": "ok", "train": {"status": "ok", "final": {
+            "epoch": 3, "test_accuracy": 0.9}, "test_accuracy_by_epoch": [0.8, 0.85, 0.9]}},
+        "precision": {"status": "partial: out of time", "runs": {"cpu": {
+            "status": "partial: out of time", "final": {"epoch": 2, "test_accuracy": 0.86},
+            "test_accuracy_by_epoch": [0.81, 0.86]}}}}}
+    page = markdown(results)
+    assert "stopped in seed 0 after epoch 2; its epoch seconds: jax [0.1235, 0.1]" in page
+    assert "| cpu | partial: out of time | 2 | 0.86 |" in page
+    assert ("at epoch 2, the last every run reached: test accuracy gpu (default precision: "
+            "TF32) 0.85, cpu 0.86") in page

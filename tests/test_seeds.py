@@ -443,10 +443,13 @@ def test_seed_members_stacks_each_seeds_own_split_and_initial_state():
 
 @pytest.mark.slow  # four programs to compile: about 6 s
 def test_time_seeds_prints_one_row_per_k_against_the_one_model_epoch():
-    from benchmarks.seed_timing import time_seeds
+    from benchmarks.seed_timing import markdown_table, seed_rows
 
     train = make_split(160, seed=2)
-    table = time_seeds(get_config(batch_size=32), train, [2], epochs=1)
+    progress = []  # after every round, the rows so far (a stopped caller keeps them)
+    table = markdown_table(seed_rows(get_config(batch_size=32), train, [2], 2, on_progress=lambda
+                                     rows: progress.append([len(r["epoch_s"]) for r in rows])))
+    assert progress == [[1, 1, 1], [2, 2, 2]]
     rows = table.splitlines()[2:]
     # This process has one CPU device: K = 2 in lockstep, and as train.py runs it there, one
     # after another (the split over devices: the next test).

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import importlib.util
 import json
 import os
 import platform
@@ -71,6 +72,11 @@ def bench_config(preset: str, **overrides: Any) -> TrainConfig:
         raise FmnistError(f"preset {preset} learns from a teacher, and bench.py trains without "
                           f"one: bench another preset, or read a taught run's epoch times in "
                           f"its timing.jsonl")
+    decay = overrides.get("decay", PRESETS[preset].config.decay if preset in PRESETS else None)
+    if decay == "plateau":  # else get_config's advice, --val-fraction, is a flag bench lacks
+        raise FmnistError(f"{'preset ' + preset if 'decay' not in overrides else '--decay'} "
+                          f"lowers the learning rate on a validation plateau, and the bench "
+                          f"holds out no validation split: pass --decay constant (or cosine)")
     return get_config(preset, **{"val_fraction": 0.0, "val_seed": None, "patience": 0,
                                  **overrides})
 
@@ -106,20 +112,28 @@ def check_settings(s: BenchSettings) -> None:
                           f"--preset {' or --preset '.join(TORCH_MODELS)} without those changes")
 
 
-def choose_device(requested: str) -> str:
+def choose_device(requested: str, torch_pipelines: bool = True) -> str:
     """"cpu" or "cuda" for `requested` ("auto", "cpu" or "cuda"), set up for both frameworks.
 
-    Call before JAX touches a device. "auto" picks CUDA when JAX and torch both see a GPU.
+    Call before JAX touches a device. "auto" picks CUDA when JAX sees a GPU; with torch
+    pipelines, torch must see it too, since JAX on a GPU against torch on a CPU is no match.
     """
     if requested == "cpu":
         jax.config.update("jax_platforms", "cpu")
     # JAX and torch share the GPU in this process: JAX must not grab 75% of it at start.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    if requested == "auto":
-        return "cuda" if jax.default_backend() == "gpu" and _torch_has_cuda() else "cpu"
-    if requested == "cuda" and jax.default_backend() != "gpu":
-        raise FmnistError("--device cuda, but JAX sees no GPU: install jax with CUDA or use cpu")
-    return requested
+    if requested == "cpu":
+        return requested
+    if jax.default_backend() != "gpu":
+        if requested == "cuda":
+            raise FmnistError("--device cuda, but JAX sees no GPU: install jax with CUDA "
+                              "(pip install -e \".[cuda12]\"), or pass --device cpu")
+        return "cpu"
+    if torch_pipelines and importlib.util.find_spec("torch") and not _torch_has_cuda():
+        raise FmnistError("JAX sees a GPU but torch does not (a CPU build of torch?): install "
+                          "torch with CUDA, pass --pipelines jax, or pass --device cpu to bench "
+                          "both on the CPU")
+    return "cuda"
 
 
 def _torch_has_cuda() -> bool:
@@ -230,11 +244,15 @@ class _TorchRun:
 
 def run_bench(train: data.Split, test: data.Split, s: BenchSettings,
               log_fn: Callable[[str], Any] = print,
-              after_seed: Callable[[dict[str, Any]], bool] | None = None) -> dict[str, Any]:
+              after_seed: Callable[[dict[str, Any]], bool] | None = None,
+              after_epoch: Callable[[int, int, dict[str, Any]], Any] | None = None
+              ) -> dict[str, Any]:
     """Train every pipeline of `s` for every seed; return raw numbers and their summary.
 
     `after_seed`, when given, gets the result so far after each seed and returns whether to
     go on (a caller with a time budget stops at a seed's end); `seeds_run` says how many ran.
+    `after_epoch` gets (seed, epoch, the raw numbers so far) after every epoch of every
+    pipeline (a caller that may be stopped mid-seed saves them).
     """
     check_settings(s)
     epochs = s.config.epochs
@@ -254,6 +272,8 @@ def run_bench(train: data.Split, test: data.Split, s: BenchSettings,
                 seconds = run.epoch(epoch)
                 raw[p]["epoch_s"].append(seconds)
                 log_fn(f"seed {seed} epoch {epoch:2d} {p:17s} {seconds:8.3f} s")
+            if after_epoch is not None:
+                after_epoch(seed, epoch, raw)
         for p, run in runs.items():
             raw[p]["warmup_s"].append(run.warmup_s)
             raw[p]["total_s"].append(sum(raw[p]["epoch_s"][-epochs:]))
