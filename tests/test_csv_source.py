@@ -168,6 +168,8 @@ def test_error_in_last_row_of_full_file(tmp_path):
     ("pixel1", "٣", "'٣' is not an integer"),  # a non-ASCII digit
     ("pixel213", "256", "256 is outside 0..255"),
     ("pixel213", "-1", "-1 is outside 0..255"),
+    ("pixel213", "-0", "-0 has a minus sign"),
+    ("label", "-00", "-00 has a minus sign"),
     ("pixel213", "9" * 30, "'99999999999999999999...' is outside 0..255"),
     ("label", "10", "10 is outside 0..9"),
     ("label", "-3", "-3 is outside 0..9"),

@@ -36,6 +36,9 @@ def test_empty_file_is_named(copied_manual_dir, tmp_path):
 def test_missing_manual_dir_names_the_option(tmp_path):
     with pytest.raises(FmnistError, match="does not exist: pass --manual-dir"):
         data.prepare(tmp_path / "tfds", tmp_path / "nowhere")
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(FmnistError, match="a_file is a file, not a folder: pass --manual-dir"):
+        data.prepare(tmp_path / "tfds", tmp_path / "a_file")
 
 
 @pytest.mark.slow

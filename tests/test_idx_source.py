@@ -4,6 +4,7 @@ import gzip
 import hashlib
 import importlib.util
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -117,6 +118,23 @@ def test_idx_needs_the_manual_dir(tmp_path, monkeypatch):
         data.load(data_dir=tmp_path, source="idx")
     with pytest.raises(FmnistError, match="does not exist"):
         data.load(data_dir=tmp_path, manual_dir=tmp_path / "nowhere", source="idx")
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(FmnistError, match="a_file is a file, not a folder: pass --manual-dir"):
+        data.load(data_dir=tmp_path, manual_dir=tmp_path / "a_file", source="idx")
+
+
+def test_an_unreadable_gz_file_is_named_in_one_line(fake_release, monkeypatch):
+    folder, sums, _, _ = fake_release
+    real_open = Path.open
+
+    def open_refusing_one(path, *args, **kwargs):  # as chmod 000 does, even for root
+        if path.name == "t10k-images-idx3-ubyte.gz":
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, *args, **kwargs)
+    monkeypatch.setattr(Path, "open", open_refusing_one)
+    with pytest.raises(FmnistError, match=r"cannot read \S+t10k-images-idx3-ubyte.gz "
+                                          r"\(Permission denied\): make it readable"):
+        data.load_idx(folder, sums)
 
 
 def test_idx_and_csv_together_are_refused(tmp_path):

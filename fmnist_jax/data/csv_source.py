@@ -261,9 +261,11 @@ def _cell_problem(cell: bytes, top: int) -> str:
         return "the value is missing (empty cell)"
     if not _SIGNED_INT.fullmatch(cell):
         return f"{_show(cell.decode('utf-8', 'replace'))} is not an integer"
+    shown = cell.decode() if len(cell) <= _SHOWN_CHARS else _show(cell.decode())
     if not 0 <= int(cell) <= top:
-        shown = cell.decode() if len(cell) <= _SHOWN_CHARS else _show(cell.decode())
         return f"{shown} is outside 0..{top}"
+    if cell.startswith(b"-"):  # "-0": in range, yet the fast pass refuses its sign
+        return f"{shown} has a minus sign"
     return ""
 
 

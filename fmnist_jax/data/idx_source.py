@@ -43,8 +43,10 @@ def load_idx(manual_dir: Path, expected_sha256: dict[str, str] | None = None
     checked against `expected_sha256` (default: the official release's) before it is read."""
     expected_sha256 = OFFICIAL_SHA256 if expected_sha256 is None else expected_sha256
     if not manual_dir.is_dir():
-        raise FmnistError(f"manual dir {manual_dir} does not exist: pass --manual-dir a folder "
-                          f"holding the four official .gz files ({', '.join(OFFICIAL_SHA256)})")
+        raise FmnistError(f"manual dir {manual_dir} "
+                          f"{'is a file, not a folder' if manual_dir.exists() else 'does not exist'}"
+                          f": pass --manual-dir a folder holding the four official .gz files "
+                          f"({', '.join(OFFICIAL_SHA256)})")
     for name in OFFICIAL_SHA256:  # every file before any is decoded: cheap checks first
         _check_file(manual_dir / name, expected_sha256[name])
     return tuple(_read_split(manual_dir, split) for split in SPLIT_FILES)
@@ -56,9 +58,13 @@ def _check_file(path: Path, sha256: str) -> None:
     if path.stat().st_size == 0:
         raise FmnistError(f"{path} is empty: copy the official Fashion-MNIST file there again")
     digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
+    try:
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    except OSError as e:
+        raise FmnistError(f"cannot read {path} ({e.strerror}): make it readable, or copy the "
+                          f"official Fashion-MNIST file there again") from e
     if digest.hexdigest() != sha256:
         raise FmnistError(f"{path} has the wrong checksum (truncated, or not the official "
                           f"release file): replace it with the official .gz file")

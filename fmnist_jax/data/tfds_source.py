@@ -196,7 +196,9 @@ def _check_writable(data_dir: Path) -> None:
 def check_manual_dir(manual_dir: Path) -> None:
     """Fail fast on a manual dir that tfds would otherwise try to complete from the internet."""
     if not manual_dir.is_dir():
-        raise FmnistError(f"manual dir {manual_dir} does not exist: {_MANUAL_HINT}")
+        raise FmnistError(f"manual dir {manual_dir} "
+                          f"{'is a file, not a folder' if manual_dir.exists() else 'does not exist'}"
+                          f": {_MANUAL_HINT}")
     for name in MANUAL_FILES:
         path = manual_dir / name
         if not path.is_file():
