@@ -21,7 +21,7 @@ import os  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from fmnist_jax.cli_flags import (Parser, add_calibration_flag,  # noqa: E402
+from fmnist_jax.cli_flags import (CALIBRATIONS, Parser, add_calibration_flag,  # noqa: E402
                                   add_compile_cache_flag, add_config_flags,
                                   add_data_flags, add_device_flags, add_preset_flag,
                                   config_from_args, load_data, start_devices,
@@ -42,7 +42,9 @@ def train_parser() -> Parser:
     run = parser.add_argument_group("run")
     run.add_argument("--workdir", help="run folder: a new or empty folder (default "
                      "runs/PRESET-seedN-TIMESTAMP-PID; with --seeds K > 1, "
-                     "runs/PRESET-seedsN-M-TIMESTAMP-PID, holding a run folder seed-S per seed)")
+                     "runs/PRESET-seedsN-M-TIMESTAMP-PID, holding a run folder seed-S per seed; "
+                     "with --sweep, runs/PRESET-sweep-seedN-TIMESTAMP-PID (or -sweep-seedsN-M-), "
+                     "holding a run folder POINT/seed-S per grid point and seed)")
     run.add_argument("--resume", metavar="RUN_DIR",
                      help="continue the interrupted run in RUN_DIR from its latest checkpoint, "
                           "with its stored config (config flags may only repeat its values); "
@@ -61,6 +63,7 @@ def train_parser() -> Parser:
 @user_errors_exit_1
 def train_main(argv: list[str] | None = None) -> int:
     args = train_parser().parse_args(argv)
+    _check_train_flags(args)
     from fmnist_jax.run import parallel
 
     settings = parallel.distributed_settings(args.coordinator_address, args.num_processes,
@@ -76,6 +79,10 @@ def train_main(argv: list[str] | None = None) -> int:
             return 0
     else:
         cfg = config_from_args(args)  # bad flags fail before joining
+    if args.calibration != CALIBRATIONS[0] and cfg.val_fraction == 0:
+        raise FmnistError(f"--calibration {args.calibration} is fit on the validation split, "
+                          f"and this run holds none: pass --val-fraction > 0, or drop "
+                          f"--calibration")
     if cfg.teacher:  # its folders, before any data loads
         from fmnist_jax.run.teacher import teacher_dirs
 
@@ -120,7 +127,7 @@ def train_main(argv: list[str] | None = None) -> int:
                        started=STARTED)
     if several:  # the report is one process's work; it reads what the run saved
         if parallel.is_writer() and not args.no_report:
-            print(f"for the evaluation report, run: python scripts/evaluate.py {run.path}")
+            print(f"for the evaluation report, run: {report_command(run.path, args.calibration)}")
         return 0
     if not args.no_report:
         # matplotlib takes about a second to import: only here
@@ -133,6 +140,32 @@ def train_main(argv: list[str] | None = None) -> int:
 
             over_seeds.write_summary(run.path)
     return 0
+
+
+def _check_train_flags(args: argparse.Namespace) -> None:
+    """FmnistError for train.py's flags that would be silently ignored: an empty run folder
+    (read as none given, so a new run would start in a default folder), and a calibration map
+    without the report that fits it."""
+    if args.resume is not None and not args.resume.strip():
+        raise FmnistError("--resume needs the run folder to continue, got an empty value")
+    if args.workdir is not None and not args.workdir.strip():
+        raise FmnistError("--workdir needs the run folder to train in, got an empty value: "
+                          "pass a folder, or drop --workdir for the default one")
+    if args.no_report and args.calibration != CALIBRATIONS[0]:
+        raise FmnistError(f"--calibration {args.calibration} is the report's map, and "
+                          f"--no-report writes no report: drop one of them (evaluate.py "
+                          f"--calibration {args.calibration} fits it later)")
+
+
+def report_command(run_dir: str | Path, calibration: str) -> str:
+    """The evaluate.py command that writes the report train.py would have, its map included."""
+    chosen = "" if calibration == CALIBRATIONS[0] else f" --calibration {calibration}"
+    return f"python scripts/evaluate.py {run_dir}{chosen}"
+
+
+def _shown(value) -> str:
+    """A config value as a message shows it: an empty one (no teacher, no sweep) as none."""
+    return "none" if value in (None, "") else str(value)
 
 
 def _resumed_config(args: argparse.Namespace, *, speak: bool = True) -> TrainConfig | None:
@@ -152,9 +185,9 @@ def _resumed_config(args: argparse.Namespace, *, speak: bool = True) -> TrainCon
         if hasattr(args, field.name) and getattr(args, field.name) != getattr(stored,
                                                                               field.name):
             flag = "--" + field.name.replace("_", "-")
-            raise FmnistError(f"{flag} {getattr(args, field.name)} contradicts the run's "
-                              f"config ({getattr(stored, field.name)}): a resumed run keeps its "
-                              f"config; drop {flag}, or start a new run")
+            raise FmnistError(f"{flag} {_shown(getattr(args, field.name))} contradicts the "
+                              f"run's config ({_shown(getattr(stored, field.name))}): a resumed "
+                              f"run keeps its config; drop {flag}, or start a new run")
     if folder.finished(args.resume):
         if speak:
             print(f"{args.resume} has already finished training: nothing to resume")
@@ -367,6 +400,7 @@ def export_main(argv: list[str] | None = None) -> int:
 # bench
 
 QUICK_TRAIN_IMAGES = 2048
+BENCH_SEEDS = 3
 
 
 def bench_parser() -> Parser:
@@ -378,8 +412,8 @@ def bench_parser() -> Parser:
     add_config_flags(parser, skip=("seed", "seeds", "val_fraction", "val_seed",
                                    "checkpoint_every", "patience", "sweep", *TEACHER_FIELDS))
     bench = parser.add_argument_group("bench")
-    bench.add_argument("--num-seeds", type=int, default=3,
-                       help="train each pipeline with seeds 0..N-1 (default 3)")
+    bench.add_argument("--num-seeds", type=int, default=None,
+                       help=f"train each pipeline with seeds 0..N-1 (default {BENCH_SEEDS})")
     bench.add_argument("--pipelines", default="jax,torch-tensors,torch-dataloader",
                        help="comma-separated: jax; torch-tensors (the split as tensors on the "
                             "device, index batches); torch-dataloader (per-sample Dataset and "
@@ -392,7 +426,8 @@ def bench_parser() -> Parser:
     bench.add_argument("--train-images", type=int, help="use only the first N training images")
     bench.add_argument("--quick", action="store_true",
                        help=f"1 epoch, 1 seed, {QUICK_TRAIN_IMAGES:,} training images: a smoke "
-                            f"test")
+                            f"test (--epochs, --num-seeds or --train-images, given, win over "
+                            f"these)")
     bench.add_argument("--out", default="bench.json",
                        help="JSON results file (default bench.json); an existing file is "
                             "refused unless --overwrite is given")
@@ -407,9 +442,15 @@ def bench_parser() -> Parser:
 @user_errors_exit_1
 def bench_main(argv: list[str] | None = None) -> int:
     args = bench_parser().parse_args(argv)
-    if args.quick:
-        args.epochs, args.num_seeds = 1, 1
-        args.train_images = args.train_images or QUICK_TRAIN_IMAGES
+    if args.quick:  # its sizes, where the user gave none (the flags win)
+        if not hasattr(args, "epochs"):
+            args.epochs = 1
+        if args.num_seeds is None:
+            args.num_seeds = 1
+        if args.train_images is None:
+            args.train_images = QUICK_TRAIN_IMAGES
+    if args.num_seeds is None:
+        args.num_seeds = BENCH_SEEDS
     from fmnist_jax.baseline import bench
 
     pipelines = tuple(p.strip() for p in args.pipelines.split(",") if p.strip())

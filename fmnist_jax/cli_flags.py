@@ -81,10 +81,19 @@ def _int_or_none(text: str) -> int | None:
 _int_or_none.__name__ = "int-or-none"
 
 
-def _flag_type(hint: Any) -> Callable[[str], Any]:
+def _text_or_none(text: str) -> str:
+    return "" if text.strip().lower() == "none" else text
+
+
+_text_or_none.__name__ = "text-or-none"
+
+
+def _flag_type(hint: Any, choices: tuple[str, ...] | None = None) -> Callable[[str], Any]:
     allowed = typing.get_args(hint) or (hint,)
     if type(None) in allowed:
         return _int_or_none if int in allowed else _float_or_none
+    if allowed[0] is str and choices is None:  # --teacher: none is its empty default
+        return _text_or_none
     return allowed[0]  # int, float or str
 
 
@@ -108,11 +117,11 @@ def add_config_flags(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] =
     for field in dataclasses.fields(TrainConfig):
         if field.name in skip:
             continue
-        flag_type = _flag_type(hints[field.name])
         choices = field.metadata["choices"]
+        flag_type = _flag_type(hints[field.name], choices)
         metavar = ("{" + ",".join(choices) + "}" if choices else
                    {int: "N", float: "X", _float_or_none: "X|none",
-                    _int_or_none: "N|none"}.get(flag_type, "TEXT"))
+                    _int_or_none: "N|none", _text_or_none: "TEXT|none"}.get(flag_type, "TEXT"))
         default = getattr(default_cfg, field.name)
         if field.name == "sweep":  # repeated, one field each time
             group.add_argument("--sweep", dest="sweep", action=_SweepAction,
@@ -204,8 +213,8 @@ def add_device_flags(parser: argparse.ArgumentParser, *, distributed: bool,
     group.add_argument("--cpu-devices", type=int, metavar="N",
                        help="split the CPU into N XLA devices (no effect where a GPU is the "
                             "device); default $FMNIST_CPU_DEVICES, else 1" + (
-                                ", or with --seeds K one per core, up to one per seed "
-                                "(one group of seeds per core)" if seeds else ""))
+                                ", or with --seeds K or --sweep one per core, up to one per "
+                                "model (one group of models per core)" if seeds else ""))
     if not distributed:
         return
     group.add_argument("--num-processes", type=int, metavar="N",
@@ -245,7 +254,7 @@ def start_devices(args: argparse.Namespace, *, members: int = 1):
 
 def use_device(choice: str | None) -> str | None:
     """Point jax at the kind of device `choice` (else $FMNIST_DEVICE) names; return what asked
-    for a GPU ("--device cuda", "JAX_PLATFORMS=cuda"), or None."""
+    for a GPU ("--device cuda", "FMNIST_DEVICE=cuda", "JAX_PLATFORMS=cuda"), or None."""
     chosen = (choice or os.environ.get(DEVICE_ENV) or "auto").strip().lower()
     if chosen not in DEVICES:
         raise FmnistError(f"{DEVICE_ENV}={chosen} is not one of {', '.join(DEVICES)}")
@@ -253,7 +262,9 @@ def use_device(choice: str | None) -> str | None:
         import jax
 
         jax.config.update("jax_platforms", chosen)
-        return "--device cuda" if chosen == "cuda" else None
+        if chosen != "cuda":
+            return None
+        return "--device cuda" if choice else f"{DEVICE_ENV}=cuda"
     platforms = os.environ.get("JAX_PLATFORMS", "").lower()
     if "cuda" in platforms or "gpu" in platforms:
         return f"JAX_PLATFORMS={platforms}"
@@ -282,6 +293,10 @@ def use_compile_cache(choice: str | None) -> Path | None:
     """Point XLA's persistent compilation cache at `choice` (else $FMNIST_COMPILE_CACHE, else
     ~/.cache/fmnist_jax/xla; "none": off) and return the folder. Must run before anything
     compiles: jax reads the setting when it first compiles."""
+    if choice is not None and not choice.strip():
+        # An empty value would fall back to the default folder the user meant to replace.
+        raise FmnistError("--compile-cache needs a folder, or none for no cache, got an empty "
+                          "value")
     chosen = choice or os.environ.get(COMPILE_CACHE_ENV) or DEFAULT_COMPILE_CACHE
     if chosen.strip().lower() == "none":
         return None

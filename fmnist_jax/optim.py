@@ -12,6 +12,7 @@ import optax
 OPTIMIZERS = ("adam", "adamw", "sgd", "nesterov")
 DECAYS = ("constant", "cosine", "plateau")
 DECAYING_OPTIMIZERS = ("adamw",)  # the ones that use weight_decay
+MOMENTUM_OPTIMIZERS = ("sgd", "nesterov")  # the ones that use momentum
 DECAYED_PARAMS = ("kernels", "all")  # which parameters weight decay shrinks (decay_mask)
 PLATEAU_RTOL = 1e-4  # an epoch improves when val loss < (1 - rtol) * best: torch's threshold
 

@@ -40,6 +40,9 @@ def test_quick_bench_script_writes_its_table_and_json(flags, rows, tmp_path, pre
     (["--preset", "cnn", "--label-smoothing", "0.1"], "changes label_smoothing"),
     (["--optimizer", "adamw", "--pipelines", "torch-tensors"], "changes optimizer"),
     (["--train-images", "10"], "--train-images must be at least the batch size (64)"),
+    (["--quick", "--num-seeds", "0"], "--num-seeds must be at least 1, got 0"),
+    (["--quick", "--epochs", "0"], "epochs must be at least 1, got 0"),
+    (["--quick", "--train-images", "0"], "--train-images must be at least the batch size"),
     (["--seed", "1"], "unrecognized arguments: --seed"),
     (["--teacher", "runs/x"], "unrecognized arguments: --teacher"),
     (["--sweep", "learning_rate=1e-3,3e-3"], "unrecognized arguments: --sweep"),
@@ -173,3 +176,19 @@ def test_the_bench_device_never_sets_jax_on_a_gpu_against_torch_on_a_cpu(monkeyp
     assert bench.choose_device("auto") == "cpu"
     with pytest.raises(FmnistError, match="--device cuda, but JAX sees no GPU"):
         bench.choose_device("cuda")
+
+
+def test_flags_given_with_quick_win_over_its_sizes(run_main, monkeypatch):
+    seen = []
+
+    def stop(settings):  # the settings bench.py reached, before any work
+        seen.append(settings)
+        raise FmnistError("stop")
+
+    monkeypatch.setattr(bench, "check_settings", stop)
+    for flags, (seeds, epochs) in ((["--num-seeds", "2", "--epochs", "3"], (2, 3)), ([], (1, 1)),
+                                   (["--num-seeds", "2"], (2, 1))):
+        assert one_error_line(run_main("bench.py", "--quick", *flags)) == "error: stop"
+        assert (seen[-1].num_seeds, seen[-1].config.epochs) == (seeds, epochs), flags
+    one_error_line(run_main("bench.py"))
+    assert (seen[-1].num_seeds, seen[-1].config.epochs) == (3, 10)  # without --quick

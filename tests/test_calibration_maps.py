@@ -241,3 +241,25 @@ def test_the_calibration_flag_reaches_calibration_json(tmp_path, run_main, monke
     assert report["calibration"]["map"] == results.load_calibration(tmp_path / "run")
     assert "calibrated (vector scaling)" in predict.calibration_words(
         predict.load_predictor(tmp_path / "run"))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--val-fraction", "0"], "--calibration vector is fit on the validation split, and this "
+                              "run holds none: pass --val-fraction > 0, or drop --calibration"),
+    (["--no-report"], "--calibration vector is the report's map, and --no-report writes no "
+                      "report"),
+])
+def test_a_map_train_would_never_fit_is_refused_before_the_run(flags, message, run_main,
+                                                                tmp_path):
+    result = run_main("train.py", "--calibration", "vector", *flags, "--workdir",
+                      tmp_path / "run", "--data-dir", tmp_path / "none")
+    assert message in one_error_line(result)
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_report_command_printed_for_several_processes_keeps_the_map():
+    from fmnist_jax import cli
+
+    assert cli.report_command("runs/r", "temperature") == "python scripts/evaluate.py runs/r"
+    assert cli.report_command("runs/r", "dirichlet") == ("python scripts/evaluate.py runs/r "
+                                                         "--calibration dirichlet")

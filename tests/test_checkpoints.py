@@ -419,9 +419,17 @@ def test_resume_of_a_finished_run_says_so_and_exits_0(tiny_run):
     (["--batch-size", "8"], "--batch-size 8 contradicts the run's config (32)"),
     (["--preset", "mlp"], "--preset cannot change a resumed run"),
     (["--workdir", "elsewhere"], "--workdir and --resume both name a run folder"),
+    (["--teacher", "runs/x"], "--teacher runs/x contradicts the run's config (none)"),
 ])
 def test_resume_with_contradicting_flags_is_one_line(tiny_run, flags, message, run_main):
     assert message in one_error_line(run_main("train.py", "--resume", tiny_run[0], *flags))
+
+
+@pytest.mark.parametrize("flags", [["--resume", ""], ["--resume="], ["--resume", " "]])
+def test_an_empty_resume_is_refused_not_read_as_a_new_run(flags, tmp_path, run_main):
+    result = run_main("train.py", *flags, "--data-dir", tmp_path / "none")
+    assert one_error_line(result) == ("error: --resume needs the run folder to continue, got an "
+                                      "empty value")
 
 
 def test_resume_of_a_folder_that_is_no_run_is_one_line(tmp_path, run_main):
@@ -430,7 +438,8 @@ def test_resume_of_a_folder_that_is_no_run_is_one_line(tmp_path, run_main):
 
 
 def test_repeating_the_stored_config_with_resume_is_allowed(tiny_run, run_main):
-    result = run_main("train.py", "--resume", tiny_run[0], "--batch-size", "32", "--seed", "4")
+    result = run_main("train.py", "--resume", tiny_run[0], "--batch-size", "32", "--seed", "4",
+                      "--teacher", "none")  # the run's own: none, as --help says
     assert result.returncode == 0 and "already finished" in result.stdout, result.stderr
 
 

@@ -43,7 +43,33 @@ def test_flags_override_only_what_is_given():
     assert (cfg.clip_norm, cfg.model, cfg.batch_size) == (2.5, "cnn", 64)
 
 
+def test_teacher_none_is_no_teacher_as_its_help_says():
+    assert "none: no teacher" in " ".join(train_parser().format_help().split())
+    for value in ("none", "None"):
+        args = train_parser().parse_args(["--teacher", value])
+        assert config_from_args(args) == PRESETS["lenet5"].config
+    args = train_parser().parse_args(["--teacher", "./none"])  # a folder named none
+    assert config_from_args(args).teacher == "./none"
+
+
+def test_help_of_workdir_and_cpu_devices_covers_a_sweep():
+    # Compared without whitespace: argparse may wrap a line at a name's hyphen.
+    help_text = "".join(train_parser().format_help().split())
+    for words in ("with --sweep, runs/PRESET-sweep-seedN-TIMESTAMP-PID",
+                  "POINT/seed-S per grid point and seed", "with --seeds K or --sweep one per core"):
+        assert "".join(words.split()) in help_text, words
+
+
 # --- the compile cache and the user's files -------------------------------------------------
+
+@pytest.mark.parametrize("value", ["", " "])
+def test_an_empty_compile_cache_is_refused_not_read_as_the_default(value, monkeypatch):
+    monkeypatch.setenv(cli_flags.COMPILE_CACHE_ENV, "none")  # what an empty value fell back to
+    with pytest.raises(cli_flags.FmnistError, match="--compile-cache needs a folder, or none "
+                       "for no cache, got an empty value"):
+        cli_flags.use_compile_cache(value)
+    assert cli_flags.use_compile_cache(None) is None  # not given: the variable's choice
+
 
 def test_processes_a_test_starts_keep_out_of_the_users_home():
     """conftest gives the session a HOME of its own: a process a test starts resolves the

@@ -45,6 +45,19 @@ def test_overrides_and_json_round_trip():
     ({"seed": -1}, r"seed must be in \[0, 4294967296\)"),
     ({"seed": 2**63}, r"seed must be in \[0, 4294967296\)"),
     ({"val_fraction": 1.0}, r"val fraction must be in \[0, 1\)"),
+    ({"eval_batch_size": 100_000_000}, "eval batch size 100000000 is more than the 60,000 "
+                                       "images of the largest split: pass at most 60000"),
+    ({"mixup_alpha": 1e39}, "mixup alpha 1e\\+39 is beyond float32's range"),
+    ({"learning_rate": 1e-50}, "learning rate 1e-50 is too small for float32"),
+    ({"optimizer": "adamw", "weight_decay": -1e39}, "weight decay -1e\\+39 is beyond float32"),
+    ({"optimizer": "adam", "momentum": 0.5},
+     "momentum 0.5 is ignored by optimizer 'adam': pass --optimizer sgd or nesterov"),
+    ({"optimizer": "adamw", "momentum": 0.0}, "momentum 0.0 is ignored by optimizer 'adamw'"),
+    ({"plateau_factor": 0.1}, "plateau factor and plateau patience change nothing with decay "
+                              "constant: pass --decay plateau"),
+    ({"decay": "cosine", "plateau_patience": 1}, "change nothing with decay cosine"),
+    ({"teacher": "runs/t", "distill_weight": 0.0}, "distill weight 0 leaves the teacher out of "
+                                                   "the loss .*: drop --teacher"),
 ])
 def test_bad_values_are_named(overrides, message):
     with pytest.raises(FmnistError, match=message):
@@ -84,3 +97,26 @@ def test_a_taught_preset_wants_its_teacher_which_held_out_the_same_split():
             assert not teacher.teacher and teacher.val_fraction == student.val_fraction
             assert teacher.split_seed == student.split_seed == 0, name
             assert student.model == "lenet5" and student.distill_temperature == 1.0
+
+
+def test_values_at_the_new_bounds_and_combinations_that_are_used_pass():
+    assert get_config(eval_batch_size=60_000).eval_batch_size == 60_000
+    assert get_config(optimizer="sgd", momentum=0.5).momentum == 0.5
+    assert get_config(optimizer="nesterov", momentum=0.0).momentum == 0.0
+    assert get_config(decay="plateau", plateau_factor=0.1, plateau_patience=1).plateau_factor \
+        == 0.1
+    assert get_config(teacher="runs/t", distill_weight=1.0).distill_weight == 1.0
+    assert get_config(learning_rate=1e-30, mixup_alpha=3e38).mixup_alpha == 3e38
+
+
+def test_a_presets_weight_decay_with_adam_points_to_a_config_that_works():
+    """mlp sets weight decay on every parameter: the advice must not be to drop a flag the
+    user never gave, and following it must give a valid config."""
+    with pytest.raises(FmnistError, match=r"weight decay 0.0001 is ignored by optimizer 'adam': "
+                       r"pass --optimizer adamw, or --weight-decay 0 --weight-decay-params "
+                       r"kernels$"):
+        get_config("mlp", optimizer="adam")
+    assert get_config("mlp", optimizer="adam", weight_decay=0.0,
+                      weight_decay_params="kernels").optimizer == "adam"
+    with pytest.raises(FmnistError, match=r"pass --optimizer adamw, or --weight-decay 0$"):
+        get_config(optimizer="adam", weight_decay=1e-4)

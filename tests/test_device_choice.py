@@ -17,7 +17,7 @@ no_cuda_plugin = pytest.mark.skipif(
 @pytest.mark.parametrize("flags, env, asker", [
     (["--device", "cuda"], {}, "--device cuda"),
     pytest.param([], {"JAX_PLATFORMS": "cuda"}, "JAX_PLATFORMS=cuda", marks=pytest.mark.slow),
-    pytest.param([], {"FMNIST_DEVICE": "cuda"}, "--device cuda", marks=pytest.mark.slow),
+    pytest.param([], {"FMNIST_DEVICE": "cuda"}, "FMNIST_DEVICE=cuda", marks=pytest.mark.slow),
 ])
 def test_a_gpu_asked_for_and_missing_is_one_line_with_the_install_command(tmp_path, flags, env,
                                                                           asker):
@@ -26,6 +26,26 @@ def test_a_gpu_asked_for_and_missing_is_one_line_with_the_install_command(tmp_pa
     line = one_error_line(result)
     assert line.startswith(f"error: {asker} asks for a CUDA GPU") and '".[cuda12]"' in line
     assert not (tmp_path / "run").exists()  # refused before the run folder is made
+
+
+@pytest.mark.parametrize("flag, env, asker", [
+    ("cuda", None, "--device cuda"), ("cuda", "cpu", "--device cuda"),
+    (None, "cuda", "FMNIST_DEVICE=cuda"), (None, " CUDA", "FMNIST_DEVICE=cuda"),
+    ("cpu", "cuda", None)])
+def test_the_gpu_request_is_named_where_it_came_from(flag, env, asker, monkeypatch):
+    import jax
+
+    from fmnist_jax import cli_flags
+
+    told = []
+    monkeypatch.setattr(jax.config, "update", lambda *setting: told.append(setting))
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    if env is None:
+        monkeypatch.delenv(cli_flags.DEVICE_ENV, raising=False)
+    else:
+        monkeypatch.setenv(cli_flags.DEVICE_ENV, env)
+    assert cli_flags.use_device(flag) == asker
+    assert told == [("jax_platforms", flag or env.strip().lower())]
 
 
 def test_an_unknown_device_is_refused_before_jax_is_told(monkeypatch):

@@ -70,6 +70,7 @@ def test_a_read_only_empty_folder_is_refused(tmp_path):
     (".", "already holds files that are not a run"),  # the repository itself
     ("/proc/self", "already holds files that are not a run"),
     ("/proc/self/run", "cannot make the run folder"),
+    ("", "--workdir needs the run folder to train in, got an empty value"),  # not the default
 ])
 def test_train_refuses_a_bad_workdir_before_loading_data(workdir, message, run_main):
     # The data dir does not exist: a data error would mean the workdir was checked too late.

@@ -222,7 +222,13 @@ def test_an_uneven_batch_is_one_line_before_the_data_loads(tmp_path):
 
 @pytest.mark.parametrize("flags,env,message", [
     (["--num-processes", "2"], {}, "needs --coordinator-address"),
-    (["--num-processes", "2", "--coordinator-address", "h:1"], {}, "--process-id must be in"),
+    (["--num-processes", "2", "--coordinator-address", "h:1"], {},
+     "--num-processes 2 needs --process-id, this process's number in [0, 2)"),
+    (["--num-processes", "2", "--coordinator-address", "h:1", "--process-id", "2"], {},
+     "--process-id must be in [0, 2) for --num-processes 2, got 2"),
+    (["--num-processes", "1", "--process-id", "3"], {},
+     "--process-id 3 with --num-processes 1, whose one process is 0: pass the number of "
+     "processes (more than 3), or drop --process-id"),
     ([], {"FMNIST_NUM_PROCESSES": "2", "FMNIST_COORDINATOR_ADDRESS": "localhost:1",
           "FMNIST_PROCESS_ID": "0"}, "several processes need --workdir"),
     (["--process-id", "1"], {}, "without --num-processes"),

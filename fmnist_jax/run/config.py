@@ -17,7 +17,8 @@ from typing import Any, Callable
 from fmnist_jax.data import NORMALIZATIONS
 from fmnist_jax.errors import FmnistError
 from fmnist_jax.models import MODELS
-from fmnist_jax.optim import DECAYED_PARAMS, DECAYING_OPTIMIZERS, DECAYS, OPTIMIZERS
+from fmnist_jax.optim import (DECAYED_PARAMS, DECAYING_OPTIMIZERS, DECAYS, MOMENTUM_OPTIMIZERS,
+                              OPTIMIZERS)
 
 MAX_SEED = 2**32  # jax.random.key takes a 32-bit seed without surprises
 # --seeds trains its members as one program on one process, their states (weights, optimizer
@@ -26,6 +27,11 @@ MAX_SEED = 2**32  # jax.random.key takes a 32-bit seed without surprises
 # weights and Adam moments and write a thousand checkpoints an epoch, so more is no run one
 # machine can carry (`prepare.check_members_fit` checks the memory of those it allows).
 MAX_SEEDS = 1000
+# The largest Fashion-MNIST split: a larger evaluation batch is only padding, held on the device.
+MAX_EVAL_BATCH = 60_000
+# Floats are trained in float32: a value beyond its range is infinite there, one below its
+# smallest normal number is 0 (or loses its precision).
+FLOAT32_MAX, FLOAT32_TINY = 3.4028234663852886e38, 1.1754943508222875e-38
 # The fields `--sweep` can vary within one compiled program: each member carries its own value
 # as an array (the optimizer's in its state, `optim.make_optimizer`; the others in the
 # TrainState's `hparams`), with the short name its folder takes. Any other field changes the
@@ -37,6 +43,8 @@ SWEEPABLE = {"learning_rate": "lr", "weight_decay": "wd", "label_smoothing": "ls
 
 
 _DEFAULT_DISTILL, _DEFAULT_TEMPERATURE = 0.5, 4.0  # the distillation's weight and temperature
+_DEFAULT_MOMENTUM = 0.9
+_DEFAULT_PLATEAU = (0.5, 3)  # the plateau schedule's factor and patience
 TEACHER_VIEWS = ("clean", "augmented")  # `teacher_view`'s values, the default first
 TEACHER_TTAS = ("none", "flip")  # `teacher_tta`'s values, the default first
 # The fields that say how a teacher teaches: a tool that trains without one offers none of them.
@@ -77,19 +85,20 @@ class TrainConfig:
                                       "scale and bias are left alone); all (every parameter, "
                                       "as torch.optim.AdamW(model.parameters()) does)",
                                       choices=DECAYED_PARAMS)
-    momentum: float = _field(0.9, "momentum of sgd and nesterov", check=(
+    momentum: float = _field(_DEFAULT_MOMENTUM, "momentum of sgd and nesterov", check=(
         lambda v: 0 <= v < 1, "in [0, 1)"))
     warmup_epochs: float = _field(0.0, "linear warmup from 0 to the learning rate over this "
                                   "many epochs", check=(lambda v: v >= 0, ">= 0"))
     decay: str = _field("constant", "after warmup: constant; cosine (to 0 at the last step); "
                         "plateau (multiply by plateau_factor after plateau_patience + 1 epochs "
                         "without a lower validation loss)", choices=tuple(DECAYS))
-    plateau_factor: float = _field(0.5, "the plateau schedule's factor", check=(
-        lambda v: 0 < v < 1, "in (0, 1)"))
-    plateau_patience: int = _field(3, "epochs in a row without a lower validation loss that "
-                                   "the plateau schedule tolerates: it lowers the rate at the "
-                                   "end of the next such epoch (torch's ReduceLROnPlateau "
-                                   "patience)", check=(lambda v: v >= 0, ">= 0"))
+    plateau_factor: float = _field(_DEFAULT_PLATEAU[0], "the plateau schedule's factor",
+                                   check=(lambda v: 0 < v < 1, "in (0, 1)"))
+    plateau_patience: int = _field(_DEFAULT_PLATEAU[1], "epochs in a row without a lower "
+                                   "validation loss that the plateau schedule tolerates: it "
+                                   "lowers the rate at the end of the next such epoch (torch's "
+                                   "ReduceLROnPlateau patience)",
+                                   check=(lambda v: v >= 0, ">= 0"))
     clip_norm: float | None = _field(None, "clip gradients to this global L2 norm (none: no "
                                      "clipping)", check=(lambda v: v is None or v > 0,
                                                          "positive, or none"))
@@ -194,10 +203,26 @@ class TrainConfig:
                                   f"{', '.join(choices)}")
             if check is not None and not check[0](value):
                 raise FmnistError(f"{flag_words(f.name)} must be {check[1]}, got {value}")
+        if self.eval_batch_size > MAX_EVAL_BATCH:
+            raise FmnistError(f"eval batch size {self.eval_batch_size} is more than the "
+                              f"{MAX_EVAL_BATCH:,} images of the largest split: pass at most "
+                              f"{MAX_EVAL_BATCH}")
         if self.weight_decay and self.optimizer not in DECAYING_OPTIMIZERS:
+            # The decay may come from the preset, so the fix is a value to pass, not a flag
+            # to drop; a preset's weight_decay_params would then be refused in turn.
+            also = (" --weight-decay-params kernels" if self.weight_decay_params != "kernels"
+                    else "")
             raise FmnistError(f"weight decay {self.weight_decay} is ignored by optimizer "
-                              f"{self.optimizer!r}: pass --optimizer adamw, or drop "
-                              f"--weight-decay")
+                              f"{self.optimizer!r}: pass --optimizer adamw, or --weight-decay "
+                              f"0{also}")
+        if self.momentum != _DEFAULT_MOMENTUM and self.optimizer not in MOMENTUM_OPTIMIZERS:
+            raise FmnistError(f"momentum {self.momentum} is ignored by optimizer "
+                              f"{self.optimizer!r}: pass --optimizer "
+                              f"{' or '.join(MOMENTUM_OPTIMIZERS)}, or drop --momentum")
+        if (self.plateau_factor, self.plateau_patience) != _DEFAULT_PLATEAU and \
+                self.decay != "plateau":
+            raise FmnistError(f"plateau factor and plateau patience change nothing with decay "
+                              f"{self.decay}: pass --decay plateau, or drop them")
         if self.weight_decay_params != "kernels" and not self.weight_decay:
             raise FmnistError(f"weight decay params {self.weight_decay_params!r} changes "
                               f"nothing without weight decay: pass --weight-decay (with "
@@ -236,6 +261,10 @@ class TrainConfig:
                                  or self.distill_temperature != _DEFAULT_TEMPERATURE):
             raise FmnistError("distill weight and distill temperature change nothing without a "
                               "teacher: pass --teacher RUN_DIR, or drop them")
+        if self.teacher and self.distill_weight == 0:
+            raise FmnistError("distill weight 0 leaves the teacher out of the loss (it would be "
+                              "loaded for nothing): drop --teacher, or pass --distill-weight "
+                              "> 0")
         if not self.teacher and self.teacher_view != TEACHER_VIEWS[0]:
             raise FmnistError(f"teacher view {self.teacher_view} changes nothing without a "
                               f"teacher: pass --teacher RUN_DIR, or drop --teacher-view")
@@ -355,13 +384,22 @@ def flag_words(name: str) -> str:
 
 
 def _check_type(name: str, value: Any, hint: Any) -> None:
-    """Raise FmnistError unless `value` is of the field's type (a finite number for floats)."""
+    """Raise FmnistError unless `value` is of the field's type (for floats, a number that
+    float32 holds: finite there, and not flushed to 0)."""
     allowed = typing.get_args(hint) or (hint,)  # float | None -> (float, NoneType)
     if value is None and type(None) in allowed:
         return
     if float in allowed and isinstance(value, (int, float)) and not isinstance(value, bool):
         if not math.isfinite(value):
             raise FmnistError(f"{flag_words(name)} must be a finite number, got {value}")
+        if abs(value) > FLOAT32_MAX:
+            raise FmnistError(f"{flag_words(name)} {value} is beyond float32's range (the run "
+                              f"computes in float32, where it is infinite): pass a value of "
+                              f"magnitude at most {FLOAT32_MAX:.4g}")
+        if 0 < abs(value) < FLOAT32_TINY:
+            raise FmnistError(f"{flag_words(name)} {value} is too small for float32 (the run "
+                              f"computes in float32, where it is 0 or loses its precision): "
+                              f"pass a value of magnitude at least {FLOAT32_TINY:.4g}")
         return
     if int in allowed and isinstance(value, int) and not isinstance(value, bool):
         return

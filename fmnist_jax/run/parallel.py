@@ -299,15 +299,21 @@ def distributed_settings(coordinator_address: str | None = None,
         process_id = _int_or_error(env[PROCESS_ID_ENV], PROCESS_ID_ENV)
     if num_processes is None or num_processes == 1:
         if process_id not in (None, 0):
-            raise FmnistError(f"--process-id {process_id} without --num-processes: pass the "
-                              f"number of processes too")
+            alone = ("without --num-processes" if num_processes is None else
+                     "with --num-processes 1, whose one process is 0")
+            raise FmnistError(f"--process-id {process_id} {alone}: pass the number of "
+                              f"processes (more than {process_id}), or drop --process-id")
         return Distributed(address, 1, 0)
     if num_processes < 1:
         raise FmnistError(f"--num-processes must be at least 1, got {num_processes}")
     if not address:
         raise FmnistError(f"--num-processes {num_processes} needs --coordinator-address "
                           f"HOST:PORT (process 0's host, the same for every process)")
-    if process_id is None or not 0 <= process_id < num_processes:
+    if process_id is None:
+        raise FmnistError(f"--num-processes {num_processes} needs --process-id, this process's "
+                          f"number in [0, {num_processes}) (0 for the one at "
+                          f"--coordinator-address)")
+    if not 0 <= process_id < num_processes:
         raise FmnistError(f"--process-id must be in [0, {num_processes}) for "
                           f"--num-processes {num_processes}, got {process_id}")
     if connect_timeout is None:
