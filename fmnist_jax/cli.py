@@ -230,6 +230,12 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     # The folder of a run of several seeds: every seed's run, one report each.
     run_dirs = folder.seed_run_dirs(args.run_dir) or [Path(args.run_dir)]
     loaded = [load_run(run_dir) for run_dir in run_dirs]  # damaged ones fail before the data
+    if args.calibration != CALIBRATIONS[0]:
+        unsplit = [d for d, run in zip(run_dirs, loaded) if run.config.val_fraction == 0]
+        if unsplit:
+            raise FmnistError(f"--calibration {args.calibration} is fit on the validation "
+                              f"split, and {unsplit[0]} holds none (val_fraction 0): drop "
+                              f"--calibration, or train a run with --val-fraction > 0")
     train, test = load_data(args)
     for run_dir, run in zip(run_dirs, loaded):
         evaluate_run(run_dir, train=train, test=test, n_resamples=args.resamples, run=run,

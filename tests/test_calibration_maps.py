@@ -257,6 +257,18 @@ def test_a_map_train_would_never_fit_is_refused_before_the_run(flags, message, r
     assert not (tmp_path / "run").exists()
 
 
+def test_evaluate_refuses_a_map_for_a_run_without_a_validation_split(tiny_run, run_main,
+                                                                      tmp_path):
+    def files():
+        return {path: path.stat().st_mtime_ns for path in tiny_run[0].rglob("*")}
+    before = files()
+    result = run_main("evaluate.py", tiny_run[0], "--calibration", "dirichlet", "--data-dir",
+                      tmp_path / "none")
+    assert (f"--calibration dirichlet is fit on the validation split, and {tiny_run[0]} holds "
+            f"none (val_fraction 0)") in one_error_line(result)
+    assert files() == before  # refused before the data load: nothing written
+
+
 def test_the_report_command_printed_for_several_processes_keeps_the_map():
     from fmnist_jax import cli
 
