@@ -217,7 +217,8 @@ def test_non_finite_logits_never_replace_a_good_report(run_copy):
 
 
 def _edit(run_dir, name, text):
-    (run_dir / name).write_text(text)
+    path = run_dir / name
+    path.write_bytes(text) if isinstance(text, bytes) else path.write_text(text)
 
 
 @pytest.mark.parametrize("name,text,message", [
@@ -229,6 +230,11 @@ def _edit(run_dir, name, text):
     (folder.NORMALIZATION_FILE, '{"mean": 0.5, "std": 0', "malformed"),
     (folder.HISTORY_FILE, '{"epoch": 1, "train_loss": 0.5}\n{"epoch": 2, "train_lo', "line 2 is malformed"),
     (folder.HISTORY_FILE, '{"epoch": 1, "train_loss": "low"}\n', "line 1 is not an epoch"),
+    (folder.CONFIG_FILE, b'\xff\xfe\x00garbage', "config.json is malformed (not UTF-8 text"),
+    (folder.NORMALIZATION_FILE, b'{"mean": 0.5, "std": 0.5}\xff',
+     "normalization.json is malformed (not UTF-8 text"),
+    (folder.HISTORY_FILE, b'{"epoch": 1, "train_loss": 0.5}\n\xff\n',
+     "history.jsonl line 2 is malformed (not UTF-8 text"),
 ])
 def test_evaluate_on_an_edited_run_folder_prints_one_line_and_writes_nothing(
         run_copy, name, text, message, run_main):

@@ -291,6 +291,9 @@ def test_a_bad_temperature_is_refused(tmp_path, run_dir):
     (bad_dir / folder.CALIBRATION_FILE).write_text('{"temp')
     with pytest.raises(FmnistError, match="calibration.json is malformed"):
         load_predictor(bad_dir)
+    (bad_dir / folder.CALIBRATION_FILE).write_bytes(b'\xff\xfe\x00garbage')
+    with pytest.raises(FmnistError, match=r"calibration.json is malformed \(not UTF-8 text"):
+        load_predictor(bad_dir)
 
 
 # --- the CLI ------------------------------------------------------------------------------
