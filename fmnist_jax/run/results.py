@@ -85,10 +85,11 @@ def save_report(run_dir: Path, text: str, report: dict[str, Any]) -> None:
     write_json(run_dir / REPORT_JSON_FILE, report)
 
 
-def load_report(run_dir: str | Path) -> dict[str, Any] | None:
-    """The run's report.json, or None when the run was not evaluated."""
+def load_report(run_dir: str | Path, fix: str = "evaluate the run again") -> Any:
+    """The run's report.json as parsed (the caller checks its fields), or None when the run
+    was not evaluated; FmnistError ending with `fix` when it is no JSON."""
     path = Path(run_dir) / REPORT_JSON_FILE
-    return read_json(path) if path.is_file() else None
+    return read_json(path, fix) if path.is_file() else None
 
 
 def save_seeds_report(run_dir: Path, summary: dict[str, Any]) -> None:
