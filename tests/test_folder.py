@@ -216,6 +216,39 @@ def test_non_finite_logits_never_replace_a_good_report(run_copy):
     _untouched(run_copy)
 
 
+def test_a_folder_in_place_of_a_figure_is_refused_before_anything_is_rewritten(run_copy,
+                                                                             run_main):
+    figure = run_copy / folder.PLOT_FILES["confusion_matrix"]
+    figure.unlink(missing_ok=True)
+    figure.mkdir()
+    # No data dir: the figures' paths are checked before any data loads.
+    result = run_main("evaluate.py", run_copy, "--data-dir", "/nonexistent")
+    assert one_error_line(result) == (f"error: cannot write {figure} (it is a folder): move "
+                                      f"it away, then evaluate again")
+    _untouched(run_copy)
+
+
+def test_a_figure_that_cannot_be_written_is_one_error_and_keeps_the_old_one(tmp_path,
+                                                                           monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from fmnist_jax.evaluation import plots
+
+    path = tmp_path / "curves.png"
+    plots.save_figure(plt.figure(), path)
+    assert path.read_bytes().startswith(b"\x89PNG") and os.listdir(tmp_path) == ["curves.png"]
+    path.write_bytes(b"the old figure")
+
+    def full_disk(*_):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(plots, "write_atomically", full_disk)
+    fig = plt.figure()
+    with pytest.raises(FmnistError, match=rf"^cannot write {path} \(No space left on device\)"):
+        plots.save_figure(fig, path)
+    assert path.read_bytes() == b"the old figure" and not plt.fignum_exists(fig.number)
+
+
 def _edit(run_dir, name, text):
     path = run_dir / name
     path.write_bytes(text) if isinstance(text, bytes) else path.write_text(text)

@@ -4,6 +4,7 @@ seeds_report.json over the seeds of a run of several)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +84,19 @@ def load_calibration(run_dir: str | Path) -> dict[str, Any] | None:
 def save_report(run_dir: Path, text: str, report: dict[str, Any]) -> None:
     write_text(run_dir / REPORT_TEXT_FILE, text)
     write_json(run_dir / REPORT_JSON_FILE, report)
+
+
+def check_report_paths(run_dir: str | Path) -> None:
+    """FmnistError unless the evaluation can write each of its files in `run_dir`: a folder
+    in place of one, or a folder that is not writable, found before anything is rewritten."""
+    run_dir = Path(run_dir)
+    for name in (REPORT_TEXT_FILE, REPORT_JSON_FILE, CALIBRATION_FILE, *PLOT_FILES.values()):
+        if (run_dir / name).is_dir():
+            raise FmnistError(f"cannot write {run_dir / name} (it is a folder): move it away, "
+                              f"then evaluate again")
+    if not os.access(run_dir, os.W_OK):
+        raise FmnistError(f"cannot write in {run_dir} (the folder is not writable): check its "
+                          f"permissions, then evaluate again")
 
 
 def load_report(run_dir: str | Path, fix: str = "evaluate the run again") -> Any:
