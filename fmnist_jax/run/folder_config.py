@@ -90,6 +90,8 @@ def seeds_run_of(run_dir: Path) -> Path | None:
     folder of (by name, as its seeds.json gives them), else None."""
     for depth in (1, 2):  # seed-S, or a sweep's POINT/seed-S
         near = run_dir if len(run_dir.parts) > depth else run_dir.absolute()
+        if len(near.parents) < depth:  # a folder just under the root has no grandparent
+            return None
         whole = near.parents[depth - 1]
         if not holds_seeds(whole):
             continue
