@@ -1,6 +1,7 @@
 """scripts/export.py: every format against predict, reproducible bytes, the one-line errors,
 and predict reading a StableHLO file."""
 
+import errno
 import importlib
 import json
 import shutil
@@ -13,8 +14,10 @@ import pytest
 
 from fmnist_jax.cli import export_main, predict_main
 from fmnist_jax.data import Normalization
+from fmnist_jax.errors import FmnistError
 from fmnist_jax.evaluation import export, export_onnx, predict
 from fmnist_jax.models import MODELS, get_model
+from fmnist_jax.run import folder
 from fmnist_jax.run.config import get_config
 from fmnist_jax.steps import init_variables
 from tests.helpers import REPO, one_error_line
@@ -172,7 +175,47 @@ def run_copy(tiny_run, tmp_path):
 def test_an_unfinished_run_is_refused(run_copy, run_main):
     (run_copy / "best.json").unlink()
     line = one_error_line(run_main("export.py", run_copy, "--format", "stablehlo"))
-    assert "has not finished training (no best.json)" in line and "--resume" in line
+    assert line == (f"error: {run_copy} holds an unfinished run (checkpoints up to epoch 2): "
+                    f"continue it with `python scripts/train.py --resume {run_copy}`")
+
+
+def test_a_seed_of_an_unfinished_seeds_run_names_the_resume_of_the_whole_run(tmp_path,
+                                                                            run_main):
+    whole = tmp_path / "seeds"
+    folder.claim(whole, get_config(seeds=2)).release()
+    line = one_error_line(run_main("export.py", whole / "seed-1", "--format", "stablehlo"))
+    assert line == (f"error: {whole / 'seed-1'} holds an unfinished run (no checkpoint yet): "
+                    f"continue it with `python scripts/train.py --resume {whole}`")
+
+
+def test_a_folder_where_the_json_goes_is_refused_before_anything_is_written(run_copy,
+                                                                           run_main):
+    (run_copy / "model.stablehlo.json").mkdir()
+    line = one_error_line(run_main("export.py", run_copy, "--format", "stablehlo",
+                                   "--overwrite"))
+    assert line == (f"error: --out {run_copy / 'model.stablehlo'}: "
+                    f"{run_copy / 'model.stablehlo.json'}, where its JSON goes, is a folder: "
+                    f"move it away or pass another --out")
+    assert not (run_copy / "model.stablehlo").exists()
+
+
+def test_a_failed_write_keeps_the_old_export_whole(tmp_path, monkeypatch):
+    out = tmp_path / "m.stablehlo"
+    out.write_bytes(b"old")
+    export.meta_path(out).write_text("old json")
+    real_write = export.write_atomically
+
+    def full_disk_for_the_json(path, data):
+        if path == export.meta_path(out):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(path, data)
+
+    monkeypatch.setattr(export, "write_atomically", full_disk_for_the_json)
+    with pytest.raises(FmnistError, match=rf"^cannot write {out}.json \(No space left on "
+                                          rf"device\): free some space"):
+        export.write_export(out, b"new", {"format": "stablehlo"})
+    assert out.read_bytes() == b"old" and export.meta_path(out).read_text() == "old json"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.stablehlo", "m.stablehlo.json"]
 
 
 def test_torch_refuses_a_model_the_baseline_lacks(run_copy, run_main):
@@ -220,6 +263,14 @@ def test_predict_refuses_a_stablehlo_file_without_its_json(tmp_path, run_main):
     line = one_error_line(run_main("predict.py", tmp_path / "m.stablehlo",
                                    REPO / "pyproject.toml"))
     assert "has no m.stablehlo.json beside it" in line
+
+
+def test_predict_of_an_image_given_first_asks_for_the_run_folder(tmp_path, run_main):
+    (tmp_path / "shirt.png").write_bytes(b"a picture")
+    line = one_error_line(run_main("predict.py", tmp_path / "shirt.png", "images.npy"))
+    assert line == (f"error: {tmp_path / 'shirt.png'} is not a run folder or a .stablehlo "
+                    f"file: pass the run folder (or an exported .stablehlo file) first, then "
+                    f"the images")
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -217,8 +217,42 @@ def test_non_finite_logits_never_replace_a_good_report(run_copy):
     _untouched(run_copy)
 
 
+def test_a_folder_in_place_of_a_figure_is_refused_before_anything_is_rewritten(run_copy,
+                                                                             run_main):
+    figure = run_copy / folder.PLOT_FILES["confusion_matrix"]
+    figure.unlink(missing_ok=True)
+    figure.mkdir()
+    # No data dir: the figures' paths are checked before any data loads.
+    result = run_main("evaluate.py", run_copy, "--data-dir", "/nonexistent")
+    assert one_error_line(result) == (f"error: cannot write {figure} (it is a folder): move "
+                                      f"it away, then evaluate again")
+    _untouched(run_copy)
+
+
+def test_a_figure_that_cannot_be_written_is_one_error_and_keeps_the_old_one(tmp_path,
+                                                                           monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from fmnist_jax.evaluation import plots
+
+    path = tmp_path / "curves.png"
+    plots.save_figure(plt.figure(), path)
+    assert path.read_bytes().startswith(b"\x89PNG") and os.listdir(tmp_path) == ["curves.png"]
+    path.write_bytes(b"the old figure")
+
+    def full_disk(*_):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(plots, "write_atomically", full_disk)
+    fig = plt.figure()
+    with pytest.raises(FmnistError, match=rf"^cannot write {path} \(No space left on device\)"):
+        plots.save_figure(fig, path)
+    assert path.read_bytes() == b"the old figure" and not plt.fignum_exists(fig.number)
+
+
 def _edit(run_dir, name, text):
-    (run_dir / name).write_text(text)
+    path = run_dir / name
+    path.write_bytes(text) if isinstance(text, bytes) else path.write_text(text)
 
 
 @pytest.mark.parametrize("name,text,message", [
@@ -230,6 +264,11 @@ def _edit(run_dir, name, text):
     (folder.NORMALIZATION_FILE, '{"mean": 0.5, "std": 0', "malformed"),
     (folder.HISTORY_FILE, '{"epoch": 1, "train_loss": 0.5}\n{"epoch": 2, "train_lo', "line 2 is malformed"),
     (folder.HISTORY_FILE, '{"epoch": 1, "train_loss": "low"}\n', "line 1 is not an epoch"),
+    (folder.CONFIG_FILE, b'\xff\xfe\x00garbage', "config.json is malformed (not UTF-8 text"),
+    (folder.NORMALIZATION_FILE, b'{"mean": 0.5, "std": 0.5}\xff',
+     "normalization.json is malformed (not UTF-8 text"),
+    (folder.HISTORY_FILE, b'{"epoch": 1, "train_loss": 0.5}\n\xff\n',
+     "history.jsonl line 2 is malformed (not UTF-8 text"),
 ])
 def test_evaluate_on_an_edited_run_folder_prints_one_line_and_writes_nothing(
         run_copy, name, text, message, run_main):

@@ -4,6 +4,7 @@ and every refusal as one line."""
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -159,6 +160,16 @@ def test_compare_script_says_which_run_is_higher_beyond_the_seeds_spread(tmp_pat
                        "data.json differ): compare runs of the same data"),
     ("sweep", "{b} is a sweep: its points are compared in its sweep.json; give the folder of "
               "a `--seeds K` run"),
+    ("report a list", "{b}/seed-1/report.json is malformed (not a JSON object): evaluate the "
+                      "run again (python scripts/evaluate.py {b})"),
+    ("report empty", "{b}/seed-1/report.json is malformed (no number accuracy): evaluate the "
+                     "run again (python scripts/evaluate.py {b})"),
+    ("report no ECE", "{b}/seed-1/report.json is malformed (no number after_temperature.ece): "
+                      "evaluate the run again (python scripts/evaluate.py {b})"),
+    ("report binary", "{b}/seed-1/report.json is malformed (not UTF-8 text: invalid start byte "
+                      "at byte 0): evaluate the run again (python scripts/evaluate.py {b})"),
+    ("seed deleted", "{b}/seed-1 is missing from the --seeds 2 run {b} (seeds.json lists it): "
+                     "restore it from a copy of the run"),
 ])
 def test_bad_compare_input_is_one_line(tmp_path, case, message, run_main):
     run_a = _seeds_run(tmp_path / "a", 0, [_report(0.92, 0.01), _report(0.93, 0.01)])
@@ -167,7 +178,11 @@ def test_bad_compare_input_is_one_line(tmp_path, case, message, run_main):
     b_args = {"not evaluated": dict(seed=0, reports=[_report(0.92, 0.01), None]),
               "one seed shared": dict(seed=1, reports=[_report(0.92, 0.01)] * 2),
               "other test set": dict(seed=0, reports=[_report(0.92, 0.01)] * 2,
-                                     test_sha="b" * 64)}
+                                     test_sha="b" * 64),
+              "report a list": dict(seed=0, reports=[_report(0.92, 0.01), [1]]),
+              "report empty": dict(seed=0, reports=[_report(0.92, 0.01), {}]),
+              "report no ECE": dict(seed=0, reports=[_report(0.92, 0.01), {
+                  **_report(0.92, 0.01), "after_temperature": {"nll": 0.2}}])}
     if case == "sweep":
         run_b = tmp_path / "b"
         folder.claim(run_b, get_config(optimizer="adamw", seeds=2,
@@ -175,6 +190,10 @@ def test_bad_compare_input_is_one_line(tmp_path, case, message, run_main):
     else:
         run_b = _seeds_run(tmp_path / "b", **b_args.get(case, dict(
             seed=0, reports=[_report(0.92, 0.01)] * 2)))
+    if case == "report binary":
+        (run_b / "seed-1" / folder.REPORT_JSON_FILE).write_bytes(b"\xff\xfe\x00garbage")
+    if case == "seed deleted":
+        shutil.rmtree(run_b / "seed-1")
     first = {"no folder": tmp_path / "a" / "nothing", "single run": single}.get(case, run_a)
     result = run_main("compare.py", first, run_b)
     assert one_error_line(result) == "error: " + message.format(a=run_a, b=run_b, single=single)

@@ -291,6 +291,9 @@ def test_a_bad_temperature_is_refused(tmp_path, run_dir):
     (bad_dir / folder.CALIBRATION_FILE).write_text('{"temp')
     with pytest.raises(FmnistError, match="calibration.json is malformed"):
         load_predictor(bad_dir)
+    (bad_dir / folder.CALIBRATION_FILE).write_bytes(b'\xff\xfe\x00garbage')
+    with pytest.raises(FmnistError, match=r"calibration.json is malformed \(not UTF-8 text"):
+        load_predictor(bad_dir)
 
 
 # --- the CLI ------------------------------------------------------------------------------
@@ -357,6 +360,7 @@ def test_cli_run_folder_without_a_model_is_one_line(tmp_path, run_dir, capsys):
         f"error: {broken} holds an unfinished run (checkpoints up to epoch 2): continue it "
         f"with `python scripts/train.py --resume {broken}`\n")
     assert "not a run folder" in _one_error_line(capsys, [str(tmp_path / "nowhere"), str(png)])
+    assert "not a run folder" in _one_error_line(capsys, ["/nowhere-at-all", str(png)])
 
 
 def test_cli_checkpoint_of_another_model_is_one_line(tmp_path, run_dir, capsys):

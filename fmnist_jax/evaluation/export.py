@@ -17,6 +17,7 @@ time, path or random name goes into a file, so exporting again gives the same by
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -33,10 +34,10 @@ from fmnist_jax.errors import FmnistError
 from fmnist_jax.evaluation.calibration import identity_map
 from fmnist_jax.evaluation.predict import (Predictor, calibrated_probs, load_predictor,
                                            temperature_of)
-from fmnist_jax.files import write_atomically
+from fmnist_jax.files import first_line, write_atomically
 from fmnist_jax.layers import portable_formulations
 from fmnist_jax.models import get_model
-from fmnist_jax.run import checkpoints, folder
+from fmnist_jax.run import folder
 from fmnist_jax.steps import inference_state, predict_logits_step
 
 FORMATS = ("stablehlo", "onnx", "torch")
@@ -63,13 +64,14 @@ def check_request(run_dir: str | Path, fmt: str, out: str | Path | None, *,
     if fmt == "stablehlo":
         require_flatbuffers()
     folder.load_config(run_dir)  # not a run: one line; a --seeds folder: names a member
-    if checkpoints.load_best(run_dir) is None:
-        raise FmnistError(f"{run_dir} has not finished training (no {checkpoints.BEST_FILE}): "
-                          f"finish it with scripts/train.py --resume {run_dir}, then export")
+    folder.check_finished(run_dir)
     path = Path(out) if out else Path(run_dir) / f"model{SUFFIXES[fmt]}"
     if path.is_dir():
         raise FmnistError(f"--out {path} is a folder: pass a file name, e.g. "
                           f"{path / ('model' + SUFFIXES[fmt])}")
+    if meta_path(path).is_dir():  # --overwrite replaces files, never a folder
+        raise FmnistError(f"--out {path}: {meta_path(path)}, where its JSON goes, is a "
+                          f"folder: move it away or pass another --out")
     for existing in (path, meta_path(path)):
         if (existing.exists() or existing.is_symlink()) and not overwrite:
             raise FmnistError(f"--out {existing} already exists: pass another --out, delete "
@@ -137,9 +139,22 @@ def metadata_of(predictor: Predictor, fmt: str, file_bytes: bytes, **extra: Any)
 
 
 def write_export(path: Path, file_bytes: bytes, meta: dict) -> None:
-    """The exported file, then the JSON beside it; each written whole or not at all."""
-    write_atomically(path, file_bytes)
-    write_atomically(meta_path(path), json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    """The exported file and the JSON beside it, each written whole or not at all. The file
+    is written under a staged name and renamed over `path` only once its JSON is written: a
+    full disk leaves the old pair as it was. FmnistError naming the file on failure."""
+    staged = path.with_name(f".{path.name}.staged-{os.getpid()}")
+    target = path
+    try:
+        write_atomically(staged, file_bytes)
+        target = meta_path(path)
+        write_atomically(target, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        target = path
+        os.replace(staged, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.unlink(staged)
+        raise FmnistError(f"cannot write {target} ({e.strerror or first_line(e)}): free some "
+                          f"space or check the folder's permissions, then export again") from e
 
 
 # ---------------------------------------------------------------------------------------
@@ -243,6 +258,11 @@ def load_exported(path: str | Path) -> ExportedModel:
     what is wrong otherwise."""
     path = Path(path)
     meta_file = meta_path(path)
+    if path.suffix != SUFFIXES["stablehlo"] and not meta_file.exists():
+        # An image given first (the run folder forgotten), not an export renamed by --out.
+        raise FmnistError(f"{path} is not a run folder or a {SUFFIXES['stablehlo']} file: pass "
+                          f"the run folder (or an exported {SUFFIXES['stablehlo']} file) first, "
+                          f"then the images")
     try:
         meta = json.loads(meta_file.read_text())
     except FileNotFoundError as e:

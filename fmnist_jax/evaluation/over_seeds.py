@@ -37,6 +37,9 @@ IN_PERCENT = {"val_accuracy", "accuracy", "macro_f1", "ece_before", "ece_after",
 # What a run without a validation split (--val-fraction 0) has not: it keeps its last epoch and
 # calibrates nothing (T = 1), so its "after" figures would only repeat its "before" ones.
 NEEDS_VALIDATION = ("val_accuracy", "ece_after", "nll_after")
+# The figures every evaluation writes to report.json (flip TTA and the others are optional).
+REQUIRED = ("accuracy", "macro_f1", "before_temperature.ece", "after_temperature.ece",
+            "after_temperature.nll")
 
 
 def seed_reports(run_dir: str | Path) -> dict[int, dict[str, Any]]:
@@ -54,14 +57,30 @@ def seed_reports(run_dir: str | Path) -> dict[int, dict[str, Any]]:
                           f"{folder.SWEEP_FILE}; give the folder of a `--seeds K` run")
     reports = {}
     for member, member_dir in zip(cfg.members(), member_dirs):
-        report = results.load_report(member_dir)
+        folder.load_config(member_dir)  # a seed's folder deleted or damaged: no evaluation helps
+        again = f"evaluate the run again (python scripts/evaluate.py {run_dir})"
+        report = results.load_report(member_dir, again)
         if report is None:
             raise FmnistError(f"{member_dir} has no {folder.REPORT_JSON_FILE}: evaluate the run "
                               f"first (python scripts/evaluate.py {run_dir})")
+        _check_report(member_dir / folder.REPORT_JSON_FILE, report, again)
         best = checkpoints.load_best(member_dir) or {}
         reports[member.seed] = {**report, KEPT: {"val_accuracy": best.get("val_accuracy"),
                                                  "split_seed": member.split_seed}}
     return reports
+
+
+def _check_report(path: Path, report: Any, fix: str) -> None:
+    """FmnistError unless `report` is an object holding a number at each of REQUIRED:
+    without them the figures over the seeds would drop that metric silently."""
+    if not isinstance(report, dict):
+        raise FmnistError(f"{path} is malformed (not a JSON object): {fix}")
+    for key in REQUIRED:
+        value: Any = report
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if type(value) not in (int, float):
+            raise FmnistError(f"{path} is malformed (no number {key}): {fix}")
 
 
 def _validated(reports: dict[int, dict[str, Any]]) -> bool:

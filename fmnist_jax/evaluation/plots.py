@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Sequence
 
@@ -12,7 +13,24 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from fmnist_jax.errors import FmnistError  # noqa: E402
+from fmnist_jax.files import write_atomically  # noqa: E402
 from fmnist_jax.metrics import Reliability  # noqa: E402
+
+
+def save_figure(fig, path: Path) -> None:
+    """`fig` as a PNG at `path`, written whole or not at all (rendered in memory, then
+    `write_atomically`); the figure is closed either way. FmnistError when it cannot be
+    written."""
+    buffer = io.BytesIO()
+    try:
+        fig.savefig(buffer, format="png", dpi=120)
+        write_atomically(Path(path), buffer.getvalue())
+    except OSError as e:
+        raise FmnistError(f"cannot write {path} ({e.strerror or e}): free some space or "
+                          f"check the folder's permissions, then evaluate again") from e
+    finally:
+        plt.close(fig)
 
 
 def plot_confusion_matrix(cm_CxC: np.ndarray, class_names: Sequence[str], path: Path,
@@ -34,8 +52,7 @@ def plot_confusion_matrix(cm_CxC: np.ndarray, class_names: Sequence[str], path: 
                 color="white" if count > threshold else "black")
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_reliability(panels: Sequence[tuple[Reliability, dict, str]], path: Path) -> None:
@@ -87,8 +104,7 @@ def plot_reliability(panels: Sequence[tuple[Reliability, dict, str]], path: Path
     axes[0].legend(loc="upper left", fontsize=8)
     fig.suptitle("Reliability diagram (test)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_training_curves(history: list[dict], path: Path) -> None:
@@ -110,5 +126,4 @@ def plot_training_curves(history: list[dict], path: Path) -> None:
              "validation and test: measured once, at the end of the epoch",
              ha="center", fontsize=9, style="italic")
     fig.tight_layout(rect=(0, 0.05, 1, 1))
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)

@@ -293,6 +293,7 @@ def load_run(run_dir: str | Path) -> LoadedRun:
     cfg = folder.load_config(run_dir)
     folder.check_finished(run_dir)  # an unfinished run is continued, not trained again
     folder.check_data_file(run_dir)
+    results.check_report_paths(run_dir)
     return LoadedRun(config=cfg, normalization=folder.load_normalization(run_dir),
                      history=load_history(run_dir), best=checkpoints.load_best(run_dir),
                      variables=checkpoints.load_variables(run_dir, cfg))
@@ -339,6 +340,7 @@ def evaluate_run(run_dir: str | Path, *, train: data.Split, test: data.Split,
         report["epoch"] = run.best["epoch"]
         report["epochs_trained"] = run.best["epochs_trained"]
     text = format_report(report, preds_N, test.labels_N, run_dir, run.best)
+    results.check_report_paths(run_dir)  # again: the evaluation took a while
     results.save_report(run_dir, text, report)
     if val is not None:
         results.save_calibration(run_dir, report["calibration"]["map"], report["n_validation"])

@@ -48,12 +48,16 @@ def holds_seeds(run_dir: Path) -> bool:
     return (run_dir / SEEDS_FILE).is_file() and not (run_dir / CONFIG_FILE).is_file()
 
 
-def read_json(path: Path) -> Any:
-    """A JSON file of the run; a hand-edited or truncated one is an FmnistError."""
+def read_json(path: Path, fix: str = "restore it from the run") -> Any:
+    """A JSON file of the run; a hand-edited, truncated or binary one is an FmnistError
+    ending with `fix`."""
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_bytes().decode())
+    except UnicodeDecodeError as e:  # binary garbage: as damaged as bad JSON
+        raise FmnistError(f"{path} is malformed (not UTF-8 text: {e.reason} at byte {e.start})"
+                          f": {fix}") from e
     except json.JSONDecodeError as e:
-        raise FmnistError(f"{path} is malformed ({e.msg}): restore it from the run") from e
+        raise FmnistError(f"{path} is malformed ({e.msg}): {fix}") from e
 
 
 def load_config(run_dir: str | Path) -> TrainConfig:
@@ -86,6 +90,8 @@ def seeds_run_of(run_dir: Path) -> Path | None:
     folder of (by name, as its seeds.json gives them), else None."""
     for depth in (1, 2):  # seed-S, or a sweep's POINT/seed-S
         near = run_dir if len(run_dir.parts) > depth else run_dir.absolute()
+        if len(near.parents) < depth:  # a folder just under the root has no grandparent
+            return None
         whole = near.parents[depth - 1]
         if not holds_seeds(whole):
             continue

@@ -101,13 +101,16 @@ def load_history(run_dir: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     rows = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
+    for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        try:  # a line of binary garbage is as damaged as one of bad JSON
+            line = raw.decode()
+            if not line.strip():
+                continue
             row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise FmnistError(f"{path} line {number} is malformed ({e.msg}): restore it from "
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            reason = (f"not UTF-8 text: {e.reason}" if isinstance(e, UnicodeDecodeError)
+                      else e.msg)
+            raise FmnistError(f"{path} line {number} is malformed ({reason}): restore it from "
                               f"the run or delete the line") from e
         if not (isinstance(row, dict) and type(row.get("epoch")) is int and all(
                 type(v) in (int, float) for v in row.values())):

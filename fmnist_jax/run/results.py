@@ -4,6 +4,7 @@ seeds_report.json over the seeds of a run of several)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -85,10 +86,24 @@ def save_report(run_dir: Path, text: str, report: dict[str, Any]) -> None:
     write_json(run_dir / REPORT_JSON_FILE, report)
 
 
-def load_report(run_dir: str | Path) -> dict[str, Any] | None:
-    """The run's report.json, or None when the run was not evaluated."""
+def check_report_paths(run_dir: str | Path) -> None:
+    """FmnistError unless the evaluation can write each of its files in `run_dir`: a folder
+    in place of one, or a folder that is not writable, found before anything is rewritten."""
+    run_dir = Path(run_dir)
+    for name in (REPORT_TEXT_FILE, REPORT_JSON_FILE, CALIBRATION_FILE, *PLOT_FILES.values()):
+        if (run_dir / name).is_dir():
+            raise FmnistError(f"cannot write {run_dir / name} (it is a folder): move it away, "
+                              f"then evaluate again")
+    if not os.access(run_dir, os.W_OK):
+        raise FmnistError(f"cannot write in {run_dir} (the folder is not writable): check its "
+                          f"permissions, then evaluate again")
+
+
+def load_report(run_dir: str | Path, fix: str = "evaluate the run again") -> Any:
+    """The run's report.json as parsed (the caller checks its fields), or None when the run
+    was not evaluated; FmnistError ending with `fix` when it is no JSON."""
     path = Path(run_dir) / REPORT_JSON_FILE
-    return read_json(path) if path.is_file() else None
+    return read_json(path, fix) if path.is_file() else None
 
 
 def save_seeds_report(run_dir: Path, summary: dict[str, Any]) -> None:
