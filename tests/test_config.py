@@ -47,9 +47,10 @@ def test_overrides_and_json_round_trip():
     ({"val_fraction": 1.0}, r"val fraction must be in \[0, 1\)"),
     ({"eval_batch_size": 100_000_000}, "eval batch size 100000000 is more than the 60,000 "
                                        "images of the largest split: pass at most 60000"),
-    ({"mixup_alpha": 1e39}, "mixup alpha 1e\\+39 is beyond float32's range"),
-    ({"learning_rate": 1e-50}, "learning rate 1e-50 is too small for float32"),
-    ({"optimizer": "adamw", "weight_decay": -1e39}, "weight decay -1e\\+39 is beyond float32"),
+    ({"mixup_alpha": 1e39}, "mixup alpha 1e\\+39 is outside float32's range"),
+    ({"learning_rate": 1e-50}, "learning rate 1e-50 is outside float32's range, in which the "
+                               "run computes: pass a magnitude from 1.175e-38 to 3.403e\\+38"),
+    ({"optimizer": "adamw", "weight_decay": -1e39}, "weight decay -1e\\+39 is outside float32"),
     ({"optimizer": "adam", "momentum": 0.5},
      "momentum 0.5 is ignored by optimizer 'adam': pass --optimizer sgd or nesterov"),
     ({"optimizer": "adamw", "momentum": 0.0}, "momentum 0.0 is ignored by optimizer 'adamw'"),

@@ -29,8 +29,7 @@ MAX_SEED = 2**32  # jax.random.key takes a 32-bit seed without surprises
 MAX_SEEDS = 1000
 # The largest Fashion-MNIST split: a larger evaluation batch is only padding, held on the device.
 MAX_EVAL_BATCH = 60_000
-# Floats are trained in float32: a value beyond its range is infinite there, one below its
-# smallest normal number is 0 (or loses its precision).
+# Floats train in float32: beyond its range a value is infinite there, below its tiny, 0.
 FLOAT32_MAX, FLOAT32_TINY = 3.4028234663852886e38, 1.1754943508222875e-38
 # The fields `--sweep` can vary within one compiled program: each member carries its own value
 # as an array (the optimizer's in its state, `optim.make_optimizer`; the others in the
@@ -43,8 +42,7 @@ SWEEPABLE = {"learning_rate": "lr", "weight_decay": "wd", "label_smoothing": "ls
 
 
 _DEFAULT_DISTILL, _DEFAULT_TEMPERATURE = 0.5, 4.0  # the distillation's weight and temperature
-_DEFAULT_MOMENTUM = 0.9
-_DEFAULT_PLATEAU = (0.5, 3)  # the plateau schedule's factor and patience
+_DEFAULT_MOMENTUM, _PLATEAU = 0.9, (0.5, 3)  # sgd's momentum; plateau factor, patience
 TEACHER_VIEWS = ("clean", "augmented")  # `teacher_view`'s values, the default first
 TEACHER_TTAS = ("none", "flip")  # `teacher_tta`'s values, the default first
 # The fields that say how a teacher teaches: a tool that trains without one offers none of them.
@@ -92,13 +90,12 @@ class TrainConfig:
     decay: str = _field("constant", "after warmup: constant; cosine (to 0 at the last step); "
                         "plateau (multiply by plateau_factor after plateau_patience + 1 epochs "
                         "without a lower validation loss)", choices=tuple(DECAYS))
-    plateau_factor: float = _field(_DEFAULT_PLATEAU[0], "the plateau schedule's factor",
-                                   check=(lambda v: 0 < v < 1, "in (0, 1)"))
-    plateau_patience: int = _field(_DEFAULT_PLATEAU[1], "epochs in a row without a lower "
+    plateau_factor: float = _field(_PLATEAU[0], "the plateau schedule's factor", check=(
+        lambda v: 0 < v < 1, "in (0, 1)"))
+    plateau_patience: int = _field(_PLATEAU[1], "epochs in a row without a lower "
                                    "validation loss that the plateau schedule tolerates: it "
                                    "lowers the rate at the end of the next such epoch (torch's "
-                                   "ReduceLROnPlateau patience)",
-                                   check=(lambda v: v >= 0, ">= 0"))
+                                   "ReduceLROnPlateau patience)", check=(lambda v: v >= 0, ">= 0"))
     clip_norm: float | None = _field(None, "clip gradients to this global L2 norm (none: no "
                                      "clipping)", check=(lambda v: v is None or v > 0,
                                                          "positive, or none"))
@@ -208,8 +205,7 @@ class TrainConfig:
                               f"{MAX_EVAL_BATCH:,} images of the largest split: pass at most "
                               f"{MAX_EVAL_BATCH}")
         if self.weight_decay and self.optimizer not in DECAYING_OPTIMIZERS:
-            # The decay may come from the preset, so the fix is a value to pass, not a flag
-            # to drop; a preset's weight_decay_params would then be refused in turn.
+            # The decay may be the preset's: a value to pass, with its weight_decay_params.
             also = (" --weight-decay-params kernels" if self.weight_decay_params != "kernels"
                     else "")
             raise FmnistError(f"weight decay {self.weight_decay} is ignored by optimizer "
@@ -219,8 +215,7 @@ class TrainConfig:
             raise FmnistError(f"momentum {self.momentum} is ignored by optimizer "
                               f"{self.optimizer!r}: pass --optimizer "
                               f"{' or '.join(MOMENTUM_OPTIMIZERS)}, or drop --momentum")
-        if (self.plateau_factor, self.plateau_patience) != _DEFAULT_PLATEAU and \
-                self.decay != "plateau":
+        if self.decay != "plateau" and (self.plateau_factor, self.plateau_patience) != _PLATEAU:
             raise FmnistError(f"plateau factor and plateau patience change nothing with decay "
                               f"{self.decay}: pass --decay plateau, or drop them")
         if self.weight_decay_params != "kernels" and not self.weight_decay:
@@ -262,9 +257,8 @@ class TrainConfig:
             raise FmnistError("distill weight and distill temperature change nothing without a "
                               "teacher: pass --teacher RUN_DIR, or drop them")
         if self.teacher and self.distill_weight == 0:
-            raise FmnistError("distill weight 0 leaves the teacher out of the loss (it would be "
-                              "loaded for nothing): drop --teacher, or pass --distill-weight "
-                              "> 0")
+            raise FmnistError("distill weight 0 leaves the teacher out of the loss (loaded for "
+                              "nothing): drop --teacher, or pass --distill-weight > 0")
         if not self.teacher and self.teacher_view != TEACHER_VIEWS[0]:
             raise FmnistError(f"teacher view {self.teacher_view} changes nothing without a "
                               f"teacher: pass --teacher RUN_DIR, or drop --teacher-view")
@@ -384,22 +378,17 @@ def flag_words(name: str) -> str:
 
 
 def _check_type(name: str, value: Any, hint: Any) -> None:
-    """Raise FmnistError unless `value` is of the field's type (for floats, a number that
-    float32 holds: finite there, and not flushed to 0)."""
+    """Raise FmnistError unless `value` is of the field's type (floats: as float32 holds)."""
     allowed = typing.get_args(hint) or (hint,)  # float | None -> (float, NoneType)
     if value is None and type(None) in allowed:
         return
     if float in allowed and isinstance(value, (int, float)) and not isinstance(value, bool):
         if not math.isfinite(value):
             raise FmnistError(f"{flag_words(name)} must be a finite number, got {value}")
-        if abs(value) > FLOAT32_MAX:
-            raise FmnistError(f"{flag_words(name)} {value} is beyond float32's range (the run "
-                              f"computes in float32, where it is infinite): pass a value of "
-                              f"magnitude at most {FLOAT32_MAX:.4g}")
-        if 0 < abs(value) < FLOAT32_TINY:
-            raise FmnistError(f"{flag_words(name)} {value} is too small for float32 (the run "
-                              f"computes in float32, where it is 0 or loses its precision): "
-                              f"pass a value of magnitude at least {FLOAT32_TINY:.4g}")
+        if abs(value) > FLOAT32_MAX or 0 < abs(value) < FLOAT32_TINY:
+            raise FmnistError(f"{flag_words(name)} {value} is outside float32's range, in which "
+                              f"the run computes: pass a magnitude from {FLOAT32_TINY:.4g} to "
+                              f"{FLOAT32_MAX:.4g}")
         return
     if int in allowed and isinstance(value, int) and not isinstance(value, bool):
         return
