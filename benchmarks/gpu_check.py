@@ -64,7 +64,7 @@ class Check:
         self.out, self.manual_dir, self.smoke = out, manual_dir, smoke
         self.started = time.time()
         self.deadline = self.started + budget_s
-        self.grace = 5 if smoke else 15
+        self.grace = 5 if smoke else 20
         self.work = Path(tempfile.mkdtemp(prefix="gpu_check_"))
         self.gpu = False
         self.slack = 0.0
@@ -108,8 +108,9 @@ class Check:
     def run(self, command: list[str], deadline: float, *, env: dict | None = None,
             marks: tuple[str, ...] = ()) -> dict:
         """`command` in a session of its own, stopped (with its children) past `deadline`:
-        first Ctrl-C, so that pytest still writes its junit XML and a part its last result,
-        then `grace` seconds past `deadline` a kill. Returns rc (None: killed), timed_out,
+        first Ctrl-C, a quarter of `grace` past it, so that pytest still writes its junit XML
+        and a part its last result (once XLA returns from a compile, which Ctrl-C does not
+        cut short), then `grace` past it a kill. Returns rc (None: killed), timed_out,
         seconds, the output tails and, for each prefix in `marks`, the seconds at which the
         first stdout line starting with it came."""
         t0 = time.perf_counter()
@@ -130,7 +131,7 @@ class Check:
             reader.start()
         timed_out = False
         try:
-            rc = process.wait(timeout=max(1.0, deadline + self.grace / 3 - time.time()))
+            rc = process.wait(timeout=max(1.0, deadline + self.grace / 4 - time.time()))
         except subprocess.TimeoutExpired:
             timed_out = True
             os.killpg(process.pid, signal.SIGINT)  # the session this call started

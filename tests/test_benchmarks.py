@@ -206,7 +206,7 @@ def test_gpu_check_stops_a_part_with_ctrl_c_before_killing_it(tmp_path, monkeypa
     start = time.time()
     ran = check.run([sys.executable, "-c", _SAVES_ON_CTRL_C, str(saved)], start + 6)
     assert ran["timed_out"] and ran["rc"] is not None and saved.read_text() == "saved"
-    assert time.time() - start < 11.5  # Ctrl-C at a third of the grace: no kill at its end
+    assert time.time() - start < 11.5  # Ctrl-C soon after the deadline, no kill at 12 s
     ignores = "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); time.sleep(60)"
     start = time.time()
     ran = check.run([sys.executable, "-c", ignores], start + 6)
