@@ -197,6 +197,7 @@ def _gpu_check(tmp_path, monkeypatch):
 def test_gpu_check_stops_a_part_with_ctrl_c_before_killing_it(tmp_path, monkeypatch):
     """A part past its deadline gets Ctrl-C first (pytest then writes its junit XML, a part
     its last result); one that ignores it is killed `grace` seconds past the deadline."""
+    import signal
     import sys
     import time
 
@@ -204,7 +205,11 @@ def test_gpu_check_stops_a_part_with_ctrl_c_before_killing_it(tmp_path, monkeypa
     check.grace = 6
     saved = tmp_path / "saved.txt"
     start = time.time()
-    ran = check.run([sys.executable, "-c", _SAVES_ON_CTRL_C, str(saved)], start + 6)
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as for a check started with nohup
+    try:
+        ran = check.run([sys.executable, "-c", _SAVES_ON_CTRL_C, str(saved)], start + 6)
+    finally:
+        signal.signal(signal.SIGINT, before)
     assert ran["timed_out"] and ran["rc"] is not None and saved.read_text() == "saved"
     assert time.time() - start < 11.5  # Ctrl-C soon after the deadline, no kill at 12 s
     ignores = "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); time.sleep(60)"
