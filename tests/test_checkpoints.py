@@ -368,7 +368,7 @@ def test_the_run_keeps_the_latest_and_the_best_epoch(uninterrupted):
 
 @pytest.mark.slow
 def test_early_stopping_stops_and_keeps_the_best_epoch(tmp_path):
-    cfg = _val_config(epochs=12, patience=1, decay="constant")
+    cfg = _val_config(epochs=12, patience=1, decay="constant", plateau_patience=3)
     _, history = train_quietly(cfg, tmp_path / "run", _splits())
     best = checkpoints.load_best(tmp_path / "run")
     assert best["stopped_early"] and best["epochs_trained"] == len(history) < 12
