@@ -114,12 +114,14 @@ class Check:
         seconds, the output tails and, for each prefix in `marks`, the seconds at which the
         first stdout line starting with it came."""
         t0 = time.perf_counter()
-        # Ctrl-C's default back for the child: a command started in the background (nohup,
-        # `cmd &`) ignores SIGINT, and a Python that starts ignoring it raises no
-        # KeyboardInterrupt.
+        # A command started in the background (nohup, `cmd &`) ignores SIGINT, which its
+        # children inherit, and a Python started so raises no KeyboardInterrupt. A handled
+        # signal is reset to its default by exec: handle it here, and the child gets Ctrl-C.
+        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         process = subprocess.Popen(command, cwd=REPO, env={**self.env, **(env or {})},
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                   start_new_session=True, preexec_fn=_default_ctrl_c)
+                                   start_new_session=True)
         out, err, seen = [], [], {}
 
         def read(stream, lines, timed):
@@ -326,10 +328,6 @@ class Check:
         entry["device"] = ran["first_line"]  # "device: gpu (NVIDIA H100 ...), jax ..."
         entry.update(_train_split(run_dir, ran))
         return entry
-
-
-def _default_ctrl_c() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _tiny_csv(manual_dir: Path, folder: Path, n_train: int = 512, n_test: int = 256) -> None:
