@@ -257,7 +257,7 @@ def bench(opts: dict, save: Callable, time_left: Callable) -> dict:
 
 def seeds(opts: dict, save: Callable, time_left: Callable) -> dict:
     """benchmarks.seed_timing's epoch time of --seeds K against one model."""
-    from fmnist_jax.run.config import get_config
+    from fmnist_jax.run.presets import get_config
     from benchmarks.seed_timing import markdown_table, seed_rows
 
     train, _ = _load(opts)

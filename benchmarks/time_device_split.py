@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     import jax
 
     from fmnist_jax import data
-    from fmnist_jax.run.config import get_config
+    from fmnist_jax.run.presets import get_config
     from benchmarks.device_split import markdown_table, time_device_split
 
     if max(device_counts) > jax.device_count():

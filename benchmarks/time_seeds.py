@@ -23,7 +23,7 @@ import os
 
 from fmnist_jax import data
 from fmnist_jax.run import parallel
-from fmnist_jax.run.config import get_config
+from fmnist_jax.run.presets import get_config
 from benchmarks.seed_timing import time_seeds
 
 

@@ -27,7 +27,8 @@ from fmnist_jax.cli_flags import (CALIBRATIONS, Parser, add_calibration_flag,  #
                                   config_from_args, load_data, start_devices,
                                   use_compile_cache, user_errors_exit_1)
 from fmnist_jax.errors import FmnistError  # noqa: E402
-from fmnist_jax.run.config import DEFAULT_PRESET, TEACHER_FIELDS, TrainConfig  # noqa: E402
+from fmnist_jax.run.config import TEACHER_FIELDS, TrainConfig  # noqa: E402
+from fmnist_jax.run.presets import DEFAULT_PRESET
 
 # ---------------------------------------------------------------------------------------
 # train
@@ -224,12 +225,14 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     if args.resamples < 1:
         raise FmnistError(f"--resamples must be at least 1, got {args.resamples}")
     use_compile_cache(args.compile_cache)
-    from fmnist_jax.run import folder
+    from fmnist_jax.run import folder, results
     from fmnist_jax.evaluation.report import evaluate_run, load_run
 
     # The folder of a run of several seeds: every seed's run, one report each.
     run_dirs = folder.seed_run_dirs(args.run_dir) or [Path(args.run_dir)]
     loaded = [load_run(run_dir) for run_dir in run_dirs]  # damaged ones fail before the data
+    for run_dir in run_dirs:
+        results.check_report_paths(run_dir)
     if args.calibration != CALIBRATIONS[0]:
         unsplit = [d for d, run in zip(run_dirs, loaded) if run.config.val_fraction == 0]
         if unsplit:

@@ -17,8 +17,8 @@ from typing import Any, Callable, NoReturn
 
 from fmnist_jax.errors import FmnistError
 from fmnist_jax.run import interrupts
-from fmnist_jax.run.config import (DEFAULT_PRESET, PRESETS, TrainConfig, canonical_sweep,
-                                   get_config)
+from fmnist_jax.run.config import TrainConfig, canonical_sweep, flag_words, parse_sweep
+from fmnist_jax.run.presets import DEFAULT_PRESET, PRESETS, get_config
 
 COMPILE_CACHE_ENV = "FMNIST_COMPILE_CACHE"
 DEFAULT_COMPILE_CACHE = "~/.cache/fmnist_jax/xla"
@@ -140,6 +140,11 @@ def config_from_args(args: argparse.Namespace, **fixed: Any) -> TrainConfig:
     """The preset of `args.preset` with every config flag the user gave, and `fixed`."""
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
              if hasattr(args, f.name)}
+    for name in parse_sweep(given.get("sweep", "")):
+        if name in given:  # the sweep would replace the flag's value without a word
+            flag = "--" + name.replace("_", "-")
+            raise FmnistError(f"{flag} {given[name]} and --sweep {name}=... both set "
+                              f"{flag_words(name)}: drop {flag}, or its part of --sweep")
     return get_config(args.preset or DEFAULT_PRESET, **{**given, **fixed})
 
 

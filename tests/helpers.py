@@ -62,7 +62,7 @@ def step_batch(n: int = STEP_BATCH, seed: int = 0):
 def tiny_config():
     """The config of the shared tiny run. Tests that train again use it too, so that XLA
     compiles the epoch once (no validation split: the run is uncalibrated)."""
-    from fmnist_jax.run.config import get_config
+    from fmnist_jax.run.presets import get_config
 
     return get_config(epochs=2, batch_size=32, eval_batch_size=100, val_fraction=0.0, seed=4)
 

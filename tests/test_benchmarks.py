@@ -10,7 +10,7 @@ import pytest
 
 from benchmarks.device_split import markdown_table, time_device_split
 from benchmarks.profiling import layer_formulations, toeplitz_3d_rows_lenet5
-from fmnist_jax.run.config import get_config
+from fmnist_jax.run.presets import get_config
 from tests.helpers import (REPO, FlaxLeNet5, assert_model_equals_flax, make_split, needs,
                            one_error_line, run_script)
 

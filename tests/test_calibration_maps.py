@@ -224,7 +224,7 @@ def test_a_bad_calibration_flag_is_one_line(run_main, tmp_path):
 @pytest.mark.slow
 def test_the_calibration_flag_reaches_calibration_json(tmp_path, run_main, monkeypatch):
     from fmnist_jax import cli
-    from fmnist_jax.run.config import get_config
+    from fmnist_jax.run.presets import get_config
     from tests.helpers import train_quietly
 
     splits = make_split(400, seed=0), make_split(200, seed=1)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from fmnist_jax.run import checkpoints, folder
-from fmnist_jax.run.config import get_config
+from fmnist_jax.run.presets import get_config
 from fmnist_jax.errors import FmnistError
 from fmnist_jax.models import get_model
 from fmnist_jax.optim import make_optimizer, make_plateau
@@ -233,6 +233,25 @@ def test_non_finite_weights_are_never_handed_on_by_a_resume(tmp_path, tiny_run, 
     with pytest.raises(FmnistError, match=f"{latest} holds NaN or infinite weights"):
         train_quietly(run.config, run, tiny_splits)
     assert not (tmp_path / "run" / folder.BEST_FILE).exists()
+
+
+@pytest.mark.slow  # the resume compiles the epoch
+def test_a_run_begun_with_a_setting_that_changes_nothing_still_resumes_and_evaluates(
+        tmp_path, tiny_run, tiny_splits):
+    """Its config.json and claim.json as an earlier version wrote them, with momentum 0.5 for
+    adam (which a new run refuses): the run is resumed and then loads for its evaluation."""
+    from fmnist_jax.evaluation.report import load_run
+
+    _killed_copy_of_the_tiny_run(tiny_run, tmp_path / "run")
+    for name, inner in ((folder.CONFIG_FILE, False), (folder.CLAIM_FILE, True)):
+        path = tmp_path / "run" / name
+        fields = json.loads(path.read_text())
+        (fields["config"] if inner else fields)["momentum"] = 0.5
+        path.write_text(json.dumps(fields))
+    run = folder.reopen(tmp_path / "run")
+    assert run.config.momentum == 0.5 and run.config.optimizer == "adam"
+    train_quietly(run.config, run, tiny_splits)
+    assert load_run(tmp_path / "run").config == run.config
 
 
 # Under a file size limit (a full disk's stand-in that needs no root): saves of many arrays,

@@ -11,7 +11,8 @@ import pytest
 from fmnist_jax import cli, cli_flags
 from fmnist_jax.cli import train_parser
 from fmnist_jax.cli_flags import config_from_args
-from fmnist_jax.run.config import PRESETS, TrainConfig
+from fmnist_jax.run.config import TrainConfig
+from fmnist_jax.run.presets import PRESETS
 from tests.helpers import REPO, needs
 
 

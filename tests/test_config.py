@@ -1,4 +1,5 @@
-"""run/config.py: the presets, overrides, checks and the JSON round trip of TrainConfig."""
+"""run/config.py and run/presets.py: the presets, overrides, checks and the JSON round trip of
+TrainConfig."""
 
 import dataclasses
 import json
@@ -6,7 +7,8 @@ import json
 import pytest
 
 from fmnist_jax import FmnistError
-from fmnist_jax.run.config import PRESETS, TrainConfig, get_config
+from fmnist_jax.run.config import TrainConfig
+from fmnist_jax.run.presets import PRESETS, get_config
 
 
 def test_default_preset_is_the_lenet5_report_recipe():
@@ -63,6 +65,23 @@ def test_overrides_and_json_round_trip():
 def test_bad_values_are_named(overrides, message):
     with pytest.raises(FmnistError, match=message):
         get_config(**overrides)
+
+
+INERT = [{"optimizer": "adam", "momentum": 0.5}, {"plateau_factor": 0.1},
+         {"distill_weight": 0.3}, {"val_seed": 3, "val_fraction": 0.0},
+         {"optimizer": "adam", "weight_decay": 1e-4}, {"teacher": "runs/t", "distill_weight": 0.0}]
+
+
+@pytest.mark.parametrize("overrides", INERT)
+def test_a_stored_config_keeps_a_setting_that_changes_nothing(overrides):
+    """A new run refuses a setting that acts on nothing; the config.json of a run an earlier
+    version trained with one is still read back, to evaluate or resume that run."""
+    cfg = dataclasses.replace(get_config(), **overrides)
+    with pytest.raises(FmnistError, match="changes? nothing|is ignored by|leaves the teacher"):
+        cfg.validate()
+    assert TrainConfig.from_dict(json.loads(cfg.to_json())) == cfg
+    with pytest.raises(FmnistError, match="epochs must be at least 1"):  # other checks hold
+        TrainConfig.from_dict(dict(json.loads(cfg.to_json()), epochs=0))
 
 
 def test_unknown_preset_and_fields():

@@ -467,7 +467,7 @@ def test_one_epoch_from_csv_equals_one_epoch_from_tfds(tmp_path, fashion_mnist):
     changes nothing downstream. (A CSV of the official files has the same images in the
     release's order, which tfds shuffles: same accuracy within seed noise, other bytes.)"""
     from fmnist_jax.run import folder
-    from fmnist_jax.run.config import get_config
+    from fmnist_jax.run.presets import get_config
     from fmnist_jax.data import load
     from tests.helpers import train_quietly
 

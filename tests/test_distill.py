@@ -14,7 +14,7 @@ from fmnist_jax.augment import Augment
 from fmnist_jax.errors import FmnistError
 from fmnist_jax.models import get_model
 from fmnist_jax.run import folder
-from fmnist_jax.run.config import get_config
+from fmnist_jax.run.presets import get_config
 from fmnist_jax.run.history import load_history
 from fmnist_jax.run.teacher import load_teachers, teacher_logprobs, teachers_accuracy
 from fmnist_jax.steps import (StepOptions, Teacher, create_train_state, inference_state,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from fmnist_jax.run.config import PRESETS
+from fmnist_jax.run.presets import PRESETS
 from tests.helpers import REPO
 
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")

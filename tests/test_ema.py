@@ -12,7 +12,7 @@ import pytest
 
 from fmnist_jax import FmnistError
 from fmnist_jax.run import checkpoints
-from fmnist_jax.run.config import get_config
+from fmnist_jax.run.presets import get_config
 from fmnist_jax.data import HALF
 from fmnist_jax.models import get_model
 from fmnist_jax.steps import (create_train_state, evaluate, evaluation_state, train_epoch,

@@ -18,7 +18,7 @@ from fmnist_jax.errors import FmnistError
 from fmnist_jax.evaluation import export, export_onnx, predict
 from fmnist_jax.models import MODELS, get_model
 from fmnist_jax.run import folder
-from fmnist_jax.run.config import get_config
+from fmnist_jax.run.presets import get_config
 from fmnist_jax.steps import init_variables
 from tests.helpers import REPO, one_error_line
 

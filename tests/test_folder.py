@@ -229,6 +229,21 @@ def test_a_folder_in_place_of_a_figure_is_refused_before_anything_is_rewritten(r
     _untouched(run_copy)
 
 
+def test_loading_a_run_only_reads_and_the_writer_checks_its_paths(run_copy):
+    from fmnist_jax.evaluation.report import load_run
+
+    figure = run_copy / folder.PLOT_FILES["reliability"]
+    figure.unlink(missing_ok=True)
+    figure.mkdir()
+    # A reader (benchmarks/check_calibration_errors.py) loads a run it cannot write in.
+    run = load_run(run_copy)
+    assert run.config == tiny_config()
+    with pytest.raises(FmnistError, match=f"cannot write {figure}"):
+        evaluate_run(run_copy, train=make_split(512), test=make_split(300, seed=1), run=run,
+                     log_fn=lambda s: None)
+    _untouched(run_copy)
+
+
 def test_a_figure_that_cannot_be_written_is_one_error_and_keeps_the_old_one(tmp_path,
                                                                            monkeypatch):
     import matplotlib.pyplot as plt

@@ -11,7 +11,7 @@ import pytest
 
 from fmnist_jax import FmnistError, data
 from fmnist_jax.run import checkpoints, folder
-from fmnist_jax.run.config import get_config
+from fmnist_jax.run.presets import get_config
 from fmnist_jax.data import HALF, normalization_for, split_train_val
 from fmnist_jax.steps import predict_logits
 from tests.helpers import REPO, make_split, one_error_line, run_script, tiny_config

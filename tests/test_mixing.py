@@ -11,7 +11,7 @@ from fmnist_jax import data
 from fmnist_jax.augment import mix_batch
 from fmnist_jax.errors import FmnistError
 from fmnist_jax.models import get_model
-from fmnist_jax.run.config import get_config
+from fmnist_jax.run.presets import get_config
 from fmnist_jax.steps import (MIX_KEY, StepOptions, create_train_state, predict_logits_step,
                               train_step)
 from tests.helpers import SHARED_ADAM, STEP_BATCH, step_batch

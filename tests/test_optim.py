@@ -8,7 +8,7 @@ import pytest
 
 from fmnist_jax.models import get_model
 from fmnist_jax.optim import make_lr_schedule, make_optimizer
-from fmnist_jax.run.config import get_config
+from fmnist_jax.run.presets import get_config
 
 
 def test_warmup_then_constant():

@@ -12,7 +12,7 @@ from scipy import stats
 
 from fmnist_jax.evaluation import over_seeds
 from fmnist_jax.run import folder
-from fmnist_jax.run.config import get_config
+from fmnist_jax.run.presets import get_config
 from tests.helpers import one_error_line
 
 TEST_SHA = "a" * 64

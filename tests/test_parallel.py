@@ -117,7 +117,7 @@ from fmnist_jax.run import parallel
 parallel.use_cpu_devices(4)
 import jax, numpy as np
 from fmnist_jax import streams
-from fmnist_jax.run.config import get_config
+from fmnist_jax.run.presets import get_config
 from fmnist_jax.data import HALF
 from fmnist_jax.run.compiled import CompiledEpochs, step_options
 from fmnist_jax.models import get_model
@@ -477,7 +477,7 @@ from fmnist_jax.run import parallel
 parallel.use_cpu_devices(int(sys.argv[1]))
 import jax, jax.numpy as jnp, numpy as np
 from fmnist_jax import data, streams
-from fmnist_jax.run.config import get_config
+from fmnist_jax.run.presets import get_config
 from fmnist_jax.run.compiled import CompiledSeedEpochs, step_options
 from fmnist_jax.run.prepare import seed_members
 from tests.helpers import make_split

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from fmnist_jax.run import checkpoints, folder, results
-from fmnist_jax.run.config import get_config
+from fmnist_jax.run.presets import get_config
 from fmnist_jax.evaluation.report import evaluate_run
 from fmnist_jax.run.loop import train_and_evaluate
 from tests.helpers import make_split, one_error_line

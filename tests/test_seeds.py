@@ -14,7 +14,7 @@ from scipy import stats
 from fmnist_jax import streams
 from fmnist_jax.run import checkpoints, folder, parallel, results
 from fmnist_jax.run.history import load_history
-from fmnist_jax.run.config import get_config
+from fmnist_jax.run.presets import get_config
 from fmnist_jax.data import HALF, Normalization, train_val_indices
 from fmnist_jax.errors import FmnistError
 from fmnist_jax.metrics import mean_and_interval
@@ -464,7 +464,7 @@ def test_time_seeds_prints_one_row_per_k_against_the_one_model_epoch():
 _TIME_SEEDS_ON_TWO_DEVICES = """
 from fmnist_jax.run import parallel
 parallel.use_cpu_devices(2)
-from fmnist_jax.run.config import get_config
+from fmnist_jax.run.presets import get_config
 from benchmarks.seed_timing import time_seeds
 from tests.helpers import make_split
 print(time_seeds(get_config(batch_size=32), make_split(160, seed=2), [2, 3], epochs=1))

@@ -1,7 +1,9 @@
 """Sweeps (`--sweep`): the grid in the config, the swept values as arrays (in the optimizer's
 state and the TrainState), each member equal to the single run of its point and seed, resume."""
 
+import errno
 import json
+import os
 import shutil
 
 import jax
@@ -13,9 +15,10 @@ import pytest
 from fmnist_jax.errors import FmnistError
 from fmnist_jax.optim import make_optimizer, with_hyperparams
 from fmnist_jax.run import checkpoints, folder
-from fmnist_jax.run.config import canonical_sweep, get_config, parse_sweep
+from fmnist_jax.run.config import canonical_sweep, parse_sweep
+from fmnist_jax.run.presets import get_config
 from fmnist_jax.run.history import load_history
-from fmnist_jax.run.sweep import table_lines
+from fmnist_jax.run.sweep import plot_sweep, table_lines
 from tests.helpers import make_split, one_error_line, train_quietly
 
 
@@ -63,6 +66,17 @@ def test_train_refuses_a_program_changing_field_in_one_line(tmp_path, run_main):
     assert not (tmp_path / "run").exists()
 
 
+def test_train_refuses_a_flag_the_sweep_would_override(tmp_path, run_main):
+    result = run_main("train.py", "--learning-rate", "0.01", "--sweep",
+                      "learning_rate=0.001,0.003", "--workdir", tmp_path / "run")
+    assert one_error_line(result) == ("error: --learning-rate 0.01 and --sweep "
+                                      "learning_rate=... both set learning rate: drop "
+                                      "--learning-rate, or its part of --sweep")
+    assert not (tmp_path / "run").exists()
+    # A swept field the preset sets (lenet5-best's weight decay) needs no flag dropped.
+    assert get_config("lenet5-best", sweep="weight_decay=0.01,0.05").weight_decay == 0.05
+
+
 def _updates_after(tx, opt_state, steps=20):
     params = {"w": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4), "b": jnp.ones(4)}
     update = jax.jit(tx.update)
@@ -103,8 +117,7 @@ def test_the_swept_optimizer_equals_the_plain_one_bit_for_bit(preset, overrides)
         _updates_after(plain_adam, plain_adam.init(params)))))
 
 
-def test_the_table_marks_the_point_chosen_by_validation():
-    summary = {"fields": ["learning_rate"], "seeds": 2, "chosen": {
+SUMMARY = {"fields": ["learning_rate"], "seeds": 2, "chosen": {
         "index": 1, "folder": "lr=0.003", "test_accuracy": {"mean": 0.5, "interval": [0.4, 0.6]}},
         "points": [{"point": {"learning_rate": 0.001},
                     "val_accuracy": {"mean": 0.8, "interval": [0.7, 0.9]},
@@ -112,10 +125,28 @@ def test_the_table_marks_the_point_chosen_by_validation():
                    {"point": {"learning_rate": 0.003},
                     "val_accuracy": {"mean": 0.85, "interval": [0.8, 0.9]},
                     "test_accuracy": {"mean": 0.5}}]}
-    lines = table_lines(summary)
+
+
+def test_the_table_marks_the_point_chosen_by_validation():
+    lines = table_lines(SUMMARY)
     assert lines[2].endswith("<- chosen") and "0.003" in lines[2]
     assert not lines[1].endswith("<- chosen")
     assert lines[-1].startswith("chosen by validation accuracy: lr=0.003 (mean of 2 seeds)")
+
+
+def test_the_sweep_figure_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    path = tmp_path / folder.SWEEP_PLOT_FILE
+    plot_sweep(SUMMARY, path)
+    assert path.read_bytes().startswith(b"\x89PNG") and os.listdir(tmp_path) == [path.name]
+    path.write_bytes(b"the old figure")
+
+    def full_disk(*_):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(folder, "write_atomically", full_disk)
+    with pytest.raises(FmnistError, match=rf"^cannot write {path} \(No space left on device\)"):
+        plot_sweep(SUMMARY, path)
+    assert path.read_bytes() == b"the old figure"
 
 
 def _splits():

@@ -15,7 +15,8 @@ from fmnist_jax.cli import train_parser
 from fmnist_jax.cli_flags import config_from_args
 from fmnist_jax.errors import FmnistError
 from fmnist_jax.run import folder
-from fmnist_jax.run.config import TrainConfig, get_config
+from fmnist_jax.run.config import TrainConfig
+from fmnist_jax.run.presets import get_config
 from fmnist_jax.run.teacher import validation_note, validation_seen
 from tests.helpers import make_split, tiny_config
 

@@ -37,7 +37,8 @@ import optax
 from fmnist_jax import data, streams
 from fmnist_jax.baseline import TORCH_MODELS
 from fmnist_jax.baseline.order import jax_epoch_batch_order, run_epoch_order, run_init_params
-from fmnist_jax.run.config import PRESETS, TrainConfig, get_config
+from fmnist_jax.run.config import TrainConfig
+from fmnist_jax.run.presets import PRESETS, get_config
 from fmnist_jax.run.compiled import CompiledEpochs, step_options
 from fmnist_jax.run.parallel import describe_devices
 from fmnist_jax.errors import FmnistError

@@ -289,11 +289,11 @@ class LoadedRun:
 
 def load_run(run_dir: str | Path) -> LoadedRun:
     """The run's config, variables, normalization and history; FmnistError if any is
-    missing or damaged."""
+    missing or damaged. It only reads: a read-only run folder loads (the writer checks its
+    paths, `results.check_report_paths`)."""
     cfg = folder.load_config(run_dir)
     folder.check_finished(run_dir)  # an unfinished run is continued, not trained again
     folder.check_data_file(run_dir)
-    results.check_report_paths(run_dir)
     return LoadedRun(config=cfg, normalization=folder.load_normalization(run_dir),
                      history=load_history(run_dir), best=checkpoints.load_best(run_dir),
                      variables=checkpoints.load_variables(run_dir, cfg))
@@ -310,6 +310,7 @@ def evaluate_run(run_dir: str | Path, *, train: data.Split, test: data.Split,
     Nothing is written unless every input is sound: a damaged run folder or a model whose
     logits are not finite leaves the earlier report and calibration as they were."""
     run_dir = Path(run_dir)
+    results.check_report_paths(run_dir)
     run = run or load_run(run_dir)
     cfg, norm = run.config, run.normalization
     folder.check_data(run_dir, train, test)

@@ -400,20 +400,20 @@ def _remove_unstarted(run: Claim) -> None:
             run.path.rmdir()
 
 
-def write_text(path: Path, text: str) -> None:
+def write_file(path: Path, data: str | bytes) -> None:
     """Write to a temporary file, then rename: a crash or a full disk never leaves a half
     file in place of a good one. Only process 0 writes (see the module's docstring)."""
     if not is_writer():
         return
     try:
-        write_atomically(path, text)
+        write_atomically(path, data)
     except OSError as e:
         raise FmnistError(f"cannot write {path} ({e.strerror}): free some space or check the "
                           f"folder's permissions, then run again") from e
 
 
 def write_json(path: Path, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    write_file(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 # ---------------------------------------------------------------------------------------

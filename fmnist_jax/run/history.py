@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from fmnist_jax.errors import FmnistError
-from fmnist_jax.run.folder import HISTORY_FILE, TENSORBOARD_DIR, TIMING_FILE, write_text
+from fmnist_jax.run.folder import HISTORY_FILE, TENSORBOARD_DIR, TIMING_FILE, write_file
 from fmnist_jax.run.parallel import is_writer
 from fmnist_jax.run.tensorboard import TensorBoardLog
 
@@ -92,7 +92,7 @@ def _truncate_history(run_dir: Path, epochs: int) -> None:
     if not ok:
         raise FmnistError(f"{path} does not hold epochs 1 to {epochs}, the ones its checkpoint "
                           f"has: it was edited or damaged; train again in a new folder")
-    write_text(path, b"".join(line + b"\n" for line in kept).decode())
+    write_file(path, b"".join(line + b"\n" for line in kept))
 
 
 def load_history(run_dir: str | Path) -> list[dict[str, Any]]:

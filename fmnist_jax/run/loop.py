@@ -76,7 +76,8 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | Path | folder.Claim, *,
     Returns (final TrainState, list of per-epoch metric dicts); with M > 1 seeds, the state's
     leaves have a leading axis M and the list holds each seed's history.
     """
-    cfg.validate()
+    # A resumed run keeps the settings it began with, even one a new run may not pass.
+    cfg.validate(stored=isinstance(workdir, folder.Claim) and workdir.resumed)
     if not is_writer():
         log_fn, progress = (lambda line: None), False
     run = workdir if isinstance(workdir, folder.Claim) else folder.claim(workdir, cfg)

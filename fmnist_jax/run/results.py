@@ -14,7 +14,7 @@ from fmnist_jax.errors import FmnistError
 from fmnist_jax.models import NUM_CLASSES
 from fmnist_jax.run.folder import (CALIBRATION_FILE, PLOT_FILES, REPORT_JSON_FILE,
                                    REPORT_TEXT_FILE, SEEDS_REPORT_FILE, SUMMARY_FILE,
-                                   SWEEP_FILE, read_json, write_json, write_text)
+                                   SWEEP_FILE, read_json, write_file, write_json)
 
 
 def save_summary(run_dir: Path, summary: dict[str, Any]) -> None:
@@ -82,7 +82,7 @@ def load_calibration(run_dir: str | Path) -> dict[str, Any] | None:
 
 
 def save_report(run_dir: Path, text: str, report: dict[str, Any]) -> None:
-    write_text(run_dir / REPORT_TEXT_FILE, text)
+    write_file(run_dir / REPORT_TEXT_FILE, text)
     write_json(run_dir / REPORT_JSON_FILE, report)
 
 

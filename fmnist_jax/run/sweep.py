@@ -5,6 +5,7 @@ table and sweep.png (validation accuracy against each swept value).
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any, Callable
 
@@ -133,5 +134,7 @@ def _plot_panels(panels: list[tuple[str, dict]], path: Path) -> None:
             ax.legend(fontsize=8)
     fig.suptitle("Sweep: validation accuracy of each grid point")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    png = io.BytesIO()  # rendered whole, then written atomically: no half figure
+    fig.savefig(png, format="png", dpi=120)
     plt.close(fig)
+    folder.write_file(path, png.getvalue())
