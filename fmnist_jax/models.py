@@ -91,8 +91,9 @@ class BatchNorm1d(nn.Module):
     @nn.compact
     def __call__(self, x_BxF: jax.Array, *, train: bool) -> jax.Array:
         features = x_BxF.shape[-1]
-        scale = self.param("scale", nn.initializers.ones_init(), (features,))
-        bias = self.param("bias", nn.initializers.zeros_init(), (features,))
+        # float32 as flax's own layers, also where x64 makes float64 the default dtype.
+        scale = self.param("scale", nn.initializers.ones_init(), (features,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros_init(), (features,), jnp.float32)
         running_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
         running_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
         if train:

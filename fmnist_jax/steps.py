@@ -28,7 +28,7 @@ from jax.sharding import NamedSharding
 
 from fmnist_jax.augment import NONE, Augment, Mix, augment_batch, mix_batch
 from fmnist_jax.data import Normalization
-from fmnist_jax.models import NUM_CLASSES
+from fmnist_jax.errors import FmnistError
 
 
 class TrainState(train_state.TrainState):
@@ -115,7 +115,32 @@ class Sums(NamedTuple):
 
 
 def normalize(images_BxHxWx1: jax.Array, norm: Normalization) -> jax.Array:
-    return (images_BxHxWx1.astype(jnp.float32) / 255.0 - norm.mean) / norm.std
+    mean, std = norm  # a Normalization, or a plain (mean, std) pair
+    return (images_BxHxWx1.astype(jnp.float32) / 255.0 - mean) / std
+
+
+def check_inputs(images_NxHxWx1, labels_N=None, *, batch_size: int | None = None) -> None:
+    """FmnistError naming the fix when the steps' inputs are not what they take: uint8 pixels
+    (N, 28, 28, 1), as many integer labels, a batch size of at least 1. It reads shapes and
+    dtypes alone, so under jit it runs once, while tracing, and costs nothing after."""
+    shape, dtype = jnp.shape(images_NxHxWx1), jnp.result_type(images_NxHxWx1)
+    if dtype != jnp.uint8:
+        raise FmnistError(f"images must be uint8 pixels 0..255 (the step scales and "
+                          f"normalizes them), got {dtype}: pass the raw pixels, not images "
+                          f"already scaled to [0, 1] or normalized")
+    if len(shape) != 4 or shape[1:] != (28, 28, 1):
+        raise FmnistError(f"images must be (N, 28, 28, 1), got shape {shape}: give each "
+                          f"28 x 28 image its channel axis (images[..., None])")
+    if labels_N is not None:
+        if not jnp.issubdtype(jnp.result_type(labels_N), jnp.integer):
+            raise FmnistError(f"labels must be integer class indices, got "
+                              f"{jnp.result_type(labels_N)}: pass labels.argmax(-1) of one-hot "
+                              f"labels")
+        if jnp.shape(labels_N) != shape[:1]:
+            raise FmnistError(f"{shape[0]} images and labels of shape {jnp.shape(labels_N)}: "
+                              f"pass one label per image, shape ({shape[0]},)")
+    if batch_size is not None and batch_size < 1:
+        raise FmnistError(f"batch size must be at least 1, got {batch_size}")
 
 
 def takes_train_flag(model: nn.Module) -> bool:
@@ -152,7 +177,19 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, key: 
     rng. `plateau_tx` (optax.contrib.reduce_on_plateau) scales every update by its `scale`.
     `ema_decay` > 0 keeps an exponential moving average of the params (`ema_params`).
     `hparams`: a sweep member's values of HPARAMS fields (see TrainState).
+
+    Build the model and `tx` once and reuse them: the compiled steps are cached on them (a
+    new `optax.adam(...)` is a new object, and its first step compiles again).
     """
+    if not (isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+            or jnp.shape(key) == (2,) and jnp.result_type(key) == jnp.uint32):
+        raise FmnistError(f"key must be a jax.random key, got {key!r}: pass "
+                          f"jax.random.key(seed)")
+    try:
+        hash(model)
+    except TypeError as e:  # jit takes the model as a static argument, which must hash
+        raise FmnistError(f"the model {type(model).__name__} cannot be hashed, as jit needs: give its "
+                          f"fields hashable values (a tuple, not a list)") from e
     variables = init_variables(model, key)
     plateau = None if plateau_tx is None else plateau_tx.init(variables["params"])
     # A copy, not the same buffers: the epoch donates the state, and one buffer cannot be
@@ -286,6 +323,7 @@ def train_step(state: TrainState, images_BxHxWx1: jax.Array, labels_B: jax.Array
     times the cross-entropy against each image's labels plus the rest against its partner's,
     a fixed teacher's probabilities are mixed with the same share, and live teachers see the
     mixed images."""
+    check_inputs(images_BxHxWx1, labels_B)
     if options.augment.active:
         key, augment_key = jax.random.split(key)
         augment = options.augment._replace(**{
@@ -311,6 +349,7 @@ def train_step(state: TrainState, images_BxHxWx1: jax.Array, labels_B: jax.Array
 def eval_step(state: TrainState, images_BxHxWx1: jax.Array, labels_B: jax.Array,
               mask_B: jax.Array, norm: Normalization) -> Sums:
     """Loss and correct counts summed over the examples where `mask_B` is True."""
+    check_inputs(images_BxHxWx1, labels_B)
     logits_BxC = predict_logits_step(state, images_BxHxWx1, norm)
     losses_B = optax.softmax_cross_entropy_with_integer_labels(logits_BxC, labels_B)
     hits_B = jnp.argmax(logits_BxC, axis=-1) == labels_B
@@ -320,7 +359,9 @@ def eval_step(state: TrainState, images_BxHxWx1: jax.Array, labels_B: jax.Array,
 
 def predict_logits_step(state: TrainState, images_BxHxWx1: jax.Array,
                         norm: Normalization) -> jax.Array:
-    """Logits (B, 10) in evaluation mode (dropout off, BatchNorm's running statistics)."""
+    """Logits (B, classes) in evaluation mode (dropout off, BatchNorm's running statistics).
+    Unchecked, as the teachers see augmented float images through it: `predict_logits`
+    checks its uint8 input."""
     return _logits(state, state.params, images_BxHxWx1, norm, train=False)[0]
 
 
@@ -328,6 +369,10 @@ def predict_logits_step(state: TrainState, images_BxHxWx1: jax.Array,
 def plateau_update(state: TrainState, val_loss: jax.Array) -> TrainState:
     """Advance the reduce-on-plateau schedule by one epoch whose validation loss is
     `val_loss`: after `patience` epochs without improvement its scale shrinks by `factor`."""
+    if state.plateau_tx is None:
+        raise FmnistError("the state has no plateau schedule to advance: pass "
+                          "plateau_tx=optax.contrib.reduce_on_plateau(...) to "
+                          "create_train_state")
     zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
     _, plateau = state.plateau_tx.update(zeros, state.plateau, value=val_loss)
     return state.replace(plateau=plateau)
@@ -374,7 +419,12 @@ def scan_epoch(state, images_NxHxWx1, labels_N, idx_Q, key, batch_size, norm, op
     """`train_epoch` on all N examples (`idx_Q` None), or on the Q examples `idx_Q` of them:
     then the batches, keys and steps are those of `train_epoch` on `images_NxHxWx1[idx_Q]`
     (the shuffle permutes positions in `idx_Q`), without copying those images."""
+    check_inputs(images_NxHxWx1, labels_N, batch_size=batch_size)
     n = labels_N.shape[0] if idx_Q is None else idx_Q.shape[0]
+    if batch_size > n:
+        raise FmnistError(f"batch size {batch_size} is more than the {n} images: an epoch "
+                          f"trains full batches only, so it would train on none; pass a batch "
+                          f"size of at most {n}")
     steps = n // batch_size
     perm_key, step_key = jax.random.split(key)
     order_SxB = jax.random.permutation(perm_key, n)[: steps * batch_size].reshape(steps,
@@ -407,6 +457,7 @@ def evaluate(state: TrainState, images_NxHxWx1: jax.Array, labels_N: jax.Array, 
              batch_sharding: jax.sharding.Sharding | None = None) -> Sums:
     """Summed loss and correct count over all N examples: the last batch is padded and masked.
     `batch_sharding` splits each batch over devices, as in `train_epoch`."""
+    check_inputs(images_NxHxWx1, labels_N, batch_size=batch_size)
     mask_N = jnp.ones(labels_N.shape, bool)
     xs = tuple(padded_batches(a, batch_size) for a in (images_NxHxWx1, labels_N, mask_N))
     _, sums_S = jax.lax.scan(
@@ -418,9 +469,10 @@ def evaluate(state: TrainState, images_NxHxWx1: jax.Array, labels_N: jax.Array, 
 @functools.partial(jax.jit, static_argnames="batch_size")
 def predict_logits(state: TrainState, images_NxHxWx1: jax.Array, *, batch_size: int,
                    norm: Normalization) -> jax.Array:
-    """Logits (N, 10) for all N images, computed batch by batch."""
+    """Logits (N, classes) for all N images, computed batch by batch."""
+    check_inputs(images_NxHxWx1, batch_size=batch_size)
     n = images_NxHxWx1.shape[0]
     batches_SxBxHxWx1 = padded_batches(images_NxHxWx1, batch_size)
     _, logits_SxBxC = jax.lax.scan(lambda c, b: (c, predict_logits_step(state, b, norm)),
                                    None, batches_SxBxHxWx1)
-    return logits_SxBxC.reshape(-1, NUM_CLASSES)[:n]
+    return logits_SxBxC.reshape(-1, logits_SxBxC.shape[-1])[:n]

@@ -6,11 +6,12 @@ import numpy as np
 import optax
 import pytest
 
+from fmnist_jax import FmnistError
 from fmnist_jax.data import HALF
 from fmnist_jax.models import get_model
 from fmnist_jax.steps import (StepOptions, create_train_state, eval_step_jit, evaluate,
-                              normalize, predict_logits, train_epoch, train_step,
-                              train_step_jit)
+                              normalize, plateau_update, predict_logits, train_epoch,
+                              train_step, train_step_jit)
 from tests.helpers import SHARED_ADAM, STEP_BATCH, jitted_train_step, make_split
 from tests.helpers import step_batch as _batch
 
@@ -202,3 +203,78 @@ def test_label_smoothing_is_optax_smooth_labels():
     targets = optax.smooth_labels(jax.nn.one_hot(labels, 10), 0.1)
     expected = optax.softmax_cross_entropy(logits, targets).sum()
     np.testing.assert_allclose(float(sums.loss), float(expected), rtol=1e-5)
+
+
+class FiveClasses(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(5)(x.reshape(x.shape[0], -1))
+
+
+def test_predict_logits_keeps_the_models_number_of_classes():
+    images = jnp.asarray(make_split(70).images_NxHxWx1)
+    state = create_train_state(FiveClasses(), _ADAM, jax.random.key(0))
+    logits_NxC = predict_logits(state, images, batch_size=30, norm=HALF)
+    assert logits_NxC.shape == (70, 5)
+    np.testing.assert_allclose(logits_NxC, state.apply_fn({"params": state.params},
+                                                          normalize(images, HALF)),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda x, y: (x.astype(jnp.float32) / 255, y), "images must be uint8 pixels 0..255 .*, "
+                                                    "got float32: pass the raw pixels"),
+    (lambda x, y: (x[..., 0], y), rf"images must be \(N, 28, 28, 1\), got shape \({STEP_BATCH}, "
+                                  rf"28, 28\): give each 28 x 28 image its channel axis"),
+    (lambda x, y: (x, jax.nn.one_hot(y, 10)), "labels must be integer class indices, got "
+                                              "float32: pass labels.argmax"),
+    (lambda x, y: (x, y[:20]), rf"{STEP_BATCH} images and labels of shape \(20,\): pass one "
+                               rf"label per image, shape \({STEP_BATCH},\)"),
+])
+def test_the_steps_name_inputs_they_do_not_take(change, message):
+    images, labels = change(*_batch())
+    state = create_train_state(PlainClassifier(), _ADAM, jax.random.key(0))
+    with pytest.raises(FmnistError, match=message):
+        jitted_train_step(state, images, labels, jax.random.key(1), HALF)
+    with pytest.raises(FmnistError, match=message):
+        evaluate(state, images, labels, batch_size=16, norm=HALF)
+    with pytest.raises(FmnistError, match=message):
+        train_epoch(state, images, labels, jax.random.key(1), batch_size=16, norm=HALF)
+
+
+def test_an_epoch_without_a_full_batch_or_a_bad_state_is_refused():
+    images, labels = _batch()
+    state = create_train_state(PlainClassifier(), _ADAM, jax.random.key(0))
+    with pytest.raises(FmnistError, match=f"batch size 64 is more than the {STEP_BATCH} "
+                                          f"images: .* at most {STEP_BATCH}"):
+        train_epoch(state, images, labels, jax.random.key(1), batch_size=64, norm=HALF)
+    with pytest.raises(FmnistError, match="batch size must be at least 1, got 0"):
+        predict_logits(state, images, batch_size=0, norm=HALF)
+    with pytest.raises(FmnistError, match="no plateau schedule to advance: pass plateau_tx"):
+        plateau_update(state, jnp.float32(1.0))
+    with pytest.raises(FmnistError, match="key must be a jax.random key, got 0"):
+        create_train_state(PlainClassifier(), _ADAM, 0)
+
+    class Layers(nn.Module):
+        widths: list
+
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(10)(x.reshape(x.shape[0], -1))
+
+    with pytest.raises(FmnistError, match=r"the model Layers cannot be hashed, as jit needs: .*\(a tuple, not "
+                                          r"a list\)"):
+        create_train_state(Layers([64]), _ADAM, jax.random.key(0))
+    # A plain (mean, std) pair normalizes as a Normalization does.
+    np.testing.assert_array_equal(normalize(images, tuple(HALF)), normalize(images, HALF))
+
+
+def test_the_mlp_trains_with_float64_as_the_default_dtype():
+    images, labels = _batch()
+    with jax.enable_x64(True):
+        state = create_train_state(get_model("mlp"), _ADAM, jax.random.key(0))
+        assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(state.params)} == {
+            jnp.dtype("float32")}
+        state, sums = train_epoch(state, images, labels.astype(jnp.int64), jax.random.key(1),
+                                  batch_size=16, norm=HALF)
+    assert int(sums.count) == STEP_BATCH
