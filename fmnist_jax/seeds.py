@@ -118,7 +118,7 @@ def train_epoch_seeds(state_M: TrainState, images_NxHxWx1: jax.Array, labels_N: 
     with the same batches and keys; in lockstep, the batched matrix products and reductions
     sum in another order, so the results agree within float rounding, not bit for bit (and
     Adam's step, which does not shrink with its gradient, can grow a rounding difference
-    in a weight whose gradient is near 0 to 1e-3 within a few steps).
+    in a weight whose gradient is near 0 by orders of magnitude within a few steps).
 
     A member whose `active_M` is False (stopped early) keeps its state and gets zero sums:
     one member after another, it is not computed at all; in lockstep it is computed with
