@@ -255,3 +255,78 @@ def test_equal_width_bins_of_values_on_and_beside_every_edge_are_searchsorted_bi
         np.testing.assert_array_equal(np.asarray(bin_fn(near, n_bins=n_bins)),
                                       np.searchsorted(edges, near, side="right") - 1,
                                       err_msg=f"{n_bins} bins")
+
+
+def _calibrated_and_not(n, seed=0):
+    """(probs, labels) of 2n examples stacked as (2, n, C): labels drawn from the model's own
+    probabilities (a small SmoothECE bandwidth), then the same probabilities sharpened."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(n, 10)).astype(np.float32) * 2
+    probs = np.asarray(jax.nn.softmax(jnp.asarray(logits)))
+    labels = (probs.cumsum(1) > rng.random((n, 1))).argmax(1)
+    return np.stack([probs, np.asarray(jax.nn.softmax(jnp.asarray(logits) * 3))]), np.stack(
+        [labels, labels])
+
+
+def _resamples(probs_2xNxC, labels_2xN, per_set, seed=0):
+    """A bootstrap's batch: `per_set` resamples of each of the two sets, as (B, N, C), (B, N)."""
+    n = labels_2xN.shape[1]
+    idx = np.random.default_rng(seed).integers(0, n, (2, per_set, n))
+    return (np.concatenate([probs_2xNxC[s][idx[s]] for s in range(2)]),
+            np.concatenate([labels_2xN[s][idx[s]] for s in range(2)]))
+
+
+def test_smooth_ece_of_a_batch_is_to_the_bit_what_vmap_of_the_plain_cond_gives(monkeypatch):
+    """A bootstrap vmaps SmoothECE: its batching rule (each grid only when a member of the
+    batch needs it) gives the very bits of vmap's own rule (both grids, selected), written
+    out as relplot searches."""
+    from fmnist_jax.metrics import calibration_errors as ce
+
+    probs, labels = _resamples(*_calibrated_and_not(10_000), per_set=3)
+    got = jax.jit(jax.vmap(cm.smooth_ece))(probs, labels)
+
+    monkeypatch.setattr(ce, "_smooth_at", ce._smooth_at_one)  # vmap's own rule: a select
+    want = jax.jit(jax.vmap(cm.smooth_ece))(probs, labels)
+    sigma = np.asarray(got[1])
+    # A calibrated member tries a bandwidth below 0.01 (the narrow grid), an overconfident one
+    # never does: some steps need one grid, some both.
+    assert np.min(sigma[:3]) < 0.0156 and np.min(sigma[3:]) > 0.02
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_ece_sweep_of_a_batch_is_to_the_bit_the_one_bin_count_at_a_time_sweep():
+    """The sweep tests its first bin counts at once, then goes on one at a time: the same
+    bins and bits as testing one at a time from the start, for short sweeps and for one that
+    runs past the first step to every example its own bin."""
+    from fmnist_jax.metrics import calibration_errors as ce
+
+    probs, labels = _resamples(*_calibrated_and_not(1000), per_set=3)
+    monotone_labels = np.where(probs.max(2) > np.median(probs.max(2)), probs.argmax(2),
+                               (probs.argmax(2) + 1) % 10)  # hits a step in confidence
+    probs, labels = np.concatenate([probs, probs[:1]]), np.concatenate([labels,
+                                                                        monotone_labels[:1]])
+
+    def one_at_a_time(probs_NxC, labels_N):
+        n = labels_N.shape[0]
+        confidence_N, hits_N = ce._sorted_top1(probs_NxC, labels_N)
+        hits_before_N1 = jnp.concatenate([jnp.zeros(1, jnp.int32),
+                                          jnp.cumsum(hits_N.astype(jnp.int32))])
+        k_N1 = jnp.arange(n + 1)
+
+        def monotone(b):
+            starts_N1 = jnp.minimum(k_N1 * (n // b) + jnp.minimum(k_N1, n % b), n)
+            size_N = starts_N1[1:] - starts_N1[:-1]
+            hits_per_bin_N = hits_before_N1[starts_N1[1:]] - hits_before_N1[starts_N1[:-1]]
+            ok_Nm1 = hits_per_bin_N[1:] * size_N[:-1] >= hits_per_bin_N[:-1] * size_N[1:]
+            return jnp.all(ok_Nm1 | (jnp.arange(1, n) >= b))
+
+        b = jax.lax.while_loop(lambda b: (b < n) & monotone(b + 1), lambda b: b + 1, 1)
+        _, _, gap_N = ce._equal_mass_sums(confidence_N, hits_N, b, n)
+        return jnp.sum(jnp.abs(gap_N)) / n, b
+
+    got = jax.jit(jax.vmap(cm.ece_sweep))(probs, labels)
+    want = jax.jit(jax.vmap(one_at_a_time))(probs, labels)
+    assert int(got[1][-1]) == 1000 and np.all(np.asarray(got[1][:-1]) < 128)
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

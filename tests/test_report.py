@@ -172,3 +172,36 @@ def test_the_report_compares_every_map_fit_on_validation(evaluated_run):
         ("temperature", "vector", "dirichlet"), key=lambda k: table[k]["cv_nll_validation"])
     text = (run_dir / folder.REPORT_TEXT_FILE).read_text()
     assert "CV NLL" in text and "the map to recommend: " + calibration["recommended"] in text
+
+
+def test_the_calibration_bootstraps_in_one_program_give_the_bits_of_each_on_its_own():
+    """Both bootstraps of the calibration figures run as one program: the figures to the bit
+    of calling `bootstrap_ci` for each on its own, with the same key."""
+    import jax
+    import jax.numpy as jnp
+
+    from fmnist_jax import metrics
+    from fmnist_jax.evaluation.report import (CALIBRATION_INTERVALS, INTERVAL_METHODS,
+                                              _calibration_errors, _calibration_metrics)
+
+    rng = np.random.default_rng(7)
+    logits = jnp.asarray(rng.normal(size=(300, 10)) * 2, jnp.float32)
+    labels = jnp.asarray(rng.integers(0, 10, 300))
+    key = jax.random.key(3)
+    got = _calibration_metrics(logits, labels, key, 100)
+    probs = jax.nn.softmax(logits)
+    errors = metrics.bootstrap_ci(_calibration_errors, key,
+                                  *metrics.sort_by_confidence(probs, labels), n_resamples=100,
+                                  ordered=True)
+    curve = metrics.bootstrap_ci(metrics.smooth_reliability, jax.random.fold_in(key, 1),
+                                 probs, labels, n_resamples=100,
+                                 constants=(errors.point["smooth_ece_sigma"],))
+    for name in CALIBRATION_INTERVALS:
+        point, low, high = (float(bound[name]) for bound in errors)
+        if INTERVAL_METHODS[name] == "basic":
+            low, high = 2 * point - high, 2 * point - low
+        assert (got[name], got[name + "_ci95"]) == (point, [max(0.0, low), max(0.0, high)])
+    assert got["smooth_ece_sigma"] == float(errors.point["smooth_ece_sigma"])
+    smooth = got["smooth_reliability"]
+    assert (smooth["accuracy"], smooth["ci95_low"], smooth["ci95_high"]) == tuple(
+        np.asarray(bound).tolist() for bound in curve)

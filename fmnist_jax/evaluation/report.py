@@ -10,6 +10,7 @@ confusion matrix, reliability diagram (before and after temperature scaling), tr
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 from typing import Any, Callable
 
@@ -58,12 +59,28 @@ INTERVAL_METHODS = {name: "percentile" if name == "debiased_l2_ce" else "basic"
                     for name in CALIBRATION_INTERVALS}
 
 
-def _calibration_metrics(logits_NxC, labels_N, key, n_resamples) -> dict[str, Any]:
-    probs_NxC = jax.nn.softmax(logits_NxC)
+@functools.partial(jax.jit, static_argnames="n_resamples")
+def _calibration_bootstraps(probs_NxC, labels_N, key, n_resamples) -> tuple:
+    """The two bootstraps of `_calibration_metrics` (the errors and the smooth curve): one
+    program, compiled once for the probabilities before and after the map."""
     # Sorted once: every resample keeps the order, and the equal-mass errors skip their sort.
     errors = metrics.bootstrap_ci(_calibration_errors, key,
                                   *metrics.sort_by_confidence(probs_NxC, labels_N),
                                   n_resamples=n_resamples, ordered=True)
+    # The curve whose gap to the diagonal SmoothECE measures, with a pointwise percentile
+    # band of the resampled curves at the same bandwidth, as relplot draws it (and from as
+    # many resamples as relplot's default: a band to look at, not a number to report).
+    curve = metrics.bootstrap_ci(metrics.smooth_reliability, jax.random.fold_in(key, 1),
+                                 probs_NxC, labels_N, n_resamples=min(n_resamples, 200),
+                                 constants=(errors.point["smooth_ece_sigma"],))
+    return errors, curve
+
+
+def _calibration_metrics(logits_NxC, labels_N, key, n_resamples) -> dict[str, Any]:
+    # The softmax and the point figures stay outside the program, computed as every other
+    # caller computes them: fused into it, XLA rounds some of them an ulp apart.
+    probs_NxC = jax.nn.softmax(logits_NxC)
+    errors, curve = _calibration_bootstraps(probs_NxC, labels_N, key, n_resamples)
     out: dict[str, Any] = {
         "nll": float(metrics.nll(logits_NxC, labels_N)),
         "brier": float(metrics.brier_score(probs_NxC, labels_N)),
@@ -77,12 +94,6 @@ def _calibration_metrics(logits_NxC, labels_N, key, n_resamples) -> dict[str, An
             low, high = 2 * point - high, 2 * point - low
         out[name] = point
         out[name + "_ci95"] = [max(0.0, low), max(0.0, high)]
-    # The curve whose gap to the diagonal SmoothECE measures, with a pointwise percentile
-    # band of the resampled curves at the same bandwidth, as relplot draws it (and from as
-    # many resamples as relplot's default: a band to look at, not a number to report).
-    curve = metrics.bootstrap_ci(metrics.smooth_reliability, jax.random.fold_in(key, 1),
-                                 probs_NxC, labels_N, n_resamples=min(n_resamples, 200),
-                                 constants=(errors.point["smooth_ece_sigma"],))
     confidence_N = jnp.max(probs_NxC, axis=-1)
     out["smooth_reliability"] = {
         "confidence": np.linspace(0.0, 1.0, metrics.SMOOTH_CURVE_POINTS).tolist(),
@@ -94,6 +105,10 @@ def _calibration_metrics(logits_NxC, labels_N, key, n_resamples) -> dict[str, An
 
 _point_errors = jax.jit(lambda probs_NxC, labels_N: _calibration_errors(
     *metrics.sort_by_confidence(probs_NxC, labels_N)))
+
+
+# Jitted: run op by op, its sorts and scans per class compile about 50 programs.
+_auc_per_class = jax.jit(metrics.roc_auc_ovr)
 
 
 def compare_maps(logits_NxC, labels_N, val_logits_NxC, val_labels_N) -> dict[str, Any]:
@@ -150,7 +165,7 @@ def compute_report(logits_NxC, labels_N, val_logits_NxC=None, val_labels_N=None,
     acc = metrics.bootstrap_ci(metrics.accuracy, acc_key, logits_NxC, labels_N,
                                n_resamples=n_resamples)
     f1 = metrics.bootstrap_ci(_macro_f1, f1_key, probs_NxC, labels_N, n_resamples=n_resamples)
-    auc_C = metrics.roc_auc_ovr(probs_NxC, labels_N)
+    auc_C = _auc_per_class(probs_NxC, labels_N)
     return {
         "n_test": int(labels_N.shape[0]),
         "n_validation": 0 if val_labels_N is None else int(len(val_labels_N)),

@@ -94,6 +94,7 @@ def equal_mass_ece(probs_NxC: jax.Array, labels_N: jax.Array, *, n_bins: int = 1
 
 
 _EXACT_PRODUCTS = 46340  # n * n fits in int32
+_SWEEP_AT_ONCE = 128  # bin counts the sweep tests in one step before going on one at a time
 
 
 def ece_sweep(probs_NxC: jax.Array, labels_N: jax.Array, *,
@@ -105,22 +106,30 @@ def ece_sweep(probs_NxC: jax.Array, labels_N: jax.Array, *,
     confidence_N, hits_N = _sorted_top1(probs_NxC, labels_N, presorted)
     hits_before_N1 = jnp.concatenate([jnp.zeros(1, jnp.int32),
                                       jnp.cumsum(hits_N.astype(jnp.int32))])  # exact
-    k_N1 = jnp.arange(n + 1)
 
-    def monotone(b):
-        # Bin k of b starts at k * (n // b) + min(k, n % b); acc_k+1 >= acc_k is compared as
-        # hits_k+1 * size_k >= hits_k * size_k+1 in integers, where float32 ratios can tie.
-        starts_N1 = jnp.minimum(k_N1 * (n // b) + jnp.minimum(k_N1, n % b), n)
-        size_N = starts_N1[1:] - starts_N1[:-1]
-        hits_per_bin_N = hits_before_N1[starts_N1[1:]] - hits_before_N1[starts_N1[:-1]]
+    def monotone(b_B, num_bins):
+        # For each bin count b: are bins 0 .. num_bins - 1 of b monotone (all of them when
+        # b <= num_bins)? Bin k of b starts at k * (n // b) + min(k, n % b); acc_k+1 >= acc_k
+        # is compared as hits_k+1 * size_k >= hits_k * size_k+1 in integers, where float32
+        # ratios can tie.
+        b_Bx1, k_1xK1 = b_B[:, None], jnp.arange(num_bins + 1)[None, :]
+        starts_BxK1 = jnp.minimum(k_1xK1 * (n // b_Bx1) + jnp.minimum(k_1xK1, n % b_Bx1), n)
+        size_BxK = starts_BxK1[:, 1:] - starts_BxK1[:, :-1]
+        hits_BxK = hits_before_N1[starts_BxK1[:, 1:]] - hits_before_N1[starts_BxK1[:, :-1]]
         if n <= _EXACT_PRODUCTS:
-            ok_Nm1 = hits_per_bin_N[1:] * size_N[:-1] >= hits_per_bin_N[:-1] * size_N[1:]
+            ok_BxKm1 = hits_BxK[:, 1:] * size_BxK[:, :-1] >= hits_BxK[:, :-1] * size_BxK[:, 1:]
         else:
-            acc_N = hits_per_bin_N / jnp.maximum(size_N, 1)
-            ok_Nm1 = acc_N[1:] >= acc_N[:-1]
-        return jnp.all(ok_Nm1 | (jnp.arange(1, n) >= b))  # only the pairs of bins < b
+            acc_BxK = hits_BxK / jnp.maximum(size_BxK, 1)
+            ok_BxKm1 = acc_BxK[:, 1:] >= acc_BxK[:, :-1]
+        return jnp.all(ok_BxKm1 | (jnp.arange(1, num_bins)[None, :] >= b_Bx1), axis=1)
 
-    b = jax.lax.while_loop(lambda b: (b < n) & monotone(b + 1), lambda b: b + 1, 1)
+    # The first bin counts at once, each over its first bins only: a loop of one bin count a
+    # step spends O(N) on each (and under vmap runs as long as the longest sweep of a batch).
+    at_once = min(n, _SWEEP_AT_ONCE)
+    passed_B = monotone(jnp.arange(2, at_once + 1), at_once)
+    b = 1 + jnp.sum(jnp.cumprod(passed_B.astype(jnp.int32)))
+    b = jax.lax.while_loop(lambda b: (b < n) & monotone(jnp.stack([b + 1]), n)[0],
+                           lambda b: b + 1, b)
     _, _, gap_N = _equal_mass_sums(confidence_N, hits_N, b, n)
     return jnp.sum(jnp.abs(gap_N)) / n, b
 
@@ -179,12 +188,45 @@ _WIDE = (1001, 500)
 _NARROW = (_E_MAX, 128)
 
 
-def _smooth_at(f_N, r_N, t_M, sigma):
+def _grid_points(sigma):
+    """relplot's number of grid points E for bandwidth sigma (1001 for every sigma >= 0.01)."""
+    return jnp.maximum(2000, jnp.round(20.0 / sigma).astype(jnp.int32)) // 2 + 1
+
+
+def _smooth_at_one(f_N, r_N, t_M, sigma):
     """relplot's ReflectedGaussianKernel(sigma).smooth(f, r, t): kernel regression of r on
     the grid, reflected at 0 and 1, at t_M; and the density there."""
-    e = jnp.maximum(2000, jnp.round(20.0 / sigma).astype(jnp.int32)) // 2 + 1
+    e = _grid_points(sigma)
     return jax.lax.cond(e == _WIDE[0], functools.partial(_smooth_on_grid, *_WIDE),
                         functools.partial(_smooth_on_grid, *_NARROW), f_N, r_N, t_M, sigma, e)
+
+
+_smooth_at = jax.custom_batching.custom_vmap(_smooth_at_one)
+
+
+@_smooth_at.def_vmap
+def _smooth_at_batched(axis_size, in_batched, *args):
+    """`_smooth_at` of a batch. With a bandwidth per member, vmap's own rule turns the `cond`
+    into a select of both grids, each computed always, where a bootstrap's batch mostly
+    needs one; here each grid smooths the batch only when a member needs it: the same
+    numbers for about half the work."""
+    if not in_batched[-1]:  # one bandwidth: the `cond` stays one
+        return (jax.vmap(_smooth_at_one, in_axes=[0 if b else None for b in in_batched])(*args),
+                (True, True))
+    args = [x if batched else jnp.broadcast_to(x, (axis_size,) + x.shape)
+            for x, batched in zip(args, in_batched)]
+    e_B = _grid_points(args[-1])
+    wide_B = e_B == _WIDE[0]
+
+    def smoothed_where(grid, needed_B):
+        smooth_fn = jax.vmap(functools.partial(_smooth_on_grid, *grid))
+        unused = lambda: jax.tree_util.tree_map(  # noqa: E731
+            lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(smooth_fn, *args, e_B))
+        return jax.lax.cond(jnp.any(needed_B), lambda: smooth_fn(*args, e_B), unused)
+
+    out = jax.tree_util.tree_map(lambda wide, narrow: jnp.where(wide_B[:, None], wide, narrow),
+                                 smoothed_where(_WIDE, wide_B), smoothed_where(_NARROW, ~wide_B))
+    return out, (True, True)
 
 
 def _smooth_on_grid(e_max, half_width, f_N, r_N, t_M, sigma, e):
@@ -236,18 +278,21 @@ def smooth_ece(probs_NxC: jax.Array, labels_N: jax.Array) -> tuple[jax.Array, ja
     reflected-Gaussian kernel regression of (confidence - hit) at that sigma."""
     f_N, y_N = _top1(probs_NxC, labels_N)
 
-    def too_wide(alpha):  # relplot's check_smooth_ece
-        return (alpha < _SIGMA_EPS) | (alpha < _smooth_ece_at(f_N, y_N, alpha))
-
-    def halve(_, bounds):
-        start, end = bounds
+    def halve(_, bounds):  # relplot's check_smooth_ece decides which half to keep
+        start, end, at_start = bounds
         mid = 0.5 * (start + end)
-        wide = too_wide(mid)
-        return jnp.where(wide, start, mid), jnp.where(wide, mid, end)
+        at_mid = _smooth_ece_at(f_N, y_N, mid)
+        too_wide = (mid < _SIGMA_EPS) | (mid < at_mid)
+        return (jnp.where(too_wide, start, mid), jnp.where(too_wide, mid, end),
+                jnp.where(too_wide, at_start, at_mid))
 
-    start, _ = jax.lax.fori_loop(0, _REFINE, halve, (jnp.float32(1.0), jnp.float32(0.0)))
-    sigma = jnp.where(too_wide(jnp.float32(1.0)), 1.0, start)
-    return _smooth_ece_at(f_N, y_N, sigma), sigma
+    # The error at `start` rides along (the last start is the bandwidth, its error the result)
+    # rather than being computed a twelfth time.
+    at_one = _smooth_ece_at(f_N, y_N, jnp.float32(1.0))
+    start, _, at_start = jax.lax.fori_loop(0, _REFINE, halve,
+                                           (jnp.float32(1.0), jnp.float32(0.0), at_one))
+    one_too_wide = at_one > 1.0
+    return jnp.where(one_too_wide, at_one, at_start), jnp.where(one_too_wide, 1.0, start)
 
 
 SMOOTH_CURVE_POINTS = 201  # the confidences 0, 0.005, ..., 1 at which the curve is drawn
