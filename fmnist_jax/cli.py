@@ -28,7 +28,7 @@ from fmnist_jax.cli_flags import (CALIBRATIONS, Parser, add_calibration_flag,  #
                                   use_compile_cache, user_errors_exit_1)
 from fmnist_jax.errors import FmnistError  # noqa: E402
 from fmnist_jax.run.config import TEACHER_FIELDS, TrainConfig  # noqa: E402
-from fmnist_jax.run.presets import DEFAULT_PRESET
+from fmnist_jax.run.presets import DEFAULT_PRESET  # noqa: E402
 
 # ---------------------------------------------------------------------------------------
 # train
