@@ -190,8 +190,11 @@ def _resumed_config(args: argparse.Namespace, *, speak: bool = True) -> TrainCon
                               f"run's config ({_shown(getattr(stored, field.name))}): a resumed "
                               f"run keeps its config; drop {flag}, or start a new run")
     if folder.finished(args.resume):
-        if speak:
-            print(f"{args.resume} has already finished training: nothing to resume")
+        if speak:  # stopped in its report, or trained with --no-report: how to get one
+            dirs = folder.seed_run_dirs(args.resume) or [Path(args.resume)]
+            hint = ("" if all((d / folder.REPORT_JSON_FILE).is_file() for d in dirs) else
+                    f" (it has no evaluation report: python scripts/evaluate.py {args.resume})")
+            print(f"{args.resume} has already finished training: nothing to resume{hint}")
         return None
     return stored
 

@@ -431,7 +431,9 @@ def test_a_damaged_history_is_refused_on_resume(tmp_path, uninterrupted):
 def test_resume_of_a_finished_run_says_so_and_exits_0(tiny_run):
     result = run_script("train.py", "--resume", tiny_run[0])  # a real process: its exit 0
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "already finished training" in result.stdout
+    assert result.stdout.strip().endswith(
+        f"{tiny_run[0]} has already finished training: nothing to resume (it has no evaluation "
+        f"report: python scripts/evaluate.py {tiny_run[0]})")
 
 
 @pytest.mark.parametrize("flags, message", [
