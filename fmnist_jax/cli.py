@@ -172,7 +172,7 @@ def _shown(value) -> str:
 def _resumed_config(args: argparse.Namespace, *, speak: bool = True) -> TrainConfig | None:
     """The stored config of the run --resume names, after checking the flags given with it
     agree with it; None (and, if `speak`, one line) when that run has already finished."""
-    from fmnist_jax.run import folder
+    from fmnist_jax.run import folder, results
 
     if args.workdir:
         raise FmnistError("--workdir and --resume both name a run folder: pass only --resume")
@@ -191,10 +191,9 @@ def _resumed_config(args: argparse.Namespace, *, speak: bool = True) -> TrainCon
                               f"run keeps its config; drop {flag}, or start a new run")
     if folder.finished(args.resume):
         if speak:  # stopped in its report, or trained with --no-report: how to get one
-            dirs = folder.seed_run_dirs(args.resume) or [Path(args.resume)]
-            hint = ("" if all((d / folder.REPORT_JSON_FILE).is_file() for d in dirs) else
-                    f" (it has no evaluation report: python scripts/evaluate.py {args.resume})")
-            print(f"{args.resume} has already finished training: nothing to resume{hint}")
+            print(f"{args.resume} has already finished training: nothing to resume" + (
+                "" if results.has_reports(args.resume) else
+                f" (it has no evaluation report: {report_command(args.resume, args.calibration)})"))
         return None
     return stored
 
@@ -206,8 +205,7 @@ def _resumed_config(args: argparse.Namespace, *, speak: bool = True) -> TrainCon
 def evaluate_parser() -> Parser:
     parser = Parser(prog="evaluate.py",
                     description="Evaluate a run folder: classification report, confidence "
-                                "intervals, calibration maps fit on validation, "
-                                "PNGs.")
+                                "intervals, calibration maps fit on validation, PNGs.")
     parser.add_argument("run_dir", help="a folder written by scripts/train.py (the folder of a "
                                         "--seeds run: every seed's run is evaluated)")
     parser.add_argument("--resamples", type=int, default=1000,

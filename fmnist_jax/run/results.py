@@ -14,7 +14,8 @@ from fmnist_jax.errors import FmnistError
 from fmnist_jax.models import NUM_CLASSES
 from fmnist_jax.run.folder import (CALIBRATION_FILE, PLOT_FILES, REPORT_JSON_FILE,
                                    REPORT_TEXT_FILE, SEEDS_REPORT_FILE, SUMMARY_FILE,
-                                   SWEEP_FILE, read_json, write_file, write_json)
+                                   SWEEP_FILE, read_json, seed_run_dirs, write_file,
+                                   write_json)
 
 
 def save_summary(run_dir: Path, summary: dict[str, Any]) -> None:
@@ -97,6 +98,13 @@ def check_report_paths(run_dir: str | Path) -> None:
     if not os.access(run_dir, os.W_OK):
         raise FmnistError(f"cannot write in {run_dir} (the folder is not writable): check its "
                           f"permissions, then evaluate again")
+
+
+def has_reports(run_dir: str | Path) -> bool:
+    """Whether the run was evaluated: its report.json there (in every seed's folder, for the
+    folder of a run of several)."""
+    return all((Path(d) / REPORT_JSON_FILE).is_file()
+               for d in seed_run_dirs(run_dir) or [run_dir])
 
 
 def load_report(run_dir: str | Path, fix: str = "evaluate the run again") -> Any:
