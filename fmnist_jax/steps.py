@@ -188,8 +188,8 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, key: 
     try:
         hash(model)
     except TypeError as e:  # jit takes the model as a static argument, which must hash
-        raise FmnistError(f"the model {type(model).__name__} cannot be hashed, as jit needs: give its "
-                          f"fields hashable values (a tuple, not a list)") from e
+        raise FmnistError(f"the model {type(model).__name__} cannot be hashed, as jit needs: "
+                          f"give its fields hashable values (a tuple, not a list)") from e
     variables = init_variables(model, key)
     plateau = None if plateau_tx is None else plateau_tx.init(variables["params"])
     # A copy, not the same buffers: the epoch donates the state, and one buffer cannot be
