@@ -26,6 +26,8 @@ from fmnist_jax.cli_flags import (CALIBRATIONS, Parser, add_calibration_flag,  #
                                   add_data_flags, add_device_flags, add_preset_flag,
                                   config_from_args, load_data, start_devices,
                                   use_compile_cache, user_errors_exit_1)
+from fmnist_jax.cli_resume import (command_options, continue_hint,  # noqa: E402
+                                   report_command, resumed_config, take_recorded_options)
 from fmnist_jax.errors import FmnistError  # noqa: E402
 from fmnist_jax.run.config import TEACHER_FIELDS, TrainConfig  # noqa: E402
 from fmnist_jax.run.presets import DEFAULT_PRESET  # noqa: E402
@@ -52,8 +54,9 @@ def train_parser() -> Parser:
                           "the folder of a run of several seeds continues every seed; "
                           "a finished run is left as it is (exit 0)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
-    run.add_argument("--no-report", action="store_true",
-                     help="skip the evaluation report at the end (scripts/evaluate.py)")
+    run.add_argument("--no-report", action="store_true", default=None,
+                     help="skip the evaluation report at the end (scripts/evaluate.py); a "
+                          "--resume keeps the choice the run began with")
     add_calibration_flag(run)
     add_compile_cache_flag(run)
     add_device_flags(parser, distributed=True, seeds=True)
@@ -65,7 +68,7 @@ def train_parser() -> Parser:
 def train_main(argv: list[str] | None = None) -> int:
     args = train_parser().parse_args(argv)
     _check_train_flags(args)
-    from fmnist_jax.run import parallel
+    from fmnist_jax.run import folder, parallel
 
     settings = parallel.distributed_settings(args.coordinator_address, args.num_processes,
                                              args.process_id, args.connect_timeout)
@@ -73,9 +76,11 @@ def train_main(argv: list[str] | None = None) -> int:
     if several and not (args.workdir or args.resume):
         raise FmnistError("several processes need --workdir: the same run folder for all, on "
                           "a filesystem they share")
+    data_note = take_recorded_options(args, args.resume)
+    _check_report_flags(args)
     if args.resume:  # its stored config, read before the devices start (a run of seeds
         # gets a CPU device per core); None when it has finished
-        cfg = _resumed_config(args, speak=settings.process_id == 0)
+        cfg = resumed_config(args, speak=settings.process_id == 0)
         if cfg is None:
             return 0
     else:
@@ -93,7 +98,7 @@ def train_main(argv: list[str] | None = None) -> int:
     start_devices(args, members=members)
     import jax
 
-    from fmnist_jax.run import folder, peers
+    from fmnist_jax.run import peers, results
     from fmnist_jax.run.loop import train_and_evaluate
 
     if not parallel.is_writer():
@@ -112,7 +117,8 @@ def train_main(argv: list[str] | None = None) -> int:
     try:
         run = folder.reopen(args.resume) if args.resume else folder.claim(
             args.workdir or folder.default_workdir(args.preset or DEFAULT_PRESET, cfg.seed,
-                                                 cfg.seeds, bool(cfg.sweep)), cfg)
+                                                 cfg.seeds, bool(cfg.sweep)), cfg,
+            command_options(args))
     except FmnistError as e:
         refused = e
     if not parallel.process_0_agrees(refused is None):
@@ -120,12 +126,18 @@ def train_main(argv: list[str] | None = None) -> int:
                                      f"{args.resume or args.workdir}: see its error")
     peers.PeerWatch.run_folder = str(run.path)  # a process that stops: how to go on
     try:
+        if data_note and parallel.is_writer():
+            print(data_note, file=sys.stderr, flush=True)
         train, test = load_data(args)
     except BaseException:
         folder.abandon(run)
         raise
-    train_and_evaluate(cfg, run, train=train, test=test, progress=not args.no_progress,
-                       started=STARTED)
+    claims = run.members or (run,)
+    # A seed resumed and reported on its own is not evaluated again with the whole run.
+    reported = {c.path for c in claims if folder.finished(c.path) and results.has_reports(c.path)}
+    with continue_hint(run, args.calibration, "train"):
+        train_and_evaluate(cfg, run, train=train, test=test, progress=not args.no_progress,
+                           started=STARTED)
     if several:  # the report is one process's work; it reads what the run saved
         if parallel.is_writer() and not args.no_report:
             print(f"for the evaluation report, run: {report_command(run.path, args.calibration)}")
@@ -134,8 +146,9 @@ def train_main(argv: list[str] | None = None) -> int:
         # matplotlib takes about a second to import: only here
         from fmnist_jax.evaluation.report import evaluate_run
 
-        for member in run.members or (run,):
-            evaluate_run(member.path, train=train, test=test, calibration=args.calibration)
+        with continue_hint(run, args.calibration, "report"):
+            for member in (c for c in claims if c.path not in reported):
+                evaluate_run(member.path, train=train, test=test, calibration=args.calibration)
         if run.members and not cfg.sweep:
             from fmnist_jax.evaluation import over_seeds
 
@@ -144,58 +157,24 @@ def train_main(argv: list[str] | None = None) -> int:
 
 
 def _check_train_flags(args: argparse.Namespace) -> None:
-    """FmnistError for train.py's flags that would be silently ignored: an empty run folder
-    (read as none given, so a new run would start in a default folder), and a calibration map
-    without the report that fits it."""
+    """FmnistError for an empty run folder, which would be read as none given (so a new run
+    would start in a default folder)."""
     if args.resume is not None and not args.resume.strip():
         raise FmnistError("--resume needs the run folder to continue, got an empty value")
     if args.workdir is not None and not args.workdir.strip():
         raise FmnistError("--workdir needs the run folder to train in, got an empty value: "
                           "pass a folder, or drop --workdir for the default one")
+
+
+def _check_report_flags(args: argparse.Namespace) -> None:
+    """FmnistError for a calibration map without the report that fits it (on a resume, the
+    choices the run began with count as given)."""
     if args.no_report and args.calibration != CALIBRATIONS[0]:
-        raise FmnistError(f"--calibration {args.calibration} is the report's map, and "
-                          f"--no-report writes no report: drop one of them (evaluate.py "
-                          f"--calibration {args.calibration} fits it later)")
-
-
-def report_command(run_dir: str | Path, calibration: str) -> str:
-    """The evaluate.py command that writes the report train.py would have, its map included."""
-    chosen = "" if calibration == CALIBRATIONS[0] else f" --calibration {calibration}"
-    return f"python scripts/evaluate.py {run_dir}{chosen}"
-
-
-def _shown(value) -> str:
-    """A config value as a message shows it: an empty one (no teacher, no sweep) as none."""
-    return "none" if value in (None, "") else str(value)
-
-
-def _resumed_config(args: argparse.Namespace, *, speak: bool = True) -> TrainConfig | None:
-    """The stored config of the run --resume names, after checking the flags given with it
-    agree with it; None (and, if `speak`, one line) when that run has already finished."""
-    from fmnist_jax.run import folder, results
-
-    if args.workdir:
-        raise FmnistError("--workdir and --resume both name a run folder: pass only --resume")
-    if args.preset:
-        raise FmnistError("--preset cannot change a resumed run (it uses its stored config): "
-                          "drop --preset")
-    stored = folder.stored_config(args.resume)
-    if not folder.finished(args.resume):  # an edit, before the flags are compared with it
-        folder.check_config_unchanged(args.resume)
-    for field in dataclasses.fields(TrainConfig):
-        if hasattr(args, field.name) and getattr(args, field.name) != getattr(stored,
-                                                                              field.name):
-            flag = "--" + field.name.replace("_", "-")
-            raise FmnistError(f"{flag} {_shown(getattr(args, field.name))} contradicts the "
-                              f"run's config ({_shown(getattr(stored, field.name))}): a resumed "
-                              f"run keeps its config; drop {flag}, or start a new run")
-    if folder.finished(args.resume):
-        if speak:  # stopped in its report, or trained with --no-report: how to get one
-            print(f"{args.resume} has already finished training: nothing to resume" + (
-                "" if results.has_reports(args.resume) else
-                f" (it has no evaluation report: {report_command(args.resume, args.calibration)})"))
-        return None
-    return stored
+        why = ("the run was begun with --no-report, which its resume keeps" if args.resume
+               else "--no-report writes no report")
+        raise FmnistError(f"--calibration {args.calibration} is the report's map, and {why}: "
+                          f"drop one of them (evaluate.py --calibration {args.calibration} "
+                          f"fits it later)")
 
 
 # ---------------------------------------------------------------------------------------
@@ -225,6 +204,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     args = evaluate_parser().parse_args(argv)
     if args.resamples < 1:
         raise FmnistError(f"--resamples must be at least 1, got {args.resamples}")
+    data_note = take_recorded_options(args, args.run_dir)  # the run's map and data
     use_compile_cache(args.compile_cache)
     from fmnist_jax.run import folder, results
     from fmnist_jax.evaluation.report import evaluate_run, load_run
@@ -240,6 +220,8 @@ def evaluate_main(argv: list[str] | None = None) -> int:
             raise FmnistError(f"--calibration {args.calibration} is fit on the validation "
                               f"split, and {unsplit[0]} holds none (val_fraction 0): drop "
                               f"--calibration, or train a run with --val-fraction > 0")
+    if data_note:
+        print(data_note, file=sys.stderr, flush=True)
     train, test = load_data(args)
     for run_dir, run in zip(run_dirs, loaded):
         evaluate_run(run_dir, train=train, test=test, n_resamples=args.resamples, run=run,

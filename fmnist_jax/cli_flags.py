@@ -49,15 +49,17 @@ def user_errors_exit_1(main_fn: Callable[[list[str] | None], int | None]):
                 sys.modules["fmnist_jax.run.peers"].leave_with_error(str(e))
             print(f"error: {e}", file=sys.stderr)
             sys.exit(1)
-        except KeyboardInterrupt:
-            # Ctrl-C can land while XLA compiles in its own threads; a normal interpreter
-            # teardown then races those threads and can segfault. Nothing is left to clean
-            # up here (a run folder not yet trained in is given back on the way out), so
-            # flush and leave at once.
-            print("interrupted", file=sys.stderr)
+        except KeyboardInterrupt as e:
+            # Ctrl-C (or SIGTERM) can land while XLA compiles in its own threads; a normal
+            # interpreter teardown then races those threads and can segfault. Nothing is left
+            # to clean up here (a run folder not yet trained in is given back on the way
+            # out), so flush and leave at once, with the status the signal would have given.
+            terminated = isinstance(e, interrupts.Terminated)
+            hint = f": {e}" if str(e) else ""  # what continues the run (`cli_resume.continue_hint`)
+            print(("terminated" if terminated else "interrupted") + hint, file=sys.stderr)
             sys.stdout.flush()
             sys.stderr.flush()
-            os._exit(130)
+            os._exit(143 if terminated else 130)
         sys.exit(code or 0)
 
     return wrapped
@@ -184,12 +186,14 @@ CALIBRATIONS = ("temperature", "vector", "dirichlet")
 
 def add_calibration_flag(parser) -> None:
     """--calibration: the map the evaluation fits on validation and predict/export apply. An
-    evaluation choice, not part of TrainConfig: a resumed run compares configs, not this."""
-    parser.add_argument("--calibration", choices=CALIBRATIONS, default="temperature",
+    evaluation choice, not part of TrainConfig: recorded with the run's own options, and
+    `cli_resume.take_recorded_options` sets it (None until then)."""
+    parser.add_argument("--calibration", choices=CALIBRATIONS, default=None,
                         help="calibration map fit on the validation split, written to "
                              "calibration.json and applied by predict and export: "
-                             "temperature (default), vector (scaling) or dirichlet (ODIR); "
-                             "the report compares all three either way")
+                             "temperature, vector (scaling) or dirichlet (ODIR); the report "
+                             "compares all three either way. Default: the map the run was "
+                             "begun with (train.py's --calibration), else temperature")
 
 
 def add_compile_cache_flag(parser: argparse.ArgumentParser) -> None:

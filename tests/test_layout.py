@@ -16,7 +16,7 @@ LAYERS = [
     ("fmnist_jax.run",),
     ("fmnist_jax.evaluation",),
     ("fmnist_jax.baseline",),
-    ("fmnist_jax.cli_flags", "fmnist_jax.cli"),
+    ("fmnist_jax.cli_flags", "fmnist_jax.cli_resume", "fmnist_jax.cli"),
 ]
 MAX_LINES = 500
 

@@ -164,12 +164,16 @@ def test_two_trainings_on_one_workdir_one_gets_it(tmp_path, prepared_data_dir):
 
 
 @pytest.mark.slow
-def test_ctrl_c_while_compiling_exits_130_quietly(tmp_path, prepared_data_dir):
+@pytest.mark.parametrize("signum, code, line", [(signal.SIGINT, 130, "interrupted"),
+                                                (signal.SIGTERM, 143, "terminated")])
+def test_ctrl_c_or_sigterm_while_compiling_stops_quietly(tmp_path, prepared_data_dir, signum,
+                                                         code, line):
     # A shell without job control starts background jobs with SIGINT ignored: the child
-    # installs the handler a terminal would give it, then runs the script. (Not preexec_fn:
+    # installs the handlers a terminal would give it, then runs the script. (Not preexec_fn:
     # it forks this multithreaded process, and JAX warns of that.)
     as_in_a_terminal = ("import runpy, signal, sys\n"
                         "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+                        "signal.signal(signal.SIGTERM, signal.SIG_DFL)\n"
                         "sys.argv = sys.argv[1:]\n"
                         "runpy.run_path(sys.argv[0], run_name='__main__')\n")
     proc = subprocess.Popen(
@@ -179,14 +183,14 @@ def test_ctrl_c_while_compiling_exits_130_quietly(tmp_path, prepared_data_dir):
          "--compile-cache", "none"],  # a warm cache could finish compiling before the signal
         cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"},
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for line in proc.stdout:  # "images:" is printed just before the compilation starts
-        if line.startswith("images:"):
+    for out_line in proc.stdout:  # "images:" is printed just before the compilation starts
+        if out_line.startswith("images:"):
             break
     time.sleep(0.5)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err[-3000:]
-    assert err.strip().splitlines()[-1] == "interrupted"
+    assert proc.returncode == code, err[-3000:]
+    assert err.strip().splitlines()[-1] == line
     assert "Traceback" not in err and "Segmentation" not in err
     assert not (tmp_path / "run").exists()  # nothing was trained: the claim was given back
 

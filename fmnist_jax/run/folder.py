@@ -8,8 +8,8 @@ A run folder holds:
 | file                                  | written by              | what                                  |
 | ------------------------------------- | ----------------------- | ------------------------------------- |
 | config.json                           | training, at the start  | the full TrainConfig                  |
-| claim.json                            | training, at the start  | config.json as the run began: a       |
-|                                       |                         | resume refuses an edited config.json  |
+| claim.json                            | training, at the start  | config.json as the run began (a resume|
+|                                       |                         | refuses an edited one); train options |
 | normalization.json                    | training, at the start  | the pixel mean/std the model saw      |
 | data.json                             | training, at the start  | fingerprints of its train/test data   |
 | history.jsonl                         | training, every epoch   | losses and accuracies (reproducible)  |
@@ -71,8 +71,8 @@ from fmnist_jax.errors import FmnistError
 from fmnist_jax.files import lock_file, write_atomically
 from fmnist_jax.run.config import TrainConfig
 # The config files, read back: `folder_config` (this module hands its names on).
-from fmnist_jax.run.folder_config import (CLAIM_FILE, CONFIG_FILE, SEEDS_FILE,  # noqa: F401
-                                          check_config_unchanged, holds_seeds, load_config,
+from fmnist_jax.run.folder_config import (CLAIM_FILE, CONFIG_FILE, OPTIONS_KEY,  # noqa: F401
+                                          SEEDS_FILE, check_config_unchanged, holds_seeds, load_config,
                                           member_dir, member_dirs, read_json, seed_run_dirs, seeds_run_of,
                                           stored_config)
 from fmnist_jax.run.parallel import is_writer
@@ -136,12 +136,13 @@ def default_workdir(preset: str, seed: int, seeds: int = 1, sweep: bool = False)
     return Path("runs") / f"{preset}-{name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
 
 
-def claim(workdir: str | Path, cfg: TrainConfig) -> Claim:
+def claim(workdir: str | Path, cfg: TrainConfig, options: dict[str, Any] | None = None) -> Claim:
     """Claim `workdir` for a new run of `cfg`: make it (parents too) unless it exists, refuse a
     folder holding anything, then create its config.json with O_EXCL, the atomic step that
     lets exactly one of two trainings started together have the folder. Cheap: call it
     before loading any data, so that a bad --workdir fails within a second. Processes other
-    than process 0 of a run with several get a claim that touches nothing.
+    than process 0 of a run with several get a claim that touches nothing. `options`, the
+    command's own (`recorded_options`), go into claim.json and seeds.json.
 
     With `cfg.seeds` > 1 or a sweep the file created exclusively is seeds.json, and then
     each member's run folder inside (`member_dirs`) is claimed for its own config
@@ -153,11 +154,12 @@ def claim(workdir: str | Path, cfg: TrainConfig) -> Claim:
     if cfg.many:
         members = cfg.members()
         _create_exclusively(run_dir, SEEDS_FILE, json.dumps(
-            {"config": json.loads(cfg.to_json()), "runs": cfg.member_names()}, indent=2) + "\n")
+            {"config": json.loads(cfg.to_json()), "runs": cfg.member_names(),
+             **({} if options is None else {OPTIONS_KEY: options})}, indent=2) + "\n")
         claimed: list[Claim] = []
         try:
             for member, path in zip(members, member_dirs(run_dir, cfg)):
-                claimed.append(claim(path, member))
+                claimed.append(claim(path, member, options))
         except BaseException:
             abandon(Claim(path=run_dir, config=cfg, made_folder=made_folder,
                           members=tuple(claimed)))
@@ -166,7 +168,8 @@ def claim(workdir: str | Path, cfg: TrainConfig) -> Claim:
     _create_exclusively(run_dir, CONFIG_FILE, cfg.to_json() + "\n")
     run = Claim(path=run_dir, config=cfg, made_folder=made_folder, lock=_lock(run_dir, wait=True))
     try:
-        write_json(run_dir / CLAIM_FILE, {"config": json.loads(cfg.to_json())})
+        write_json(run_dir / CLAIM_FILE, {"config": json.loads(cfg.to_json()), **(
+            {} if options is None else {OPTIONS_KEY: options})})
     except BaseException:
         abandon(run)
         raise

@@ -5,6 +5,10 @@ A run claims its folder by creating config.json and records the same config in c
 a --resume refuses a config.json (or seeds.json) that differs from that record, naming the
 fields, since a resumed run keeps its config. Folders written before claim.json existed
 have none, and resume unchecked.
+
+claim.json (and seeds.json) also record train.py's own options, which are not the config:
+its data flags, and whether it writes the report and with which calibration map
+(`recorded_options`). A --resume, and evaluate.py, take those it is not given from there.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from fmnist_jax.run.config import TrainConfig
 CONFIG_FILE = "config.json"
 CLAIM_FILE = "claim.json"
 SEEDS_FILE = "seeds.json"
+OPTIONS_KEY = "options"  # claim.json's and seeds.json's record of train.py's own options
+DATA_FLAGS = ("data_dir", "manual_dir", "data_source", "train_csv", "test_csv")
 
 
 def member_dir(run_dir: str | Path, seed: int) -> Path:
@@ -150,3 +156,24 @@ def _config_from(path: Path, fields: Any, malformed: str) -> TrainConfig:
         return TrainConfig.from_dict(fields)
     except FmnistError as e:  # name the file: the user did not type these values
         raise FmnistError(f"{path}: {e}: restore it from the run") from e
+
+
+def recorded_options(run_dir: str | Path) -> dict[str, Any] | None:
+    """train.py's own options the run in `run_dir` began with: "calibration" (the map),
+    "report" (whether it writes one) and the data flags (`DATA_FLAGS`, paths absolute, None
+    where not given), from claim.json (seeds.json for the folder of a run of several seeds);
+    None for a run begun by a version that did not record them."""
+    run_dir = Path(run_dir)
+    path = run_dir / (SEEDS_FILE if holds_seeds(run_dir) else CLAIM_FILE)
+    if not path.is_file():
+        return None
+    record = read_json(path)
+    options = record.get(OPTIONS_KEY) if isinstance(record, dict) else None
+    if options is None:
+        return None
+    if not (isinstance(options, dict) and isinstance(options.get("calibration"), str)
+            and isinstance(options.get("report"), bool)
+            and all(isinstance(options.get(flag, ""), str | None) for flag in DATA_FLAGS)):
+        raise FmnistError(f"{path} is malformed (its {OPTIONS_KEY} are not train.py's): "
+                          f"restore it from the run")
+    return options

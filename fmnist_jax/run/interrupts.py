@@ -1,4 +1,4 @@
-"""Ctrl-C that is never lost.
+"""Ctrl-C and SIGTERM that are never lost.
 
 Python turns SIGINT into a KeyboardInterrupt at the next bytecode of the main thread. When that
 bytecode belongs to a garbage-collector callback (JAX registers one, `_xla_gc_callback`, which
@@ -10,8 +10,13 @@ raises the interrupt again if it was swallowed. Python's report of the swallowed
 traceback ending in KeyboardInterrupt) is kept off the terminal: the interrupt is not lost,
 so there is nothing to report.
 
-The pending flag is process state on the host, set only by the signal handler; nothing jitted
-reads it.
+SIGTERM (what `kill`, Slurm's preemption and a container's stop send) takes the same way, as
+`Terminated`, a KeyboardInterrupt: by default it would end the process at once, leaving a
+folder claimed before its first epoch and a checkpoint half written, where Ctrl-C gives the
+first back and lets orbax finish the second.
+
+The pending signal is process state on the host, set only by the signal handler; nothing
+jitted reads it.
 """
 
 from __future__ import annotations
@@ -22,41 +27,60 @@ import sys
 import threading
 from collections.abc import Iterator
 
-_pending = threading.Event()
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C's KeyboardInterrupt would be: the same clean stop."""
 
 
-def _on_sigint(signum, frame) -> None:
-    _pending.set()
-    raise KeyboardInterrupt
+_pending: list[int] = []  # the signal that came, at most one
+
+
+def _interrupt(signum: int) -> KeyboardInterrupt:
+    return Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def _on_signal(signum, frame) -> None:
+    if not _pending:
+        _pending.append(signum)
+    raise _interrupt(signum)
+
+
+def _ours(signum: int) -> bool:
+    """Whether the signal still has the handler Python gives it: a shell starts background
+    jobs with SIGINT ignored, and a program may have set its own; both stay so."""
+    default = signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
+    return signal.getsignal(signum) is default
 
 
 @contextlib.contextmanager
 def remembered() -> Iterator[None]:
-    """While inside, Ctrl-C raises KeyboardInterrupt as usual and is also remembered. Only in
-    the main thread, and only where Python's own handler is installed (a shell starts
-    background jobs with SIGINT ignored: that stays so)."""
+    """While inside, Ctrl-C raises KeyboardInterrupt as usual and SIGTERM raises Terminated,
+    and either is also remembered. Only in the main thread, and only for a signal whose
+    handler is Python's own (`_ours`)."""
     _pending.clear()
-    if (threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+    signums = [signum for signum in (signal.SIGINT, signal.SIGTERM) if _ours(signum)]
+    if threading.current_thread() is not threading.main_thread() or not signums:
         yield
         return
     report_fn = sys.unraisablehook
 
     def report_unless_remembered(unraisable) -> None:
-        if not (isinstance(unraisable.exc_value, KeyboardInterrupt) and _pending.is_set()):
+        if not (isinstance(unraisable.exc_value, KeyboardInterrupt) and _pending):
             report_fn(unraisable)
 
-    signal.signal(signal.SIGINT, _on_sigint)
+    before = {signum: signal.signal(signum, _on_signal) for signum in signums}
     sys.unraisablehook = report_unless_remembered
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
         sys.unraisablehook = report_fn
         _pending.clear()
 
 
 def raise_if_pending() -> None:
-    """Raise KeyboardInterrupt if Ctrl-C came and its exception was swallowed."""
-    if _pending.is_set():
-        raise KeyboardInterrupt
+    """Raise the interrupt again (KeyboardInterrupt, or Terminated for SIGTERM) if its signal
+    came and its exception was swallowed."""
+    if _pending:
+        raise _interrupt(_pending[0])
