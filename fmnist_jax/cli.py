@@ -54,9 +54,10 @@ def train_parser() -> Parser:
                           "the folder of a run of several seeds continues every seed; "
                           "a finished run is left as it is (exit 0)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
-    run.add_argument("--no-report", action="store_true", default=None,
-                     help="skip the evaluation report at the end (scripts/evaluate.py); a "
-                          "--resume keeps the choice the run began with")
+    run.add_argument("--report", action=argparse.BooleanOptionalAction, default=None,
+                     help="write the evaluation report at the end (scripts/evaluate.py), or "
+                          "skip it (--no-report); default: write it, and on a --resume, the "
+                          "choice the run began with")
     add_calibration_flag(run)
     add_compile_cache_flag(run)
     add_device_flags(parser, distributed=True, seeds=True)
@@ -68,7 +69,7 @@ def train_parser() -> Parser:
 def train_main(argv: list[str] | None = None) -> int:
     args = train_parser().parse_args(argv)
     _check_train_flags(args)
-    from fmnist_jax.run import folder, parallel
+    from fmnist_jax.run import folder, interrupts, parallel
 
     settings = parallel.distributed_settings(args.coordinator_address, args.num_processes,
                                              args.process_id, args.connect_timeout)
@@ -76,8 +77,9 @@ def train_main(argv: list[str] | None = None) -> int:
     if several and not (args.workdir or args.resume):
         raise FmnistError("several processes need --workdir: the same run folder for all, on "
                           "a filesystem they share")
+    given = {"calibration": args.calibration is not None, "report": args.report is not None}
     data_note = take_recorded_options(args, args.resume)
-    _check_report_flags(args)
+    _check_report_flags(args, given)
     if args.resume:  # its stored config, read before the devices start (a run of seeds
         # gets a CPU device per core); None when it has finished
         cfg = resumed_config(args, speak=settings.process_id == 0)
@@ -129,20 +131,22 @@ def train_main(argv: list[str] | None = None) -> int:
         if data_note and parallel.is_writer():
             print(data_note, file=sys.stderr, flush=True)
         train, test = load_data(args)
+        interrupts.raise_if_pending()  # swallowed while a data file was read
     except BaseException:
         folder.abandon(run)
         raise
     claims = run.members or (run,)
-    # A seed resumed and reported on its own is not evaluated again with the whole run.
-    reported = {c.path for c in claims if folder.finished(c.path) and results.has_reports(c.path)}
+    # A seed resumed and reported on its own (with this map) is not evaluated again.
+    reported = {c.path for c in claims if folder.finished(c.path)
+                and results.has_reports(c.path, calibration=args.calibration)}
     with continue_hint(run, args.calibration, "train"):
         train_and_evaluate(cfg, run, train=train, test=test, progress=not args.no_progress,
                            started=STARTED)
     if several:  # the report is one process's work; it reads what the run saved
-        if parallel.is_writer() and not args.no_report:
+        if parallel.is_writer() and args.report:
             print(f"for the evaluation report, run: {report_command(run.path, args.calibration)}")
         return 0
-    if not args.no_report:
+    if args.report:
         # matplotlib takes about a second to import: only here
         from fmnist_jax.evaluation.report import evaluate_run
 
@@ -166,15 +170,16 @@ def _check_train_flags(args: argparse.Namespace) -> None:
                           "pass a folder, or drop --workdir for the default one")
 
 
-def _check_report_flags(args: argparse.Namespace) -> None:
-    """FmnistError for a calibration map without the report that fits it (on a resume, the
-    choices the run began with count as given)."""
-    if args.no_report and args.calibration != CALIBRATIONS[0]:
-        why = ("the run was begun with --no-report, which its resume keeps" if args.resume
-               else "--no-report writes no report")
-        raise FmnistError(f"--calibration {args.calibration} is the report's map, and {why}: "
-                          f"drop one of them (evaluate.py --calibration {args.calibration} "
-                          f"fits it later)")
+def _check_report_flags(args: argparse.Namespace, given: dict[str, bool]) -> None:
+    """FmnistError for a --calibration given without the report that fits it (`given`: which
+    of the two the user passed; a resume's other one is the run's)."""
+    if args.report or args.calibration == CALIBRATIONS[0] or not given["calibration"]:
+        return
+    why, fix = (("--no-report writes no report", "drop one of them") if given["report"] else
+                ("the run was begun with --no-report, which its resume keeps",
+                 "pass --report as well, or drop --calibration"))
+    raise FmnistError(f"--calibration {args.calibration} is the report's map, and {why}: "
+                      f"{fix} (evaluate.py --calibration {args.calibration} fits it later)")
 
 
 # ---------------------------------------------------------------------------------------

@@ -27,12 +27,13 @@ def command_options(args: argparse.Namespace) -> dict[str, Any]:
     data = {flag: (str(Path(value).expanduser().absolute())
                    if value is not None and flag != "data_source" else value)
             for flag, value in ((flag, getattr(args, flag)) for flag in DEFAULT_DATA_FLAGS)}
-    return {"calibration": args.calibration, "report": not args.no_report, **data}
+    return {"calibration": args.calibration, "report": args.report, **data}
 
 
-def take_recorded_options(args: argparse.Namespace, run_dir: str | Path | None) -> str | None:
-    """Set the options the command was not given (--calibration, --no-report where it has
-    one, the data flags when none is given) to those the run in `run_dir` began with, then the
+def take_recorded_options(args: argparse.Namespace,
+                          run_dir: str | Path | None) -> str | None:
+    """Set the options the command was not given (--calibration, --report/--no-report where
+    it has them, the data flags when none is given) to those the run in `run_dir` began with, then the
     rest to their defaults. Returns the note to print as the data loads when the data is the
     record's, else None. Cheap: call it before the other checks."""
     from fmnist_jax.run import folder_config
@@ -47,8 +48,8 @@ def take_recorded_options(args: argparse.Namespace, run_dir: str | Path | None) 
                                   f"{args.calibration!r} (claim.json), not one of "
                                   f"{', '.join(CALIBRATIONS)}: pass --calibration, or restore "
                                   f"the file from the run")
-        if getattr(args, "no_report", False) is None:
-            args.no_report = not options["report"]
+        if getattr(args, "report", False) is None:
+            args.report = options["report"]
         given = {flag: getattr(args, flag) for flag in DEFAULT_DATA_FLAGS}
         recorded = {flag: options.get(flag, default)
                     for flag, default in DEFAULT_DATA_FLAGS.items()}
@@ -57,12 +58,18 @@ def take_recorded_options(args: argparse.Namespace, run_dir: str | Path | None) 
             flags = " ".join(f"--{flag.replace('_', '-')} {value}"
                              for flag, value in recorded.items()
                              if value != DEFAULT_DATA_FLAGS[flag])
+            gone = [recorded[flag] for flag in ("train_csv", "test_csv", "manual_dir")
+                    if recorded[flag] is not None and not Path(recorded[flag]).exists()]
+            if gone:
+                raise FmnistError(f"{run_dir} began with the data flags {flags} (claim.json), "
+                                  f"and {gone[0]} is gone: pass the data flags for where the "
+                                  f"same files are now")
             note = (f"note: reading the data {run_dir} began with ({flags}); pass data flags "
                     f"for other files")
     if args.calibration is None:
         args.calibration = CALIBRATIONS[0]
-    if getattr(args, "no_report", False) is None:
-        args.no_report = False
+    if getattr(args, "report", False) is None:
+        args.report = True
     return note
 
 

@@ -65,6 +65,19 @@ def test_sigterm_is_a_remembered_interrupt_of_its_own(ctrl_c_as_in_a_terminal):
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # Python's default again
 
 
+def test_an_interrupt_during_a_deferred_block_is_raised_after_it(ctrl_c_as_in_a_terminal):
+    finished = False
+    with interrupts.remembered():
+        with pytest.raises(interrupts.Terminated):
+            with interrupts.deferred():  # a checkpoint's save
+                signal.raise_signal(signal.SIGTERM)  # remembered, not raised
+                finished = True
+        assert finished
+        with pytest.raises(KeyboardInterrupt):
+            with interrupts.deferred():
+                raise KeyboardInterrupt  # an exception of the block's own goes through
+
+
 def test_a_handler_set_by_the_program_is_left_alone(ctrl_c_as_in_a_terminal):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # as `nohup`-like launchers may leave it
     with interrupts.remembered():

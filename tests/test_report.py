@@ -205,3 +205,23 @@ def test_the_calibration_bootstraps_in_one_program_give_the_bits_of_each_on_its_
     smooth = got["smooth_reliability"]
     assert (smooth["accuracy"], smooth["ci95_low"], smooth["ci95_high"]) == tuple(
         np.asarray(bound).tolist() for bound in curve)
+
+
+def test_report_json_is_written_last_and_names_its_map(evaluated_run, monkeypatch):
+    """A report stopped before its figures are written has no report.json: the run counts as
+    not reported (`results.has_reports`), so a resume or evaluate.py writes it whole."""
+    from fmnist_jax.evaluation import report as report_module
+
+    run_dir, _, _, test = evaluated_run
+    assert results.has_reports(run_dir) and results.has_reports(run_dir, "temperature")
+    assert not results.has_reports(run_dir, "vector")
+    (run_dir / "report.json").unlink()
+
+    def stopped(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report_module, "_write_plots", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_run(run_dir, train=make_split(600, seed=0), test=test, n_resamples=20,
+                     log_fn=lambda s: None)
+    assert (run_dir / "calibration.json").is_file() and not results.has_reports(run_dir)

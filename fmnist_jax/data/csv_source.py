@@ -48,7 +48,8 @@ _SHOWN_CHARS = 20  # a cell quoted in a message is cut to this, so the message s
 # something else, refused before it is read.
 MAX_FILE_BYTES = 1 << 30
 _HEADER_READ = 1 << 16  # the header is 6,953 bytes: its line must end within this
-_FIX = "pass the path of a Fashion-MNIST CSV file such as fashion-mnist_train.csv"
+_FIX = ("pass the path of a Fashion-MNIST CSV file, such as Kaggle's "
+        "fashion-mnist_train.csv or fashion-mnist_test.csv")
 
 
 def read_csv_split(path: str | os.PathLike) -> Split:

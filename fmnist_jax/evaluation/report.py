@@ -357,10 +357,10 @@ def evaluate_run(run_dir: str | Path, *, train: data.Split, test: data.Split,
         report["epochs_trained"] = run.best["epochs_trained"]
     text = format_report(report, preds_N, test.labels_N, run_dir, run.best)
     results.check_report_paths(run_dir)  # again: the evaluation took a while
-    results.save_report(run_dir, text, report)
     if val is not None:
         results.save_calibration(run_dir, report["calibration"]["map"], report["n_validation"])
     _write_plots(run_dir, report, test_logits_NxC, test.labels_N, run.history)
+    results.save_report(run_dir, text, report)  # report.json last: the evaluation is whole
     log_fn(text.rstrip())
     log_fn(f"wrote {folder.REPORT_TEXT_FILE}, {folder.REPORT_JSON_FILE}, "
            f"{', '.join(folder.PLOT_FILES.values())} to {run_dir}")

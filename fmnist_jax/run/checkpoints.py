@@ -35,6 +35,7 @@ import orbax.checkpoint as ocp  # checkpoints every epoch need it from the start
 from fmnist_jax.errors import FmnistError
 from fmnist_jax.files import first_line, quiet_absl, write_atomically
 from fmnist_jax.models import get_model
+from fmnist_jax.run import interrupts
 from fmnist_jax.run.config import TrainConfig
 from fmnist_jax.run.folder import (BEST_FILE, CHECKPOINT_SUMS, CHECKPOINTS_DIR, OLD_PARAMS_DIR,
                                    read_json, write_json)
@@ -97,10 +98,10 @@ class Checkpoints:
         tree = {"epoch": np.int32(epoch), "state": _stored(serialization.to_state_dict(state))}
         self._unsealed.append(epoch)
         try:
-            with quiet_absl():
+            with interrupts.deferred(), quiet_absl():  # Ctrl-C waits for the manifest
                 self._manager.save(epoch, args=ocp.args.StandardSave(tree), force=True)
-            if not self._async:
-                self._seal()
+                if not self._async:
+                    self._seal()
         except Exception as e:  # orbax raises ValueError (tensorstore) or OSError
             raise FmnistError(f"saving the checkpoint of epoch {epoch} to {self.path} failed "
                               f"({_reason(e)}): free some space, then continue with "

@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from fmnist_jax.data import DATA_SOURCES
 from fmnist_jax.errors import FmnistError
 from fmnist_jax.run.config import TrainConfig
 
@@ -173,7 +174,8 @@ def recorded_options(run_dir: str | Path) -> dict[str, Any] | None:
         return None
     if not (isinstance(options, dict) and isinstance(options.get("calibration"), str)
             and isinstance(options.get("report"), bool)
-            and all(isinstance(options.get(flag, ""), str | None) for flag in DATA_FLAGS)):
+            and all(isinstance(options.get(flag, ""), str | None) for flag in DATA_FLAGS)
+            and options.get("data_source", "auto") in DATA_SOURCES):
         raise FmnistError(f"{path} is malformed (its {OPTIONS_KEY} are not train.py's): "
                           f"restore it from the run")
     return options

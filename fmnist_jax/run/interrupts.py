@@ -4,8 +4,8 @@ Python turns SIGINT into a KeyboardInterrupt at the next bytecode of the main th
 bytecode belongs to a garbage-collector callback (JAX registers one, `_xla_gc_callback`, which
 runs at any allocation, often while XLA compiles), Python reports the exception as
 "ignored" and goes on: the command would train to the end as if no key had been pressed.
-So the commands' handler also remembers the signal, and the training loop calls
-`raise_if_pending` where it is safe to stop (after the set-up, before each epoch), which
+So the commands' handler also remembers the signal, and the training calls `raise_if_pending`
+where it is safe to stop (after the data loads, after the set-up, before each epoch), which
 raises the interrupt again if it was swallowed. Python's report of the swallowed one (a
 traceback ending in KeyboardInterrupt) is kept off the terminal: the interrupt is not lost,
 so there is nothing to report.
@@ -13,7 +13,11 @@ so there is nothing to report.
 SIGTERM (what `kill`, Slurm's preemption and a container's stop send) takes the same way, as
 `Terminated`, a KeyboardInterrupt: by default it would end the process at once, leaving a
 folder claimed before its first epoch and a checkpoint half written, where Ctrl-C gives the
-first back and lets orbax finish the second.
+first back and finishes the second (`deferred`).
+
+Inside `deferred` (a checkpoint's save) either signal is only remembered, and raised on the
+way out: the save, a fraction of a second, is finished, with its manifest, rather than left
+half written, which would cost the run that epoch.
 
 The pending signal is process state on the host, set only by the signal handler; nothing
 jitted reads it.
@@ -33,6 +37,7 @@ class Terminated(KeyboardInterrupt):
 
 
 _pending: list[int] = []  # the signal that came, at most one
+_deferring: list[bool] = []  # non-empty inside `deferred`
 
 
 def _interrupt(signum: int) -> KeyboardInterrupt:
@@ -42,7 +47,8 @@ def _interrupt(signum: int) -> KeyboardInterrupt:
 def _on_signal(signum, frame) -> None:
     if not _pending:
         _pending.append(signum)
-    raise _interrupt(signum)
+    if not _deferring:
+        raise _interrupt(signum)
 
 
 def _ours(signum: int) -> bool:
@@ -84,3 +90,16 @@ def raise_if_pending() -> None:
     came and its exception was swallowed."""
     if _pending:
         raise _interrupt(_pending[0])
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """While inside, Ctrl-C and SIGTERM (where `remembered` handles them) are only
+    remembered; one that came is raised on the way out, unless an exception leaves first."""
+    _deferring.append(True)
+    try:
+        yield
+    finally:
+        _deferring.pop()
+    if not _deferring:
+        raise_if_pending()

@@ -100,11 +100,22 @@ def check_report_paths(run_dir: str | Path) -> None:
                           f"permissions, then evaluate again")
 
 
-def has_reports(run_dir: str | Path) -> bool:
+def has_reports(run_dir: str | Path, calibration: str | None = None) -> bool:
     """Whether the run was evaluated: its report.json there (in every seed's folder, for the
-    folder of a run of several)."""
-    return all((Path(d) / REPORT_JSON_FILE).is_file()
-               for d in seed_run_dirs(run_dir) or [run_dir])
+    folder of a run of several), which the evaluation writes last; with `calibration`, with
+    that map."""
+    def reported(path: Path) -> bool:
+        if not (path / REPORT_JSON_FILE).is_file():
+            return False
+        if calibration is None:
+            return True
+        try:
+            chosen = read_json(path / REPORT_JSON_FILE)["calibration"]["map"]["kind"]
+        except (FmnistError, KeyError, TypeError):  # damaged, or of an earlier version
+            return False
+        return chosen == calibration
+
+    return all(reported(Path(d)) for d in seed_run_dirs(run_dir) or [run_dir])
 
 
 def load_report(run_dir: str | Path, fix: str = "evaluate the run again") -> Any:
