@@ -334,8 +334,8 @@ def test_a_named_pipe_is_refused_not_waited_on(tmp_path):
     fifo = tmp_path / "train.csv"
     os.mkfifo(fifo)
     assert _read_in_child(fifo) == (f"{fifo} is a named pipe, not a regular file: pass the "
-                                    f"path of a Fashion-MNIST CSV file such as "
-                                    f"fashion-mnist_train.csv")
+                                    f"path of a Fashion-MNIST CSV file, such as Kaggle's "
+                                    f"fashion-mnist_train.csv or fashion-mnist_test.csv")
 
 
 @pytest.mark.slow
@@ -363,8 +363,8 @@ def test_a_sparse_file_of_more_than_1_gib_is_refused_at_once(tmp_path):
         f.truncate((1 << 30) + 1)
     assert _read_in_child(path, timeout=10) == (
         f"{path} is over 1 GiB, more than a Fashion-MNIST CSV of 340,000 images holds "
-        f"(Kaggle's training file is 133 MB): pass the path of a Fashion-MNIST CSV file such "
-        f"as fashion-mnist_train.csv")
+        f"(Kaggle's training file is 133 MB): pass the path of a Fashion-MNIST CSV file, such "
+        f"as Kaggle's fashion-mnist_train.csv or fashion-mnist_test.csv")
 
 
 @pytest.mark.slow
