@@ -1,8 +1,8 @@
 """What train.py --resume and evaluate.py take from a run folder beyond its weights: the stored
 config, which the flags given may only repeat, and train.py's own options the run began with
-(its data flags, --no-report and --calibration, recorded in claim.json), which fill in the
-flags not given: a plain `--resume RUN` reads the same data and writes the same report as the
-uninterrupted run would have. And, when a run is stopped, the command that continues it.
+(its data flags, --report/--no-report and --calibration, recorded in claim.json), which fill
+in the flags not given: a plain `--resume RUN` reads the same data and writes the same report
+as the uninterrupted run would have. And, when a run is stopped, the command that continues it.
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ def command_options(args: argparse.Namespace) -> dict[str, Any]:
 def take_recorded_options(args: argparse.Namespace,
                           run_dir: str | Path | None) -> str | None:
     """Set the options the command was not given (--calibration, --report/--no-report where
-    it has them, the data flags when none is given) to those the run in `run_dir` began with, then the
-    rest to their defaults. Returns the note to print as the data loads when the data is the
-    record's, else None. Cheap: call it before the other checks."""
+    it has them, the data flags when none is given) to those the run in `run_dir` began with,
+    then the rest to their defaults. Returns the note to print as the data loads when the data
+    is the record's, else None. Cheap: call it before the other checks."""
     from fmnist_jax.run import folder_config
 
     note = None
